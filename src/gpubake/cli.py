@@ -1,0 +1,92 @@
+"""The `gpubake` command line: one typer app, each part registers its own commands.
+
+Each part of the package (images, provisioning, smoke_tests, ...) owns a `cli.py`
+with `register(app)`; heavy imports (torch, diffusers, boto3) happen inside the
+command functions so that `gpubake --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from gpubake import __version__
+from gpubake.console import console
+from gpubake.errors import GpubakeError
+
+# Parts that contribute commands, in --help order.
+COMMAND_MODULES = (
+    "gpubake.images.cli",  # build-image
+    "gpubake.provisioning.cli",  # fetch, make-tiny, quantize, fidelity
+    "gpubake.smoke_tests.cli",  # selftest
+    "gpubake.provisioning.serving.cli",  # serve
+    "gpubake.images.marketplace.cli",  # publish, launch, destroy, remote, push-weights
+)
+
+app = typer.Typer(
+    name="gpubake",
+    help="Build GPU marketplace images (RunPod, Vast.ai) for NVFP4 Wan 2.2 video generation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"gpubake {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """gpubake: spec -> OCI image -> marketplace template -> self-tested instance."""
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a part not yet present in this checkout
+            if exc.name and exc.name.startswith("gpubake"):
+                continue
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def _run(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except GpubakeError as exc:
+        console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        console.print("aborted")
+        return 130
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+def main() -> None:
+    """Entry point of the `gpubake` console script."""
+    sys.exit(_run())
+
+
+def build_image_main() -> None:
+    """Entry point of the `build-image` console script (same as `gpubake build-image`)."""
+    sys.exit(_run(["build-image", *sys.argv[1:]]))

@@ -1,0 +1,64 @@
+"""Atomic file placement: nothing half-written is ever visible under its final name.
+
+Write to a temporary name in the destination directory (same filesystem), fsync, then
+`os.replace`. On any exception the temporary file is removed. Used by every command
+that writes archives, manifests, reports or weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str], *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; move it onto `dest` only on success.
+
+    Works for files and directories (a directory replaces an existing `dest` only if
+    `dest` does not exist or is an empty directory).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".partial", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(dest: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; it appears as `dest` only when closed cleanly."""
+    with atomic_path(dest) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
+def write_text_atomic(dest: str | os.PathLike[str], text: str) -> None:
+    with atomic_open(dest, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def write_json_atomic(dest: str | os.PathLike[str], obj: Any) -> None:
+    with atomic_open(dest, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")

@@ -1,0 +1,1 @@
+"""Marketplace APIs (RunPod, Vast.ai): publish templates, launch and destroy instances."""

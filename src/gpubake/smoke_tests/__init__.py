@@ -1,0 +1,1 @@
+"""gpubake.smoke_tests"""
