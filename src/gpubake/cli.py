@@ -63,7 +63,9 @@ _register_all()
 
 def _run(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it
+            return rc
     except GpubakeError as exc:
         console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         return exc.exit_code

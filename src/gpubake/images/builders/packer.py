@@ -1,0 +1,277 @@
+"""The `packer` builder: a thin wrapper of our own over the packer CLI.
+
+Hand-written because no maintained Python wrapper of Packer exists (python-packer and
+its forks stopped before HCL2). It does three things and nothing else:
+
+1. `packer validate` the rendered `image.pkr.hcl` (templates/image.pkr.hcl.j2);
+2. `packer build -machine-readable`, turning the event stream into rich progress lines,
+   the artifact id and one-line errors;
+3. export the committed image from the docker daemon to the OCI archive the other
+   builders write (skopeo), and read its digest and layers.
+
+Packer's machine-readable format (https://developer.hashicorp.com/packer/docs/commands#machine-readable-output):
+one event per line, `timestamp,target,type,data...`; inside data, commas are written
+`%!(PACKER_COMMA)` and newlines as the two characters `\\n`.
+
+Versions: Packer 1.6.x builds `image.pkr.hcl` alone (docker builder built in; it rejects
+`required_plugins`). From 1.7 the directory is built after `packer init`, so
+`plugins.pkr.hcl` (required from 1.10, which bundles no plugins) is read too.
+The docker builder needs a docker daemon; the image it commits carries the build time,
+so unlike the buildah builder, two packer builds do not give the same digest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpubake.errors import BuildError
+from gpubake.fsutil import atomic_path
+from gpubake.images.builders.base import BuildRequest, BuildResult
+from gpubake.images.builders.proc import run_logged
+from gpubake.secrets import redact
+
+PACKER_FILE = "image.pkr.hcl"
+COMMA = "%!(PACKER_COMMA)"
+
+
+# ----------------------------------------------------------------- machine-readable events
+
+
+def unescape(field_text: str) -> str:
+    """Undo Packer's machine-readable escaping of one data field."""
+    return field_text.replace("\\n", "\n").replace("\\r", "\r").replace(COMMA, ",")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One machine-readable line: `timestamp,target,type,data...`."""
+
+    timestamp: int
+    target: str
+    type: str
+    data: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """The human text of a `ui` event (data[1]), else the data joined."""
+        if self.type == "ui" and len(self.data) >= 2:
+            return self.data[1]
+        return ",".join(self.data)
+
+
+def parse_line(line: str) -> Event | None:
+    """Parse one line; None for lines that are not machine-readable events."""
+    parts = line.rstrip("\r\n").split(",")
+    if len(parts) < 3 or not parts[0].isdigit() or not parts[2]:
+        return None
+    return Event(timestamp=int(parts[0]), target=parts[1], type=parts[2], data=tuple(unescape(p) for p in parts[3:]))
+
+
+@dataclass
+class BuildEvents:
+    """What a build's event stream said: artifacts, errors, progress lines."""
+
+    artifacts: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # `error` events (one per failed build)
+    ui_errors: list[str] = field(default_factory=list)  # `ui,error` lines
+    error_count: int = 0
+    version: str | None = None
+
+    def feed(self, event: Event) -> str | None:
+        """Record one event; return a one-line progress message for it, if any."""
+        if event.type == "version" and event.data:
+            self.version = event.data[0]
+        elif event.type == "artifact" and len(event.data) >= 2:
+            index = int(event.data[0]) if event.data[0].isdigit() else 0
+            key = event.data[1]
+            if key != "end":
+                self.artifacts.setdefault((event.target, index), {})[key] = event.data[2] if len(event.data) > 2 else ""
+        elif event.type == "error-count" and event.data:
+            self.error_count = int(event.data[0]) if event.data[0].isdigit() else self.error_count
+        elif event.type == "error" and event.data:
+            self.errors.append(event.data[0].strip())
+        elif event.type == "ui" and len(event.data) >= 2:
+            kind, text = event.data[0], event.data[1].strip()
+            if kind == "error":
+                self.ui_errors.append(text)
+            if kind in ("say", "error") and text:
+                return text.splitlines()[0]
+        return None
+
+    @property
+    def artifact_id(self) -> str | None:
+        """The id of the last artifact reported (after post-processors: the tagged image)."""
+        if not self.artifacts:
+            return None
+        last = sorted(self.artifacts)[-1]
+        return self.artifacts[last].get("id")
+
+    def first_error(self) -> str | None:
+        """The most specific error: an `error` event, else the first meaningful `ui,error`."""
+        for text in self.errors + self.ui_errors:
+            line = " ".join(text.split())
+            line = re.sub(r"^(==>|-->)\s*", "", line)
+            if line and not line.startswith("Some builds didn't complete"):
+                return line[:400]
+        return None
+
+
+def parse_events(lines: Iterable[str]) -> Iterator[Event]:
+    for line in lines:
+        event = parse_line(line)
+        if event is not None:
+            yield event
+
+
+def summarize(output: str) -> BuildEvents:
+    """Parse a whole captured machine-readable output."""
+    events = BuildEvents()
+    for event in parse_events(output.splitlines()):
+        events.feed(event)
+    return events
+
+
+# ----------------------------------------------------------------------------- packer CLI
+
+
+def packer_version(packer: str = "packer") -> tuple[int, int, int]:
+    """Installed Packer version, e.g. (1, 6, 6)."""
+    try:
+        proc = subprocess.run([packer, "version", "-machine-readable"], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise BuildError("packer builder: packer is not installed (apt-get install packer, or run scripts/setup.sh)") from None
+    events = summarize(proc.stdout)
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", events.version or "")
+    if not match:
+        raise BuildError(f"packer builder: cannot read the packer version from {proc.stdout.strip()[:200]!r}")
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def build_target(context_dir: Path, version: tuple[int, int, int]) -> str:
+    """What to pass to packer: the template file on 1.6.x, the directory from 1.7 on."""
+    return PACKER_FILE if version < (1, 7, 0) else "."
+
+
+def validate(context_dir: Path, *, log_file: Path, packer: str = "packer") -> None:
+    """`packer validate` the context's template; a failure is one `BuildError` line."""
+    version = packer_version(packer)
+    target = build_target(context_dir, version)
+    if target == ".":
+        run_logged([packer, "init", "."], log_file=log_file, what="packer init", cwd=context_dir)
+    cmd = [packer, "validate", "-machine-readable", target]
+    proc = subprocess.run(cmd, cwd=context_dir, capture_output=True, text=True, timeout=300)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a", encoding="utf-8") as log:
+        log.write(redact("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr) + f"# exit {proc.returncode}\n")
+    if proc.returncode != 0:
+        events = summarize(proc.stdout)
+        detail = events.first_error() or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError(f"packer validate: {redact(detail)} (full log: {log_file})")
+
+
+def _docker_daemon_up() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def archive_summary(archive: Path) -> tuple[str, list[dict], int]:
+    """(manifest digest, [{digest, size}], total size) of a single-image OCI archive."""
+    with tarfile.open(archive) as tar:
+
+        def blob(digest: str) -> bytes:
+            member = tar.extractfile(f"blobs/sha256/{digest.split(':', 1)[1]}")
+            if member is None:
+                raise BuildError(f"{archive}: blob {digest} missing")
+            return member.read()
+
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        desc = index["manifests"][0]
+        manifest = json.loads(blob(desc["digest"]))
+    layers = [{"digest": layer["digest"], "size": int(layer["size"])} for layer in manifest["layers"]]
+    total = sum(layer["size"] for layer in layers) + int(manifest["config"]["size"])
+    return desc["digest"], layers, total
+
+
+class PackerBuilder:
+    """Builds the rendered context with `packer build` (docker builder) and exports it."""
+
+    name = "packer"
+
+    def __init__(self, packer: str = "packer") -> None:
+        self.packer = packer
+
+    def available(self) -> bool:
+        """packer is installed and a docker daemon answers (the docker builder needs one)."""
+        return shutil.which(self.packer) is not None and _docker_daemon_up()
+
+    def build(self, req: BuildRequest, *, on_progress: Callable[[str], None] | None = None) -> BuildResult:
+        start = time.monotonic()
+        if shutil.which(self.packer) is None:
+            raise BuildError("packer builder: packer is not installed (apt-get install packer, or run scripts/setup.sh)")
+        if not _docker_daemon_up():
+            raise BuildError("packer builder: no docker daemon answers `docker info` (Packer's docker builder needs one)")
+        context = req.context_dir
+        validate(context, log_file=req.log_file, packer=self.packer)
+        if req.spec.base.bootstrap is not None:
+            self._load_bootstrap_base(req)
+        repository, _, tag = req.tag.rpartition(":")
+        target = build_target(context, packer_version(self.packer))
+        events = BuildEvents()
+
+        def on_line(line: str) -> None:
+            event = parse_line(line)
+            if event is None:
+                return
+            message = events.feed(event)
+            if message and on_progress is not None:
+                on_progress(message)
+
+        cmd = [self.packer, "build", "-machine-readable", "-color=false", "-var", f"repository={repository}", "-var", f"tag={tag}", target]
+        try:
+            run_logged(cmd, log_file=req.log_file, what="packer build", cwd=context, on_line=on_line)
+        except BuildError:
+            detail = events.first_error() or "see the log"
+            raise BuildError(f"packer build: {detail} (full log: {req.log_file})") from None
+        if events.artifact_id is None:
+            raise BuildError(f"packer build: finished without an artifact (full log: {req.log_file})")
+        archive = req.archive
+        digest, layers, total = "", [], 0
+        if archive is not None:
+            with atomic_path(archive) as tmp:
+                run_logged(
+                    ["skopeo", "copy", "--quiet", f"docker-daemon:{req.tag}", f"oci-archive:{tmp}:{tag}"],
+                    log_file=req.log_file,
+                    what="export image",
+                )
+                digest, layers, total = archive_summary(tmp)
+        else:
+            digest = events.artifact_id
+        return BuildResult(
+            digest=digest, archive=archive, layers=layers, total_size=total, builder=self.name, seconds=time.monotonic() - start
+        )
+
+    def _load_bootstrap_base(self, req: BuildRequest) -> None:
+        """Put the bootstrap base into the docker daemon under the name the template uses."""
+        from gpubake.images import bootstrap
+
+        inputs = bootstrap.inputs_for(req.spec, req.timestamp)
+        layout = bootstrap.build_layout(inputs, log_file=req.log_file)
+        run_logged(
+            ["skopeo", "copy", "--quiet", f"oci:{layout}", f"docker-daemon:{inputs.ref()}"],
+            log_file=req.log_file,
+            what="load bootstrap base into docker",
+            env={k: v for k, v in os.environ.items() if k.startswith("DOCKER_")},
+        )

@@ -1,0 +1,237 @@
+"""One HTTP client for the marketplace APIs: retries, timeouts, dry-run, no leaked keys.
+
+Why a class of our own around `requests`: both marketplaces need the same four things and
+`requests` alone gives none of them:
+- retries with exponential backoff on 429 and 5xx (urllib3 `Retry`, honouring
+  `Retry-After`); a POST (which creates something) is retried on 429 only, because a 5xx
+  after a create may mean it was created;
+- a timeout on every request (connect, read);
+- `--dry-run`: mutating requests are recorded (method, URL, JSON body, headers) with every
+  secret replaced by `***` instead of being sent;
+- errors as one-line `MarketplaceError`s that name the API, method and path, and never
+  carry the API key (redacted from every message).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from gpubake.errors import GpubakeError
+from gpubake.secrets import REDACTED, is_secret_name, redact
+
+log = logging.getLogger("gpubake.marketplace")
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+DEFAULT_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class MarketplaceError(GpubakeError):
+    """A marketplace API refused a request, or could not be reached."""
+
+
+class AuthError(MarketplaceError):
+    """HTTP 401/403: the API key is missing, wrong or lacks a permission."""
+
+
+class NotFoundError(MarketplaceError):
+    """HTTP 404: the template, instance or offer does not exist (any more)."""
+
+
+class _CreateSafeRetry(Retry):
+    """Retry 429 and 5xx with backoff, but a POST only on 429 (not processed by the server)."""
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        if method.upper() == "POST" and status_code != 429:
+            return False
+        return super().is_retry(method, status_code, has_retry_after)
+
+
+def make_session(*, retries: int = 5, backoff: float = 1.0) -> requests.Session:
+    """A `requests.Session` whose adapters retry 429/5xx with exponential backoff."""
+    retry = _CreateSafeRetry(
+        total=retries,
+        connect=retries,
+        read=0,  # a read timeout after a mutation is not retried blindly
+        status=retries,
+        backoff_factor=backoff,
+        backoff_max=60.0,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None,  # every method; POST is narrowed by _CreateSafeRetry
+        respect_retry_after_header=True,
+        raise_on_status=False,  # hand back the last response; we turn it into an error
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.headers["User-Agent"] = "gpubake-marketplace"
+    return session
+
+
+@dataclass
+class PlannedRequest:
+    """A request as `--dry-run` shows it: secrets already replaced by `***`."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: Any = None
+    sent: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "url": self.url, "headers": self.headers, "body": self.body, "sent": self.sent}
+
+    def render(self) -> str:
+        head = f"{self.method} {self.url}"
+        lines = [head] + [f"{k}: {v}" for k, v in sorted(self.headers.items())]
+        if self.body is not None:
+            lines.append(json.dumps(self.body, indent=2, sort_keys=True))
+        return "\n".join(lines)
+
+
+def redact_obj(obj: Any, secrets: list[str]) -> Any:
+    """Deep copy of a JSON value with secret-named keys and known secret values masked."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if isinstance(value, str) and value and (is_secret_name(str(key)) or str(key).endswith("_pass")):
+                out[key] = REDACTED
+            else:
+                out[key] = redact_obj(value, secrets)
+        return out
+    if isinstance(obj, list):
+        return [redact_obj(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        return redact(obj, secrets)
+    return obj
+
+
+@dataclass
+class ApiClient:
+    """A marketplace REST API at `base_url`, authenticated with a bearer API key."""
+
+    api: str  # "RunPod" / "Vast.ai", for messages
+    base_url: str
+    api_key: str | None
+    key_hint: str  # where the key comes from, for the 401 message
+    dry_run: bool = False
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT
+    retries: int = 5
+    backoff: float = 1.0
+    extra_secrets: list[str] = field(default_factory=list)
+    planned: list[PlannedRequest] = field(default_factory=list)
+    session: requests.Session | None = None
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        if self.session is None:
+            self.session = make_session(retries=self.retries, backoff=self.backoff)
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def secrets(self) -> list[str]:
+        return [s for s in [self.api_key, *self.extra_secrets] if s]
+
+    def _scrub(self, text: str) -> str:
+        return redact(text, self.secrets)
+
+    def _url(self, path: str, params: dict[str, Any] | None) -> str:
+        url = self.base_url + path
+        if params:
+            url += "?" + urlencode(params)
+        return url
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _plan(self, method: str, url: str, body: Any, *, sent: bool) -> PlannedRequest:
+        shown_headers = {k: (f"Bearer {REDACTED}" if k == "Authorization" else v) for k, v in self._headers().items()}
+        if body is not None:
+            shown_headers["Content-Type"] = "application/json"
+        planned = PlannedRequest(method, self._scrub(url), shown_headers, redact_obj(body, self.secrets), sent=sent)
+        self.planned.append(planned)
+        return planned
+
+    # ---------------------------------------------------------------- the one entry point
+    def can_read(self) -> bool:
+        """In dry-run, reads are still sent when a key is configured (they change nothing)."""
+        return bool(self.api_key) or not self.dry_run
+
+    def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        """Send one request; return its decoded JSON (None for an empty body).
+
+        In dry-run, a mutating request is only recorded and `None` is returned.
+        """
+        method = method.upper()
+        url = self._url(path, params)
+        if self.dry_run and method in MUTATING:
+            planned = self._plan(method, url, json_body, sent=False)
+            log.info("dry-run: %s %s", method, planned.url)
+            return None
+        if not self.api_key:
+            raise AuthError(f"{self.api}: no API key; {self.key_hint}")
+        if self.dry_run:
+            self._plan(method, url, json_body, sent=True)
+        assert self.session is not None
+        try:
+            resp = self.session.request(
+                method, url, json=json_body, headers=self._headers(), timeout=self.timeout, allow_redirects=False
+            )
+        except requests.exceptions.RetryError as exc:
+            raise MarketplaceError(f"{self.api}: {method} {path}: gave up after {self.retries} retries ({self._reason(exc)})") from None
+        except requests.exceptions.Timeout:
+            raise MarketplaceError(f"{self.api}: {method} {path}: timed out after {self.timeout[1]:.0f} s") from None
+        except requests.exceptions.ConnectionError as exc:
+            raise MarketplaceError(f"{self.api}: cannot reach {self._scrub(self.base_url)} ({self._reason(exc)})") from None
+        log.debug("%s %s -> %s", method, self._scrub(url), resp.status_code)
+        return self._decode(method, path, resp)
+
+    def _reason(self, exc: Exception) -> str:
+        text = str(exc.args[0] if exc.args else exc)
+        reason = getattr(getattr(exc.args[0], "reason", None), "__class__", None) if exc.args else None
+        if reason is not None and reason.__name__ != "NoneType":
+            text = reason.__name__
+        return self._scrub(text)[:160]
+
+    def _decode(self, method: str, path: str, resp: requests.Response) -> Any:
+        status = resp.status_code
+        if status in (401, 403):
+            raise AuthError(f"{self.api}: API key rejected (HTTP {status}) on {method} {path}; {self.key_hint}")
+        if status == 404:
+            raise NotFoundError(f"{self.api}: not found (HTTP 404): {method} {path}")
+        if status == 429:
+            raise MarketplaceError(f"{self.api}: rate limited (HTTP 429) on {method} {path} after {self.retries} retries")
+        if status >= 500:
+            raise MarketplaceError(f"{self.api}: server error (HTTP {status}) on {method} {path}: {self._detail(resp)}")
+        if status >= 400:
+            raise MarketplaceError(f"{self.api}: {method} {path} refused (HTTP {status}): {self._detail(resp)}")
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            raise MarketplaceError(f"{self.api}: {method} {path}: response is not JSON (HTTP {status})") from None
+
+    def _detail(self, resp: requests.Response) -> str:
+        try:
+            data = resp.json()
+        except ValueError:
+            text = resp.text
+        else:
+            if isinstance(data, dict):
+                text = str(data.get("error") or data.get("msg") or data.get("message") or data.get("detail") or data)
+            else:
+                text = str(data)
+        return " ".join(self._scrub(text).split())[:200] or "(no message)"

@@ -1,0 +1,26 @@
+"""What `launch` needs to know about a rented machine, whichever marketplace rents it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+State = Literal["starting", "running", "failed"]
+
+
+@dataclass
+class Instance:
+    """One instance as last seen: its state and where its ports are reachable."""
+
+    id: str
+    state: State
+    detail: str  # the marketplace's own status word, for messages
+    urls: dict[str, str] = field(default_factory=dict)  # port name -> URL ("api" -> http://...)
+    cost_per_hr: float | None = None
+
+    def health_url(self, port_name: str = "api") -> str | None:
+        """`GET /health` of the image's HTTP service (the self-test report)."""
+        base = self.urls.get(port_name)
+        if not base or not base.startswith("http"):
+            return None
+        return base.rstrip("/") + "/health"

@@ -1,0 +1,288 @@
+"""publish, launch, destroy: the marketplace workflows behind the CLI commands.
+
+`launch` rents one GPU, waits for the instance, then polls the image's `GET /health`
+(the boot self-test report, `gpubake.smoke_tests.report`) until the verdict is in. An
+instance never outlives a failure silently: a failed self-test, a timeout or an error
+after the rental either tears it down (`--destroy-on-fail`) or says how to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from gpubake.console import console
+from gpubake.errors import GpubakeError
+from gpubake.images.marketplace import config as mconfig
+from gpubake.images.marketplace.http import ApiClient, MarketplaceError
+from gpubake.images.marketplace.instance import Instance
+from gpubake.images.marketplace.offers import (
+    DEFAULT_MIN_RELIABILITY,
+    OfferPolicy,
+    check_gpu_for_spec,
+    resolve_gpu,
+)
+from gpubake.images.marketplace.payload import is_digest_ref, template_name, template_payload
+from gpubake.images.marketplace.runpod import RunPod
+from gpubake.images.marketplace.vastai import Vast
+
+if TYPE_CHECKING:
+    from gpubake.images.spec import ImageSpec
+
+# Exit codes of `launch`, as `gpubake selftest`'s (smoke_tests.report.EXIT_CODES) plus timeout.
+EXIT_CODES = {"pass": 0, "degraded": 1, "fail": 3, "timeout": 4}
+FINAL = ("pass", "degraded", "fail")
+
+
+def market(client: ApiClient, target: str) -> RunPod | Vast:
+    return RunPod(client) if target == "runpod" else Vast(client)
+
+
+# ------------------------------------------------------------------ publish
+
+
+def registry_auth_for(target: str, flag: str | None, cfg: dict[str, Any]) -> str | None:
+    """The registry auth reference: `--registry-auth`, else the config file."""
+    if flag:
+        return flag
+    key = "registry_auth_id" if target == "runpod" else "registry"
+    value = mconfig.section(target, cfg).get(key)
+    return str(value) if value else None
+
+
+def publish(
+    spec: ImageSpec, target: str, image_ref: str | None, *, dry_run: bool = False, registry_auth: str | None = None,
+    cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], ApiClient]:
+    """Create or update the template named `gpubake-<image>`; returns (result, client)."""
+    import os
+
+    env = dict(os.environ) if env is None else env
+    t = mconfig.target(target)
+    if not image_ref:
+        raise GpubakeError("--image-ref: required: the pushed image pinned by digest (REPO@sha256:...; see `build-image --push --json`)")
+    if not is_digest_ref(image_ref):
+        raise GpubakeError(f"--image-ref: must be pinned by digest (...@sha256:<64 hex>), got {image_ref!r}")
+    cfg = mconfig.load_config() if cfg is None else cfg
+    auth = registry_auth_for(target, registry_auth, cfg)
+    payload = template_payload(spec, target, image_ref, registry_auth=auth)
+    secrets: list[str] = []
+    if target == "vastai" and auth:
+        # Vast.ai keeps the registry login in the template itself; it is sent, never rendered or shown.
+        user, password = env.get("GPUBAKE_REGISTRY_USER"), env.get("GPUBAKE_REGISTRY_PASSWORD")
+        if not (user and password):
+            raise GpubakeError(
+                f"--registry-auth: Vast.ai needs the login for {auth}: set GPUBAKE_REGISTRY_USER and GPUBAKE_REGISTRY_PASSWORD"
+            )
+        payload["docker_login_user"], payload["docker_login_pass"] = user, password
+        secrets.append(password)
+    client = mconfig.make_client(t, dry_run=dry_run, config=cfg, extra_secrets=secrets)
+    result = market(client, target).publish(payload)
+    result.update({"target": target, "image": spec.name, "name": payload["name"], "image_ref": image_ref, "dry_run": dry_run})
+    return result, client
+
+
+# ------------------------------------------------------------------ health
+
+
+def report_state(report: dict[str, Any] | None) -> str:
+    """in_progress | pass | degraded | fail, from a self-test report (or a bare status)."""
+    if not isinstance(report, dict):
+        return "in_progress"
+    verdict = report.get("verdict") or report.get("status")
+    if report.get("state") == "running" or verdict not in FINAL:
+        return "in_progress"
+    return str(verdict)
+
+
+def throughput(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The throughput stage's measured values (seconds per step, end-to-end seconds ...)."""
+    if not isinstance(report, dict):
+        return None
+    for stage in report.get("stages") or []:
+        if isinstance(stage, dict) and stage.get("name") == "throughput":
+            return {"status": stage.get("status"), "message": stage.get("message"), **(stage.get("values") or {})}
+    return report.get("throughput") if isinstance(report.get("throughput"), dict) else None
+
+
+def read_health(session: requests.Session, url: str, timeout: tuple[float, float] = (5.0, 10.0)) -> dict[str, Any] | None:
+    """The report at `url`, or None while the service is not answering yet.
+
+    /health answers 503 with the report once the self-test has failed, so any status with a
+    JSON report body counts; connection errors and proxies' 502/504 mean "not up yet".
+    """
+    try:
+        resp = session.get(url, timeout=timeout, headers={"Accept": "application/json"})
+    except requests.exceptions.RequestException:
+        return None
+    try:
+        data = resp.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and ("verdict" in data or "state" in data or "status" in data) else None
+
+
+# ------------------------------------------------------------------ launch
+
+
+@dataclass
+class LaunchOptions:
+    gpu: str
+    max_price: float | None = None
+    cloud: str | None = None  # RunPod: SECURE | COMMUNITY (default: config, else SECURE)
+    min_reliability: float | None = None  # Vast.ai (default: config, else 0.98)
+    destroy_on_fail: bool = False
+    timeout: float = 1800.0
+    poll_interval: float = 10.0
+    dry_run: bool = False
+
+
+def _template(mk: RunPod | Vast, spec: ImageSpec, target: str, dry_run: bool) -> dict[str, Any]:
+    name = template_name(spec)
+    tpl = mk.find_template(name)
+    if tpl is None and dry_run:
+        return {"id": "<template id>", "hash_id": "<template hash_id>", "imageName": "<image from template>", "ports": []}
+    if tpl is None:
+        raise GpubakeError(f"--image: no {target} template {name!r} yet; run `gpubake publish --target {target} --image {spec.name}` first")
+    return tpl
+
+
+def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rent, wait, read the self-test verdict; returns the result object printed by `--json`."""
+    t = mconfig.target(target)
+    if target not in spec.targets:
+        raise GpubakeError(f"--target: image {spec.name!r} is not built for {target} (targets: {', '.join(spec.targets)})")
+    if opts.timeout <= 0 or opts.poll_interval <= 0:
+        raise GpubakeError("--timeout and --poll-interval must be > 0 seconds")
+    cfg = mconfig.load_config() if cfg is None else cfg
+    section = mconfig.section(target, cfg)
+    gpu = resolve_gpu(opts.gpu, target)
+    check_gpu_for_spec(gpu, spec)
+    client = mconfig.make_client(t, dry_run=opts.dry_run, config=cfg)
+    mk = market(client, target)
+    tpl = _template(mk, spec, target, opts.dry_run)
+    label = f"gpubake-{spec.name}-{int(time.time())}"
+    result: dict[str, Any] = {"target": target, "image": spec.name, "gpu": gpu.market_id, "dry_run": opts.dry_run}
+
+    if isinstance(mk, Vast):
+        min_rel = opts.min_reliability
+        if min_rel is None:
+            min_rel = float(section.get("min_reliability", DEFAULT_MIN_RELIABILITY))
+        policy = OfferPolicy.for_spec(spec, gpu, max_price=opts.max_price, min_reliability=min_rel)
+        offers = mk.search_offers(policy) if client.can_read() else []
+        if opts.dry_run and not offers:
+            offer: dict[str, Any] = {"id": "<offer id>"}
+        else:
+            offer, skipped = policy.pick(offers)
+            if skipped:
+                console.print(f"skipped {len(skipped)} offer(s), e.g. #{skipped[0][0]}: {skipped[0][1]}")
+        result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "geolocation") if k in offer}
+        console.print(f"renting Vast.ai offer #{offer['id']} ({gpu.name}, ${float(offer.get('dph_total') or 0):.3f}/h)")
+        instance_id = mk.create(spec, tpl, offer["id"], label=label)
+        info: dict[str, Any] = {"cost_per_hr": offer.get("dph_total")}
+    else:
+        cloud = str(opts.cloud or section.get("cloud") or "SECURE").upper()
+        instance_id, info = mk.create(spec, tpl, gpu, cloud=cloud, label=label)
+    result["instance_id"] = instance_id
+    result.update({k: v for k, v in info.items() if k not in result})
+    if opts.dry_run:
+        result["requests"] = [p.to_dict() for p in client.planned]
+        return result
+
+    try:
+        price = info.get("cost_per_hr")
+        if opts.max_price is not None and price is not None and float(price) > opts.max_price:
+            mk.destroy(instance_id)
+            result["destroyed"] = True
+            raise GpubakeError(
+                f"--max-price: {target} rented {gpu.name} at ${float(price):.3f}/h > ${opts.max_price}/h; instance {instance_id} destroyed"
+            )
+        console.print(f"{t.title} instance {instance_id} created; waiting for its self-test")
+        outcome = _wait_for_verdict(mk, instance_id, spec, opts)
+    except BaseException:
+        if not result.get("destroyed"):
+            _teardown_or_tell(mk, target, instance_id, opts.destroy_on_fail)
+        raise
+    result.update(outcome)
+    result["destroyed"] = False
+    if result["verdict"] in ("fail", "timeout"):
+        if opts.destroy_on_fail:
+            mk.destroy(instance_id)
+            result["destroyed"] = True
+            console.print(f"self-test {result['verdict']}: instance {instance_id} destroyed (--destroy-on-fail)")
+        else:
+            console.print(f"instance {instance_id} is still running: `gpubake destroy --target {target} {instance_id}`")
+    return result
+
+
+def _teardown_or_tell(mk: RunPod | Vast, target: str, instance_id: str, destroy: bool) -> None:
+    if destroy:
+        try:
+            mk.destroy(instance_id)
+            console.print(f"instance {instance_id} destroyed (--destroy-on-fail)")
+            return
+        except MarketplaceError as exc:
+            console.print(f"could not destroy instance {instance_id}: {exc}")
+    console.print(f"instance {instance_id} may still be running: `gpubake destroy --target {target} {instance_id}`")
+
+
+def _wait_for_verdict(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions) -> dict[str, Any]:
+    """Poll the instance, then its /health, until a verdict or the deadline."""
+    start = time.monotonic()
+    deadline = start + opts.timeout
+    health = requests.Session()  # no retries, no API key: it talks to the rented machine
+    inst: Instance | None = None
+    report: dict[str, Any] | None = None
+    last = ""
+    with console.status("waiting for the instance") as status:
+        while True:
+            inst = mk.status(instance_id, spec)
+            url = inst.health_url()
+            if inst.state == "failed":
+                return _outcome("fail", inst, report, start, reason=f"instance {inst.detail}")
+            if inst.state == "running" and url:
+                report = read_health(health, url)
+                state = report_state(report)
+                if state in FINAL:
+                    return _outcome(state, inst, report, start)
+                now = f"self-test {state.replace('_', ' ')}" if report else "waiting for /health"
+            else:
+                now = f"instance {inst.detail}"
+            if now != last:
+                status.update(now)
+                last = now
+            if time.monotonic() + opts.poll_interval > deadline:
+                return _outcome("timeout", inst, report, start, reason=f"no verdict within {opts.timeout:.0f} s ({last})")
+            time.sleep(opts.poll_interval)
+
+
+def _outcome(verdict: str, inst: Instance, report: dict[str, Any] | None, start: float, reason: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "verdict": verdict,
+        "throughput": throughput(report),
+        "urls": dict(inst.urls),
+        "health_url": inst.health_url(),
+        "instance_state": inst.detail,
+        "seconds": round(time.monotonic() - start, 2),
+        "report": report,
+    }
+    if inst.cost_per_hr is not None:
+        out["cost_per_hr"] = inst.cost_per_hr
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+# ------------------------------------------------------------------ destroy
+
+
+def destroy(target: str, instance_id: str, *, dry_run: bool = False, cfg: dict[str, Any] | None = None) -> tuple[dict[str, Any], ApiClient]:
+    t = mconfig.target(target)
+    if not instance_id.strip() or "/" in instance_id:
+        raise GpubakeError(f"ID: not an instance id: {instance_id!r}")
+    client = mconfig.make_client(t, dry_run=dry_run, config=cfg)
+    market(client, target).destroy(instance_id)
+    return {"target": target, "instance_id": instance_id, "destroyed": not dry_run, "dry_run": dry_run}, client

@@ -1,0 +1,203 @@
+"""Which machine to rent: GPU names, driver floors, the Vast.ai offer query and ranking.
+
+Pure functions (no HTTP), so the choice is testable on its own. The driver floor comes
+from the image's CUDA through the compatibility tables (`gpubake.images.compat`), the
+same data the boot self-test checks the driver against: an offer the self-test would
+fail is never rented.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from gpubake.errors import GpubakeError
+from gpubake.images.marketplace.payload import compute_caps
+
+if TYPE_CHECKING:
+    from gpubake.images.spec import ImageSpec
+
+DEFAULT_MIN_RELIABILITY = 0.98
+# CUDA versions RunPod's createPod accepts in allowedCudaVersions
+# (https://docs.runpod.io/api-reference/pods/POST/pods).
+RUNPOD_CUDA_VERSIONS = ("11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.7", "12.8", "12.9", "13.0")
+
+
+@lru_cache(maxsize=1)
+def _gpu_table() -> dict[str, Any]:
+    text = resources.files("gpubake.images.marketplace").joinpath("data", "gpus.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_-]+", "", name).lower()
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU as the user named it, resolved for one marketplace."""
+
+    name: str  # canonical name, or what the user typed when unknown
+    market_id: str  # RunPod gpuTypeId / Vast.ai gpu_name
+    arch: str | None  # None when the GPU is not in our table
+
+
+def resolve_gpu(typed: str, target: str) -> Gpu:
+    """Map `--gpu "RTX 5090"` (any case/spacing, or a marketplace's own id) to the marketplace id."""
+    if not typed.strip():
+        raise GpubakeError("--gpu: empty GPU name")
+    table = _gpu_table()
+    gpus: dict[str, dict[str, str]] = table["gpus"]
+    wanted = _norm(typed)
+    aliases = {_norm(k): v for k, v in table["aliases"].items()}
+    for name, row in gpus.items():
+        if wanted in {_norm(name), _norm(row["runpod"]), _norm(row["vastai"])}:
+            return Gpu(name, row[target], row["arch"])
+    if wanted in aliases:
+        row = gpus[aliases[wanted]]
+        return Gpu(aliases[wanted], row[target], row["arch"])
+    return Gpu(typed.strip(), typed.strip(), None)
+
+
+def check_gpu_for_spec(gpu: Gpu, spec: ImageSpec) -> None:
+    """Refuse to rent a GPU whose architecture the image was not built for."""
+    if gpu.arch is None or spec.cuda == "none":
+        return
+    if gpu.arch not in spec.gpu_archs:
+        raise GpubakeError(
+            f"--gpu: {gpu.name} is {gpu.arch}, but image {spec.name!r} is built for {', '.join(spec.gpu_archs)} (gpu_archs)"
+        )
+
+
+def _vkey(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in str(version).split("."))
+    except ValueError:
+        return (0,)
+
+
+def min_driver(spec: ImageSpec) -> str | None:
+    """Minimum host driver for the image's CUDA (None for a CPU-only image)."""
+    if spec.cuda == "none":
+        return None
+    from gpubake.images import compat
+
+    return compat.min_driver(spec.cuda).toolkit
+
+
+def runpod_cuda_versions(spec: ImageSpec) -> list[str]:
+    """allowedCudaVersions for RunPod: every host CUDA at least the image's."""
+    if spec.cuda == "none":
+        return []
+    return [v for v in RUNPOD_CUDA_VERSIONS if _vkey(v) >= _vkey(spec.cuda)]
+
+
+@dataclass(frozen=True)
+class OfferPolicy:
+    """What an acceptable Vast.ai offer is."""
+
+    gpu: Gpu
+    min_driver: str | None
+    min_cuda: float | None
+    compute_caps: list[int]
+    min_reliability: float = DEFAULT_MIN_RELIABILITY
+    max_price: float | None = None  # $/hour, dph_total
+    min_disk_gb: int = 0
+    min_direct_ports: int = 0
+
+    @classmethod
+    def for_spec(cls, spec: ImageSpec, gpu: Gpu, *, max_price: float | None, min_reliability: float) -> OfferPolicy:
+        if max_price is not None and max_price <= 0:
+            raise GpubakeError(f"--max-price: must be > 0 $/hour, got {max_price}")
+        if not 0 <= min_reliability <= 1:
+            raise GpubakeError(f"--min-reliability: must be between 0 and 1, got {min_reliability}")
+        return cls(
+            gpu=gpu,
+            min_driver=min_driver(spec),
+            min_cuda=None if spec.cuda == "none" else float(spec.cuda),
+            compute_caps=compute_caps(spec) if spec.cuda != "none" else [],
+            min_reliability=min_reliability,
+            max_price=max_price,
+            min_disk_gb=spec.runtime.container_disk_gb + spec.runtime.volume_disk_gb,
+            min_direct_ports=len(spec.runtime.ports),
+        )
+
+    def query(self, limit: int = 50) -> dict[str, Any]:
+        """Body of Vast.ai's `POST /bundles/` (search offers), cheapest first.
+
+        Filters and operators as documented in https://docs.vast.ai/api-reference/search/search-offers.
+        """
+        q: dict[str, Any] = {
+            "gpu_name": {"eq": self.gpu.market_id},
+            "num_gpus": {"eq": 1},
+            "rentable": {"eq": True},
+            "rented": {"eq": False},
+            "verified": {"eq": True},
+            "reliability": {"gte": self.min_reliability},
+            "disk_space": {"gte": self.min_disk_gb},
+            "direct_port_count": {"gte": self.min_direct_ports},
+            "order": [["dph_total", "asc"]],
+            "type": "on-demand",
+            "limit": limit,
+        }
+        if self.min_cuda is not None:
+            q["cuda_max_good"] = {"gte": self.min_cuda}
+        if self.min_driver:
+            q["driver_version"] = {"gte": self.min_driver}
+        if self.compute_caps:
+            q["compute_cap"] = {"in": self.compute_caps}
+        if self.max_price is not None:
+            q["dph_total"] = {"lte": self.max_price}
+        return q
+
+    def rejects(self, offer: dict[str, Any]) -> str | None:
+        """Why an offer is not acceptable (None when it is): the server's filter, re-checked.
+
+        The search filter is applied again on our side because a wrong answer here rents a
+        machine that fails its self-test; the server's string comparison of driver versions
+        ("535" > "1000") is one known way to get one.
+        """
+        name = str(offer.get("gpu_name", ""))
+        if _norm(name) != _norm(self.gpu.market_id):
+            return f"GPU {name!r}"
+        if int(offer.get("num_gpus") or 1) != 1:
+            return f"{offer.get('num_gpus')} GPUs"
+        if self.min_driver and _vkey(str(offer.get("driver_version") or "0")) < _vkey(self.min_driver):
+            return f"driver {offer.get('driver_version')} < {self.min_driver}"
+        if self.min_cuda is not None and float(offer.get("cuda_max_good") or 0) < self.min_cuda:
+            return f"CUDA {offer.get('cuda_max_good')} < {self.min_cuda}"
+        reliability = float(offer.get("reliability2", offer.get("reliability", 0)) or 0)
+        if reliability < self.min_reliability:
+            return f"reliability {reliability:.3f} < {self.min_reliability}"
+        price = float(offer.get("dph_total") or 0)
+        if self.max_price is not None and price > self.max_price:
+            return f"${price:.3f}/h > ${self.max_price}/h"
+        if self.compute_caps and offer.get("compute_cap") is not None and int(offer["compute_cap"]) not in self.compute_caps:
+            return f"compute capability {offer['compute_cap']}"
+        if float(offer.get("disk_space") or 0) < self.min_disk_gb:
+            return f"disk {offer.get('disk_space')} GB < {self.min_disk_gb} GB"
+        return None
+
+    def pick(self, offers: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+        """The cheapest acceptable offer (ties: the more reliable), and why others were skipped."""
+        skipped: list[tuple[int, str]] = []
+        good = []
+        for offer in offers:
+            why = self.rejects(offer)
+            if why:
+                skipped.append((int(offer.get("id", 0)), why))
+            else:
+                good.append(offer)
+        if not good:
+            detail = f"; skipped {len(skipped)}: {skipped[0][1]}" if skipped else ""
+            price = f" at most ${self.max_price}/h" if self.max_price is not None else ""
+            raise GpubakeError(
+                f"--gpu: no Vast.ai offer for {self.gpu.name}{price} with driver >= {self.min_driver or 'any'} "
+                f"and reliability >= {self.min_reliability}{detail}"
+            )
+        good.sort(key=lambda o: (float(o.get("dph_total") or 0), -float(o.get("reliability2", o.get("reliability", 0)) or 0)))
+        return good[0], skipped

@@ -1,0 +1,143 @@
+"""The marketplace template for an image spec, as the JSON body each API takes.
+
+One pure function, `template_payload(spec, target, image_ref)`, used by `publish` (the
+body it sends) and by `build-image --render-only` (the `template.<target>.json` it writes),
+so that what is reviewed is what is sent. It holds no secret: the registry credentials are
+referred to by an ID stored at the marketplace (RunPod `containerRegistryAuthId`) or by
+the registry host only (Vast.ai `docker_login_repo`; the login itself is added by
+`publish` at send time, from the environment).
+
+Field names follow the API docs:
+- RunPod REST v1, "Create a new template": https://docs.runpod.io/api-reference/templates/POST/templates
+- Vast.ai, "create template": https://docs.vast.ai/api-reference/templates/create-template
+  and "Creating and Using Templates with API" (env string format, extra_filters):
+  https://docs.vast.ai/api-reference/creating-and-using-templates-with-api
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import TYPE_CHECKING, Any
+
+from gpubake.errors import GpubakeError
+
+if TYPE_CHECKING:
+    from gpubake.images.spec import ImageSpec
+
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+TEMPLATE_PREFIX = "gpubake-"
+
+
+def template_name(spec: ImageSpec) -> str:
+    """The marketplace-side template name: publish finds and updates templates by it."""
+    return TEMPLATE_PREFIX + spec.name
+
+
+def is_digest_ref(ref: str) -> bool:
+    return bool(_DIGEST.search(ref))
+
+
+def compute_caps(spec: ImageSpec) -> list[int]:
+    """gpu_archs as Vast.ai's compute_cap numbers (sm_89 -> 890, sm_120 -> 1200)."""
+    return sorted(int(a[3:]) * 10 for a in spec.gpu_archs)
+
+
+def _readme(spec: ImageSpec) -> str:
+    ports = ", ".join(f"{p.port}/{p.protocol} ({p.name})" for p in spec.runtime.ports) or "none"
+    archs = ", ".join(spec.gpu_archs) or "CPU"
+    return (
+        f"# {spec.name}\n\n{spec.description}\n\n"
+        f"- model: {spec.model.id} ({spec.model.quantization})\n"
+        f"- GPUs: {archs}; CUDA {spec.cuda}, torch {spec.torch}\n"
+        f"- ports: {ports}\n"
+        "- on boot the image runs a self-test; `GET /health` returns its report.\n\n"
+        "Built and published by gpubake."
+    )
+
+
+def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None = None) -> dict[str, Any]:
+    """Body of RunPod's `POST /templates` (and `PATCH /templates/{id}`)."""
+    ports = []
+    for i, p in enumerate(spec.runtime.ports):
+        if p.protocol == "udp":
+            raise GpubakeError(f"runtime.ports[{i}]: RunPod exposes http and tcp ports only, not {p.port}/udp")
+        ports.append(f"{p.port}/{p.protocol}")
+    body: dict[str, Any] = {
+        "name": template_name(spec),
+        "imageName": image_ref,
+        "category": "CPU" if spec.cuda == "none" else "NVIDIA",
+        "containerDiskInGb": spec.runtime.container_disk_gb,
+        "volumeInGb": spec.runtime.volume_disk_gb,
+        "volumeMountPath": spec.runtime.volume_mount,
+        "ports": ports,
+        "env": dict(spec.runtime.env),
+        "dockerEntrypoint": list(spec.runtime.entrypoint),
+        "dockerStartCmd": [],
+        "isPublic": False,
+        "isServerless": False,
+        "readme": _readme(spec),
+    }
+    if registry_auth:
+        body["containerRegistryAuthId"] = registry_auth
+    return body
+
+
+def vast_env_string(spec: ImageSpec) -> str:
+    """Vast.ai's "Docker options" string: `-p` for every port, `-e` for every variable."""
+    parts = []
+    for p in spec.runtime.ports:
+        suffix = "/udp" if p.protocol == "udp" else ""
+        parts.append(f"-p {p.port}:{p.port}{suffix}")
+    for key, value in sorted(spec.runtime.env.items()):
+        parts.append(f"-e {key}={shlex.quote(value)}")
+    return " ".join(parts)
+
+
+def vast_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None = None) -> dict[str, Any]:
+    """Body of Vast.ai's `POST /template/` (and, with `hash_id`, `PUT /template/`).
+
+    `runtype = args` keeps the image's own entrypoint (the gpubake start script, which
+    follows Vast.ai's conventions itself); the whole digest reference goes in `image`
+    (the docs allow the tag inside it), so no mutable tag is ever resolved.
+    """
+    body: dict[str, Any] = {
+        "name": template_name(spec),
+        "image": image_ref,
+        "env": vast_env_string(spec),
+        "onstart": "",
+        "runtype": "args",
+        "args_str": "",
+        "use_ssh": False,
+        "ssh_direct": False,
+        "jup_direct": False,
+        "recommended_disk_space": spec.runtime.container_disk_gb + spec.runtime.volume_disk_gb,
+        "desc": spec.description[:200],
+        "readme": _readme(spec),
+        "extra_filters": _vast_filters(spec),
+    }
+    if registry_auth:
+        body["docker_login_repo"] = registry_auth
+    return body
+
+
+def _vast_filters(spec: ImageSpec) -> dict[str, Any]:
+    if spec.cuda == "none":
+        return {}
+    filters: dict[str, Any] = {"cuda_max_good": {"gte": float(spec.cuda)}}
+    if spec.gpu_archs:
+        filters["compute_cap"] = {"in": compute_caps(spec)}
+    return filters
+
+
+def template_payload(spec: ImageSpec, target: str, image_ref: str, *, registry_auth: str | None = None) -> dict[str, Any]:
+    """The template JSON for `target` ("runpod" | "vastai"); raises `GpubakeError` on bad input."""
+    if target not in spec.targets:
+        raise GpubakeError(f"--target: image {spec.name!r} is not built for {target} (targets: {', '.join(spec.targets)})")
+    if not image_ref or any(c.isspace() for c in image_ref):
+        raise GpubakeError(f"--image-ref: not an image reference: {image_ref!r}")
+    if target == "runpod":
+        return runpod_payload(spec, image_ref, registry_auth=registry_auth)
+    if target == "vastai":
+        return vast_payload(spec, image_ref, registry_auth=registry_auth)
+    raise GpubakeError(f"--target: must be runpod or vastai, got {target!r}")

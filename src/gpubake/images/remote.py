@@ -1,0 +1,293 @@
+"""Bare GPU hosts over SSH (fabric): install gpubake, run the self-test, fetch its report.
+
+For users who rent machines rather than marketplace templates. Everything goes over one
+SSH connection (fabric/paramiko): files by SFTP, commands through the remote shell with
+every argument quoted. Host keys are checked against known_hosts and an unknown host is
+refused unless `--accept-new-host-key` (then it is remembered, as OpenSSH's
+`StrictHostKeyChecking=accept-new` does); fabric's own default would trust any key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpubake.console import console
+from gpubake.errors import GpubakeError
+from gpubake.fsutil import atomic_path
+from gpubake.secrets import redact
+
+_DEST = re.compile(r"^(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@(?P<host>[A-Za-z0-9._:-]+|\[[0-9A-Fa-f:]+\])$")
+REMOTE_DIR = ".gpubake"  # under the remote user's home; SFTP paths are relative to it
+REMOTE_REPORT = f"{REMOTE_DIR}/selftest.json"
+
+
+class RemoteError(GpubakeError):
+    """The host could not be reached, refused us, or a remote step failed."""
+
+
+def rquote(path: str) -> str:
+    """Quote a remote path for the shell, keeping a leading `~/` as the remote $HOME."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """USER@HOST[:port] with the key and host-key policy to use."""
+
+    user: str
+    host: str
+    port: int = 22
+    key: Path | None = None
+    known_hosts: Path | None = None
+    accept_new: bool = False
+
+    @classmethod
+    def parse(cls, dest: str, *, port: int = 22, key: Path | None = None, known_hosts: Path | None = None,
+              accept_new: bool = False) -> SshTarget:
+        match = _DEST.match(dest.strip())
+        if not match:
+            raise RemoteError(f"USER@HOST: expected user@host, got {dest!r}")
+        if not 1 <= port <= 65535:
+            raise RemoteError(f"--port: must be 1..65535, got {port}")
+        if key is not None and not Path(key).is_file():
+            raise RemoteError(f"--key: no such file: {key}")
+        if known_hosts is not None and not accept_new and not Path(known_hosts).is_file():
+            raise RemoteError(f"--known-hosts: no such file: {known_hosts}")
+        return cls(match["user"], match["host"].strip("[]"), port, key, known_hosts, accept_new)
+
+    @property
+    def display(self) -> str:
+        return f"{self.user}@{self.host}" + (f":{self.port}" if self.port != 22 else "")
+
+    def connect(self):  # -> fabric.Connection
+        """Open (lazily) a fabric Connection with our host-key policy."""
+        from fabric import Config, Connection
+        from paramiko import AutoAddPolicy, RejectPolicy
+
+        kwargs: dict[str, Any] = {"timeout": 15, "banner_timeout": 15, "auth_timeout": 15}
+        if self.key is not None:
+            kwargs.update(key_filename=str(self.key), look_for_keys=False, allow_agent=False)
+        config = Config(overrides={"load_ssh_configs": False})
+        conn = Connection(self.host, user=self.user, port=self.port, connect_kwargs=kwargs, connect_timeout=15, config=config)
+        client = conn.client
+        client._host_keys.clear()  # only the files we name below are trusted
+        client._system_host_keys.clear()
+        known = self.known_hosts or Path.home() / ".ssh" / "known_hosts"
+        if self.accept_new:
+            known.parent.mkdir(parents=True, exist_ok=True)
+            known.touch(mode=0o600, exist_ok=True)
+            client.load_host_keys(str(known))  # AutoAddPolicy saves new keys here
+            client.set_missing_host_key_policy(AutoAddPolicy())
+        else:
+            if known.is_file():
+                client.load_host_keys(str(known))
+            client.set_missing_host_key_policy(RejectPolicy())
+        return conn
+
+
+def _ssh_error(target: SshTarget, exc: BaseException) -> RemoteError:
+    """One line for whatever paramiko/socket raised while connecting."""
+    import paramiko
+
+    where = target.display
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return RemoteError(f"{where}: host key CHANGED (known_hosts has a different key); refusing to connect")
+    if isinstance(exc, paramiko.AuthenticationException):
+        how = f"key {target.key}" if target.key else "your SSH agent / ~/.ssh keys"
+        return RemoteError(f"{where}: SSH authentication failed with {how}")
+    if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
+        return RemoteError(f"{where}: unknown host key; add it to known_hosts or pass --accept-new-host-key")
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return RemoteError(f"{where}: SSH connection timed out")
+    if isinstance(exc, (OSError, paramiko.ssh_exception.NoValidConnectionsError)):
+        return RemoteError(f"{where}: cannot connect ({exc.__class__.__name__}: {exc.strerror or exc})")
+    return RemoteError(f"{where}: SSH error: {redact(' '.join(str(exc).split()))[:200]}")
+
+
+class Session:
+    """An open connection to the host, with the few operations gpubake needs."""
+
+    def __init__(self, target: SshTarget) -> None:
+        import paramiko
+
+        self.target = target
+        self.conn = target.connect()
+        try:
+            self.conn.open()
+        except (paramiko.SSHException, OSError) as exc:
+            raise _ssh_error(target, exc) from None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+    def run(self, command: str, *, timeout: float | None = 600, what: str = "") -> Any:
+        """Run a shell command; returns fabric's Result (never raises on exit status)."""
+        import invoke
+
+        try:
+            return self.conn.run(command, warn=True, hide=True, in_stream=False, timeout=timeout)
+        except invoke.exceptions.CommandTimedOut:
+            raise RemoteError(f"{self.target.display}: {what or 'remote command'} timed out after {timeout:.0f} s") from None
+
+    def check(self, command: str, *, what: str, timeout: float | None = 600) -> str:
+        """Run and require exit 0; the error names the step and the last line of its output."""
+        result = self.run(command, timeout=timeout, what=what)
+        if result.exited != 0:
+            tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["(no output)"]
+            raise RemoteError(f"{self.target.display}: {what} failed (exit {result.exited}): {redact(tail[0])[:200]}")
+        return result.stdout
+
+    def put(self, local: Path, remote: str) -> None:
+        try:
+            self.conn.put(str(local), remote=remote)
+        except (OSError, IOError) as exc:
+            raise RemoteError(f"{self.target.display}: upload of {local.name} failed: {exc}") from None
+
+    def get(self, remote: str, local: Path) -> None:
+        """Fetch a file; the local copy appears only when complete (atomic)."""
+        try:
+            with atomic_path(local) as tmp:
+                self.conn.get(remote, local=str(tmp))
+        except FileNotFoundError:
+            raise RemoteError(f"{self.target.display}: {remote} not found on the host") from None
+        except OSError as exc:
+            raise RemoteError(f"{self.target.display}: download of {remote} failed: {exc}") from None
+
+
+# ------------------------------------------------------------------ selftest
+
+
+def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake", local_report: Path,
+             quick: bool = False, timeout: float = 3600.0) -> dict[str, Any]:
+    """Run `gpubake selftest` on the host, fetch the report to `local_report`, return the outcome."""
+    from gpubake.images.marketplace.launch import report_state, throughput
+
+    stamp = f"{int(time.time())}-{os.getpid()}"
+    remote_report = f"{REMOTE_DIR}/selftest-{stamp}.json"
+    cmd = f"{rquote(gpubake)} selftest --json --report {rquote('~/' + remote_report)}" + (" --quick" if quick else "")
+    with Session(target) as s:
+        s.check(f"mkdir -p {rquote('~/' + REMOTE_DIR)}", what="mkdir")
+        console.print(f"running the self-test on {target.display}")
+        started = time.monotonic()
+        result = s.run(cmd, timeout=timeout, what="self-test")
+        if result.exited == 127:
+            raise RemoteError(f"{target.display}: {gpubake} not found; run `gpubake remote provision {target.user}@{target.host}` first")
+        try:
+            s.get(remote_report, local_report)
+        except RemoteError:
+            tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["(no output)"]
+            raise RemoteError(
+                f"{target.display}: the self-test wrote no report (exit {result.exited}): {redact(tail[0])[:200]}"
+            ) from None
+        s.run(f"rm -f {rquote('~/' + remote_report)}", what="cleanup")
+    try:
+        report = json.loads(local_report.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise RemoteError(f"{local_report}: the fetched report is not JSON ({exc.__class__.__name__})") from None
+    verdict = report_state(report)
+    return {
+        "host": target.display,
+        "verdict": verdict if verdict != "in_progress" else "fail",
+        "exit_code": result.exited,
+        "report_path": str(local_report),
+        "summary": report.get("summary") if isinstance(report, dict) else None,
+        "throughput": throughput(report),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+# ------------------------------------------------------------------ provision
+
+
+def project_root() -> Path | None:
+    """The source checkout gpubake runs from (an editable install), if any."""
+    import gpubake
+
+    root = Path(gpubake.__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and 'name = "gpubake"' in pyproject.read_text(encoding="utf-8"):
+        return root
+    return None
+
+
+def build_wheel(dest: Path) -> Path:
+    """Build gpubake's wheel from the checkout (no dependencies, no network)."""
+    root = project_root()
+    if root is None:
+        raise RemoteError("--wheel: gpubake is not running from a source checkout; pass --wheel PATH (e.g. from `pip download gpubake`)")
+    console.print("building the gpubake wheel")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+         "-q", "-w", str(dest), str(root)],
+        capture_output=True, text=True, check=False,
+    )
+    wheels = sorted(dest.glob("gpubake-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RemoteError(f"building the gpubake wheel failed: {tail[:200]}")
+    return wheels[-1]
+
+
+def provision_commands(wheel_name: str, *, venv: str, python: str, extras: str, pip_args: str) -> list[str]:
+    """The remote shell commands of `provision`, in order (also what --dry-run prints)."""
+    extras = ",".join(e.strip() for e in extras.split(",") if e.strip())
+    if extras and not re.fullmatch(r"[a-z0-9,_-]+", extras):
+        raise RemoteError(f"--extras: invalid extras {extras!r}")
+    try:
+        pip_extra = " ".join(shlex.quote(a) for a in shlex.split(pip_args))
+    except ValueError as exc:
+        raise RemoteError(f"--pip-args: {exc}") from None
+    wheel_remote = f"~/{REMOTE_DIR}/dist/{wheel_name}"
+    requirement = rquote(wheel_remote) + (shlex.quote(f"[{extras}]") if extras else "")
+    vpy = rquote(venv.rstrip("/") + "/bin/python")
+    return [
+        f"mkdir -p {rquote('~/' + REMOTE_DIR + '/dist')}",
+        f"test -x {vpy} || {shlex.quote(python)} -m venv {rquote(venv)}",
+        f"{vpy} -m pip install --disable-pip-version-check -q {pip_extra} {requirement}".replace("  ", " "),
+        f"{rquote(venv.rstrip('/') + '/bin/gpubake')} --version",
+    ]
+
+
+def provision(target: SshTarget, *, wheel: Path | None = None, venv: str = "~/.gpubake/venv", python: str = "python3",
+              extras: str = "model,triton,gpu", pip_args: str = "", dry_run: bool = False) -> dict[str, Any]:
+    """Upload the gpubake wheel, install it into `venv` on the host, check `gpubake --version`."""
+    if wheel is not None and not (wheel.is_file() and wheel.name.endswith(".whl")):
+        raise RemoteError(f"--wheel: not a wheel file: {wheel}")
+    with tempfile.TemporaryDirectory(prefix="gpubake-wheel-") as tmp:
+        if wheel is None and dry_run:
+            wheel_name = "gpubake-<version>-py3-none-any.whl"
+        else:
+            wheel = wheel or build_wheel(Path(tmp))
+            wheel_name = wheel.name
+        cmds = provision_commands(wheel_name, venv=venv, python=python, extras=extras, pip_args=pip_args)
+        result: dict[str, Any] = {"host": target.display, "venv": venv, "wheel": wheel_name, "commands": cmds, "dry_run": dry_run}
+        if dry_run:
+            return result
+        assert wheel is not None
+        with Session(target) as s:
+            s.check(cmds[0], what="mkdir")
+            s.put(wheel, f"{REMOTE_DIR}/dist/{wheel_name}")
+            s.check(cmds[1], what="creating the virtualenv", timeout=300)
+            console.print(f"installing {wheel_name} on {target.display}")
+            s.check(cmds[2], what="pip install", timeout=3600)
+            version = s.check(cmds[3], what="gpubake --version").strip()
+    result["version"] = version
+    return result

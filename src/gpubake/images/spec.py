@@ -1,0 +1,392 @@
+"""The image spec: one TOML file per published image, checked before anything is built.
+
+Three steps kept apart (as Replicate cog's pkg/config does), so each can be tested and
+reused alone:
+
+- `load_toml(path)`   bytes -> dict (tomllib; a syntax error names file, line, column)
+- `parse_spec(data)`  dict -> `ImageSpec` (pydantic v2, extra fields forbidden, strict
+  types: a mistyped or misspelt field fails instead of being coerced or ignored)
+- `validate_spec(spec)` what needs more than the dict: name == file stem, the lock file
+  exists and pins every requirement with a hash, and the (torch, cuda) compatibility
+  tables (`gpubake.images.compat`) can run every requested GPU architecture.
+
+`load_spec(path)` runs all three. Every failure is a `SpecError` of ONE line naming the
+spec file and the dotted field path, e.g.
+`catalog/demo.toml: base.image: must be pinned by digest (...@sha256:<64 hex>)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gpubake.errors import SpecError
+from gpubake.secrets import is_secret_name
+
+SCHEMA_VERSION = 1
+TARGETS = ("runpod", "vastai")
+GPU_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
+
+Target = Literal["runpod", "vastai"]
+GpuArch = Literal["sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"]
+
+# An OCI reference pinned by digest: [registry/]repo[:tag]@sha256:<64 hex>.
+_DIGEST_REF = re.compile(
+    r"^(?P<repo>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"@sha256:(?P<digest>[0-9a-f]{64})$"
+)
+_MODEL_SOURCE = re.compile(r"^(generate:tiny|hf://[^/@\s]+/[^/@\s]+(@[^\s]+)?|s3://[^/\s]+(/\S*)?|https://\S+)$")
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Strict(BaseModel):
+    """Base of every spec table: unknown keys are errors, values are never coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Bootstrap(_Strict):
+    """A base image the project builds itself from Debian packages (offline-capable)."""
+
+    suite: Annotated[str, StringConstraints(pattern=r"^[a-z]+$")] = Field(description="Debian suite, e.g. bookworm")
+    packages: list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]] = Field(
+        default_factory=list, description="Debian packages installed into the base"
+    )
+
+
+class Base(_Strict):
+    """Exactly one of `image` (a registry reference pinned by digest) or `bootstrap`."""
+
+    image: str | None = Field(default=None, description="registry/repo[:tag]@sha256:<64 hex>")
+    bootstrap: Bootstrap | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, value: str | None) -> str | None:
+        if value is not None and not _DIGEST_REF.match(value):
+            raise ValueError(f"must be pinned by digest (…@sha256:<64 hex>), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Base:
+        if (self.image is None) == (self.bootstrap is None):
+            raise ValueError("set exactly one of base.image or [base.bootstrap]")
+        return self
+
+    @property
+    def image_tag(self) -> str | None:
+        """The tag part of a pinned image reference (e.g. `12.8.1-cudnn-runtime-ubuntu24.04`)."""
+        match = _DIGEST_REF.match(self.image or "")
+        return match.group("tag") if match else None
+
+
+class Python(_Strict):
+    """The image's Python and its locked requirements."""
+
+    version: Annotated[str, StringConstraints(pattern=r"^3\.[0-9]{1,2}$")] = Field(description="e.g. 3.11")
+    lock: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_./-]+\.(txt|lock)$")] = Field(
+        description="pip requirements with --hash, relative to the spec's directory"
+    )
+
+    @field_validator("lock")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if value.startswith("/") or ".." in Path(value).parts:
+            raise ValueError(f"must be a path inside the catalog directory, got {value!r}")
+        return value
+
+
+class Model(_Strict):
+    """The checkpoint baked into the image's last layer(s)."""
+
+    id: Annotated[str, StringConstraints(min_length=1)] = Field(description="key of the provisioning model registry")
+    quantization: Literal["nvfp4", "bf16"]
+    policy: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]*$")] = "default"
+    source: str = Field(description="generate:tiny | hf://org/repo@rev | s3://bucket/prefix | https://...")
+    sha256: Sha256 | None = Field(default=None, description="sha256 of the checkpoint manifest")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if not _MODEL_SOURCE.match(value):
+            raise ValueError(f"must be generate:tiny, hf://org/repo[@rev], s3://bucket/prefix or https://..., got {value!r}")
+        return value
+
+
+class Port(_Strict):
+    port: int = Field(ge=1, le=65535)
+    protocol: Literal["http", "tcp", "udp"]
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]*$")]
+
+
+class Runtime(_Strict):
+    """How the marketplace runs the container."""
+
+    ports: list[Port] = Field(default_factory=list)
+    env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")], str] = Field(default_factory=dict)
+    entrypoint: list[Annotated[str, StringConstraints(min_length=1)]] = Field(min_length=1)
+    container_disk_gb: int = Field(ge=1, le=4096)
+    volume_disk_gb: int = Field(default=0, ge=0, le=65536)
+    volume_mount: Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9_./-]*$")] = "/workspace"
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if is_secret_name(key):
+                raise ValueError(f"{key} looks like a secret; secrets are set at launch, never baked into an image")
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _unique_ports(cls, value: list[Port]) -> list[Port]:
+        seen: set[tuple[int, str]] = set()
+        for p in value:
+            key = (p.port, "udp" if p.protocol == "udp" else "tcp")
+            if key in seen:
+                raise ValueError(f"port {p.port}/{key[1]} listed twice")
+            seen.add(key)
+        return value
+
+
+class ImageSpec(_Strict):
+    """One published image: what to build, for which GPUs, with which model."""
+
+    schema_version: Literal[1]
+    name: Name
+    description: str
+    targets: list[Target] = Field(min_length=1)
+    gpu_archs: list[GpuArch] = Field(default_factory=list)
+    cpu_ok: bool = False
+    cuda: Annotated[str, StringConstraints(pattern=r"^(none|[0-9]{2}\.[0-9])$")] = Field(
+        description='CUDA runtime of the image and of its torch wheel ("12.8" -> cu128); "none" for CPU-only'
+    )
+    torch: Annotated[str, StringConstraints(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")] = Field(description="torch release")
+    base: Base
+    python: Python
+    model: Model
+    runtime: Runtime
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @field_validator("targets", "gpu_archs")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        dupes = sorted({v for v in value if value.count(v) > 1})
+        if dupes:
+            raise ValueError(f"listed twice: {', '.join(dupes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _some_device(self) -> ImageSpec:
+        if not self.gpu_archs and not self.cpu_ok:
+            raise ValueError("gpu_archs is empty and cpu_ok is false: the image could run nowhere")
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The TOML file this spec was loaded from (None when parsed from a dict)."""
+        return self._source
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock file, resolved against the spec's directory."""
+        base_dir = self._source.parent if self._source else Path.cwd()
+        return base_dir / self.python.lock
+
+
+# -------------------------------------------------------------------- error text
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "missing":
+        return "missing required field"
+    if kind == "extra_forbidden":
+        return "unknown field (misspelt? see `gpubake spec-schema`)"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"must be one of {expected}, got {err.get('input')!r}"
+    if kind == "string_pattern_mismatch":
+        return f"invalid value {err.get('input')!r} (expected pattern {err.get('ctx', {}).get('pattern')})"
+    msg = str(err.get("msg", "invalid"))
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    value = err.get("input")
+    if kind.endswith("_type"):
+        return f"{msg}, got {type(value).__name__} {value!r}"[:300]
+    if isinstance(value, (str, int, float, bool)):
+        msg = f"{msg}, got {value!r}"
+    return msg[:300]
+
+
+def _spec_error(source: str, exc: ValidationError) -> SpecError:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = _loc(tuple(first.get("loc", ())))
+    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    prefix = f"{source}: {where}: " if where else f"{source}: "
+    return SpecError(f"{prefix}{_message(first)}{more}")
+
+
+def display_path(path: Path) -> str:
+    """Short, stable name for a spec file in error messages (catalog/x.toml or the path given)."""
+    path = Path(path)
+    try:
+        from gpubake.images.catalog import CATALOG_DIR
+
+        return str(Path("catalog") / path.resolve().relative_to(CATALOG_DIR.resolve()))
+    except (ValueError, ImportError):
+        return str(path)
+
+
+# -------------------------------------------------------------------- the three steps
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read and parse a spec file; syntax errors name the file, line and column."""
+    path = Path(path)
+    shown = display_path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{shown}: no such spec file") from None
+    except OSError as exc:
+        raise SpecError(f"{shown}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{shown}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{shown}: invalid TOML: {exc}") from None
+
+
+def parse_spec(data: Any, *, source: str = "<spec>") -> ImageSpec:
+    """Turn a parsed TOML document into an `ImageSpec` (structure and types only)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec is a TOML table, got {type(data).__name__}")
+    try:
+        return ImageSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _spec_error(source, exc) from None
+    except (ValueError, TypeError, RecursionError) as exc:  # defensive: never a traceback for input
+        raise SpecError(f"{source}: {exc}") from None
+
+
+_HASH_LINE = re.compile(r"--hash=sha256:[0-9a-f]{64}")
+_REQ_START = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[^\]]*\])?\s*==\s*[^\s;\\]+")
+
+
+def check_lock(path: Path, *, source: str) -> list[str]:
+    """Every requirement in the lock is pinned with `==` and carries a sha256 hash.
+
+    Returns the pinned `name==version` strings (for compat cross-checks). pip's
+    `--require-hashes` would refuse the lock at build time anyway; checking here turns a
+    late build failure into an early one-line error.
+    """
+    shown_lock = f"{source}: python.lock"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{shown_lock}: {path.name} not found next to the spec ({path})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{shown_lock}: cannot read {path}: {exc}") from None
+    # Join backslash continuations into logical requirement lines.
+    logical: list[str] = []
+    buf = ""
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            logical.append(buf.strip())
+        buf = ""
+    if buf.strip():
+        logical.append(buf.strip())
+    pins: list[str] = []
+    for line in logical:
+        if line.startswith("-"):  # options such as --index-url / --only-binary
+            continue
+        match = _REQ_START.match(line)
+        if not match:
+            raise SpecError(f"{shown_lock}: {path.name}: requirement not pinned with ==: {line.split()[0]!r}")
+        if not _HASH_LINE.search(line):
+            raise SpecError(f"{shown_lock}: {path.name}: {match.group(0).replace(' ', '')} has no --hash=sha256:")
+        pins.append(match.group(0).replace(" ", ""))
+    if not pins:
+        raise SpecError(f"{shown_lock}: {path.name} pins no requirements")
+    return pins
+
+
+def validate_spec(spec: ImageSpec, *, path: Path | None = None) -> ImageSpec:
+    """Checks that need the file system or the compat tables; raises `SpecError`."""
+    from gpubake.images import compat
+
+    path = path or spec.source
+    source = display_path(path) if path else "<spec>"
+    if path is not None and spec.name != Path(path).stem:
+        raise SpecError(f"{source}: name: {spec.name!r} must equal the file name stem {Path(path).stem!r}")
+    pins = check_lock(spec.lock_path, source=source)
+    compat.check_spec(spec, source=source, pins=pins)
+    return spec
+
+
+def load_spec(path: str | Path) -> ImageSpec:
+    """Load, parse and validate one spec file (the API the rest of gpubake uses)."""
+    path = Path(path)
+    source = display_path(path)
+    spec = parse_spec(load_toml(path), source=source)
+    spec._source = path.resolve()
+    return validate_spec(spec, path=path)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the spec (for editors and for reviewing the format)."""
+    schema = ImageSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://gpubake.dev/schemas/image-spec-v1.json"
+    return schema
+
+
+def json_schema_text() -> str:
+    """The schema as written to `images/data/spec.schema.json` (sorted keys, stable)."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+SCHEMA_FILE = Path(__file__).parent / "data" / "spec.schema.json"
+
+
+if __name__ == "__main__":  # python -m gpubake.images.spec  -> regenerate the schema file
+    from gpubake.fsutil import write_text_atomic
+
+    write_text_atomic(SCHEMA_FILE, json_schema_text())
+    print(SCHEMA_FILE)

@@ -1,0 +1,267 @@
+"""NVFP4 GEMM backends behind one small interface, chosen by compute capability.
+
+Modelled on vLLM's quantization methods: a backend turns the stored weight into its
+run-time form ONCE (`prepare`, at load) and computes ``y = x @ W.T + bias`` (`apply`).
+
+| name               | devices              | weight at run time                     | activations        |
+|--------------------|----------------------|----------------------------------------|--------------------|
+| `blackwell-native` | sm_100, sm_120       | FP4 bytes + swizzled E4M3 scales       | NVFP4 on the fly   |
+| `hopper-fp8`       | sm_89, sm_90         | FP4 in memory -> E4M3 scratch per call | FP8 per token      |
+| `dequant-bf16`     | any CUDA GPU         | FP4 in memory -> bf16 scratch per call | as given (bf16)    |
+| `cpu-reference`    | anywhere (plain torch)| dequantized in float32                | as given           |
+
+`select_backend(device)` picks by capability; ``GPUBAKE_NVFP4_BACKEND=<name>`` overrides
+it, and asking for a backend the device cannot run is a `KernelError` naming both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from gpubake.errors import KernelError
+from gpubake.kernels.format import BLOCK, NVFP4Tensor, dequantize_ref, swizzle_scales
+
+ENV_VAR = "GPUBAKE_NVFP4_BACKEND"
+
+
+@dataclass
+class PreparedWeight:
+    """A weight in the form a backend runs: the stored tensor plus backend extras."""
+
+    weight: NVFP4Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None for the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def _sm(cap: tuple[int, int] | None) -> str:
+    return "cpu" if cap is None else f"sm_{cap[0]}{cap[1]}"
+
+
+class GemmBackend:
+    """Base class: input checks shared by every backend."""
+
+    name: ClassVar[str] = ""
+    needs_cuda: ClassVar[bool] = True
+    caps: ClassVar[tuple[tuple[int, int], ...] | None] = None  # None: any CUDA GPU
+
+    def supports(self, device: torch.device) -> bool:
+        cap = capability(device)
+        if not self.needs_cuda:
+            return True
+        if cap is None:
+            return False
+        return self.caps is None or cap in self.caps
+
+    def check(self, x: torch.Tensor, pw: PreparedWeight) -> None:
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise KernelError(f"{self.name}: activations dtype {x.dtype} not supported")
+        if x.shape[-1] != pw.in_features:
+            raise KernelError(
+                f"{self.name}: activations shape {tuple(x.shape)} do not match weight "
+                f"[{pw.out_features}, {pw.in_features}]")
+        if self.needs_cuda and (x.device.type != "cuda" or pw.weight.data.device.type != "cuda"):
+            raise KernelError(
+                f"{self.name}: needs CUDA tensors, got activations on {x.device} and "
+                f"weight on {pw.weight.data.device}")
+
+    def prepare(self, w: NVFP4Tensor) -> PreparedWeight:
+        if len(w.shape) != 2 or w.shape[1] % BLOCK:
+            raise KernelError(f"{self.name}: weight shape {tuple(w.shape)}: need 2-D [N, K], K % 16 == 0")
+        if w.data.dtype != torch.uint8 or w.block_scale.dtype != torch.float8_e4m3fn:
+            raise KernelError(
+                f"{self.name}: weight dtypes {w.data.dtype}/{w.block_scale.dtype}, "
+                "need uint8 data and float8_e4m3fn scales")
+        return PreparedWeight(w)
+
+    def apply(self, x: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CpuReference(GemmBackend):
+    """dequantize_ref(W) in float32, then a float32 matmul: the definition of the result."""
+
+    name = "cpu-reference"
+    needs_cuda = False
+
+    def prepare(self, w: NVFP4Tensor) -> PreparedWeight:
+        pw = super().prepare(w)
+        pw.extras["w"] = dequantize_ref(w, torch.float32)
+        return pw
+
+    def apply(self, x, pw, bias=None):
+        self.check(x, pw)
+        y = x.float() @ pw.extras["w"].to(x.device).t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+
+
+class _Scratch:
+    """One growing buffer per (device, dtype), shared by all layers of a backend.
+
+    Layers run one after another on one stream, so the weight re-expressed for one
+    layer is dead by the time the next layer overwrites it."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        key = (str(device), dtype)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._bufs[key] = buf
+        return buf[:n].view(shape)
+
+
+class DequantBf16(GemmBackend):
+    """Dequantize the weight to a bf16 scratch (Triton), then cuBLAS. Any CUDA GPU."""
+
+    name = "dequant-bf16"
+
+    def __init__(self) -> None:
+        self.scratch = _Scratch()
+
+    def apply(self, x, pw, bias=None):
+        from gpubake.kernels.convert_triton import nvfp4_to_bf16
+
+        self.check(x, pw)
+        w = nvfp4_to_bf16(pw.weight, self.scratch.get((pw.out_features, pw.in_features),
+                                                      torch.bfloat16, x.device))
+        return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class HopperFp8(GemmBackend):
+    """W4 stored, FP8 computed: weight -> E4M3 scratch with a per-row scale, activations
+    -> E4M3 per token, then cuBLAS's row-wise scaled FP8 GEMM (`torch._scaled_mm`)."""
+
+    name = "hopper-fp8"
+    caps = ((8, 9), (9, 0))
+
+    def __init__(self, fast_accum: bool = True) -> None:
+        self.scratch = _Scratch()
+        # cuBLAS FP8 "fast accumulation" (no periodic promotion of the tensor-core
+        # accumulator): faster, error change measured in docs/benchmarks.md
+        self.fast_accum = fast_accum
+
+    def prepare(self, w):
+        from gpubake.kernels.convert_triton import fp8_row_factors
+
+        pw = super().prepare(w)
+        pw.extras["fp8_factors"] = fp8_row_factors(w)  # per-row power of two, row scale
+        return pw
+
+    def apply(self, x, pw, bias=None):
+        from gpubake.kernels.convert_triton import fp8_rowwise, nvfp4_to_fp8
+
+        self.check(x, pw)
+        N, K = pw.out_features, pw.in_features
+        x2 = x.reshape(-1, K)
+        xq, xs = fp8_rowwise(x2)
+        wq, ws = nvfp4_to_fp8(pw.weight, self.scratch.get((N, K), torch.float8_e4m3fn, x.device),
+                              pw.extras["fp8_factors"])
+        out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
+        y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, N), out_dtype=out_dtype,
+                             bias=None if bias is None else bias.to(out_dtype),
+                             use_fast_accum=self.fast_accum)
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+class BlackwellNative(GemmBackend):
+    """W4A4 on FP4 tensor cores: activations NVFP4-quantized on the fly (Triton, scales
+    written pre-swizzled), weight scales swizzled once at `prepare`, then
+    ``torch._scaled_mm(a_fp4, b_fp4.t(), sa, sb) * (g_a * g_w) + bias``."""
+
+    name = "blackwell-native"
+    caps = ((10, 0), (10, 3), (12, 0), (12, 1))
+
+    def prepare(self, w):
+        pw = super().prepare(w)
+        pw.extras["scale_swizzled"] = swizzle_scales(w.block_scale)
+        return pw
+
+    def operands(self, x2d: torch.Tensor, pw: PreparedWeight) -> dict[str, torch.Tensor]:
+        """What `apply` hands to `torch._scaled_mm` (checked bit-exactly on the CPU)."""
+        from gpubake.kernels.quantize_triton import quantize
+
+        qa = quantize(x2d, swizzled=True)
+        return {
+            "a": qa.data, "b": pw.weight.data,
+            "scale_a": qa.block_scale, "scale_b": pw.extras["scale_swizzled"],
+            "alpha": qa.global_scale * pw.weight.global_scale,
+        }
+
+    def apply(self, x, pw, bias=None):
+        self.check(x, pw)
+        N, K = pw.out_features, pw.in_features
+        op = self.operands(x.reshape(-1, K), pw)
+        out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
+        y = torch._scaled_mm(op["a"].view(torch.float4_e2m1fn_x2),
+                             op["b"].view(torch.float4_e2m1fn_x2).t(),
+                             op["scale_a"], op["scale_b"], out_dtype=out_dtype)
+        y = y * op["alpha"].to(out_dtype)
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+BACKENDS: dict[str, type[GemmBackend]] = {
+    b.name: b for b in (BlackwellNative, HopperFp8, DequantBf16, CpuReference)
+}
+_instances: dict[str, GemmBackend] = {}
+
+
+def get_backend(name: str) -> GemmBackend:
+    """The (shared) backend instance called `name`."""
+    if name not in BACKENDS:
+        raise KernelError(f"{ENV_VAR}: unknown backend {name!r} (one of {', '.join(BACKENDS)})")
+    if name not in _instances:
+        _instances[name] = BACKENDS[name]()
+    return _instances[name]
+
+
+def default_backend_name(cap: tuple[int, int] | None) -> str:
+    """The backend a device of this capability gets without an override."""
+    if cap is None:
+        return "cpu-reference"
+    if cap[0] in (10, 12):
+        return "blackwell-native"
+    if cap in ((8, 9), (9, 0)):
+        return "hopper-fp8"
+    return "dequant-bf16"
+
+
+def select_backend(device: torch.device | str | None = None) -> GemmBackend:
+    """Backend for `device` by compute capability; `GPUBAKE_NVFP4_BACKEND` overrides."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    cap = capability(dev)
+    override = os.environ.get(ENV_VAR, "").strip()
+    backend = get_backend(override or default_backend_name(cap))
+    if not backend.supports(dev):
+        need = "a CUDA GPU" if backend.caps is None else ", ".join(_sm(c) for c in backend.caps)
+        raise KernelError(
+            f"{ENV_VAR}={backend.name}: needs {need}, but device {dev} is {_sm(cap)}")
+    return backend

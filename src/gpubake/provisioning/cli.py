@@ -1,0 +1,105 @@
+"""CLI commands of the checkpoint pipeline: fetch, make-tiny, quantize, fidelity.
+
+Heavy imports (torch, diffusers, boto3, huggingface_hub) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gpubake.console import console, emit_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fetch")(fetch_cmd)
+    app.command("make-tiny")(make_tiny_cmd)
+    app.command("quantize")(quantize_cmd)
+    app.command("fidelity")(fidelity_cmd)
+
+
+def fetch_cmd(
+    source: str = typer.Argument(..., help="hf://org/repo[@rev], s3://bucket/prefix, https://host/dir/ (with gpubake-manifest.json) or https://host/file, or a model id of the registry."),
+    dest: Path = typer.Argument(..., help="Directory to create; appears only when every file verified."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected sha256 of the source's gpubake-manifest.json (or of the single https file)."),
+    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (R2, B2, MinIO); default AWS_ENDPOINT_URL or AWS."),
+    jobs: int = typer.Option(4, "--jobs", "-j", min=1, max=64, help="Files transferred in parallel."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be fetched; write nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+) -> None:
+    """Fetch a checkpoint, verify every file's sha256, place it atomically (resumes a .partial)."""
+    from gpubake.provisioning.fetch import fetch
+    from gpubake.provisioning.models import get_model
+
+    if "://" not in source:
+        source = get_model(source).source
+        if source.startswith("generate:"):
+            raise typer.BadParameter("this model has no remote source; use `gpubake make-tiny`", param_hint="SOURCE")
+    result = fetch(source, dest, sha256=sha256, endpoint_url=endpoint_url, jobs=jobs, dry_run=dry_run, progress=not json_out)
+    _report(result, json_out, f"fetched {result.get('files', '?')} files into {dest} (verified: {result.get('verified', '-')})")
+
+
+def make_tiny_cmd(
+    dest: Path = typer.Argument(..., help="Directory to create (diffusers layout)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+) -> None:
+    """Write a tiny random Wan 2.2 checkpoint (two experts, VAE, UMT5, tokenizer) for tests and the demo."""
+    from gpubake.errors import GpubakeError
+    from gpubake.provisioning.manifest import MANIFEST_NAME, sha256_file
+    from gpubake.provisioning.tiny import make_tiny
+
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise GpubakeError(f"{dest}: already exists and is not empty")
+    path = make_tiny(dest, seed=seed)
+    result = {"dest": str(path), "seed": seed, "manifest_sha256": sha256_file(path / MANIFEST_NAME)}
+    _report(result, json_out, f"tiny checkpoint written to {path}")
+
+
+def quantize_cmd(
+    src: Path = typer.Argument(..., help="BF16 diffusers Wan 2.2 checkpoint directory."),
+    dest: Path = typer.Argument(..., help="Directory to create for the NVFP4 checkpoint."),
+    policy: str = typer.Option("default", "--policy", help="Quantization policy (policies.toml): default, keep-first-last, ffn-only."),
+    device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu (reference) or cuda (Triton)."),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="Registry id recorded in the manifest."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+) -> None:
+    """Quantize the transformer experts to NVFP4 (streams shard by shard) and write the manifest."""
+    from gpubake.provisioning.models import get_model
+    from gpubake.provisioning.quantize import quantize_checkpoint
+
+    if model_id:
+        get_model(model_id)
+    result = quantize_checkpoint(src, dest, policy, device=device, progress=not json_out, model_id=model_id)
+    _report(result, json_out, f"quantized {result['quantized_layers']} layers into {dest} (SQNR mean {result['sqnr_db_mean']} dB)")
+
+
+def fidelity_cmd(
+    bf16: Path = typer.Argument(..., help="BF16 checkpoint."),
+    nvfp4: Path = typer.Argument(..., help="Its NVFP4 quantization."),
+    out: Path = typer.Option(Path("fidelity"), "--out", help="Directory for fidelity.json and contact_sheet.png."),
+    prompt: list[str] = typer.Option(["a red cat running on the beach"], "--prompt", help="Prompt (repeatable)."),
+    seed: list[int] = typer.Option([0], "--seed", help="Seed (repeatable)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Default: the model's registry height."),
+    width: Optional[int] = typer.Option(None, "--width"),
+    frames: Optional[int] = typer.Option(None, "--frames"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    device: str = typer.Option("cpu", "--device"),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+) -> None:
+    """Run BF16 and NVFP4 pipelines on fixed seeds/prompts: per-layer SQNR, per-step latent error, PSNR/SSIM, contact sheet."""
+    from gpubake.provisioning.fidelity import run_fidelity
+
+    report = run_fidelity(bf16, nvfp4, out, prompts=prompt, seeds=seed, height=height, width=width,
+                          num_frames=frames, steps=steps, device=device, progress=not json_out)
+    s = report["summary"]
+    _report(report, json_out, f"PSNR {s['psnr_db_mean']} dB, SSIM {s['ssim_mean']}, latent rel. error (last step) {s['latent_rel_err_last_mean']}; wrote {out}")
+
+
+def _report(result: dict, json_out: bool, line: str) -> None:
+    if json_out:
+        emit_json(result)
+    else:
+        console.print(line)

@@ -1,0 +1,103 @@
+"""`hf://org/repo[@rev]` sources through huggingface_hub.
+
+huggingface_hub already does parallel, resumable downloads; we add what it does not:
+download into our staging directory (atomic placement by `fetch`), verification of
+every LFS file against the sha256 the Hub publishes (or against a gpubake manifest
+when the repo has one), and one-line errors. The token comes from HF_TOKEN (read by
+huggingface_hub itself); it is never written anywhere. HF_ENDPOINT is honoured at call
+time (huggingface_hub reads it only at import).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpubake.errors import FetchError
+from gpubake.provisioning.manifest import ManifestError, sha256_file
+
+
+@dataclass(frozen=True)
+class HfRef:
+    repo_id: str
+    revision: str | None
+
+    def __str__(self) -> str:
+        return f"hf://{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_hf_uri(uri: str) -> HfRef:
+    body = uri.removeprefix("hf://")
+    repo, _, rev = body.partition("@")
+    parts = repo.strip("/").split("/")
+    if len(parts) != 2 or not all(parts):
+        raise FetchError(f"{uri}: expected hf://org/repo[@revision]")
+    return HfRef("/".join(parts), rev or None)
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _error(ref: HfRef, exc: BaseException) -> FetchError:
+    name = exc.__class__.__name__
+    if name == "GatedRepoError":
+        return FetchError(f"{ref}: gated repository (accept its license and set HF_TOKEN)")
+    if name == "RepositoryNotFoundError":
+        return FetchError(f"{ref}: repository not found, or HF_TOKEN lacks access")
+    if name == "RevisionNotFoundError":
+        return FetchError(f"{ref}: revision not found")
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(exc, (ConnectionError, OSError)):
+        return FetchError(f"{ref}: Hugging Face endpoint {_endpoint() or 'https://huggingface.co'} unreachable")
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return FetchError(f"{ref}: HTTP {status} (missing or wrong HF_TOKEN)")
+    return FetchError(f"{ref}: {name}: {' '.join(str(exc).split())[:200]}")
+
+
+def hub_lfs_hashes(ref: HfRef) -> dict[str, str]:
+    """{path: sha256} of the repo's LFS files, as the Hub reports them."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi(endpoint=_endpoint()).model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+    except Exception as exc:  # huggingface_hub raises many types; all are one line for us
+        raise _error(ref, exc) from None
+    out = {}
+    for s in info.siblings or []:
+        lfs = getattr(s, "lfs", None)
+        if lfs is not None and getattr(lfs, "sha256", None):
+            out[s.rfilename] = lfs.sha256
+    return out
+
+
+def download(ref: HfRef, staging: Path, *, jobs: int) -> None:
+    """snapshot_download into `staging` (resumes what a previous run left there)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(
+            ref.repo_id,
+            revision=ref.revision,
+            local_dir=staging,
+            max_workers=jobs,
+            endpoint=_endpoint(),
+        )
+    except Exception as exc:
+        raise _error(ref, exc) from None
+    shutil.rmtree(staging / ".cache", ignore_errors=True)  # hub bookkeeping, not checkpoint
+
+
+def verify_lfs(staging: Path, hashes: dict[str, str]) -> int:
+    """Check every LFS file against the Hub's sha256; returns how many were checked."""
+    for rel, digest in hashes.items():
+        path = staging / rel
+        if not path.is_file():
+            raise ManifestError(f"{rel}: listed by the Hub but not downloaded")
+        got = sha256_file(path)
+        if got != digest:
+            path.unlink()
+            raise ManifestError(f"{rel}: sha256 mismatch (got {got[:16]}…, Hub says {digest[:16]}…)")
+    return len(hashes)

@@ -1,0 +1,151 @@
+"""What a Wan 2.2 diffusers checkpoint must look like, checked without loading weights.
+
+Shared by `quantize` (refuses a source that is not Wan-shaped) and the loader (refuses
+a missing, extra or mis-shaped tensor), so both name the same key in the same words.
+Expected tensor shapes come from building WanTransformer3DModel from the checkpoint's
+config on the meta device: no weights are allocated, and a diffusers change to the
+architecture is picked up rather than hard-coded here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gpubake.errors import GpubakeError
+
+WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
+EXPERT_CLASS = ["diffusers", "WanTransformer3DModel"]
+SINGLE_FILE = "diffusion_pytorch_model.safetensors"
+INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale")
+
+
+class CheckpointError(GpubakeError):
+    """A checkpoint is not Wan-shaped, or a tensor is missing, extra or mis-shaped."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a diffusers Wan checkpoint)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
+
+
+def model_index(root: Path) -> dict[str, Any]:
+    """model_index.json, checked to describe a Wan pipeline."""
+    idx = read_json(root / "model_index.json")
+    cls = idx.get("_class_name")
+    if cls not in WAN_PIPELINES:
+        raise CheckpointError(f"{root / 'model_index.json'}: _class_name {cls!r} is not a Wan pipeline ({', '.join(WAN_PIPELINES)})")
+    if not expert_dirs(idx):
+        raise CheckpointError(f"{root / 'model_index.json'}: no WanTransformer3DModel component")
+    return idx
+
+
+def expert_dirs(index: dict[str, Any]) -> list[str]:
+    """Components holding a WanTransformer3DModel, in model_index order (transformer first)."""
+    return sorted(k for k, v in index.items() if v == EXPERT_CLASS)
+
+
+def transformer_config(expert: Path) -> dict[str, Any]:
+    cfg = read_json(expert / "config.json")
+    if cfg.get("_class_name") != "WanTransformer3DModel":
+        raise CheckpointError(f"{expert / 'config.json'}: _class_name {cfg.get('_class_name')!r} is not WanTransformer3DModel")
+    return cfg
+
+
+def shard_files(expert: Path) -> list[Path]:
+    """The safetensors shards of one expert (sharded index or a single file)."""
+    index = expert / INDEX_FILE
+    if index.is_file():
+        wmap = read_json(index).get("weight_map")
+        if not isinstance(wmap, dict) or not wmap:
+            raise CheckpointError(f"{index}: no weight_map")
+        names = sorted(set(wmap.values()))
+        for n in names:
+            if not (expert / n).is_file():
+                raise CheckpointError(f"{expert / n}: shard listed in {INDEX_FILE} is missing")
+        return [expert / n for n in names]
+    single = expert / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{expert}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def tensor_shapes(shards: list[Path]) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of every tensor in the shards, from headers only (no data read)."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    if key in out:
+                        raise CheckpointError(f"{shard}: tensor {key!r} also in another shard")
+                    out[key] = tuple(f.get_slice(key).get_shape())
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises SafetensorError / OSError for bad headers
+            raise CheckpointError(f"{shard}: unreadable safetensors ({' '.join(str(exc).split())[:160]})") from None
+    return out
+
+
+def empty_transformer(config: dict[str, Any]) -> Any:
+    """WanTransformer3DModel from `config` with parameters on the meta device.
+
+    Buffers stay real (the rotary tables are computed, not stored), so the model is
+    usable once parameters are assigned.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with init_empty_weights(include_buffers=False):
+            return WanTransformer3DModel.from_config(cfg)
+    except Exception as exc:
+        raise CheckpointError(f"transformer config.json: cannot build WanTransformer3DModel ({exc})") from None
+
+
+def expected_shapes(model: Any) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """({key: shape} of the persistent state, names of nn.Linear modules) of a model."""
+    import torch
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return shapes, linears
+
+
+def quantized_shapes(module: str, weight_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """State-dict entries that replace `module.weight` [out, in] once NVFP4."""
+    out_f, in_f = weight_shape
+    return {
+        f"{module}.weight_packed": (out_f, in_f // 2),
+        f"{module}.weight_scale": (out_f, in_f // 16),
+        f"{module}.weight_global_scale": (),
+    }
+
+
+def quantized_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
+    """Modules stored as NVFP4 in a checkpoint (they have `.weight_packed`)."""
+    return {k[: -len(".weight_packed")] for k in actual if k.endswith(".weight_packed")}
+
+
+def check_tensors(actual: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """One line naming the first missing, extra or mis-shaped key."""
+    for key in sorted(expected):
+        if key not in actual:
+            raise CheckpointError(f"{where}: missing tensor {key!r} (expected shape {list(expected[key])})")
+    for key in sorted(actual):
+        if key not in expected:
+            raise CheckpointError(f"{where}: unexpected tensor {key!r} (not in WanTransformer3DModel)")
+        if tuple(actual[key]) != tuple(expected[key]):
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {list(actual[key])}, expected {list(expected[key])}")

@@ -1,0 +1,119 @@
+"""`load_pipeline(path)`: a diffusers Wan pipeline from a BF16 or NVFP4 gpubake checkpoint.
+
+NVFP4 experts are built without ever materialising BF16 weights for the quantized
+linears: the transformer is constructed with parameters on the meta device, each
+quantized `nn.Linear` is swapped for a meta `NVFP4Linear`, the checkpoint's keys and
+shapes are checked against that model (one-line error naming the first missing, extra
+or mis-shaped key), and the tensors are then *assigned* (not copied). The remaining
+components (VAE, UMT5, tokenizer, scheduler) and the boundary ratio go through
+diffusers' own `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gpubake.provisioning import layout
+from gpubake.provisioning.layout import CheckpointError
+from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest, verify_tree
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+                "fp16": torch.float16, "float16": torch.float16}[str(dtype)]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {dtype!r} (bf16, fp16 or fp32)") from None
+
+
+def checkpoint_format(path: Path) -> str:
+    """'nvfp4' or 'bf16' (from the manifest, else from the tensors present)."""
+    if (path / MANIFEST_NAME).is_file():
+        fmt = read_manifest(path).get("format")
+        if fmt == "nvfp4":
+            return "nvfp4"
+    for e in layout.expert_dirs(layout.model_index(path)):
+        if layout.quantized_modules(layout.tensor_shapes(layout.shard_files(path / e))):
+            return "nvfp4"
+    return "bf16"
+
+
+def swap_linears(model: Any, modules: set[str]) -> None:
+    """Replace each named nn.Linear of `model` with an NVFP4Linear of the same shape (meta)."""
+    import torch
+
+    from gpubake.kernels.linear import NVFP4Linear
+
+    for name in sorted(modules):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child, None)
+        if not isinstance(old, torch.nn.Linear):
+            raise CheckpointError(f"{name}: stored as NVFP4 but is not a Linear in WanTransformer3DModel")
+        with torch.device("meta"):
+            new = NVFP4Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        setattr(parent, child, new)
+
+
+def load_expert(expert: Path, dtype: Any = None, device: str = "cpu") -> Any:
+    """One WanTransformer3DModel (BF16 or NVFP4 linears) from a component directory."""
+    import torch
+    from safetensors.torch import load_file
+
+    dtype = _torch_dtype(dtype or torch.bfloat16)
+    cfg = layout.transformer_config(expert)
+    shards = layout.shard_files(expert)
+    actual = layout.tensor_shapes(shards)
+    model = layout.empty_transformer(cfg)
+    quantized = layout.quantized_modules(actual)
+    if quantized:
+        swap_linears(model, quantized)
+    expected, _ = layout.expected_shapes(model)
+    layout.check_tensors(actual, expected, str(expert))
+
+    fp32_names = set(model._keep_in_fp32_modules or ())
+    state: dict[str, Any] = {}
+    for shard in shards:
+        for key, t in load_file(str(shard), device=device).items():
+            module = key.rpartition(".")[0]
+            if module in quantized or not t.is_floating_point():
+                state[key] = t
+            elif fp32_names.intersection(key.split(".")) and dtype != torch.float32:
+                state[key] = t.to(torch.float32)
+            else:
+                state[key] = t.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None, *, verify: bool = False) -> Any:
+    """The diffusers Wan pipeline (both experts and boundary_ratio) for checkpoint `path`.
+
+    `verify=True` first checks every file against gpubake-manifest.json (slow for
+    full-size weights; the self-test does it once at boot).
+    """
+    import torch
+    import diffusers
+
+    path = Path(path)
+    dtype = _torch_dtype(dtype or torch.bfloat16)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    index = layout.model_index(path)
+    if verify:
+        verify_tree(path)
+    experts = {e: load_expert(path / e, dtype=dtype, device=device) for e in layout.expert_dirs(index)}
+    cls = getattr(diffusers, index["_class_name"])
+    try:
+        pipe = cls.from_pretrained(str(path), dtype=dtype, **experts)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise CheckpointError(f"{path}: diffusers could not load a component ({' '.join(str(exc).split())[:200]})") from None
+    return pipe.to(device)

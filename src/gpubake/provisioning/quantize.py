@@ -1,0 +1,285 @@
+"""`gpubake quantize SRC DEST`: a BF16 Wan 2.2 diffusers checkpoint -> NVFP4 experts.
+
+Streams: each shard is opened with safetensors `safe_open` (memory-mapped) and read
+one tensor at a time; the quantized shard is written before the next is opened, so
+peak memory is about one output shard plus one layer in float32, whatever the model
+size (bench/bench_quantize.py measures it on a full-size A14B expert).
+
+Per quantized linear `P` the output holds `P.weight_packed` (uint8 [out, in/2]),
+`P.weight_scale` (float8_e4m3fn [out, in/16], row-major), `P.weight_global_scale`
+(float32 []) and `P.bias` (unchanged): the state-dict layout of
+`gpubake.kernels.linear.NVFP4Linear`. Everything else is copied: other transformer
+tensors (kept in BF16, or fp32 for the modules diffusers keeps in fp32), and the VAE,
+text encoder, tokenizer, scheduler and model_index byte for byte. The manifest records
+the source files' hashes, the policy, the SQNR of every quantized layer and the tool
+version.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from gpubake.errors import GpubakeError
+from gpubake.fsutil import atomic_path, write_json_atomic
+from gpubake.provisioning import layout
+from gpubake.provisioning.layout import CheckpointError
+from gpubake.provisioning.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    hash_tree,
+    is_disk_full,
+    normalise_modes,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from gpubake.provisioning.policy import Policy, get_policy
+
+FORMAT = "nvfp4"
+
+
+ROWS_PER_CHUNK = 1024  # bounds the float32 temporaries of one layer to ~ROWS x in_features
+
+
+def quantize_weight(w: Any, device: str = "cpu", out_device: str = "cpu") -> tuple[Any, float | None]:
+    """NVFP4 of one [out, in] weight on `device` (Triton on CUDA, the reference on CPU),
+    and its SQNR in dB (None when the error is exactly zero).
+
+    The global scale comes from the whole tensor; rows are then quantized in chunks with
+    that scale (bit-identical to one call, since blocks never cross rows), so the float32
+    temporaries stay small whatever the layer size.
+    """
+    import torch
+
+    from gpubake.kernels.format import NVFP4Tensor, amax_finite, dequantize_ref, global_scale_from_amax
+
+    x = w.to(device)
+    if x.device.type == "cuda":
+        from gpubake.kernels.quantize_triton import quantize
+    else:
+        from gpubake.kernels.format import quantize_ref as quantize
+    g = global_scale_from_amax(amax_finite(x))
+    data, scales = [], []
+    sig = err = 0.0
+    for i in range(0, x.shape[0], ROWS_PER_CHUNK):
+        xi = x[i : i + ROWS_PER_CHUNK]
+        qi = quantize(xi, g)
+        ref = xi.float()
+        sig += float(ref.pow(2).sum(dtype=torch.float64))
+        err += float((ref - dequantize_ref(qi, torch.float32)).pow(2).sum(dtype=torch.float64))
+        data.append(qi.data.to(out_device))
+        scales.append(qi.block_scale.to(out_device))
+        del qi, ref
+    q = NVFP4Tensor(torch.cat(data), torch.cat(scales), g.reshape(()).float().to(out_device), torch.Size(x.shape))
+    s = round(10.0 * math.log10(sig / err), 4) if err > 0 and sig > 0 else None
+    return q, s
+
+
+def _source_hashes(src: Path) -> dict[str, Any]:
+    """The source's files and their hashes: its own manifest when it has one (fetch
+    verified it), else hashed here."""
+    if (src / MANIFEST_NAME).is_file():
+        m = read_manifest(src)
+        if m.get("format") == FORMAT:
+            raise CheckpointError(f"{src}: already quantized ({FORMAT}); quantize a BF16 checkpoint")
+        return {"manifest_sha256": sha256_file(src / MANIFEST_NAME), "files": m["files"]}
+    return {"manifest_sha256": None, "files": hash_tree(src)}
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    policy: str = "default",
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    model_id: str | None = None,
+) -> dict[str, Any]:
+    """Quantize `src` (BF16 diffusers Wan checkpoint) into `dest`; returns a summary."""
+    src, dest = Path(src), Path(dest)
+    pol = get_policy(policy)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise GpubakeError(f"{dest}: already exists and is not empty (remove it or choose another DEST)")
+    index = layout.model_index(src)
+    experts = layout.expert_dirs(index)
+    configs = {e: layout.transformer_config(src / e) for e in experts}
+    # Validate every expert before writing anything: a bad source fails in seconds.
+    for e in experts:
+        actual = layout.tensor_shapes(layout.shard_files(src / e))
+        if layout.quantized_modules(actual):
+            raise CheckpointError(f"{src / e}: already quantized ({FORMAT}); quantize a BF16 checkpoint")
+        exp, _ = layout.expected_shapes(layout.empty_transformer(configs[e]))
+        layout.check_tensors(actual, exp, f"{src / e}")
+    source = _source_hashes(src)
+    started = time.monotonic()
+    layers: dict[str, Any] = {}
+    stats = {"quantized": 0, "kept": 0, "bytes_in": 0, "bytes_out": 0}
+    try:
+        with atomic_path(dest) as tmp:
+            tmp.mkdir()
+            for entry in sorted(src.iterdir()):
+                if entry.name in experts:
+                    _quantize_expert(entry, tmp / entry.name, pol, configs[entry.name], device, layers, stats, progress)
+                elif entry.name == MANIFEST_NAME:
+                    continue
+                elif entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, copy_function=shutil.copyfile)
+                else:
+                    shutil.copyfile(entry, tmp / entry.name)
+            normalise_modes(tmp)
+            sq = [v["sqnr_db"] for v in layers.values() if v["sqnr_db"] is not None]
+            quant = {
+                "format": FORMAT,
+                "block_size": 16,
+                "scale_dtype": "float8_e4m3fn",
+                "scale_layout": "row-major",
+                "policy": pol.to_json(),
+                "experts": experts,
+                "layers": layers,
+                "summary": {
+                    "quantized_layers": stats["quantized"],
+                    "kept_tensors": stats["kept"],
+                    "sqnr_db_min": min(sq) if sq else None,
+                    "sqnr_db_mean": round(sum(sq) / len(sq), 4) if sq else None,
+                },
+            }
+            src_model = read_manifest(src).get("model_id") if (src / MANIFEST_NAME).is_file() else None
+            write_manifest(tmp, build_manifest(tmp, fmt=FORMAT, model_id=model_id or src_model, source=source, quantization=quant))
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise GpubakeError(f"{dest}: no space left on device while writing the quantized checkpoint") from None
+        raise
+    secs = time.monotonic() - started
+    return {
+        "dest": str(dest),
+        "policy": pol.name,
+        "experts": experts,
+        "quantized_layers": stats["quantized"],
+        "kept_tensors": stats["kept"],
+        "transformer_bytes_in": stats["bytes_in"],
+        "transformer_bytes_out": stats["bytes_out"],
+        "compression": round(stats["bytes_in"] / stats["bytes_out"], 3) if stats["bytes_out"] else None,
+        "sqnr_db_min": quant["summary"]["sqnr_db_min"],
+        "sqnr_db_mean": quant["summary"]["sqnr_db_mean"],
+        "seconds": round(secs, 3),
+    }
+
+
+def _keep_fp32_names() -> tuple[str, ...]:
+    from diffusers import WanTransformer3DModel
+
+    return tuple(WanTransformer3DModel._keep_in_fp32_modules or ())
+
+
+def _kept_tensor(key: str, t: Any, fp32_names: tuple[str, ...]) -> Any:
+    """Non-quantized tensors: BF16, except modules diffusers keeps in fp32 (as stored)."""
+    import torch
+
+    if not t.is_floating_point():
+        return t
+    if any(part in fp32_names for part in key.split(".")):
+        return t
+    return t.to(torch.bfloat16)
+
+
+def _quantize_expert(
+    src: Path,
+    dest: Path,
+    pol: Policy,
+    config: dict[str, Any],
+    device: str,
+    layers: dict[str, Any],
+    stats: dict[str, int],
+    progress: bool,
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True)
+    num_layers = int(config.get("num_layers", 0))
+    fp32_names = _keep_fp32_names()
+    model = layout.empty_transformer(config)
+    _, linears = layout.expected_shapes(model)
+    del model
+    shards = layout.shard_files(src)
+    weight_map: dict[str, str] = {}
+    prog = None
+    if progress:
+        from gpubake.console import step_progress
+
+        prog = step_progress()
+    if prog:
+        prog.start()
+        task = prog.add_task(f"quantize {src.name}", total=len(shards))
+    try:
+        for shard in shards:
+            out: dict[str, Any] = {}
+            stats["bytes_in"] += shard.stat().st_size
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    module, _, leaf = key.rpartition(".")
+                    t = f.get_tensor(key)
+                    if leaf == "weight" and module in linears and pol.quantizes(module, num_layers):
+                        if t.shape[-1] % 16:
+                            raise CheckpointError(f"{shard}: {key} has in_features {t.shape[-1]}, not a multiple of 16")
+                        q, s = quantize_weight(t, device)
+                        out[f"{module}.weight_packed"] = q.data.contiguous()
+                        out[f"{module}.weight_scale"] = q.block_scale.contiguous()
+                        out[f"{module}.weight_global_scale"] = q.global_scale.reshape(()).contiguous()
+                        layers[f"{src.name}/{module}"] = {"shape": list(t.shape), "sqnr_db": s}
+                        stats["quantized"] += 1
+                    else:
+                        out[key] = _kept_tensor(key, t, fp32_names).contiguous()
+                        stats["kept"] += 1
+                    del t
+            save_file(out, str(dest / shard.name), metadata={"format": "pt"})
+            stats["bytes_out"] += (dest / shard.name).stat().st_size
+            weight_map.update({k: shard.name for k in out})
+            del out
+            if prog:
+                prog.advance(task)
+    finally:
+        if prog:
+            prog.stop()
+    shutil.copyfile(src / "config.json", dest / "config.json")
+    if (src / layout.INDEX_FILE).is_file():
+        total = sum((dest / s.name).stat().st_size for s in shards)
+        write_json_atomic(dest / layout.INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def quantize_model_inplace(model: Any, policy: str = "default", device: str | None = None) -> dict[str, float | None]:
+    """Swap the policy's nn.Linear modules of an in-memory WanTransformer3DModel for
+    NVFP4Linear, one at a time (each BF16 weight is freed as soon as it is replaced);
+    returns {module: SQNR dB}. The same math as `quantize_checkpoint`, for benchmarks
+    that build full-size random models without writing them to disk.
+    """
+    import torch
+
+    from gpubake.kernels.linear import NVFP4Linear
+
+    pol = get_policy(policy)
+    num_layers = int(model.config.num_layers)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pol.quantizes(n, num_layers)]
+    out: dict[str, float | None] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        dev = device or str(lin.weight.device)
+        q, s = quantize_weight(lin.weight.detach(), dev, out_device=dev)
+        new = NVFP4Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=dev,
+                          dtype=lin.bias.dtype if lin.bias is not None else torch.bfloat16)
+        new.load_nvfp4(q)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias.detach())
+        setattr(parent, child, new)
+        del lin
+        out[name] = s
+    return out

@@ -1,0 +1,221 @@
+"""Render one clip with a loaded Wan pipeline: MP4 + first-frame PNG + timings.
+
+Shared by the boot self-test (fixed seed, few steps, timed against a table) and the
+generation service, so what the self-test proves is exactly what the service runs.
+Per-step times come from the pipeline's `callback_on_step_end`, with a CUDA sync so
+each timestamp is when the step really ended, not when its kernels were queued.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpubake.errors import GpubakeError
+
+VIDEO_NAME = "video.mp4"
+FRAME_NAME = "frame0.png"
+
+
+class RenderError(GpubakeError):
+    """Bad render parameters (size, frames, steps) or an output that could not be written."""
+
+
+@dataclass
+class RenderResult:
+    """Where the clip went and how long it took (seconds, wall clock)."""
+
+    video: Path
+    first_frame: Path
+    seconds_per_step: float
+    total_seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+    encode_and_first_step_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    frames: int = 0
+    height: int = 0
+    width: int = 0
+    steps: int = 0
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["video"] = str(self.video)
+        d["first_frame"] = str(self.first_frame)
+        for key in ("seconds_per_step", "total_seconds", "encode_and_first_step_seconds", "decode_seconds"):
+            d[key] = round(d[key], 4)
+        d["step_seconds"] = [round(s, 4) for s in self.step_seconds]
+        return d
+
+
+def check_params(height: int, width: int, num_frames: int, steps: int) -> None:
+    """Wan's VAE (8x spatial, 4x temporal) and 2x2 patches need these shapes."""
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % 16:
+            raise RenderError(f"{name}={value}: must be a positive multiple of 16")
+    if num_frames < 1 or (num_frames - 1) % 4:
+        raise RenderError(f"num_frames={num_frames}: must be 4k+1 (1, 5, 9, ... 81)")
+    if steps < 1:
+        raise RenderError(f"steps={steps}: must be at least 1")
+
+
+def _device_of(pipe: Any) -> Any:
+    import torch
+
+    dev = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", None)
+    return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def render(
+    pipe: Any,
+    prompt: str,
+    height: int,
+    width: int,
+    num_frames: int,
+    steps: int,
+    seed: int,
+    out_dir: str | os.PathLike[str],
+    *,
+    fps: int = 16,
+    negative_prompt: str | None = None,
+    guidance_scale: float | None = None,
+) -> RenderResult:
+    """Run the pipeline once and write `out_dir/video.mp4` and `out_dir/frame0.png`.
+
+    The latents come from a CPU generator seeded with `seed`, so one seed gives the same
+    starting noise on every device. Both files appear atomically.
+    """
+    import torch
+
+    check_params(height, width, num_frames, steps)
+    device = _device_of(pipe)
+    stamps: list[float] = []
+
+    def on_step_end(_pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        _sync(device)
+        stamps.append(time.perf_counter())
+        return callback_kwargs
+
+    kwargs: dict[str, Any] = {}
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = pipe(
+            prompt=prompt,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=steps,
+            generator=generator,
+            output_type="np",
+            callback_on_step_end=on_step_end,
+            **kwargs,
+        )
+    _sync(device)
+    decoded = time.perf_counter()
+    frames = _to_uint8(out.frames[0])
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    video = out_dir / VIDEO_NAME
+    first = out_dir / FRAME_NAME
+    write_mp4(frames, video, fps=fps)
+    write_png(frames[0], first)
+    end = time.perf_counter()
+
+    step_seconds = [b - a for a, b in zip(stamps, stamps[1:])]
+    first_step = stamps[0] - start if stamps else decoded - start
+    per_step = statistics.median(step_seconds) if step_seconds else first_step
+    return RenderResult(
+        video=video,
+        first_frame=first,
+        seconds_per_step=per_step,
+        total_seconds=end - start,
+        step_seconds=step_seconds,
+        encode_and_first_step_seconds=first_step,
+        decode_seconds=decoded - (stamps[-1] if stamps else start),
+        frames=int(frames.shape[0]),
+        height=int(frames.shape[1]),
+        width=int(frames.shape[2]),
+        steps=steps,
+        seed=int(seed),
+        device=str(device),
+    )
+
+
+def _to_uint8(frames: Any) -> Any:
+    """Pipeline output (float in [0, 1], [F, H, W, C]) -> uint8 frames."""
+    import numpy as np
+
+    arr = np.asarray(frames)
+    if arr.dtype != np.uint8 and not np.isfinite(arr).all():
+        raise RenderError("pipeline produced NaN/inf pixels (numerically broken kernels or a faulty GPU)")
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise RenderError(f"pipeline returned frames of shape {arr.shape}, expected [frames, height, width, 3]")
+    return arr
+
+
+def write_mp4(frames: Any, dest: Path, *, fps: int = 16) -> None:
+    """H.264 in MP4 (yuv420p, faststart: plays in browsers while it downloads), atomically.
+
+    imageio picks its ffmpeg writer by extension, so the temporary name (same directory,
+    renamed into place on success) ends in .mp4 rather than fsutil's .partial.
+    """
+    import imageio.v2 as imageio
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=".partial.mp4", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        writer = imageio.get_writer(
+            tmp,
+            format="FFMPEG",
+            mode="I",
+            fps=fps,
+            codec="libx264",
+            pixelformat="yuv420p",
+            macro_block_size=16,
+            ffmpeg_log_level="error",
+            output_params=["-movflags", "+faststart"],
+        )
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the service serves this file
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_png(frame: Any, dest: Path) -> None:
+    from PIL import Image
+
+    from gpubake.fsutil import atomic_path
+
+    with atomic_path(dest) as tmp:
+        Image.fromarray(frame).save(tmp, format="PNG")

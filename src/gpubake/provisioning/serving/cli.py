@@ -1,0 +1,45 @@
+"""`gpubake serve`: the generation service (self-test first, then one GPU worker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gpubake.console import console
+
+
+def serve(
+    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    image: Optional[str] = typer.Option(None, "--image", help="Catalog image name (default: $GPUBAKE_IMAGE)."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Image spec TOML file (instead of --image)."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Checkpoint directory (default: $GPUBAKE_MODEL_DIR)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Self-test report JSON (default: $GPUBAKE_REPORT, else /workspace/gpubake/selftest.json)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where job videos go (default: $GPUBAKE_OUTPUT_DIR, else beside the report)."),
+    selftest: bool = typer.Option(True, "--selftest/--no-selftest", help="Run the self-test before serving; without it, a report already at --report still gates generation."),
+    quick: bool = typer.Option(False, "--quick", help="Self-test hashes a sample of the large model files."),
+    device: Optional[str] = typer.Option(None, "--device", help="Force cpu, cuda or cuda:N."),
+    max_queue: int = typer.Option(16, "--max-queue", min=1, help="Jobs waiting at most; more get 429."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve the settings, print them, serve nothing."),
+) -> None:
+    """Serve video generation over HTTP: /health, /v1/generate, /v1/jobs/{id} and its /video."""
+    from gpubake.provisioning.serving.build import build_service
+
+    service = build_service(image=image, spec_path=spec, model_dir=model_dir, report_path=report,
+                            output_dir=output_dir, selftest=selftest, quick=quick, device=device,
+                            max_queue=max_queue)
+    console.print(f"serving {service.model.id} on http://{host}:{port} (report {service.report_path}, "
+                  f"videos under {service.out_dir}, self-test {'on' if selftest else 'off'})", markup=False)
+    if dry_run:
+        return
+    import uvicorn
+
+    from gpubake.provisioning.serving.app import create_app
+
+    uvicorn.run(create_app(service), host=host, port=port, log_level="info", access_log=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

@@ -1,0 +1,83 @@
+"""Build a self-test from what a caller has (CLI flags, the service's settings).
+
+Resolution order, the same for `gpubake selftest` and `gpubake serve`:
+image spec: --spec PATH > --image NAME > $GPUBAKE_IMAGE (the catalog name, set by the image);
+model dir: --model-dir > $GPUBAKE_MODEL_DIR > the spec's runtime.env GPUBAKE_MODEL_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gpubake.smoke_tests.expectations import SelfTestError, load_table
+from gpubake.smoke_tests.probe import GpuProbe, NvmlProbe
+from gpubake.smoke_tests.report import Report
+from gpubake.smoke_tests.runner import SelfTest
+from gpubake.smoke_tests.stages import Context
+
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+
+
+def resolve_spec(image: str | None = None, spec_path: str | Path | None = None) -> Any:
+    """The ImageSpec this machine runs (see module docstring for the order)."""
+    if spec_path:
+        from gpubake.images.spec import load_spec
+
+        return load_spec(spec_path)
+    name = image or os.environ.get("GPUBAKE_IMAGE")
+    if not name:
+        raise SelfTestError("no image spec: pass --image NAME or --spec PATH, or set GPUBAKE_IMAGE")
+    from gpubake.images.catalog import find
+
+    return find(name)
+
+
+def resolve_model_dir(model_dir: str | Path | None, spec: Any) -> Path:
+    found = model_dir or os.environ.get("GPUBAKE_MODEL_DIR") or spec.runtime.env.get("GPUBAKE_MODEL_DIR")
+    if not found:
+        raise SelfTestError("no model directory: pass --model-dir DIR or set GPUBAKE_MODEL_DIR")
+    return Path(found)
+
+
+def create_selftest(
+    spec: Any,
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    sustained: int = 1,
+    device: str | None = None,
+    table_path: str | Path | None = None,
+    probe: GpuProbe | None = None,
+    kernel_check: Callable[[str], dict[str, Any]] | None = None,
+    pipeline_loader: Callable[[Path, str], Any] | None = None,
+    on_update: Callable[[Report], None] | None = None,
+    limits: dict[str, float] | None = None,
+) -> SelfTest:
+    """A ready-to-run SelfTest; bad options raise SelfTestError naming the flag."""
+    if sustained < 1:
+        raise SelfTestError(f"--sustained: must be at least 1, got {sustained}")
+    if device is not None and not _DEVICE.match(device):
+        raise SelfTestError(f"--device: must be cpu, cuda or cuda:N, got {device!r}")
+    ctx = Context(
+        spec=spec,
+        model_dir=Path(model_dir),
+        out_dir=Path(out_dir),
+        probe=probe or NvmlProbe(),
+        table=load_table(table_path),
+        quick=quick,
+        sustained=sustained,
+        device_override=device,
+        kernel_check=kernel_check,
+        pipeline_loader=pipeline_loader,
+    )
+    report = Report(
+        image=spec.name,
+        model_id=spec.model.id,
+        options={"quick": quick, "sustained": sustained, "device": device, "model_dir": str(model_dir)},
+    )
+    return SelfTest(ctx, report, on_update=on_update, limits=limits)

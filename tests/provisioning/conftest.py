@@ -1,0 +1,176 @@
+"""Real local servers for the fetch tests, started and stopped by the fixtures.
+
+- `http_server`: a threaded http.server serving a directory with Range support and
+  fault knobs: cut a response after N body bytes, flip a byte of a file.
+- `moto_s3`: moto's S3 server (ThreadedMotoServer) on 127.0.0.1, a bucket, and the
+  AWS_* environment pointing at it.
+- `small_fs`: a tmpfs of a few hundred KiB, to fill the disk mid-write.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import uuid
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Faults:
+    cut_after: int | None = None  # close the connection after this many body bytes...
+    cut_times: int = 0  # ...for this many responses (then serve normally)
+    die_at: int | None = None  # every response stops at this absolute file offset
+    flip: set[str] = field(default_factory=set)  # relpaths served with one byte flipped
+    ignore_range: bool = False
+    status: int | None = None  # answer every request with this status
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        faults: Faults = self.server.faults  # type: ignore[attr-defined]
+        root: Path = self.server.root  # type: ignore[attr-defined]
+        rel = self.path.split("?", 1)[0].lstrip("/")
+        from urllib.parse import unquote
+
+        rel = unquote(rel)
+        rng = self.headers.get("Range")
+        faults.requests.append((rel, rng))
+        if faults.status:
+            self.send_response(faults.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path = root / rel
+        if not path.is_file():
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = bytearray(path.read_bytes())
+        if rel in faults.flip and data:
+            data[len(data) // 2] ^= 0xFF
+        start = 0
+        if rng and not faults.ignore_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = bytes(data[start:])
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        cut = None
+        if faults.cut_after is not None and faults.cut_times > 0 and len(body) > faults.cut_after:
+            faults.cut_times -= 1
+            cut = faults.cut_after
+        if faults.die_at is not None and start + len(body) > faults.die_at:
+            cut = max(0, faults.die_at - start)
+        if cut is not None:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
+@dataclass
+class HttpServer:
+    root: Path
+    url: str
+    faults: Faults
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    root = tmp_path / "www"
+    root.mkdir()
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.root = root  # type: ignore[attr-defined]
+    srv.faults = Faults()  # type: ignore[attr-defined]
+    srv.handle_error = lambda *a: None  # type: ignore[method-assign]  # resets by the client are expected
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield HttpServer(root, f"http://127.0.0.1:{srv.server_address[1]}/", srv.faults)  # type: ignore[attr-defined]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+    client: Any
+
+
+@pytest.fixture
+def moto_s3(monkeypatch: pytest.MonkeyPatch):
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    bucket = "weights-" + uuid.uuid4().hex[:8]
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield S3(endpoint, bucket, client)
+    finally:
+        import requests
+
+        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=5)
+        server.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 384 KiB tmpfs (needs root and mount(2); skipped where the sandbox forbids it)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a tmpfs")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

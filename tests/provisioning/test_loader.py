@@ -1,0 +1,113 @@
+"""load_pipeline: BF16 and NVFP4 checkpoints into a diffusers WanPipeline."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpubake.kernels.linear import NVFP4Linear
+from gpubake.provisioning.layout import CheckpointError
+from gpubake.provisioning.loader import checkpoint_format, load_expert, load_pipeline
+
+W = "diffusion_pytorch_model.safetensors"
+KW = dict(negative_prompt="", height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=4.0,
+          guidance_scale_2=3.0, output_type="np", max_sequence_length=16)
+
+
+def _frames(pipe, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red cat", generator=torch.Generator().manual_seed(seed), **KW).frames[0]
+
+
+def test_bf16_loader_matches_diffusers_from_pretrained(tiny_checkpoint):
+    from diffusers import WanPipeline
+
+    ours = _frames(load_pipeline(tiny_checkpoint))
+    theirs = _frames(WanPipeline.from_pretrained(str(tiny_checkpoint), dtype=torch.bfloat16))
+    assert np.array_equal(ours, theirs)
+
+
+def test_nvfp4_pipeline_has_both_experts_and_generates_on_cpu(tiny_checkpoint, tiny_nvfp4_checkpoint):
+    assert checkpoint_format(tiny_nvfp4_checkpoint) == "nvfp4" and checkpoint_format(tiny_checkpoint) == "bf16"
+    pipe = load_pipeline(tiny_nvfp4_checkpoint)
+    assert pipe.config.boundary_ratio == 0.875
+    for tr in (pipe.transformer, pipe.transformer_2):
+        blk = tr.blocks[1]
+        for lin in (blk.attn1.to_q, blk.attn2.to_out[0], blk.ffn.net[2]):
+            assert isinstance(lin, NVFP4Linear) and lin.weight_packed.device.type == "cpu"
+            assert not hasattr(lin, "weight")  # no BF16 copy of a quantized weight
+        assert isinstance(tr.proj_out, torch.nn.Linear) and tr.proj_out.weight.dtype == torch.bfloat16
+        assert not any(p.is_meta for p in tr.parameters()) and not any(b.is_meta for b in tr.buffers())
+    frames = _frames(pipe)
+    ref = _frames(load_pipeline(tiny_checkpoint))
+    assert frames.shape == (5, 64, 64, 3) and np.isfinite(frames).all()
+    mse = float(((frames - ref) ** 2).mean())
+    assert 0 < mse and 10 * np.log10(1 / mse) > 30  # close to BF16, yet not identical
+
+
+def test_the_two_experts_are_used(tiny_nvfp4_checkpoint):
+    """boundary_ratio splits the steps: each expert runs at least once."""
+    pipe = load_pipeline(tiny_nvfp4_checkpoint)
+    calls = {"transformer": 0, "transformer_2": 0}
+    for name in calls:
+        getattr(pipe, name).register_forward_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+    _frames(pipe)
+    assert calls["transformer"] > 0 and calls["transformer_2"] > 0
+
+
+def _edited(tiny_nvfp4_checkpoint, tmp_path, edit):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_nvfp4_checkpoint, ck)
+    sd = load_file(str(ck / "transformer_2" / W))
+    edit(sd)
+    save_file(sd, str(ck / "transformer_2" / W))
+    return ck
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        (lambda sd: sd.pop("blocks.2.ffn.net.2.weight_scale"), "missing tensor 'blocks.2.ffn.net.2.weight_scale'"),
+        (lambda sd: sd.__setitem__("blocks.0.bogus", torch.zeros(1)), "unexpected tensor 'blocks.0.bogus'"),
+        (lambda sd: sd.__setitem__("blocks.0.attn1.to_q.weight_packed", torch.zeros(64, 16, dtype=torch.uint8)),
+         r"'blocks.0.attn1.to_q.weight_packed' has shape \[64, 16\], expected \[64, 32\]"),
+    ],
+)
+def test_bad_tensors_name_the_key(tiny_nvfp4_checkpoint, tmp_path, edit, pattern):
+    ck = _edited(tiny_nvfp4_checkpoint, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=pattern) as exc:
+        load_pipeline(ck)
+    assert "\n" not in str(exc.value) and "transformer_2" in str(exc.value)
+
+
+def test_verify_catches_a_changed_file(tiny_nvfp4_checkpoint, tmp_path):
+    from gpubake.provisioning.manifest import ManifestError
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_nvfp4_checkpoint, ck)
+    (ck / "scheduler" / "scheduler_config.json").write_text("{}")
+    with pytest.raises(ManifestError, match="scheduler/scheduler_config.json"):
+        load_pipeline(ck, verify=True)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_pipeline(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="model_index.json: missing"):
+        load_pipeline(tmp_path)
+    with pytest.raises(CheckpointError, match="no diffusion_pytorch_model"):
+        load_expert(_config_only(tmp_path))
+
+
+def _config_only(tmp_path):
+    from gpubake.provisioning.tiny import TRANSFORMER_CONFIG
+    import json
+
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TRANSFORMER_CONFIG}))
+    return d

@@ -1,0 +1,96 @@
+"""Serve the real app with uvicorn on a free loopback port, in a thread, per test module."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+
+class Served:
+    def __init__(self, url: str, service: Any) -> None:
+        self.url = url
+        self.service = service
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kw)
+
+    def post(self, path: str, **kw: Any) -> requests.Response:
+        return requests.post(self.url + path, timeout=30, **kw)
+
+    def wait_phase(self, *phases: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.get("/health").json()
+            if body["status"] in phases:
+                return body
+            time.sleep(0.05)
+        raise AssertionError(f"service never reached {phases}: {body}")
+
+    def wait_job(self, job_id: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.get(f"/v1/jobs/{job_id}").json()
+            if body["status"] in ("done", "failed"):
+                return body
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} never finished: {body}")
+
+
+@contextmanager
+def serve(service: Any) -> Iterator[Served]:
+    import uvicorn
+
+    from gpubake.provisioning.serving.app import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", service)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def make_service(tmp_path_factory: pytest.TempPathFactory, tiny_nvfp4_checkpoint: Path) -> Callable[..., Any]:
+    """make_service(image="demo", **build_service kwargs) -> a GenerationService on the tiny model."""
+    from gpubake.provisioning.serving.build import build_service
+
+    def make(image: str = "demo", **kw: Any) -> Any:
+        root = tmp_path_factory.mktemp("serve")
+        kw.setdefault("model_dir", tiny_nvfp4_checkpoint)
+        return build_service(image=image, report_path=root / "selftest.json", output_dir=root / "out", **kw)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def ready(make_service: Callable[..., Any]) -> Iterator[Served]:
+    """The demo image's service after a passing self-test (real NVML probe: CPU mode)."""
+    with serve(make_service()) as served:
+        served.wait_phase("ready", "failed")
+        yield served
+
+
+@pytest.fixture(scope="module")
+def serve_service() -> Callable[[Any], Any]:
+    """The `serve(service)` context manager, for tests that build their own service."""
+    return serve
