@@ -36,7 +36,7 @@ def random_expert(cfg: dict, device: str, seed: int):
         model = WanTransformer3DModel.from_config(cfg)
     model = model.to(torch.bfloat16).to_empty(device=device)
     with torch.no_grad():
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             if hasattr(mod, "reset_parameters") and mod is not model:
                 mod.reset_parameters()  # Linear/Conv: kaiming-uniform; norms: ones/zeros
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]

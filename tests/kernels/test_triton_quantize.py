@@ -56,3 +56,22 @@ def test_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(KernelError, match="CUDA tensor.*device cpu"):
         quantize(torch.zeros(3, 32))
+
+
+def test_bf16_at_odd_offset_takes_the_generic_path(gen, spiky):
+    x = spiky((8, 65), gen, dtype=torch.bfloat16, specials=False).reshape(-1)[1:513].reshape(8, 64)
+    assert x.data_ptr() % 4 == 2
+    _same(quantize(x), quantize_ref(x))
+
+
+def test_every_bf16_value_in_range_rounds_like_the_reference():
+    """Blocks of 15 bf16 values + 6.0 with global scale 1: block scale 1, so every value is
+    coded as it is: exhaustive over the E2M1 range, ties included."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    v = bits.view(torch.bfloat16)
+    v = v[torch.isfinite(v.float()) & (v.float().abs() <= 6)]
+    v = torch.cat([v, torch.zeros(15 - len(v) % 15, dtype=torch.bfloat16)]).reshape(-1, 15)
+    x = torch.cat([v, torch.full((len(v), 1), 6.0, dtype=torch.bfloat16)], dim=1)
+    ref = quantize_ref(x, 1.0)
+    assert (ref.block_scale.float() == 1).all()
+    _same(quantize(x, 1.0), ref)

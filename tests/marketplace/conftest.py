@@ -29,10 +29,11 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -58,13 +59,14 @@ class Recorded:
 
 
 def report(verdict: str | None, *, step_s: float = 1.5) -> dict[str, Any]:
-    """A self-test report as gpubake.smoke_tests.report.Report.to_dict() writes it."""
+    """A `GET /health` body as gpubake's service answers it (provisioning/serving/service.py
+    `health()`), wrapping a self-test report as `smoke_tests.report.Report.to_dict()` writes it."""
     stages = [
         {"name": "gpu", "status": "pass", "message": "NVIDIA L40S", "values": {}, "seconds": 0.1, "limit_seconds": 30},
         {"name": "throughput", "status": "pass" if verdict == "pass" else "fail", "message": "within tolerance",
          "values": {"seconds_per_step": step_s, "end_to_end_seconds": 12.0}, "seconds": 20.0, "limit_seconds": 600},
     ]
-    return {
+    selftest = {
         "schema_version": 1,
         "image": "gpuimg",
         "state": "running" if verdict is None else "done",
@@ -72,6 +74,9 @@ def report(verdict: str | None, *, step_s: float = 1.5) -> dict[str, Any]:
         "stages": stages if verdict else stages[:1],
         "summary": f"self-test {str(verdict).upper()}",
     }
+    phase = {None: "selftest", "fail": "failed"}.get(verdict, "ready")
+    return {"status": phase, "ready": phase == "ready", "verdict": verdict, "reason": None, "model_id": "tiny-wan2.2",
+            "queue": {"waiting": 0, "capacity": 4}, "selftest": selftest}
 
 
 class FakeApi:
@@ -89,7 +94,7 @@ class FakeApi:
         self.url = f"http://127.0.0.1:{self.port}"
         handler = self._handler_class()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     # -------------------------------------------------------- control
     def start(self) -> FakeApi:
@@ -196,6 +201,7 @@ class FakeRunPod(FakeApi):
         self.templates: dict[str, dict[str, Any]] = {}
         self.pods: dict[str, dict[str, Any]] = {}
         self.cost_per_hr = "0.79"
+        self.ssh_port = 40022  # host port RunPod maps the pod's port 22 to
         self._n = 0
 
     def public(self, path: str) -> bool:
@@ -211,7 +217,7 @@ class FakeRunPod(FakeApi):
             rep = self.next_health(m.group(1))
             if m.group(1) not in self.pods or rep is None:
                 return 502, {"error": "pod not ready"}  # what RunPod's proxy answers before the port listens
-            return (503 if rep.get("verdict") == "fail" else 200), rep
+            return (200 if rep.get("ready", True) else 503), rep
         if path == "/v1/templates" and method == "GET":
             return 200, list(self.templates.values())
         if path == "/v1/templates" and method == "POST":
@@ -235,7 +241,7 @@ class FakeRunPod(FakeApi):
             pid = self._id("pod")
             self.pods[pid] = {
                 "id": pid, "name": body.get("name"), "desiredStatus": "RUNNING", "costPerHr": self.cost_per_hr,
-                "imageName": body.get("imageName"), "publicIp": "127.0.0.1", "portMappings": {"22": 40022},
+                "imageName": body.get("imageName"), "publicIp": "127.0.0.1", "portMappings": {"22": self.ssh_port},
                 "gpu": {"id": body["gpuTypeIds"][0], "count": 1}, "request": body,
             }
             return 201, {k: v for k, v in self.pods[pid].items() if k != "request"}
@@ -267,13 +273,13 @@ class FakeVast(FakeApi):
         self._n = 100
 
     def public(self, path: str) -> bool:
-        return path.startswith("/inst/")
+        return path == "/health"
 
     def route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        m = re.fullmatch(r"/inst/([^/]+)/health", path)
-        if m and method == "GET":
-            rep = self.next_health(m.group(1))
-            return (502, {"error": "not up"}) if rep is None else ((503 if rep.get("verdict") == "fail" else 200), rep)
+        if path == "/health" and method == "GET":  # the rented machine's port 8000, published on this host port
+            newest = max(self.instances, key=int, default=None)
+            rep = self.next_health(newest) if newest else None
+            return (502, {"error": "not up"}) if rep is None else ((200 if rep.get("ready", True) else 503), rep)
         if path == "/api/v0/users/current/" and method == "GET":
             return 200, {"id": self.user_id, "username": "tester"}
         if path == "/api/v0/template/" and method == "GET":
@@ -490,3 +496,13 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def image_ref() -> str:
+    return IMAGE_REF
+
+
+@pytest.fixture
+def make_report() -> Callable[..., dict[str, Any]]:
+    return report

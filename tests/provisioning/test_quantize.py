@@ -55,6 +55,22 @@ def test_dequantized_weights_are_close_and_sqnr_is_recorded(tiny_checkpoint, tin
     assert all(15 < v["sqnr_db"] < 25 for v in layers.values())
 
 
+def test_row_chunked_quantization_is_bit_identical_to_one_call(monkeypatch):
+    """quantize_weight bounds memory by quantizing row chunks with the whole tensor's
+    global scale; that must not change a single byte."""
+    from gpubake.kernels.format import quantize_ref
+    from gpubake.provisioning import quantize as qmod
+
+    monkeypatch.setattr(qmod, "ROWS_PER_CHUNK", 7)  # uneven chunks, last one short
+    w = (torch.randn(50, 64) * torch.logspace(-3, 2, 50).unsqueeze(1)).to(torch.bfloat16)
+    q, s = qmod.quantize_weight(w)
+    ref = quantize_ref(w)
+    assert torch.equal(q.data, ref.data) and torch.equal(q.global_scale, ref.global_scale)
+    assert torch.equal(q.block_scale.view(torch.uint8), ref.block_scale.view(torch.uint8))
+    err = (dequantize_ref(ref, torch.float32) - w.float()).pow(2).sum() / w.float().pow(2).sum()
+    assert s == pytest.approx(-10 * torch.log10(err).item(), abs=1e-3)
+
+
 def test_manifest_records_source_policy_and_files(tiny_checkpoint, tiny_nvfp4_checkpoint):
     m = read_manifest(tiny_nvfp4_checkpoint)
     assert m["format"] == "nvfp4" and m["model_id"] == "tiny-wan2.2" and m["tool_version"]

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,7 +80,7 @@ class SshTarget:
         from fabric import Config, Connection
         from paramiko import AutoAddPolicy, RejectPolicy
 
-        kwargs: dict[str, Any] = {"timeout": 15, "banner_timeout": 15, "auth_timeout": 15}
+        kwargs: dict[str, Any] = {"banner_timeout": 15, "auth_timeout": 15}
         if self.key is not None:
             kwargs.update(key_filename=str(self.key), look_for_keys=False, allow_agent=False)
         config = Config(overrides={"load_ssh_configs": False})
@@ -158,7 +159,7 @@ class Session:
     def put(self, local: Path, remote: str) -> None:
         try:
             self.conn.put(str(local), remote=remote)
-        except (OSError, IOError) as exc:
+        except OSError as exc:
             raise RemoteError(f"{self.target.display}: upload of {local.name} failed: {exc}") from None
 
     def get(self, remote: str, local: Path) -> None:
@@ -176,13 +177,22 @@ class Session:
 
 
 def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake", local_report: Path,
-             quick: bool = False, timeout: float = 3600.0) -> dict[str, Any]:
-    """Run `gpubake selftest` on the host, fetch the report to `local_report`, return the outcome."""
+             quick: bool = False, image: str | None = None, model_dir: str | None = None,
+             timeout: float = 3600.0) -> dict[str, Any]:
+    """Run `gpubake selftest` on the host, fetch the report to `local_report`, return the outcome.
+
+    `image` / `model_dir` are passed to the remote self-test (a bare host has no
+    GPUBAKE_IMAGE / GPUBAKE_MODEL_DIR set by an image's start script).
+    """
     from gpubake.images.marketplace.launch import report_state, throughput
 
     stamp = f"{int(time.time())}-{os.getpid()}"
     remote_report = f"{REMOTE_DIR}/selftest-{stamp}.json"
     cmd = f"{rquote(gpubake)} selftest --json --report {rquote('~/' + remote_report)}" + (" --quick" if quick else "")
+    if image:
+        cmd += f" --image {shlex.quote(image)}"
+    if model_dir:
+        cmd += f" --model-dir {rquote(model_dir)}"
     with Session(target) as s:
         s.check(f"mkdir -p {rquote('~/' + REMOTE_DIR)}", what="mkdir")
         console.print(f"running the self-test on {target.display}")
@@ -214,6 +224,26 @@ def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake",
     }
 
 
+def read_report(target: SshTarget, path: str) -> dict[str, Any] | None:
+    """The self-test report at `path` on the host, or None while it is not written yet.
+
+    Connection errors propagate as `RemoteError` (the caller decides whether "not up yet"
+    or fatal); a missing or half-written file is None.
+    """
+    with tempfile.TemporaryDirectory(prefix="gpubake-report-") as tmp:
+        local = Path(tmp) / "selftest.json"
+        with Session(target) as s:
+            try:
+                s.get(path, local)
+            except RemoteError:
+                return None
+        try:
+            data = json.loads(local.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return None
+    return data if isinstance(data, dict) else None
+
+
 # ------------------------------------------------------------------ provision
 
 
@@ -229,21 +259,32 @@ def project_root() -> Path | None:
 
 
 def build_wheel(dest: Path) -> Path:
-    """Build gpubake's wheel from the checkout (no dependencies, no network)."""
+    """Build gpubake's wheel from the checkout (no dependencies).
+
+    First with the build backend already installed (offline); if this environment lacks it,
+    with pip's isolated build (fetches setuptools from the package index).
+    """
     root = project_root()
     if root is None:
         raise RemoteError("--wheel: gpubake is not running from a source checkout; pass --wheel PATH (e.g. from `pip download gpubake`)")
     console.print("building the gpubake wheel")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-         "-q", "-w", str(dest), str(root)],
-        capture_output=True, text=True, check=False,
-    )
-    wheels = sorted(dest.glob("gpubake-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RemoteError(f"building the gpubake wheel failed: {tail[:200]}")
-    return wheels[-1]
+    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", str(dest)]
+    proc = None
+    with tempfile.TemporaryDirectory(prefix="gpubake-src-") as tmp:
+        # Build from a clean copy: setuptools leaves build/ in the source tree, and a stale
+        # build/lib would put deleted modules into the wheel.
+        src = Path(tmp)
+        shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (root / name).is_file():
+                shutil.copy2(root / name, src / name)
+        for isolation in (["--no-build-isolation"], []):
+            proc = subprocess.run([*base, *isolation, str(src)], capture_output=True, text=True, check=False)
+            wheels = sorted(dest.glob("gpubake-*.whl"))
+            if proc.returncode == 0 and wheels:
+                return wheels[-1]
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1] if proc else "(not run)"
+    raise RemoteError(f"building the gpubake wheel failed: {tail[:200]}")
 
 
 def provision_commands(wheel_name: str, *, venv: str, python: str, extras: str, pip_args: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Triton NVFP4 quantizer, bit-identical to `format.quantize_ref`.
 
-One pass over the input: each program loads BLOCK_B consecutive 16-value blocks, computes the
-block maxima, the E4M3 scales and the E2M1 codes in float32 registers, and writes packed
+One pass over the input: each program loads BLOCK_B consecutive 16-value blocks (even and
+odd elements as two tiles), computes the block maxima, the E4M3 scales and the E2M1 codes in float32 registers, and writes packed
 bytes and row-major scale bytes. The E4M3 rounding is done with integer bit operations
 (round to nearest even on the float32 bits) rather than Triton's fp8 cast, so the same code
 is exact under TRITON_INTERPRET=1 on the CPU and on every GPU generation; the clamp to
@@ -81,51 +81,77 @@ def _global_scale_kernel(part_ptr, n, g_ptr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _e2m1_codes(x, r):
+    """E2M1 codes of x * r (r per row), clamped to +-6, nearest, ties to the even code;
+    the sign comes from x's bits (so -0.0 and negatives rounding to 0 give 0x8).
+
+    The grid has step 0.5 below 2, 1 in [2, 4), 2 in [4, 6]: scale by 2, 1 or 1/2 (exact),
+    round to an integer with one float add of 1.5 * 2**23 (IEEE round to nearest even:
+    ties go to the even code) and offset: code = rint(|y| * m) + o."""
+    ay = tl.minimum(tl.abs(x * r[:, None]), 6.0)
+    lo = ay < 2.0
+    mid = ay < 4.0
+    m = tl.where(lo, 2.0, tl.where(mid, 1.0, 0.5))
+    o = tl.where(lo, 0, tl.where(mid, 2, 4))
+    q = (ay * m + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    return (q + o) | ((x.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.int32)
+
+
+@triton.jit
 def _nvfp4_quant_kernel(
     x_ptr, data_ptr, scale_ptr, g_ptr, n_blocks, KB,
-    SWIZZLE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BF16_PAIRS: tl.constexpr, SWIZZLE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """x is contiguous [M, K]: the 16-value blocks are consecutive runs of memory, so a
-    program takes BLOCK_B of them as a [BLOCK_B, 16] tile (block b -> row b // KB)."""
-    b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = b < n_blocks
-    x = tl.load(x_ptr + b[:, None] * 16 + tl.arange(0, 16)[None, :], mask=bmask[:, None], other=0.0)
-    x = x.to(tl.float32)
+    program takes BLOCK_B of them (block b -> row b // KB). Even and odd elements are held
+    as two [BLOCK_B, 8] tiles, so byte j = code(even j) | code(odd j) << 4 needs no
+    reshuffle; bfloat16 input is read as int32 pairs (one 32-byte row per block) and
+    widened by shifts. 64-bit arithmetic only for the program's base offsets."""
+    b0 = tl.program_id(0).to(tl.int64) * BLOCK_B
+    bl = tl.arange(0, BLOCK_B)
+    bmask = bl < n_blocks - b0
+    j = tl.arange(0, 8)
+    if BF16_PAIRS:
+        v = tl.load(x_ptr + b0 * 8 + (bl[:, None] * 8 + j[None, :]), mask=bmask[:, None], other=0)
+        v = v.to(tl.uint32, bitcast=True)
+        xe = (v << 16).to(tl.float32, bitcast=True)
+        xo = (v & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        offs = bl[:, None] * 16 + 2 * j[None, :]
+        xe = tl.load(x_ptr + b0 * 16 + offs, mask=bmask[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + b0 * 16 + (offs + 1), mask=bmask[:, None], other=0.0).to(tl.float32)
     g = tl.load(g_ptr)
 
-    isnan = x != x
-    block_amax = tl.max(tl.where(isnan, 0.0, tl.abs(x)), axis=1)
-    block_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+    # NaN-propagating max: a block with a NaN has a NaN amax, and nothing else is needed
+    block_amax = tl.reduce(tl.maximum(tl.abs(xe), tl.abs(xo), propagate_nan=tl.PropagateNan.ALL),
+                           1, _max_nan)
+    block_nan = block_amax != block_amax
 
     s = tl.math.div_rn(tl.math.div_rn(block_amax, 6.0), g)
-    s = tl.minimum(tl.maximum(s, 0.015625), 448.0)  # also maps +inf to 448
+    s = tl.minimum(tl.maximum(tl.where(block_nan, 1.0, s), 0.015625), 448.0)  # +inf -> 448
     s_dec, s_byte = _e4m3_round(s)
     s_byte = tl.where(block_nan, 0x7F, s_byte)
 
-    r = tl.math.div_rn(tl.math.div_rn(1.0, g), s_dec)
-    y = x * r[:, None]
-    y = tl.minimum(tl.maximum(y, -6.0), 6.0)
-    ay = tl.abs(y)
-    mag = ((ay > 0.25).to(tl.int32) + (ay >= 0.75).to(tl.int32)
-           + (ay > 1.25).to(tl.int32) + (ay >= 1.75).to(tl.int32)
-           + (ay > 2.5).to(tl.int32) + (ay >= 3.5).to(tl.int32)
-           + (ay > 5.0).to(tl.int32))
-    sign = ((x.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.int32)
-    code = tl.where(block_nan[:, None], 0, mag | sign)
-
-    lo, hi = tl.split(tl.reshape(code, (BLOCK_B, 8, 2)))
-    packed = (lo | (hi << 4)).to(tl.uint8)
-    tl.store(data_ptr + b[:, None] * 8 + tl.arange(0, 8)[None, :], packed, mask=bmask[:, None])
+    r = tl.math.div_rn(tl.math.div_rn(1.0, g), s_dec)  # (1/g) / s, as the reference
+    packed = _e2m1_codes(xe, r) | (_e2m1_codes(xo, r) << 4)
+    packed = tl.where(block_nan[:, None], 0, packed).to(tl.uint8)
+    tl.store(data_ptr + b0 * 8 + (bl[:, None] * 8 + j[None, :]), packed, mask=bmask[:, None])
 
     if SWIZZLE:  # 128x4 blocked layout of torch._scaled_mm (format.swizzle_scales)
+        b = b0 + bl
         row = b // KB
         col = b % KB
         rr = row % 128
         tile = (row // 128) * ((KB + 3) // 4) + col // 4
-        soff = tile * 512 + (rr % 32) * 16 + (rr // 32) * 4 + col % 4
+        tl.store(scale_ptr + tile * 512 + (rr % 32) * 16 + (rr // 32) * 4 + col % 4,
+                 s_byte.to(tl.uint8), mask=bmask)
     else:
-        soff = b
-    tl.store(scale_ptr + soff, s_byte.to(tl.uint8), mask=bmask)
+        tl.store(scale_ptr + b0 + bl, s_byte.to(tl.uint8), mask=bmask)
 
 
 def amax_finite(x2d: torch.Tensor) -> torch.Tensor:
@@ -147,7 +173,7 @@ def device_global_scale(x2d: torch.Tensor) -> torch.Tensor:
 
 
 #: launch configuration of the quantizer (bench/bench_kernels.py measures it)
-BLOCK_B = 256
+BLOCK_B = 128
 NUM_WARPS = 4
 
 
@@ -177,9 +203,10 @@ def quantize(x: torch.Tensor, global_scale: float | torch.Tensor | None = None,
         g_t = check_global_scale(global_scale, x.device).reshape(1)
     n_blocks = M * (K // BLOCK)
     if n_blocks:
+        pairs = x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0
         _nvfp4_quant_kernel[(triton.cdiv(n_blocks, block_b),)](
-            x2, data, scale, g_t, n_blocks, K // BLOCK, SWIZZLE=swizzled, BLOCK_B=block_b,
-            num_warps=num_warps)
+            x2.view(torch.int32) if pairs else x2, data, scale, g_t, n_blocks, K // BLOCK,
+            BF16_PAIRS=pairs, SWIZZLE=swizzled, BLOCK_B=block_b, num_warps=num_warps)
     lead = tuple(shape[:-1])
     if swizzled:
         return NVFP4Tensor(data.reshape(*lead, K // 2), scale.view(torch.float8_e4m3fn),

@@ -136,7 +136,7 @@ def _fetch_file(
     entry: dict[str, Any] | None,
     expect_sha: str | None,
     advance: Any,
-    resumed: "_Counter",
+    resumed: _Counter,
 ) -> None:
     final = staging / f.rel
     if final.is_file():  # finished by an earlier run: trust only after re-verifying

@@ -24,6 +24,7 @@ from gpubake.fsutil import atomic_path, write_json_atomic
 from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest
 
 DEFAULT_NEGATIVE = ""
+MAX_TILE_WIDTH = 416
 DIFF_GAIN = 8.0  # the difference column is amplified so small errors are visible
 
 
@@ -127,8 +128,10 @@ def contact_sheet(pairs: list[tuple[Run, Run]], path: Path, max_rows: int = 4) -
             d = np.clip(np.abs(a - b) * DIFF_GAIN, 0, 1)
             tiles.append((f"seed {ref.seed} frame {i}", [a, b, d]))
     h, w = tiles[0][1][0].shape[:2]
-    scale = max(1, 128 // max(h, w))
-    th, tw, label_h, pad = h * scale, w * scale, 14, 4
+    # Small frames are enlarged (nearest) to >= 128 px; large ones shrunk to <= 416 px wide
+    # so that a 720p sheet stays a few MB.
+    scale = max(1, 128 // max(h, w)) if max(h, w) < 128 else min(1.0, MAX_TILE_WIDTH / w)
+    th, tw, label_h, pad = max(1, round(h * scale)), max(1, round(w * scale)), 14, 4
     sheet = Image.new("RGB", (3 * (tw + pad) + pad, label_h + len(tiles) * (th + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(("BF16", "NVFP4", f"{DIFF_GAIN:g}x |diff|")):
@@ -138,7 +141,8 @@ def contact_sheet(pairs: list[tuple[Run, Run]], path: Path, max_rows: int = 4) -
         draw.text((pad, y), label, fill="black")
         for c, img in enumerate(imgs):
             im = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype("uint8"))
-            sheet.paste(im.resize((tw, th), Image.NEAREST), (pad + c * (tw + pad), y + label_h))
+            resample = Image.NEAREST if tw >= w else Image.LANCZOS
+            sheet.paste(im.resize((tw, th), resample), (pad + c * (tw + pad), y + label_h))
     with atomic_path(path, suffix=".png") as tmp:
         sheet.save(tmp, format="PNG")
 

@@ -114,6 +114,6 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
     cls = getattr(diffusers, index["_class_name"])
     try:
         pipe = cls.from_pretrained(str(path), dtype=dtype, **experts)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: diffusers could not load a component ({' '.join(str(exc).split())[:200]})") from None
     return pipe.to(device)

@@ -47,9 +47,20 @@ def list_files(root: Path) -> list[str]:
     return out
 
 
-def hash_tree(root: Path) -> dict[str, dict[str, Any]]:
-    """{relpath: {"sha256", "size"}} for every file under `root`."""
-    return {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size} for rel in list_files(root)}
+def hash_tree(root: Path, jobs: int | None = None) -> dict[str, dict[str, Any]]:
+    """{relpath: {"sha256", "size"}} for every file under `root`.
+
+    Files are hashed in parallel threads (hashlib releases the GIL on large buffers):
+    a 12-shard expert hashes at several GB/s instead of one core's ~0.6 GB/s.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    rels = list_files(root)
+    workers = max(1, min(jobs or (os.cpu_count() or 1), 8, len(rels) or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(lambda rel: sha256_file(root / rel), rels))
+    return {rel: {"sha256": d, "size": (root / rel).stat().st_size} for rel, d in zip(rels, digests)}
 
 
 def build_manifest(root: Path, *, fmt: str, model_id: str | None = None, **extra: Any) -> dict[str, Any]:

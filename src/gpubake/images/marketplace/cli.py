@@ -10,7 +10,6 @@ from typing import Any, Optional
 import typer
 
 from gpubake.console import console, emit_json, transfer_progress
-from gpubake.errors import GpubakeError
 
 TARGET_HELP = "Marketplace: runpod or vastai."
 
@@ -77,6 +76,10 @@ def launch_cmd(
     destroy_on_fail: bool = typer.Option(False, "--destroy-on-fail", help="Tear the instance down if its self-test fails or times out."),
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds to wait for the verdict."),
     poll_interval: float = typer.Option(10.0, "--poll-interval", help="Seconds between polls."),
+    ssh_key: Optional[Path] = typer.Option(
+        None, "--ssh-key", help="Read the self-test report over SSH with this key (its .pub is installed on the instance)."
+    ),
+    report_path: str = typer.Option("/workspace/gpubake/selftest.json", "--report-path", help="Report file on the instance (with --ssh-key)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the requests instead of renting."),
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
 ) -> None:
@@ -87,7 +90,7 @@ def launch_cmd(
     spec = _spec(image)
     opts = LaunchOptions(
         gpu=gpu, max_price=max_price, cloud=cloud, min_reliability=min_reliability, destroy_on_fail=destroy_on_fail,
-        timeout=timeout, poll_interval=poll_interval, dry_run=dry_run,
+        timeout=timeout, poll_interval=poll_interval, dry_run=dry_run, ssh_key=ssh_key, report_path=report_path,
     )
     result = launch(spec, target, opts)
     if dry_run:
@@ -157,6 +160,8 @@ def remote_selftest_cmd(
     accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help=HOSTKEY_HELP),
     gpubake: str = typer.Option("~/.gpubake/venv/bin/gpubake", "--gpubake", help="gpubake on the host (as `remote provision` installs it)."),
     quick: bool = typer.Option(False, "--quick", help="Sample the model's hashes instead of hashing it all."),
+    image: Optional[str] = typer.Option(None, "--image", help="Image the host should pass as (default: the host's $GPUBAKE_IMAGE)."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="Checkpoint directory on the host."),
     report: Optional[Path] = typer.Option(None, "--report", help="Where to write the fetched report (default ./selftest-HOST.json)."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds the remote self-test may take."),
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
@@ -168,7 +173,9 @@ def remote_selftest_cmd(
     _setup_logging()
     target = remote.SshTarget.parse(dest, port=port, key=key, known_hosts=known_hosts, accept_new=accept_new_host_key)
     local = report or Path(f"selftest-{target.host}.json")
-    result = remote.selftest(target, gpubake=gpubake, local_report=local, quick=quick, timeout=timeout)
+    result = remote.selftest(
+        target, gpubake=gpubake, local_report=local, quick=quick, image=image, model_dir=model_dir, timeout=timeout
+    )
     verdict = result["verdict"]
     color = {"pass": "green", "degraded": "yellow"}.get(verdict, "red")
     console.print(f"[bold {color}]self-test {verdict.upper()}[/] on {target.display}; report: {local}", markup=True)
@@ -253,5 +260,3 @@ def register(app: typer.Typer) -> None:
     app.add_typer(remote_app, name="remote")
     app.command("push-weights")(push_weights_cmd)
 
-
-__all__ = ["register", "GpubakeError"]

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import os
 import stat
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from gpubake.console import console
 from gpubake.errors import GpubakeError

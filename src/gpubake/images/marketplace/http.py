@@ -55,9 +55,12 @@ class _CreateSafeRetry(Retry):
         return super().is_retry(method, status_code, has_retry_after)
 
 
-def make_session(*, retries: int = 5, backoff: float = 1.0) -> requests.Session:
-    """A `requests.Session` whose adapters retry 429/5xx with exponential backoff."""
-    retry = _CreateSafeRetry(
+def make_session(*, retries: int = 5, backoff: float = 1.0, create_safe: bool = True) -> requests.Session:
+    """A `requests.Session` whose adapters retry 429/5xx with exponential backoff.
+
+    `create_safe=False` also retries a POST on 5xx: for POSTs that only read (a search).
+    """
+    retry = (_CreateSafeRetry if create_safe else Retry)(
         total=retries,
         connect=retries,
         read=0,  # a read timeout after a mutation is not retried blindly
@@ -130,11 +133,14 @@ class ApiClient:
     extra_secrets: list[str] = field(default_factory=list)
     planned: list[PlannedRequest] = field(default_factory=list)
     session: requests.Session | None = None
+    read_session: requests.Session | None = None
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
         if self.session is None:
             self.session = make_session(retries=self.retries, backoff=self.backoff)
+        if self.read_session is None:
+            self.read_session = make_session(retries=self.retries, backoff=self.backoff, create_safe=False)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -164,19 +170,26 @@ class ApiClient:
         self.planned.append(planned)
         return planned
 
+    def plan(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> PlannedRequest:
+        """Record a request for --dry-run without sending it."""
+        return self._plan(method.upper(), self._url(path, params), body, sent=False)
+
     # ---------------------------------------------------------------- the one entry point
     def can_read(self) -> bool:
         """In dry-run, reads are still sent when a key is configured (they change nothing)."""
         return bool(self.api_key) or not self.dry_run
 
-    def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
+                read_only: bool = False) -> Any:
         """Send one request; return its decoded JSON (None for an empty body).
 
-        In dry-run, a mutating request is only recorded and `None` is returned.
+        In dry-run, a mutating request is only recorded and `None` is returned. `read_only`
+        marks a POST that changes nothing (a search): it is retried like a GET and sent in
+        dry-run too.
         """
         method = method.upper()
         url = self._url(path, params)
-        if self.dry_run and method in MUTATING:
+        if self.dry_run and method in MUTATING and not read_only:
             planned = self._plan(method, url, json_body, sent=False)
             log.info("dry-run: %s %s", method, planned.url)
             return None
@@ -184,26 +197,30 @@ class ApiClient:
             raise AuthError(f"{self.api}: no API key; {self.key_hint}")
         if self.dry_run:
             self._plan(method, url, json_body, sent=True)
-        assert self.session is not None
+        session = self.read_session if read_only else self.session
+        assert session is not None
         try:
-            resp = self.session.request(
+            resp = session.request(
                 method, url, json=json_body, headers=self._headers(), timeout=self.timeout, allow_redirects=False
             )
         except requests.exceptions.RetryError as exc:
             raise MarketplaceError(f"{self.api}: {method} {path}: gave up after {self.retries} retries ({self._reason(exc)})") from None
         except requests.exceptions.Timeout:
-            raise MarketplaceError(f"{self.api}: {method} {path}: timed out after {self.timeout[1]:.0f} s") from None
+            raise MarketplaceError(f"{self.api}: {method} {path}: timed out after {self.timeout[1]:g} s") from None
         except requests.exceptions.ConnectionError as exc:
+            if self._reason(exc) == "ReadTimeoutError":  # urllib3 wraps it when read retries are off
+                raise MarketplaceError(f"{self.api}: {method} {path}: timed out after {self.timeout[1]:g} s") from None
             raise MarketplaceError(f"{self.api}: cannot reach {self._scrub(self.base_url)} ({self._reason(exc)})") from None
         log.debug("%s %s -> %s", method, self._scrub(url), resp.status_code)
         return self._decode(method, path, resp)
 
     def _reason(self, exc: Exception) -> str:
-        text = str(exc.args[0] if exc.args else exc)
-        reason = getattr(getattr(exc.args[0], "reason", None), "__class__", None) if exc.args else None
-        if reason is not None and reason.__name__ != "NoneType":
-            text = reason.__name__
-        return self._scrub(text)[:160]
+        """The root cause's class name (urllib3 wraps it in MaxRetryError.reason), never a URL."""
+        inner = exc.args[0] if exc.args else None
+        reason = getattr(inner, "reason", None)
+        if reason is not None:
+            return type(reason).__name__
+        return self._scrub(type(inner or exc).__name__)
 
     def _decode(self, method: str, path: str, resp: requests.Response) -> Any:
         status = resp.status_code
@@ -217,6 +234,8 @@ class ApiClient:
             raise MarketplaceError(f"{self.api}: server error (HTTP {status}) on {method} {path}: {self._detail(resp)}")
         if status >= 400:
             raise MarketplaceError(f"{self.api}: {method} {path} refused (HTTP {status}): {self._detail(resp)}")
+        if status >= 300:  # redirects are not followed: an API that moved must be configured, not guessed
+            raise MarketplaceError(f"{self.api}: {method} {path}: unexpected redirect (HTTP {status}); check the API URL")
         if not resp.content:
             return None
         try:

@@ -24,3 +24,12 @@ class Instance:
         if not base or not base.startswith("http"):
             return None
         return base.rstrip("/") + "/health"
+
+    def ssh_address(self) -> tuple[str, int] | None:
+        """(host, port) of the instance's SSH port, if it publishes one."""
+        for url in self.urls.values():
+            if url.startswith("ssh://"):
+                host, _, port = url[len("ssh://"):].rpartition(":")
+                if host and port.isdigit():
+                    return host, int(port)
+        return None

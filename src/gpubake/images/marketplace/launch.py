@@ -8,8 +8,11 @@ after the rental either tears it down (`--destroy-on-fail`) or says how to.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -58,8 +61,6 @@ def publish(
     cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], ApiClient]:
     """Create or update the template named `gpubake-<image>`; returns (result, client)."""
-    import os
-
     env = dict(os.environ) if env is None else env
     t = mconfig.target(target)
     if not image_ref:
@@ -88,24 +89,34 @@ def publish(
 # ------------------------------------------------------------------ health
 
 
-def report_state(report: dict[str, Any] | None) -> str:
-    """in_progress | pass | degraded | fail, from a self-test report (or a bare status)."""
-    if not isinstance(report, dict):
-        return "in_progress"
-    verdict = report.get("verdict") or report.get("status")
-    if report.get("state") == "running" or verdict not in FINAL:
-        return "in_progress"
-    return str(verdict)
+def _selftest_report(body: dict[str, Any]) -> dict[str, Any]:
+    """The self-test report inside a `/health` body (`{"status", "verdict", "selftest": {...}}`),
+    or the body itself when it is a bare report (as fetched over SSH)."""
+    inner = body.get("selftest")
+    return inner if isinstance(inner, dict) else body
 
 
-def throughput(report: dict[str, Any] | None) -> dict[str, Any] | None:
+def report_state(body: dict[str, Any] | None) -> str:
+    """in_progress | pass | degraded | fail, from a `/health` body or a self-test report."""
+    if not isinstance(body, dict):
+        return "in_progress"
+    report = _selftest_report(body)
+    verdict = body.get("verdict") or report.get("verdict")
+    if verdict in FINAL and report.get("state") != "running":
+        return str(verdict)
+    if body.get("status") == "failed":  # the service gave up before a verdict (crash at boot)
+        return "fail"
+    return "in_progress"
+
+
+def throughput(body: dict[str, Any] | None) -> dict[str, Any] | None:
     """The throughput stage's measured values (seconds per step, end-to-end seconds ...)."""
-    if not isinstance(report, dict):
+    if not isinstance(body, dict):
         return None
-    for stage in report.get("stages") or []:
+    for stage in _selftest_report(body).get("stages") or []:
         if isinstance(stage, dict) and stage.get("name") == "throughput":
             return {"status": stage.get("status"), "message": stage.get("message"), **(stage.get("values") or {})}
-    return report.get("throughput") if isinstance(report.get("throughput"), dict) else None
+    return None
 
 
 def read_health(session: requests.Session, url: str, timeout: tuple[float, float] = (5.0, 10.0)) -> dict[str, Any] | None:
@@ -122,7 +133,7 @@ def read_health(session: requests.Session, url: str, timeout: tuple[float, float
         data = resp.json()
     except ValueError:
         return None
-    return data if isinstance(data, dict) and ("verdict" in data or "state" in data or "status" in data) else None
+    return data if isinstance(data, dict) and ("verdict" in data or "selftest" in data or "status" in data) else None
 
 
 # ------------------------------------------------------------------ launch
@@ -138,6 +149,9 @@ class LaunchOptions:
     timeout: float = 1800.0
     poll_interval: float = 10.0
     dry_run: bool = False
+    ssh_key: Path | None = None  # read the report over SSH (its .pub goes to the instance as PUBLIC_KEY)
+    report_path: str = "/workspace/gpubake/selftest.json"  # where the start script writes it
+    ssh_user: str = "root"
 
 
 def _template(mk: RunPod | Vast, spec: ImageSpec, target: str, dry_run: bool) -> dict[str, Any]:
@@ -159,6 +173,12 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
         raise GpubakeError("--timeout and --poll-interval must be > 0 seconds")
     cfg = mconfig.load_config() if cfg is None else cfg
     section = mconfig.section(target, cfg)
+    env: dict[str, str] = {}
+    if opts.ssh_key is not None:
+        pub = Path(f"{opts.ssh_key}.pub")
+        if not Path(opts.ssh_key).is_file() or not pub.is_file():
+            raise GpubakeError(f"--ssh-key: need the private key and its .pub beside it: {opts.ssh_key}")
+        env["PUBLIC_KEY"] = pub.read_text(encoding="utf-8").strip()
     gpu = resolve_gpu(opts.gpu, target)
     check_gpu_for_spec(gpu, spec)
     client = mconfig.make_client(t, dry_run=opts.dry_run, config=cfg)
@@ -172,7 +192,7 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
         if min_rel is None:
             min_rel = float(section.get("min_reliability", DEFAULT_MIN_RELIABILITY))
         policy = OfferPolicy.for_spec(spec, gpu, max_price=opts.max_price, min_reliability=min_rel)
-        offers = mk.search_offers(policy) if client.can_read() else []
+        offers = mk.search_offers(policy)
         if opts.dry_run and not offers:
             offer: dict[str, Any] = {"id": "<offer id>"}
         else:
@@ -180,12 +200,13 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
             if skipped:
                 console.print(f"skipped {len(skipped)} offer(s), e.g. #{skipped[0][0]}: {skipped[0][1]}")
         result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "geolocation") if k in offer}
-        console.print(f"renting Vast.ai offer #{offer['id']} ({gpu.name}, ${float(offer.get('dph_total') or 0):.3f}/h)")
-        instance_id = mk.create(spec, tpl, offer["id"], label=label)
+        if not opts.dry_run:
+            console.print(f"renting Vast.ai offer #{offer['id']} ({gpu.name}, ${float(offer.get('dph_total') or 0):.3f}/h)")
+        instance_id = mk.create(spec, tpl, offer["id"], label=label, env=env)
         info: dict[str, Any] = {"cost_per_hr": offer.get("dph_total")}
     else:
         cloud = str(opts.cloud or section.get("cloud") or "SECURE").upper()
-        instance_id, info = mk.create(spec, tpl, gpu, cloud=cloud, label=label)
+        instance_id, info = mk.create(spec, tpl, gpu, cloud=cloud, label=label, env=env)
     result["instance_id"] = instance_id
     result.update({k: v for k, v in info.items() if k not in result})
     if opts.dry_run:
@@ -230,33 +251,60 @@ def _teardown_or_tell(mk: RunPod | Vast, target: str, instance_id: str, destroy:
 
 
 def _wait_for_verdict(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions) -> dict[str, Any]:
-    """Poll the instance, then its /health, until a verdict or the deadline."""
+    """Poll the instance, then its /health (or its report file over SSH), until a verdict or the deadline."""
+    with tempfile.TemporaryDirectory(prefix="gpubake-launch-") as tmp:
+        # A fresh instance's host key is new by definition: trust it on first use, then hold
+        # it to that key for the rest of this launch (not beyond: marketplaces reuse IPs).
+        known_hosts = Path(tmp) / "known_hosts"
+        return _poll(mk, instance_id, spec, opts, known_hosts)
+
+
+def _poll(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, known_hosts: Path) -> dict[str, Any]:
     start = time.monotonic()
     deadline = start + opts.timeout
     health = requests.Session()  # no retries, no API key: it talks to the rented machine
-    inst: Instance | None = None
     report: dict[str, Any] | None = None
     last = ""
     with console.status("waiting for the instance") as status:
         while True:
             inst = mk.status(instance_id, spec)
-            url = inst.health_url()
             if inst.state == "failed":
                 return _outcome("fail", inst, report, start, reason=f"instance {inst.detail}")
-            if inst.state == "running" and url:
-                report = read_health(health, url)
+            now = f"instance {inst.detail}"
+            if inst.state == "running":
+                if opts.ssh_key is not None:
+                    report, now = _ssh_report(inst, opts, known_hosts)
+                elif inst.health_url():
+                    report = read_health(health, inst.health_url() or "")
+                    now = "waiting for /health"
                 state = report_state(report)
                 if state in FINAL:
                     return _outcome(state, inst, report, start)
-                now = f"self-test {state.replace('_', ' ')}" if report else "waiting for /health"
-            else:
-                now = f"instance {inst.detail}"
+                if report:
+                    now = f"self-test {state.replace('_', ' ')}"
             if now != last:
                 status.update(now)
                 last = now
             if time.monotonic() + opts.poll_interval > deadline:
-                return _outcome("timeout", inst, report, start, reason=f"no verdict within {opts.timeout:.0f} s ({last})")
+                return _outcome("timeout", inst, report, start, reason=f"no verdict within {opts.timeout:g} s ({last})")
             time.sleep(opts.poll_interval)
+
+
+def _ssh_report(inst: Instance, opts: LaunchOptions, known_hosts: Path) -> tuple[dict[str, Any] | None, str]:
+    """(report or None, what we are waiting for) read over SSH from the instance."""
+    from gpubake.images import remote
+
+    addr = inst.ssh_address()
+    if addr is None:
+        return None, "waiting for the SSH port"
+    target = remote.SshTarget(opts.ssh_user, addr[0], addr[1], opts.ssh_key, known_hosts, accept_new=True)
+    try:
+        report = remote.read_report(target, opts.report_path)
+    except remote.RemoteError as exc:
+        if "host key CHANGED" in str(exc):
+            raise
+        return None, f"waiting for SSH ({exc})"
+    return report, ("waiting for " + opts.report_path) if report is None else ""
 
 
 def _outcome(verdict: str, inst: Instance, report: dict[str, Any] | None, start: float, reason: str | None = None) -> dict[str, Any]:

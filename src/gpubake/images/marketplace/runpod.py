@@ -64,7 +64,7 @@ def differs(existing: dict[str, Any], desired: dict[str, Any]) -> list[str]:
     """Names of the fields where the stored template is not what we would send."""
     changed = []
     for key in COMPARED:
-        if key not in desired and not existing.get(key):
+        if key not in desired:  # a field we do not set is the user's business
             continue
         have, want = existing.get(key), desired.get(key)
         if key == "env":
@@ -110,7 +110,8 @@ class RunPod:
         return {"action": "updated", "id": existing.get("id"), "changed": changed}
 
     # ------------------------------------------------------------ pods
-    def create(self, spec: ImageSpec, template: dict[str, Any], gpu: Gpu, *, cloud: str, label: str) -> tuple[str, dict[str, Any]]:
+    def create(self, spec: ImageSpec, template: dict[str, Any], gpu: Gpu, *, cloud: str, label: str,
+               env: dict[str, str] | None = None) -> tuple[str, dict[str, Any]]:
         """Create a pod from the published template; returns (pod id, creation details)."""
         if cloud not in CLOUDS:
             raise GpubakeError(f"--cloud: must be one of {', '.join(CLOUDS)}, got {cloud!r}")
@@ -132,6 +133,8 @@ class RunPod:
         cuda = runpod_cuda_versions(spec)
         if cuda:
             body["allowedCudaVersions"] = cuda
+        if env:  # the pod's env replaces the template's: send both
+            body["env"] = {**_env_dict(template.get("env")), **env}
         if template.get("containerRegistryAuthId"):
             body["containerRegistryAuthId"] = template["containerRegistryAuthId"]
         pod = self.client.request("POST", "/pods", json_body=body)
@@ -155,7 +158,7 @@ class RunPod:
             if p.protocol == "http":
                 urls[p.name] = proxy.format(pod_id=pod_id, port=p.port)
             elif ip and str(p.port) in mappings:
-                scheme = "ssh" if p.port == 22 else "tcp"
+                scheme = "ssh" if p.port == 22 else p.protocol
                 urls[p.name] = f"{scheme}://{ip}:{mappings[str(p.port)]}"
         return Instance(
             id=pod_id,

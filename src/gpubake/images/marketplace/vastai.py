@@ -90,7 +90,10 @@ class Vast:
 
     # ------------------------------------------------------------ instances
     def search_offers(self, policy: OfferPolicy) -> list[dict[str, Any]]:
-        data = self.client.request("POST", "/bundles/", json_body=policy.query())
+        if not self.client.can_read():  # dry-run without a key: show the search, send nothing
+            self.client.plan("POST", "/bundles/", policy.query())
+            return []
+        data = self.client.request("POST", "/bundles/", json_body=policy.query(), read_only=True)
         if self.client.dry_run and data is None:
             return []
         offers = (data or {}).get("offers") if isinstance(data, dict) else None
@@ -100,7 +103,8 @@ class Vast:
             raise MarketplaceError("Vast.ai: POST /bundles/: expected {'offers': [...]}")
         return offers
 
-    def create(self, spec: ImageSpec, template: dict[str, Any], offer_id: int, *, label: str) -> str:
+    def create(self, spec: ImageSpec, template: dict[str, Any], offer_id: int, *, label: str,
+               env: dict[str, str] | None = None) -> str:
         body = {
             "template_hash_id": template["hash_id"],
             "label": label,
@@ -109,6 +113,8 @@ class Vast:
             "target_state": "running",
             "cancel_unavail": True,
         }
+        if env:  # merged by key with the template's env (create-instance docs)
+            body["env"] = dict(env)
         data = self.client.request("PUT", f"/asks/{offer_id}/", json_body=body)
         if self.client.dry_run:
             return "(dry-run)"

@@ -12,7 +12,7 @@ from gpubake.console import console
 
 def serve(
     host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    port: int = typer.Option(8000, "--port", help="TCP port (1-65535)."),
     image: Optional[str] = typer.Option(None, "--image", help="Catalog image name (default: $GPUBAKE_IMAGE)."),
     spec: Optional[Path] = typer.Option(None, "--spec", help="Image spec TOML file (instead of --image)."),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Checkpoint directory (default: $GPUBAKE_MODEL_DIR)."),
@@ -21,12 +21,17 @@ def serve(
     selftest: bool = typer.Option(True, "--selftest/--no-selftest", help="Run the self-test before serving; without it, a report already at --report still gates generation."),
     quick: bool = typer.Option(False, "--quick", help="Self-test hashes a sample of the large model files."),
     device: Optional[str] = typer.Option(None, "--device", help="Force cpu, cuda or cuda:N."),
-    max_queue: int = typer.Option(16, "--max-queue", min=1, help="Jobs waiting at most; more get 429."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Jobs waiting at most (>= 1); more get 429."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve the settings, print them, serve nothing."),
 ) -> None:
     """Serve video generation over HTTP: /health, /v1/generate, /v1/jobs/{id} and its /video."""
+    from gpubake.errors import GpubakeError
     from gpubake.provisioning.serving.build import build_service
 
+    if not 1 <= port <= 65535:
+        raise GpubakeError(f"--port: must be 1-65535, got {port}")
+    if max_queue < 1:
+        raise GpubakeError(f"--max-queue: must be at least 1, got {max_queue}")
     service = build_service(image=image, spec_path=spec, model_dir=model_dir, report_path=report,
                             output_dir=output_dir, selftest=selftest, quick=quick, device=device,
                             max_queue=max_queue)

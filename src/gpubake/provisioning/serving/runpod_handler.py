@@ -12,6 +12,7 @@ flags; `--test_input '{"input": {...}}'` runs one job locally and exits).
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -61,7 +62,10 @@ def main() -> None:
 
     from gpubake.provisioning.serving.build import build_service
 
-    service = build_service(selftest=True, quick=True)
+    mode = os.environ.get("GPUBAKE_SELFTEST", "quick")  # serverless workers boot often: quick by default
+    if mode not in ("full", "quick", "off"):
+        raise SystemExit(f"error: GPUBAKE_SELFTEST must be full, quick or off, got {mode!r}")
+    service = build_service(selftest=mode != "off", quick=mode == "quick")
     service.start()
     runpod.serverless.start({"handler": make_handler(service)})
 

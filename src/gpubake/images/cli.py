@@ -1,0 +1,278 @@
+"""`gpubake build-image` (also the `build-image` script), `gpubake images`, `gpubake spec-schema`.
+
+build-image: load the spec -> check compatibility -> render the build context -> build
+(buildah, docker or packer) -> optionally push -> print the result. Every step before the
+build is pure and fast, so a bad flag, spec or architecture fails in well under a second,
+before any builder runs, with one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from gpubake.console import console, emit_json, step_progress
+from gpubake.errors import BuildError, GpubakeError
+
+TARGETS = ("runpod", "vastai")
+BUILDERS = ("buildah", "docker", "packer")
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise GpubakeError(f"{flag}: unknown value {value!r} (choose {' or '.join(choices)})")
+    return value
+
+
+def _epoch() -> int:
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    if not raw.isdigit():
+        raise GpubakeError(f"SOURCE_DATE_EPOCH: {raw!r} is not a whole number of seconds")
+    return int(raw)
+
+
+def _paths(name: str, target: str, dist: Path, log_file: Path | None) -> tuple[Path, Path]:
+    archive = dist / f"{name}-{target}.oci.tar"
+    return archive, log_file or dist / f"{name}-{target}.build.log"
+
+
+def _accepts(fn: Any, param: str) -> bool:
+    try:
+        return param in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _plan(spec: Any, target: str, builder_name: str, *, archive: Path, log_file: Path, push: str | None, render_dir: Path | None) -> dict:
+    """What build-image would do, step by step, with the commands it would run."""
+    from gpubake.images import render
+
+    ctx = render.template_context(spec, target, render.RenderOptions(timestamp=_epoch()))
+    context = str(render_dir) if render_dir else "<temporary context under dist/>"
+    steps: list[dict[str, Any]] = [
+        {"step": "load spec", "detail": str(spec.source)},
+        {"step": "check compatibility", "detail": f"torch {spec.torch}, cuda {spec.cuda}, archs {', '.join(spec.gpu_archs) or 'cpu'}"},
+        {"step": "render context", "detail": context},
+    ]
+    if render_dir is None:
+        tag = f"{ctx['repository']}:{ctx['tag']}"
+        commands: list[str]
+        if builder_name == "packer":
+            commands = [
+                "packer validate -machine-readable image.pkr.hcl",
+                f"packer build -machine-readable -color=false -var repository={ctx['repository']} -var tag={ctx['tag']} image.pkr.hcl",
+                f"skopeo copy docker-daemon:{tag} oci-archive:{archive}",
+            ]
+        elif builder_name == "buildah":
+            commands = [f"buildah bud --timestamp {ctx['timestamp']} -f Containerfile -t {tag} <context>", f"skopeo copy containers-storage:{tag} oci-archive:{archive}"]
+        else:
+            commands = [f"docker buildx build -f Containerfile -t {tag} --output type=oci,dest={archive} <context>"]
+        if spec.base.bootstrap is not None:
+            steps.append({"step": "bootstrap base", "detail": f"debootstrap {spec.base.bootstrap.suite} -> {ctx['base_ref']}"})
+        steps.append({"step": f"build ({builder_name})", "detail": tag, "commands": commands, "log_file": str(log_file)})
+        if push:
+            steps.append({"step": "push", "detail": f"{archive} -> {push}", "auth": "GPUBAKE_REGISTRY_USER/PASSWORD or the container auth file"})
+    return {"dry_run": True, "image": spec.name, "target": target, "builder": builder_name, "steps": steps}
+
+
+def _print_plan(plan: dict) -> None:
+    console.print(f"[bold]build-image plan[/] for {plan['image']} ({plan['target']}), builder {plan['builder']}:")
+    for i, step in enumerate(plan["steps"], 1):
+        console.print(f"  {i}. {step['step']}: {step['detail']}", markup=False)
+        for cmd in step.get("commands", []):
+            console.print(f"       $ {cmd}", markup=False)
+
+
+def build_image(
+    target: str | None = typer.Option(None, "--target", help="Marketplace: runpod or vastai (required)."),
+    image: str = typer.Option("demo", "--image", help="Catalog image name, or a path to a spec .toml."),
+    builder: str | None = typer.Option(None, "--builder", help="buildah, docker or packer (default: first available, buildah first)."),
+    push: str | None = typer.Option(None, "--push", help="Push the result to REGISTRY/NAME:TAG."),
+    render_only: Path | None = typer.Option(None, "--render-only", help="Only write the build context to DIR (new or empty)."),
+    dist: Path = typer.Option(Path("dist"), "--dist", help="Where the OCI archive and the build log go."),
+    json_out: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (steps and commands); touch nothing."),
+    log_file: Path | None = typer.Option(None, "--log-file", help="Full build log (default: DIST/NAME-TARGET.build.log)."),
+) -> None:
+    """Build a marketplace image from its spec: OCI archive in dist/, or pushed with --push."""
+    from gpubake.images import catalog, render
+
+    if target is None:
+        raise GpubakeError("--target is required (runpod or vastai)")
+    _check_choice("--target", target, TARGETS)
+    if builder is not None:
+        _check_choice("--builder", builder, BUILDERS)
+    push_target = render.PushTarget.parse(push) if push else None
+    spec = catalog.find(image)  # load + parse + validate + compatibility: one-line SpecError
+    if target not in spec.targets:
+        raise GpubakeError(f"--target: image {spec.name!r} does not list {target!r} in targets ({', '.join(spec.targets)})")
+    timestamp = _epoch()
+    archive, log_path = _paths(spec.name, target, dist, log_file)
+
+    if dry_run:
+        builder_name = builder or ("buildah" if render_only is None else "none")
+        if render_only is None and builder is None:
+            from gpubake.images.builders import detect_builder
+
+            try:
+                builder_name = detect_builder(None).name
+            except BuildError as exc:
+                builder_name = f"none available ({exc})"
+        plan = _plan(spec, target, builder_name, archive=archive, log_file=log_path, push=push, render_dir=render_only)
+        _print_plan(plan)
+        if json_out:
+            emit_json(plan)
+        return
+
+    options = render.RenderOptions(timestamp=timestamp, push=push_target)
+    if render_only is not None:
+        rendered = render.render_context(spec, target, render_only, options)
+        console.print(f"rendered {len(rendered.files) + 1} files for {spec.name} ({target}) into {render_only}")
+        for note in rendered.skipped:
+            console.print(f"  skipped: {note}", markup=False)
+        if json_out:
+            emit_json({"image": spec.name, "target": target, **rendered.to_json()})
+        return
+
+    from gpubake.images.builders import detect_builder
+
+    chosen = detect_builder(builder)
+    result = _build(spec, target, chosen, archive=archive, log_path=log_path, dist=dist, timestamp=timestamp)
+    out: dict[str, Any] = {"image": spec.name, "target": target, "log_file": str(log_path), **result.to_json()}
+    out["pushed"] = None
+    if push_target is not None:
+        out["pushed"] = _push(archive, push_target.ref)
+    console.print(
+        f"[bold green]built[/] {spec.name} ({target}) with {result.builder} in {result.seconds:.1f}s: "
+        f"{result.digest}, {len(result.layers)} layers, {result.total_size / 1e6:.1f} MB"
+        + (f" -> {archive}" if result.archive else "")
+    )
+    if json_out:
+        emit_json(out)
+
+
+def _build(spec: Any, target: str, chosen: Any, *, archive: Path, log_path: Path, dist: Path, timestamp: int) -> Any:
+    """Render into a private temporary context, build it, clean up; progress on stderr."""
+    from gpubake.images import render
+    from gpubake.images.builders import BuildRequest
+
+    dist.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("", encoding="utf-8")
+    work = Path(tempfile.mkdtemp(prefix=f".context-{spec.name}-{target}.", dir=dist))
+    context = work / "context"
+    try:
+        with step_progress() as progress:
+            task = progress.add_task("render build context")
+            render.render_context(spec, target, context, render.RenderOptions(timestamp=timestamp))
+            _prepare_model(spec, context, log_path, progress, task)
+            progress.update(task, description=f"build with {chosen.name} (log: {log_path})")
+            req = BuildRequest(
+                spec=spec,
+                target=target,
+                context_dir=context,
+                tag=f"{render.local_repository(spec)}:{target}",
+                archive=archive,
+                timestamp=timestamp,
+                log_file=log_path,
+            )
+            started = time.monotonic()
+            if _accepts(chosen.build, "on_progress"):
+
+                def on_progress(message: str) -> None:
+                    progress.update(task, description=f"{chosen.name}: {message[:100]}")
+
+                result = chosen.build(req, on_progress=on_progress)
+            else:
+                result = chosen.build(req)
+            if not result.seconds:
+                result.seconds = time.monotonic() - started
+            progress.update(task, description=f"built with {chosen.name}")
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare_model(spec: Any, context: Path, log_path: Path, progress: Any, task: Any) -> None:
+    """Place the model weights in the context's model/ (the builder half's model_layer)."""
+    try:
+        from gpubake.images import model_layer
+    except ImportError:
+        return
+    progress.update(task, description=f"prepare model {spec.model.id} ({spec.model.source})")
+    kwargs: dict[str, Any] = {}
+    if _accepts(model_layer.prepare_model, "log_file"):
+        kwargs["log_file"] = log_path
+    model_layer.prepare_model(spec, context, **kwargs)
+
+
+def _push(archive: Path, dest: str) -> dict[str, str]:
+    """Push the archive with the registry module (credentials from env or auth file)."""
+    from gpubake.images import registry
+
+    kwargs: dict[str, Any] = {}
+    if _accepts(registry.push, "auth"):
+        resolve = getattr(registry, "resolve_auth", None) or getattr(registry, "auth_from_env", None)
+        kwargs["auth"] = resolve(dest) if resolve is not None else None
+    with step_progress() as progress:
+        progress.add_task(f"push {archive.name} -> {dest}")
+        pushed = registry.push(archive, dest, **kwargs)
+    return {"ref": pushed.ref, "digest": pushed.digest}
+
+
+def images(json_out: bool = typer.Option(False, "--json", help="Print the catalog as JSON.")) -> None:
+    """List the shipped images: GPU architectures, CUDA, torch, minimum host driver."""
+    from gpubake.images import catalog, compat
+
+    rows = []
+    for spec in catalog.all_specs():
+        driver = compat.min_driver(spec.cuda).toolkit if spec.cuda != "none" else None
+        rows.append(
+            {
+                "name": spec.name,
+                "targets": list(spec.targets),
+                "gpu_archs": list(spec.gpu_archs),
+                "cpu_ok": spec.cpu_ok,
+                "cuda": spec.cuda,
+                "torch": spec.torch,
+                "min_driver": driver,
+                "model": spec.model.id,
+                "quantization": spec.model.quantization,
+            }
+        )
+    if json_out:
+        emit_json({"images": rows})
+        return
+    from rich.table import Table
+
+    table = Table("image", "GPU archs", "CUDA", "torch", "min driver", "model")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["gpu_archs"]) or "cpu", r["cuda"], r["torch"], r["min_driver"] or "-", f"{r['model']} ({r['quantization']})")
+    console.print(table)
+
+
+def spec_schema(output: Path | None = typer.Option(None, "--output", "-o", help="Write to FILE instead of stdout.")) -> None:
+    """Print the JSON Schema of image spec files (for editors and reviews)."""
+    from gpubake.fsutil import write_text_atomic
+    from gpubake.images.spec import json_schema_text
+
+    text = json_schema_text()
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        write_text_atomic(output, text)
+        console.print(f"wrote {output}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the image commands to the gpubake CLI."""
+    app.command("build-image")(build_image)
+    app.command("images")(images)
+    app.command("spec-schema")(spec_schema)

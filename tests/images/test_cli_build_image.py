@@ -1,0 +1,106 @@
+"""build-image through the real console script: bad input -> one line + exit 2; render-only; dry-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpubake_spec_helpers import write_spec  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, cwd: Path | None = None, env: dict | None = None, script: str = "build-image") -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / script), *args], capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert proc.stdout == ""
+    return lines[0]
+
+
+def test_help() -> None:
+    proc = run("--help")
+    assert proc.returncode == 0
+    for flag in ("--target", "--image", "--builder", "--push", "--render-only", "--dist", "--json", "--dry-run", "--log-file"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((), "error: --target is required (runpod or vastai)"),
+        (("--target", "aws"), "error: --target: unknown value 'aws' (choose runpod or vastai)"),
+        (("--target", "runpod", "--image", "nope"), "error: unknown image 'nope' (known: demo, "),
+        (("--target", "runpod", "--builder", "kaniko"), "error: --builder: unknown value 'kaniko' (choose buildah or docker or packer)"),
+        (("--target", "runpod", "--push", "not a ref"), "error: --push: 'not a ref' is not REGISTRY/NAME:TAG"),
+    ],
+)
+def test_bad_flags(tmp_path: Path, args: tuple, expected: str) -> None:
+    assert one_line_error(run(*args, "--dist", str(tmp_path / "dist"))).startswith(expected)
+    assert not (tmp_path / "dist").exists()
+
+
+@pytest.mark.parametrize(
+    ("edits", "expected"),
+    [
+        ([(r"^torch = .*$", "")], "custom.toml: torch: missing required field"),
+        ([(r"^container_disk_gb = 50$", 'container_disk_gb = "lots"')], "custom.toml: runtime.container_disk_gb: Input should be a valid integer"),
+        ([(r"^cpu_ok", "cpu_okay")], "custom.toml: cpu_okay: unknown field"),
+        ([(r"@sha256:[0-9a-f]{64}", "")], "custom.toml: base.image: must be pinned by digest"),
+        ([(r"^gpu_archs = .*$", 'gpu_archs = ["sm_120"]'), (r'^torch = .*$', 'torch = "2.6.0"'), (r'^cuda = .*$', 'cuda = "12.6"'),
+          (r"cuda:13\.0\.2-", "cuda:12.6.3-")], "custom.toml: gpu_archs[0]: sm_120 needs CUDA 12.8+ but cuda = '12.6'"),
+        ([(r"^gpu_archs = .*$", 'gpu_archs = ["sm_80"]'), (r'^torch = .*$', 'torch = "2.13.0"'), (r'^cuda = .*$', 'cuda = "12.8"'),
+          (r"cuda:13\.0\.2-", "cuda:12.8.1-")], "custom.toml: cuda: torch 2.13 publishes no CUDA 12.8 wheels"),
+    ],
+)
+def test_bad_specs(tmp_path: Path, edits: list, expected: str) -> None:
+    if any("torch = " in r for _, r in edits):  # a different torch: give the spec a lock without a torch pin
+        edits = [*edits, (r'^lock = .*$', 'lock = "locks/min.txt"')]
+        (tmp_path / "locks").mkdir()
+        (tmp_path / "locks" / "min.txt").write_text("numpy==2.0.0 --hash=sha256:" + "d" * 64 + "\n")
+    spec = write_spec(tmp_path, edits=edits)
+    line = one_line_error(run("--target", "runpod", "--image", str(spec), "--dist", str(tmp_path / "dist")))
+    assert expected in line and str(spec) in line
+    assert not (tmp_path / "dist").exists()
+
+
+def test_target_not_in_spec(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, edits=[(r"^targets = .*$", 'targets = ["runpod"]')])
+    line = one_line_error(run("--target", "vastai", "--image", str(spec)))
+    assert line == "error: --target: image 'custom' does not list 'vastai' in targets (runpod)"
+
+
+def test_render_only_then_packer_validate(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run("--target", "runpod", "--image", "wan22-t2v-a14b-nvfp4", "--render-only", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["image"] == "wan22-t2v-a14b-nvfp4" and result["context_dir"] == str(out)
+    assert "Containerfile" in result["files"] and "image.pkr.hcl" in result["files"]
+    if shutil.which("packer") is None:
+        pytest.skip("packer not installed (scripts/setup.sh installs Debian's packer 1.6.6)")
+    check = subprocess.run(["packer", "validate", "image.pkr.hcl"], cwd=out, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # A second render into the same (now full) directory refuses instead of mixing contexts.
+    again = run("--target", "runpod", "--image", "wan22-t2v-a14b-nvfp4", "--render-only", str(out))
+    assert one_line_error(again) == f"error: --render-only: {out} exists and is not an empty directory"
+
+
+def test_spec_schema_and_images_commands(tmp_path: Path) -> None:
+    proc = run("spec-schema", script="gpubake")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["title"] == "ImageSpec"
+    proc = run("images", "--json", script="gpubake")
+    rows = {r["name"]: r for r in json.loads(proc.stdout)["images"]}
+    assert rows["wan22-t2v-a14b-nvfp4"]["min_driver"] == "580.95.05" and rows["demo"]["min_driver"] is None

@@ -1,0 +1,129 @@
+"""Rendering the build context: complete, deterministic, atomic, secret-free, StrictUndefined."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from gpubake.errors import GpubakeError
+from gpubake.images import catalog, render
+
+SECRET = "s3cr3t-registry-pass-do-not-leak"
+
+
+@pytest.fixture(scope="module")
+def wan_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("ctx") / "wan"
+    render.render_context(catalog.find("wan22-t2v-a14b-nvfp4"), "runpod", dest, render.RenderOptions(timestamp=1_700_000_000))
+    return dest
+
+
+def test_context_holds_every_part(wan_context: Path) -> None:
+    names = {p.relative_to(wan_context).as_posix() for p in wan_context.rglob("*") if p.is_file()}
+    for required in ("Containerfile", "image.pkr.hcl", "plugins.pkr.hcl", "image.json", "requirements.lock.txt",
+                     "app/gpubake/__init__.py", "app/gpubake/images/spec.py", "context.json"):
+        assert required in names
+    assert any(n.startswith("scripts/") and n.endswith(".sh") for n in names)
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    manifest = json.loads((wan_context / "context.json").read_text())
+    assert set(manifest["files"]) == names - {"context.json"}
+    assert (wan_context / "requirements.lock.txt").read_bytes() == catalog.find("wan22-t2v-a14b-nvfp4").lock_path.read_bytes()
+
+
+def test_image_json_describes_the_image(wan_context: Path) -> None:
+    info = json.loads((wan_context / "image.json").read_text())
+    assert info["name"] == "wan22-t2v-a14b-nvfp4" and info["target"] == "runpod"
+    assert info["gpu_archs"] == ["sm_100", "sm_120"] and info["cuda"] == "13.0"
+    assert info["min_driver"] == {"toolkit": "580.95.05", "minor_compat": "580.65.06"}
+    assert "sm_120" in info["runnable_archs"]
+
+
+def test_containerfile_uses_the_pinned_base_and_puts_weights_last(wan_context: Path) -> None:
+    text = (wan_context / "Containerfile").read_text()
+    assert f"FROM {catalog.find('wan22-t2v-a14b-nvfp4').base.image}" in text
+    instructions = [line.split()[0] for line in text.splitlines() if line and not line.startswith("#")]
+    assert instructions[-1] == "COPY" and text.rstrip().endswith("model/")
+
+
+def test_files_have_fixed_modes_and_mtimes(wan_context: Path) -> None:
+    for path in wan_context.rglob("*"):
+        assert int(path.stat().st_mtime) == 1_700_000_000, path
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o755 if path.is_dir() or path.suffix == ".sh" else 0o644), path
+
+
+def test_rendering_is_deterministic(tmp_path: Path) -> None:
+    spec = catalog.find("demo")
+    a = render.render_context(spec, "vastai", tmp_path / "a")
+    b = render.render_context(spec, "vastai", tmp_path / "b")
+    assert a.files == b.files and a.files
+    assert (tmp_path / "a" / "context.json").read_bytes() == (tmp_path / "b" / "context.json").read_bytes()
+    c = render.render_context(spec, "runpod", tmp_path / "c")
+    assert c.files["image.pkr.hcl"] != a.files["image.pkr.hcl"]  # the target is part of the context
+
+
+def test_no_secret_reaches_the_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUBAKE_REGISTRY_PASSWORD", SECRET)
+    monkeypatch.setenv("HF_TOKEN", SECRET + "-hf")
+    push = render.PushTarget.parse("registry.example.com:5000/team/demo:v1")
+    render.render_context(catalog.find("demo"), "runpod", tmp_path / "ctx", render.RenderOptions(push=push))
+    for path in (tmp_path / "ctx").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    hcl = (tmp_path / "ctx" / "image.pkr.hcl").read_text()
+    assert 'post-processor "docker-push"' in hcl and "login_password = var.registry_password" in hcl
+    assert 'login_server   = "registry.example.com:5000"' in hcl
+
+
+def test_dest_must_be_new_or_empty_and_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(GpubakeError, match="full exists and is not an empty directory"):
+        render.render_context(catalog.find("demo"), "runpod", tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+
+    def broken(spec, target, image_ref):  # a part failing half-way through the render
+        raise OSError("disk full")
+
+    monkeypatch.setattr(render, "_marketplace_payload", broken)
+    with pytest.raises(OSError):
+        render.render_context(catalog.find("demo"), "runpod", tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no partial dir, no temp dir
+
+
+def test_templates_are_strict_about_missing_variables() -> None:
+    env = render.environment()
+    assert env.undefined is jinja2.StrictUndefined
+    ctx = render.template_context(catalog.find("demo"), "runpod", render.RenderOptions())
+    for name in ("image.pkr.hcl.j2", "Containerfile.j2"):
+        assert render.render_template(name, ctx)
+        for missing in ("base_ref", "name"):
+            partial = {k: v for k, v in ctx.items() if k != missing}
+            with pytest.raises(render.RenderError, match=rf"^templates/{name}: '{missing}' is undefined$"):
+                render.render_template(name, partial)
+
+
+def test_hcl_string_escapes_template_sequences() -> None:
+    assert render.hcl_string('a "b" ${c} %{d}\n') == '"a \\"b\\" $${c} %%{d}\\n"'
+
+
+@pytest.mark.parametrize("ref", ["demo:v1", "localhost/demo", "https://r.io/a:b", "r.io/A:b", "ghcr.io/x/y:"])
+def test_bad_push_refs(ref: str) -> None:
+    with pytest.raises(GpubakeError, match=r"^--push: "):
+        render.PushTarget.parse(ref)
+
+
+def test_good_push_ref() -> None:
+    p = render.PushTarget.parse("localhost:5000/gpubake/demo:runpod")
+    assert (p.server, p.repository, p.tag, p.ref) == ("localhost:5000", "localhost:5000/gpubake/demo", "runpod", "localhost:5000/gpubake/demo:runpod")
+
+
+@pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed (scripts/setup.sh installs Debian's packer 1.6.6)")
+def test_rendered_packer_template_validates(wan_context: Path) -> None:
+    proc = subprocess.run(["packer", "validate", "image.pkr.hcl"], cwd=wan_context, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,111 @@
+"""The template payloads and the offer choice, as pure functions (no server).
+
+Payload fields as documented by RunPod (https://docs.runpod.io/api-reference/templates/POST/templates)
+and Vast.ai (https://docs.vast.ai/api-reference/templates/create-template); offer fields as
+in Vast.ai's search-offers response (https://docs.vast.ai/api-reference/search/search-offers).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpubake.errors import GpubakeError
+from gpubake.images.marketplace.offers import OfferPolicy, check_gpu_for_spec, min_driver, resolve_gpu, runpod_cuda_versions
+from gpubake.images.marketplace.payload import template_payload
+
+
+def test_payloads_hold_no_secret_and_match_the_spec(spec, image_ref):
+    for target in ("runpod", "vastai"):
+        body = template_payload(spec, target, image_ref, registry_auth="ref-1")
+        text = json.dumps(body)
+        assert image_ref in text and "password" not in text.lower() and "docker_login_pass" not in body
+        assert body["name"] == "gpubake-gpuimg"
+    assert template_payload(spec, "runpod", image_ref)["ports"] == ["8000/http", "22/tcp"]
+    assert "containerRegistryAuthId" not in template_payload(spec, "runpod", image_ref)
+
+
+def test_payload_bad_input(spec, image_ref):
+    with pytest.raises(GpubakeError, match="--image-ref"):
+        template_payload(spec, "runpod", "has space@sha256:x")
+    udp = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={
+        "ports": [*spec.runtime.ports, type(spec.runtime.ports[0])(port=9000, protocol="udp", name="rtp")]})})
+    with pytest.raises(GpubakeError, match=r"runtime.ports\[2\]: RunPod exposes http and tcp ports only"):
+        template_payload(udp, "runpod", image_ref)
+    assert "-p 9000:9000/udp" in template_payload(udp, "vastai", image_ref)["env"]
+    only_runpod = spec.model_copy(update={"targets": ["runpod"]})
+    with pytest.raises(GpubakeError, match="not built for vastai"):
+        template_payload(only_runpod, "vastai", image_ref)
+
+
+def test_vast_env_values_are_shell_quoted(spec, image_ref):
+    odd = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"env": {"PROMPT": "a cat; rm -rf /"}})})
+    assert "-e PROMPT='a cat; rm -rf /'" in template_payload(odd, "vastai", image_ref)["env"]
+
+
+@pytest.mark.parametrize(("typed", "runpod", "vast", "arch"), [
+    ("RTX 5090", "NVIDIA GeForce RTX 5090", "RTX 5090", "sm_120"),
+    ("rtx-4090", "NVIDIA GeForce RTX 4090", "RTX 4090", "sm_89"),
+    ("H100", "NVIDIA H100 80GB HBM3", "H100 SXM", "sm_90"),
+    ("NVIDIA L40S", "NVIDIA L40S", "L40S", "sm_89"),
+])
+def test_gpu_names(typed, runpod, vast, arch):
+    assert resolve_gpu(typed, "runpod").market_id == runpod
+    g = resolve_gpu(typed, "vastai")
+    assert g.market_id == vast and g.arch == arch
+
+
+def test_unknown_gpu_passes_through_without_arch_check(spec):
+    g = resolve_gpu("Quantum QX-9", "vastai")
+    assert g.market_id == "Quantum QX-9" and g.arch is None
+    check_gpu_for_spec(g, spec)  # no error: the marketplace decides
+    with pytest.raises(GpubakeError, match=r"RTX 5090 is sm_120"):
+        check_gpu_for_spec(resolve_gpu("RTX 5090", "runpod"), spec)
+
+
+def test_driver_floor_comes_from_the_compat_tables(spec):
+    from gpubake.images import compat
+
+    assert min_driver(spec) == compat.min_driver("12.8").toolkit == "570.124.06"
+    assert runpod_cuda_versions(spec) == ["12.8", "12.9", "13.0"]
+
+
+def test_offer_choice_rechecks_what_the_server_filters(spec):
+    policy = OfferPolicy.for_spec(spec, resolve_gpu("L40S", "vastai"), max_price=1.0, min_reliability=0.98)
+    base = {"gpu_name": "L40S", "num_gpus": 1, "driver_version": "575.51.03", "cuda_max_good": 12.9,
+            "reliability2": 0.99, "compute_cap": 890, "disk_space": 100}
+    offers = [
+        {**base, "id": 1, "dph_total": 0.2, "driver_version": "1000.1.1"},  # newer than any floor: fine (numeric compare)
+        {**base, "id": 2, "dph_total": 0.1, "driver_version": "570.86.10"},  # < 570.124.06 (same major)
+        {**base, "id": 3, "dph_total": 0.15, "disk_space": 20},  # too little disk for the 40 GB container
+        {**base, "id": 4, "dph_total": 0.2, "reliability2": 0.999},  # same price, more reliable than #1
+        {**base, "id": 5, "dph_total": 1.5},  # over --max-price
+        {**base, "id": 6, "dph_total": 0.05, "compute_cap": 1200},  # Blackwell: not in gpu_archs
+    ]
+    best, skipped = policy.pick(offers)
+    assert best["id"] == 4
+    assert {i for i, _ in skipped} == {2, 3, 5, 6}
+    with pytest.raises(GpubakeError, match="--max-price"):
+        OfferPolicy.for_spec(spec, resolve_gpu("L40S", "vastai"), max_price=0, min_reliability=0.9)
+
+
+def _catalog_specs():
+    from gpubake.images.catalog import CATALOG_DIR
+    from gpubake.images.spec import load_toml, parse_spec
+
+    return [parse_spec(load_toml(p), source=p.name) for p in sorted(CATALOG_DIR.glob("*.toml"))]
+
+
+def test_every_catalog_image_has_a_payload_for_each_of_its_targets(image_ref):
+    specs = _catalog_specs()
+    assert specs
+    for spec in specs:
+        for target in spec.targets:
+            body = template_payload(spec, target, image_ref)
+            assert body["name"] == f"gpubake-{spec.name}"
+            if target == "runpod":
+                assert body["containerDiskInGb"] == spec.runtime.container_disk_gb
+                assert set(body["ports"]) == {f"{p.port}/{p.protocol}" for p in spec.runtime.ports}
+            else:
+                assert body["image"] == image_ref and "-p " in body["env"] or not spec.runtime.ports
