@@ -98,6 +98,13 @@ def correctness():
             sw.block_scale.cpu().view(torch.uint8), swizzle_scales(ref.block_scale).view(torch.uint8)))
         g = torch.tensor(0.01, device=DEV)
         check(f"quantize given scale {shape}", same_q(qt.quantize(x, g), quantize_ref(x.cpu(), 0.01)))
+    # every bfloat16 value in [-6, 6], in blocks with 6.0 and global scale 1: coded as is,
+    # so each rounding tie of the E2M1 grid is exercised on the GPU
+    v = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    v = v[torch.isfinite(v.float()) & (v.float().abs() <= 6)]
+    v = torch.cat([v, torch.zeros(15 - len(v) % 15, dtype=torch.bfloat16)]).reshape(-1, 15)
+    x = torch.cat([v, torch.full((len(v), 1), 6.0, dtype=torch.bfloat16)], dim=1)
+    check("quantize bit-exact, every bf16 in [-6, 6]", same_q(qt.quantize(x.to(DEV), 1.0), quantize_ref(x, 1.0)))
     w = quantize_ref(data((1024, 5120), 7, specials=True).cpu())
     wd = w.to(DEV)
     out = torch.full((1024, 5120), float("nan"), device=DEV).to(torch.float8_e4m3fn)
@@ -248,6 +255,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="small shapes, quick")
     ap.add_argument("--json", type=Path, help="write all results here")
     ap.add_argument("--sweep", action="store_true", help="also time kernel launch configurations")
+    ap.add_argument("--checks-only", action="store_true", help="correctness checks, no timings")
     args = ap.parse_args()
     t0 = time.time()
     RESULTS["env"] = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
@@ -255,6 +263,8 @@ def main() -> None:
                       "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(RESULTS["env"]), flush=True)
     correctness()
+    if args.checks_only:
+        sys.exit(0 if all(RESULTS["checks"].values()) else 1)
     if args.sweep:
         sweep(32760, 5120)
     for i, (M, K, N) in enumerate(SMOKE_SHAPES if args.smoke else SHAPES):

@@ -67,7 +67,9 @@ def _run(argv: list[str] | None = None) -> int:
         if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it
             return rc
     except GpubakeError as exc:
-        console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

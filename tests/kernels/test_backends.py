@@ -110,7 +110,8 @@ def test_blackwell_operands_reproduce_reference(M, N, K, gen):
     assert torch.allclose(emulated, ref, rtol=0, atol=1e-6 * ref.abs().max())
     # W4A4 error against the weight-only result stays within the self-test tolerance
     w4a16 = x.double() @ dequantize_ref(qw, torch.float64).t()
-    assert (emulated - w4a16).norm() / w4a16.norm() < TOLERANCE["blackwell-native"] / 2
+    err = float((emulated - w4a16).norm() / w4a16.norm())
+    assert 0.03 < err < TOLERANCE["blackwell-native"] / 2  # measured 0.083-0.122 (W4A4)
 
 
 def test_hopper_fp8_emulation_error_within_tolerance(gen):

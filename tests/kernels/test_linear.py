@@ -66,3 +66,17 @@ def test_selfcheck_cpu():
     assert r["quantizer_bit_exact"] is True
     assert 0 <= r["max_rel_error"] <= r["tolerance"]
     assert set(r) == {"backend", "device", "ok", "quantizer_bit_exact", "max_rel_error", "tolerance", "seconds"}
+
+
+def test_model_wide_dtype_cast_keeps_the_format():
+    m = NVFP4Linear.from_linear(nn.Linear(32, 8))
+    x = torch.randn(3, 32)
+    y = m(x)
+    g = m.weight_global_scale.clone()
+    m.to(torch.float16)  # what a pipeline's .to(dtype) does to every module
+    assert m.weight_scale.dtype == torch.float8_e4m3fn
+    assert m.weight_global_scale.dtype == torch.float32 and torch.equal(m.weight_global_scale, g)
+    assert m.weight_packed.dtype == torch.uint8 and m.bias.dtype == torch.float16
+    y16 = m(x.half())
+    assert y16.dtype == torch.float16
+    assert torch.allclose(y16.float(), y, atol=1e-2, rtol=1e-2)

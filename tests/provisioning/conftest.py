@@ -174,3 +174,104 @@ def small_fs(tmp_path: Path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# ----------------------------------------------------------------------------- fake Hub
+LFS_SUFFIXES = (".safetensors", ".bin")
+
+
+class _HubHandler(SimpleHTTPRequestHandler):
+    """The few Hub endpoints huggingface_hub's snapshot_download uses: revision info,
+    recursive tree listing (with LFS sha256), and resolve (HEAD and GET)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, head: bool = False) -> None:
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _route(self, head: bool) -> None:
+        import hashlib
+        import json as _json
+        from urllib.parse import unquote, urlsplit
+
+        hub = self.server.hub  # type: ignore[attr-defined]
+        hub.auth.append(self.headers.get("Authorization"))
+        path = unquote(urlsplit(self.path).path)
+        repo = hub.repo
+        files = {p.relative_to(hub.root).as_posix(): p for p in sorted(hub.root.rglob("*")) if p.is_file()}
+        if path.startswith(f"/api/models/{repo}/revision/"):
+            body = {"id": repo, "modelId": repo, "sha": hub.commit, "siblings": [{"rfilename": f} for f in files]}
+            return self._send(200, _json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+        if path.startswith(f"/api/models/{repo}/tree/"):
+            entries = []
+            for rel, p in files.items():
+                data = p.read_bytes()
+                oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                e: dict[str, Any] = {"type": "file", "path": rel, "size": len(data), "oid": oid}
+                if rel.endswith(LFS_SUFFIXES):
+                    e["lfs"] = {"oid": hub.lfs_sha.get(rel) or hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                entries.append(e)
+            return self._send(200, _json.dumps(entries).encode(), {"Content-Type": "application/json"}, head)
+        prefix = f"/{repo}/resolve/"
+        if path.startswith(prefix):
+            rel = path[len(prefix):].split("/", 1)[1]
+            if rel not in files:
+                return self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
+            data = files[rel].read_bytes()
+            etag = hashlib.sha256(data).hexdigest() if rel.endswith(LFS_SUFFIXES) else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            if rel in hub.flip and data:
+                data = bytearray(data)
+                data[len(data) // 2] ^= 0xFF
+                data = bytes(data)
+            hdrs = {"X-Repo-Commit": hub.commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+            if rel.endswith(LFS_SUFFIXES):
+                hdrs["X-Linked-Etag"] = f'"{etag}"'
+                hdrs["X-Linked-Size"] = str(len(data))
+            return self._send(200, data, hdrs, head)
+        return self._send(404, b"", {"X-Error-Code": "RepoNotFound"}, head)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._route(head=False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._route(head=True)
+
+
+@dataclass
+class FakeHub:
+    root: Path
+    endpoint: str
+    repo: str = "Wan-AI/Tiny-Diffusers"
+    commit: str = "0123456789abcdef0123456789abcdef01234567"
+    flip: set[str] = field(default_factory=set)
+    lfs_sha: dict[str, str] = field(default_factory=dict)
+    auth: list[str | None] = field(default_factory=list)
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    root = tmp_path / "hubrepo"
+    root.mkdir()
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
+    srv.daemon_threads = True
+    srv.handle_error = lambda *a: None  # type: ignore[method-assign]
+    hub = FakeHub(root, f"http://127.0.0.1:{srv.server_address[1]}")
+    srv.hub = hub  # type: ignore[attr-defined]
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    try:
+        yield hub
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -38,9 +38,13 @@ def test_fidelity_cli(tiny_checkpoint, tiny_nvfp4_checkpoint, tmp_path, capsys):
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("x")
     cases = [
         (["fetch", "wan9-x", str(tmp_path / "a")], "unknown model id 'wan9-x'"),
         (["fetch", "ftp://x/y", str(tmp_path / "a")], "unsupported source"),
+        (["fetch", "tiny-wan2.2", str(tmp_path / "a")], "make-tiny"),
+        (["make-tiny", str(tmp_path / "full")], "already exists"),
         (["quantize", str(tmp_path), str(tmp_path / "q")], "model_index.json: missing"),
         (["quantize", str(tmp_path), str(tmp_path / "q"), "--policy", "int3"], "unknown policy 'int3'"),
         (["quantize", str(tmp_path), str(tmp_path / "q"), "--model-id", "nope"], "unknown model id 'nope'"),
@@ -50,6 +54,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "q").exists()
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep"]
 
 
 def test_fetch_dry_run_json(capsys, tmp_path):

@@ -195,7 +195,7 @@ def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake",
         cmd += f" --model-dir {rquote(model_dir)}"
     with Session(target) as s:
         s.check(f"mkdir -p {rquote('~/' + REMOTE_DIR)}", what="mkdir")
-        console.print(f"running the self-test on {target.display}")
+        console.print(f"running the self-test on {target.display}", markup=False)
         started = time.monotonic()
         result = s.run(cmd, timeout=timeout, what="self-test")
         if result.exited == 127:
@@ -267,7 +267,7 @@ def build_wheel(dest: Path) -> Path:
     root = project_root()
     if root is None:
         raise RemoteError("--wheel: gpubake is not running from a source checkout; pass --wheel PATH (e.g. from `pip download gpubake`)")
-    console.print("building the gpubake wheel")
+    console.print("building the gpubake wheel", markup=False)
     base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", str(dest)]
     proc = None
     with tempfile.TemporaryDirectory(prefix="gpubake-src-") as tmp:
@@ -327,7 +327,7 @@ def provision(target: SshTarget, *, wheel: Path | None = None, venv: str = "~/.g
             s.check(cmds[0], what="mkdir")
             s.put(wheel, f"{REMOTE_DIR}/dist/{wheel_name}")
             s.check(cmds[1], what="creating the virtualenv", timeout=300)
-            console.print(f"installing {wheel_name} on {target.display}")
+            console.print(f"installing {wheel_name} on {target.display}", markup=False)
             s.check(cmds[2], what="pip install", timeout=3600)
             version = s.check(cmds[3], what="gpubake --version").strip()
     result["version"] = version

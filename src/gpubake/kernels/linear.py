@@ -95,9 +95,21 @@ class NVFP4Linear(nn.Module):
             self._prepared = (*key, b.prepare(self.nvfp4_weight()))
         return b.apply(x, self._prepared[2], self.bias)
 
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), ...: buffers move, cache dies
+    _FIXED_DTYPE = ("weight_scale", "weight_global_scale")
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .half(): buffers move, the prepared cache dies, and the
+        format's own dtypes survive a model-wide dtype cast (float8 scales and the
+        float32 global scale are floating point, so `.to(torch.bfloat16)` would
+        otherwise convert them; the bias does follow the cast)."""
         self._prepared = None
-        return super()._apply(fn, recurse)
+        keep = {n: self._buffers[n] for n in self._FIXED_DTYPE}
+        out = super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers[n]
+            if new.dtype != old.dtype:
+                self._buffers[n] = old.to(device=new.device)
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._prepared = None

@@ -34,9 +34,12 @@ def fetch_cmd(
     from gpubake.provisioning.models import get_model
 
     if "://" not in source:
-        source = get_model(source).source
+        model_id = source
+        source = get_model(model_id).source
         if source.startswith("generate:"):
-            raise typer.BadParameter("this model has no remote source; use `gpubake make-tiny`", param_hint="SOURCE")
+            from gpubake.errors import FetchError
+
+            raise FetchError(f"SOURCE {model_id!r}: this model has no remote source; use `gpubake make-tiny`")
     result = fetch(source, dest, sha256=sha256, endpoint_url=endpoint_url, jobs=jobs, dry_run=dry_run, progress=not json_out)
     _report(result, json_out, f"fetched {result.get('files', '?')} files into {dest} (verified: {result.get('verified', '-')})")
 

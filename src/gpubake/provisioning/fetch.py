@@ -214,8 +214,8 @@ def _fetch_hf(source: str, dest: Path, *, sha256: str | None, jobs: int, dry_run
         else:
             if sha256:
                 raise FetchError(f"{ref}: --sha256 given but the repository has no {MANIFEST_NAME}")
-            hf_fetch.verify_lfs(staging, hf_fetch.hub_lfs_hashes(ref))
-            verified = "hub-lfs"
+            hf_fetch.verify_against_hub(staging, hf_fetch.hub_hashes(ref))
+            verified = "hub"
             write_manifest(staging, build_manifest(staging, fmt="unknown", source=str(ref), verified=verified))
     except ManifestError as exc:
         _drop_if_empty(staging)

@@ -2,14 +2,15 @@
 
 huggingface_hub already does parallel, resumable downloads; we add what it does not:
 download into our staging directory (atomic placement by `fetch`), verification of
-every LFS file against the sha256 the Hub publishes (or against a gpubake manifest
-when the repo has one), and one-line errors. The token comes from HF_TOKEN (read by
+every file against the Hub's tree listing (sha256 of LFS files, git blob id of small
+files) or against a gpubake manifest when the repo has one, and one-line errors. The token comes from HF_TOKEN (read by
 huggingface_hub itself); it is never written anywhere. HF_ENDPOINT is honoured at call
 time (huggingface_hub reads it only at import).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -57,19 +58,22 @@ def _error(ref: HfRef, exc: BaseException) -> FetchError:
     return FetchError(f"{ref}: {name}: {' '.join(str(exc).split())[:200]}")
 
 
-def hub_lfs_hashes(ref: HfRef) -> dict[str, str]:
-    """{path: sha256} of the repo's LFS files, as the Hub reports them."""
+def hub_hashes(ref: HfRef) -> dict[str, tuple[str, str]]:
+    """{path: (kind, hex)} for every file of the repo, from the Hub's tree listing:
+    ("sha256", ...) for LFS files, ("git-sha1", blob id) for small files in git."""
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi(endpoint=_endpoint()).model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+        entries = list(HfApi(endpoint=_endpoint()).list_repo_tree(ref.repo_id, revision=ref.revision, recursive=True))
     except Exception as exc:  # huggingface_hub raises many types; all are one line for us
         raise _error(ref, exc) from None
-    out = {}
-    for s in info.siblings or []:
-        lfs = getattr(s, "lfs", None)
-        if lfs is not None and getattr(lfs, "sha256", None):
-            out[s.rfilename] = lfs.sha256
+    out: dict[str, tuple[str, str]] = {}
+    for e in entries:
+        if not hasattr(e, "blob_id"):
+            continue  # a folder
+        lfs = getattr(e, "lfs", None)
+        sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+        out[e.path] = ("sha256", sha) if sha else ("git-sha1", e.blob_id)
     return out
 
 
@@ -90,14 +94,24 @@ def download(ref: HfRef, staging: Path, *, jobs: int) -> None:
     shutil.rmtree(staging / ".cache", ignore_errors=True)  # hub bookkeeping, not checkpoint
 
 
-def verify_lfs(staging: Path, hashes: dict[str, str]) -> int:
-    """Check every LFS file against the Hub's sha256; returns how many were checked."""
-    for rel, digest in hashes.items():
+def _git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_against_hub(staging: Path, hashes: dict[str, tuple[str, str]]) -> int:
+    """Check every file against the Hub's hash (sha256 for LFS files, the git blob id
+    otherwise); a mismatching file is deleted. Returns how many were checked."""
+    for rel, (kind, digest) in hashes.items():
         path = staging / rel
         if not path.is_file():
             raise ManifestError(f"{rel}: listed by the Hub but not downloaded")
-        got = sha256_file(path)
+        got = sha256_file(path) if kind == "sha256" else _git_blob_sha1(path)
         if got != digest:
             path.unlink()
-            raise ManifestError(f"{rel}: sha256 mismatch (got {got[:16]}…, Hub says {digest[:16]}…)")
+            raise ManifestError(f"{rel}: {kind.replace('git-sha1', 'git blob sha1')} mismatch (got {got[:16]}…, Hub says {digest[:16]}…)")
     return len(hashes)

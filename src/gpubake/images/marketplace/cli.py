@@ -61,7 +61,7 @@ def publish_cmd(
         _print_plan(client)
         result["requests"] = [p.to_dict() for p in client.planned]
     verb = "would be created or updated" if dry_run and result["action"] != "unchanged" else result["action"]
-    console.print(f"{target} template {result['name']!r}: {verb}" + (f" (id {result['id']})" if result.get("id") else ""))
+    console.print(f"{target} template {result['name']!r}: {verb}" + (f" (id {result['id']})" if result.get("id") else ""), markup=False)
     if as_json:
         emit_json(result)
 
@@ -95,7 +95,7 @@ def launch_cmd(
     result = launch(spec, target, opts)
     if dry_run:
         for req in result["requests"]:
-            console.print(f"{req['method']} {req['url']}" + ("" if req["sent"] else "  (not sent: --dry-run)"))
+            console.print(f"{req['method']} {req['url']}" + ("" if req["sent"] else "  (not sent: --dry-run)"), markup=False)
             if req["body"] is not None:
                 console.print(json.dumps(req["body"], indent=2, sort_keys=True), markup=False, highlight=False)
     else:
@@ -112,15 +112,15 @@ def _print_launch(result: dict[str, Any]) -> None:
     color = {"pass": "green", "degraded": "yellow"}.get(verdict, "red")
     console.print(f"[bold {color}]self-test {verdict.upper()}[/] on {result['target']} instance {result['instance_id']}", markup=True)
     if result.get("reason"):
-        console.print(f"  reason: {result['reason']}")
+        console.print(f"  reason: {result['reason']}", markup=False)
     tp = result.get("throughput")
     if tp:
         shown = ", ".join(f"{k}={v}" for k, v in tp.items() if k not in ("message",) and v is not None)
-        console.print(f"  throughput: {shown}")
+        console.print(f"  throughput: {shown}", markup=False)
     for name, url in (result.get("urls") or {}).items():
-        console.print(f"  {name}: {url}")
+        console.print(f"  {name}: {url}", markup=False)
     if result.get("cost_per_hr") is not None:
-        console.print(f"  price: ${float(result['cost_per_hr']):.3f}/h")
+        console.print(f"  price: ${float(result['cost_per_hr']):.3f}/h", markup=False)
 
 
 def destroy_cmd(
@@ -138,7 +138,7 @@ def destroy_cmd(
         _print_plan(client)
         result["requests"] = [p.to_dict() for p in client.planned]
     else:
-        console.print(f"{target} instance {instance_id} destroyed")
+        console.print(f"{target} instance {instance_id} destroyed", markup=False)
     if as_json:
         emit_json(result)
 
@@ -215,7 +215,7 @@ def remote_provision_cmd(
         for cmd in result["commands"]:
             console.print(cmd, markup=False, highlight=False)
     else:
-        console.print(f"provisioned {target.display}: {result['version']} in {result['venv']}")
+        console.print(f"provisioned {target.display}: {result['version']} in {result['venv']}", markup=False)
     if as_json:
         emit_json(result)
 
@@ -247,7 +247,7 @@ def push_weights_cmd(
                 src, dest, endpoint_url=endpoint_url, jobs=jobs, progress=lambda n: progress.advance(task, n)
             )
         result["dry_run"] = False
-        console.print(f"pushed {result['files']} files ({result['bytes']} bytes) to {result['uri']}")
+        console.print(f"pushed {result['files']} files ({result['bytes']} bytes) to {result['uri']}", markup=False)
     if as_json:
         emit_json(result)
 

@@ -84,7 +84,7 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
     if any(isinstance(data.get(t), dict) and "api_key" in data[t] for t in TARGETS):
         mode = path.stat().st_mode
         if mode & (stat.S_IRGRP | stat.S_IROTH):
-            console.print(f"warning: {path} holds API keys and is readable by others (chmod 600 it)")
+            console.print(f"warning: {path} holds API keys and is readable by others (chmod 600 it)", markup=False)
     return data
 
 

@@ -198,10 +198,10 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
         else:
             offer, skipped = policy.pick(offers)
             if skipped:
-                console.print(f"skipped {len(skipped)} offer(s), e.g. #{skipped[0][0]}: {skipped[0][1]}")
+                console.print(f"skipped {len(skipped)} offer(s), e.g. #{skipped[0][0]}: {skipped[0][1]}", markup=False)
         result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "geolocation") if k in offer}
         if not opts.dry_run:
-            console.print(f"renting Vast.ai offer #{offer['id']} ({gpu.name}, ${float(offer.get('dph_total') or 0):.3f}/h)")
+            console.print(f"renting Vast.ai offer #{offer['id']} ({gpu.name}, ${float(offer.get('dph_total') or 0):.3f}/h)", markup=False)
         instance_id = mk.create(spec, tpl, offer["id"], label=label, env=env)
         info: dict[str, Any] = {"cost_per_hr": offer.get("dph_total")}
     else:
@@ -221,7 +221,7 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
             raise GpubakeError(
                 f"--max-price: {target} rented {gpu.name} at ${float(price):.3f}/h > ${opts.max_price}/h; instance {instance_id} destroyed"
             )
-        console.print(f"{t.title} instance {instance_id} created; waiting for its self-test")
+        console.print(f"{t.title} instance {instance_id} created; waiting for its self-test", markup=False)
         outcome = _wait_for_verdict(mk, instance_id, spec, opts)
     except BaseException:
         if not result.get("destroyed"):
@@ -233,9 +233,9 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
         if opts.destroy_on_fail:
             mk.destroy(instance_id)
             result["destroyed"] = True
-            console.print(f"self-test {result['verdict']}: instance {instance_id} destroyed (--destroy-on-fail)")
+            console.print(f"self-test {result['verdict']}: instance {instance_id} destroyed (--destroy-on-fail)", markup=False)
         else:
-            console.print(f"instance {instance_id} is still running: `gpubake destroy --target {target} {instance_id}`")
+            console.print(f"instance {instance_id} is still running: `gpubake destroy --target {target} {instance_id}`", markup=False)
     return result
 
 
@@ -243,11 +243,11 @@ def _teardown_or_tell(mk: RunPod | Vast, target: str, instance_id: str, destroy:
     if destroy:
         try:
             mk.destroy(instance_id)
-            console.print(f"instance {instance_id} destroyed (--destroy-on-fail)")
+            console.print(f"instance {instance_id} destroyed (--destroy-on-fail)", markup=False)
             return
         except MarketplaceError as exc:
-            console.print(f"could not destroy instance {instance_id}: {exc}")
-    console.print(f"instance {instance_id} may still be running: `gpubake destroy --target {target} {instance_id}`")
+            console.print(f"could not destroy instance {instance_id}: {exc}", markup=False)
+    console.print(f"instance {instance_id} may still be running: `gpubake destroy --target {target} {instance_id}`", markup=False)
 
 
 def _wait_for_verdict(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions) -> dict[str, Any]:
