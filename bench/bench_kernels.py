@@ -126,6 +126,16 @@ def correctness():
     show(sa.cpu(), sb, "fp8 act scale")
     check("fp8_rowwise bit-exact", torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
           and torch.equal(sa.cpu(), sb))
+    from gpubake.kernels.linear import NVFP4Linear
+    lin = torch.nn.Linear(512, 384).to(DEV, torch.bfloat16)
+    xin = data((3, 70, 512), 9)
+    for name in ("hopper-fp8", "dequant-bf16", "cpu-reference"):
+        m = NVFP4Linear.from_linear(lin, backend=name)
+        with torch.no_grad():
+            ref = xin.float() @ dequantize_ref(m.nvfp4_weight(), torch.float32).t() + lin.bias.float()
+            y = m(xin)
+        e = rel(y, ref)
+        check(f"NVFP4Linear with bias, {name}", y.shape == (3, 70, 384) and e < 0.08, f"rel err {e:.4f}")
     sc = selfcheck(DEV)
     check("selfcheck(cuda)", sc["ok"], json.dumps(sc))
     RESULTS["selfcheck"] = sc

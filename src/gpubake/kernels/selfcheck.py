@@ -4,7 +4,7 @@ Used by the boot self-test. Two checks on seeded random data (Gaussian with outl
 
 1. the quantizer that runs here (Triton on CUDA, the reference on CPU) produces the same
    bytes and scales as `quantize_ref` on the CPU;
-2. the selected backend's GEMM matches ``x @ dequant(W).T`` (float32, CPU) within the
+2. the selected backend's GEMM with bias matches ``x @ dequant(W).T + b`` (float32, CPU) within the
    tolerance of its arithmetic: relative Frobenius error of the output.
 
 Tolerances are about 2x what each backend's arithmetic gives on this data (measured with
@@ -58,10 +58,11 @@ def selfcheck(device: torch.device | str = "cpu") -> dict:
                           and torch.equal(q.block_scale.cpu().view(torch.uint8),
                                           ref_q.block_scale.view(torch.uint8))
                           and torch.equal(q.global_scale.cpu(), ref_q.global_scale))
+        bias = torch.randn(N, generator=gen).to(x.dtype)
         q = ref_q.to(dev)
-        ref = x.float() @ dequantize_ref(ref_q, torch.float32).t()
+        ref = x.float() @ dequantize_ref(ref_q, torch.float32).t() + bias.float()
         pw = backend.prepare(q)
-        y = backend.apply(x.to(dev), pw).float().cpu()
+        y = backend.apply(x.to(dev), pw, bias.to(dev)).float().cpu()
         if not torch.isfinite(y).all():
             worst = float("inf")
             continue

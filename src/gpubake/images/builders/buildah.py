@@ -65,7 +65,14 @@ class BuildahBuilder:
 
     # ------------------------------------------------------------------ build
 
-    def build(self, req: BuildRequest) -> BuildResult:
+    def build(self, req: BuildRequest, on_progress: Callable[[str], None] | None = None) -> BuildResult:
+        """Build `req`; `on_progress` (optional) replaces `on_step` for this build."""
+        if on_progress is not None:
+            saved, self.on_step = self.on_step, on_progress
+            try:
+                return self.build(req)
+            finally:
+                self.on_step = saved
         started = time.monotonic()
         ctx = Path(req.context_dir)
         if not (ctx / "Containerfile").is_file():

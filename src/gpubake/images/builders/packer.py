@@ -22,12 +22,10 @@ so unlike the buildah builder, two packer builds do not give the same digest.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -188,21 +186,12 @@ def _docker_daemon_up() -> bool:
 
 
 def archive_summary(archive: Path) -> tuple[str, list[dict], int]:
-    """(manifest digest, [{digest, size}], total size) of a single-image OCI archive."""
-    with tarfile.open(archive) as tar:
+    """(manifest digest, [{digest, size}], total layer bytes) of a single-image OCI archive."""
+    from gpubake.images.builders.buildah import layer_list, read_archive_manifest
 
-        def blob(digest: str) -> bytes:
-            member = tar.extractfile(f"blobs/sha256/{digest.split(':', 1)[1]}")
-            if member is None:
-                raise BuildError(f"{archive}: blob {digest} missing")
-            return member.read()
-
-        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
-        desc = index["manifests"][0]
-        manifest = json.loads(blob(desc["digest"]))
-    layers = [{"digest": layer["digest"], "size": int(layer["size"])} for layer in manifest["layers"]]
-    total = sum(layer["size"] for layer in layers) + int(manifest["config"]["size"])
-    return desc["digest"], layers, total
+    digest, manifest = read_archive_manifest(archive)
+    layers = layer_list(manifest)
+    return digest, layers, sum(layer["size"] for layer in layers)
 
 
 class PackerBuilder:
