@@ -104,3 +104,32 @@ def test_spec_schema_and_images_commands(tmp_path: Path) -> None:
     proc = run("images", "--json", script="gpubake")
     rows = {r["name"]: r for r in json.loads(proc.stdout)["images"]}
     assert rows["wan22-t2v-a14b-nvfp4"]["min_driver"] == "580.95.05" and rows["demo"]["min_driver"] is None
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    proc = run("--target", "vastai", "--image", "wan22-t2v-a14b-nvfp4-hopper", "--builder", "packer", "--dry-run", "--json",
+               "--dist", str(dist), "--push", "registry.example.com/team/hopper:v1",
+               env={"GPUBAKE_REGISTRY_PASSWORD": "dry-run-secret-xyz"})
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["dry_run"] is True and plan["builder"] == "packer"
+    assert [s["step"] for s in plan["steps"]] == ["load spec", "check compatibility", "render context", "prepare model", "build (packer)", "push"]
+    build = plan["steps"][4]
+    assert build["commands"][0] == "packer validate -machine-readable image.pkr.hcl"
+    assert any(c.startswith("packer build -machine-readable") for c in build["commands"])
+    assert "dry-run-secret-xyz" not in proc.stdout + proc.stderr
+    assert "1. load spec" in proc.stderr and "$ packer build" in proc.stderr
+    assert not dist.exists()
+
+
+def test_unusable_builder_is_one_line_and_leaves_no_archive(tmp_path: Path) -> None:
+    """--builder packer where no docker daemon answers (this CI): refused before any build step."""
+    from gpubake.images.builders.packer import PackerBuilder
+
+    if PackerBuilder().available():
+        pytest.skip("packer and a docker daemon are usable here")
+    dist = tmp_path / "dist"
+    line = one_line_error(run("--target", "runpod", "--image", "wan22-ti2v-5b", "--builder", "packer", "--dist", str(dist)))
+    assert line.startswith("error: --builder packer: not usable here")
+    assert not dist.exists()

@@ -62,6 +62,8 @@ def _plan(spec: Any, target: str, builder_name: str, *, archive: Path, log_file:
         {"step": "render context", "detail": context},
     ]
     if render_dir is None:
+        steps.append({"step": "prepare model", "detail": f"{spec.model.id} from {spec.model.source} ({spec.model.quantization}) -> <context>/model"})
+    if render_dir is None:
         tag = f"{ctx['repository']}:{ctx['tag']}"
         commands: list[str]
         if builder_name == "packer":
@@ -70,10 +72,18 @@ def _plan(spec: Any, target: str, builder_name: str, *, archive: Path, log_file:
                 f"packer build -machine-readable -color=false -var repository={ctx['repository']} -var tag={ctx['tag']} image.pkr.hcl",
                 f"skopeo copy docker-daemon:{tag} oci-archive:{archive}",
             ]
-        elif builder_name == "buildah":
-            commands = [f"buildah bud --timestamp {ctx['timestamp']} -f Containerfile -t {tag} <context>", f"skopeo copy containers-storage:{tag} oci-archive:{archive}"]
+        elif builder_name == "docker":
+            commands = [
+                f"docker buildx build --build-arg SOURCE_DATE_EPOCH={ctx['timestamp']} -f Containerfile -t {tag} "
+                f"--output type=oci,dest={archive},rewrite-timestamp=true <context>"
+            ]
         else:
-            commands = [f"docker buildx build -f Containerfile -t {tag} --output type=oci,dest={archive} <context>"]
+            commands = [
+                "pip download --require-hashes --no-deps --only-binary=:all: -r requirements.lock.txt (host, cached)",
+                f"buildah bud --isolation chroot --layers --timestamp {ctx['timestamp']} "
+                f"--volume <wheels>:/tmp/gpubake-wheels:ro -f Containerfile -t {tag} <context>",
+                f"buildah push --format oci {tag} oci-archive:{archive}",
+            ]
         if spec.base.bootstrap is not None:
             steps.append({"step": "bootstrap base", "detail": f"debootstrap {spec.base.bootstrap.suite} -> {ctx['base_ref']}"})
         steps.append({"step": f"build ({builder_name})", "detail": tag, "commands": commands, "log_file": str(log_file)})
@@ -85,9 +95,9 @@ def _plan(spec: Any, target: str, builder_name: str, *, archive: Path, log_file:
 def _print_plan(plan: dict) -> None:
     console.print(f"[bold]build-image plan[/] for {plan['image']} ({plan['target']}), builder {plan['builder']}:")
     for i, step in enumerate(plan["steps"], 1):
-        console.print(f"  {i}. {step['step']}: {step['detail']}", markup=False)
+        console.print(f"  {i}. {step['step']}: {step['detail']}", markup=False, soft_wrap=True)
         for cmd in step.get("commands", []):
-            console.print(f"       $ {cmd}", markup=False)
+            console.print(f"       $ {cmd}", markup=False, soft_wrap=True)
 
 
 def build_image(
@@ -148,7 +158,7 @@ def build_image(
     out: dict[str, Any] = {"image": spec.name, "target": target, "log_file": str(log_path), **result.to_json()}
     out["pushed"] = None
     if push_target is not None:
-        out["pushed"] = _push(archive, push_target.ref)
+        out["pushed"] = _push(archive, push_target.ref, log_path)
     console.print(
         f"[bold green]built[/] {spec.name} ({target}) with {result.builder} in {result.seconds:.1f}s: "
         f"{result.digest}, {len(result.layers)} layers, {result.total_size / 1e6:.1f} MB"
@@ -201,30 +211,21 @@ def _build(spec: Any, target: str, chosen: Any, *, archive: Path, log_path: Path
 
 
 def _prepare_model(spec: Any, context: Path, log_path: Path, progress: Any, task: Any) -> None:
-    """Place the model weights in the context's model/ (the builder half's model_layer)."""
-    try:
-        from gpubake.images import model_layer
-    except ImportError:
-        return
+    """Place the model weights in the context's model/ (made once, then cached)."""
+    from gpubake.images import model_layer
+
     progress.update(task, description=f"prepare model {spec.model.id} ({spec.model.source})")
-    kwargs: dict[str, Any] = {}
-    if _accepts(model_layer.prepare_model, "log_file"):
-        kwargs["log_file"] = log_path
-    model_layer.prepare_model(spec, context, **kwargs)
+    model_layer.prepare_model(spec, context)
 
 
-def _push(archive: Path, dest: str) -> dict[str, str]:
-    """Push the archive with the registry module (credentials from env or auth file)."""
+def _push(archive: Path, dest: str, log_path: Path) -> dict[str, str]:
+    """Push the archive (credentials from the environment or the user's auth file)."""
     from gpubake.images import registry
 
-    kwargs: dict[str, Any] = {}
-    if _accepts(registry.push, "auth"):
-        resolve = getattr(registry, "resolve_auth", None) or getattr(registry, "auth_from_env", None)
-        kwargs["auth"] = resolve(dest) if resolve is not None else None
     with step_progress() as progress:
         progress.add_task(f"push {archive.name} -> {dest}")
-        pushed = registry.push(archive, dest, **kwargs)
-    return {"ref": pushed.ref, "digest": pushed.digest}
+        pushed = registry.push(archive, dest, auth=registry.resolve_auth(dest), log_file=log_path)
+    return pushed.to_json()
 
 
 def images(json_out: bool = typer.Option(False, "--json", help="Print the catalog as JSON.")) -> None:

@@ -91,6 +91,13 @@ class GemmBackend:
                 "need uint8 data and float8_e4m3fn scales")
         return PreparedWeight(w)
 
+    def cache_weight(self, pw: PreparedWeight) -> None:
+        """Keep the run-time form of the weight instead of re-expressing it per call.
+
+        Costs memory (1 byte a weight for FP8, 2 for bf16), saves the per-call
+        conversion: worth it only where M is small (cross-attention K/V on 512 text
+        tokens), see docs/benchmarks.md. No-op where the stored form already runs."""
+
     def apply(self, x: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -143,12 +150,19 @@ class DequantBf16(GemmBackend):
     def __init__(self) -> None:
         self.scratch = _Scratch()
 
+    def cache_weight(self, pw):
+        from gpubake.kernels.convert_triton import nvfp4_to_bf16
+
+        pw.extras["bf16_weight"] = nvfp4_to_bf16(pw.weight)
+
     def apply(self, x, pw, bias=None):
         from gpubake.kernels.convert_triton import nvfp4_to_bf16
 
         self.check(x, pw)
-        w = nvfp4_to_bf16(pw.weight, self.scratch.get((pw.out_features, pw.in_features),
-                                                      torch.bfloat16, x.device))
+        w = pw.extras.get("bf16_weight")
+        if w is None:
+            w = nvfp4_to_bf16(pw.weight, self.scratch.get((pw.out_features, pw.in_features),
+                                                          torch.bfloat16, x.device))
         return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
@@ -172,6 +186,11 @@ class HopperFp8(GemmBackend):
         pw.extras["fp8_factors"] = fp8_row_factors(w)  # per-row power of two, row scale
         return pw
 
+    def cache_weight(self, pw):
+        from gpubake.kernels.convert_triton import nvfp4_to_fp8
+
+        pw.extras["fp8_weight"] = nvfp4_to_fp8(pw.weight, None, pw.extras["fp8_factors"])
+
     def apply(self, x, pw, bias=None):
         from gpubake.kernels.convert_triton import fp8_rowwise, nvfp4_to_fp8
 
@@ -179,8 +198,9 @@ class HopperFp8(GemmBackend):
         N, K = pw.out_features, pw.in_features
         x2 = x.reshape(-1, K)
         xq, xs = fp8_rowwise(x2)
-        wq, ws = nvfp4_to_fp8(pw.weight, self.scratch.get((N, K), torch.float8_e4m3fn, x.device),
-                              pw.extras["fp8_factors"])
+        cached = pw.extras.get("fp8_weight")
+        wq, ws = cached if cached is not None else nvfp4_to_fp8(
+            pw.weight, self.scratch.get((N, K), torch.float8_e4m3fn, x.device), pw.extras["fp8_factors"])
         out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
         y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, N), out_dtype=out_dtype,
                              bias=None if bias is None else bias.to(out_dtype),

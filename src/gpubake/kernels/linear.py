@@ -42,6 +42,9 @@ class NVFP4Linear(nn.Module):
         else:
             self.register_buffer("bias", None)
         self.backend_name = backend
+        # keep the backend's run-time weight (GemmBackend.cache_weight): set by the
+        # runtime for small-M layers, where the per-call re-expression dominates
+        self.keep_runtime_weight = False
         self._prepared: tuple[str, str, PreparedWeight] | None = None
 
     # -------------------------------------------------------------- construction
@@ -88,11 +91,19 @@ class NVFP4Linear(nn.Module):
             return b
         return select_backend(device)
 
+    def set_keep_runtime_weight(self, keep: bool = True) -> None:
+        """Cache the backend's run-time weight from the next forward on (or stop)."""
+        self.keep_runtime_weight = keep
+        self._prepared = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backend(x.device)
         key = (b.name, str(x.device))
         if self._prepared is None or self._prepared[:2] != key:
-            self._prepared = (*key, b.prepare(self.nvfp4_weight()))
+            pw = b.prepare(self.nvfp4_weight())
+            if self.keep_runtime_weight:
+                b.cache_weight(pw)
+            self._prepared = (*key, pw)
         return b.apply(x, self._prepared[2], self.bias)
 
     _FIXED_DTYPE = ("weight_scale", "weight_global_scale")

@@ -118,6 +118,10 @@ class BuildahBuilder:
         """pip-download the lock's wheels on the host (hash-checked, cached per lock)."""
         if not lock.is_file():
             raise BuildError(f"build context {lock.parent}: no {LOCK_FILE}")
+        if not _has_requirements(lock):  # nothing to download: mount an empty folder
+            empty = cache_root() / "wheels" / "empty"
+            empty.mkdir(parents=True, exist_ok=True)
+            return empty
         key = hashlib.sha256(lock.read_bytes() + req.spec.python.version.encode()).hexdigest()[:16]
         dest = cache_root() / "wheels" / f"{req.spec.name}-py{req.spec.python.version}-{key}"
         stamp = dest / ".complete"
@@ -184,6 +188,14 @@ class BuildahBuilder:
             raise BuildError(f"reading back {req.tag}: {out.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
         raw = out.stdout
         return "sha256:" + hashlib.sha256(raw).hexdigest(), layer_list(json.loads(raw))
+
+
+def _has_requirements(lock: Path) -> bool:
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "-")):
+            return True
+    return False
 
 
 def layer_list(manifest: dict) -> list[dict]:

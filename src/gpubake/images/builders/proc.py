@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -62,8 +63,11 @@ def run_logged(
         except FileNotFoundError:
             raise BuildError(f"{what}: {cmd[0]} is not installed (run scripts/setup.sh)") from None
         assert proc.stdout is not None
+        started = time.monotonic()
         for line in proc.stdout:
             clean = redact(line)
+            if clean.startswith("STEP "):  # step timings, for docs/building.md numbers
+                log.write(f"# +{time.monotonic() - started:.1f}s\n")
             log.write(clean)
             lines.append(clean)
             if on_line is not None:
@@ -72,5 +76,7 @@ def run_logged(
         log.write(f"# exit {rc}\n")
     output = "".join(lines)
     if rc != 0:
+        if "no space left on device" in output.lower():
+            raise BuildError(f"{what} failed: no space left on device (full log: {log_file})")
         raise BuildError(f"{what} failed (exit {rc}): {last_meaningful_line(output)} (full log: {log_file})")
     return output

@@ -1,0 +1,139 @@
+"""Run-time levers of the Wan denoising step, chosen per GPU architecture (issue 7).
+
+The NVFP4 GEMM backend is picked by `gpubake.kernels.backends` from the compute
+capability; this module adds the levers around it that `bench/bench_step.py` measured
+one at a time (docs/benchmarks.md, "Denoising step on Hopper"), and keeps only those
+that won on that architecture:
+
+* ``attention``: which torch SDPA kernel runs self-/cross-attention ("default" leaves
+  torch's own choice, "cudnn" forces cuDNN's fused attention, "flash" FlashAttention-2);
+* ``cfg_batch``: both classifier-free-guidance passes in ONE forward of batch 2;
+* ``cache_small_m``: the cross-attention K/V projections (M = 512 text tokens) keep the
+  backend's run-time weight instead of re-expressing NVFP4 per call;
+* ``compile_blocks``: regional ``torch.compile`` of the repeated transformer block.
+
+A plan is data, so a new measurement changes a table entry, not code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from gpubake.errors import GpubakeError
+from gpubake.kernels.backends import capability, default_backend_name
+
+ATTENTION_CHOICES = ("default", "cudnn", "flash")
+
+# Linears whose input is the (constant, 512-token) text context, not the video tokens.
+SMALL_M_LAYERS = re.compile(r"(^|\.)attn2\.(to_k|to_v|add_k_proj|add_v_proj)$")
+
+
+class RuntimePlanError(GpubakeError):
+    """A runtime plan names a lever value that does not exist."""
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """What the denoising loop turns on for one GPU architecture."""
+
+    arch: str
+    gemm_backend: str
+    attention: str = "default"
+    cfg_batch: bool = False
+    cache_small_m: bool = False
+    compile_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_CHOICES:
+            raise RuntimePlanError(
+                f"runtime plan {self.arch}: attention={self.attention!r} (one of {', '.join(ATTENTION_CHOICES)})")
+
+    def with_(self, **changes) -> "RuntimePlan":
+        return replace(self, **changes)
+
+
+def arch_of(cap: tuple[int, int] | None) -> str:
+    """Architecture family of a compute capability (None: the CPU)."""
+    if cap is None:
+        return "cpu"
+    return {9: "hopper", 10: "blackwell", 12: "blackwell", 8: "ada" if cap == (8, 9) else "ampere"}.get(cap[0], "other")
+
+
+# Levers that won when measured (docs/benchmarks.md, issue 7). Architectures without a
+# measurement get the plain plan: the GEMM backend and nothing else.
+_MEASURED: dict[str, dict] = {
+    "hopper": {},
+}
+
+
+def plan_for(device: torch.device | str | None = None) -> RuntimePlan:
+    """The runtime plan for `device`, by compute capability (same dispatch as the kernels)."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cap = capability(dev)
+    arch = arch_of(cap)
+    return RuntimePlan(arch=arch, gemm_backend=default_backend_name(cap), **_MEASURED.get(arch, {}))
+
+
+def small_m_layers(model: nn.Module) -> list[str]:
+    """Names of the NVFP4 linears that only ever see the text context."""
+    from gpubake.kernels.linear import NVFP4Linear
+
+    return [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear) and SMALL_M_LAYERS.search(n)]
+
+
+def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
+    """Apply the model-side levers of `plan` in place; returns what was done."""
+    names = small_m_layers(model)
+    for n in names:
+        model.get_submodule(n).set_keep_runtime_weight(plan.cache_small_m)
+    done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0}
+    blocks = [m for m in model.modules() if type(m).__name__ in getattr(model, "_repeated_blocks", ())]
+    if plan.compile_blocks:
+        if not blocks:
+            raise RuntimePlanError(f"compile_blocks: {type(model).__name__} declares no _repeated_blocks")
+        for b in blocks:
+            b.compile()  # regional: dynamo compiles the shared forward once per guard set
+        done["compiled_blocks"] = len(blocks)
+    else:
+        for b in blocks:
+            b._compiled_call_impl = None  # what nn.Module.compile set: back to eager
+    return done
+
+
+@contextlib.contextmanager
+def attention_context(plan: RuntimePlan) -> Iterator[None]:
+    """SDPA kernel choice of `plan` for the code inside (diffusers calls torch SDPA)."""
+    if plan.attention == "default":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[plan.attention]
+    with sdpa_kernel([backend]):
+        yield
+
+
+def cfg_forward(model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
+                uncond: torch.Tensor, batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise predictions (conditional, unconditional) of one guided step.
+
+    Batched: one forward of batch 2 (latents repeated, the two text contexts stacked),
+    which halves the launches and feeds the GEMMs twice the rows; needs the two text
+    contexts padded to the same length (Wan pads to 512) and twice the activations."""
+    if cond.shape != uncond.shape:
+        raise RuntimePlanError(f"cfg_forward: text contexts differ in shape {tuple(cond.shape)} vs {tuple(uncond.shape)}")
+    kw = {"return_dict": False}
+    if batched:
+        n = latents.shape[0]
+        out = model(hidden_states=torch.cat([latents, latents]), timestep=torch.cat([timestep, timestep]),
+                    encoder_hidden_states=torch.cat([cond, uncond]), **kw)[0]
+        return out[:n], out[n:]
+    c = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond, **kw)[0]
+    u = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=uncond, **kw)[0]
+    return c, u

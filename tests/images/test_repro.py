@@ -1,0 +1,121 @@
+"""The demo image end to end: reproducible digests, weights untouched by code changes,
+no secret anywhere, a registry round trip, and the CLI's one-line registry error.
+
+Costly (two full demo builds, a cached third one): marked slow and buildah.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from gpubake.images import registry as reg
+from gpubake.images.builders.buildah import read_archive_manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.buildah]
+TIMESTAMP = 1700000000
+
+
+def test_demo_builds_twice_to_the_same_digest(demo_build, demo_builder, store_root, tmp_path):
+    first = demo_build.result
+    # A second store and no layer cache: every step runs again, nothing is reused.
+    second = demo_builder(tmp_path, store_root / "b", no_cache=True).result
+    assert second.digest == first.digest
+    assert second.layers == first.layers
+    assert read_archive_manifest(second.archive)[0] == first.digest
+
+
+def test_demo_image_shape(demo_build):
+    result = demo_build.result
+    _, manifest = read_archive_manifest(result.archive)
+    assert [layer["digest"] for layer in manifest["layers"]] == [layer["digest"] for layer in result.layers]
+    assert result.builder == "buildah" and result.total_size == sum(layer["size"] for layer in result.layers)
+    last = _layer_names(result.archive, result.layers[-1]["digest"])
+    assert last and all(name.startswith("opt/gpubake/model") or name in ("opt", "opt/gpubake") for name in last)
+    assert "opt/gpubake/model/gpubake-manifest.json" in last
+
+
+def test_code_only_change_keeps_the_weight_layer(demo_build, demo_builder, tmp_path):
+    changed = demo_builder(tmp_path, demo_build.store, edit_code="\n# a code-only change\n").result
+    before, after = demo_build.result.layers, changed.layers
+    assert changed.digest != demo_build.result.digest
+    assert after[-1] == before[-1]  # the weights: same digest, nothing to re-push
+    assert after[:5] == before[:5]  # base, scripts, system, lock, Python env: untouched
+    assert after[5] != before[5]  # the app layer carries the change
+
+
+def _layer_names(archive: Path, digest: str) -> list[str]:
+    with tarfile.open(archive) as outer:
+        blob = outer.extractfile("blobs/sha256/" + digest.split(":", 1)[1])
+        with tarfile.open(fileobj=gzip.GzipFile(fileobj=blob)) as layer:
+            return layer.getnames()
+
+
+def _contains(stream, needle: bytes) -> bool:
+    tail = b""
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        if needle in tail + chunk:
+            return True
+        tail = chunk[-len(needle) :]
+    return False
+
+
+def test_secret_in_no_log_context_or_layer(demo_build):
+    canary = demo_build.canary.encode()
+    assert canary
+    assert canary not in demo_build.log.read_bytes()
+    for path in demo_build.context.rglob("*"):
+        if path.is_file():
+            assert canary not in path.read_bytes(), path
+    with tarfile.open(demo_build.result.archive) as outer:
+        for member in outer.getmembers():
+            fh = outer.extractfile(member)
+            if fh is None:
+                continue
+            head = fh.read(2)
+            fh.seek(0)
+            stream = gzip.GzipFile(fileobj=fh) if head == b"\x1f\x8b" else fh
+            assert not _contains(stream, canary), member.name
+
+
+@pytest.mark.registry
+def test_demo_push_round_trip(demo_build, registry, monkeypatch, tmp_path):
+    monkeypatch.setenv(reg.USER_ENV, registry.user)
+    monkeypatch.setenv(reg.PASSWORD_ENV, registry.password)
+    log = tmp_path / "push.log"
+    result = reg.push(demo_build.result.archive, f"{registry.host}/gpubake/demo:runpod", log_file=log)
+    assert result.digest == demo_build.result.digest
+    assert registry.password not in log.read_text()
+    assert registry.password.encode() not in registry.log.read_bytes()
+
+
+@pytest.mark.registry
+def test_cli_wrong_password_is_one_line_and_nonzero(demo_build, registry, tmp_path):
+    """build-image --push through the CLI: the cached build reproduces the digest, the push
+    is refused with one line naming the registry and the user."""
+    env = {
+        **os.environ,
+        "GPUBAKE_STORAGE_ROOT": str(demo_build.store),
+        "SOURCE_DATE_EPOCH": str(TIMESTAMP),
+        reg.USER_ENV: registry.user,
+        reg.PASSWORD_ENV: "wrong-" + registry.password,
+    }
+    dist = tmp_path / "dist"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from gpubake.cli import build_image_main; build_image_main()",
+         "--target", "runpod", "--dist", str(dist), "--push", f"{registry.host}/gpubake/demo:cli", "--json"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: registry {registry.host} refused the credentials for user {registry.user}"]
+    assert "Traceback" not in proc.stderr and registry.password not in proc.stderr + proc.stdout
+    assert read_archive_manifest(dist / "demo-runpod.oci.tar")[0] == demo_build.result.digest
+    for log in dist.glob("*.log"):
+        assert registry.password not in log.read_text()
