@@ -24,7 +24,7 @@ EPOCH = 1700000000
 def _build(out: Path, store: Path, *, no_cache: bool, edit: str | None = None) -> dict:
     from gpubake.images.builders.base import BuildRequest
     from gpubake.images.builders.buildah import BuildahBuilder
-    from gpubake.images.builders.storage import Storage
+    from gpubake.images.builders.storage import storage_at
     from gpubake.images.catalog import find
     from gpubake.images.model_layer import prepare_model
     from gpubake.images.render import RenderOptions, render_context
@@ -38,7 +38,7 @@ def _build(out: Path, store: Path, *, no_cache: bool, edit: str | None = None) -
         init.write_text(init.read_text() + edit)
     prepare_model(spec, ctx)
     t1 = time.monotonic()
-    builder = BuildahBuilder(Storage(store / "storage", store / "run"), no_cache=no_cache, on_step=None)
+    builder = BuildahBuilder(storage_at(store), no_cache=no_cache, on_step=None)
     res = builder.build(
         BuildRequest(spec, "runpod", ctx, "localhost/gpubake/demo:runpod", out / "demo.oci.tar", EPOCH, out / "build.log")
     )

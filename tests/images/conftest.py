@@ -158,7 +158,7 @@ def build_demo(out: Path, store: Path, *, no_cache: bool = False, edit_code: str
     it: a code-only change), place the model, build with buildah into `store`."""
     from gpubake.images.builders.base import BuildRequest
     from gpubake.images.builders.buildah import BuildahBuilder
-    from gpubake.images.builders.storage import Storage
+    from gpubake.images.builders.storage import storage_at
     from gpubake.images.catalog import find
     from gpubake.images.model_layer import prepare_model
     from gpubake.images.render import RenderOptions, render_context
@@ -170,7 +170,7 @@ def build_demo(out: Path, store: Path, *, no_cache: bool = False, edit_code: str
         init = ctx / "app" / "gpubake" / "__init__.py"
         init.write_text(init.read_text() + edit_code)
     prepare_model(spec, ctx)
-    builder = BuildahBuilder(Storage(root=store / "storage", runroot=store / "run"), no_cache=no_cache, on_step=None)
+    builder = BuildahBuilder(storage_at(store), no_cache=no_cache, on_step=None)
     req = BuildRequest(
         spec=spec,
         target=target,

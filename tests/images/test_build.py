@@ -17,7 +17,7 @@ from gpubake.images.builders.base import BuildRequest
 from gpubake.images.builders.buildah import BuildahBuilder
 from gpubake.images.builders.detect import detect_builder
 from gpubake.images.builders.docker import DockerBuilder
-from gpubake.images.builders.storage import Storage
+from gpubake.images.builders.storage import storage_at
 from gpubake.images.catalog import find
 from gpubake.images.render import RenderOptions, render_context
 
@@ -118,10 +118,11 @@ def test_weights_are_the_last_layer_and_code_comes_after_the_env(demo_context):
     assert ins[-1] == "COPY model/ /opt/gpubake/model/"
     steps = [i for i, line in enumerate(ins) if line.startswith("RUN")]
     order = [re.search(r"scripts/(\d\d-[a-z-]+\.sh)", ins[i]).group(1) for i in steps]
-    assert order == ["10-system.sh", "20-python-env.sh", "30-gpubake.sh"]
+    assert order == ["10-system.sh", "20-python-env.sh"]
     lock = next(i for i, line in enumerate(ins) if "requirements.lock.txt" in line)
     app = next(i for i, line in enumerate(ins) if line.startswith("COPY app/"))
-    assert steps[0] < lock < steps[1] < app < steps[2]  # code changes never rebuild the Python env
+    assert steps[0] < lock < steps[1] < app  # code changes never rebuild the Python env
+    assert not any(line.startswith("RUN") for line in ins[app:])  # nothing runs after the code
 
 
 def test_steps_named_by_the_containerfile_ship_in_the_context(demo_context):
@@ -154,7 +155,7 @@ def small_store(store_root):
         pytest.skip("needs root, buildah and debootstrap")
     from gpubake.images import bootstrap
 
-    storage = Storage(root=store_root / "small" / "storage", runroot=store_root / "small" / "run")
+    storage = storage_at(store_root / "small")
     spec = find("demo")
     ref = bootstrap.ensure_base(bootstrap.inputs_for(spec, EPOCH), storage, log_file=store_root / "bootstrap.log")
     return storage, ref, spec

@@ -178,6 +178,10 @@ class HopperFp8(GemmBackend):
         # cuBLAS FP8 "fast accumulation" (no periodic promotion of the tensor-core
         # accumulator): faster, error change measured in docs/benchmarks.md
         self.fast_accum = fast_accum
+        # Under torch.compile, quantize activations with the plain-torch definition
+        # (fp8_ref, bit-identical to the Triton kernel) so that inductor fuses it into
+        # the norm/modulation that produced x instead of a separate pass over x.
+        self.fuse_act_quant_when_compiling = False
 
     def prepare(self, w):
         from gpubake.kernels.convert_triton import fp8_row_factors
@@ -197,7 +201,11 @@ class HopperFp8(GemmBackend):
         self.check(x, pw)
         N, K = pw.out_features, pw.in_features
         x2 = x.reshape(-1, K)
-        xq, xs = fp8_rowwise(x2)
+        if self.fuse_act_quant_when_compiling and torch.compiler.is_compiling():
+            from gpubake.kernels.fp8_ref import fp8_rowwise_ref
+            xq, xs = fp8_rowwise_ref(x2)
+        else:
+            xq, xs = fp8_rowwise(x2)
         cached = pw.extras.get("fp8_weight")
         wq, ws = cached if cached is not None else nvfp4_to_fp8(
             pw.weight, self.scratch.get((N, K), torch.float8_e4m3fn, x.device), pw.extras["fp8_factors"])

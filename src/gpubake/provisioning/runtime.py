@@ -10,7 +10,9 @@ that won on that architecture:
 * ``cfg_batch``: both classifier-free-guidance passes in ONE forward of batch 2;
 * ``cache_small_m``: the cross-attention K/V projections (M = 512 text tokens) keep the
   backend's run-time weight instead of re-expressing NVFP4 per call;
-* ``compile_blocks``: regional ``torch.compile`` of the repeated transformer block.
+* ``compile_blocks``: regional ``torch.compile`` of the repeated transformer block;
+* ``fuse_act_quant``: under that compile, the FP8 activation quantization of the
+  `hopper-fp8` backend is left to inductor (fused into the op before it).
 
 A plan is data, so a new measurement changes a table entry, not code.
 """
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from gpubake.errors import GpubakeError
-from gpubake.kernels.backends import capability, default_backend_name
+from gpubake.kernels.backends import BACKENDS, capability, default_backend_name, get_backend
 
 ATTENTION_CHOICES = ("default", "cudnn", "flash")
 
@@ -48,6 +50,7 @@ class RuntimePlan:
     cfg_batch: bool = False
     cache_small_m: bool = False
     compile_blocks: bool = False
+    fuse_act_quant: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
@@ -93,6 +96,10 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     for n in names:
         model.get_submodule(n).set_keep_runtime_weight(plan.cache_small_m)
     done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0}
+    if plan.gemm_backend in BACKENDS:
+        backend = get_backend(plan.gemm_backend)
+        if hasattr(backend, "fuse_act_quant_when_compiling"):
+            backend.fuse_act_quant_when_compiling = plan.fuse_act_quant
     blocks = [m for m in model.modules() if type(m).__name__ in getattr(model, "_repeated_blocks", ())]
     if plan.compile_blocks:
         if not blocks:
