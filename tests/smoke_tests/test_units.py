@@ -52,6 +52,13 @@ def test_judge_thresholds():
     assert judge(row.seconds_per_step, row.end_to_end_seconds * 3.01, row, table)[0] == "fail"
 
 
+def test_spread_tolerance_per_model():
+    table = load_table()
+    assert table.spread_for("tiny-wan2.2") == 0.5  # overhead-bound: jitters with the host
+    assert table.spread_for("wan2.2-t2v-a14b") == table.spread_tolerance == 0.15
+    assert table.spread_for("unknown-model") == 0.15
+
+
 def test_bad_table_json(tmp_path: Path):
     bad = tmp_path / "t.json"
     bad.write_text("{nope")

@@ -48,6 +48,7 @@ class GpuExpectation(BaseModel):
 class ModelExpectations(BaseModel):
     model_config = ConfigDict(extra="forbid")
     render: RenderParams
+    spread_tolerance: float | None = Field(default=None, gt=0, description="overrides the table's for this model")
     gpus: list[GpuExpectation]
 
 
@@ -59,6 +60,11 @@ class ThroughputTable(BaseModel):
     fail_factor: float = Field(gt=1)
     spread_tolerance: float = Field(gt=0)
     models: dict[str, ModelExpectations]
+
+    def spread_for(self, model_id: str) -> float:
+        """Run-to-run spread allowed for this model (tiny models jitter with the host)."""
+        model = self.models.get(model_id)
+        return model.spread_tolerance if model and model.spread_tolerance else self.spread_tolerance
 
     def lookup(self, model_id: str, gpu_name: str | None) -> GpuExpectation | None:
         """First row whose match string is in the NVML name; None = unknown GPU or CPU."""

@@ -281,9 +281,10 @@ def throughput_stage(ctx: Context) -> StageResult:
         limit = ctx.table.tolerance if status != "fail" else ctx.table.fail_factor - 1
         notes.append(f"{measured}, {ratio:.2f}x the {row.source} {row.name} reference "
                      f"({row.seconds_per_step} s/step, {row.end_to_end_seconds} s): {word} +{limit:.0%}")
-    if ctx.gpu_name is not None and spread > ctx.table.spread_tolerance:  # CPU timings are too noisy to judge
+    allowed = ctx.table.spread_for(ctx.model_id)
+    if ctx.gpu_name is not None and spread > allowed:  # CPU timings are too noisy to judge
         status = worst(status, "warn")
-        notes.append(f"unstable over {len(sps)} runs: spread {spread:.0%} > {ctx.table.spread_tolerance:.0%}")
+        notes.append(f"unstable over {len(sps)} runs: spread {spread:.0%} > {allowed:.0%}")
     if ctx.gpu_name is not None:
         after = ctx.probe.throttle_reasons(ctx.gpus[0].index)
         values["throttle_reasons_after_render"] = after

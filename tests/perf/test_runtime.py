@@ -1,0 +1,161 @@
+"""Runtime levers of the denoising step (gpubake.provisioning.runtime), on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gpubake.kernels.backends import get_backend
+from gpubake.kernels.format import quantize_ref
+from gpubake.kernels.fp8_ref import nvfp4_to_fp8_ref
+from gpubake.kernels.linear import NVFP4Linear
+from gpubake.provisioning import runtime
+from gpubake.provisioning.runtime import (RuntimePlan, RuntimePlanError, apply_plan, apply_runtime, attention_context,
+                                          cfg_forward, plan_for, small_m_layers)
+from gpubake.provisioning.tiny import TRANSFORMER_CONFIG
+
+
+@pytest.fixture(scope="module")
+def tiny_nvfp4_model():
+    """The tiny Wan expert (float32) with every block linear swapped for NVFP4Linear."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name.startswith("blocks."):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NVFP4Linear.from_linear(mod))
+    return model
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(1, 16, 2, 8, 8, generator=g)
+    cond = torch.randn(1, 8, TRANSFORMER_CONFIG["text_dim"], generator=g)
+    uncond = torch.randn(1, 8, TRANSFORMER_CONFIG["text_dim"], generator=g)
+    return lat, torch.tensor([900]), cond, uncond
+
+
+@pytest.fixture
+def hopper_backend():
+    b = get_backend("hopper-fp8")
+    before = b.fuse_act_quant_when_compiling
+    yield b
+    b.fuse_act_quant_when_compiling = before
+
+
+@pytest.mark.parametrize("cap, arch, backend, compiled", [
+    (None, "cpu", "cpu-reference", False),
+    ((9, 0), "hopper", "hopper-fp8", True),
+    ((8, 9), "ada", "hopper-fp8", False),
+    ((8, 6), "ampere", "dequant-bf16", False),
+    ((12, 0), "blackwell", "blackwell-native", False),
+])
+def test_plan_follows_the_kernels_dispatch(monkeypatch, cap, arch, backend, compiled):
+    monkeypatch.setattr(runtime, "capability", lambda dev: cap)
+    plan = plan_for("cpu" if cap is None else "cuda")
+    assert (plan.arch, plan.gemm_backend, plan.compile_blocks) == (arch, backend, compiled)
+    # levers measured as no gain on Hopper stay off everywhere
+    assert not plan.cfg_batch and not plan.cache_small_m and not plan.fuse_act_quant
+    assert plan.attention == "default"
+
+
+def test_bad_attention_choice_is_a_one_line_error():
+    with pytest.raises(RuntimePlanError, match=r"attention='sage' \(one of default, cudnn, flash\)"):
+        RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", attention="sage")
+
+
+def test_cfg_batched_equals_two_passes(tiny_nvfp4_model, inputs):
+    with torch.inference_mode():
+        c1, u1 = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+        c2, u2 = cfg_forward(tiny_nvfp4_model, *inputs, batched=True)
+    assert c1.shape == (1, 16, 2, 8, 8)
+    assert not torch.allclose(c1, u1)  # the two text contexts really differ
+    torch.testing.assert_close(c2, c1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(u2, u1, rtol=1e-4, atol=1e-5)
+
+
+def test_cfg_rejects_text_contexts_of_different_shape(tiny_nvfp4_model, inputs):
+    lat, t, cond, _ = inputs
+    with pytest.raises(RuntimePlanError, match=r"text contexts differ in shape \(1, 8, 32\) vs \(1, 5, 32\)"):
+        cfg_forward(tiny_nvfp4_model, lat, t, cond, cond[:, :5], batched=True)
+
+
+def test_small_m_layers_are_the_cross_attention_kv(tiny_nvfp4_model):
+    n = TRANSFORMER_CONFIG["num_layers"]
+    assert small_m_layers(tiny_nvfp4_model) == [f"blocks.{i}.attn2.{p}" for i in range(n) for p in ("to_k", "to_v")]
+
+
+def test_cache_small_m_marks_only_those_and_keeps_the_output(tiny_nvfp4_model, inputs):
+    plain = plan_for("cpu")
+    with torch.inference_mode():
+        ref = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+        done = apply_plan(tiny_nvfp4_model, plain.with_(cache_small_m=True))
+        kept = {n for n, m in tiny_nvfp4_model.named_modules()
+                if isinstance(m, NVFP4Linear) and m.keep_runtime_weight}
+        out = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+        apply_plan(tiny_nvfp4_model, plain)
+    assert done["cached_small_m_layers"] == 2 * TRANSFORMER_CONFIG["num_layers"]
+    assert kept == set(small_m_layers(tiny_nvfp4_model))
+    assert not any(m.keep_runtime_weight for m in tiny_nvfp4_model.modules() if isinstance(m, NVFP4Linear))
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+
+def test_hopper_cached_fp8_weight_is_the_reference_reexpression(hopper_backend):
+    w = quantize_ref(torch.randn(48, 64, generator=torch.Generator().manual_seed(2)))
+    pw = hopper_backend.prepare(w)
+    assert "fp8_weight" not in pw.extras
+    hopper_backend.cache_weight(pw)
+    wq, ws = pw.extras["fp8_weight"]
+    rq, rs = nvfp4_to_fp8_ref(w)
+    assert torch.equal(wq.view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(ws, rs)
+
+
+def test_compile_blocks_is_regional_and_reversible(tiny_nvfp4_model, hopper_backend):
+    plain = plan_for("cpu")
+    hop = RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", compile_blocks=True, fuse_act_quant=True)
+    done = apply_plan(tiny_nvfp4_model, hop)  # torch.compile is lazy: nothing compiles here
+    blocks = list(tiny_nvfp4_model.blocks)
+    assert done["compiled_blocks"] == len(blocks) == TRANSFORMER_CONFIG["num_layers"]
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert tiny_nvfp4_model._compiled_call_impl is None  # the blocks, not the whole model
+    assert hopper_backend.fuse_act_quant_when_compiling
+    apply_plan(tiny_nvfp4_model, plain.with_(gemm_backend="hopper-fp8"))
+    assert all(b._compiled_call_impl is None for b in blocks)
+    assert not hopper_backend.fuse_act_quant_when_compiling
+
+
+def test_compile_blocks_needs_repeated_blocks():
+    with pytest.raises(RuntimePlanError, match="compile_blocks: Sequential declares no _repeated_blocks"):
+        apply_plan(nn.Sequential(nn.Linear(4, 4)), plan_for("cpu").with_(compile_blocks=True))
+
+
+def test_attention_context_restricts_sdpa():
+    q = torch.randn(1, 2, 4, 8)
+    with attention_context(plan_for("cpu")):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # default: the CPU math path
+    with attention_context(plan_for("cpu").with_(attention="cudnn")), pytest.raises(RuntimeError):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # cuDNN only: none on the CPU
+
+
+def test_apply_runtime_covers_both_experts(tiny_nvfp4_checkpoint):
+    from gpubake.provisioning.loader import load_pipeline
+
+    pipe = load_pipeline(tiny_nvfp4_checkpoint, device="cpu")
+    assert apply_runtime(pipe) == {n: {"cached_small_m_layers": 0, "compiled_blocks": 0}
+                                   for n in ("transformer", "transformer_2")}  # CPU plan: nothing
+    hop = RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", compile_blocks=True)
+    done = apply_runtime(pipe, hop)
+    n = TRANSFORMER_CONFIG["num_layers"]
+    assert done == {e: {"cached_small_m_layers": 0, "compiled_blocks": n} for e in ("transformer", "transformer_2")}
+    assert all(b._compiled_call_impl is not None for b in pipe.transformer_2.blocks)
+
+
+def test_apply_runtime_needs_a_transformer():
+    with pytest.raises(RuntimePlanError, match="apply_runtime: object has no transformer"):
+        apply_runtime(object())
