@@ -61,6 +61,20 @@ def _register_all() -> None:
 _register_all()
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error class(es): typer >= 0.20 vendors click as `typer._click`."""
+    classes: list[type[Exception]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            classes.append(importlib.import_module(module).ClickException)
+        except ModuleNotFoundError:
+            continue
+    return tuple(classes)
+
+
+_CLICK_ERRORS = _click_errors()
+
+
 def _run(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)
@@ -76,13 +90,9 @@ def _run(argv: list[str] | None = None) -> int:
     except typer.Abort:
         console.print("aborted")
         return 130
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except _CLICK_ERRORS as exc:  # usage errors: bad flag, bad value, missing argument
+        exc.show()
+        return exc.exit_code
     return 0
 
 

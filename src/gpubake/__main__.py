@@ -1,0 +1,5 @@
+"""`python -m gpubake` is the `gpubake` command."""
+
+from gpubake.cli import main
+
+main()
