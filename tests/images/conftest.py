@@ -153,9 +153,20 @@ class DemoBuild:
     canary: str = ""
 
 
-def build_demo(out: Path, store: Path, *, no_cache: bool = False, edit_code: str | None = None, target: str = "runpod"):
-    """Render the demo context (optionally appending `edit_code` to gpubake/__init__.py in
-    it: a code-only change), place the model, build with buildah into `store`."""
+def build_demo(
+    out: Path,
+    store: Path,
+    *,
+    no_cache: bool = False,
+    edit_code: str | None = None,
+    target: str = "runpod",
+    context_from: Path | None = None,
+    tag: str | None = None,
+    archive: bool = True,
+):
+    """Render the demo context (or copy `context_from`, model included: the same inputs
+    even while the source tree is being edited), optionally append `edit_code` to
+    gpubake/__init__.py in it (a code-only change), build with buildah into `store`."""
     from gpubake.images.builders.base import BuildRequest
     from gpubake.images.builders.buildah import BuildahBuilder
     from gpubake.images.builders.storage import storage_at
@@ -165,18 +176,21 @@ def build_demo(out: Path, store: Path, *, no_cache: bool = False, edit_code: str
 
     spec = find("demo")
     ctx = out / "context"
-    render_context(spec, target, ctx, RenderOptions(timestamp=TIMESTAMP))
+    if context_from is not None:
+        shutil.copytree(context_from, ctx, symlinks=True)
+    else:
+        render_context(spec, target, ctx, RenderOptions(timestamp=TIMESTAMP))
+        prepare_model(spec, ctx)
     if edit_code is not None:
         init = ctx / "app" / "gpubake" / "__init__.py"
         init.write_text(init.read_text() + edit_code)
-    prepare_model(spec, ctx)
     builder = BuildahBuilder(storage_at(store), no_cache=no_cache, on_step=None)
     req = BuildRequest(
         spec=spec,
         target=target,
         context_dir=ctx,
-        tag=f"localhost/gpubake/demo:{target}",
-        archive=out / "dist" / f"demo-{target}.oci.tar",
+        tag=tag or f"localhost/gpubake/demo:{target}",
+        archive=out / "dist" / f"demo-{target}.oci.tar" if archive else None,
         timestamp=TIMESTAMP,
         log_file=out / "build.log",
     )

@@ -56,9 +56,15 @@ class BuildahBuilder:
         no_cache: bool = False,
         on_step: Callable[[str], None] | None = _console_step,
     ) -> None:
-        self.storage = storage or default_storage()
+        self._storage = storage  # resolved at build time (env may change after construction)
         self.no_cache = no_cache  # rebuild every layer (reproducibility checks)
         self.on_step = on_step  # sees "STEP n/m: ..." lines (progress)
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = default_storage()
+        return self._storage
 
     def available(self) -> bool:
         return shutil.which("buildah") is not None and shutil.which("skopeo") is not None
@@ -181,13 +187,17 @@ class BuildahBuilder:
         return manifest_digest, layer_list(manifest)
 
     def _local_manifest(self, req: BuildRequest) -> tuple[str, list[dict]]:
-        out = subprocess.run(
-            ["skopeo", "inspect", "--raw", self.storage.ref(req.tag)], capture_output=True, env={**os.environ, **self._env()}
-        )
-        if out.returncode != 0:
-            raise BuildError(f"reading back {req.tag}: {out.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
-        raw = out.stdout
-        return "sha256:" + hashlib.sha256(raw).hexdigest(), layer_list(json.loads(raw))
+        return local_manifest(self.storage, req.tag)
+
+
+def local_manifest(storage: Storage, tag: str) -> tuple[str, list[dict]]:
+    """(digest, layers) of `tag` as stored locally (uncompressed layers: no export needed)."""
+    out = subprocess.run(["skopeo", "inspect", "--raw", storage.ref(tag)], capture_output=True)
+    if out.returncode != 0:
+        last = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["skopeo failed"]
+        raise BuildError(f"reading back {tag}: {last[0][:300]}")
+    raw = out.stdout
+    return "sha256:" + hashlib.sha256(raw).hexdigest(), layer_list(json.loads(raw))
 
 
 def _has_requirements(lock: Path) -> bool:
