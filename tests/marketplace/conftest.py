@@ -37,16 +37,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from testutil import free_port
 
 RUNPOD_KEY = "rpa_TESTKEY_7f3a9c1e5b2d4f60"
 VAST_KEY = "vast-TESTKEY-0c9e8d7b6a5f4e3d"
 REGISTRY_PASSWORD = "ghp_REGISTRYSECRET_55aa66bb"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

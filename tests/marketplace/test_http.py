@@ -7,9 +7,9 @@ for a bad bearer key, 404 for an unknown id, 429 when rate limited, 5xx) and Vas
 
 from __future__ import annotations
 
-import socket
 
 import pytest
+from testutil import free_port
 
 from gpubake.images.marketplace.http import ApiClient, AuthError, MarketplaceError, NotFoundError
 
@@ -67,9 +67,7 @@ def test_read_timeout(runpod):
 
 
 def test_unreachable_api_is_one_line():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     client = ApiClient(api="Vast.ai", base_url=f"http://127.0.0.1:{port}/api/v0", api_key="k" * 20, key_hint="", retries=1, backoff=0.01)
     with pytest.raises(MarketplaceError) as exc:
         client.request("GET", "/users/current/")

@@ -8,36 +8,10 @@ fetches it back through `gpubake.provisioning.fetch`.
 from __future__ import annotations
 
 import json
-import socket
-import uuid
 from pathlib import Path
 
-import pytest
 
 
-@pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-do-not-print")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    bucket = "weights-" + uuid.uuid4().hex[:8]
-    client.create_bucket(Bucket=bucket)
-    try:
-        yield endpoint, bucket, client
-    finally:
-        server.stop()
 
 
 def checkpoint(root: Path) -> Path:
@@ -53,8 +27,8 @@ def checkpoint(root: Path) -> Path:
     return root
 
 
-def test_push_weights_uploads_and_fetch_reads_it_back(s3_server, cli, tmp_path):
-    endpoint, bucket, client = s3_server
+def test_push_weights_uploads_and_fetch_reads_it_back(moto_s3, cli, tmp_path):
+    endpoint, bucket, client = moto_s3.endpoint, moto_s3.bucket, moto_s3.client
     src = checkpoint(tmp_path / "ckpt")
     code, out, err = cli("push-weights", src, f"s3://{bucket}/wan/tiny", "--endpoint-url", endpoint, "--json")
     assert code == 0, err
@@ -72,8 +46,8 @@ def test_push_weights_uploads_and_fetch_reads_it_back(s3_server, cli, tmp_path):
     assert (dest / "transformer" / "model.safetensors").read_bytes() == (src / "transformer" / "model.safetensors").read_bytes()
 
 
-def test_push_weights_dry_run_and_bad_input(s3_server, cli, tmp_path):
-    endpoint, bucket, client = s3_server
+def test_push_weights_dry_run_and_bad_input(moto_s3, cli, tmp_path):
+    endpoint, bucket, client = moto_s3.endpoint, moto_s3.bucket, moto_s3.client
     src = checkpoint(tmp_path / "ckpt")
     code, out, err = cli("push-weights", src, f"s3://{bucket}/x", "--endpoint-url", endpoint, "--dry-run", "--json")
     assert code == 0 and json.loads(out)["dry_run"] is True and "would upload" in err

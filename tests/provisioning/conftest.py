@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import uuid
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,10 +22,6 @@ from typing import Any
 import pytest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -126,38 +121,6 @@ def http_server(tmp_path: Path):
         srv.server_close()
 
 
-@dataclass
-class S3:
-    endpoint: str
-    bucket: str
-    client: Any
-
-
-@pytest.fixture
-def moto_s3(monkeypatch: pytest.MonkeyPatch):
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    bucket = "weights-" + uuid.uuid4().hex[:8]
-    client.create_bucket(Bucket=bucket)
-    try:
-        yield S3(endpoint, bucket, client)
-    finally:
-        import requests
-
-        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=5)
-        server.stop()
 
 
 @pytest.fixture

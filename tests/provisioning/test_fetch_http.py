@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from testutil import free_port
 
 from gpubake.errors import FetchError
 from gpubake.provisioning.fetch import fetch, staging_dir
@@ -128,11 +129,8 @@ def test_http_errors_are_one_line(http_server, tmp_path, status, pattern):
 
 
 def test_unreachable_server(tmp_path):
-    import socket
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     with pytest.raises(FetchError, match="unreachable") as exc:
         fetch(f"http://127.0.0.1:{port}/ckpt/", tmp_path / "ckpt", progress=False)
     assert "\n" not in str(exc.value)

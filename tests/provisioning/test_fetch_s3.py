@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from testutil import free_port
 import requests
 
 from gpubake.errors import FetchError
@@ -94,13 +95,10 @@ def test_missing_bucket_and_empty_prefix(moto_s3, tmp_path):
 
 
 def test_unreachable_endpoint(tmp_path, monkeypatch):
-    import socket
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     with pytest.raises(FetchError, match="unreachable") as exc:
         fetch("s3://b/p", tmp_path / "d", endpoint_url=f"http://127.0.0.1:{port}", progress=False)
     assert "\n" not in str(exc.value)
