@@ -51,11 +51,10 @@ def test_code_only_change_keeps_the_weight_layer(demo_build, demo_builder, tmp_p
     """Rebuilt from the layer cache with one source file changed. Compared in the local
     store (uncompressed layer digests; export compresses each deterministically), which
     spares a second export."""
-    from gpubake.images.builders.buildah import BuildahBuilder
+    from gpubake.images.builders.buildah import local_manifest
     from gpubake.images.builders.storage import storage_at
 
-    local = BuildahBuilder(storage_at(demo_build.store), on_step=None)
-    before = local._local_manifest(_Tagged("localhost/gpubake/demo:runpod"))[1]
+    before = local_manifest(storage_at(demo_build.store), "localhost/gpubake/demo:runpod")[1]
     changed = demo_builder(
         tmp_path,
         demo_build.store,
@@ -70,11 +69,6 @@ def test_code_only_change_keeps_the_weight_layer(demo_build, demo_builder, tmp_p
     assert after[:5] == before[:5]  # base, scripts, system, lock, Python env: untouched
     assert after[5] != before[5]  # the app layer carries the change
     assert after[6] == before[6]  # image.json + start.sh
-
-
-class _Tagged:
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
 
 
 def _layer_names(archive: Path, digest: str) -> list[str]:
