@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from testutil import free_port, stop_process
 
 TIMESTAMP = 1700000000
 
@@ -37,10 +37,6 @@ needs_registry = pytest.mark.skipif(
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap and buildah chroot builds need root")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -99,11 +95,7 @@ auth:
             time.sleep(0.2)
         yield Registry(host=f"127.0.0.1:{port}", user=user, password=password, root=root, log=log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,9 @@ def _fake_rootfs(root: Path) -> None:
         "var/lib/dpkg/status-old": "old status",
         "var/cache/ldconfig/aux-cache": "aux",
         "tmp/leftover": "x",
+        "etc/ssh/ssh_host_ed25519_key": "-----BEGIN OPENSSH PRIVATE KEY-----\n",
+        "etc/ssh/ssh_host_ed25519_key.pub": "ssh-ed25519 AAAA build-host\n",
+        "etc/ssh/sshd_config": "PermitRootLogin prohibit-password\n",
         "usr/bin/tool": "#!/bin/sh\n",
     }.items():
         path = root / rel
@@ -55,8 +58,10 @@ def test_normalise_drops_host_and_time_records(tmp_path):
     bootstrap.normalise_rootfs(root, EPOCH)
     assert (root / "etc/hostname").read_bytes() == b""
     assert (root / "etc/resolv.conf").read_bytes() == b""
-    for gone in ("etc/machine-id", "etc/passwd-", "var/lib/dpkg/status-old", "var/cache/ldconfig/aux-cache", "tmp/leftover"):
+    for gone in ("etc/machine-id", "etc/passwd-", "var/lib/dpkg/status-old", "var/cache/ldconfig/aux-cache", "tmp/leftover",
+                 "etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_ed25519_key.pub"):
         assert not (root / gone).exists(), gone
+    assert (root / "etc/ssh/sshd_config").exists()  # configuration stays; only per-instance keys go
     assert not list((root / "var/cache/apt/archives").glob("*.deb"))
     assert not (root / "var/cache/apt/pkgcache.bin").exists()
     assert [p.name for p in (root / "var/lib/apt/lists").iterdir()] == ["partial"]

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from testutil import free_port
 
 from gpubake.errors import RegistryError
 from gpubake.images import registry as reg
@@ -85,11 +86,7 @@ def test_users_auth_file_is_used_when_env_is_empty(registry, tiny_archive, monke
 
 
 def test_unreachable_registry_is_one_line(tiny_archive, monkeypatch):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     _env_creds(monkeypatch, "u", "p4ssword")
     with pytest.raises(RegistryError) as info:
         reg.push(tiny_archive, f"127.0.0.1:{port}/gpubake/tiny:x")

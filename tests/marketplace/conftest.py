@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from testutil import free_port
+from testutil import free_port, stop_process
 
 RUNPOD_KEY = "rpa_TESTKEY_7f3a9c1e5b2d4f60"
 VAST_KEY = "vast-TESTKEY-0c9e8d7b6a5f4e3d"
@@ -488,11 +488,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
     try:
         yield Sshd(port, d / "client_key", d / "known_hosts", Path(os.path.expanduser("~root")), proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=5)
 
 
 @pytest.fixture

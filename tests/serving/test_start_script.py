@@ -4,8 +4,6 @@ and both targets, then run with bash in a temporary root: fake `gpubake`, `sshd`
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path

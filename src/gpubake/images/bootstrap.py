@@ -57,6 +57,9 @@ _DROP_FILES = (
     "var/cache/debconf/templates.dat-old",
     "var/cache/debconf/passwords.dat-old",
 )
+# Secrets that must differ per instance (a base with openssh-server): the start script
+# makes new host keys at boot (ssh-keygen -A), so no two instances share one.
+_DROP_GLOBS = ("etc/ssh/ssh_host_*",)
 # Files the container runtime provides at run time; left empty so mounts have a target.
 _EMPTY_FILES = ("etc/hostname", "etc/resolv.conf")
 
@@ -150,6 +153,9 @@ def normalise_rootfs(root: Path, epoch: int) -> None:
     (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
     for rel in _DROP_FILES:
         (root / rel).unlink(missing_ok=True)
+    for pattern in _DROP_GLOBS:
+        for path in root.glob(pattern):
+            path.unlink()
     for rel in _EMPTY_FILES:
         p = root / rel
         if p.exists() or p.is_symlink():
