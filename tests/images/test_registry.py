@@ -138,3 +138,10 @@ def test_auth_repr_hides_password():
 def test_loopback_is_insecure_by_default_others_not():
     assert reg.is_loopback("127.0.0.1:5000") and reg.is_loopback("localhost:5000")
     assert not reg.is_loopback("ghcr.io") and not reg.is_loopback("10.0.0.1:5000")
+
+
+def test_a_port_or_digest_containing_401_is_not_an_auth_failure():
+    # Regression: a free port like 40123 made "connection refused" read as HTTP 401.
+    stderr = 'pinging container registry 127.0.0.1:40123: Get "http://127.0.0.1:40123/v2/": dial tcp 127.0.0.1:40123: connect: connection refused'
+    assert reg._explain(stderr, "127.0.0.1:40123", None, True) == "registry 127.0.0.1:40123 is not reachable"
+    assert "refused the credentials" in reg._explain("reading manifest: unauthorized: 401", "h:5000", reg.RegistryAuth("u", "p"), True)

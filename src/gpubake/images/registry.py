@@ -128,7 +128,8 @@ def _source_ref(local_ref_or_archive: str | os.PathLike[str], storage=None) -> s
 def _explain(stderr: str, host: str, auth: RegistryAuth | None, insecure: bool) -> str:
     """One line saying why skopeo failed, in the user's terms."""
     low = stderr.lower()
-    if "unauthorized" in low or "authentication required" in low or "401" in low or "denied" in low:
+    # A bare "401" would also match a port (127.0.0.1:40123) or a digest: whole word only.
+    if "unauthorized" in low or "authentication required" in low or re.search(r"\b401\b", low) or "denied" in low:
         if auth is not None:
             return f"registry {host} refused the credentials for user {auth.username}"
         return f"registry {host} requires credentials: set {USER_ENV} and {PASSWORD_ENV}, or log in with `skopeo login {host}`"
