@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gpubake.errors import BuildError
-from gpubake.fsutil import atomic_path
+from gpubake.fsutil import atomic_path, sha256_file
 from gpubake.images.builders.proc import run_logged
 from gpubake.images.builders.storage import Storage, cache_root
 
@@ -216,11 +216,7 @@ def write_oci_layout(layout: Path, layer_tar: Path, inputs: BootstrapInputs) -> 
     """Write a one-layer OCI image layout around `layer_tar` (moved in); return the manifest digest."""
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    with open(layer_tar, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    layer_digest = h.hexdigest()
+    layer_digest = sha256_file(layer_tar)
     layer_size = layer_tar.stat().st_size
     os.replace(layer_tar, blobs / layer_digest)
     created = datetime.fromtimestamp(inputs.epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

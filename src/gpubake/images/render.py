@@ -19,7 +19,6 @@ Layout (see docs/architecture.md "Build context"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import jinja2
 
 from gpubake import __version__
 from gpubake.errors import GpubakeError
-from gpubake.fsutil import atomic_path
+from gpubake.fsutil import atomic_path, sha256_file
 from gpubake.images import compat
 from gpubake.images.spec import ImageSpec
 
@@ -304,14 +303,6 @@ def _marketplace_payload(spec: ImageSpec, target: str, image_ref: str) -> dict[s
     return template_payload(spec, target, image_ref)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _normalise(root: Path, timestamp: int) -> dict[str, str]:
     """Fixed modes and mtimes for every entry; returns {relative path: sha256} of files."""
     files: dict[str, str] = {}
@@ -322,7 +313,7 @@ def _normalise(root: Path, timestamp: int) -> dict[str, str]:
         else:
             executable = path.suffix == ".sh"
             os.chmod(path, 0o755 if executable else 0o644)
-            files[rel] = _sha256(path)
+            files[rel] = sha256_file(path)
     for path in sorted(root.rglob("*"), reverse=True):
         os.utime(path, (timestamp, timestamp), follow_symlinks=False)
     os.utime(root, (timestamp, timestamp))

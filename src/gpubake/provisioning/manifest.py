@@ -14,24 +14,14 @@ from typing import Any
 
 from gpubake import __version__
 from gpubake.errors import GpubakeError
-from gpubake.fsutil import write_json_atomic
+from gpubake.fsutil import sha256_file, write_json_atomic
 
 MANIFEST_NAME = "gpubake-manifest.json"
 SCHEMA_VERSION = 1
-_CHUNK = 1 << 20
 
 
 class ManifestError(GpubakeError):
     """A manifest is missing, malformed, or a file does not match it."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed (weights are many GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:
