@@ -58,9 +58,57 @@ PREDICTIONS = {
         "bench): 3-8 % faster than compile alone, identical output",
     "nvfp4+winners+compile+fused-act-quant+cfg-batch": "still no gain: 0-2 % (launch overhead is "
         "already hidden at 32760 tokens), +3.4 GiB",
+    # written in session 9 (2026-11-24 21:00 UTC), before run 4 (8-bit attention):
+    "bf16+sage": "SageAttention-1 (Triton: INT8 QK^T on wgmma, FP16 P.V with fp16 accumulation) vs cuDNN "
+                 "(37 ms a layer at 32760 tokens): 1.1-1.4x on self-attention, so the BF16 step "
+                 "6.8 -> 6.0-6.4 s; error vs BF16 grows by ~1e-2 relative",
+    "bf16@720p": "2 x the issue's 12.41 s forward: ~25 s a step (both CFG passes), ~35 GiB",
+    "nvfp4+compile": "run 3 again (4.87-4.92 s): checks that the machine is the same",
+    "nvfp4+sage": "plain NVFP4 5.94-6.02 s minus the attention gain (0.4-0.8 s a step): 5.2-5.6 s",
+    "nvfp4+compile+sage": "4.9 s minus the attention gain: 4.1-4.5 s a step (2.05-2.25 s a forward: "
+                          "the 2.2 s goal is at the edge); the int8 kernel is one opaque node in the graph",
+    "nvfp4+compile+sage@720p": "20.5 s (run 3) minus 1.1-1.4x on attention (206 ms a layer x 80 calls "
+                               "= 16.5 s of it): 15.5-17.5 s a step, 7.8-8.8 s a forward vs the 8 s goal",
+    # written at 21:20 UTC, after run 5 (attention microbench: cuDNN FP8 31.7 ms incl. 7.6 ms of
+    # unfused quantization vs 37.2 ms BF16 at 480p; 153 vs 206 ms at 720p), before run 6:
+    "bf16+fp8attn": "eager: 80 calls x ~5.5 ms saved = ~0.45 s a step (6.7 -> ~6.3 s); error vs BF16 "
+                    "0.01-0.03 (random weights give softer attention than the microbench's inputs)",
+    "bf16+compile+fp8attn": "compile fuses amax/smoothing/casts into RoPE: ~3 ms more a call saved: "
+                            "5.67 -> ~4.9 s",
+    "nvfp4+compile+fp8attn": "4.89 s minus 80 x ~8-10 ms = 4.1-4.3 s a step (2.05-2.15 s a forward, "
+                             "under the 2.2 s goal); error vs BF16 grows from 0.050 to ~0.052-0.058",
+    "nvfp4+compile+fp8attn@720p": "20.5 s minus 80 x ~60 ms: ~15.5-16.5 s a step (7.8-8.3 s a forward "
+                                  "vs the 8 s goal)",
     "best@720p": "run 1 measured plain NVFP4 at 720p = 3.9x its 480p step (attention-bound); "
                  "compiled: ~3.6x the 480p step of the same plan, compile adds a recompile for the shape",
 }
+
+
+RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
+# name -> (GEMM weights, runtime-plan changes, resolution); BF16 variants run before the
+# in-place NVFP4 conversion. Runs 1-3 used the first block, run 4 the session-9 block.
+VARIANTS: dict[str, tuple[str, dict, str]] = {
+    "bf16": ("bf16", {}, "480p"),
+    "bf16+cudnn-sdpa": ("bf16", {"attention": "cudnn"}, "480p"),
+    "bf16+compile": ("bf16", {"compile_blocks": True}, "480p"),
+    "bf16+sage": ("bf16", {"attention": "sage-int8"}, "480p"),
+    "bf16@720p": ("bf16", {}, "720p"),
+    "nvfp4": ("nvfp4", {}, "480p"),
+    "nvfp4+cfg-batch": ("nvfp4", {"cfg_batch": True}, "480p"),
+    "nvfp4+cudnn-sdpa": ("nvfp4", {"attention": "cudnn"}, "480p"),
+    "nvfp4+fp8-cache-small-m": ("nvfp4", {"cache_small_m": True}, "480p"),
+    "nvfp4+sage": ("nvfp4", {"attention": "sage-int8"}, "480p"),
+    "nvfp4+compile": ("nvfp4", {"compile_blocks": True}, "480p"),
+    "nvfp4+compile+fused-act-quant": ("nvfp4", {"compile_blocks": True, "fuse_act_quant": True}, "480p"),
+    "nvfp4+compile+sage": ("nvfp4", {"compile_blocks": True, "attention": "sage-int8"}, "480p"),
+    "nvfp4+compile@720p": ("nvfp4", {"compile_blocks": True}, "720p"),
+    "nvfp4+compile+sage@720p": ("nvfp4", {"compile_blocks": True, "attention": "sage-int8"}, "720p"),
+    "bf16+fp8attn": ("bf16", {"attention": "cudnn-fp8"}, "480p"),
+    "bf16+compile+fp8attn": ("bf16", {"compile_blocks": True, "attention": "cudnn-fp8"}, "480p"),
+    "nvfp4+compile+fp8attn": ("nvfp4", {"compile_blocks": True, "attention": "cudnn-fp8"}, "480p"),
+    "nvfp4+compile+fp8attn@720p": ("nvfp4", {"compile_blocks": True, "attention": "cudnn-fp8"}, "720p"),
+}
+DEFAULT_VARIANTS = "bf16,bf16+sage,bf16@720p,nvfp4+sage,nvfp4+compile,nvfp4+compile+sage,nvfp4+compile+sage@720p"
 
 
 def sync(dev) -> None:
@@ -82,8 +130,9 @@ class Bench:
         self.inputs = (latents, timestep, cond, uncond)
         self.dev = latents.device
         self.t_start = time.monotonic()
-        self.ref = None
+        self.refs: dict[tuple, object] = {}  # BF16 output per input shape
         self.last_step_s = None
+        self.last_name = ""
 
     def left(self) -> float:
         return self.args.budget_s - (time.monotonic() - self.t_start)
@@ -111,7 +160,8 @@ class Bench:
             return None
         row = {"variant": name, "prediction": PREDICTIONS.get(name, ""), "plan": plan.__dict__.copy()}
         self.result["variants"].append(row)
-        est = (1 + self.args.repeats) * (self.last_step_s or 0) * (4 if "720p" in name else 1) + extra_cost_s
+        scale = 4 if "720p" in name and "720p" not in self.last_name else 1
+        est = (1 + self.args.repeats) * (self.last_step_s or 0) * scale + extra_cost_s
         if self.last_step_s is not None and est > self.left():
             row["skipped"] = f"expected {est:.0f} s > {self.left():.0f} s left of --budget-s"
             print(f"[{name}] skipped: {row['skipped']}", flush=True)
@@ -142,7 +192,7 @@ class Bench:
             self.write()
             return None
         med = sorted(times)[(len(times) - 1) // 2]  # lower median: the min of two
-        self.last_step_s = med
+        self.last_step_s, self.last_name = med, name
         row["seconds_per_step"] = [round(t, 4) for t in times]
         if plan.compile_blocks:
             row["compile_s_approx"] = round(row["warmup_s"] - 2 * med, 1)
@@ -152,10 +202,11 @@ class Bench:
             row["allocated_after_gib"] = round(torch.cuda.memory_allocated(self.dev) / 2**30, 2)
         flat = torch.cat([o.reshape(-1) for o in out]).float().cpu()
         row["finite"] = bool(torch.isfinite(flat).all())
-        if self.ref is None and name == "bf16":
-            self.ref = flat
-        if self.ref is not None and flat.shape == self.ref.shape:
-            row["rel_err_vs_bf16"] = round(rel_err(flat, self.ref), 5)
+        shape = tuple(self.inputs[0].shape)
+        if plan.gemm_backend == "bf16" and plan.attention in ("default", "cudnn", "flash") and shape not in self.refs:
+            self.refs[shape] = flat
+        if shape in self.refs:
+            row["rel_err_vs_bf16"] = round(rel_err(flat, self.refs[shape]), 5)
         base = next((r for r in self.result["variants"] if r["variant"] == "bf16" and "median_s_per_step" in r), None)
         if base and "720p" not in name:
             row["speedup_vs_bf16"] = round(base["median_s_per_step"] / med, 3)
@@ -165,38 +216,63 @@ class Bench:
 
 
 def attention_microbench(dev, tokens: int, heads: int, head_dim: int, text_len: int) -> dict:
-    """ms of one self-attention and one cross-attention call per SDPA backend (the 'why')."""
+    """ms of one self-attention and one cross-attention call per kernel (the 'why'), and
+    each kernel's relative error against fp32 attention on 2 heads (Wan-like inputs:
+    RMS-normed q/k with a per-channel offset on k, which is what smoothing is for)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    out = {}
+    from gpubake.kernels.attention import int8_attention
+
+    out: dict = {"tokens": tokens}
     if dev.type != "cuda":
         return out
-    q = torch.randn(1, heads, tokens, head_dim, device=dev, dtype=torch.bfloat16)
-    kv_text = torch.randn(1, heads, text_len, head_dim, device=dev, dtype=torch.bfloat16)
-    for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                           ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("default", None)):
+    gen = torch.Generator(device=dev).manual_seed(1)
+    q = torch.randn(1, heads, tokens, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+    k = (torch.randn(1, heads, tokens, head_dim, device=dev, generator=gen)
+         + 2.0 * torch.randn(1, heads, 1, head_dim, device=dev, generator=gen)).to(torch.bfloat16)
+    v = torch.randn(1, heads, tokens, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+    kv_text = torch.randn(1, heads, text_len, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+    with torch.inference_mode():
+        ref = F.scaled_dot_product_attention(q[:, :2].float(), k[:, :2].float(), v[:, :2].float())
+    kernels = {
+        "flash": lambda a, b, c: _sdpa_with(SDPBackend.FLASH_ATTENTION, a, b, c),
+        "cudnn": lambda a, b, c: _sdpa_with(SDPBackend.CUDNN_ATTENTION, a, b, c),
+        "default": lambda a, b, c: F.scaled_dot_product_attention(a, b, c),
+        "sage-int8": lambda a, b, c: int8_attention(a, b, c, min_tokens=1),
+    }
+    for label, fn in kernels.items():
         row = {}
-        for kind, k in (("self", q), ("cross", kv_text)):
+        for kind, kk, vv in (("self", k, v), ("cross", kv_text, kv_text)):
             try:
-                ctx = sdpa_kernel([backend]) if backend is not None else torch.inference_mode()
-                with ctx, torch.inference_mode():
-                    F.scaled_dot_product_attention(q, k, k)
+                with torch.inference_mode():
+                    fn(q, kk, vv)
                     sync(dev)
                     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
                     ev[0].record()
                     for _ in range(3):
-                        F.scaled_dot_product_attention(q, k, k)
+                        o = fn(q, kk, vv)
                     ev[1].record()
                     sync(dev)
                 row[kind + "_ms"] = round(ev[0].elapsed_time(ev[1]) / 3, 3)
+                if kind == "self":
+                    row["rel_err_vs_fp32"] = round(rel_err(o[:, :2], ref), 5)
+                    row["tflops"] = round(4 * tokens * tokens * head_dim * heads / (row["self_ms"] * 1e-3) / 1e12, 1)
             except Exception as exc:
-                row[kind + "_error"] = f"{type(exc).__name__}"
+                row[kind + "_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         out[label] = row
-    del q, kv_text
+    del q, k, v, kv_text, ref
     torch.cuda.empty_cache()
     return out
+
+
+def _sdpa_with(backend, q, k, v):
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def to_nvfp4(model, num_layers: int) -> dict:
@@ -245,8 +321,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed steps per variant (after one warm-up)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip variants that would overrun this")
     ap.add_argument("--compile-cost-s", type=float, default=150.0, help="expected compile time, for the budget")
-    ap.add_argument("--also-720p", action="store_true", help="then the winners at 720x1280 (if the budget allows)")
-    ap.add_argument("--skip", default="", help="comma-separated variant names not to run (bf16, nvfp4 always run)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="comma-separated names from VARIANTS, run in table order (bf16 always runs first)")
+    ap.add_argument("--skip", default="", help="comma-separated variant names not to run")
     ap.add_argument("--layers", type=int, help="fewer blocks (CPU smoke run)")
     ap.add_argument("--heads", type=int, help="fewer heads of 128 (CPU smoke run)")
     ap.add_argument("--device", default="cuda")
@@ -273,8 +350,8 @@ def main() -> None:
         "argv": sys.argv[1:], "config": cfg,
         "shape": {"frames": args.frames, "height": args.height, "width": args.width, "text_len": args.text_len},
         "tokens": ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16),
-        "not_measured": "SageAttention and FlashAttention-3 are not installed on the device and "
-                        "cannot be built within the device budget (no wheel for torch 2.11 carried)",
+        "not_measured": "FlashAttention-3 and SageAttention 2 (CUDA builds): no wheel for torch 2.11 "
+                        "exists to carry, and building either exceeds a device call",
         "variants": [],
     }
     t0 = time.perf_counter()
@@ -284,51 +361,36 @@ def main() -> None:
     result["parameters"] = sum(p.numel() for p in model.parameters())
     heads, hd = cfg["num_attention_heads"], cfg["attention_head_dim"]
     result["attention_ms"] = attention_microbench(dev, result["tokens"], heads, hd, args.text_len)
+    if "720p" in ",".join(v for v in args.variants.split(",")):
+        result["attention_ms_720p"] = attention_microbench(
+            dev, ((args.frames - 1) // 4 + 1) * 45 * 80, heads, hd, args.text_len)
     inputs = make_inputs(dev, args.frames, args.height, args.width, args.text_len)
     bench = Bench(args, model, *inputs, result)
     bench.write()
 
     plain = RuntimePlan(arch=plan_for(dev).arch, gemm_backend="bf16")
-    bench.run("bf16", plain)
-    bench.run("bf16+cudnn-sdpa", plain.with_(attention="cudnn"))
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    bench.run("bf16+compile", plain.with_(compile_blocks=True), extra_cost_s=args.compile_cost_s)
-
-    result["nvfp4_convert"] = to_nvfp4(model, cfg["num_layers"])
-    q = plain.with_(gemm_backend=result["nvfp4_convert"]["backend"])
-    base = bench.run("nvfp4", q)
-    levers = {"nvfp4+cfg-batch": {"cfg_batch": True}, "nvfp4+cudnn-sdpa": {"attention": "cudnn"},
-              "nvfp4+fp8-cache-small-m": {"cache_small_m": True}}
-    winners = {}
-    for name, change in levers.items():
-        row = bench.run(name, q.with_(**change))
-        # a lever wins if it is >= 2 % faster than plain NVFP4 and keeps the output
-        if (row and base and row["median_s_per_step"] < 0.98 * base["median_s_per_step"]
-                and row.get("rel_err_vs_bf16", 1) <= 1.05 * base.get("rel_err_vs_bf16", 1)):
-            winners.update(change)
-    result["winners"] = winners
-    best = q.with_(**winners)
-    if winners:
-        bench.run("nvfp4+winners", best)
-    # compile last among the 480p variants: it is the costly one, and once compiled the
-    # blocks stay compiled only in the variants that ask for it (apply_plan undoes it)
-    compiled = {}
-    for name, plan in (("nvfp4+winners+compile", best.with_(compile_blocks=True)),
-                       ("nvfp4+winners+compile+fused-act-quant", best.with_(compile_blocks=True, fuse_act_quant=True)),
-                       ("nvfp4+winners+compile+fused-act-quant+cfg-batch",
-                        best.with_(compile_blocks=True, fuse_act_quant=True, cfg_batch=True))):
-        if plan == best:
+    wanted = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    inputs_by_res = {"480p": inputs}
+    for name in ["bf16"] + [v for v in VARIANTS if v in wanted and v != "bf16"]:  # table order, BF16 first
+        gemm, changes, res = VARIANTS[name]
+        if gemm == "nvfp4" and "nvfp4_convert" not in result:
+            result["nvfp4_convert"] = to_nvfp4(model, cfg["num_layers"])
+        if gemm == "bf16" and "nvfp4_convert" in result:
+            result.setdefault("not_run", []).append(f"{name}: BF16 weights already converted")
             continue
-        row = bench.run(name, plan, extra_cost_s=args.compile_cost_s)
-        if row:
-            compiled[name] = (row["median_s_per_step"], plan)
-    if compiled:
-        best = min(compiled.values(), key=lambda v: v[0])[1]
-    if args.also_720p:
-        bench.ref = None  # no BF16 reference at 720p (the BF16 weights are gone)
+        if res not in inputs_by_res:
+            inputs_by_res[res] = make_inputs(dev, args.frames, *RESOLUTIONS[res], args.text_len)
+        plan = plain.with_(**changes)
+        if gemm == "nvfp4":
+            plan = plan.with_(gemm_backend=result["nvfp4_convert"]["backend"])
+        cost = args.compile_cost_s * (1 if res == "480p" else 0.5) if plan.compile_blocks else 0.0
+        bench.run(name, plan, extra_cost_s=cost, inputs=inputs_by_res[res])
+    if "720p" in inputs_by_res:
         result["tokens_720p"] = ((args.frames - 1) // 4 + 1) * 45 * 80
-        bench.run("best@720p", best, inputs=make_inputs(dev, args.frames, 720, 1280, args.text_len),
-                  extra_cost_s=args.compile_cost_s / 2 if best.compile_blocks else 0.0)
     result["total_s"] = round(time.monotonic() - bench.t_start, 1)
     bench.write()
     print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1))

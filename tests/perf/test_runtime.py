@@ -64,8 +64,17 @@ def test_plan_follows_the_kernels_dispatch(monkeypatch, cap, arch, backend, comp
 
 
 def test_bad_attention_choice_is_a_one_line_error():
-    with pytest.raises(RuntimePlanError, match=r"attention='sage' \(one of default, cudnn, flash\)"):
+    with pytest.raises(RuntimePlanError,
+                       match=r"^runtime plan hopper: attention='sage' \(one of default, cudnn, flash, sage-int8, cudnn-fp8\)$"):
         RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", attention="sage")
+
+
+def test_sage_int8_is_a_plan_value():
+    plan = RuntimePlan(arch="x", gemm_backend="bf16", attention="sage-int8")
+    assert plan.attention == "sage-int8"
+    q = torch.randn(1, 2, 4, 8)
+    with attention_context(plan):  # set on the model by apply_plan: SDPA stays unrestricted
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
 
 
 def test_cfg_batched_equals_two_passes(tiny_nvfp4_model, inputs):
@@ -147,15 +156,50 @@ def test_apply_runtime_covers_both_experts(tiny_nvfp4_checkpoint):
     from gpubake.provisioning.loader import load_pipeline
 
     pipe = load_pipeline(tiny_nvfp4_checkpoint, device="cpu")
-    assert apply_runtime(pipe) == {n: {"cached_small_m_layers": 0, "compiled_blocks": 0}
-                                   for n in ("transformer", "transformer_2")}  # CPU plan: nothing
+    nothing = {"cached_small_m_layers": 0, "compiled_blocks": 0, "lowp_attention_modules": 0}
+    assert apply_runtime(pipe) == {n: nothing for n in ("transformer", "transformer_2")}  # CPU plan
     hop = RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", compile_blocks=True)
     done = apply_runtime(pipe, hop)
     n = TRANSFORMER_CONFIG["num_layers"]
-    assert done == {e: {"cached_small_m_layers": 0, "compiled_blocks": n} for e in ("transformer", "transformer_2")}
+    assert done == {e: {**nothing, "compiled_blocks": n} for e in ("transformer", "transformer_2")}
     assert all(b._compiled_call_impl is not None for b in pipe.transformer_2.blocks)
 
 
 def test_apply_runtime_needs_a_transformer():
     with pytest.raises(RuntimePlanError, match="apply_runtime: object has no transformer"):
         apply_runtime(object())
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_head64():
+    """A tiny bf16 Wan expert with 8-bit-eligible self-attention (2 heads of 64, 1152 video
+    tokens) and its forward on fixed inputs (TRANSFORMER_CONFIG's head dim 32 is not eligible)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**TRANSFORMER_CONFIG, "attention_head_dim": 64, "ffn_dim": 64,
+                                     "num_layers": 2}).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(1, 16, 2, 48, 48, generator=g).bfloat16()
+    ctx = torch.randn(1, 8, TRANSFORMER_CONFIG["text_dim"], generator=g).bfloat16()
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(hidden_states=lat, timestep=torch.tensor([900]), encoder_hidden_states=ctx,
+                         return_dict=False)[0]
+
+    yield model, forward
+    apply_plan(model, plan_for("cpu"))
+
+
+def test_apply_plan_sage_int8_and_back(tiny_wan_head64):
+    model, forward = tiny_wan_head64
+    plain = plan_for("cpu")
+    ref = forward()
+    done = apply_plan(model, plain.with_(attention="sage-int8"))
+    assert done["lowp_attention_modules"] == len(model.blocks) == 2
+    int8 = forward()
+    assert not torch.equal(int8, ref)  # the self-attention really changed kernel
+    assert ((int8.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2  # ... to 8-bit error
+    assert apply_plan(model, plain)["lowp_attention_modules"] == 0
+    assert torch.equal(forward(), ref)

@@ -5,8 +5,10 @@ capability; this module adds the levers around it that `bench/bench_step.py` mea
 one at a time (docs/benchmarks.md, "Denoising step on Hopper"), and keeps only those
 that won on that architecture:
 
-* ``attention``: which torch SDPA kernel runs self-/cross-attention ("default" leaves
-  torch's own choice, "cudnn" forces cuDNN's fused attention, "flash" FlashAttention-2);
+* ``attention``: which kernel runs attention ("default" leaves torch SDPA's own choice,
+  "cudnn" forces cuDNN's fused attention, "flash" FlashAttention-2; "sage-int8" and
+  "cudnn-fp8" run the long self-attention through 8-bit SageAttention-1 or cuDNN's FP8
+  SDPA, `gpubake.kernels.attention`);
 * ``cfg_batch``: both classifier-free-guidance passes in ONE forward of batch 2;
 * ``cache_small_m``: the cross-attention K/V projections (M = 512 text tokens) keep the
   backend's run-time weight instead of re-expressing NVFP4 per call;
@@ -30,7 +32,7 @@ from torch import nn
 from gpubake.errors import GpubakeError
 from gpubake.kernels.backends import BACKENDS, capability, default_backend_name, get_backend
 
-ATTENTION_CHOICES = ("default", "cudnn", "flash")
+ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8")
 
 # Linears whose input is the (constant, 512-token) text context, not the video tokens.
 SMALL_M_LAYERS = re.compile(r"(^|\.)attn2\.(to_k|to_v|add_k_proj|add_v_proj)$")
@@ -87,6 +89,44 @@ def plan_for(device: torch.device | str | None = None) -> RuntimePlan:
     return RuntimePlan(arch=arch, gemm_backend=default_backend_name(cap), **_MEASURED.get(arch, {}))
 
 
+ENV_VAR = "GPUBAKE_RUNTIME"
+_BOOL = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
+
+
+def plan_from_env(device: torch.device | str | None = None, value: str | None = None) -> RuntimePlan:
+    """The plan the serving image runs: `plan_for(device)` changed by ``$GPUBAKE_RUNTIME``.
+
+    ``auto`` (or unset): the measured plan of this architecture; ``plain``: no lever, only
+    the kernels' GEMM backend; else comma-separated overrides such as
+    ``compile_blocks=0,attention=cudnn`` (booleans 1/0/true/false/on/off). A bad value is a
+    one-line error naming the variable, before any weight is loaded."""
+    import os
+
+    raw = (os.environ.get(ENV_VAR, "auto") if value is None else value).strip()
+    base = plan_for(device)
+    if raw in ("", "auto"):
+        return base
+    if raw == "plain":
+        return RuntimePlan(arch=base.arch, gemm_backend=base.gemm_backend)
+    fields = {f for f in RuntimePlan.__dataclass_fields__ if f not in ("arch", "gemm_backend")}
+    changes: dict = {}
+    for item in raw.split(","):
+        key, sep, val = (x.strip() for x in item.partition("="))
+        if not sep or key not in fields:
+            raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {item.strip()!r} is not LEVER=VALUE with LEVER one of "
+                                   f"{', '.join(sorted(fields))} (or use auto / plain)")
+        if key == "attention":
+            changes[key] = val
+        elif val.lower() in _BOOL:
+            changes[key] = _BOOL[val.lower()]
+        else:
+            raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {key}={val!r} is not a boolean (1/0/true/false/on/off)")
+    try:
+        return base.with_(**changes)
+    except RuntimePlanError as exc:
+        raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {exc}") from None
+
+
 def small_m_layers(model: nn.Module) -> list[str]:
     """Names of the NVFP4 linears that only ever see the text context."""
     from gpubake.kernels.linear import NVFP4Linear
@@ -99,7 +139,13 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     names = small_m_layers(model)
     for n in names:
         model.get_submodule(n).set_keep_runtime_weight(plan.cache_small_m)
-    done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0}
+    done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0,
+            "lowp_attention_modules": 0}
+    from gpubake.kernels.attention import LOWP_KERNELS, set_self_attention_kernel
+
+    lowp = plan.attention if plan.attention in LOWP_KERNELS else None
+    n = set_self_attention_kernel(model, lowp)  # None: back to torch SDPA
+    done["lowp_attention_modules"] = n if lowp else 0
     if plan.gemm_backend in BACKENDS:
         backend = get_backend(plan.gemm_backend)
         if hasattr(backend, "fuse_act_quant_when_compiling"):
@@ -120,7 +166,7 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
 @contextlib.contextmanager
 def attention_context(plan: RuntimePlan) -> Iterator[None]:
     """SDPA kernel choice of `plan` for the code inside (diffusers calls torch SDPA)."""
-    if plan.attention == "default":
+    if plan.attention not in ("cudnn", "flash"):  # the 8-bit kernels are set on the model (apply_plan)
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel

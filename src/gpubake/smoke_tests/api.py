@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpubake.provisioning.pipeline import check_runtime_env
 from gpubake.smoke_tests.expectations import SelfTestError, load_table
 from gpubake.smoke_tests.probe import GpuProbe, NvmlProbe
 from gpubake.smoke_tests.report import Report
@@ -63,6 +64,7 @@ def create_selftest(
         raise SelfTestError(f"--sustained: must be at least 1, got {sustained}")
     if device is not None and not _DEVICE.match(device):
         raise SelfTestError(f"--device: must be cpu, cuda or cuda:N, got {device!r}")
+    check_runtime_env()  # a bad $GPUBAKE_RUNTIME is bad input, not a failed render after the hashing
     ctx = Context(
         spec=spec,
         model_dir=Path(model_dir),

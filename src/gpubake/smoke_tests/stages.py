@@ -44,6 +44,7 @@ class Context:
     gpus: list[GpuInfo] = field(default_factory=list)
     pipeline: Any = None
     load_seconds: float | None = None
+    runtime: dict[str, Any] | None = None  # ServingPipeline.runtime(): plan and levers applied
     renders: list[Any] = field(default_factory=list)  # provisioning.render.RenderResult
     warmup: Any = None
 
@@ -195,16 +196,18 @@ def render_params(ctx: Context) -> RenderParams:
 
 
 def _load(ctx: Context) -> Any:
+    """The service's pipeline (weights, then the runtime plan of `ctx.device`)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+
+    from gpubake.provisioning.pipeline import load_serving_pipeline
 
     # A boot log wants one line per stage, not the libraries' per-file progress bars.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    loader = ctx.pipeline_loader
-    if loader is None:
-        from gpubake.provisioning.loader import load_pipeline as loader
-    pipe = loader(ctx.model_dir, ctx.device)
+    loaded = load_serving_pipeline(ctx.model_dir, ctx.device, ctx.pipeline_loader)
+    ctx.runtime = loaded.runtime()
+    pipe = loaded.pipe
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -221,8 +224,10 @@ def render_stage(ctx: Context) -> StageResult:
         ctx.pipeline = _load(ctx)
         ctx.load_seconds = time.perf_counter() - t0
         if ctx.device.startswith("cuda"):
-            # Lazy CUDA init, Triton compiles, cuDNN autotuning and each expert's first
-            # weight preparation: all steps, so both experts warm up, kept out of the timings.
+            # Lazy CUDA init, Triton compiles, cuDNN autotuning, each expert's first weight
+            # preparation and the plan's regional compile (guarded on shape: the warm-up
+            # must render the timed clip's exact params): all steps, so both experts warm
+            # up, kept out of the timings.
             ctx.warmup = render(ctx.pipeline, params.prompt, params.height, params.width, params.num_frames,
                                 params.steps, params.seed, ctx.out_dir / "warmup", fps=fps)
         for i in range(max(1, ctx.sustained)):
@@ -231,7 +236,7 @@ def render_stage(ctx: Context) -> StageResult:
                                       params.num_frames, params.steps, params.seed, out, fps=fps))
     except Exception as exc:
         return StageResult("render", "fail", f"render failed: {_one_line(exc)}",
-                           {"params": params.model_dump(), "load_seconds": ctx.load_seconds})
+                           {"params": params.model_dump(), "load_seconds": ctx.load_seconds, "runtime": ctx.runtime})
     first = ctx.renders[0]
     values = {
         "params": params.model_dump(),
@@ -241,6 +246,7 @@ def render_stage(ctx: Context) -> StageResult:
         "video_bytes": first.video.stat().st_size,
         "runs": [r.to_dict() for r in ctx.renders],
         "warmup_seconds": round(ctx.warmup.total_seconds, 3) if ctx.warmup else None,
+        "runtime": ctx.runtime,
     }
     msg = (f"{first.frames} frames {first.width}x{first.height}, {params.steps} steps on {ctx.device} "
            f"-> {first.video.name} + {first.first_frame.name}")

@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gpubake.provisioning.pipeline import (
+    PipelineLoader,
+    check_runtime_env,
+    load_serving_pipeline,
+)
 from gpubake.provisioning.serving.service import GenerationService
 
 
@@ -27,8 +32,12 @@ def build_service(
     quick: bool = False,
     device: str | None = None,
     max_queue: int = 16,
+    pipeline_loader: PipelineLoader | None = None,
     **selftest_kwargs: Any,
 ) -> GenerationService:
+    """The service; its pipeline is `load_serving_pipeline`'s (weights + runtime plan),
+    loaded by the self-test when there is one. `pipeline_loader` replaces only the
+    weight loading (tests)."""
     from gpubake.provisioning.models import get_model
     from gpubake.smoke_tests.api import create_selftest, resolve_model_dir, resolve_spec
     from gpubake.smoke_tests.report import default_report_path
@@ -40,16 +49,17 @@ def build_service(
     test = None
     loader = None
     if selftest:
+        # the self-test loads the pipeline (runtime plan applied) and hands it over
         test = create_selftest(spec, mdir, report_path.parent / "selftest-clip", quick=quick, device=device,
-                               **selftest_kwargs)
+                               pipeline_loader=pipeline_loader, **selftest_kwargs)
     else:
+        check_runtime_env()  # fail at startup, not in the worker thread after the load
+
         def loader() -> tuple[Any, str]:
             import torch
 
-            from gpubake.provisioning.loader import load_pipeline
-
             dev = device or ("cuda" if spec.cuda != "none" and torch.cuda.is_available() else "cpu")
-            return load_pipeline(mdir, device=dev), dev
+            return load_serving_pipeline(mdir, dev, pipeline_loader).pipe, dev
 
     return GenerationService(model=get_model(spec.model.id), out_dir=out, report_path=report_path,
                              selftest=test, pipeline_loader=loader, max_queue=max_queue)

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gpubake.errors import GpubakeError
 from gpubake.provisioning.serving.generate import RequestRejected
 from gpubake.provisioning.serving.schemas import GenerateRequest
 from gpubake.provisioning.serving.service import GenerationService, Job, Refused
@@ -65,7 +66,10 @@ def main() -> None:
     mode = os.environ.get("GPUBAKE_SELFTEST", "quick")  # serverless workers boot often: quick by default
     if mode not in ("full", "quick", "off"):
         raise SystemExit(f"error: GPUBAKE_SELFTEST must be full, quick or off, got {mode!r}")
-    service = build_service(selftest=mode != "off", quick=mode == "quick")
+    try:
+        service = build_service(selftest=mode != "off", quick=mode == "quick")
+    except GpubakeError as exc:  # e.g. a bad $GPUBAKE_RUNTIME: one line, as for the modes above
+        raise SystemExit(f"error: {exc}") from None
     service.start()
     runpod.serverless.start({"handler": make_handler(service)})
 

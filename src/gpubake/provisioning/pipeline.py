@@ -1,0 +1,64 @@
+"""The pipeline the serving image runs: the checkpoint's weights plus the measured
+runtime plan of this GPU architecture (`gpubake.provisioning.runtime`, issue 7).
+
+One function for the boot self-test and the generation service, so the clip the
+self-test times is rendered by exactly the model the service then serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # runtime imports torch: keep `gpubake --help` and the CLI's bad-input path fast
+    from gpubake.provisioning.runtime import RuntimePlan
+
+log = logging.getLogger(__name__)
+
+PipelineLoader = Callable[[Path, str], Any]
+
+
+@dataclass(frozen=True)
+class ServingPipeline:
+    """A loaded pipeline and the runtime levers applied to it."""
+
+    pipe: Any
+    plan: RuntimePlan
+    applied: dict[str, dict[str, int]]  # per expert, what `apply_runtime` did
+
+    def runtime(self) -> dict[str, Any]:
+        """The plan and what was applied, as the self-test report shows them."""
+        return {"plan": dataclasses.asdict(self.plan), "applied": self.applied}
+
+
+def check_runtime_env() -> None:
+    """Parse $GPUBAKE_RUNTIME now, so a typo fails at startup in one line rather than
+    after minutes of hashing weights. Parsing does not depend on the device (only the
+    base plan does), so the CPU is used: no CUDA initialisation here."""
+    from gpubake.provisioning.runtime import plan_from_env
+
+    plan_from_env("cpu")
+
+
+def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader | None = None) -> ServingPipeline:
+    """Load the checkpoint at `model_dir` onto `device` with `loader` (default:
+    `load_pipeline`), then apply the runtime plan of `device` from $GPUBAKE_RUNTIME.
+
+    The plan is resolved before any weight is read, so a bad value costs no load time.
+    Levers such as regional compile act lazily: the first denoising step of each new
+    shape pays the compile, which the self-test's warm-up render absorbs."""
+    from gpubake.provisioning.runtime import apply_runtime, plan_from_env
+
+    plan = plan_from_env(device)
+    if loader is None:
+        from gpubake.provisioning.loader import load_pipeline
+
+        loader = load_pipeline
+    pipe = loader(Path(model_dir), device)
+    applied = apply_runtime(pipe, plan)
+    log.info("runtime plan on %s: %s; applied %s", device, plan, applied)
+    return ServingPipeline(pipe, plan, applied)
