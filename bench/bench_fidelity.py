@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, help="fewer blocks (local smoke run)")
     ap.add_argument("--heads", type=int, help="fewer heads of 128 (local smoke run)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--runtime", action="store_true",
+                    help="also: BF16 + the plan's attention lever, and NVFP4 + the whole runtime plan (issue 7)")
     args = ap.parse_args()
 
     import diffusers
@@ -104,6 +106,18 @@ def main() -> None:
         runs[("bf16", r)] = generate(pipe, prompt, args.seed, s, dev)
         print(f"bf16 {r}: {runs[('bf16', r)].seconds}s", flush=True)
     peak_bf16 = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
+    from gpubake.provisioning.runtime import RuntimePlan, apply_plan, plan_for
+
+    plan = plan_for(torch.device(dev))
+    plain = RuntimePlan(arch=plan.arch, gemm_backend=plan.gemm_backend)
+    if args.runtime and plan.attention != "default":
+        for e in experts:
+            apply_plan(e, plain.with_(attention=plan.attention))
+        for r, s in settings.items():
+            runs[("bf16+attn", r)] = generate(pipe, prompt, args.seed, s, dev)
+            print(f"bf16+{plan.attention} {r}: {runs[('bf16+attn', r)].seconds}s", flush=True)
+        for e in experts:
+            apply_plan(e, plain)
 
     t0 = time.monotonic()
     sqnr = {}
@@ -131,6 +145,13 @@ def main() -> None:
             runs[("nvfp4", r)] = generate(pipe, prompt, args.seed, s, dev)
         print(f"nvfp4 {r} ({backend}): {runs[('nvfp4', r)].seconds}s", flush=True)
     peak_nvfp4 = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
+    if args.runtime:
+        for e in experts:
+            apply_plan(e, plan)
+        for r, s in settings.items():
+            generate(pipe, prompt, args.seed, s, dev)  # compile for this shape
+            runs[("nvfp4+plan", r)] = generate(pipe, prompt, args.seed, s, dev)
+            print(f"nvfp4+plan {r}: {runs[('nvfp4+plan', r)].seconds}s", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     per_res = {}
@@ -139,6 +160,11 @@ def main() -> None:
         res["settings"] = settings[r].__dict__
         per_res[f"{r[0]}x{r[1]}"] = res
         contact_sheet([(runs[("bf16", r)], runs[("nvfp4", r)])], args.out / f"contact_{r[0]}x{r[1]}.png")
+        for variant in ("bf16+attn", "nvfp4+plan"):
+            if (variant, r) in runs:
+                extra = compare(runs[("bf16", r)], runs[(variant, r)])
+                res[variant] = {k: extra[k] for k in ("psnr_db_mean", "ssim_mean", "latent_rel_err_per_step")
+                                if k in extra}
     vals = [v for v in sqnr.values() if v is not None]
     report = {
         "model": args.model, "expert_config": cfg, "expert_params": params,
@@ -148,6 +174,7 @@ def main() -> None:
         "build_seconds": round(build_s, 1), "convert_seconds": round(convert_s, 1),
         "peak_gpu_bytes_bf16": peak_bf16, "peak_gpu_bytes_nvfp4": peak_nvfp4,
         "layer_sqnr_db": {"count": len(vals), "min": min(vals), "mean": sum(vals) / len(vals), "max": max(vals)},
+        "runtime_plan": plan.__dict__.copy() if args.runtime else None,
         "by_resolution": per_res,
         "summary": {k: summarize([v], sqnr) for k, v in per_res.items()},
     }
@@ -155,6 +182,10 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "by_resolution"}, indent=2))
     for k, v in per_res.items():
         print(k, "latent rel err per step", v["latent_rel_err_per_step"], "psnr", v["psnr_db_mean"], "ssim", v["ssim_mean"])
+        for variant in ("bf16+attn", "nvfp4+plan"):
+            if variant in v:
+                print(k, variant, "psnr", v[variant].get("psnr_db_mean"), "ssim", v[variant].get("ssim_mean"),
+                      "latent rel err per step", v[variant].get("latent_rel_err_per_step"))
 
 
 if __name__ == "__main__":

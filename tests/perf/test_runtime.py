@@ -47,6 +47,23 @@ def hopper_backend():
     b.fuse_act_quant_when_compiling = before
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Make `plan_for` see a GPU of capability `cap` with `gib` GiB (None: the CPU) and
+    the cuDNN frontend wheel present or not (this venv has none)."""
+    from types import SimpleNamespace
+
+    from gpubake.kernels import attention_fp8
+
+    def fake(cap: tuple[int, int] | None, gib: float = 80, wheel: bool = False) -> None:
+        monkeypatch.setattr(runtime, "capability", lambda dev: cap)
+        monkeypatch.setattr(runtime.torch.cuda, "get_device_properties",
+                            lambda dev: SimpleNamespace(total_memory=int(gib * 2**30)))
+        monkeypatch.setattr(attention_fp8, "cudnn_frontend_available", lambda: wheel)
+
+    return fake
+
+
 @pytest.mark.parametrize("cap, arch, backend, compiled", [
     (None, "cpu", "cpu-reference", False),
     ((9, 0), "hopper", "hopper-fp8", True),
@@ -54,19 +71,53 @@ def hopper_backend():
     ((8, 6), "ampere", "dequant-bf16", False),
     ((12, 0), "blackwell", "blackwell-native", False),
 ])
-def test_plan_follows_the_kernels_dispatch(monkeypatch, cap, arch, backend, compiled):
-    monkeypatch.setattr(runtime, "capability", lambda dev: cap)
+def test_plan_follows_the_kernels_dispatch(fake_gpu, cap, arch, backend, compiled):
+    fake_gpu(cap)
     plan = plan_for("cpu" if cap is None else "cuda")
     assert (plan.arch, plan.gemm_backend, plan.compile_blocks) == (arch, backend, compiled)
     # levers measured as no gain on Hopper stay off everywhere
     assert not plan.cfg_batch and not plan.cache_small_m and not plan.fuse_act_quant
-    assert plan.attention == "default"
+    assert plan.attention == "default"  # no cuDNN frontend wheel
+    assert (plan.text_encoder, plan.vae_tiling) == ("keep", False)  # 80 GiB: room for the full model
+
+
+@pytest.mark.parametrize("wheel, attention", [(True, "cudnn-fp8"), (False, "default")])
+def test_hopper_plan_takes_cudnn_fp8_only_with_the_wheel(fake_gpu, wheel, attention):
+    fake_gpu((9, 0), wheel=wheel)
+    plan = plan_for("cuda")
+    assert (plan.arch, plan.compile_blocks, plan.attention) == ("hopper", True, attention)
+    fake_gpu((12, 0), wheel=wheel)  # not measured there: no FP8 attention
+    assert plan_for("cuda").attention == "default"
+
+
+@pytest.mark.parametrize("cap", [(9, 0), (8, 9), (12, 0)])
+def test_small_cards_shrink_the_text_encoder_and_tile_the_vae(fake_gpu, cap):
+    fake_gpu(cap, gib=23.6, wheel=True)  # a 24 GB card as torch reports it
+    plan = plan_for("cuda")
+    assert (plan.text_encoder, plan.vae_tiling) == ("shrink", True)
+    assert plan.compile_blocks == (cap == (9, 0))  # the architecture's levers still apply
+    fake_gpu(cap, gib=runtime.SMALL_CARD_GIB)
+    assert plan_for("cuda").text_encoder == "keep"
 
 
 def test_bad_attention_choice_is_a_one_line_error():
     with pytest.raises(RuntimePlanError,
                        match=r"^runtime plan hopper: attention='sage' \(one of default, cudnn, flash, sage-int8, cudnn-fp8\)$"):
         RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", attention="sage")
+
+
+def test_bad_text_encoder_choice_is_a_one_line_error():
+    with pytest.raises(RuntimePlanError, match=r"^runtime plan cpu: text_encoder='big' \(one of keep, shrink\)$"):
+        plan_for("cpu").with_(text_encoder="big")
+
+
+def test_env_sets_the_text_encoder_and_fp8_attention():
+    assert plan_for("cpu").text_encoder == "keep"
+    plan = runtime.plan_from_env("cpu", "text_encoder=shrink,attention=cudnn-fp8")
+    assert (plan.arch, plan.text_encoder, plan.attention) == ("cpu", "shrink", "cudnn-fp8")
+    with pytest.raises(RuntimePlanError, match=r"^GPUBAKE_RUNTIME='text_encoder=big': .*text_encoder='big' "
+                                               r"\(one of keep, shrink\)$"):
+        runtime.plan_from_env("cpu", "text_encoder=big")
 
 
 def test_sage_int8_is_a_plan_value():
@@ -157,12 +208,76 @@ def test_apply_runtime_covers_both_experts(tiny_nvfp4_checkpoint):
 
     pipe = load_pipeline(tiny_nvfp4_checkpoint, device="cpu")
     nothing = {"cached_small_m_layers": 0, "compiled_blocks": 0, "lowp_attention_modules": 0}
-    assert apply_runtime(pipe) == {n: nothing for n in ("transformer", "transformer_2")}  # CPU plan
+    experts = ("transformer", "transformer_2")
+    done = apply_runtime(pipe)  # CPU plan
+    assert {e: done[e] for e in experts} == {e: nothing for e in experts} and "text_encoder" not in done
     hop = RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", compile_blocks=True)
     done = apply_runtime(pipe, hop)
     n = TRANSFORMER_CONFIG["num_layers"]
-    assert done == {e: {**nothing, "compiled_blocks": n} for e in ("transformer", "transformer_2")}
+    assert {e: done[e] for e in experts} == {e: {**nothing, "compiled_blocks": n} for e in experts}
     assert all(b._compiled_call_impl is not None for b in pipe.transformer_2.blocks)
+
+
+def _moved(monkeypatch) -> list[str]:
+    """Class names of the modules `.to()` is called on from now on."""
+    moved: list[str] = []
+    to = nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        moved.append(type(self).__name__)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", spy)
+    return moved
+
+
+def test_load_pipeline_leaves_host_components_alone(tiny_checkpoint, monkeypatch):
+    from gpubake.provisioning.loader import load_pipeline
+
+    moved = _moved(monkeypatch)
+    load_pipeline(tiny_checkpoint, "cpu")
+    assert "UMT5EncoderModel" in moved and "AutoencoderKLWan" in moved
+    moved.clear()
+    pipe = load_pipeline(tiny_checkpoint, "cpu", host_components=("text_encoder",))
+    assert "UMT5EncoderModel" not in moved and "AutoencoderKLWan" in moved  # the rest still goes to the device
+    assert type(pipe.text_encoder).__name__ == "UMT5EncoderModel"
+
+
+def test_apply_runtime_shrinks_the_text_encoder(tiny_nvfp4_checkpoint):
+    from gpubake.provisioning.loader import load_pipeline
+
+    pipe = load_pipeline(tiny_nvfp4_checkpoint, "cpu", host_components=("text_encoder",))
+    assert "text_encoder" not in apply_runtime(pipe, plan_for("cpu"))  # keep: untouched
+    assert any(isinstance(m, nn.Linear) for m in pipe.text_encoder.modules())
+    done = apply_runtime(pipe, plan_for("cpu").with_(text_encoder="shrink"))
+    layers = pipe.text_encoder.config.num_layers  # q, k, v, o, wi_0, wi_1, wo -> FP8 weights
+    assert done["text_encoder"] == {"fp8_linears": 7 * layers, "host_embeddings": 0,
+                                    "gpu_bytes": 0}  # the tiny vocabulary is under the host-table size
+    assert not any(isinstance(m, nn.Linear) for m in pipe.text_encoder.modules())
+    assert {"transformer", "transformer_2", "text_encoder"} <= set(done)
+    emb = pipe.encode_prompt("a red cat", device="cpu", do_classifier_free_guidance=False)[0]
+    assert torch.isfinite(emb).all() and emb.abs().sum() > 0
+
+
+def test_serving_pipeline_leaves_the_encoder_on_the_host_only_to_shrink_it(tiny_nvfp4_checkpoint, monkeypatch):
+    from gpubake.provisioning import loader
+    from gpubake.provisioning.pipeline import load_serving_pipeline
+
+    calls: list[dict] = []
+    real = loader.load_pipeline
+
+    def spy(path, device, **kwargs):
+        calls.append(kwargs)
+        return real(path, device, **kwargs)
+
+    monkeypatch.setattr(loader, "load_pipeline", spy)
+    monkeypatch.setenv(runtime.ENV_VAR, "text_encoder=shrink")
+    served = load_serving_pipeline(tiny_nvfp4_checkpoint, "cpu")
+    assert calls == [{"host_components": ("text_encoder",)}]
+    assert served.plan.text_encoder == "shrink" and served.applied["text_encoder"]["fp8_linears"] > 0
+    monkeypatch.setenv(runtime.ENV_VAR, "auto")  # the CPU plan keeps it
+    assert "text_encoder" not in load_serving_pipeline(tiny_nvfp4_checkpoint, "cpu").applied
+    assert calls[1] == {"host_components": ()}
 
 
 def test_apply_runtime_needs_a_transformer():

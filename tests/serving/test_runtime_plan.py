@@ -43,7 +43,7 @@ def test_service_without_selftest_applies_the_plan_after_loading(make_service, m
 def test_health_shows_the_selftest_runtime(ready):
     render = next(s for s in ready.get("/health").json()["selftest"]["stages"] if s["name"] == "render")
     assert render["values"]["runtime"]["plan"]["arch"] == "cpu"
-    assert set(render["values"]["runtime"]["applied"]) == {"transformer", "transformer_2"}
+    assert set(render["values"]["runtime"]["applied"]) == {"transformer", "transformer_2", "vae"}
 
 
 @pytest.mark.parametrize("selftest", ["--selftest", "--no-selftest"])

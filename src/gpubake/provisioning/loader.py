@@ -94,11 +94,14 @@ def load_expert(expert: Path, dtype: Any = None, device: str = "cpu") -> Any:
     return model
 
 
-def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None, *, verify: bool = False) -> Any:
+def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None, *, verify: bool = False,
+                  host_components: tuple[str, ...] = ()) -> Any:
     """The diffusers Wan pipeline (both experts and boundary_ratio) for checkpoint `path`.
 
     `verify=True` first checks every file against gpubake-manifest.json (slow for
-    full-size weights; the self-test does it once at boot).
+    full-size weights; the self-test does it once at boot). `host_components` stay in
+    host memory (the runtime plan shrinks the text encoder layer by layer on its way to
+    the GPU, so its BF16 weights never sit there whole).
     """
     import torch
     import diffusers
@@ -116,4 +119,9 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
         pipe = cls.from_pretrained(str(path), dtype=dtype, **experts)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: diffusers could not load a component ({' '.join(str(exc).split())[:200]})") from None
-    return pipe.to(device)
+    if not host_components:
+        return pipe.to(device)
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module) and name not in host_components:
+            comp.to(device)
+    return pipe

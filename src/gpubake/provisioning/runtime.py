@@ -14,7 +14,11 @@ that won on that architecture:
   backend's run-time weight instead of re-expressing NVFP4 per call;
 * ``compile_blocks``: regional ``torch.compile`` of the repeated transformer block;
 * ``fuse_act_quant``: under that compile, the FP8 activation quantization of the
-  `hopper-fp8` backend is left to inductor (fused into the op before it).
+  `hopper-fp8` backend is left to inductor (fused into the op before it);
+* ``text_encoder``: "shrink" puts the UMT5 encoder in ~4.4 GiB instead of ~12.5
+  (`gpubake.provisioning.text_encoder`), a memory lever, not a speed one;
+* ``vae_tiling``: the VAE decodes in spatial tiles (diffusers' `enable_tiling`), which
+  bounds the decode's working memory, the largest peak of a clip otherwise.
 
 A plan is data, so a new measurement changes a table entry, not code.
 """
@@ -33,6 +37,8 @@ from gpubake.errors import GpubakeError
 from gpubake.kernels.backends import BACKENDS, capability, default_backend_name, get_backend
 
 ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8")
+# "shrink": NVFP4 weight-only linears, BF16 `wo`, host-memory embedding (provisioning.text_encoder)
+TEXT_ENCODER_CHOICES = ("keep", "shrink")
 
 # Linears whose input is the (constant, 512-token) text context, not the video tokens.
 SMALL_M_LAYERS = re.compile(r"(^|\.)attn2\.(to_k|to_v|add_k_proj|add_v_proj)$")
@@ -53,11 +59,16 @@ class RuntimePlan:
     cache_small_m: bool = False
     compile_blocks: bool = False
     fuse_act_quant: bool = False
+    text_encoder: str = "keep"
+    vae_tiling: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
             raise RuntimePlanError(
                 f"runtime plan {self.arch}: attention={self.attention!r} (one of {', '.join(ATTENTION_CHOICES)})")
+        if self.text_encoder not in TEXT_ENCODER_CHOICES:
+            raise RuntimePlanError(f"runtime plan {self.arch}: text_encoder={self.text_encoder!r} "
+                                   f"(one of {', '.join(TEXT_ENCODER_CHOICES)})")
 
     def with_(self, **changes) -> "RuntimePlan":
         return replace(self, **changes)
@@ -75,10 +86,19 @@ def arch_of(cap: tuple[int, int] | None) -> str:
 # the GEMM backend and nothing else. Hopper, H100, 480x832x81: regional compile 1.22x
 # over plain NVFP4 (27 s compile once per process and shape); torch's default SDPA is
 # already cuDNN there; CFG batching, cached FP8 K/V weights and inductor-fused activation
-# quantization each changed the step by < 1 %.
+# quantization each changed the step by < 1 %. Session 9: cuDNN's FP8 SDPA for the
+# self-attention, 1.21x on top of compile (4.91 -> 4.07 s a CFG step, error vs BF16
+# unchanged at 0.049); SageAttention-1 (Triton) is slower than cuDNN BF16 on Hopper.
 _MEASURED: dict[str, dict] = {
-    "hopper": {"compile_blocks": True},
+    "hopper": {"compile_blocks": True, "attention": "cudnn-fp8"},
 }
+# Memory levers, by the card's memory rather than its architecture (they change where
+# weights live, not kernels). Measured on the H100 at 480x832x81 (docs/benchmarks.md):
+# both NVFP4 experts + the encoder as loaded + VAE = 28.2 GiB resident, ~40 GiB at the
+# VAE decode; shrunk encoder + tiled decode: 23.5 GiB peak. They cost fidelity (the
+# encoder's FP8 weights) and decode time (tiles), so cards with room keep the full model.
+SMALL_CARD_GIB = 44
+_SMALL_CARD = {"text_encoder": "shrink", "vae_tiling": True}
 
 
 def plan_for(device: torch.device | str | None = None) -> RuntimePlan:
@@ -86,7 +106,14 @@ def plan_for(device: torch.device | str | None = None) -> RuntimePlan:
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cap = capability(dev)
     arch = arch_of(cap)
-    return RuntimePlan(arch=arch, gemm_backend=default_backend_name(cap), **_MEASURED.get(arch, {}))
+    small = cap is not None and torch.cuda.get_device_properties(dev).total_memory < SMALL_CARD_GIB * 2**30
+    levers = {**(_SMALL_CARD if small else {}), **_MEASURED.get(arch, {})}
+    if levers.get("attention") == "cudnn-fp8":
+        from gpubake.kernels.attention_fp8 import cudnn_frontend_available
+
+        if not cudnn_frontend_available():  # an image without the wheel: BF16 attention, and the report says so
+            levers["attention"] = "default"
+    return RuntimePlan(arch=arch, gemm_backend=default_backend_name(cap), **levers)
 
 
 ENV_VAR = "GPUBAKE_RUNTIME"
@@ -115,7 +142,7 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
         if not sep or key not in fields:
             raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {item.strip()!r} is not LEVER=VALUE with LEVER one of "
                                    f"{', '.join(sorted(fields))} (or use auto / plain)")
-        if key == "attention":
+        if key in ("attention", "text_encoder"):
             changes[key] = val
         elif val.lower() in _BOOL:
             changes[key] = _BOOL[val.lower()]
@@ -206,6 +233,19 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None) -> dict:
     experts = {n: m for n, m in experts.items() if m is not None}
     if not experts:
         raise RuntimePlanError(f"apply_runtime: {type(pipe).__name__} has no transformer")
+    device = next(next(iter(experts.values())).parameters()).device
     if plan is None:
-        plan = plan_for(next(next(iter(experts.values())).parameters()).device)
-    return {n: apply_plan(m, plan) for n, m in experts.items()}
+        plan = plan_for(device)
+    done = {n: apply_plan(m, plan) for n, m in experts.items()}
+    te = getattr(pipe, "text_encoder", None)
+    if plan.text_encoder == "shrink" and te is not None:
+        from gpubake.provisioning.text_encoder import shrink_text_encoder
+
+        done["text_encoder"] = shrink_text_encoder(te, device)
+    elif te is not None and next(te.parameters()).device != device:
+        te.to(device)  # a loader that left it on the host for shrinking
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling() if plan.vae_tiling else vae.disable_tiling()
+        done["vae"] = {"tiling": int(plan.vae_tiling)}
+    return done
