@@ -82,6 +82,11 @@ PREDICTIONS = {
     # written at 21:27 UTC before run 10, after the quantizer change (one aminmax pass instead of
     # abs + amax; K's mean without an fp32 copy): microbench 720p eager quant 17.3 -> 12.3 ms
     "nvfp4+compile+fp8attn@720p(run 10)": "16.11 s (run 6) minus 80 x 2-5 ms: 15.7-15.95 s, just under 16 s",
+    # written at 21:31 UTC before run 11: 720p after a 480p compile recompiles with automatic
+    # dynamic shapes; in run 10's microbench the compiled quantization took 9.4 ms at 720p vs 1.6
+    # at 480p (6x for 2.3x the data). Static graphs per shape (compile(dynamic=False)):
+    "nvfp4+compile+fp8attn@720p(run 11)": "quantization ~3.6 ms a call and static glue kernels: "
+                                          "16.11 -> 15.4-15.7 s a step (7.7-7.85 s a forward)",
     "best@720p": "run 1 measured plain NVFP4 at 720p = 3.9x its 480p step (attention-bound); "
                  "compiled: ~3.6x the 480p step of the same plan, compile adds a recompile for the shape",
 }

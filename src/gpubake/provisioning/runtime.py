@@ -182,7 +182,10 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
         if not blocks:
             raise RuntimePlanError(f"compile_blocks: {type(model).__name__} declares no _repeated_blocks")
         for b in blocks:
-            b.compile()  # regional: dynamo compiles the shared forward once per guard set
+            # regional: dynamo compiles the shared forward once per guard set. dynamic=False:
+            # a second resolution gets its own static graph instead of torch's automatic
+            # switch to dynamic shapes, whose kernels were slower at 720p (docs/benchmarks.md)
+            b.compile(dynamic=False)
         done["compiled_blocks"] = len(blocks)
     else:
         for b in blocks:
