@@ -12,11 +12,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_util import SCALE
+from attention_util import exact as _exact
+from attention_util import qkv as _qkv
+from attention_util import rel as _rel
 
 from gpubake.errors import KernelError
 from gpubake.kernels import attention as A
 
-SCALE = 64 ** -0.5
 
 # int8 attention vs float64 SDPA on these inputs (N(0,1) q/v, K with a N(0,10) per-channel
 # offset): ~1.3e-2 relative measured for both the library and the reference. Skipping K
@@ -28,20 +31,6 @@ EXACT_BOUND = 2.5e-2
 LIBRARY_TOL = 1e-2
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _qkv(n: int, seed: int, d: int = 64, k_offset: float = 10.0, dtype=torch.bfloat16):
-    """[1, 2, n, d] q, k, v; K gets a per-channel offset (the outliers smoothing removes)."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, 2, n, d, generator=g) for _ in range(3))
-    k = k + k_offset * torch.randn(d, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _exact(q, k, v, scale=SCALE):
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
 
 
 @pytest.fixture

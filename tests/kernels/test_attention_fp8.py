@@ -11,6 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_util import SCALE
+from attention_util import exact as _exact
+from attention_util import qkv as _qkv
+from attention_util import rel as _rel
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from gpubake.errors import KernelError
@@ -18,7 +22,6 @@ from gpubake.kernels import attention as A
 from gpubake.kernels import attention_fp8 as A8
 
 FP8 = torch.float8_e4m3fn
-SCALE = 64 ** -0.5
 
 # fp8 reference vs float64 SDPA on N(0,1) q/v and K with a N(0,10) per-channel offset:
 # 5.9-6.3e-2 relative measured over seeds, with or without the offset. E4M3 keeps 3
@@ -28,20 +31,6 @@ SCALE = 64 ** -0.5
 EXACT_BOUND = 0.09
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _qkv(n: int, seed: int, d: int = 64, k_offset: float = 10.0, dtype=torch.bfloat16):
-    """[1, 2, n, d] q, k, v; K gets a per-channel offset (what smoothing removes)."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, 2, n, d, generator=g) for _ in range(3))
-    k = k + k_offset * torch.randn(d, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _exact(q, k, v, scale=SCALE):
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
 
 
 def _e4m3_half_ulp(y: torch.Tensor) -> torch.Tensor:
