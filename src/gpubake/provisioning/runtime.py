@@ -181,6 +181,11 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     if plan.compile_blocks:
         if not blocks:
             raise RuntimePlanError(f"compile_blocks: {type(model).__name__} declares no _repeated_blocks")
+        import torch._dynamo
+
+        # one static graph per clip shape, shared by the blocks: a service sees several
+        # (resolution x frames); past the default limit of 8 dynamo would run them eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for b in blocks:
             # regional: dynamo compiles the shared forward once per guard set. dynamic=False:
             # a second resolution gets its own static graph instead of torch's automatic
