@@ -39,7 +39,7 @@ def main() -> None:
     for n in (int(t) for t in args.tokens.split(",")):
         q, k, v = wan_like(n, 40, 128, dev, seed=n)
         q8, dq = A8.quantize_per_tensor(q)
-        k8, dk = A8.quantize_per_tensor(A8.smooth_k(k))
+        k8, dk = A8.quantize_per_tensor(A8.smooth_keys(k))
         v8, dv = A8.quantize_per_tensor(v)
         o8 = torch.empty_like(q8)
         f32 = cudnn.data_type.FLOAT

@@ -68,7 +68,7 @@ def test_quantize_per_tensor_of_zeros_is_zeros_not_nan():
 
 def test_smooth_k_removes_the_mean_over_tokens_only():
     q, k, _ = _qkv(64, 0, k_offset=10.0, dtype=torch.float32)
-    ks = A8.smooth_k(k)
+    ks = A8.smooth_keys(k)
     assert ks.abs().amax() < 0.5 * k.abs().amax()  # the per-channel offset is gone...
     torch.testing.assert_close(ks.mean(dim=-2), torch.zeros_like(ks.mean(dim=-2)), atol=1e-5, rtol=0)
     # ... and softmax(QK^T) did not change (one vector subtracted from every key)

@@ -49,6 +49,20 @@ def _quant_per_block(x: torch.Tensor, block: int, scale: float) -> tuple[torch.T
     return q.reshape(b, h, n + pad, d)[:, :, :n], s.reshape(b, h, -1)
 
 
+def smooth_keys(k: torch.Tensor) -> torch.Tensor:
+    """K minus its mean over tokens ([B, H, N, D]): the same softmax, smaller outliers."""
+    return k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
+
+
+def importable(module: str) -> bool:
+    """Whether an optional kernel wheel imports here (it may load native libraries)."""
+    try:
+        __import__(module)
+    except Exception:
+        return False
+    return True
+
+
 def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                    smooth_k: bool = True) -> torch.Tensor:
     """SageAttention-1 in plain torch, layout [B, H, N, D] like SDPA; returns q's dtype.
@@ -60,7 +74,7 @@ def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     if smooth_k:
-        k = k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
+        k = smooth_keys(k)
     q8, qs = _quant_per_block(q, BLOCK_Q, scale * LOG2E)
     k8, ks = _quant_per_block(k, BLOCK_K, 1.0)
     logits = torch.matmul(q8.double(), k8.double().transpose(-1, -2)).float()  # exact integers
@@ -80,7 +94,7 @@ def _sage_library_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     from sageattention.attn_qk_int8_per_block import forward as attn
     from sageattention.quant_per_block import per_block_int8
 
-    k = k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
+    k = smooth_keys(k)
     q8, qs, k8, ks = per_block_int8(q, k, BLKQ=BLOCK_Q, BLKK=BLOCK_K, sm_scale=scale, tensor_layout="HND")
     return attn(q8, k8, v.to(torch.float16), qs, ks, tensor_layout="HND", output_dtype=q.dtype)
 
@@ -98,11 +112,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.
 
 def sage_available() -> bool:
     """The `sageattention` 1.x wheel (Triton kernels) can be imported."""
-    try:
-        import sageattention  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return importable("sageattention")
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, min_tokens: int = MIN_TOKENS) -> bool:

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from gpubake.errors import KernelError
+from gpubake.kernels.attention import importable, smooth_keys
+from gpubake.kernels.format import E4M3_MAX
 
-E4M3_MAX = 448.0
 FP8 = torch.float8_e4m3fn
 
 
@@ -40,11 +41,6 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (amax / E4M3_MAX).reshape(1, 1, 1, 1)
 
 
-def smooth_k(k: torch.Tensor) -> torch.Tensor:
-    """K minus its mean over tokens ([B, H, N, D]): same softmax, smaller amax."""
-    return k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
-
-
 def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                             smooth: bool = True) -> torch.Tensor:
     """The FP8 arithmetic of `cudnn_fp8_attention` in plain torch ([B, H, N, D], q's dtype).
@@ -53,7 +49,7 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     (the tensor cores accumulate in fp32 too), O goes through E4M3 like cuDNN's FP8 output."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if smooth:
-        k = smooth_k(k)
+        k = smooth_keys(k)
     q8, dq = quantize_per_tensor(q)
     k8, dk = quantize_per_tensor(k)
     v8, dv = quantize_per_tensor(v)
@@ -68,11 +64,7 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 def cudnn_frontend_available() -> bool:
     """NVIDIA's cuDNN frontend wheel can be imported (it finds the cuDNN torch loaded)."""
-    try:
-        import cudnn  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return importable("cudnn")
 
 
 @dataclass
@@ -80,6 +72,7 @@ class _Plan:
     graph: Any
     tensors: dict[str, Any]
     workspace: torch.Tensor
+    constants: dict[str, torch.Tensor]  # P's fixed scales and the amax outputs nobody reads
 
 
 class _CudnnFp8Sdpa:
@@ -129,8 +122,12 @@ class _CudnnFp8Sdpa:
             except Exception as exc:
                 raise KernelError(f"cuDNN FP8 attention: no plan for q {tuple(q8.shape)} on "
                                   f"{torch.cuda.get_device_name(q8.device)} ({' '.join(str(exc).split())[:200]})") from None
-            ws = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=q8.device)
-            plan = self._plans[key] = _Plan(graph, t, ws)
+            dev = q8.device
+            ws = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=dev)
+            constants = {"descale_s": torch.full((1, 1, 1, 1), 1.0 / E4M3_MAX, device=dev),
+                         "scale_s": torch.full((1, 1, 1, 1), E4M3_MAX, device=dev),
+                         "amax_s": torch.empty((1, 1, 1, 1), device=dev), "amax_o": torch.empty((1, 1, 1, 1), device=dev)}
+            plan = self._plans[key] = _Plan(graph, t, ws, constants)
             return plan
 
     def __call__(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
@@ -140,14 +137,9 @@ class _CudnnFp8Sdpa:
         o8 = torch.empty_like(q8)  # q's strides: diffusers' permute back to [B, N, H, D] stays a view
         plan = self._plan(q8, k8, v8, o8, scale)
         dev = q8.device
-        descale_s = torch.full((1, 1, 1, 1), 1.0 / E4M3_MAX, device=dev)
-        scale_s = torch.full((1, 1, 1, 1), E4M3_MAX, device=dev)
-        amax_s = torch.empty((1, 1, 1, 1), device=dev)
-        amax_o = torch.empty((1, 1, 1, 1), device=dev)
         t = plan.tensors
         pack = {t["q"]: q8, t["k"]: k8, t["v"]: v8, t["descale_q"]: dq, t["descale_k"]: dk, t["descale_v"]: dv,
-                t["descale_s"]: descale_s, t["scale_s"]: scale_s, t["scale_o"]: 1.0 / dv, t["o"]: o8,
-                t["amax_s"]: amax_s, t["amax_o"]: amax_o}
+                t["scale_o"]: 1.0 / dv, t["o"]: o8, **{t[n]: c for n, c in plan.constants.items()}}
         handle = self._handle(dev)
         cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(dev).cuda_stream)
         plan.graph.execute(pack, plan.workspace, handle=handle)
@@ -178,7 +170,7 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     The amax reductions, K smoothing and casts are plain torch, so inside a compiled block
     inductor fuses them into the RoPE/norm that produce q and k."""
     q8, dq = quantize_per_tensor(q)
-    k8, dk = quantize_per_tensor(smooth_k(k))
+    k8, dk = quantize_per_tensor(smooth_keys(k))
     v8, dv = quantize_per_tensor(v)
     o8 = cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, scale)
     return o8.to(q.dtype) * dv.to(q.dtype)

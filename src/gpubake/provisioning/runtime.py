@@ -142,7 +142,7 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
         if not sep or key not in fields:
             raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {item.strip()!r} is not LEVER=VALUE with LEVER one of "
                                    f"{', '.join(sorted(fields))} (or use auto / plain)")
-        if key in ("attention", "text_encoder"):
+        if isinstance(getattr(base, key), str):  # attention, text_encoder: the plan checks the value
             changes[key] = val
         elif val.lower() in _BOOL:
             changes[key] = _BOOL[val.lower()]
@@ -166,13 +166,12 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     names = small_m_layers(model)
     for n in names:
         model.get_submodule(n).set_keep_runtime_weight(plan.cache_small_m)
-    done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0,
-            "lowp_attention_modules": 0}
     from gpubake.kernels.attention import LOWP_KERNELS, set_self_attention_kernel
 
     lowp = plan.attention if plan.attention in LOWP_KERNELS else None
     n = set_self_attention_kernel(model, lowp)  # None: back to torch SDPA
-    done["lowp_attention_modules"] = n if lowp else 0
+    done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0,
+            "lowp_attention_modules": n if lowp else 0}
     if plan.gemm_backend in BACKENDS:
         backend = get_backend(plan.gemm_backend)
         if hasattr(backend, "fuse_act_quant_when_compiling"):

@@ -26,9 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP32_KEPT = ("wo",)  # transformers' T5/UMT5 `_keep_in_fp32_modules`
-E4M3_MAX = 448.0
-
 
 class Fp8WeightLinear(nn.Module):
     """y = x @ (W8 * s).T + b with W8 in E4M3 and s one fp32 scale per output row.
@@ -38,10 +35,12 @@ class Fp8WeightLinear(nn.Module):
     keep), and must see BF16 here, not E4M3 (the real weight is `weight_fp8`)."""
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        from gpubake.kernels.fp8_ref import fp8_rowwise_ref
+
         super().__init__()
         w = linear.weight.detach()
-        scale = (w.float().abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(1e-12)
-        self.register_buffer("weight_fp8", (w.float() / scale).to(torch.float8_e4m3fn))
+        w8, scale = fp8_rowwise_ref(w)  # the per-row E4M3 quantizer of the hopper-fp8 activations
+        self.register_buffer("weight_fp8", w8)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(compute_dtype))
         self.register_buffer("weight", torch.empty(0, dtype=compute_dtype, device=w.device), persistent=False)
