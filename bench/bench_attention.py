@@ -3,13 +3,14 @@
     python bench/bench_attention.py --json-out $OUT/attention.json
 
 Kernels: torch SDPA (cuDNN BF16 on H100), FlashAttention-2 (torch), SageAttention-1
-(`sage-int8`, Triton, INT8 QK / FP16 PV) and cuDNN FP8 (`cudnn-fp8`, per-tensor E4M3
-with K smoothing, `gpubake.kernels.attention_fp8`), at 480p (32,760 tokens) and 720p
+(`sage-int8`, Triton, INT8 QK / FP16 PV), cuDNN FP8 (`cudnn-fp8`, per-tensor E4M3
+with K smoothing, `gpubake.kernels.attention_fp8`) and FlashAttention-3 in BF16 and FP8
+(`fa3-fp8`, per-head E4M3, `gpubake.kernels.attention_fa3`), at 480p (32,760 tokens) and 720p
 (75,600 tokens). Inputs look like Wan's: q, k RMS-normed per token (qk_norm), k with a
 per-channel offset (the outliers smoothing removes), v Gaussian; fresh per size.
 Time: CUDA events around 5 calls after 2 warm-ups, median of 3 such rounds. Error:
-relative Frobenius error against fp32 attention on 2 heads. Also checks the cuDNN FP8
-wrapper against its torch reference (`fp8_attention_reference`) at 4096 tokens, and times
+relative Frobenius error against fp32 attention on 2 heads. Also checks the cuDNN FP8 and
+FA3 FP8 wrappers against their torch references at 4096 tokens, and times
 the FP8 pre-/post-processing (amax, smoothing, casts) alone.
 """
 
@@ -29,6 +30,12 @@ PREDICTIONS = {
                  "1.4-1.7x over cuDNN BF16 (36.8 -> 22-26 ms at 480p, 200 -> 120-140 ms at 720p), "
                  "plus ~1 ms of quantization; error vs fp32 ~2-4e-2 (per-tensor E4M3, 3 mantissa bits)",
     "sage-int8": "run 4 measured 49.8 ms / 254 ms: slower than cuDNN BF16 (a 2024 Triton kernel tuned for Ada)",
+    # written in session 10 (2026-11-24 23:30 UTC), before run 12 (the fa3-fwd wheel):
+    "fa3-bf16": "FA3 paper: 600-700 TFLOP/s at hd 128, long non-causal: 1.0-1.15x cuDNN BF16 "
+                "(33-37 ms at 480p, 175-200 ms at 720p); error as cuDNN BF16 (~2e-3)",
+    "fa3-fp8": "FA3 FP8 forward ~1.0-1.2 PFLOP/s at hd 128: op alone 20-25 ms at 480p, 95-120 ms at 720p "
+               "(1.2-1.5x over cuDNN FP8's 28 / 142 ms); per-head scales and BF16 O (no FP8 output "
+               "rounding): error vs fp32 0.06-0.10, below cuDNN FP8's 0.12",
 }
 
 
@@ -70,12 +77,14 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path, required=True)
     ap.add_argument("--tokens", default="32760,75600")
     ap.add_argument("--heads", type=int, default=40)
+    ap.add_argument("--kernels", default="", help="comma-separated kernel names to time (default: all available)")
     args = ap.parse_args()
 
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from gpubake.kernels import attention_fa3 as FA3
     from gpubake.kernels import attention_fp8 as A8
     from gpubake.kernels.attention import sage_available
 
@@ -97,6 +106,14 @@ def main() -> None:
                                     "reference_vs_fp32": round(rel_err(ref8, ref32), 5),
                                     "finite": bool(torch.isfinite(out).all())}
     print("wrapper check", result["wrapper_check_4096"], flush=True)
+    if FA3.fa3_available():
+        with torch.inference_mode():
+            out = FA3.fa3_fp8_attention(q, k, v, 128 ** -0.5)
+            ref_fa3 = FA3.fa3_attention_reference(q, k, v, 128 ** -0.5)
+        result["fa3_wrapper_check_4096"] = {
+            "vs_reference": round(rel_err(out, ref_fa3), 5), "vs_fp32": round(rel_err(out, ref32), 5),
+            "reference_vs_fp32": round(rel_err(ref_fa3, ref32), 5), "finite": bool(torch.isfinite(out).all())}
+        print("fa3 wrapper check", result["fa3_wrapper_check_4096"], flush=True)
 
     def sdpa_with(backend):
         def fn(q, k, v):
@@ -117,6 +134,24 @@ def main() -> None:
         v8, dv = A8.quantize_per_tensor(v)
         return q8.to(q.dtype) * dv.to(q.dtype), k8, v8  # all three used: nothing for inductor to drop
 
+    def fa3_fp8(q, k, v):
+        return FA3.fa3_fp8_attention(q, k, v, q.shape[-1] ** -0.5)
+
+    def fa3_bf16(q, k, v):  # the wheel's own op on BF16 [B, N, H, D] (diffusers' layout: free views)
+        return torch.ops.fa3_fwd._flash_attn_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     softmax_scale=q.shape[-1] ** -0.5)[0].transpose(1, 2)
+
+    def fa3_op_only(q, k, v, _cache={}):  # the FA3 FP8 kernel alone, inputs quantized once
+        key = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+        if key not in _cache:
+            _cache.clear()
+            _cache[key] = (*FA3.quantize_per_head(q), *FA3.quantize_per_head(A8.smooth_keys(k)),
+                           *FA3.quantize_per_head(v))
+        q8, dq, k8, dk, v8, dv = _cache[key]
+        return torch.ops.fa3_fwd._flash_attn_forward(
+            q8.transpose(1, 2), k8.transpose(1, 2), v8.transpose(1, 2), q_descale=dq, k_descale=dk, v_descale=dv,
+            softmax_scale=q.shape[-1] ** -0.5)[0].transpose(1, 2)
+
     fp8_compiled = torch.compile(fp8)  # as inside a regionally compiled block: quantization fused by inductor
     noise_compiled = torch.compile(fp8_noise)
 
@@ -134,6 +169,11 @@ def main() -> None:
                "fp8-quant-only": fp8_noise, "fp8-quant-only-compiled": noise_compiled}
     if sage_available():
         kernels["sage-int8"] = sage
+    if FA3.fa3_available():
+        kernels.update({"fa3-bf16": fa3_bf16, "fa3-fp8": fa3_fp8, "fa3-fp8-compiled": torch.compile(fa3_fp8),
+                        "fa3-fp8-op-only": fa3_op_only})
+    if args.kernels:
+        kernels = {n: fn for n, fn in kernels.items() if n in args.kernels.split(",")}
     for n in (int(t) for t in args.tokens.split(",")):
         q, k, v = wan_like(n, args.heads, 128, dev, seed=n)
         with torch.inference_mode():

@@ -27,6 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 PREDICTIONS = {
+    # written in session 10 (2026-11-24 23:50 UTC), before run 15 (Hopper plan now FA3 FP8 attention):
+    "peak_480p_fa3_plan": "run 8's 23.50 GiB + ~0.33 GiB (FA3 writes BF16 O where cuDNN wrote FP8 O; the step "
+                          "bench peaked at 11.17 vs 10.84 GiB): ~23.8 GiB, under the 24 GiB goal by a hair",
     "weights": "two NVFP4 experts 2 x 7.96 GiB (allocated after conversion in run 6); UMT5 as loaded "
                "~12.6 GiB (4.7 B BF16 + 1.0 B fp32 wo), shrunk ~3.8 GiB (1.9 NVFP4 + 1.9 BF16 wo); "
                "run 8 (FP8 weights, all linears): ~4.4 GiB",

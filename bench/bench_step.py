@@ -87,6 +87,12 @@ PREDICTIONS = {
     # at 480p (6x for 2.3x the data). Static graphs per shape (compile(dynamic=False)):
     "nvfp4+compile+fp8attn@720p(run 11)": "quantization ~3.6 ms a call and static glue kernels: "
                                           "16.11 -> 15.4-15.7 s a step (7.7-7.85 s a forward)",
+    # written in session 10 (2026-11-24 23:35 UTC), before run 12 (FA3 FP8 from the fa3-fwd wheel):
+    "bf16+fa3fp8": "the attention lever alone on BF16, eager: error vs BF16 at most cuDNN FP8's 0.013 "
+                   "(per-head scales, no FP8 output rounding); 6.8 -> 6.1-6.3 s",
+    "nvfp4+compile+fa3fp8": "4.07 s (cuDNN FP8) minus 80 calls x 3-7 ms: 3.5-3.8 s a step (1.75-1.9 s a forward)",
+    "nvfp4+compile+fa3fp8@720p": "16.01 s (cuDNN FP8, run 11) minus 80 calls x 25-45 ms: 12.5-14.0 s a step "
+                                 "(6.3-7.0 s a forward, under the 8 s goal)",
     "best@720p": "run 1 measured plain NVFP4 at 720p = 3.9x its 480p step (attention-bound); "
                  "compiled: ~3.6x the 480p step of the same plan, compile adds a recompile for the shape",
 }
@@ -115,6 +121,9 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "bf16+compile+fp8attn": ("bf16", {"compile_blocks": True, "attention": "cudnn-fp8"}, "480p"),
     "nvfp4+compile+fp8attn": ("nvfp4", {"compile_blocks": True, "attention": "cudnn-fp8"}, "480p"),
     "nvfp4+compile+fp8attn@720p": ("nvfp4", {"compile_blocks": True, "attention": "cudnn-fp8"}, "720p"),
+    "bf16+fa3fp8": ("bf16", {"attention": "fa3-fp8"}, "480p"),
+    "nvfp4+compile+fa3fp8": ("nvfp4", {"compile_blocks": True, "attention": "fa3-fp8"}, "480p"),
+    "nvfp4+compile+fa3fp8@720p": ("nvfp4", {"compile_blocks": True, "attention": "fa3-fp8"}, "720p"),
 }
 DEFAULT_VARIANTS = "bf16,bf16+sage,bf16@720p,nvfp4+sage,nvfp4+compile,nvfp4+compile+sage,nvfp4+compile+sage@720p"
 
@@ -358,8 +367,8 @@ def main() -> None:
         "argv": sys.argv[1:], "config": cfg,
         "shape": {"frames": args.frames, "height": args.height, "width": args.width, "text_len": args.text_len},
         "tokens": ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16),
-        "not_measured": "FlashAttention-3 and SageAttention 2 (CUDA builds): no wheel for torch 2.11 "
-                        "exists to carry, and building either exceeds a device call",
+        "not_measured": "SageAttention 2/3 (CUDA builds): no wheel for torch 2.11 exists to carry "
+                        "(FlashAttention-3 comes from the fa3-fwd wheel, built on torch's stable ABI)",
         "variants": [],
     }
     t0 = time.perf_counter()

@@ -232,29 +232,29 @@ def test_self_attention_int8_under_regional_compile(wan):
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
 
 
-def test_self_attention_cudnn_fp8_on_a_wan_dit(wan):
-    """cudnn-fp8 fills diffusers' `_native_cudnn` slot with our function (on the CPU: the
-    FP8 reference), only for attn1; None gives SDPA's output back bit for bit."""
+@pytest.mark.parametrize("kernel, slot", [("cudnn-fp8", "_native_cudnn"), ("fa3-fp8", "_flash_3")])
+def test_self_attention_fp8_on_a_wan_dit(wan, kernel, slot):
+    """Each FP8 kernel fills its diffusers slot (`_native_cudnn`, `_flash_3`) with our function
+    (on the CPU: its FP8 reference), only for attn1; None gives SDPA's output back bit for bit."""
     from diffusers.models import attention_dispatch as ad
 
     A.set_self_attention_kernel(wan, None)  # the module-scoped model may come from an int8 test
     sdpa = wan.forward_once()
     before = _backends(wan)
     try:
-        assert A.set_self_attention_kernel(wan, "cudnn-fp8") == NUM_LAYERS
-        slot = A.DIFFUSERS_SLOTS["cudnn-fp8"]
-        assert slot == "_native_cudnn"
+        assert A.set_self_attention_kernel(wan, kernel) == NUM_LAYERS
+        assert A.DIFFUSERS_SLOTS[kernel] == slot
         for name, (proc, backend) in _backends(wan).items():
             assert proc is before[name][0]
             assert backend == (slot if name.endswith("attn1") else before[name][1])
         fn = ad._AttentionBackendRegistry._backends[ad.AttentionBackendName(slot)]
-        assert fn is A._BACKEND_FNS["cudnn-fp8"] and fn.__name__ == "gpubake_cudnn_fp8_attention"
+        assert fn is A._BACKEND_FNS[kernel] and fn.__name__ == f"gpubake_{kernel.replace('-', '_')}_attention"
         fp8 = wan.forward_once()
     finally:
         A.set_self_attention_kernel(wan, None)
     assert not torch.equal(fp8, sdpa)  # the FP8 path really ran
-    # FP8 attention is ~6e-2 off exact (tests/kernels/test_attention_fp8.py); through the
-    # residual stream of 2 blocks the output moves far less: 3.5e-3 measured (int8: 2.8e-3)
+    # FP8 attention is ~5-6e-2 off exact (tests/kernels/test_attention_fp8.py, _fa3.py); through
+    # the residual stream of 2 blocks the output moves far less: 3.5e-3 measured (int8: 2.8e-3)
     assert _rel(fp8, sdpa) < 2e-2
     assert all(b is None for _, b in _backends(wan).values())
     assert torch.equal(wan.forward_once(), sdpa)
@@ -262,7 +262,7 @@ def test_self_attention_cudnn_fp8_on_a_wan_dit(wan):
 
 def test_set_self_attention_kernel_unknown_is_a_one_line_error(wan):
     before = _backends(wan)
-    with pytest.raises(KernelError, match=r"^8-bit attention: kernel 'fp8' \(one of sage-int8, cudnn-fp8\)$"):
+    with pytest.raises(KernelError, match=r"^8-bit attention: kernel 'fp8' \(one of sage-int8, cudnn-fp8, fa3-fp8\)$"):
         A.set_self_attention_kernel(wan, "fp8")
     assert _backends(wan) == before  # nothing half-set
 

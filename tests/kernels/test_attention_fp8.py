@@ -143,7 +143,7 @@ def test_lowp_attention_cudnn_fp8_ineligible_is_exactly_sdpa(case):
 
 def test_lowp_attention_unknown_kernel_is_a_one_line_error():
     q, k, v = _qkv(8, 6)
-    with pytest.raises(KernelError, match=r"^8-bit attention: kernel 'fp4' \(one of sage-int8, cudnn-fp8\)$"):
+    with pytest.raises(KernelError, match=r"^8-bit attention: kernel 'fp4' \(one of sage-int8, cudnn-fp8, fa3-fp8\)$"):
         A.lowp_attention(q, k, v, kernel="fp4")
 
 

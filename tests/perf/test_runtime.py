@@ -49,17 +49,18 @@ def hopper_backend():
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """Make `plan_for` see a GPU of capability `cap` with `gib` GiB (None: the CPU) and
-    the cuDNN frontend wheel present or not (this venv has none)."""
+    """Make `plan_for` see a GPU of capability `cap` with `gib` GiB (None: the CPU), the
+    cuDNN frontend wheel present or not and the FA3 wheel present or not (this venv has neither)."""
     from types import SimpleNamespace
 
-    from gpubake.kernels import attention_fp8
+    from gpubake.kernels import attention_fa3, attention_fp8
 
-    def fake(cap: tuple[int, int] | None, gib: float = 80, wheel: bool = False) -> None:
+    def fake(cap: tuple[int, int] | None, gib: float = 80, wheel: bool = False, fa3: bool = False) -> None:
         monkeypatch.setattr(runtime, "capability", lambda dev: cap)
         monkeypatch.setattr(runtime.torch.cuda, "get_device_properties",
                             lambda dev: SimpleNamespace(total_memory=int(gib * 2**30)))
         monkeypatch.setattr(attention_fp8, "cudnn_frontend_available", lambda: wheel)
+        monkeypatch.setattr(attention_fa3, "fa3_available", lambda: fa3)
 
     return fake
 
@@ -81,12 +82,13 @@ def test_plan_follows_the_kernels_dispatch(fake_gpu, cap, arch, backend, compile
     assert (plan.text_encoder, plan.vae_tiling) == ("keep", False)  # 80 GiB: room for the full model
 
 
-@pytest.mark.parametrize("wheel, attention", [(True, "cudnn-fp8"), (False, "default")])
-def test_hopper_plan_takes_cudnn_fp8_only_with_the_wheel(fake_gpu, wheel, attention):
-    fake_gpu((9, 0), wheel=wheel)
+@pytest.mark.parametrize("fa3, wheel, attention", [
+    (True, True, "fa3-fp8"), (True, False, "fa3-fp8"), (False, True, "cudnn-fp8"), (False, False, "default")])
+def test_hopper_plan_takes_the_fastest_fp8_attention_whose_wheel_imports(fake_gpu, fa3, wheel, attention):
+    fake_gpu((9, 0), wheel=wheel, fa3=fa3)
     plan = plan_for("cuda")
     assert (plan.arch, plan.compile_blocks, plan.attention) == ("hopper", True, attention)
-    fake_gpu((12, 0), wheel=wheel)  # not measured there: no FP8 attention
+    fake_gpu((12, 0), wheel=wheel, fa3=fa3)  # not measured there (and FA3 is sm_90 code): no FP8 attention
     assert plan_for("cuda").attention == "default"
 
 
@@ -102,7 +104,7 @@ def test_small_cards_shrink_the_text_encoder_and_tile_the_vae(fake_gpu, cap):
 
 def test_bad_attention_choice_is_a_one_line_error():
     with pytest.raises(RuntimePlanError,
-                       match=r"^runtime plan hopper: attention='sage' \(one of default, cudnn, flash, sage-int8, cudnn-fp8\)$"):
+                       match=r"^runtime plan hopper: attention='sage' \(one of default, cudnn, flash, sage-int8, cudnn-fp8, fa3-fp8\)$"):
         RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", attention="sage")
 
 

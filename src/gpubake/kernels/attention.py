@@ -1,5 +1,9 @@
 """8-bit attention for the long self-attention of video DiTs (issue 7).
 
+Three kernels behind one dispatch (`lowp_attention`, `set_self_attention_kernel`):
+SageAttention-1 here, cuDNN's FP8 SDPA (`attention_fp8`) and FlashAttention-3's FP8
+forward (`attention_fa3`, the Hopper plan's choice); each with a torch reference.
+
 At 480x832x81 a Wan block's self-attention over 32760 tokens is ~45 % of a BF16 step and
 ~60 % once the linears are NVFP4, so the GEMM kernels alone cannot reach the step goal.
 SageAttention (Zhang et al., 2024; the `sageattention` 1.x wheel on PyPI, pure Triton)
@@ -127,7 +131,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, min_tokens: int 
     )
 
 
-LOWP_KERNELS = ("sage-int8", "cudnn-fp8")
+LOWP_KERNELS = ("sage-int8", "cudnn-fp8", "fa3-fp8")
 
 
 def lowp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -148,6 +152,10 @@ def lowp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         from gpubake.kernels.attention_fp8 import cudnn_fp8_attention, fp8_attention_reference
 
         return cudnn_fp8_attention(q, k, v, scale) if q.is_cuda else fp8_attention_reference(q, k, v, scale)
+    if kernel == "fa3-fp8":
+        from gpubake.kernels.attention_fa3 import fa3_attention_reference, fa3_fp8_attention
+
+        return fa3_fp8_attention(q, k, v, scale) if q.is_cuda else fa3_attention_reference(q, k, v, scale)
     if q.is_cuda:
         if not sage_available():
             raise KernelError("int8 attention: the sageattention wheel is not installed (pip install 'gpubake[triton]')")
@@ -165,8 +173,10 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 # sage-int8 the slot of exactly this algorithm (INT8 QK, FP16 PV, Triton), whose stock
 # entry needs SageAttention >= 2.1.1; for cudnn-fp8 the slot of cuDNN attention, whose
 # stock entry runs cuDNN in BF16 (ours falls back to torch SDPA, i.e. cuDNN on Hopper,
-# for every call it does not take). Our functions are registered only while in use.
-DIFFUSERS_SLOTS = {"sage-int8": "_sage_qk_int8_pv_fp16_triton", "cudnn-fp8": "_native_cudnn"}
+# for every call it does not take); for fa3-fp8 the slot of FlashAttention-3, whose stock
+# entry needs FA3's `flash_attn_interface` module (BF16). Our functions are registered
+# only while in use.
+DIFFUSERS_SLOTS = {"sage-int8": "_sage_qk_int8_pv_fp16_triton", "cudnn-fp8": "_native_cudnn", "fa3-fp8": "_flash_3"}
 DIFFUSERS_BACKEND = DIFFUSERS_SLOTS["sage-int8"]
 
 
@@ -188,9 +198,26 @@ _BACKEND_FNS = {k: _backend_fn(k) for k in LOWP_KERNELS}
 _diffusers_backend_fn = _BACKEND_FNS["sage-int8"]
 
 
+def kernel_available(kernel: str) -> bool:
+    """Whether the wheel behind 8-bit attention `kernel` imports here (CPU runs the reference)."""
+    if kernel == "sage-int8":
+        return sage_available()
+    if kernel == "cudnn-fp8":
+        from gpubake.kernels.attention_fp8 import cudnn_frontend_available
+
+        return cudnn_frontend_available()
+    if kernel == "fa3-fp8":
+        from gpubake.kernels.attention_fa3 import fa3_available
+
+        return fa3_available()  # importing it registers torch.ops.fa3_fwd before any compile traces a call
+    raise KernelError(f"8-bit attention: kernel {kernel!r} (one of {', '.join(LOWP_KERNELS)})")
+
+
 def _register_diffusers_backend(kernel: str) -> object:
     """Our function for `kernel` in its diffusers slot (sage: unless diffusers runs Sage 2 itself)."""
     from diffusers.models import attention_dispatch as ad
+
+    kernel_available(kernel)
 
     name = ad.AttentionBackendName(DIFFUSERS_SLOTS[kernel])
     if kernel == "sage-int8" and getattr(ad, "_CAN_USE_SAGE_ATTN", False):

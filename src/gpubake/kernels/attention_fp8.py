@@ -41,6 +41,21 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (amax / E4M3_MAX).reshape(1, 1, 1, 1)
 
 
+def quantized_attention(q8: torch.Tensor, dq: torch.Tensor, k8: torch.Tensor, dk: torch.Tensor, v8: torch.Tensor,
+                        dv: torch.Tensor, scale: float, p_scale: float, fp8_out: bool) -> torch.Tensor:
+    """Attention on E4M3 codes with descales broadcastable to [B, H, 1, 1], in fp32.
+
+    P (unnormalized, max 1) is rounded to E4M3 after scaling by `p_scale` and the row sums
+    come from unrounded P, as both FP8 kernels do; `fp8_out` also rounds O through E4M3
+    with the scale 1/dv (cuDNN's FP8 output on sm_90)."""
+    s = torch.matmul(q8.float(), k8.float().transpose(-1, -2)) * (dq * dk * scale)
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    denom = p.sum(dim=-1, keepdim=True)
+    p8 = (p * p_scale).to(FP8).float() / p_scale
+    o = torch.matmul(p8, v8.float()) * dv / denom
+    return (o / dv).to(FP8).float() * dv if fp8_out else o
+
+
 def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                             smooth: bool = True) -> torch.Tensor:
     """The FP8 arithmetic of `cudnn_fp8_attention` in plain torch ([B, H, N, D], q's dtype).
@@ -50,16 +65,10 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if smooth:
         k = smooth_keys(k)
-    q8, dq = quantize_per_tensor(q)
-    k8, dk = quantize_per_tensor(k)
-    v8, dv = quantize_per_tensor(v)
-    s = torch.matmul(q8.float(), k8.float().transpose(-1, -2)) * (dq * dk * scale)
-    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
-    denom = p.sum(dim=-1, keepdim=True)
-    p8 = (p * E4M3_MAX).to(FP8).float() / E4M3_MAX  # cuDNN quantizes unnormalized P, scale_s = 448
-    o = torch.matmul(p8, v8.float()) * dv / denom
-    o8 = (o / dv).to(FP8).float() * dv  # scale_o = 448/amax(V) = 1/dv
-    return o8.to(q.dtype)
+    # cuDNN quantizes unnormalized P with scale_s = 448; scale_o = 448/amax(V) = 1/dv
+    out = quantized_attention(*quantize_per_tensor(q), *quantize_per_tensor(k), *quantize_per_tensor(v),
+                              scale, p_scale=E4M3_MAX, fp8_out=True)
+    return out.to(q.dtype)
 
 
 def cudnn_frontend_available() -> bool:
