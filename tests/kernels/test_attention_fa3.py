@@ -168,3 +168,39 @@ def test_wrapper_compiles_as_one_graph_around_the_op(fa3_stand_in):
     assert (out.shape, out.dtype, out.device.type) == (q.shape, q.dtype, "meta")
     ops = [n for g in graphs for n in g.graph.nodes if "fa3_fwd" in str(n.target)]
     assert len(graphs) == 1 and len(ops) == 1
+
+
+# -- the boot check of an attention kernel (kernels.selfcheck) --------------------------------
+
+@pytest.mark.parametrize("kernel", A.LOWP_KERNELS)
+def test_attention_selfcheck_on_cpu_runs_the_kernel_path(kernel):
+    """On the CPU each kernel's path is its reference: the check runs it through
+    `lowp_attention` (no fallback to SDPA at its shape) and finds no difference."""
+    from gpubake.kernels.selfcheck import attention_selfcheck
+
+    res = attention_selfcheck(kernel, "cpu")
+    assert res["ok"] and res["rel_error"] == 0.0 and res["kernel"] == kernel
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("heads", r"relative error [\d.]+ against its reference > 0\.05"),  # right values, wrong head order
+    ("values", r"relative error [\d.]+ against its reference > 0\.05"),  # garbage
+    ("nan", r"relative error inf against its reference > 0\.05"),
+    ("raises", r"^RuntimeError: no kernel image is available for execution on the device$"),
+])
+def test_attention_selfcheck_catches_a_wrong_kernel(monkeypatch, fault, reason):
+    from gpubake.kernels.selfcheck import attention_selfcheck
+
+    def broken(q, k, v, scale=None, kernel="fa3-fp8", min_tokens=A.MIN_TOKENS):
+        if fault == "raises":
+            raise RuntimeError("no kernel image is available\nfor execution on the device")
+        if fault == "heads":
+            return F3.fa3_attention_reference(q, k, v, scale).flip(1)
+        return v if fault == "values" else torch.full_like(q, float("nan"))
+
+    monkeypatch.setattr(A, "lowp_attention", broken)
+    res = attention_selfcheck("fa3-fp8", "cpu")
+    assert not res["ok"]
+    import re
+
+    assert re.search(reason, res["reason"]), res

@@ -61,6 +61,9 @@ def fake_gpu(monkeypatch):
                             lambda dev: SimpleNamespace(total_memory=int(gib * 2**30)))
         monkeypatch.setattr(attention_fp8, "cudnn_frontend_available", lambda: wheel)
         monkeypatch.setattr(attention_fa3, "fa3_available", lambda: fa3)
+        monkeypatch.setattr(runtime, "_ATTENTION_CHECKS", {})  # checks are cached per process
+        # no GPU here to run the kernel: the check of an installed kernel passes unless a test says not
+        monkeypatch.setattr(runtime, "_attention_selfcheck", lambda kernel, dev: {"kernel": kernel, "ok": True})
 
     return fake
 
@@ -90,6 +93,31 @@ def test_hopper_plan_takes_the_fastest_fp8_attention_whose_wheel_imports(fake_gp
     assert (plan.arch, plan.compile_blocks, plan.attention) == ("hopper", True, attention)
     fake_gpu((12, 0), wheel=wheel, fa3=fa3)  # not measured there (and FA3 is sm_90 code): no FP8 attention
     assert plan_for("cuda").attention == "default"
+
+
+def test_hopper_plan_skips_a_kernel_that_fails_its_check_on_this_gpu(fake_gpu, monkeypatch):
+    fake_gpu((9, 0), wheel=True, fa3=True)
+    calls = []
+
+    def check(kernel, dev):
+        calls.append((kernel, str(dev)))
+        ok = kernel != "fa3-fp8"  # e.g. a wheel built for another GPU: loads, computes garbage
+        return {"kernel": kernel, "ok": ok, **({} if ok else {"reason": "relative error 1.41 against its reference > 0.05"})}
+
+    monkeypatch.setattr(runtime, "_attention_selfcheck", check)
+    assert plan_for("cuda").attention == "cudnn-fp8"
+    assert plan_for("cuda").attention == "cudnn-fp8"
+    assert calls == [("fa3-fp8", "cuda"), ("cudnn-fp8", "cuda")]  # once per process and device
+    checks = runtime.attention_checks("cuda")
+    assert [(c["kernel"], c["ok"]) for c in checks] == [("fa3-fp8", False), ("cudnn-fp8", True)]
+    assert runtime.attention_checks("cpu") == []
+
+
+def test_attention_check_without_the_wheel_runs_nothing(fake_gpu, monkeypatch):
+    fake_gpu((9, 0), wheel=False, fa3=False)
+    monkeypatch.setattr(runtime, "_attention_selfcheck", lambda k, d: pytest.fail("ran a kernel with no wheel"))
+    assert plan_for("cuda").attention == "default"
+    assert [c["reason"] for c in runtime.attention_checks("cuda")] == ["wheel not installed"] * 2
 
 
 @pytest.mark.parametrize("cap", [(9, 0), (8, 9), (12, 0)])

@@ -23,6 +23,28 @@ def test_render_stage_reports_the_plan_and_what_was_applied(run_selftest, demo_s
     assert all(v == 0 for done in runtime["applied"].values() for v in done.values())
 
 
+def test_attention_kernel_failing_its_check_is_a_warning_and_the_next_one_runs(run_selftest, demo_spec, no_gpu,
+                                                                             monkeypatch):
+    """A preferred kernel that fails its boot check (here: planted) is skipped, the render
+    stage says so and which kernel ran, and the verdict is not a plain pass."""
+    from gpubake.kernels import attention_fp8
+    from gpubake.provisioning import runtime
+
+    monkeypatch.delenv("GPUBAKE_RUNTIME", raising=False)
+    monkeypatch.setitem(runtime._MEASURED, "cpu", {"attention": ("fa3-fp8", "cudnn-fp8")})
+    monkeypatch.setattr(attention_fp8, "cudnn_frontend_available", lambda: True)  # the CPU runs its reference
+    monkeypatch.setattr(runtime, "_ATTENTION_CHECKS", {
+        ("fa3-fp8", "cpu"): {"kernel": "fa3-fp8", "ok": False, "reason": "relative error 1.41 against its reference > 0.05"}})
+    report = run_selftest(demo_spec, no_gpu)
+    render = report.stage("render")
+    assert render.status == "warn" and report.verdict != "pass"
+    assert render.message.endswith("; fa3-fp8 attention failed its check (relative error 1.41 against its "
+                                   "reference > 0.05), ran cudnn-fp8")
+    runtime_values = render.values["runtime"]
+    assert runtime_values["plan"]["attention"] == "cudnn-fp8"
+    assert [(c["kernel"], c["ok"]) for c in runtime_values["attention_checks"]] == [("fa3-fp8", False), ("cudnn-fp8", True)]
+
+
 def test_override_reaches_both_experts(run_selftest, demo_spec, no_gpu, monkeypatch):
     monkeypatch.setenv("GPUBAKE_RUNTIME", "cache_small_m=1")
     report = run_selftest(demo_spec, no_gpu)

@@ -198,6 +198,21 @@ _BACKEND_FNS = {k: _backend_fn(k) for k in LOWP_KERNELS}
 _diffusers_backend_fn = _BACKEND_FNS["sage-int8"]
 
 
+def reference_of(kernel: str):
+    """The torch reference of 8-bit attention `kernel`: same quantized arithmetic, any device."""
+    if kernel == "sage-int8":
+        return sage_reference
+    if kernel == "cudnn-fp8":
+        from gpubake.kernels.attention_fp8 import fp8_attention_reference
+
+        return fp8_attention_reference
+    if kernel == "fa3-fp8":
+        from gpubake.kernels.attention_fa3 import fa3_attention_reference
+
+        return fa3_attention_reference
+    raise KernelError(f"8-bit attention: kernel {kernel!r} (one of {', '.join(LOWP_KERNELS)})")
+
+
 def kernel_available(kernel: str) -> bool:
     """Whether the wheel behind 8-bit attention `kernel` imports here (CPU runs the reference)."""
     if kernel == "sage-int8":

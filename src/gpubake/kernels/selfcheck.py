@@ -1,6 +1,7 @@
 """`selfcheck(device)`: does the NVFP4 path compute the right thing on THIS machine?
+`attention_selfcheck(kernel, device)`: the same question for an 8-bit attention kernel.
 
-Used by the boot self-test. Two checks on seeded random data (Gaussian with outliers):
+Used by the boot self-test and, for attention, by the runtime plan before it picks a kernel. Two checks on seeded random data (Gaussian with outliers):
 
 1. the quantizer that runs here (Triton on CUDA, the reference on CPU) produces the same
    bytes and scales as `quantize_ref` on the CPU;
@@ -80,3 +81,34 @@ def selfcheck(device: torch.device | str = "cpu") -> dict:
         "tolerance": tol,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+# The 8-bit attention wrappers against their torch references, measured on the H100 at
+# 4096 tokens (docs/benchmarks.md): fa3-fp8 8.3e-3, cudnn-fp8 1.8e-2 (online-softmax
+# summation order and P's E4M3 rounding at different points). A broken kernel, a wrong
+# layout or a wheel built for another GPU is off by O(1).
+ATTENTION_TOLERANCE = 5e-2
+ATTENTION_SHAPE = (1, 2, 2048, 128)  # [B, H, N, D]; N a multiple of 64 (sage-int8's tiles)
+
+
+def attention_selfcheck(kernel: str, device: torch.device | str) -> dict:
+    """Run 8-bit attention `kernel` on `device` and compare with its torch reference on the
+    CPU; returns a JSON-ready dict, ``ok`` False (with ``reason``) instead of raising."""
+    from gpubake.kernels.attention import lowp_attention, reference_of
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(4321)
+    q, k, v = (torch.randn(ATTENTION_SHAPE, generator=gen) for _ in range(3))
+    k = k + 3.0 * torch.randn(ATTENTION_SHAPE[-1], generator=gen)  # the per-channel offset smoothing removes
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    out: dict = {"kernel": kernel, "device": str(dev), "tolerance": ATTENTION_TOLERANCE}
+    try:
+        y = lowp_attention(q.to(dev), k.to(dev), v.to(dev), kernel=kernel, min_tokens=1).float().cpu()
+    except Exception as exc:
+        return {**out, "ok": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    ref = reference_of(kernel)(q, k, v).float()
+    err = float((y - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("inf")
+    ok = err <= ATTENTION_TOLERANCE
+    return {**out, "ok": ok, "rel_error": err, "seconds": round(time.perf_counter() - t0, 3),
+            **({} if ok else {"reason": f"relative error {err:.3g} against its reference > {ATTENTION_TOLERANCE}"})}

@@ -29,10 +29,13 @@ class ServingPipeline:
     pipe: Any
     plan: RuntimePlan
     applied: dict[str, dict[str, int]]  # per expert, what `apply_runtime` did
+    # the 8-bit attention kernels the plan tried on this device (runtime.attention_checks)
+    attention_checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def runtime(self) -> dict[str, Any]:
-        """The plan and what was applied, as the self-test report shows them."""
-        return {"plan": dataclasses.asdict(self.plan), "applied": self.applied}
+        """The plan, what was applied and the attention checks, as the self-test report shows them."""
+        return {"plan": dataclasses.asdict(self.plan), "applied": self.applied,
+                "attention_checks": self.attention_checks}
 
 
 def check_runtime_env() -> None:
@@ -51,7 +54,7 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
     The plan is resolved before any weight is read, so a bad value costs no load time.
     Levers such as regional compile act lazily: the first denoising step of each new
     shape pays the compile, which the self-test's warm-up render absorbs."""
-    from gpubake.provisioning.runtime import apply_runtime, plan_from_env
+    from gpubake.provisioning.runtime import apply_runtime, attention_checks, plan_from_env
 
     plan = plan_from_env(device)
     if loader is None:
@@ -64,4 +67,4 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
     pipe = loader(Path(model_dir), device)
     applied = apply_runtime(pipe, plan)
     log.info("runtime plan on %s: %s; applied %s", device, plan, applied)
-    return ServingPipeline(pipe, plan, applied)
+    return ServingPipeline(pipe, plan, applied, attention_checks(device))

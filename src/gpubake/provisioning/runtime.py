@@ -112,11 +112,40 @@ def plan_for(device: torch.device | str | None = None) -> RuntimePlan:
     small = cap is not None and torch.cuda.get_device_properties(dev).total_memory < SMALL_CARD_GIB * 2**30
     levers = {**(_SMALL_CARD if small else {}), **_MEASURED.get(arch, {})}
     if isinstance(levers.get("attention"), tuple):
+        # a kernel whose wheel is missing or that disagrees with its reference on this GPU:
+        # the next one, then BF16 attention; the report shows the checks (`attention_checks`)
+        levers["attention"] = next((k for k in levers["attention"] if attention_check(k, dev)["ok"]), "default")
+    return RuntimePlan(arch=arch, gemm_backend=default_backend_name(cap), **levers)
+
+
+_ATTENTION_CHECKS: dict[tuple[str, str], dict] = {}
+
+
+def _attention_selfcheck(kernel: str, dev: torch.device) -> dict:
+    from gpubake.kernels.selfcheck import attention_selfcheck
+
+    return attention_selfcheck(kernel, dev)
+
+
+def attention_check(kernel: str, dev: torch.device) -> dict:
+    """Whether 8-bit attention `kernel` may run on `dev`: its wheel imports and, on a GPU, it
+    matches its torch reference there (`kernels.selfcheck`). Once per process and device."""
+    key = (kernel, str(dev))
+    if key not in _ATTENTION_CHECKS:
         from gpubake.kernels.attention import kernel_available
 
-        # an image without the wheels: the next kernel, then BF16 attention; the report says which ran
-        levers["attention"] = next((k for k in levers["attention"] if kernel_available(k)), "default")
-    return RuntimePlan(arch=arch, gemm_backend=default_backend_name(cap), **levers)
+        if not kernel_available(kernel):
+            _ATTENTION_CHECKS[key] = {"kernel": kernel, "device": str(dev), "ok": False, "reason": "wheel not installed"}
+        elif dev.type != "cuda":  # the CPU runs the reference itself: nothing to compare
+            _ATTENTION_CHECKS[key] = {"kernel": kernel, "device": str(dev), "ok": True}
+        else:
+            _ATTENTION_CHECKS[key] = _attention_selfcheck(kernel, dev)
+    return _ATTENTION_CHECKS[key]
+
+
+def attention_checks(device: torch.device | str) -> list[dict]:
+    """The attention checks `plan_for` ran for `device`, in the order it tried them."""
+    return [c for (_, d), c in _ATTENTION_CHECKS.items() if d == str(torch.device(device))]
 
 
 ENV_VAR = "GPUBAKE_RUNTIME"

@@ -250,6 +250,14 @@ def render_stage(ctx: Context) -> StageResult:
     }
     msg = (f"{first.frames} frames {first.width}x{first.height}, {params.steps} steps on {ctx.device} "
            f"-> {first.video.name} + {first.first_frame.name}")
+    # an attention kernel that is installed but computed the wrong thing on this GPU: the
+    # plan ran the next one, and the machine's owner should know
+    broken = [c for c in (ctx.runtime or {}).get("attention_checks", [])
+              if not c.get("ok") and c.get("reason") != "wheel not installed"]
+    if broken:
+        ran = (ctx.runtime or {}).get("plan", {}).get("attention", "?")
+        msg += "; " + ", ".join(f"{c['kernel']} attention failed its check ({c.get('reason')})" for c in broken)
+        return StageResult("render", "warn", msg + f", ran {ran}", values)
     return StageResult("render", "pass", msg, values)
 
 
