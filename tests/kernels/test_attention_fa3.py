@@ -179,13 +179,15 @@ def test_attention_selfcheck_on_cpu_runs_the_kernel_path(kernel):
     from gpubake.kernels.selfcheck import attention_selfcheck
 
     res = attention_selfcheck(kernel, "cpu")
-    assert res["ok"] and res["rel_error"] == 0.0 and res["kernel"] == kernel
+    assert res["ok"] and res["vs_reference"] == 0.0 and res["kernel"] == kernel
+    assert 1e-3 < res["rel_error"] == res["reference_rel_error"] < res["bound"] / 1.5  # 8-bit, within its bound
 
 
 @pytest.mark.parametrize("fault, reason", [
-    ("heads", r"relative error [\d.]+ against its reference > 0\.05"),  # right values, wrong head order
-    ("values", r"relative error [\d.]+ against its reference > 0\.05"),  # garbage
-    ("nan", r"relative error inf against its reference > 0\.05"),
+    ("heads", r"relative error [\d.]+ against exact attention > 0\.1\d+ \(2x its reference's\)"),  # wrong head order
+    ("scale", r"relative error [\d.]+ against exact attention > 0\.1\d+ \(2x its reference's\)"),  # 2x softmax scale
+    ("values", r"relative error [\d.]+ against exact attention"),  # garbage
+    ("nan", r"relative error inf against exact attention"),
     ("raises", r"^RuntimeError: no kernel image is available for execution on the device$"),
 ])
 def test_attention_selfcheck_catches_a_wrong_kernel(monkeypatch, fault, reason):
@@ -196,6 +198,8 @@ def test_attention_selfcheck_catches_a_wrong_kernel(monkeypatch, fault, reason):
             raise RuntimeError("no kernel image is available\nfor execution on the device")
         if fault == "heads":
             return F3.fa3_attention_reference(q, k, v, scale).flip(1)
+        if fault == "scale":
+            return F3.fa3_attention_reference(q, k, v, 2 * q.shape[-1] ** -0.5)
         return v if fault == "values" else torch.full_like(q, float("nan"))
 
     monkeypatch.setattr(A, "lowp_attention", broken)

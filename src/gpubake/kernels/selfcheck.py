@@ -83,17 +83,21 @@ def selfcheck(device: torch.device | str = "cpu") -> dict:
     }
 
 
-# The 8-bit attention wrappers against their torch references, measured on the H100 at
-# 4096 tokens (docs/benchmarks.md): fa3-fp8 8.3e-3, cudnn-fp8 1.8e-2 (online-softmax
-# summation order and P's E4M3 rounding at different points). A broken kernel, a wrong
-# layout or a wheel built for another GPU is off by O(1).
-ATTENTION_TOLERANCE = 5e-2
+# An 8-bit attention kernel may be as far from exact attention as its own quantized
+# arithmetic (its torch reference) is, times ATTENTION_FACTOR: the kernel rounds P at
+# other points of its online softmax, so it is not bit-close to the reference (on the H100
+# at this check's inputs: fa3-fp8 2.3e-2 and cudnn-fp8 5.3e-2 from their references, whose
+# own error against exact attention is ~6e-2). A broken kernel, a wrong layout or a wheel
+# built for another GPU is off by O(1).
+ATTENTION_FACTOR = 2.0
 ATTENTION_SHAPE = (1, 2, 2048, 128)  # [B, H, N, D]; N a multiple of 64 (sage-int8's tiles)
 
 
 def attention_selfcheck(kernel: str, device: torch.device | str) -> dict:
-    """Run 8-bit attention `kernel` on `device` and compare with its torch reference on the
-    CPU; returns a JSON-ready dict, ``ok`` False (with ``reason``) instead of raising."""
+    """Run 8-bit attention `kernel` on `device`, compare with exact attention and with its
+    torch reference (CPU); returns a JSON-ready dict, ``ok`` False with ``reason`` instead of raising."""
+    import torch.nn.functional as F
+
     from gpubake.kernels.attention import lowp_attention, reference_of
 
     t0 = time.perf_counter()
@@ -102,13 +106,21 @@ def attention_selfcheck(kernel: str, device: torch.device | str) -> dict:
     q, k, v = (torch.randn(ATTENTION_SHAPE, generator=gen) for _ in range(3))
     k = k + 3.0 * torch.randn(ATTENTION_SHAPE[-1], generator=gen)  # the per-channel offset smoothing removes
     q, k, v = (x.bfloat16() for x in (q, k, v))
-    out: dict = {"kernel": kernel, "device": str(dev), "tolerance": ATTENTION_TOLERANCE}
+    out: dict = {"kernel": kernel, "device": str(dev), "factor": ATTENTION_FACTOR}
     try:
         y = lowp_attention(q.to(dev), k.to(dev), v.to(dev), kernel=kernel, min_tokens=1).float().cpu()
     except Exception as exc:
         return {**out, "ok": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     ref = reference_of(kernel)(q, k, v).float()
-    err = float((y - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("inf")
-    ok = err <= ATTENTION_TOLERANCE
-    return {**out, "ok": ok, "rel_error": err, "seconds": round(time.perf_counter() - t0, 3),
-            **({} if ok else {"reason": f"relative error {err:.3g} against its reference > {ATTENTION_TOLERANCE}"})}
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm()) if torch.isfinite(a).all() else float("inf")
+
+    err, ref_err = rel(y, exact), rel(ref, exact)
+    bound = ATTENTION_FACTOR * max(ref_err, 5e-3)  # 5e-3: bf16 output rounding, if the reference were exact
+    ok = err <= bound
+    return {**out, "ok": ok, "rel_error": err, "reference_rel_error": ref_err, "vs_reference": rel(y, ref),
+            "bound": bound, "seconds": round(time.perf_counter() - t0, 3),
+            **({} if ok else {"reason": f"relative error {err:.3g} against exact attention > {bound:.3g} "
+                                        f"({ATTENTION_FACTOR:g}x its reference's)"})}
