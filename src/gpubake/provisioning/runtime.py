@@ -91,7 +91,8 @@ def arch_of(cap: tuple[int, int] | None) -> str:
 # unchanged at 0.049); SageAttention-1 (Triton) is slower than cuDNN BF16 on Hopper.
 # Session 10: FlashAttention-3's FP8 forward (the fa3-fwd wheel), 1.14x over cuDNN FP8
 # per call: 3.87 s a CFG step at 480p, 14.92 s at 720p (cuDNN FP8: 4.07 / 16.19).
-# "attention" lists kernels by preference: the first whose wheel imports is used.
+# "attention" lists kernels by preference: the first whose wheel imports and that passes
+# its boot check on this GPU (`attention_check`) is used.
 _MEASURED: dict[str, dict] = {
     "hopper": {"compile_blocks": True, "attention": ("fa3-fp8", "cudnn-fp8")},
 }
@@ -128,8 +129,9 @@ def _attention_selfcheck(kernel: str, dev: torch.device) -> dict:
 
 
 def attention_check(kernel: str, dev: torch.device) -> dict:
-    """Whether 8-bit attention `kernel` may run on `dev`: its wheel imports and, on a GPU, it
-    matches its torch reference there (`kernels.selfcheck`). Once per process and device."""
+    """Whether 8-bit attention `kernel` may run on `dev`: its wheel imports and, on a GPU, its
+    error against exact attention is within 2x its torch reference's there
+    (`kernels.selfcheck.attention_selfcheck`). Once per process and device."""
     key = (kernel, str(dev))
     if key not in _ATTENTION_CHECKS:
         from gpubake.kernels.attention import kernel_available
