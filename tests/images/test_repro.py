@@ -45,6 +45,11 @@ def test_demo_image_shape(demo_build):
     last = _layer_names(result.archive, result.layers[-1]["digest"])
     assert last and all(name.startswith("opt/gpubake/model") or name in ("opt", "opt/gpubake") for name in last)
     assert "opt/gpubake/model/gpubake-manifest.json" in last
+    # port 22 is in the templates: the image has an sshd for start.sh to start, and no host
+    # key in any layer (every instance of a public image would share it)
+    names = [n for layer in result.layers for n in _layer_names(result.archive, layer["digest"])]
+    assert "usr/sbin/sshd" in names
+    assert not [n for n in names if n.startswith("etc/ssh/ssh_host_")]
 
 
 def test_code_only_change_keeps_the_weight_layer(demo_build, demo_builder, tmp_path):
