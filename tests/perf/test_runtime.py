@@ -141,6 +141,21 @@ def test_bad_text_encoder_choice_is_a_one_line_error():
         plan_for("cpu").with_(text_encoder="big")
 
 
+def test_env_naming_an_8bit_kernel_on_a_gpu_runs_its_check(fake_gpu, monkeypatch):
+    fake_gpu((8, 9), wheel=True, fa3=True)  # e.g. an L40S: FA3's wheel imports, its sm_90 code cannot run
+    monkeypatch.setattr(runtime, "_attention_selfcheck", lambda kernel, dev: {
+        "kernel": kernel, "ok": kernel != "fa3-fp8",
+        "reason": "RuntimeError: no kernel image is available for execution on the device"})
+    with pytest.raises(RuntimePlanError, match=r"^GPUBAKE_RUNTIME='attention=fa3-fp8': attention=fa3-fp8 cannot run on "
+                                               r"cuda: RuntimeError: no kernel image is available"):
+        runtime.plan_from_env("cuda", "attention=fa3-fp8")
+    assert runtime.plan_from_env("cuda", "attention=cudnn-fp8").attention == "cudnn-fp8"
+    fake_gpu((8, 9), wheel=False, fa3=False)
+    with pytest.raises(RuntimePlanError, match=r"attention=cudnn-fp8 cannot run on cuda: wheel not installed$"):
+        runtime.plan_from_env("cuda", "attention=cudnn-fp8")
+    assert runtime.plan_from_env("cpu", "attention=cudnn-fp8").attention == "cudnn-fp8"  # the CPU runs references
+
+
 def test_env_sets_the_text_encoder_and_fp8_attention():
     assert plan_for("cpu").text_encoder == "keep"
     plan = runtime.plan_from_env("cpu", "text_encoder=shrink,attention=cudnn-fp8")

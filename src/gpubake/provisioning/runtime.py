@@ -183,9 +183,20 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
         else:
             raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {key}={val!r} is not a boolean (1/0/true/false/on/off)")
     try:
-        return base.with_(**changes)
+        plan = base.with_(**changes)
     except RuntimePlanError as exc:
         raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {exc}") from None
+    from gpubake.kernels.attention import LOWP_KERNELS
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "attention" in changes and plan.attention in LOWP_KERNELS and dev.type == "cuda":
+        # an 8-bit kernel asked for by name gets the same boot check as the plan's own choice:
+        # a missing wheel or a kernel built for another GPU is bad input, not a crash mid-render
+        check = attention_check(plan.attention, dev)
+        if not check["ok"]:
+            raise RuntimePlanError(f"{ENV_VAR}={raw!r}: attention={plan.attention} cannot run on "
+                                   f"{dev}: {check.get('reason', 'failed its check')}")
+    return plan
 
 
 def small_m_layers(model: nn.Module) -> list[str]:
