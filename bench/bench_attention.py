@@ -96,24 +96,21 @@ def main() -> None:
                                  "cudnn_frontend": cudnn.__version__, "cudnn_frontend_backend": cudnn.backend_version()},
                     "predictions": PREDICTIONS, "sizes": {}}
 
-    # 1. the wrapper against its reference (same quantized arithmetic), small size
+    # 1. each FP8 wrapper against its reference (same quantized arithmetic), small size
     q, k, v = wan_like(4096, 4, 128, dev, seed=7)
     with torch.inference_mode():
-        out = A8.cudnn_fp8_attention(q, k, v, 128 ** -0.5)
-        ref8 = A8.fp8_attention_reference(q, k, v, 128 ** -0.5)
         ref32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    result["wrapper_check_4096"] = {"vs_reference": round(rel_err(out, ref8), 5), "vs_fp32": round(rel_err(out, ref32), 5),
-                                    "reference_vs_fp32": round(rel_err(ref8, ref32), 5),
-                                    "finite": bool(torch.isfinite(out).all())}
-    print("wrapper check", result["wrapper_check_4096"], flush=True)
-    if FA3.fa3_available():
+
+    def wrapper_check(key: str, wrapper, reference) -> None:
         with torch.inference_mode():
-            out = FA3.fa3_fp8_attention(q, k, v, 128 ** -0.5)
-            ref_fa3 = FA3.fa3_attention_reference(q, k, v, 128 ** -0.5)
-        result["fa3_wrapper_check_4096"] = {
-            "vs_reference": round(rel_err(out, ref_fa3), 5), "vs_fp32": round(rel_err(out, ref32), 5),
-            "reference_vs_fp32": round(rel_err(ref_fa3, ref32), 5), "finite": bool(torch.isfinite(out).all())}
-        print("fa3 wrapper check", result["fa3_wrapper_check_4096"], flush=True)
+            out, ref = wrapper(q, k, v, 128 ** -0.5), reference(q, k, v, 128 ** -0.5)
+        result[key] = {"vs_reference": round(rel_err(out, ref), 5), "vs_fp32": round(rel_err(out, ref32), 5),
+                       "reference_vs_fp32": round(rel_err(ref, ref32), 5), "finite": bool(torch.isfinite(out).all())}
+        print(key, result[key], flush=True)
+
+    wrapper_check("wrapper_check_4096", A8.cudnn_fp8_attention, A8.fp8_attention_reference)
+    if FA3.fa3_available():
+        wrapper_check("fa3_wrapper_check_4096", FA3.fa3_fp8_attention, FA3.fa3_attention_reference)
 
     def sdpa_with(backend):
         def fn(q, k, v):
@@ -137,9 +134,8 @@ def main() -> None:
     def fa3_fp8(q, k, v):
         return FA3.fa3_fp8_attention(q, k, v, q.shape[-1] ** -0.5)
 
-    def fa3_bf16(q, k, v):  # the wheel's own op on BF16 [B, N, H, D] (diffusers' layout: free views)
-        return torch.ops.fa3_fwd._flash_attn_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     softmax_scale=q.shape[-1] ** -0.5)[0].transpose(1, 2)
+    def fa3_bf16(q, k, v):  # the wheel's own op on BF16
+        return FA3.fa3_forward(q, k, v, q.shape[-1] ** -0.5)
 
     def fa3_op_only(q, k, v, _cache={}):  # the FA3 FP8 kernel alone, inputs quantized once
         key = (q.data_ptr(), k.data_ptr(), v.data_ptr())
@@ -148,9 +144,7 @@ def main() -> None:
             _cache[key] = (*FA3.quantize_per_head(q), *FA3.quantize_per_head(A8.smooth_keys(k)),
                            *FA3.quantize_per_head(v))
         q8, dq, k8, dk, v8, dv = _cache[key]
-        return torch.ops.fa3_fwd._flash_attn_forward(
-            q8.transpose(1, 2), k8.transpose(1, 2), v8.transpose(1, 2), q_descale=dq, k_descale=dk, v_descale=dv,
-            softmax_scale=q.shape[-1] ** -0.5)[0].transpose(1, 2)
+        return FA3.fa3_forward(q8, k8, v8, q.shape[-1] ** -0.5, dq, dk, dv)
 
     fp8_compiled = torch.compile(fp8)  # as inside a regionally compiled block: quantization fused by inductor
     noise_compiled = torch.compile(fp8_noise)

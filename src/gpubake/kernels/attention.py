@@ -29,6 +29,9 @@ block (seen with torch 2.13), undoing the regional compile.
 
 from __future__ import annotations
 
+import importlib
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -198,41 +201,45 @@ _BACKEND_FNS = {k: _backend_fn(k) for k in LOWP_KERNELS}
 _diffusers_backend_fn = _BACKEND_FNS["sage-int8"]
 
 
-def reference_of(kernel: str):
-    """The torch reference of 8-bit attention `kernel`: same quantized arithmetic, any device."""
-    if kernel == "sage-int8":
-        return sage_reference
-    if kernel == "cudnn-fp8":
-        from gpubake.kernels.attention_fp8 import fp8_attention_reference
+class _Parts(NamedTuple):
+    """Where a kernel's functions live (imported on use: those modules import this one)."""
 
-        return fp8_attention_reference
-    if kernel == "fa3-fp8":
-        from gpubake.kernels.attention_fa3 import fa3_attention_reference
+    module: str
+    available: str  # () -> bool: its wheel imports
+    reference: str  # (q, k, v, scale) -> out: its torch reference
 
-        return fa3_attention_reference
-    raise KernelError(f"8-bit attention: kernel {kernel!r} (one of {', '.join(LOWP_KERNELS)})")
+
+# lowp_attention keeps plain imports instead: dynamo traces those inside a compiled block
+_PARTS = {
+    "sage-int8": _Parts(__name__, "sage_available", "sage_reference"),
+    "cudnn-fp8": _Parts("gpubake.kernels.attention_fp8", "cudnn_frontend_available", "fp8_attention_reference"),
+    "fa3-fp8": _Parts("gpubake.kernels.attention_fa3", "fa3_available", "fa3_attention_reference"),
+}
+
+
+def _part(kernel: str, field: str):
+    if kernel not in _PARTS:
+        raise KernelError(f"8-bit attention: kernel {kernel!r} (one of {', '.join(LOWP_KERNELS)})")
+    parts = _PARTS[kernel]
+    return getattr(importlib.import_module(parts.module), getattr(parts, field))
 
 
 def kernel_available(kernel: str) -> bool:
-    """Whether the wheel behind 8-bit attention `kernel` imports here (CPU runs the reference)."""
-    if kernel == "sage-int8":
-        return sage_available()
-    if kernel == "cudnn-fp8":
-        from gpubake.kernels.attention_fp8 import cudnn_frontend_available
+    """Whether the wheel behind 8-bit attention `kernel` imports here (CPU runs the reference).
+    Importing FA3's registers torch.ops.fa3_fwd before any compile traces a call."""
+    return _part(kernel, "available")()
 
-        return cudnn_frontend_available()
-    if kernel == "fa3-fp8":
-        from gpubake.kernels.attention_fa3 import fa3_available
 
-        return fa3_available()  # importing it registers torch.ops.fa3_fwd before any compile traces a call
-    raise KernelError(f"8-bit attention: kernel {kernel!r} (one of {', '.join(LOWP_KERNELS)})")
+def reference_of(kernel: str):
+    """The torch reference of 8-bit attention `kernel`: same quantized arithmetic, any device."""
+    return _part(kernel, "reference")
 
 
 def _register_diffusers_backend(kernel: str) -> object:
     """Our function for `kernel` in its diffusers slot (sage: unless diffusers runs Sage 2 itself)."""
     from diffusers.models import attention_dispatch as ad
 
-    kernel_available(kernel)
+    kernel_available(kernel)  # imports the wheel now: FA3's op must be registered before a compile
 
     name = ad.AttentionBackendName(DIFFUSERS_SLOTS[kernel])
     if kernel == "sage-int8" and getattr(ad, "_CAN_USE_SAGE_ATTN", False):

@@ -63,9 +63,8 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """Per-head FP8 attention on FA3 ([B, H, N, D] CUDA bf16/fp16 in, q's dtype out).
 
     The amax reductions, smoothing and casts are plain torch (fused by inductor inside a
-    compiled block); the kernel is the wheel's own custom op, opaque to torch.compile. FA3
-    takes [B, N, H, D]: diffusers' tensors are that memory seen as [B, H, N, D], so the
-    transposes below are free views."""
+    compiled block); the kernel is the wheel's own custom op (`fa3_forward`), opaque to
+    torch.compile."""
     # checked eagerly only: an import is untraceable, and set_self_attention_kernel has
     # already imported the wheel (registering torch.ops.fa3_fwd) before any compile
     if not torch.compiler.is_compiling() and not fa3_available():
@@ -73,7 +72,14 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     q8, dq = quantize_per_head(q)
     k8, dk = quantize_per_head(smooth_keys(k))
     v8, dv = quantize_per_head(v)
+    return fa3_forward(q8, k8, v8, scale, dq, dk, dv).to(q.dtype)
+
+
+def fa3_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_descale: torch.Tensor | None = None,
+                k_descale: torch.Tensor | None = None, v_descale: torch.Tensor | None = None) -> torch.Tensor:
+    """The wheel's op on [B, H, N, D] views of [B, N, H, D] memory (BF16, or E4M3 with [B, H]
+    descales); its output seen as [B, H, N, D] again. The transposes are free views."""
     out = torch.ops.fa3_fwd._flash_attn_forward(
-        q8.transpose(1, 2), k8.transpose(1, 2), v8.transpose(1, 2),
-        q_descale=dq, k_descale=dk, v_descale=dv, softmax_scale=scale)[0]
-    return out.transpose(1, 2).to(q.dtype)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=scale)[0]
+    return out.transpose(1, 2)

@@ -44,6 +44,11 @@ class PreparedWeight:
         return self.weight.shape[1]
 
 
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """`device` as a torch.device; None: the GPU if there is one, else the CPU."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def capability(device: torch.device) -> tuple[int, int] | None:
     """(major, minor) of a CUDA device, None for the CPU."""
     if device.type != "cuda":
@@ -282,7 +287,7 @@ def default_backend_name(cap: tuple[int, int] | None) -> str:
 
 def select_backend(device: torch.device | str | None = None) -> GemmBackend:
     """Backend for `device` by compute capability; `GPUBAKE_NVFP4_BACKEND` overrides."""
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     cap = capability(dev)

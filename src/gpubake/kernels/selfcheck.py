@@ -1,7 +1,8 @@
 """`selfcheck(device)`: does the NVFP4 path compute the right thing on THIS machine?
 `attention_selfcheck(kernel, device)`: the same question for an 8-bit attention kernel.
 
-Used by the boot self-test and, for attention, by the runtime plan before it picks a kernel. Two checks on seeded random data (Gaussian with outliers):
+Used by the boot self-test and, for attention, by the runtime plan before it picks a
+kernel. The NVFP4 check is two checks on seeded random data (Gaussian with outliers):
 
 1. the quantizer that runs here (Triton on CUDA, the reference on CPU) produces the same
    bytes and scales as `quantize_ref` on the CPU;

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from gpubake.errors import GpubakeError
-from gpubake.kernels.backends import BACKENDS, capability, default_backend_name, get_backend
+from gpubake.kernels.backends import BACKENDS, capability, default_backend_name, get_backend, resolve_device
 
 ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8", "fa3-fp8")
 # "shrink": NVFP4 weight-only linears, BF16 `wo`, host-memory embedding (provisioning.text_encoder)
@@ -107,7 +107,7 @@ _SMALL_CARD = {"text_encoder": "shrink", "vae_tiling": True}
 
 def plan_for(device: torch.device | str | None = None) -> RuntimePlan:
     """The runtime plan for `device`, by compute capability (same dispatch as the kernels)."""
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     cap = capability(dev)
     arch = arch_of(cap)
     small = cap is not None and torch.cuda.get_device_properties(dev).total_memory < SMALL_CARD_GIB * 2**30
@@ -136,12 +136,13 @@ def attention_check(kernel: str, dev: torch.device) -> dict:
     if key not in _ATTENTION_CHECKS:
         from gpubake.kernels.attention import kernel_available
 
-        if not kernel_available(kernel):
-            _ATTENTION_CHECKS[key] = {"kernel": kernel, "device": str(dev), "ok": False, "reason": "wheel not installed"}
+        base = {"kernel": kernel, "device": str(dev), "installed": kernel_available(kernel)}
+        if not base["installed"]:
+            _ATTENTION_CHECKS[key] = {**base, "ok": False, "reason": "wheel not installed"}
         elif dev.type != "cuda":  # the CPU runs the reference itself: nothing to compare
-            _ATTENTION_CHECKS[key] = {"kernel": kernel, "device": str(dev), "ok": True}
+            _ATTENTION_CHECKS[key] = {**base, "ok": True}
         else:
-            _ATTENTION_CHECKS[key] = _attention_selfcheck(kernel, dev)
+            _ATTENTION_CHECKS[key] = {**_attention_selfcheck(kernel, dev), **base}
     return _ATTENTION_CHECKS[key]
 
 
@@ -188,7 +189,7 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
         raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {exc}") from None
     from gpubake.kernels.attention import LOWP_KERNELS
 
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if "attention" in changes and plan.attention in LOWP_KERNELS and dev.type == "cuda":
         # an 8-bit kernel asked for by name gets the same boot check as the plan's own choice:
         # a missing wheel or a kernel built for another GPU is bad input, not a crash mid-render

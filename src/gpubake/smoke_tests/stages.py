@@ -252,8 +252,8 @@ def render_stage(ctx: Context) -> StageResult:
            f"-> {first.video.name} + {first.first_frame.name}")
     # an attention kernel that is installed but computed the wrong thing on this GPU: the
     # plan ran the next one, and the machine's owner should know
-    broken = [c for c in (ctx.runtime or {}).get("attention_checks", [])
-              if not c.get("ok") and c.get("reason") != "wheel not installed"]
+    checks = (ctx.runtime or {}).get("attention_checks", [])
+    broken = [c for c in checks if c.get("installed", True) and not c.get("ok")]
     if broken:
         ran = (ctx.runtime or {}).get("plan", {}).get("attention", "?")
         msg += "; " + ", ".join(f"{c['kernel']} attention failed its check ({c.get('reason')})" for c in broken)
