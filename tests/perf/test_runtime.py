@@ -318,11 +318,11 @@ def test_serving_pipeline_leaves_the_encoder_on_the_host_only_to_shrink_it(tiny_
     monkeypatch.setattr(loader, "load_pipeline", spy)
     monkeypatch.setenv(runtime.ENV_VAR, "text_encoder=shrink")
     served = load_serving_pipeline(tiny_nvfp4_checkpoint, "cpu")
-    assert calls == [{"host_components": ("text_encoder",)}]
+    assert calls == [{"host_components": ("text_encoder",), "require_manifest": True}]  # served: manifest or nothing
     assert served.plan.text_encoder == "shrink" and served.applied["text_encoder"]["fp8_linears"] > 0
     monkeypatch.setenv(runtime.ENV_VAR, "auto")  # the CPU plan keeps it
     assert "text_encoder" not in load_serving_pipeline(tiny_nvfp4_checkpoint, "cpu").applied
-    assert calls[1] == {"host_components": ()}
+    assert calls[1] == {"host_components": (), "require_manifest": True}
 
 
 def test_apply_runtime_needs_a_transformer():

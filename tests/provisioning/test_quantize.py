@@ -123,12 +123,13 @@ def test_sharded_source(tiny_checkpoint, tmp_path):
             save_file({k: sd[k] for k in ks}, str(src / comp / name))
         (src / comp / W).unlink()
         (src / comp / f"{W}.index.json").write_text(json.dumps({"weight_map": {k: n for n, ks in halves.items() for k in ks}}))
-    quantize_checkpoint(src, tmp_path / "q", progress=False)
+    quantize_checkpoint(src, tmp_path / "q", progress=False, trust_source=True)  # no manifest: trusted
     out = tmp_path / "q" / "transformer"
     idx = json.loads((out / f"{W}.index.json").read_text())
     assert set(idx["weight_map"].values()) == {"part-00001-of-00002.safetensors", "part-00002-of-00002.safetensors"}
     assert "blocks.0.attn1.to_q.weight_packed" in idx["weight_map"]
     assert read_manifest(tmp_path / "q")["source"]["manifest_sha256"] is None  # hashed here instead
+    assert read_manifest(tmp_path / "q")["source"]["verified"] == "trusted"
 
 
 def _broken_copy(tiny_checkpoint: Path, tmp_path: Path, edit) -> Path:

@@ -125,9 +125,10 @@ def test_quick_hashes_small_files_and_a_sample_of_large(tiny_nvfp4_checkpoint: P
     assert modelcheck.check_model_dir(model).problems == [f"{victim}: sha256 mismatch"]
 
 
-def test_extra_files_are_listed_not_failed(tiny_nvfp4_checkpoint: Path, tmp_path: Path):
+def test_extra_files_are_listed_and_fail(tiny_nvfp4_checkpoint: Path, tmp_path: Path):
+    """Issue 13: the manifest is the whole truth; a file it does not list fails the check."""
     model = tmp_path / "m"
     shutil.copytree(tiny_nvfp4_checkpoint, model)
     (model / "notes.txt").write_text("hi")
     res = modelcheck.check_model_dir(model)
-    assert res.problems == [] and res.extra_files == ["notes.txt"]
+    assert res.problems == ["notes.txt: not in the manifest"] and res.extra_files == ["notes.txt"]

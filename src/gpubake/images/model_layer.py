@@ -27,7 +27,7 @@ from gpubake.images.builders.storage import cache_root
 MODEL_DIR = "model"  # the weights' folder inside a build context
 MANIFEST_NAME = "gpubake-manifest.json"
 # Modules whose code decides the bytes of a generated or quantized checkpoint.
-_CODE = ("tiny.py", "quantize.py", "policy.py", "policies.toml", "layout.py", "manifest.py")
+_CODE = ("tiny.py", "quantize.py", "policy.py", "policies.toml", "layout.py", "manifest.py", "trust.py")
 
 
 def _code_hash() -> str:

@@ -67,15 +67,20 @@ def quantize_cmd(
     policy: str = typer.Option("default", "--policy", help="Quantization policy (policies.toml): default, keep-first-last, ffn-only."),
     device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu (reference) or cuda (Triton)."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Registry id recorded in the manifest."),
+    trust_source: bool = typer.Option(False, "--trust-source", help="Do not verify SRC against its gpubake-manifest.json (needed for a source without one); its files are hashed as they are. Symlinks out of SRC are refused all the same."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
 ) -> None:
-    """Quantize the transformer experts to NVFP4 (streams shard by shard) and write the manifest."""
+    """Quantize the transformer experts to NVFP4 (streams shard by shard) and write the manifest.
+
+    SRC is first verified against its own manifest (written by `fetch` or `make-tiny`):
+    a file it does not list, a wrong size or sha256, or a symlink out of SRC is refused."""
     from gpubake.provisioning.models import get_model
     from gpubake.provisioning.quantize import quantize_checkpoint
 
     if model_id:
         get_model(model_id)
-    result = quantize_checkpoint(src, dest, policy, device=device, progress=not json_out, model_id=model_id)
+    result = quantize_checkpoint(src, dest, policy, device=device, progress=not json_out, model_id=model_id,
+                                 trust_source=trust_source)
     _report(result, json_out, f"quantized {result['quantized_layers']} layers into {dest} (SQNR mean {result['sqnr_db_mean']} dB)")
 
 

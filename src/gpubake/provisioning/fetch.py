@@ -214,9 +214,12 @@ def _fetch_hf(source: str, dest: Path, *, sha256: str | None, jobs: int, dry_run
         else:
             if sha256:
                 raise FetchError(f"{ref}: --sha256 given but the repository has no {MANIFEST_NAME}")
-            hf_fetch.verify_against_hub(staging, hf_fetch.hub_hashes(ref))
+            hashes = hf_fetch.hub_hashes(ref)
+            hf_fetch.verify_against_hub(staging, hashes)
             verified = "hub"
-            write_manifest(staging, build_manifest(staging, fmt="unknown", source=str(ref), verified=verified))
+            # The Hub's own hashes go in the manifest: `quantize` checks the files against them.
+            write_manifest(staging, build_manifest(staging, fmt="unknown", source=str(ref), verified=verified,
+                                                   hub=hf_fetch.hub_record(ref, hashes)))
     except ManifestError as exc:
         _drop_if_empty(staging)
         raise FetchError(str(exc)) from None

@@ -3,8 +3,9 @@
 huggingface_hub already does parallel, resumable downloads; we add what it does not:
 download into our staging directory (atomic placement by `fetch`), verification of
 every file against the Hub's tree listing (sha256 of LFS files, git blob id of small
-files) or against a gpubake manifest when the repo has one, and one-line errors. The token comes from HF_TOKEN (read by
-huggingface_hub itself); it is never written anywhere. HF_ENDPOINT is honoured at call
+files; recorded in the fetch manifest's `hub`, so `quantize` checks against them later)
+or against a gpubake manifest when the repo has one, and one-line errors. The token
+comes from HF_TOKEN (read by huggingface_hub itself); it is never written anywhere. HF_ENDPOINT is honoured at call
 time (huggingface_hub reads it only at import).
 """
 
@@ -75,6 +76,14 @@ def hub_hashes(ref: HfRef) -> dict[str, tuple[str, str]]:
         sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
         out[e.path] = ("sha256", sha) if sha else ("git-sha1", e.blob_id)
     return out
+
+
+def hub_record(ref: HfRef, hashes: dict[str, tuple[str, str]]) -> dict[str, object]:
+    """What the fetch manifest keeps of the Hub's listing (`hub`): the repo, revision and
+    every file's published hash (`sha256` of LFS files, `git_blob_sha1` of the others)."""
+    key = {"sha256": "sha256", "git-sha1": "git_blob_sha1"}
+    files = {rel: {key[kind]: digest} for rel, (kind, digest) in sorted(hashes.items())}
+    return {"repo": ref.repo_id, "revision": ref.revision, "files": files}
 
 
 def download(ref: HfRef, staging: Path, *, jobs: int) -> None:

@@ -46,6 +46,9 @@ def model_index(root: Path) -> dict[str, Any]:
         raise CheckpointError(f"{root / 'model_index.json'}: _class_name {cls!r} is not a Wan pipeline ({', '.join(WAN_PIPELINES)})")
     if not expert_dirs(idx):
         raise CheckpointError(f"{root / 'model_index.json'}: no WanTransformer3DModel component")
+    for name, value in idx.items():  # a component is a folder of this checkpoint, never a path out of it
+        if isinstance(value, list) and ("/" in name or "\\" in name or name in ("", ".", "..")):
+            raise CheckpointError(f"{root / 'model_index.json'}: component {name!r} is not a folder name")
     return idx
 
 
@@ -64,16 +67,21 @@ def transformer_config(expert: Path) -> dict[str, Any]:
 def shard_files(expert: Path) -> list[Path]:
     """The safetensors shards of one expert (sharded index or a single file)."""
     index = expert / INDEX_FILE
+    single = expert / SINGLE_FILE
     if index.is_file():
+        if single.is_file():  # which one a reader picks must never be a question
+            raise CheckpointError(f"{expert}: holds both {SINGLE_FILE} and {INDEX_FILE}; a checkpoint has one or the other")
         wmap = read_json(index).get("weight_map")
         if not isinstance(wmap, dict) or not wmap:
             raise CheckpointError(f"{index}: no weight_map")
+        for n in wmap.values():  # a shard is a file of this directory, never a path out of it
+            if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", ".."):
+                raise CheckpointError(f"{index}: shard {n!r} is not a file name in {expert}")
         names = sorted(set(wmap.values()))
         for n in names:
             if not (expert / n).is_file():
                 raise CheckpointError(f"{expert / n}: shard listed in {INDEX_FILE} is missing")
         return [expert / n for n in names]
-    single = expert / SINGLE_FILE
     if single.is_file():
         return [single]
     raise CheckpointError(f"{expert}: no {SINGLE_FILE} or {INDEX_FILE}")

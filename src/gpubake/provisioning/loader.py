@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gpubake.provisioning import layout
+from gpubake.provisioning import layout, trust
 from gpubake.provisioning.layout import CheckpointError
 from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest, verify_tree
 
@@ -34,6 +34,7 @@ def _torch_dtype(dtype: Any) -> Any:
 
 def checkpoint_format(path: Path) -> str:
     """'nvfp4' or 'bf16' (from the manifest, else from the tensors present)."""
+    trust.guard_checkpoint(path)  # the shard headers read below are listed ones
     if (path / MANIFEST_NAME).is_file():
         fmt = read_manifest(path).get("format")
         if fmt == "nvfp4":
@@ -95,8 +96,13 @@ def load_expert(expert: Path, dtype: Any = None, device: str = "cpu") -> Any:
 
 
 def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None, *, verify: bool = False,
-                  host_components: tuple[str, ...] = ()) -> Any:
+                  host_components: tuple[str, ...] = (), require_manifest: bool = False) -> Any:
     """The diffusers Wan pipeline (both experts and boundary_ratio) for checkpoint `path`.
+
+    Only files the manifest lists are read: a checkpoint holding any other file (an
+    injected index and shard, say) or a symlink out of `path` is refused with a
+    `trust.TrustError` naming it, before any file is opened. `require_manifest` (the
+    serving path) refuses a directory without one.
 
     `verify=True` first checks every file against gpubake-manifest.json (slow for
     full-size weights; the self-test does it once at boot). `host_components` stay in
@@ -110,6 +116,7 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
     dtype = _torch_dtype(dtype or torch.bfloat16)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
+    trust.guard_checkpoint(path, require_manifest=require_manifest)
     index = layout.model_index(path)
     if verify:
         verify_tree(path)

@@ -1,7 +1,8 @@
 """`gpubake-manifest.json`: the sha256 and size of every file of a checkpoint.
 
-Every checkpoint gpubake writes (make-tiny, quantize, fetch) carries one; `fetch` and
-the loader verify against it. The manifest holds no timestamps, so identical
+Every checkpoint gpubake writes (make-tiny, quantize, fetch) carries one; `fetch`,
+`quantize` (its source), the loader and the self-test verify against it, and it is the
+whole truth: a file it does not list is never read (`provisioning.trust`). The manifest holds no timestamps, so identical
 checkpoints have byte-identical manifests (the demo image's reproducibility relies on it).
 """
 
@@ -29,11 +30,13 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def list_files(root: Path) -> list[str]:
-    """Relative POSIX paths of the regular files under `root`, sorted, manifest excluded."""
+    """Relative POSIX paths of the regular files under `root`, sorted, the top-level
+    manifest excluded (a nested file of that name is content like any other)."""
     out = []
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".partial"):
-            out.append(p.relative_to(root).as_posix())
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != MANIFEST_NAME and not p.name.endswith(".partial"):
+            out.append(rel)
     return out
 
 

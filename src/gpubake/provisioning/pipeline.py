@@ -63,7 +63,7 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
         host = ("text_encoder",) if plan.text_encoder == "shrink" else ()
 
         def loader(path: Path, dev: str) -> Any:
-            return load_pipeline(path, dev, host_components=host)
+            return load_pipeline(path, dev, host_components=host, require_manifest=True)
     pipe = loader(Path(model_dir), device)
     applied = apply_runtime(pipe, plan)
     log.info("runtime plan on %s: %s; applied %s", device, plan, applied)

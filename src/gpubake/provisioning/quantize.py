@@ -10,9 +10,11 @@ Per quantized linear `P` the output holds `P.weight_packed` (uint8 [out, in/2]),
 (float32 []) and `P.bias` (unchanged): the state-dict layout of
 `gpubake.kernels.linear.NVFP4Linear`. Everything else is copied: other transformer
 tensors (kept in BF16, or fp32 for the modules diffusers keeps in fp32), and the VAE,
-text encoder, tokenizer, scheduler and model_index byte for byte. The manifest records
-the source files' hashes, the policy, the SQNR of every quantized layer and the tool
-version.
+text encoder, tokenizer, scheduler and model_index byte for byte. The source is
+verified against its own manifest before anything is written (`trust.verify_source`:
+only files it lists are read, no symlink out of it is followed); the output manifest
+records the source's files and hashes and how they were verified, the policy, the
+SQNR of every quantized layer and the tool version.
 """
 
 from __future__ import annotations
@@ -26,16 +28,14 @@ from typing import Any
 
 from gpubake.errors import GpubakeError
 from gpubake.fsutil import atomic_path, write_json_atomic
-from gpubake.provisioning import layout
+from gpubake.provisioning import layout, trust
 from gpubake.provisioning.layout import CheckpointError
 from gpubake.provisioning.manifest import (
     MANIFEST_NAME,
     build_manifest,
-    hash_tree,
     is_disk_full,
     normalise_modes,
     read_manifest,
-    sha256_file,
     write_manifest,
 )
 from gpubake.provisioning.policy import Policy, get_policy
@@ -80,15 +80,9 @@ def quantize_weight(w: Any, device: str = "cpu", out_device: str = "cpu") -> tup
     return q, s
 
 
-def _source_hashes(src: Path) -> dict[str, Any]:
-    """The source's files and their hashes: its own manifest when it has one (fetch
-    verified it), else hashed here."""
-    if (src / MANIFEST_NAME).is_file():
-        m = read_manifest(src)
-        if m.get("format") == FORMAT:
-            raise CheckpointError(f"{src}: already quantized ({FORMAT}); quantize a BF16 checkpoint")
-        return {"manifest_sha256": sha256_file(src / MANIFEST_NAME), "files": m["files"]}
-    return {"manifest_sha256": None, "files": hash_tree(src)}
+def _refuse_quantized_source(src: Path) -> None:
+    if (src / MANIFEST_NAME).is_file() and read_manifest(src).get("format") == FORMAT:
+        raise CheckpointError(f"{src}: already quantized ({FORMAT}); quantize a BF16 checkpoint")
 
 
 def quantize_checkpoint(
@@ -99,8 +93,12 @@ def quantize_checkpoint(
     device: str = "cpu",
     progress: bool = True,
     model_id: str | None = None,
+    trust_source: bool = False,
 ) -> dict[str, Any]:
-    """Quantize `src` (BF16 diffusers Wan checkpoint) into `dest`; returns a summary."""
+    """Quantize `src` (BF16 diffusers Wan checkpoint) into `dest`; returns a summary.
+
+    `src` is verified against its own manifest first (`trust.verify_source`); only the
+    files it lists are read. `trust_source` hashes an unverifiable source as it is."""
     t_start = time.monotonic()
     src, dest = Path(src), Path(dest)
     pol = get_policy(policy)
@@ -108,6 +106,8 @@ def quantize_checkpoint(
         raise CheckpointError(f"{src}: not a directory")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise GpubakeError(f"{dest}: already exists and is not empty (remove it or choose another DEST)")
+    # Before parsing anything: no symlink out of the source, no file its manifest does not list.
+    trust.check_listing(src, trust_source=trust_source)
     index = layout.model_index(src)
     experts = layout.expert_dirs(index)
     configs = {e: layout.transformer_config(src / e) for e in experts}
@@ -118,7 +118,8 @@ def quantize_checkpoint(
             raise CheckpointError(f"{src / e}: already quantized ({FORMAT}); quantize a BF16 checkpoint")
         exp, _ = layout.expected_shapes(layout.empty_transformer(configs[e]))
         layout.check_tensors(actual, exp, f"{src / e}")
-    source = _source_hashes(src)
+    _refuse_quantized_source(src)
+    source = trust.verify_source(src, trust_source=trust_source)
     hash_secs = time.monotonic() - t_start
     started = time.monotonic()
     layers: dict[str, Any] = {}
@@ -126,15 +127,14 @@ def quantize_checkpoint(
     try:
         with atomic_path(dest) as tmp:
             tmp.mkdir()
-            for entry in sorted(src.iterdir()):
-                if entry.name in experts:
-                    _quantize_expert(entry, tmp / entry.name, pol, configs[entry.name], device, layers, stats, progress)
-                elif entry.name == MANIFEST_NAME:
-                    continue
-                elif entry.is_dir():
-                    shutil.copytree(entry, tmp / entry.name, copy_function=shutil.copyfile)
-                else:
-                    shutil.copyfile(entry, tmp / entry.name)
+            for e in experts:
+                _quantize_expert(src / e, tmp / e, pol, configs[e], device, layers, stats, progress)
+            # Everything else the source's record lists, byte for byte (never an
+            # unlisted file, nor DEST's own staging directory when DEST is inside SRC).
+            copied = [rel for rel in sorted(source["files"]) if rel.split("/", 1)[0] not in experts]
+            for rel in copied:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / rel, tmp / rel)
             normalise_modes(tmp)
             sq = [v["sqnr_db"] for v in layers.values() if v["sqnr_db"] is not None]
             quant = {
@@ -153,7 +153,9 @@ def quantize_checkpoint(
                 },
             }
             src_model = read_manifest(src).get("model_id") if (src / MANIFEST_NAME).is_file() else None
-            write_manifest(tmp, build_manifest(tmp, fmt=FORMAT, model_id=model_id or src_model, source=source, quantization=quant))
+            out_manifest = build_manifest(tmp, fmt=FORMAT, model_id=model_id or src_model, source=source, quantization=quant)
+            trust.check_copies(out_manifest["files"], source["files"], copied + [f"{e}/config.json" for e in experts])
+            write_manifest(tmp, out_manifest)
     except Exception as exc:
         if is_disk_full(exc):
             raise GpubakeError(f"{dest}: no space left on device while writing the quantized checkpoint") from None

@@ -22,6 +22,7 @@ from gpubake.errors import GpubakeError
 from gpubake.provisioning.manifest import build_manifest, is_disk_full, normalise_modes, write_manifest
 
 TINY_MODEL_ID = "tiny-wan2.2"
+TINY_SOURCE = "generate:tiny"  # its source in models.toml, recorded in the manifest
 
 # Transformer expert: hidden 64 (2 heads x 32), FFN 128, 3 blocks. Every quantized
 # linear has in_features % 16 == 0 (NVFP4 blocks of 16); 3 blocks leave one block
@@ -115,7 +116,8 @@ def make_tiny(dest: str | Path, seed: int = 0) -> Path:
             ).save_pretrained(tmp / "scheduler")
             _write_model_index(tmp)
             normalise_modes(tmp)
-            write_manifest(tmp, build_manifest(tmp, fmt="bf16", model_id=TINY_MODEL_ID))
+            # The producer's hashes: what `quantize` verifies this checkpoint against.
+            write_manifest(tmp, build_manifest(tmp, fmt="bf16", model_id=TINY_MODEL_ID, source=TINY_SOURCE))
     except Exception as exc:
         if is_disk_full(exc):
             raise GpubakeError(f"{dest}: no space left on device while writing the tiny checkpoint") from None

@@ -5,6 +5,10 @@ every file in full, or with `quick` only the small files plus a random sample of
 large ones (each boot samples different shards, so a corrupt one is found eventually
 without a full read of tens of GB on every boot). Hashing runs on a few threads:
 hashlib releases the GIL, so this is bound by the disk, not the interpreter.
+
+The manifest is the whole truth (`provisioning.trust`): a file it does not list (only
+the manifest itself is allowed), a symlink leading out of the model directory or
+anything but a regular file fails the check, since the loader would refuse it anyway.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ class ModelCheck:
 
 def check_model_dir(root: Path, *, quick: bool = False, rng: random.Random | None = None) -> ModelCheck:
     """Check `root` against its gpubake-manifest.json; never raises for bad files."""
-    from gpubake.provisioning.manifest import ManifestError, list_files, read_manifest, sha256_file
+    from gpubake.provisioning import trust
+    from gpubake.provisioning.manifest import ManifestError, read_manifest, sha256_file
 
     out = ModelCheck()
     if not root.is_dir():
@@ -65,9 +70,17 @@ def check_model_dir(root: Path, *, quick: bool = False, rng: random.Random | Non
     out.files = len(entries)
     to_hash: list[str] = []
     large: list[str] = []
+    found = trust.scan(root)
+    bad = {rel for rel, _ in found.problems}
+    out.problems += [f"{rel}: {why}" for rel, why in found.problems]
     for rel, entry in sorted(entries.items()):
         path = root / rel
         out.total_bytes += entry["size"]
+        if rel in bad:
+            continue  # already a problem above; never read through a link out
+        if not trust.contained(root, rel):
+            out.problems.append(f"{rel}: leads outside the model directory")
+            continue
         if not path.is_file():
             out.problems.append(f"{rel}: missing")
             continue
@@ -88,5 +101,6 @@ def check_model_dir(root: Path, *, quick: bool = False, rng: random.Random | Non
         out.hashed_bytes += entries[rel]["size"]
         if digests[rel] != entries[rel]["sha256"]:
             out.problems.append(f"{rel}: sha256 mismatch")
-    out.extra_files = sorted(set(list_files(root)) - set(entries))
+    out.extra_files = trust.unlisted(found.files, entries)
+    out.problems += [f"{rel}: not in the manifest" for rel in out.extra_files]
     return out
