@@ -2,9 +2,9 @@
 
 The NVFP4 GEMM backend is picked by `gpubake.kernels.backends` from the compute
 capability (or ``$GPUBAKE_NVFP4_BACKEND``), recorded in the plan and bound to every NVFP4
-layer when the plan is applied; this module adds the levers around it that `bench/bench_step.py` measured
-one at a time (docs/benchmarks.md, "Denoising step on Hopper"), and keeps only those
-that won on that architecture:
+layer when the plan is applied; this module adds the levers around it that
+`bench/bench_step.py` measured one at a time (docs/benchmarks.md, "Denoising step on
+Hopper"), and keeps only those that won on that architecture:
 
 * ``attention``: which kernel runs attention ("default" leaves torch SDPA's own choice,
   "cudnn" forces cuDNN's fused attention, "flash" FlashAttention-2; "sage-int8" and
