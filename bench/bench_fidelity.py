@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 from pathlib import Path
 
@@ -68,6 +67,7 @@ def main() -> None:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from gpubake.kernels.backends import select_backend
+    from gpubake.kernels.linear import bind_backends
     from gpubake.provisioning.fidelity import Settings, compare, contact_sheet, generate, summarize
     from gpubake.provisioning.models import get_model
     from gpubake.provisioning.quantize import quantize_model_inplace
@@ -131,7 +131,9 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     convert_s = time.monotonic() - t0
     print(f"converted {len(sqnr)} linears in {convert_s:.1f}s", flush=True)
-    backend = select_backend(torch.device(dev)).name
+    backend = select_backend(torch.device(dev)).name  # $GPUBAKE_NVFP4_BACKEND or this GPU's default
+    for e in experts:
+        bind_backends(e, backend)
     backend_error = None
     for r, s in settings.items():
         try:
@@ -141,7 +143,10 @@ def main() -> None:
                 raise
             backend_error = f"{backend}: {exc.__class__.__name__}: {str(exc)[:300]}"
             print("backend failed, falling back to dequant-bf16:", backend_error, flush=True)
-            os.environ["GPUBAKE_NVFP4_BACKEND"] = backend = "dequant-bf16"
+            backend = "dequant-bf16"
+            for e in experts:
+                bind_backends(e, backend)
+            plan = plan.with_(gemm_backend=backend)  # the --runtime plan binds it again
             runs[("nvfp4", r)] = generate(pipe, prompt, args.seed, s, dev)
         print(f"nvfp4 {r} ({backend}): {runs[('nvfp4', r)].seconds}s", flush=True)
     peak_nvfp4 = torch.cuda.max_memory_allocated() if dev == "cuda" else 0

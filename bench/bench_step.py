@@ -297,7 +297,7 @@ def to_nvfp4(model, num_layers: int) -> dict:
     import torch
 
     from gpubake.kernels.backends import select_backend
-    from gpubake.kernels.linear import NVFP4Linear
+    from gpubake.kernels.linear import NVFP4Linear, bind_backends
     from gpubake.provisioning.policy import get_policy
 
     policy = get_policy("default")
@@ -309,11 +309,13 @@ def to_nvfp4(model, num_layers: int) -> dict:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, NVFP4Linear.from_linear(mod))
             n += 1
+    backend = select_backend(dev)  # $GPUBAKE_NVFP4_BACKEND or this GPU's default, bound to the layers
+    bind_backends(model, backend)
     sync(dev)
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return {"backend": select_backend(dev).name, "linears": n, "convert_s": round(time.perf_counter() - t0, 2)}
+    return {"backend": backend.name, "linears": n, "convert_s": round(time.perf_counter() - t0, 2)}
 
 
 def make_inputs(dev, frames: int, height: int, width: int, text_len: int, seed: int = 0):

@@ -64,7 +64,7 @@ def main() -> None:
 
     from bench_quantize import expert_config
     from gpubake.kernels.backends import select_backend
-    from gpubake.kernels.linear import NVFP4Linear
+    from gpubake.kernels.linear import NVFP4Linear, bind_backends
     from gpubake.provisioning.policy import get_policy
 
     cfg = {k: v for k, v in expert_config("wan2.2-t2v-a14b", args.layers).items() if not k.startswith("_")}
@@ -105,7 +105,9 @@ def main() -> None:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    result["nvfp4"] = {"backend": select_backend(dev).name, "linears": swapped,
+    backend = select_backend(dev)  # $GPUBAKE_NVFP4_BACKEND or this GPU's default
+    bind_backends(model, backend)
+    result["nvfp4"] = {"backend": backend.name, "linears": swapped,
                        "quantize_seconds": round(time.perf_counter() - t0, 2)}
     timed_forward(model, latents, timestep, text, 1)
     fp4 = timed_forward(model, latents, timestep, text, args.repeats)

@@ -80,3 +80,33 @@ def test_model_wide_dtype_cast_keeps_the_format():
     y16 = m(x.half())
     assert y16.dtype == torch.float16
     assert torch.allclose(y16.float(), y, atol=1e-2, rtol=1e-2)
+
+
+def test_forward_runs_the_bound_backend_and_never_reads_the_environment(monkeypatch):
+    """Bound once (the runtime plan does it with the backend it resolved); a forward reads no
+    $GPUBAKE_NVFP4_BACKEND: an unbound layer runs its device's default from the arch table."""
+    from gpubake.kernels import backends
+    from gpubake.kernels.linear import bind_backends, bound_backends
+
+    calls: list[str] = []
+    real = backends.CpuReference.apply
+
+    def spy(self, x, pw, bias=None):
+        calls.append(self.name)
+        return real(self, x, pw, bias)
+
+    monkeypatch.setattr(backends.CpuReference, "apply", spy)
+    monkeypatch.setenv(backends.ENV_VAR, "hopper-fp8")  # cannot run on the CPU: read, it would raise
+    net = nn.Sequential(NVFP4Linear.from_linear(nn.Linear(32, 16)), NVFP4Linear.from_linear(nn.Linear(16, 8)))
+    x = torch.randn(3, 32)
+    assert bound_backends(net) == {"default": 2}
+    y = net(x)
+    assert calls == ["cpu-reference"] * 2
+    monkeypatch.setattr(backends.os, "environ", {})  # nothing below may look
+    assert bind_backends(net, "hopper-fp8") == 2
+    assert bound_backends(net) == {"hopper-fp8": 2} and net[0].backend_name == "hopper-fp8"
+    with pytest.raises(KernelError, match="backend hopper-fp8 cannot run on cpu"):
+        net(x)  # the binding replaced the prepared weight: the bound backend runs, or refuses
+    bind_backends(net, backends.get_backend("cpu-reference"))
+    calls.clear()
+    assert torch.equal(net(x), y) and calls == ["cpu-reference"] * 2

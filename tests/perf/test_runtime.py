@@ -233,6 +233,7 @@ def test_compile_blocks_is_regional_and_reversible(tiny_nvfp4_model, hopper_back
     apply_plan(tiny_nvfp4_model, plain.with_(gemm_backend="hopper-fp8"))
     assert all(b._compiled_call_impl is None for b in blocks)
     assert not hopper_backend.fuse_act_quant_when_compiling
+    apply_plan(tiny_nvfp4_model, plain)  # the module's other tests run it on the CPU: bind its backend again
 
 
 def test_compile_blocks_needs_repeated_blocks():
@@ -363,3 +364,31 @@ def test_apply_plan_sage_int8_and_back(tiny_wan_head64):
     assert ((int8.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2  # ... to 8-bit error
     assert apply_plan(model, plain)["lowp_attention_modules"] == 0
     assert torch.equal(forward(), ref)
+
+
+def test_plan_records_and_binds_the_backend_the_environment_names(fake_gpu, monkeypatch, tiny_nvfp4_model):
+    """$GPUBAKE_NVFP4_BACKEND is resolved once, for the plan's device; applying the plan binds
+    it to every NVFP4 layer (what the layers then run, whatever the environment says later)."""
+    from gpubake.errors import KernelError
+    from gpubake.kernels import backends
+    from gpubake.kernels.linear import bound_backends
+    from gpubake.provisioning.pipeline import check_runtime_env
+
+    fake_gpu((9, 0))
+    monkeypatch.setenv(backends.ENV_VAR, "dequant-bf16")  # not the H100's default (hopper-fp8)
+    plan = plan_for("cuda")
+    assert (plan.arch, plan.gemm_backend) == ("hopper", "dequant-bf16")
+    assert runtime.plan_from_env("cuda", "plain").gemm_backend == "dequant-bf16"
+    monkeypatch.setenv(backends.ENV_VAR, "blackwell-native")
+    with pytest.raises(KernelError, match=r"^GPUBAKE_NVFP4_BACKEND=blackwell-native: needs sm_100, .*is sm_90$"):
+        plan_for("cuda")
+    check_runtime_env()  # the startup check parses on the CPU: the GPU's verdict comes with its plan
+    monkeypatch.setenv(backends.ENV_VAR, "fast-please")
+    with pytest.raises(KernelError, match="unknown backend 'fast-please'"):
+        check_runtime_env()
+    monkeypatch.delenv(backends.ENV_VAR)
+    n = sum(isinstance(m, NVFP4Linear) for m in tiny_nvfp4_model.modules())
+    apply_plan(tiny_nvfp4_model, plan)
+    assert bound_backends(tiny_nvfp4_model) == {"dequant-bf16": n}
+    apply_plan(tiny_nvfp4_model, RuntimePlan(arch="cpu", gemm_backend="cpu-reference"))  # back, uncompiled
+    assert bound_backends(tiny_nvfp4_model) == {"cpu-reference": n}

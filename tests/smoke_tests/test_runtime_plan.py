@@ -27,11 +27,11 @@ def test_attention_kernel_failing_its_check_is_a_warning_and_the_next_one_runs(r
                                                                              monkeypatch):
     """A preferred kernel that fails its boot check (here: planted) is skipped, the render
     stage says so and which kernel ran, and the verdict is not a plain pass."""
-    from gpubake.kernels import attention_fp8
+    from gpubake.kernels import archs, attention_fp8
     from gpubake.provisioning import runtime
 
     monkeypatch.delenv("GPUBAKE_RUNTIME", raising=False)
-    monkeypatch.setitem(runtime._MEASURED, "cpu", {"attention": ("fa3-fp8", "cudnn-fp8")})
+    monkeypatch.setattr(archs, "CPU", dataclasses.replace(archs.CPU, attention=("fa3-fp8", "cudnn-fp8")))
     monkeypatch.setattr(attention_fp8, "cudnn_frontend_available", lambda: True)  # the CPU runs its reference
     monkeypatch.setattr(runtime, "_ATTENTION_CHECKS", {
         ("fa3-fp8", "cpu"): {"kernel": "fa3-fp8", "ok": False, "reason": "relative error 1.41 against its reference > 0.05"}})

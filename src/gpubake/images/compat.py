@@ -22,6 +22,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from gpubake.errors import SpecError
+from gpubake.kernels.archs import parse_capability  # the in-image arch table: names <-> capabilities
 
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
@@ -41,12 +42,8 @@ def torch_table() -> dict[str, Any]:
 
 
 def _cc(arch: str) -> tuple[int, int]:
-    """'sm_89' or '8.9' -> (8, 9); 'sm_120' or '12.0' -> (12, 0)."""
-    if arch.startswith("sm_"):
-        digits = arch[3:]
-        return int(digits[:-1]), int(digits[-1])
-    major, minor = arch.split(".")
-    return int(major), int(minor)
+    """'sm_89' or '8.9' -> (8, 9); 'sm_120' or '12.0' -> (12, 0) (the kernels' arch table's rule)."""
+    return parse_capability(arch)
 
 
 def _version_key(version: str) -> tuple[int, ...]:

@@ -29,13 +29,16 @@ block (seen with torch 2.13), undoing the regional compile.
 
 from __future__ import annotations
 
-import importlib
+import sys
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from gpubake.errors import KernelError
+from gpubake.kernels import attention_fa3, attention_fp8
+from gpubake.kernels.attention_common import importable, smooth_keys
 
 LOG2E = 1.44269504  # the library folds log2(e) into Q's scale and uses exp2
 BLOCK_Q, BLOCK_K = 128, 64  # the library's quantization blocks (tokens)
@@ -54,20 +57,6 @@ def _quant_per_block(x: torch.Tensor, block: int, scale: float) -> tuple[torch.T
     q = xf / s
     q = torch.trunc(q + 0.5 * torch.where(q >= 0, 1.0, -1.0)).to(torch.int8)
     return q.reshape(b, h, n + pad, d)[:, :, :n], s.reshape(b, h, -1)
-
-
-def smooth_keys(k: torch.Tensor) -> torch.Tensor:
-    """K minus its mean over tokens ([B, H, N, D]): the same softmax, smaller outliers."""
-    return k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
-
-
-def importable(module: str) -> bool:
-    """Whether an optional kernel wheel imports here (it may load native libraries)."""
-    try:
-        __import__(module)
-    except Exception:
-        return False
-    return True
 
 
 def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -202,18 +191,18 @@ _diffusers_backend_fn = _BACKEND_FNS["sage-int8"]
 
 
 class _Parts(NamedTuple):
-    """Where a kernel's functions live (imported on use: those modules import this one)."""
+    """Where a kernel's functions live, looked up by name on use (so a test may replace one)."""
 
-    module: str
+    module: ModuleType
     available: str  # () -> bool: its wheel imports
     reference: str  # (q, k, v, scale) -> out: its torch reference
 
 
 # lowp_attention keeps plain imports instead: dynamo traces those inside a compiled block
 _PARTS = {
-    "sage-int8": _Parts(__name__, "sage_available", "sage_reference"),
-    "cudnn-fp8": _Parts("gpubake.kernels.attention_fp8", "cudnn_frontend_available", "fp8_attention_reference"),
-    "fa3-fp8": _Parts("gpubake.kernels.attention_fa3", "fa3_available", "fa3_attention_reference"),
+    "sage-int8": _Parts(sys.modules[__name__], "sage_available", "sage_reference"),
+    "cudnn-fp8": _Parts(attention_fp8, "cudnn_frontend_available", "fp8_attention_reference"),
+    "fa3-fp8": _Parts(attention_fa3, "fa3_available", "fa3_attention_reference"),
 }
 
 
@@ -221,7 +210,7 @@ def _part(kernel: str, field: str):
     if kernel not in _PARTS:
         raise KernelError(f"8-bit attention: kernel {kernel!r} (one of {', '.join(LOWP_KERNELS)})")
     parts = _PARTS[kernel]
-    return getattr(importlib.import_module(parts.module), getattr(parts, field))
+    return getattr(parts.module, getattr(parts, field))
 
 
 def kernel_available(kernel: str) -> bool:

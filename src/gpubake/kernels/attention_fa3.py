@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from gpubake.errors import KernelError
-from gpubake.kernels.attention import importable, smooth_keys
+from gpubake.kernels.attention_common import importable, smooth_keys
 from gpubake.kernels.attention_fp8 import quantized_attention
 from gpubake.kernels.format import E4M3_MAX
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from gpubake.errors import KernelError
-from gpubake.kernels.attention import importable, smooth_keys
+from gpubake.kernels.attention_common import importable, smooth_keys
 from gpubake.kernels.format import E4M3_MAX
 
 FP8 = torch.float8_e4m3fn

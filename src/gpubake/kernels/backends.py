@@ -10,8 +10,12 @@ run-time form ONCE (`prepare`, at load) and computes ``y = x @ W.T + bias`` (`ap
 | `dequant-bf16`     | any CUDA GPU         | FP4 in memory -> bf16 scratch per call | as given (bf16)    |
 | `cpu-reference`    | anywhere (plain torch)| dequantized in float32                | as given           |
 
-`select_backend(device)` picks by capability; ``GPUBAKE_NVFP4_BACKEND=<name>`` overrides
-it, and asking for a backend the device cannot run is a `KernelError` naming both.
+The default per architecture is a column of the one table, `kernels.archs`; a GPU backend
+runs on the architectures that default to it (`dequant-bf16`: any CUDA GPU).
+`select_backend(device)` (and `backend_name_for(cap)`, the same choice from a capability)
+takes ``GPUBAKE_NVFP4_BACKEND=<name>`` over that default; asking for a backend the device
+cannot run is a `KernelError` naming both. The environment is read there, at load: an
+`NVFP4Linear` runs the backend bound to it (`linear.bind_backends`, by the runtime plan).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from gpubake.errors import KernelError
+from gpubake.kernels import archs
 from gpubake.kernels.format import BLOCK, NVFP4Tensor, dequantize_ref, swizzle_scales
 
 ENV_VAR = "GPUBAKE_NVFP4_BACKEND"
@@ -56,10 +61,6 @@ def capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-def _sm(cap: tuple[int, int] | None) -> str:
-    return "cpu" if cap is None else f"sm_{cap[0]}{cap[1]}"
-
-
 class GemmBackend:
     """Base class: input checks shared by every backend."""
 
@@ -68,7 +69,10 @@ class GemmBackend:
     caps: ClassVar[tuple[tuple[int, int], ...] | None] = None  # None: any CUDA GPU
 
     def supports(self, device: torch.device) -> bool:
-        cap = capability(device)
+        return self.supports_capability(capability(device))
+
+    def supports_capability(self, cap: tuple[int, int] | None) -> bool:
+        """Whether a device of this capability (None: the CPU) runs this backend."""
         if not self.needs_cuda:
             return True
         if cap is None:
@@ -176,7 +180,7 @@ class HopperFp8(GemmBackend):
     -> E4M3 per token, then cuBLAS's row-wise scaled FP8 GEMM (`torch._scaled_mm`)."""
 
     name = "hopper-fp8"
-    caps = ((8, 9), (9, 0))
+    caps = archs.capabilities_defaulting_to("hopper-fp8")  # sm_89, sm_90
 
     def __init__(self, fast_accum: bool = True) -> None:
         self.scratch = _Scratch()
@@ -227,7 +231,7 @@ class BlackwellNative(GemmBackend):
     ``torch._scaled_mm(a_fp4, b_fp4.t(), sa, sb) * (g_a * g_w) + bias``."""
 
     name = "blackwell-native"
-    caps = ((10, 0), (10, 3), (12, 0), (12, 1))
+    caps = archs.capabilities_defaulting_to("blackwell-native")  # sm_100, sm_103, sm_120, sm_121
 
     def prepare(self, w):
         pw = super().prepare(w)
@@ -275,14 +279,27 @@ def get_backend(name: str) -> GemmBackend:
 
 
 def default_backend_name(cap: tuple[int, int] | None) -> str:
-    """The backend a device of this capability gets without an override."""
-    if cap is None:
-        return "cpu-reference"
-    if cap[0] in (10, 12):
-        return "blackwell-native"
-    if cap in ((8, 9), (9, 0)):
-        return "hopper-fp8"
-    return "dequant-bf16"
+    """The backend a device of this capability gets without an override (`archs` table)."""
+    return archs.arch_for(cap).nvfp4_backend
+
+
+def override_name() -> str | None:
+    """The backend named by ``$GPUBAKE_NVFP4_BACKEND`` (None: unset); KernelError if it names none."""
+    name = os.environ.get(ENV_VAR, "").strip()
+    if name:
+        get_backend(name)
+    return name or None
+
+
+def backend_name_for(cap: tuple[int, int] | None, device: torch.device | str | None = None) -> str:
+    """The backend a device of capability `cap` runs: ``$GPUBAKE_NVFP4_BACKEND``, else the
+    architecture's default; a KernelError naming both when the device cannot run it."""
+    backend = get_backend(override_name() or default_backend_name(cap))
+    if not backend.supports_capability(cap):
+        need = "a CUDA GPU" if backend.caps is None else ", ".join(archs.sm_name(c) for c in backend.caps)
+        where = f"device {device}" if device is not None else "the device"
+        raise KernelError(f"{ENV_VAR}={backend.name}: needs {need}, but {where} is {archs.sm_name(cap)}")
+    return backend.name
 
 
 def select_backend(device: torch.device | str | None = None) -> GemmBackend:
@@ -290,11 +307,10 @@ def select_backend(device: torch.device | str | None = None) -> GemmBackend:
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    cap = capability(dev)
-    override = os.environ.get(ENV_VAR, "").strip()
-    backend = get_backend(override or default_backend_name(cap))
-    if not backend.supports(dev):
-        need = "a CUDA GPU" if backend.caps is None else ", ".join(_sm(c) for c in backend.caps)
-        raise KernelError(
-            f"{ENV_VAR}={backend.name}: needs {need}, but device {dev} is {_sm(cap)}")
-    return backend
+    return get_backend(backend_name_for(capability(dev), dev))
+
+
+def default_backend(device: torch.device) -> GemmBackend:
+    """The architecture's own backend for `device`, no override: what an `NVFP4Linear`
+    that no one bound a backend to runs (reading no environment on its forward)."""
+    return get_backend(default_backend_name(capability(device)))

@@ -72,6 +72,19 @@ class NVFP4Tensor:
                            self.global_scale.to(device), self.shape)
 
 
+# State-dict names of a quantized linear `P`'s weight (`P.<name>`): what checkpoints hold, the
+# quantizer writes, the loader checks and `NVFP4Linear` registers as its buffers.
+PACKED_KEY = "weight_packed"              # NVFP4Tensor.data, uint8 [out, in // 2]
+SCALE_KEY = "weight_scale"                # NVFP4Tensor.block_scale, float8_e4m3fn [out, in // 16], row-major
+GLOBAL_SCALE_KEY = "weight_global_scale"  # NVFP4Tensor.global_scale, float32 []
+WEIGHT_KEYS = (PACKED_KEY, SCALE_KEY, GLOBAL_SCALE_KEY)
+
+
+def weight_tensors(q: NVFP4Tensor) -> dict[str, torch.Tensor]:
+    """{name: tensor} of a quantized weight as stored, by `WEIGHT_KEYS` (global scale 0-dim)."""
+    return {PACKED_KEY: q.data, SCALE_KEY: q.block_scale, GLOBAL_SCALE_KEY: q.global_scale.reshape(())}
+
+
 # ---------------------------------------------------------------------------- checks
 
 def check_input(x: torch.Tensor, what: str = "input") -> int:

@@ -7,8 +7,15 @@ State dict of a layer ``P`` (what checkpoints hold)::
     P.weight_global_scale  float32        []
     P.bias                 bias dtype     [out]            (absent when bias=False)
 
-All are buffers (nothing here trains). The backend's run-time form of the weight is
-built on the first forward after construction, `load_state_dict` or `.to()`.
+All are buffers (nothing here trains); the names are `format.WEIGHT_KEYS`. The backend's
+run-time form of the weight is built on the first forward after construction,
+`load_state_dict`, `.to()` or a new binding.
+
+Which backend computes a layer is bound to it, once: by the constructor's `backend`, or
+by `bind_backends(model, backend)`, which the runtime plan calls with the backend it
+resolved (``$GPUBAKE_NVFP4_BACKEND`` or the architecture's default) and reports. A layer
+nothing bound runs its device's default backend (`backends.default_backend`); a forward
+never reads the environment.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ import torch
 from torch import nn
 
 from gpubake.errors import KernelError
-from gpubake.kernels.backends import GemmBackend, PreparedWeight, get_backend, select_backend
-from gpubake.kernels.format import BLOCK, NVFP4Tensor, quantize_ref
+from gpubake.kernels.backends import GemmBackend, PreparedWeight, default_backend, get_backend
+from gpubake.kernels.format import BLOCK, GLOBAL_SCALE_KEY, PACKED_KEY, SCALE_KEY, NVFP4Tensor, weight_tensors
+from gpubake.kernels.quantizer import quantize
 
 
 class NVFP4Linear(nn.Module):
-    """y = x @ dequant(W).T + bias, computed by the backend for x's device."""
+    """y = x @ dequant(W).T + bias, computed by the bound backend (else the device's default)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -32,37 +40,33 @@ class NVFP4Linear(nn.Module):
             raise KernelError(f"NVFP4Linear: in_features={in_features} is not a multiple of {BLOCK}")
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2,
-                                                          dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.zeros(out_features, in_features // BLOCK,
-                                                         dtype=torch.float8_e4m3fn, device=device))
-        self.register_buffer("weight_global_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer(PACKED_KEY, torch.zeros(out_features, in_features // 2,
+                                                     dtype=torch.uint8, device=device))
+        self.register_buffer(SCALE_KEY, torch.zeros(out_features, in_features // BLOCK,
+                                                    dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer(GLOBAL_SCALE_KEY, torch.ones((), dtype=torch.float32, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_buffer("bias", None)
-        self.backend_name = backend
+        self._backend: GemmBackend | None = get_backend(backend) if backend else None
         # keep the backend's run-time weight (GemmBackend.cache_weight): set by the
         # runtime for small-M layers, where the per-call re-expression dominates
         self.keep_runtime_weight = False
-        self._prepared: tuple[str, str, PreparedWeight] | None = None
+        # (device, backend, weight in its run-time form), built by the first forward on a device
+        self._prepared: tuple[torch.device, GemmBackend, PreparedWeight] | None = None
 
     # -------------------------------------------------------------- construction
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, global_scale: float | torch.Tensor | None = None,
                     backend: str | None = None) -> "NVFP4Linear":
-        """Quantize an `nn.Linear` (reference quantizer on CPU, Triton on CUDA; same bytes)."""
+        """Quantize an `nn.Linear` (`quantizer.quantize`: Triton on CUDA, the reference elsewhere; same bytes)."""
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   device=w.device, dtype=(linear.bias.dtype if linear.bias is not None else w.dtype),
                   backend=backend)
-        if w.device.type == "cuda":
-            from gpubake.kernels.quantize_triton import quantize
-            q = quantize(w, global_scale)
-        else:
-            q = quantize_ref(w, global_scale)
-        mod.load_nvfp4(q)
+        mod.load_nvfp4(quantize(w, global_scale))
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
         return mod
@@ -72,24 +76,32 @@ class NVFP4Linear(nn.Module):
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise KernelError(
                 f"NVFP4Linear: weight shape {tuple(q.shape)} != ({self.out_features}, {self.in_features})")
-        self.weight_packed.copy_(q.data)
-        self.weight_scale.copy_(q.block_scale)
-        self.weight_global_scale.copy_(q.global_scale)
+        for key, t in weight_tensors(q).items():
+            self._buffers[key].copy_(t)
         self._prepared = None
 
     def nvfp4_weight(self) -> NVFP4Tensor:
-        return NVFP4Tensor(self.weight_packed, self.weight_scale, self.weight_global_scale,
+        return NVFP4Tensor(self._buffers[PACKED_KEY], self._buffers[SCALE_KEY], self._buffers[GLOBAL_SCALE_KEY],
                            torch.Size((self.out_features, self.in_features)))
 
     # -------------------------------------------------------------- running
 
+    def bind_backend(self, backend: GemmBackend | str) -> None:
+        """Run this layer on `backend` (a name or an instance) from the next forward on."""
+        self._backend = get_backend(backend) if isinstance(backend, str) else backend
+        self._prepared = None
+
+    @property
+    def backend_name(self) -> str | None:
+        """The name of the bound backend; None: unbound (the device's default runs)."""
+        return self._backend.name if self._backend is not None else None
+
     def backend(self, device: torch.device) -> GemmBackend:
-        if self.backend_name:
-            b = get_backend(self.backend_name)
-            if not b.supports(device):
-                raise KernelError(f"NVFP4Linear: backend {b.name} cannot run on {device}")
-            return b
-        return select_backend(device)
+        """The backend a forward on `device` runs: the bound one, else the device's default."""
+        b = self._backend if self._backend is not None else default_backend(device)
+        if not b.supports(device):
+            raise KernelError(f"NVFP4Linear: backend {b.name} cannot run on {device}")
+        return b
 
     def set_keep_runtime_weight(self, keep: bool = True) -> None:
         """Cache the backend's run-time weight from the next forward on (or stop)."""
@@ -97,16 +109,16 @@ class NVFP4Linear(nn.Module):
         self._prepared = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.backend(x.device)
-        key = (b.name, str(x.device))
-        if self._prepared is None or self._prepared[:2] != key:
+        if self._prepared is None or self._prepared[0] != x.device:
+            b = self.backend(x.device)
             pw = b.prepare(self.nvfp4_weight())
             if self.keep_runtime_weight:
                 b.cache_weight(pw)
-            self._prepared = (*key, pw)
-        return b.apply(x, self._prepared[2], self.bias)
+            self._prepared = (x.device, b, pw)
+        _, b, pw = self._prepared
+        return b.apply(x, pw, self.bias)
 
-    _FIXED_DTYPE = ("weight_scale", "weight_global_scale")
+    _FIXED_DTYPE = (SCALE_KEY, GLOBAL_SCALE_KEY)
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half(): buffers move, the prepared cache dies, and the
@@ -129,3 +141,22 @@ class NVFP4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format=nvfp4")
+
+
+def bind_backends(model: nn.Module, backend: GemmBackend | str) -> int:
+    """Bind `backend` to every `NVFP4Linear` of `model`; returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+    for m in layers:
+        m.bind_backend(backend)
+    return len(layers)
+
+
+def bound_backends(model: nn.Module) -> dict[str, int]:
+    """{backend name: number of layers} of the `NVFP4Linear`s of `model` ("default" for
+    unbound layers): what the self-test reports as the backend that runs."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, NVFP4Linear):
+            key = m.backend_name or "default"
+            out[key] = out.get(key, 0) + 1
+    return out

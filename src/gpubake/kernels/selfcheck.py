@@ -23,6 +23,7 @@ import torch
 
 from gpubake.kernels.backends import select_backend
 from gpubake.kernels.format import dequantize_ref, quantize_ref
+from gpubake.kernels.quantizer import quantizer_for
 
 TOLERANCE = {
     "cpu-reference": 1e-5,
@@ -50,16 +51,13 @@ def selfcheck(device: torch.device | str = "cpu") -> dict:
     for M, N, K in SHAPES:
         w = _data((N, K), gen)
         x = _data((M, K), gen)
-        if backend.name != "cpu-reference":
+        if backend.needs_cuda:  # the GPU backends run bf16 activations
             x = x.bfloat16()
         ref_q = quantize_ref(w)
-        if dev.type == "cuda":
-            from gpubake.kernels.quantize_triton import quantize
-            q = quantize(w.to(dev))
-            bit_exact &= (torch.equal(q.data.cpu(), ref_q.data)
-                          and torch.equal(q.block_scale.cpu().view(torch.uint8),
-                                          ref_q.block_scale.view(torch.uint8))
-                          and torch.equal(q.global_scale.cpu(), ref_q.global_scale))
+        q = quantizer_for(dev)(w.to(dev))  # on the CPU that is the reference itself
+        bit_exact &= (torch.equal(q.data.cpu(), ref_q.data)
+                      and torch.equal(q.block_scale.cpu().view(torch.uint8), ref_q.block_scale.view(torch.uint8))
+                      and torch.equal(q.global_scale.cpu(), ref_q.global_scale))
         bias = torch.randn(N, generator=gen).to(x.dtype)
         q = ref_q.to(dev)
         ref = x.float() @ dequantize_ref(ref_q, torch.float32).t() + bias.float()

@@ -19,7 +19,6 @@ WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 EXPERT_CLASS = ["diffusers", "WanTransformer3DModel"]
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
-QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale")
 
 
 class CheckpointError(GpubakeError):
@@ -132,19 +131,12 @@ def expected_shapes(model: Any) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     return shapes, linears
 
 
-def quantized_shapes(module: str, weight_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """State-dict entries that replace `module.weight` [out, in] once NVFP4."""
-    out_f, in_f = weight_shape
-    return {
-        f"{module}.weight_packed": (out_f, in_f // 2),
-        f"{module}.weight_scale": (out_f, in_f // 16),
-        f"{module}.weight_global_scale": (),
-    }
-
-
 def quantized_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
-    """Modules stored as NVFP4 in a checkpoint (they have `.weight_packed`)."""
-    return {k[: -len(".weight_packed")] for k in actual if k.endswith(".weight_packed")}
+    """Modules stored as NVFP4 in a checkpoint (they have `.weight_packed`, `format.PACKED_KEY`)."""
+    from gpubake.kernels.format import PACKED_KEY
+
+    suffix = "." + PACKED_KEY
+    return {k[: -len(suffix)] for k in actual if k.endswith(suffix)}
 
 
 def check_tensors(actual: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:

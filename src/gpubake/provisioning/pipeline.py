@@ -31,20 +31,27 @@ class ServingPipeline:
     applied: dict[str, dict[str, int]]  # per expert, what `apply_runtime` did
     # the 8-bit attention kernels the plan tried on this device (runtime.attention_checks)
     attention_checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # per expert, {NVFP4 GEMM backend: layers} as bound to its layers (`linear.bound_backends`)
+    gemm_backends: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def runtime(self) -> dict[str, Any]:
-        """The plan, what was applied and the attention checks, as the self-test report shows them."""
+        """The plan, what was applied, the attention checks and the GEMM backend each expert's
+        NVFP4 layers run, as the self-test report shows them."""
         return {"plan": dataclasses.asdict(self.plan), "applied": self.applied,
-                "attention_checks": self.attention_checks}
+                "attention_checks": self.attention_checks, "gemm_backends": self.gemm_backends}
 
 
 def check_runtime_env() -> None:
     """Parse $GPUBAKE_RUNTIME now, so a typo fails at startup in one line rather than
     after minutes of hashing weights. Parsing does not depend on the device (only the
-    base plan does), so the CPU is used: no CUDA initialisation here."""
+    base plan does), so the CPU is used: no CUDA initialisation here. A
+    $GPUBAKE_NVFP4_BACKEND naming no backend fails here too; whether the GPU can run the
+    one it names, the plan of the real device says (`load_serving_pipeline`)."""
+    from gpubake.kernels.backends import default_backend_name, override_name
     from gpubake.provisioning.runtime import plan_from_env
 
-    plan_from_env("cpu")
+    override_name()
+    plan_from_env("cpu", gemm_backend=default_backend_name(None))
 
 
 def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader | None = None) -> ServingPipeline:
@@ -67,4 +74,12 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
     pipe = loader(Path(model_dir), device)
     applied = apply_runtime(pipe, plan)
     log.info("runtime plan on %s: %s; applied %s", device, plan, applied)
-    return ServingPipeline(pipe, plan, applied, attention_checks(device))
+    return ServingPipeline(pipe, plan, applied, attention_checks(device), gemm_backends(pipe))
+
+
+def gemm_backends(pipe: Any) -> dict[str, dict[str, int]]:
+    """Per expert of `pipe`, {backend name: NVFP4 layers bound to it} ({} for a BF16 expert)."""
+    from gpubake.kernels.linear import bound_backends
+
+    experts = {n: getattr(pipe, n, None) for n in ("transformer", "transformer_2")}
+    return {n: bound_backends(m) for n, m in experts.items() if m is not None}

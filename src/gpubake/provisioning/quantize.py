@@ -57,12 +57,10 @@ def quantize_weight(w: Any, device: str = "cpu", out_device: str = "cpu") -> tup
     import torch
 
     from gpubake.kernels.format import NVFP4Tensor, amax_finite, dequantize_ref, global_scale_from_amax
+    from gpubake.kernels.quantizer import quantizer_for
 
     x = w.to(device)
-    if x.device.type == "cuda":
-        from gpubake.kernels.quantize_triton import quantize
-    else:
-        from gpubake.kernels.format import quantize_ref as quantize
+    quantize = quantizer_for(x.device)
     g = global_scale_from_amax(amax_finite(x))
     data, scales = [], []
     sig = err = 0.0
@@ -209,6 +207,8 @@ def _quantize_expert(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from gpubake.kernels.format import weight_tensors
+
     dest.mkdir(parents=True)
     num_layers = int(config.get("num_layers", 0))
     fp32_names = _keep_fp32_names()
@@ -237,9 +237,7 @@ def _quantize_expert(
                         if t.shape[-1] % 16:
                             raise CheckpointError(f"{shard}: {key} has in_features {t.shape[-1]}, not a multiple of 16")
                         q, s = quantize_weight(t, device)
-                        out[f"{module}.weight_packed"] = q.data.contiguous()
-                        out[f"{module}.weight_scale"] = q.block_scale.contiguous()
-                        out[f"{module}.weight_global_scale"] = q.global_scale.reshape(()).contiguous()
+                        out.update({f"{module}.{k}": v.contiguous() for k, v in weight_tensors(q).items()})
                         layers[f"{src.name}/{module}"] = {"shape": list(t.shape), "sqnr_db": s}
                         stats["quantized"] += 1
                     else:

@@ -1,9 +1,10 @@
 """Run-time levers of the Wan denoising step, chosen per GPU architecture (issue 7).
 
 The NVFP4 GEMM backend is picked by `gpubake.kernels.backends` from the compute
-capability; this module adds the levers around it that `bench/bench_step.py` measured
-one at a time (docs/benchmarks.md, "Denoising step on Hopper"), and keeps only those
-that won on that architecture:
+capability (or ``$GPUBAKE_NVFP4_BACKEND``), recorded in the plan and bound to every NVFP4
+layer when the plan is applied; this module adds the levers around it that
+`bench/bench_step.py` measured one at a time (docs/benchmarks.md, "Denoising step on
+Hopper"), and keeps only those that won on that architecture:
 
 * ``attention``: which kernel runs attention ("default" leaves torch SDPA's own choice,
   "cudnn" forces cuDNN's fused attention, "flash" FlashAttention-2; "sage-int8" and
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 from gpubake.errors import GpubakeError
-from gpubake.kernels.backends import BACKENDS, capability, default_backend_name, get_backend, resolve_device
+from gpubake.kernels import archs
+from gpubake.kernels.backends import BACKENDS, backend_name_for, capability, get_backend, resolve_device
 
 ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8", "fa3-fp8")
 # "shrink": NVFP4 weight-only linears, BF16 `wo`, host-memory embedding (provisioning.text_encoder)
@@ -74,15 +76,9 @@ class RuntimePlan:
         return replace(self, **changes)
 
 
-def arch_of(cap: tuple[int, int] | None) -> str:
-    """Architecture family of a compute capability (None: the CPU)."""
-    if cap is None:
-        return "cpu"
-    return {9: "hopper", 10: "blackwell", 12: "blackwell", 8: "ada" if cap == (8, 9) else "ampere"}.get(cap[0], "other")
-
-
 # Levers that won when measured (docs/benchmarks.md, issue 7; a lever wins at >= 2 %
-# faster with the same output). Architectures without a measurement get the plain plan:
+# faster with the same output), by architecture family (`kernels.archs`). Families
+# without a measurement get the plain plan:
 # the GEMM backend and nothing else. Hopper, H100, 480x832x81: regional compile 1.22x
 # over plain NVFP4 (27 s compile once per process and shape); torch's default SDPA is
 # already cuDNN there; CFG batching, cached FP8 K/V weights and inductor-fused activation
@@ -91,10 +87,11 @@ def arch_of(cap: tuple[int, int] | None) -> str:
 # unchanged at 0.049); SageAttention-1 (Triton) is slower than cuDNN BF16 on Hopper.
 # Session 10: FlashAttention-3's FP8 forward (the fa3-fwd wheel), 1.14x over cuDNN FP8
 # per call: 3.87 s a CFG step at 480p, 14.92 s at 720p (cuDNN FP8: 4.07 / 16.19).
-# "attention" lists kernels by preference: the first whose wheel imports and that passes
-# its boot check on this GPU (`attention_check`) is used.
+# The attention kernels by preference are a column of the architecture table
+# (`archs.Arch.attention`): the first whose wheel imports and that passes its boot check on
+# this GPU (`attention_check`) is used.
 _MEASURED: dict[str, dict] = {
-    "hopper": {"compile_blocks": True, "attention": ("fa3-fp8", "cudnn-fp8")},
+    "hopper": {"compile_blocks": True},
 }
 # Memory levers, by the card's memory rather than its architecture (they change where
 # weights live, not kernels). Measured on the H100 at 480x832x81 (docs/benchmarks.md):
@@ -105,18 +102,22 @@ SMALL_CARD_GIB = 44
 _SMALL_CARD = {"text_encoder": "shrink", "vae_tiling": True}
 
 
-def plan_for(device: torch.device | str | None = None) -> RuntimePlan:
-    """The runtime plan for `device`, by compute capability (same dispatch as the kernels)."""
+def plan_for(device: torch.device | str | None = None, *, gemm_backend: str | None = None) -> RuntimePlan:
+    """The runtime plan for `device`, by compute capability (the `archs` table, as the kernels).
+
+    `gemm_backend` None: the backend this device runs, ``$GPUBAKE_NVFP4_BACKEND`` or the
+    architecture's default (`backends.backend_name_for`; a KernelError if it cannot run here)."""
     dev = resolve_device(device)
     cap = capability(dev)
-    arch = arch_of(cap)
+    arch = archs.arch_for(cap)
     small = cap is not None and torch.cuda.get_device_properties(dev).total_memory < SMALL_CARD_GIB * 2**30
-    levers = {**(_SMALL_CARD if small else {}), **_MEASURED.get(arch, {})}
-    if isinstance(levers.get("attention"), tuple):
+    levers = {**(_SMALL_CARD if small else {}), **_MEASURED.get(arch.family, {})}
+    if arch.attention:
         # a kernel whose wheel is missing or that disagrees with its reference on this GPU:
         # the next one, then BF16 attention; the report shows the checks (`attention_checks`)
-        levers["attention"] = next((k for k in levers["attention"] if attention_check(k, dev)["ok"]), "default")
-    return RuntimePlan(arch=arch, gemm_backend=default_backend_name(cap), **levers)
+        levers["attention"] = next((k for k in arch.attention if attention_check(k, dev)["ok"]), "default")
+    backend = gemm_backend if gemm_backend is not None else backend_name_for(cap, dev)
+    return RuntimePlan(arch=arch.family, gemm_backend=backend, **levers)
 
 
 _ATTENTION_CHECKS: dict[tuple[str, str], dict] = {}
@@ -155,17 +156,19 @@ ENV_VAR = "GPUBAKE_RUNTIME"
 _BOOL = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
-def plan_from_env(device: torch.device | str | None = None, value: str | None = None) -> RuntimePlan:
+def plan_from_env(device: torch.device | str | None = None, value: str | None = None, *,
+                  gemm_backend: str | None = None) -> RuntimePlan:
     """The plan the serving image runs: `plan_for(device)` changed by ``$GPUBAKE_RUNTIME``.
 
     ``auto`` (or unset): the measured plan of this architecture; ``plain``: no lever, only
     the kernels' GEMM backend; else comma-separated overrides such as
     ``compile_blocks=0,attention=cudnn`` (booleans 1/0/true/false/on/off). A bad value is a
-    one-line error naming the variable, before any weight is loaded."""
+    one-line error naming the variable, before any weight is loaded. `gemm_backend`: as
+    `plan_for`'s."""
     import os
 
     raw = (os.environ.get(ENV_VAR, "auto") if value is None else value).strip()
-    base = plan_for(device)
+    base = plan_for(device, gemm_backend=gemm_backend)
     if raw in ("", "auto"):
         return base
     if raw == "plain":
@@ -218,8 +221,11 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     n = set_self_attention_kernel(model, lowp)  # None: back to torch SDPA
     done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0,
             "lowp_attention_modules": n if lowp else 0}
-    if plan.gemm_backend in BACKENDS:
+    if plan.gemm_backend in BACKENDS:  # (a BF16 model's plan may name none)
+        from gpubake.kernels.linear import bind_backends
+
         backend = get_backend(plan.gemm_backend)
+        bind_backends(model, backend)  # once, here: the layers' forwards choose nothing
         if hasattr(backend, "fuse_act_quant_when_compiling"):
             backend.fuse_act_quant_when_compiling = plan.fuse_act_quant
     blocks = [m for m in model.modules() if type(m).__name__ in getattr(model, "_repeated_blocks", ())]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from gpubake.kernels.archs import sm_name
+
 # NVML "clocks event" (throttle) reason bits, named as NVML names them. The values are
 # NVML's ABI (nvml.h), identical in every driver since R270.
 THROTTLE_REASONS: dict[int, str] = {
@@ -54,8 +56,8 @@ class GpuInfo:
 
     @property
     def arch(self) -> str:
-        """Compute capability as the `sm_XY` name image specs use."""
-        return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+        """Compute capability as the `sm_XY` name image specs use (`kernels.archs`)."""
+        return sm_name(self.compute_capability)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

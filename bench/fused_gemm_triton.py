@@ -1,5 +1,7 @@
 """Fused Triton W4A8 GEMM for Hopper/Ada: NVFP4 weight decoded to FP8 inside the GEMM.
 
+Bench-only (bench/bench_kernels.py measures it; no backend selects it, docs/kernels.md).
+
 The `hopper-fp8` backend's other variant (the default) re-expresses the whole weight into
 an FP8 scratch buffer and calls cuBLAS. This kernel never materialises the FP8 weight: each
 program loads packed nibbles and E4M3 block scales for its [BLOCK_N, BLOCK_K] tile, builds
