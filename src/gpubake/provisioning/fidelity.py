@@ -189,6 +189,19 @@ def summarize(results: list[dict[str, Any]], sqnr: dict[str, float | None]) -> d
     }
 
 
+def _bind_backend(pipe: Any, device: str) -> None:
+    """Bind every NVFP4 layer of the experts to the backend `device` runs (the arch
+    table's default, or ``$GPUBAKE_NVFP4_BACKEND``), once, as the runtime plan does."""
+    from gpubake.kernels.backends import select_backend
+    from gpubake.kernels.linear import bind_backends
+
+    backend = select_backend(device)
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            bind_backends(model, backend)
+
+
 def run_fidelity(
     bf16: str | os.PathLike[str],
     nvfp4: str | os.PathLike[str],
@@ -222,6 +235,8 @@ def run_fidelity(
     runs: dict[str, list[Run]] = {}
     for label, path in (("bf16", bf16), ("nvfp4", nvfp4)):
         pipe = load_pipeline(path, device=device)
+        if label == "nvfp4":  # the backend this device runs, $GPUBAKE_NVFP4_BACKEND honoured
+            _bind_backend(pipe, device)
         pipe.set_progress_bar_config(disable=not progress)
         runs[label] = []
         for p, sd in cases:
