@@ -27,7 +27,7 @@ from gpubake.images.spec import ImageSpec
 from gpubake.provisioning import bake
 from gpubake.provisioning.bake import MANIFEST_NAME, manifest_sha256
 
-__all__ = ["MANIFEST_NAME", "MODEL_DIR", "cached_model", "manifest_sha256", "model_key", "prepare_model"]
+__all__ = ["MODEL_DIR", "cached_model", "model_key", "prepare_model"]
 
 MODEL_DIR = "model"  # the weights' folder inside a build context
 

@@ -40,7 +40,11 @@ from gpubake.images import compat
 from gpubake.provisioning.facts import GPU_ARCHS, TARGETS, GpuArch, Target, version_key
 from gpubake.secrets import is_secret_name
 
-__all__ = ["GPU_ARCHS", "TARGETS", "GpuArch", "ImageSpec", "Target", "load_spec", "parse_spec", "validate_spec"]
+__all__ = [  # TARGETS, GPU_ARCHS and their types are the image facts' (one definition), re-exported
+    "CATALOG_DIR", "GPU_ARCHS", "SCHEMA_FILE", "SCHEMA_VERSION", "TARGETS", "Base", "Bootstrap", "GpuArch", "ImageSpec",
+    "Model", "Port", "Python", "Runtime", "Target", "check_compat", "check_lock", "display_path", "json_schema",
+    "json_schema_text", "load_spec", "load_toml", "parse_spec", "validate_spec",
+]
 
 SCHEMA_VERSION = 1
 CATALOG_DIR = Path(__file__).parent / "catalog"  # the shipped specs (`gpubake.images.catalog`)

@@ -14,6 +14,7 @@ driver run its CUDA) live here too, so the build's compatibility checks
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -147,8 +148,6 @@ class ImageFacts(_Facts):
 
     def to_json(self) -> str:
         """The file's text: sorted keys, so the same image renders the same bytes."""
-        import json
-
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
     def write(self, path: str | os.PathLike[str]) -> None:

@@ -182,19 +182,21 @@ class Report:
         return report
 
     @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> Report:
-        """The report file at `path`; a missing, unreadable or invalid one is a `ReportError`."""
+    def read(cls, path: str | os.PathLike[str], *, where: str | None = None) -> Report:
+        """The report file at `path` (named `where` in errors, default the path); a missing,
+        unreadable or invalid one is a `ReportError`."""
+        where = where or str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ReportError(f"{path}: no self-test report") from None
+            raise ReportError(f"{where}: no self-test report") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ReportError(f"{path}: cannot read the self-test report: {exc}") from None
+            raise ReportError(f"{where}: cannot read the self-test report: {exc}") from None
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise ReportError(f"{path}: the self-test report is not JSON ({exc})") from None
-        return cls.from_json(data, where=str(path))
+            raise ReportError(f"{where}: the self-test report is not JSON ({exc})") from None
+        return cls.from_json(data, where=where)
 
 
 @cache

@@ -234,10 +234,7 @@ def read_report(target: SshTarget, path: str) -> Report | None:
                 s.get(path, local)
             except RemoteError:
                 return None
-        try:
-            return Report.read(local)
-        except ReportError as exc:
-            raise ReportError(f"{target.display}:{path}: {str(exc).removeprefix(f'{local}: ')}") from None
+        return Report.read(local, where=f"{target.display}:{path}")
 
 
 # ------------------------------------------------------------------ provision
