@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
 from gpubake import __version__
 from gpubake.console import console
 from gpubake.errors import GpubakeError
+
+if TYPE_CHECKING:
+    from gpubake.provisioning.facts import ImageFacts
 
 # Parts that contribute commands, in --help order.
 COMMAND_MODULES = (
@@ -45,6 +49,19 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
 ) -> None:
     """gpubake: spec -> OCI image -> marketplace template -> self-tested instance."""
+    from gpubake.provisioning.facts import provide_spec_facts
+
+    provide_spec_facts(_spec_facts)
+
+
+def _spec_facts(name_or_path: str) -> ImageFacts:
+    """`--image NAME` / `--spec PATH` / $GPUBAKE_IMAGE of `selftest` and `serve`: a dev box or a
+    bare host has the catalog but no image.json, so the build side derives the facts from
+    the spec as build-image does for image.json. This module sees both sides; the in-image
+    side itself never imports `gpubake.images` (docs/architecture.md)."""
+    from gpubake.images import catalog, render
+
+    return render.image_facts(catalog.find(name_or_path), None)
 
 
 def _register_all() -> None:

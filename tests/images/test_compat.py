@@ -13,6 +13,7 @@ from gpubake_spec_helpers import write_spec  # noqa: E402
 from gpubake.errors import SpecError  # noqa: E402
 from gpubake.images import compat  # noqa: E402
 from gpubake.images.spec import GPU_ARCHS, load_spec  # noqa: E402
+from gpubake.provisioning.facts import version_key  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -38,7 +39,7 @@ def test_blackwell_needs_cuda_12_8_wheels_in_every_torch_series() -> None:
             cuda = f"{tag[2:-1]}.{tag[-1]}"
             for arch in ("sm_100", "sm_120"):
                 if compat.arch_runs(arch, build["sass"], build["ptx"]):
-                    assert compat._version_key(cuda) >= (12, 8), (series, tag, arch)
+                    assert version_key(cuda) >= (12, 8), (series, tag, arch)
 
 
 def test_known_wheels() -> None:

@@ -43,6 +43,14 @@ def test_image_json_describes_the_image(wan_context: Path) -> None:
     assert "sm_120" in info["runnable_archs"]
 
 
+def test_image_json_is_the_facts_the_boot_reads(wan_context: Path) -> None:
+    from gpubake.provisioning.facts import ImageFacts
+
+    facts = ImageFacts.read(wan_context / "image.json")
+    assert facts == render.image_facts(catalog.find("wan22-t2v-a14b-nvfp4"), "runpod")
+    assert facts.model.quantization == "nvfp4" and facts.throughput_key == facts.model.id == "wan2.2-t2v-a14b"
+
+
 def test_containerfile_uses_the_pinned_base_and_puts_weights_last(wan_context: Path) -> None:
     text = (wan_context / "Containerfile").read_text()
     assert f"FROM {catalog.find('wan22-t2v-a14b-nvfp4').base.image}" in text

@@ -58,22 +58,21 @@ class Recorded:
 def report(verdict: str | None, *, step_s: float = 1.5) -> dict[str, Any]:
     """A `GET /health` body as gpubake's service answers it (provisioning/serving/service.py
     `health()`), wrapping a self-test report as `smoke_tests.report.Report.to_dict()` writes it."""
+    from gpubake.smoke_tests.report import Report, StageResult
+
+    throughput = {None: "pass", "pass": "pass", "degraded": "warn", "fail": "fail"}[verdict]
     stages = [
-        {"name": "gpu", "status": "pass", "message": "NVIDIA L40S", "values": {}, "seconds": 0.1, "limit_seconds": 30},
-        {"name": "throughput", "status": "pass" if verdict == "pass" else "fail", "message": "within tolerance",
-         "values": {"seconds_per_step": step_s, "end_to_end_seconds": 12.0}, "seconds": 20.0, "limit_seconds": 600},
+        StageResult("gpu", "pass", "NVIDIA L40S", {}, 0.1, 30),
+        StageResult("throughput", throughput, "within tolerance",
+                    {"seconds_per_step": step_s, "end_to_end_seconds": 12.0}, 20.0, 600),
     ]
-    selftest = {
-        "schema_version": 1,
-        "image": "gpuimg",
-        "state": "running" if verdict is None else "done",
-        "verdict": verdict,
-        "stages": stages if verdict else stages[:1],
-        "summary": f"self-test {str(verdict).upper()}",
-    }
+    rep = Report(image="gpuimg", model_id="tiny-wan2.2", options={}, stages=stages if verdict else stages[:1])
+    if verdict is not None:
+        rep.finish()  # the verdict follows from the stages, as in a real run
+        assert rep.verdict == verdict
     phase = {None: "selftest", "fail": "failed"}.get(verdict, "ready")
     return {"status": phase, "ready": phase == "ready", "verdict": verdict, "reason": None, "model_id": "tiny-wan2.2",
-            "queue": {"waiting": 0, "capacity": 4}, "selftest": selftest}
+            "queue": {"waiting": 0, "capacity": 4}, "selftest": rep.to_dict()}
 
 
 class FakeApi:

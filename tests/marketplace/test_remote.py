@@ -19,24 +19,34 @@ import pytest
 pytestmark = pytest.mark.sshd
 
 
-def fake_gpubake(tmp_path: Path, verdict: str | None, *, write: bool = True) -> Path:
+def written_report(verdict: str, seconds_per_step: float) -> dict:
+    """A finished report as the self-test writes it (`Report.to_dict`)."""
+    from gpubake.smoke_tests.report import Report, StageResult
+
+    status = {"pass": "pass", "degraded": "warn", "fail": "fail"}[verdict]
+    rep = Report(image="demo", model_id="tiny-wan2.2", options={},
+                 stages=[StageResult("throughput", status, "ok", {"seconds_per_step": seconds_per_step})])
+    rep.finish()
+    return rep.to_dict()
+
+
+def fake_gpubake(tmp_path: Path, verdict: str, *, write: bool = True) -> Path:
     prog = tmp_path / "remote-bin" / "gpubake"
     prog.parent.mkdir(exist_ok=True)
     codes = {"pass": 0, "degraded": 1, "fail": 3}
+    written = json.dumps(written_report(verdict, 0.5))
     prog.write_text(textwrap.dedent(f"""\
         #!{sys.executable}
         import json, sys
         args = sys.argv[1:]
         assert args[0] == "selftest" and "--json" in args, args
         path = args[args.index("--report") + 1]
-        report = {{"schema_version": 1, "state": "done", "verdict": {verdict!r}, "summary": "self-test {verdict}",
-                   "stages": [{{"name": "throughput", "status": "pass", "message": "ok",
-                               "values": {{"seconds_per_step": 0.5}}}}], "quick": "--quick" in args,
+        report = {{**json.loads({written!r}), "quick": "--quick" in args,
                   "image_arg": args[args.index("--image") + 1] if "--image" in args else None}}
         if {write!r}:
             open(path, "w").write(json.dumps(report))
         print(json.dumps(report))
-        sys.exit({codes.get(verdict or "", 2)})
+        sys.exit({codes[verdict]})
         """))
     prog.chmod(0o755)
     return prog
@@ -136,7 +146,7 @@ def test_remote_provision_installs_the_wheel_into_a_venv(sshd, cli, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "_checkout_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    from gpubake.images.remote import build_wheel
+    from gpubake.images.marketplace.remote import build_wheel
 
     (tmp_path / "wheel").mkdir()
     wheel = build_wheel(tmp_path / "wheel")  # what provision does without --wheel
@@ -169,8 +179,7 @@ def test_launch_reads_the_report_over_ssh(runpod, sshd, cli, spec_path, image_re
     runpod.ssh_port = sshd.port
     report_file = tmp_path / "instance" / "selftest.json"  # what the instance's self-test writes
     report_file.parent.mkdir()
-    report_file.write_text(json.dumps({"schema_version": 1, "state": "done", "verdict": "pass", "stages": [
-        {"name": "throughput", "status": "pass", "message": "ok", "values": {"seconds_per_step": 0.75}}]}))
+    report_file.write_text(json.dumps(written_report("pass", 0.75)))
     code, out, err = cli("launch", "--target", "runpod", "--image", spec_path, "--gpu", "L40S", "--ssh-key", sshd.key,
                          "--report-path", report_file, "--poll-interval", "0.05", "--timeout", "20", "--json")
     assert code == 0, err

@@ -229,3 +229,15 @@ def test_a_service_that_failed_before_its_verdict_counts_as_fail(runpod, cli, sp
     runpod.set_health(pod_id, crashed)
     code, out, _ = cli("launch", "--target", "runpod", "--image", spec_path, "--gpu", "L40S", "--destroy-on-fail", *FAST, "--json")
     assert code == 3 and json.loads(out)["verdict"] == "fail" and runpod.pods == {}
+
+
+def test_a_report_this_gpubake_cannot_read_is_a_fail_with_the_reason(runpod, cli, spec_path, image_ref, make_report):
+    _published(runpod, cli, spec_path, image_ref)
+    pod_id = f"pod{runpod._n + 1:04d}x"
+    newer = make_report("pass")
+    newer["selftest"]["schema_version"] = 2  # an image written by a newer gpubake
+    runpod.set_health(pod_id, newer)
+    code, out, _ = cli("launch", "--target", "runpod", "--image", spec_path, "--gpu", "L40S", *FAST, "--json")
+    result = json.loads(out)
+    assert code == 3 and result["verdict"] == "fail" and result["destroyed"] is False
+    assert result["reason"] == "self-test report: schema_version: 2 (this gpubake reads 1)"

@@ -71,15 +71,30 @@ def serve(service: Any) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def make_service(tmp_path_factory: pytest.TempPathFactory, tiny_nvfp4_checkpoint: Path) -> Callable[..., Any]:
-    """make_service(image="demo", **build_service kwargs) -> a GenerationService on the tiny model."""
+    """make_service(image="demo", **build_service kwargs) -> a GenerationService on the tiny model,
+    given the image's facts as build-image writes them into image.json."""
+    from gpubake.images.catalog import find
+    from gpubake.images.render import image_facts
     from gpubake.provisioning.serving.build import build_service
 
     def make(image: str = "demo", **kw: Any) -> Any:
         root = tmp_path_factory.mktemp("serve")
         kw.setdefault("model_dir", tiny_nvfp4_checkpoint)
-        return build_service(image=image, report_path=root / "selftest.json", output_dir=root / "out", **kw)
+        return build_service(facts=image_facts(find(image), "runpod"), report_path=root / "selftest.json",
+                             output_dir=root / "out", **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_facts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo image's image.json as build-image writes it, for `$GPUBAKE_IMAGE_FACTS`."""
+    from gpubake.images.catalog import find
+    from gpubake.images.render import image_facts
+
+    path = tmp_path_factory.mktemp("facts") / "image.json"
+    image_facts(find("demo"), "runpod").write(path)
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -48,10 +48,10 @@ def test_handler_refuses_after_failed_selftest(make_service):
     assert out["error"].startswith("generation disabled on this machine: self-test failed: gpu: no GPU")
 
 
-def test_runpod_local_test_mode(tiny_nvfp4_checkpoint: Path, tmp_path: Path):
+def test_runpod_local_test_mode(tiny_nvfp4_checkpoint: Path, tmp_path: Path, demo_facts_file: Path):
     env = {
         **os.environ,
-        "GPUBAKE_IMAGE": "demo",
+        "GPUBAKE_IMAGE_FACTS": str(demo_facts_file),
         "GPUBAKE_MODEL_DIR": str(tiny_nvfp4_checkpoint),
         "GPUBAKE_REPORT": str(tmp_path / "selftest.json"),
         "GPUBAKE_OUTPUT_DIR": str(tmp_path / "out"),

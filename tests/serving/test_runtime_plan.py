@@ -56,10 +56,10 @@ def test_serve_refuses_a_bad_runtime_at_startup(selftest, tmp_path: Path, capsys
     assert "serving" not in err and "Traceback" not in err
 
 
-def test_runpod_worker_refuses_a_bad_runtime_in_one_line(tmp_path: Path, monkeypatch):
+def test_runpod_worker_refuses_a_bad_runtime_in_one_line(tmp_path: Path, monkeypatch, demo_facts_file: Path):
     from gpubake.provisioning.serving import runpod_handler
 
-    for key, value in {"GPUBAKE_RUNTIME": "compile_blocks=maybe", "GPUBAKE_IMAGE": "demo",
+    for key, value in {"GPUBAKE_RUNTIME": "compile_blocks=maybe", "GPUBAKE_IMAGE_FACTS": str(demo_facts_file),
                        "GPUBAKE_MODEL_DIR": str(tmp_path), "GPUBAKE_REPORT": str(tmp_path / "r.json")}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit, match=r"^error: GPUBAKE_RUNTIME='compile_blocks=maybe': compile_blocks='maybe' "

@@ -1,5 +1,6 @@
-"""Fixtures for the self-test: a fake GPU probe (the fault-injection seam), GPU and CPU
-image specs from the real catalog, and a runner that returns the finished report."""
+"""Fixtures for the self-test: a fake GPU probe (the fault-injection seam), the image facts
+(image.json) of GPU and CPU images of the real catalog, as the build side derives them,
+and a runner that returns the finished report."""
 
 from __future__ import annotations
 
@@ -59,19 +60,23 @@ def no_gpu() -> FakeProbe:
 
 @pytest.fixture(scope="session")
 def gpu_spec() -> Any:
-    """The Hopper/Ada image spec (CUDA 13.0, sm_89/sm_90, not cpu_ok), carrying the
-    tiny model so a CPU can render it."""
+    """The facts of the Hopper/Ada image (CUDA 13.0, sm_89/sm_90, not cpu_ok), carrying
+    the tiny model so a CPU can render it."""
     from gpubake.images.catalog import find
+    from gpubake.images.render import image_facts
 
     spec = find("wan22-t2v-a14b-nvfp4-hopper")
-    return spec.model_copy(update={"model": spec.model.model_copy(update={"id": "tiny-wan2.2"})})
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"id": "tiny-wan2.2"})})
+    return image_facts(spec, "runpod")
 
 
 @pytest.fixture(scope="session")
 def demo_spec() -> Any:
+    """The facts of the demo image (CPU-capable, tiny model)."""
     from gpubake.images.catalog import find
+    from gpubake.images.render import image_facts
 
-    return find("demo")
+    return image_facts(find("demo"), "runpod")
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpubake.errors import SpecError
-from gpubake.images.spec import ImageSpec, load_spec
+from gpubake.images.spec import CATALOG_DIR, ImageSpec, load_spec
 
-CATALOG_DIR = Path(__file__).parent / "catalog"
+__all__ = ["CATALOG_DIR", "DEFAULT_IMAGE", "all_specs", "find", "is_path", "names", "path_of"]
 DEFAULT_IMAGE = "demo"
 
 

@@ -21,7 +21,6 @@ import typer
 from gpubake.console import console, emit_json, step_progress
 from gpubake.errors import BuildError, GpubakeError
 
-TARGETS = ("runpod", "vastai")
 BUILDERS = ("buildah", "docker", "packer")
 
 
@@ -113,6 +112,7 @@ def build_image(
 ) -> None:
     """Build a marketplace image from its spec: OCI archive in dist/, or pushed with --push."""
     from gpubake.images import catalog, render
+    from gpubake.images.spec import TARGETS
 
     if target is None:
         raise GpubakeError("--target is required (runpod or vastai)")

@@ -8,7 +8,7 @@ Layout (see docs/architecture.md "Build context"):
     Containerfile            templates/Containerfile.j2
     image.pkr.hcl            templates/image.pkr.hcl.j2 (Packer HCL2, docker builder)
     plugins.pkr.hcl          `required_plugins` for Packer >= 1.10 (rejected by 1.6.6)
-    image.json               what the image is (spec, archs, min driver): read at boot
+    image.json               the image's facts (`provisioning.facts.ImageFacts`): read at boot
     requirements.lock.txt    the spec's python.lock (pip --require-hashes)
     app/gpubake/             the gpubake package itself (installed with --no-deps)
     scripts/NN-*.sh          in-image provisioning scripts, run in name order
@@ -34,6 +34,7 @@ from gpubake.errors import GpubakeError
 from gpubake.fsutil import atomic_path, sha256_file
 from gpubake.images import compat
 from gpubake.images.spec import ImageSpec
+from gpubake.provisioning.facts import FACTS_FILE, INSTALL_PREFIX, DriverRequirement, ImageFacts, ModelFacts
 
 CONTAINERFILE_TEMPLATE = "Containerfile.j2"
 PACKER_TEMPLATE = "image.pkr.hcl.j2"
@@ -41,11 +42,10 @@ START_TEMPLATE = "start.sh.j2"
 PACKER_FILE = "image.pkr.hcl"
 PACKER_PLUGINS_FILE = "plugins.pkr.hcl"
 LOCK_FILE = "requirements.lock.txt"
-IMAGE_JSON = "image.json"
+IMAGE_JSON = FACTS_FILE  # the image's facts, installed at <INSTALL_PREFIX>/image.json
 MANIFEST = "context.json"
 SCRIPTS_DIR = "scripts"
 APP_DIR = "app"
-INSTALL_PREFIX = "/opt/gpubake"
 RUNTIME_PATH = f"{INSTALL_PREFIX}/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Required by Packer >= 1.10, where the docker builder is no longer bundled. Kept out of
@@ -129,28 +129,33 @@ def base_reference(spec: ImageSpec, timestamp: int) -> tuple[str, bool]:
     return bootstrap.inputs_for(spec, timestamp).ref(), False
 
 
-def image_info(spec: ImageSpec, target: str) -> dict[str, Any]:
-    """`image.json`: what the image is, for the boot self-test and for humans."""
-    info: dict[str, Any] = {
-        "schema_version": 1,
-        "name": spec.name,
-        "description": spec.description,
-        "target": target,
-        "gpubake_version": __version__,
-        "cuda": spec.cuda,
-        "torch": spec.torch,
-        "gpu_archs": list(spec.gpu_archs),
-        "cpu_ok": spec.cpu_ok,
-        "model": spec.model.model_dump(mode="json"),
-        "runtime": spec.runtime.model_dump(mode="json"),
-        "min_driver": None,
-        "runnable_archs": [],
-    }
+def image_facts(spec: ImageSpec, target: str | None) -> ImageFacts:
+    """`image.json`: what the boot needs of the spec and the compat tables, computed once.
+
+    `target` is None for the facts of a spec on a dev box or a bare host (not a build).
+    """
+    min_driver: DriverRequirement | None = None
+    runnable: list[str] = []
     if spec.cuda != "none":
-        req = compat.min_driver(spec.cuda)
-        info["min_driver"] = {"toolkit": req.toolkit, "minor_compat": req.minor_compat}
-        info["runnable_archs"] = compat.runnable_archs(spec.torch, spec.cuda)
-    return info
+        min_driver = compat.min_driver(spec.cuda)
+        runnable = compat.runnable_archs(spec.torch, spec.cuda)
+    m = spec.model
+    return ImageFacts(
+        name=spec.name,
+        description=spec.description,
+        gpubake_version=__version__,
+        target=target,  # a marketplace name: ImageFacts refuses any other
+        targets=list(spec.targets),
+        cuda=spec.cuda,
+        torch=spec.torch,
+        gpu_archs=list(spec.gpu_archs),
+        cpu_ok=spec.cpu_ok,
+        runnable_archs=runnable,
+        min_driver=min_driver,
+        model=ModelFacts(id=m.id, quantization=m.quantization, policy=m.policy, source=m.source, sha256=m.sha256),
+        model_dir=spec.runtime.env.get("GPUBAKE_MODEL_DIR"),
+        throughput_key=m.id,
+    )
 
 
 def labels(spec: ImageSpec, target: str) -> dict[str, str]:
@@ -342,7 +347,7 @@ def render_context(spec: ImageSpec, target: str, dest: str | Path, options: Rend
             skipped.append("Containerfile (templates/Containerfile.j2 not in this checkout)")
         (tmp / PACKER_FILE).write_text(render_template(PACKER_TEMPLATE, ctx), encoding="utf-8")
         (tmp / PACKER_PLUGINS_FILE).write_text(PACKER_PLUGINS_HCL, encoding="utf-8")
-        (tmp / IMAGE_JSON).write_text(json.dumps(image_info(spec, target), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / IMAGE_JSON).write_text(image_facts(spec, target).to_json(), encoding="utf-8")
         shutil.copyfile(spec.lock_path, tmp / LOCK_FILE)
         _copy_tree(_app_source(), tmp / APP_DIR / "gpubake")
         src_scripts = scripts_source()

@@ -8,7 +8,8 @@ reused alone:
   types: a mistyped or misspelt field fails instead of being coerced or ignored)
 - `validate_spec(spec)` what needs more than the dict: name == file stem, the lock file
   exists and pins every requirement with a hash, and the (torch, cuda) compatibility
-  tables (`gpubake.images.compat`) can run every requested GPU architecture.
+  tables (`gpubake.images.compat`) can run every requested GPU architecture
+  (`check_compat`).
 
 `load_spec(path)` runs all three. Every failure is a `SpecError` of ONE line naming the
 spec file and the dotted field path, e.g.
@@ -35,14 +36,18 @@ from pydantic import (
 )
 
 from gpubake.errors import SpecError
+from gpubake.images import compat
+from gpubake.provisioning.facts import GPU_ARCHS, TARGETS, GpuArch, Target, version_key
 from gpubake.secrets import is_secret_name
 
-SCHEMA_VERSION = 1
-TARGETS = ("runpod", "vastai")
-GPU_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
+__all__ = [  # TARGETS, GPU_ARCHS and their types are the image facts' (one definition), re-exported
+    "CATALOG_DIR", "GPU_ARCHS", "SCHEMA_FILE", "SCHEMA_VERSION", "TARGETS", "Base", "Bootstrap", "GpuArch", "ImageSpec",
+    "Model", "Port", "Python", "Runtime", "Target", "check_compat", "check_lock", "display_path", "json_schema",
+    "json_schema_text", "load_spec", "load_toml", "parse_spec", "validate_spec",
+]
 
-Target = Literal["runpod", "vastai"]
-GpuArch = Literal["sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"]
+SCHEMA_VERSION = 1
+CATALOG_DIR = Path(__file__).parent / "catalog"  # the shipped specs (`gpubake.images.catalog`)
 
 # An OCI reference pinned by digest: [registry/]repo[:tag]@sha256:<64 hex>.
 _DIGEST_REF = re.compile(
@@ -260,10 +265,8 @@ def display_path(path: Path) -> str:
     """Short, stable name for a spec file in error messages (catalog/x.toml or the path given)."""
     path = Path(path)
     try:
-        from gpubake.images.catalog import CATALOG_DIR
-
         return str(Path("catalog") / path.resolve().relative_to(CATALOG_DIR.resolve()))
-    except (ValueError, ImportError):
+    except ValueError:
         return str(path)
 
 
@@ -349,15 +352,65 @@ def check_lock(path: Path, *, source: str) -> list[str]:
 
 def validate_spec(spec: ImageSpec, *, path: Path | None = None) -> ImageSpec:
     """Checks that need the file system or the compat tables; raises `SpecError`."""
-    from gpubake.images import compat
-
     path = path or spec.source
     source = display_path(path) if path else "<spec>"
     if path is not None and spec.name != Path(path).stem:
         raise SpecError(f"{source}: name: {spec.name!r} must equal the file name stem {Path(path).stem!r}")
     pins = check_lock(spec.lock_path, source=source)
-    compat.check_spec(spec, source=source, pins=pins)
+    check_compat(spec, source=source, pins=pins)
     return spec
+
+
+def check_compat(spec: ImageSpec, *, source: str, pins: list[str] | None = None) -> None:
+    """Fail (one line naming file and field) when the spec asks for what it cannot run."""
+    archs = list(spec.gpu_archs)
+    if spec.cuda == "none":
+        if archs:
+            raise SpecError(
+                f'{source}: gpu_archs: {", ".join(archs)} need a CUDA build, but cuda = "none" (CPU-only image)'
+            )
+        if not spec.cpu_ok:
+            raise SpecError(f'{source}: cpu_ok: cuda = "none" builds a CPU-only image; set cpu_ok = true')
+    else:
+        try:
+            compat.min_driver(spec.cuda)
+            build = compat.wheel_archs(spec.torch, spec.cuda)
+        except SpecError as exc:
+            raise SpecError(f"{source}: {exc}") from None
+        for i, arch in enumerate(archs):
+            need = compat.first_cuda(arch)
+            if need and version_key(spec.cuda) < version_key(need):
+                raise SpecError(f"{source}: gpu_archs[{i}]: {arch} needs CUDA {need}+ but cuda = {spec.cuda!r}")
+            if not compat.arch_runs(arch, build["sass"], build["ptx"]):
+                have = ", ".join("sm_" + c.replace(".", "") for c in build["sass"])
+                raise SpecError(
+                    f"{source}: gpu_archs[{i}]: torch {spec.torch}+{compat.wheel_tag(spec.cuda)} cannot run {arch} "
+                    f"(its wheel carries {have})"
+                )
+        _check_base_cuda(spec, source)
+    _check_torch_pin(spec, source, pins or [])
+
+
+def _check_base_cuda(spec: ImageSpec, source: str) -> None:
+    """An nvidia/cuda base image's tag must carry the spec's CUDA version."""
+    if spec.base.image is None or "nvidia/cuda" not in spec.base.image:
+        return
+    tag = spec.base.image_tag or ""
+    if not (tag == spec.cuda or tag.startswith(spec.cuda + ".") or tag.startswith(spec.cuda + "-")):
+        raise SpecError(f"{source}: base.image: tag {tag!r} is not CUDA {spec.cuda} (cuda = {spec.cuda!r})")
+
+
+def _check_torch_pin(spec: ImageSpec, source: str, pins: list[str]) -> None:
+    """If the lock pins torch, it must be the spec's torch release (local tag like +cu128 allowed)."""
+    for pin in pins:
+        name, _, version = pin.partition("==")
+        if name.lower() == "torch":
+            public, _, local = version.partition("+")
+            if public != spec.torch:
+                raise SpecError(f"{source}: torch: {spec.torch!r} but {spec.python.lock} pins torch=={version}")
+            want = compat.wheel_tag(spec.cuda)
+            if local and local != want:
+                raise SpecError(f"{source}: cuda: {spec.cuda!r} but {spec.python.lock} pins torch=={version}")
 
 
 def load_spec(path: str | Path) -> ImageSpec:

@@ -1,8 +1,9 @@
 """Build a self-test from what a caller has (CLI flags, the service's settings).
 
 Resolution order, the same for `gpubake selftest` and `gpubake serve`:
-image spec: --spec PATH > --image NAME > $GPUBAKE_IMAGE (the catalog name, set by the image);
-model dir: --model-dir > $GPUBAKE_MODEL_DIR > the spec's runtime.env GPUBAKE_MODEL_DIR.
+image facts: `gpubake.provisioning.facts.resolve` (--facts PATH, then --spec / --image on a
+dev box or bare host, then the image's own /opt/gpubake/image.json);
+model dir: --model-dir > $GPUBAKE_MODEL_DIR > the facts' model_dir (the spec's GPUBAKE_MODEL_DIR).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpubake.provisioning.facts import ImageFacts
 from gpubake.provisioning.pipeline import check_runtime_env
 from gpubake.smoke_tests.expectations import SelfTestError, load_table
 from gpubake.smoke_tests.probe import GpuProbe, NvmlProbe
@@ -23,29 +25,15 @@ from gpubake.smoke_tests.stages import Context
 _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 
 
-def resolve_spec(image: str | None = None, spec_path: str | Path | None = None) -> Any:
-    """The ImageSpec this machine runs (see module docstring for the order)."""
-    if spec_path:
-        from gpubake.images.spec import load_spec
-
-        return load_spec(spec_path)
-    name = image or os.environ.get("GPUBAKE_IMAGE")
-    if not name:
-        raise SelfTestError("no image spec: pass --image NAME or --spec PATH, or set GPUBAKE_IMAGE")
-    from gpubake.images.catalog import find
-
-    return find(name)
-
-
-def resolve_model_dir(model_dir: str | Path | None, spec: Any) -> Path:
-    found = model_dir or os.environ.get("GPUBAKE_MODEL_DIR") or spec.runtime.env.get("GPUBAKE_MODEL_DIR")
+def resolve_model_dir(model_dir: str | Path | None, facts: ImageFacts) -> Path:
+    found = model_dir or os.environ.get("GPUBAKE_MODEL_DIR") or facts.model_dir
     if not found:
         raise SelfTestError("no model directory: pass --model-dir DIR or set GPUBAKE_MODEL_DIR")
     return Path(found)
 
 
 def create_selftest(
-    spec: Any,
+    facts: ImageFacts,
     model_dir: Path,
     out_dir: Path,
     *,
@@ -66,7 +54,7 @@ def create_selftest(
         raise SelfTestError(f"--device: must be cpu, cuda or cuda:N, got {device!r}")
     check_runtime_env()  # a bad $GPUBAKE_RUNTIME is bad input, not a failed render after the hashing
     ctx = Context(
-        spec=spec,
+        facts=facts,
         model_dir=Path(model_dir),
         out_dir=Path(out_dir),
         probe=probe or NvmlProbe(),
@@ -78,8 +66,8 @@ def create_selftest(
         pipeline_loader=pipeline_loader,
     )
     report = Report(
-        image=spec.name,
-        model_id=spec.model.id,
+        image=facts.name,
+        model_id=facts.model.id,
         options={"quick": quick, "sustained": sustained, "device": device, "model_dir": str(model_dir)},
     )
     return SelfTest(ctx, report, on_update=on_update, limits=limits)

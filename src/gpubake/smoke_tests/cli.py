@@ -11,10 +11,15 @@ from gpubake.console import console, emit_json
 
 
 def selftest(
-    image: Optional[str] = typer.Option(None, "--image", help="Catalog image name (default: $GPUBAKE_IMAGE)."),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="Image spec TOML file (instead of --image)."),
+    facts: Optional[Path] = typer.Option(
+        None, "--facts", help="The image's facts (default: $GPUBAKE_IMAGE_FACTS, else /opt/gpubake/image.json)."
+    ),
+    image: Optional[str] = typer.Option(
+        None, "--image", help="Dev box / bare host: derive the facts from this catalog image (default: $GPUBAKE_IMAGE)."
+    ),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Dev box / bare host: derive the facts from this spec TOML."),
     model_dir: Optional[Path] = typer.Option(
-        None, "--model-dir", help="Baked checkpoint directory (default: $GPUBAKE_MODEL_DIR, else the spec's env)."
+        None, "--model-dir", help="Baked checkpoint directory (default: $GPUBAKE_MODEL_DIR, else the image's)."
     ),
     report: Optional[Path] = typer.Option(
         None, "--report", help="Report JSON path (default: $GPUBAKE_REPORT, else /workspace/gpubake/selftest.json)."
@@ -29,12 +34,15 @@ def selftest(
 
     Exit code: 0 pass, 1 degraded, 3 fail (2: bad input). The report is written
     atomically at every stage, so a reader sees the run in progress, then the verdict.
+    What the image is comes from its image.json; --image/--spec derive the same facts
+    from a spec, where gpubake's build side is installed.
     """
-    from gpubake.smoke_tests.api import create_selftest, resolve_model_dir, resolve_spec
+    from gpubake.provisioning.facts import resolve
+    from gpubake.smoke_tests.api import create_selftest, resolve_model_dir
     from gpubake.smoke_tests.report import Report, default_report_path
 
-    spec_obj = resolve_spec(image, spec)
-    mdir = resolve_model_dir(model_dir, spec_obj)
+    image_facts = resolve(facts, image=image, spec=spec)
+    mdir = resolve_model_dir(model_dir, image_facts)
     report_path = report or default_report_path()
     out_dir = report_path.parent / "selftest-clip"
 
@@ -47,7 +55,7 @@ def selftest(
                 status.update(f"self-test: {done or 'starting'}")
 
         test = create_selftest(
-            spec_obj, mdir, out_dir, quick=quick, sustained=sustained, device=device, table_path=table,
+            image_facts, mdir, out_dir, quick=quick, sustained=sustained, device=device, table_path=table,
             on_update=on_update,
         )
         result = test.run()

@@ -1,28 +1,46 @@
-"""The self-test report: stage results, the verdict, where the JSON lives.
+"""The self-test report: stage results, the verdict, where the JSON lives, how it is read.
 
 The report is the contract between the self-test, the service's `/health`, the start
 script and `gpubake launch`/`remote selftest` (which read it back over HTTP or SSH), so
-it is plain JSON with a schema version, always written atomically.
+it is plain JSON with a schema version, always written atomically. This module owns all
+of it: the schema (`Report`, `StageResult`), the states, the exit codes, the default path,
+the writer (`Report.write`) and, beside it, the one reader (`Report.from_json`,
+`Report.read`) that every consumer uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gpubake import __version__
+from gpubake.errors import GpubakeError
 from gpubake.fsutil import write_json_atomic
+
+if TYPE_CHECKING:  # pydantic is imported when a report is read, not by every CLI start
+    from pydantic import TypeAdapter
 
 SCHEMA_VERSION = 1
 Status = Literal["pass", "warn", "fail", "skip"]
 Verdict = Literal["pass", "degraded", "fail"]
+State = Literal["running", "done"]
+IN_PROGRESS = "in_progress"  # what a reader says of a report without a verdict yet
 
 # Exit codes of `gpubake selftest`; 2 stays the CLI's code for bad input.
 EXIT_CODES: dict[str, int] = {"pass": 0, "degraded": 1, "fail": 3}
+# Exit codes of the commands that wait for a verdict (`launch`): no verdict in time is 4.
+WAIT_EXIT_CODES: dict[str, int] = {**EXIT_CODES, "timeout": 4}
+
+
+class ReportError(GpubakeError):
+    """A report file or body is missing, not JSON, or not a report of this schema."""
 
 REPORT_ENV = "GPUBAKE_REPORT"
 WORKSPACE_REPORT = Path("/workspace/gpubake/selftest.json")
@@ -69,7 +87,7 @@ class Report:
     model_id: str | None
     options: dict[str, Any]
     stages: list[StageResult] = field(default_factory=list)
-    state: Literal["running", "done"] = "running"
+    state: State = "running"
     verdict: Verdict | None = None
     mode: Literal["gpu", "cpu"] | None = None
     started_at: float = field(default_factory=time.time)
@@ -118,3 +136,71 @@ class Report:
 
     def write(self, path: str | os.PathLike[str]) -> None:
         write_json_atomic(path, self.to_dict())
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def final_verdict(self) -> Verdict | None:
+        """The verdict once the run is over; None while it is running."""
+        return self.verdict if self.state == "done" else None
+
+    @property
+    def outcome(self) -> str:
+        """pass | degraded | fail, or in_progress while the run is not over."""
+        return self.final_verdict or IN_PROGRESS
+
+    def throughput(self) -> dict[str, Any] | None:
+        """The throughput stage's status, message and measured values (seconds per step ...)."""
+        stage = self.stage("throughput")
+        return {"status": stage.status, "message": stage.message, **stage.values} if stage else None
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str = "report") -> Report:
+        """A report as `to_dict` wrote it (the inverse of the writer).
+
+        Every field of the schema must be there; keys a newer writer adds are ignored.
+        Anything else is one `ReportError` line naming `where` and the field.
+        """
+        if not isinstance(data, dict):
+            raise ReportError(f"{where}: a self-test report is a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ReportError(f"{where}: schema_version: {version!r} (this gpubake reads {SCHEMA_VERSION})")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise ReportError(f"{where}: {missing[0]}: missing required field")
+        from pydantic import ValidationError
+
+        try:
+            report = _adapter().validate_python(data)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            raise ReportError(f"{where}: {loc}: {err.get('msg')}") from None
+        if report.state == "done" and report.verdict is None:
+            raise ReportError(f"{where}: verdict: missing on a finished report")
+        return report
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], *, where: str | None = None) -> Report:
+        """The report file at `path` (named `where` in errors, default the path); a missing,
+        unreadable or invalid one is a `ReportError`."""
+        where = where or str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ReportError(f"{where}: no self-test report") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ReportError(f"{where}: cannot read the self-test report: {exc}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ReportError(f"{where}: the self-test report is not JSON ({exc})") from None
+        return cls.from_json(data, where=where)
+
+
+@cache
+def _adapter() -> TypeAdapter[Report]:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Report)

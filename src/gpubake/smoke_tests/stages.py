@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpubake.provisioning.facts import ImageFacts, arch_runs
 from gpubake.smoke_tests.expectations import RenderParams, ThroughputTable, judge
 from gpubake.smoke_tests.probe import HARMFUL_THROTTLE, GpuInfo, GpuProbe
 from gpubake.smoke_tests.report import StageResult
@@ -28,7 +29,7 @@ def worst(*statuses: str) -> str:
 class Context:
     """What the stages share: inputs, then what earlier stages found."""
 
-    spec: Any  # gpubake.images.spec.ImageSpec (duck-typed: tests may pass a lighter object)
+    facts: ImageFacts  # the image's image.json
     model_dir: Path
     out_dir: Path
     probe: GpuProbe
@@ -50,7 +51,12 @@ class Context:
 
     @property
     def model_id(self) -> str:
-        return self.spec.model.id
+        return self.facts.model.id
+
+    @property
+    def table_key(self) -> str:
+        """The image's rows in the throughput table."""
+        return self.facts.throughput_key
 
     @property
     def gpu_name(self) -> str | None:
@@ -60,10 +66,10 @@ class Context:
 # ------------------------------------------------------------------------- 1. GPU
 
 
-def _driver_check(gpu: GpuInfo, cuda: str) -> tuple[str, str]:
-    from gpubake.images.compat import min_driver
-
-    req = min_driver(cuda)
+def _driver_check(gpu: GpuInfo, facts: ImageFacts) -> tuple[str, str]:
+    req, cuda = facts.min_driver, facts.cuda
+    if req is None:  # ImageFacts refuses a CUDA image without one; only a hand-made object gets here
+        return "fail", f"image facts name CUDA {cuda} but no minimum driver"
     if req.satisfied_by(gpu.driver_version):
         return "pass", f"driver {gpu.driver_version} >= {req.toolkit} (CUDA {cuda})"
     if req.satisfied_by(gpu.driver_version, allow_minor_compat=True):
@@ -75,8 +81,6 @@ def _driver_check(gpu: GpuInfo, cuda: str) -> tuple[str, str]:
 
 
 def _arch_check(gpu: GpuInfo, archs: list[str]) -> tuple[str, str]:
-    from gpubake.images.compat import arch_runs
-
     if gpu.arch in archs:
         return "pass", gpu.arch
     if archs and arch_runs(gpu.arch, list(archs), []):
@@ -97,23 +101,23 @@ def _health_checks(gpu: GpuInfo) -> list[tuple[str, str]]:
 
 
 def gpu_stage(ctx: Context) -> StageResult:
-    spec = ctx.spec
+    facts = ctx.facts
     found = ctx.probe.probe()
     ctx.gpus = found.gpus
     values: dict[str, Any] = {"gpus": [g.to_dict() for g in found.gpus], "probe_error": found.error}
-    if spec.cuda == "none" or not found.gpus:
+    if facts.cuda == "none" or not found.gpus:
         ctx.device = ctx.device_override or "cpu"
-        why = "CPU-only image" if spec.cuda == "none" else f"no GPU ({found.error or 'none found'})"
+        why = "CPU-only image" if facts.cuda == "none" else f"no GPU ({found.error or 'none found'})"
         values["mode"] = "cpu"
-        if spec.cpu_ok:
+        if facts.cpu_ok:
             return StageResult("gpu", "pass", f"{why}, CPU mode (image is cpu_ok)", values)
-        return StageResult("gpu", "fail", f"{why}: image {spec.name} needs one of {', '.join(spec.gpu_archs)}", values)
+        return StageResult("gpu", "fail", f"{why}: image {facts.name} needs one of {', '.join(facts.gpu_archs)}", values)
 
     values["mode"] = ctx.mode = "gpu"
     ctx.device = ctx.device_override or "cuda"
     status, notes = "pass", []
     for gpu in found.gpus:
-        checks = [_driver_check(gpu, spec.cuda), _arch_check(gpu, list(spec.gpu_archs)), *_health_checks(gpu)]
+        checks = [_driver_check(gpu, facts), _arch_check(gpu, list(facts.gpu_archs)), *_health_checks(gpu)]
         bad = [(s, m) for s, m in checks if s != "pass"]
         status = worst(status, *(s for s, _ in checks))
         prefix = f"GPU {gpu.index}: " if len(found.gpus) > 1 else ""
@@ -170,7 +174,7 @@ def model_stage(ctx: Context) -> StageResult:
     problems = list(res.problems)
     if res.model_id and res.model_id != ctx.model_id:
         problems.append(f"holds {res.model_id!r}, image expects {ctx.model_id!r}")
-    want_fmt = ctx.spec.model.quantization
+    want_fmt = ctx.facts.model.quantization
     if res.format and want_fmt and res.format != want_fmt:
         problems.append(f"format {res.format!r}, image expects {want_fmt!r}")
     if problems:
@@ -185,7 +189,7 @@ def model_stage(ctx: Context) -> StageResult:
 
 
 def render_params(ctx: Context) -> RenderParams:
-    entry = ctx.table.models.get(ctx.model_id)
+    entry = ctx.table.models.get(ctx.table_key)
     if entry is not None:
         return entry.render
     from gpubake.provisioning.models import get_model
@@ -282,7 +286,7 @@ def throughput_stage(ctx: Context) -> StageResult:
     measured = f"{sps_med:.3f} s/step, {e2e_med:.2f} s end-to-end"
     notes: list[str] = []
     status = "pass"
-    row = ctx.table.lookup(ctx.model_id, ctx.gpu_name)
+    row = ctx.table.lookup(ctx.table_key, ctx.gpu_name)
     if ctx.gpu_name is None:
         notes.append(f"{measured} on {ctx.device} (no reference for CPU: reported, not compared)")
     elif row is None:
@@ -295,7 +299,7 @@ def throughput_stage(ctx: Context) -> StageResult:
         limit = ctx.table.tolerance if status != "fail" else ctx.table.fail_factor - 1
         notes.append(f"{measured}, {ratio:.2f}x the {row.source} {row.name} reference "
                      f"({row.seconds_per_step} s/step, {row.end_to_end_seconds} s): {word} +{limit:.0%}")
-    allowed = ctx.table.spread_for(ctx.model_id)
+    allowed = ctx.table.spread_for(ctx.table_key)
     if ctx.gpu_name is not None and spread > allowed:  # CPU timings are too noisy to judge
         status = worst(status, "warn")
         notes.append(f"unstable over {len(sps)} runs: spread {spread:.0%} > {allowed:.0%}")

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import typer
 
 from gpubake.console import console, emit_json, transfer_progress
+from gpubake.smoke_tests.report import WORKSPACE_REPORT
 
 TARGET_HELP = "Marketplace: runpod or vastai."
 
@@ -79,7 +80,7 @@ def launch_cmd(
     ssh_key: Optional[Path] = typer.Option(
         None, "--ssh-key", help="Read the self-test report over SSH with this key (its .pub is installed on the instance)."
     ),
-    report_path: str = typer.Option("/workspace/gpubake/selftest.json", "--report-path", help="Report file on the instance (with --ssh-key)."),
+    report_path: str = typer.Option(str(WORKSPACE_REPORT), "--report-path", help="Report file on the instance (with --ssh-key)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the requests instead of renting."),
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
 ) -> None:
@@ -167,7 +168,7 @@ def remote_selftest_cmd(
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
 ) -> None:
     """Run `gpubake selftest` on a host over SSH and fetch its report back."""
-    from gpubake.images import remote
+    from gpubake.images.marketplace import remote
     from gpubake.images.marketplace.launch import EXIT_CODES
 
     _setup_logging()
@@ -204,7 +205,7 @@ def remote_provision_cmd(
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
 ) -> None:
     """Install gpubake into a virtualenv on a host over SSH (upload the wheel, pip install, check)."""
-    from gpubake.images import remote
+    from gpubake.images.marketplace import remote
 
     _setup_logging()
     target = remote.SshTarget.parse(dest, port=port, key=key, known_hosts=known_hosts, accept_new=accept_new_host_key)
@@ -232,18 +233,18 @@ def push_weights_cmd(
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
 ) -> None:
     """Upload a checkpoint to S3-compatible storage (its manifest last), for `fetch s3://...`."""
-    from gpubake.provisioning import s3
+    from gpubake.provisioning import bake
 
     _setup_logging()
-    plan = s3.upload_dir(src, dest, endpoint_url=endpoint_url, jobs=jobs, dry_run=True)
+    plan = bake.upload_dir(src, dest, endpoint_url=endpoint_url, jobs=jobs, dry_run=True)
     if dry_run:
         for key in plan["keys"]:
-            console.print(f"would upload s3://{s3.parse_s3_uri(dest).bucket}/{key}", markup=False)
+            console.print(f"would upload s3://{bake.parse_s3_uri(dest).bucket}/{key}", markup=False)
         result = {**plan, "dry_run": True}
     else:
         with transfer_progress() as progress:
             task = progress.add_task(f"push {src.name}", total=plan["bytes"])
-            result = s3.upload_dir(
+            result = bake.upload_dir(
                 src, dest, endpoint_url=endpoint_url, jobs=jobs, progress=lambda n: progress.advance(task, n)
             )
         result["dry_run"] = False

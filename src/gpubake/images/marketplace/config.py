@@ -29,8 +29,7 @@ import tomllib
 
 from gpubake.console import console
 from gpubake.errors import GpubakeError
-
-TARGETS = ("runpod", "vastai")
+from gpubake.images.spec import TARGETS
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,12 @@ from gpubake.images.marketplace.offers import (
 from gpubake.images.marketplace.payload import is_digest_ref, template_name, template_payload
 from gpubake.images.marketplace.runpod import RunPod
 from gpubake.images.marketplace.vastai import Vast
+from gpubake.smoke_tests.report import IN_PROGRESS, WAIT_EXIT_CODES, WORKSPACE_REPORT, Report, ReportError
 
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
 
-# Exit codes of `launch`, as `gpubake selftest`'s (smoke_tests.report.EXIT_CODES) plus timeout.
-EXIT_CODES = {"pass": 0, "degraded": 1, "fail": 3, "timeout": 4}
-FINAL = ("pass", "degraded", "fail")
+EXIT_CODES = WAIT_EXIT_CODES  # `gpubake selftest`'s, plus 4 for no verdict in time
 
 
 def market(client: ApiClient, target: str) -> RunPod | Vast:
@@ -89,34 +88,25 @@ def publish(
 # ------------------------------------------------------------------ health
 
 
-def _selftest_report(body: dict[str, Any]) -> dict[str, Any]:
+def report_of(body: dict[str, Any] | None) -> Report | None:
     """The self-test report inside a `/health` body (`{"status", "verdict", "selftest": {...}}`),
-    or the body itself when it is a bare report (as fetched over SSH)."""
-    inner = body.get("selftest")
-    return inner if isinstance(inner, dict) else body
-
-
-def report_state(body: dict[str, Any] | None) -> str:
-    """in_progress | pass | degraded | fail, from a `/health` body or a self-test report."""
-    if not isinstance(body, dict):
-        return "in_progress"
-    report = _selftest_report(body)
-    verdict = body.get("verdict") or report.get("verdict")
-    if verdict in FINAL and report.get("state") != "running":
-        return str(verdict)
-    if body.get("status") == "failed":  # the service gave up before a verdict (crash at boot)
-        return "fail"
-    return "in_progress"
-
-
-def throughput(body: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The throughput stage's measured values (seconds per step, end-to-end seconds ...)."""
+    or the body itself when it is a bare report (as fetched over SSH); None before there is one.
+    A report of another schema is a `ReportError`."""
     if not isinstance(body, dict):
         return None
-    for stage in _selftest_report(body).get("stages") or []:
-        if isinstance(stage, dict) and stage.get("name") == "throughput":
-            return {"status": stage.get("status"), "message": stage.get("message"), **(stage.get("values") or {})}
-    return None
+    inner = body.get("selftest")
+    if inner is None and "schema_version" not in body:
+        return None  # a /health body before the self-test's first update
+    return Report.from_json(inner if inner is not None else body, where="self-test report")
+
+
+def report_state(report: Report | None, body: dict[str, Any] | None = None) -> str:
+    """in_progress | pass | degraded | fail, from the report and the `/health` body around it."""
+    if report is not None and report.final_verdict:
+        return report.outcome
+    if isinstance(body, dict) and body.get("status") == "failed":  # the service gave up before a verdict
+        return "fail"
+    return IN_PROGRESS
 
 
 def read_health(session: requests.Session, url: str, timeout: tuple[float, float] = (5.0, 10.0)) -> dict[str, Any] | None:
@@ -150,7 +140,7 @@ class LaunchOptions:
     poll_interval: float = 10.0
     dry_run: bool = False
     ssh_key: Path | None = None  # read the report over SSH (its .pub goes to the instance as PUBLIC_KEY)
-    report_path: str = "/workspace/gpubake/selftest.json"  # where the start script writes it
+    report_path: str = str(WORKSPACE_REPORT)  # where the start script writes it
     ssh_user: str = "root"
 
 
@@ -263,36 +253,43 @@ def _poll(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOpti
     start = time.monotonic()
     deadline = start + opts.timeout
     health = requests.Session()  # no retries, no API key: it talks to the rented machine
-    report: dict[str, Any] | None = None
+    body: dict[str, Any] | None = None  # what the instance last answered: a /health body or the report file
+    report: Report | None = None
     last = ""
     with console.status("waiting for the instance") as status:
         while True:
             inst = mk.status(instance_id, spec)
             if inst.state == "failed":
-                return _outcome("fail", inst, report, start, reason=f"instance {inst.detail}")
+                return _outcome("fail", inst, body, report, start, reason=f"instance {inst.detail}")
             now = f"instance {inst.detail}"
             if inst.state == "running":
-                if opts.ssh_key is not None:
-                    report, now = _ssh_report(inst, opts, known_hosts)
-                elif inst.health_url():
-                    report = read_health(health, inst.health_url() or "")
-                    now = "waiting for /health"
-                state = report_state(report)
-                if state in FINAL:
-                    return _outcome(state, inst, report, start)
-                if report:
+                try:
+                    if opts.ssh_key is not None:
+                        report, now = _ssh_report(inst, opts, known_hosts)
+                        body = report.to_dict() if report else None
+                    elif inst.health_url():
+                        body = read_health(health, inst.health_url() or "")
+                        report = report_of(body)
+                        now = "waiting for /health"
+                except ReportError as exc:  # the image writes a report this gpubake cannot read
+                    return _outcome("fail", inst, body, None, start, reason=str(exc))
+                state = report_state(report, body)
+                if state != IN_PROGRESS:
+                    return _outcome(state, inst, body, report, start)
+                if body:
                     now = f"self-test {state.replace('_', ' ')}"
             if now != last:
                 status.update(now)
                 last = now
             if time.monotonic() + opts.poll_interval > deadline:
-                return _outcome("timeout", inst, report, start, reason=f"no verdict within {opts.timeout:g} s ({last})")
+                return _outcome("timeout", inst, body, report, start,
+                                reason=f"no verdict within {opts.timeout:g} s ({last})")
             time.sleep(opts.poll_interval)
 
 
-def _ssh_report(inst: Instance, opts: LaunchOptions, known_hosts: Path) -> tuple[dict[str, Any] | None, str]:
+def _ssh_report(inst: Instance, opts: LaunchOptions, known_hosts: Path) -> tuple[Report | None, str]:
     """(report or None, what we are waiting for) read over SSH from the instance."""
-    from gpubake.images import remote
+    from gpubake.images.marketplace import remote
 
     addr = inst.ssh_address()
     if addr is None:
@@ -307,15 +304,16 @@ def _ssh_report(inst: Instance, opts: LaunchOptions, known_hosts: Path) -> tuple
     return report, ("waiting for " + opts.report_path) if report is None else ""
 
 
-def _outcome(verdict: str, inst: Instance, report: dict[str, Any] | None, start: float, reason: str | None = None) -> dict[str, Any]:
+def _outcome(verdict: str, inst: Instance, body: dict[str, Any] | None, report: Report | None, start: float,
+             reason: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "verdict": verdict,
-        "throughput": throughput(report),
+        "throughput": report.throughput() if report else None,
         "urls": dict(inst.urls),
         "health_url": inst.health_url(),
         "instance_state": inst.detail,
         "seconds": round(time.monotonic() - start, 2),
-        "report": report,
+        "report": body,
     }
     if inst.cost_per_hr is not None:
         out["cost_per_hr"] = inst.cost_per_hr

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Step 30 (Packer; the Containerfile COPYs these files instead, then needs no RUN):
-# gpubake itself, its image description and the start script. gpubake is pure Python and
+# gpubake itself, the image's facts (image.json at $PREFIX, which the boot self-test and the
+# service read: gpubake/provisioning/facts.py) and the start script. gpubake is pure Python and
 # its dependencies are in the lock: the package tree (app/gpubake in the context) goes to
 # $PREFIX/app, which step 20's .pth file puts on the venv's path.
 . "$(dirname "$0")/00-env.sh"

@@ -1,5 +1,5 @@
 """Assemble a GenerationService from settings (shared by `gpubake serve` and the
-RunPod serverless handler): spec, model dir, report path, optional self-test."""
+RunPod serverless handler): image facts, model dir, report path, optional self-test."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gpubake.provisioning.facts import ImageFacts, resolve
 from gpubake.provisioning.pipeline import (
     PipelineLoader,
     check_runtime_env,
@@ -23,6 +24,8 @@ def default_output_dir(report_path: Path) -> Path:
 
 def build_service(
     *,
+    facts: ImageFacts | None = None,
+    facts_path: str | Path | None = None,
     image: str | None = None,
     spec_path: str | Path | None = None,
     model_dir: str | Path | None = None,
@@ -37,20 +40,21 @@ def build_service(
 ) -> GenerationService:
     """The service; its pipeline is `load_serving_pipeline`'s (weights + runtime plan),
     loaded by the self-test when there is one. `pipeline_loader` replaces only the
-    weight loading (tests)."""
+    weight loading (tests). The image's facts: `facts`, else `facts.resolve(facts_path,
+    image=image, spec=spec_path)`."""
     from gpubake.provisioning.models import get_model
-    from gpubake.smoke_tests.api import create_selftest, resolve_model_dir, resolve_spec
+    from gpubake.smoke_tests.api import create_selftest, resolve_model_dir
     from gpubake.smoke_tests.report import default_report_path
 
-    spec = resolve_spec(image, spec_path)
-    mdir = resolve_model_dir(model_dir, spec)
+    image_facts = facts or resolve(facts_path, image=image, spec=spec_path)
+    mdir = resolve_model_dir(model_dir, image_facts)
     report_path = report_path or default_report_path()
     out = output_dir or default_output_dir(report_path)
     test = None
     loader = None
     if selftest:
         # the self-test loads the pipeline (runtime plan applied) and hands it over
-        test = create_selftest(spec, mdir, report_path.parent / "selftest-clip", quick=quick, device=device,
+        test = create_selftest(image_facts, mdir, report_path.parent / "selftest-clip", quick=quick, device=device,
                                pipeline_loader=pipeline_loader, **selftest_kwargs)
     else:
         check_runtime_env()  # fail at startup, not in the worker thread after the load
@@ -58,8 +62,8 @@ def build_service(
         def loader() -> tuple[Any, str]:
             import torch
 
-            dev = device or ("cuda" if spec.cuda != "none" and torch.cuda.is_available() else "cpu")
+            dev = device or ("cuda" if image_facts.cuda != "none" and torch.cuda.is_available() else "cpu")
             return load_serving_pipeline(mdir, dev, pipeline_loader).pipe, dev
 
-    return GenerationService(model=get_model(spec.model.id), out_dir=out, report_path=report_path,
+    return GenerationService(model=get_model(image_facts.model.id), out_dir=out, report_path=report_path,
                              selftest=test, pipeline_loader=loader, max_queue=max_queue)

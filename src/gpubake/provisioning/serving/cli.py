@@ -13,8 +13,9 @@ from gpubake.console import console
 def serve(
     host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", help="TCP port (1-65535)."),
-    image: Optional[str] = typer.Option(None, "--image", help="Catalog image name (default: $GPUBAKE_IMAGE)."),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="Image spec TOML file (instead of --image)."),
+    facts: Optional[Path] = typer.Option(None, "--facts", help="The image's facts (default: $GPUBAKE_IMAGE_FACTS, else /opt/gpubake/image.json)."),
+    image: Optional[str] = typer.Option(None, "--image", help="Dev box / bare host: derive the facts from this catalog image (default: $GPUBAKE_IMAGE)."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Dev box / bare host: derive the facts from this spec TOML."),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Checkpoint directory (default: $GPUBAKE_MODEL_DIR)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Self-test report JSON (default: $GPUBAKE_REPORT, else /workspace/gpubake/selftest.json)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where job videos go (default: $GPUBAKE_OUTPUT_DIR, else beside the report)."),
@@ -32,7 +33,7 @@ def serve(
         raise GpubakeError(f"--port: must be 1-65535, got {port}")
     if max_queue < 1:
         raise GpubakeError(f"--max-queue: must be at least 1, got {max_queue}")
-    service = build_service(image=image, spec_path=spec, model_dir=model_dir, report_path=report,
+    service = build_service(facts_path=facts, image=image, spec_path=spec, model_dir=model_dir, report_path=report,
                             output_dir=output_dir, selftest=selftest, quick=quick, device=device,
                             max_queue=max_queue)
     console.print(f"serving {service.model.id} on http://{host}:{port} (report {service.report_path}, "

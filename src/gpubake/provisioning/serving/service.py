@@ -11,7 +11,6 @@ Phases: starting -> selftest -> ready | failed. Generation is accepted only when
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import shutil
@@ -138,9 +137,16 @@ class GenerationService:
                 return
             pipeline, device = self.selftest.ctx.pipeline, self.selftest.ctx.device
         else:
-            self.report = self._read_report()
-            if self.report and self.report.get("verdict") == "fail":
-                self._fail(f"self-test failed (report {self.report_path}): {self.report.get('summary', '')}")
+            from gpubake.smoke_tests.report import Report, ReportError
+
+            try:  # a report an earlier boot left: its failure still gates generation
+                prior = Report.read(self.report_path) if self.report_path and self.report_path.is_file() else None
+            except ReportError as exc:
+                self._fail(f"unreadable self-test report: {exc}")
+                return
+            self.report = prior.to_dict() if prior else None
+            if prior and prior.final_verdict == "fail":
+                self._fail(f"self-test failed (report {self.report_path}): {prior.summary()}")
                 return
             if self.pipeline_loader is None:
                 self._fail("no pipeline loader configured")
@@ -156,14 +162,6 @@ class GenerationService:
         self.reason = " ".join(reason.split())
         self.phase = "failed"
         log.error("generation disabled: %s", self.reason)
-
-    def _read_report(self) -> dict[str, Any] | None:
-        if self.report_path is None or not self.report_path.is_file():
-            return None
-        try:
-            return json.loads(self.report_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return {"verdict": "fail", "summary": f"unreadable report {self.report_path}: {exc}"}
 
     def _work(self) -> None:
         try:

@@ -9,7 +9,6 @@ refused unless `--accept-new-host-key` (then it is remembered, as OpenSSH's
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -27,10 +26,10 @@ from gpubake.console import console
 from gpubake.errors import GpubakeError
 from gpubake.fsutil import atomic_path
 from gpubake.secrets import redact
+from gpubake.smoke_tests.report import IN_PROGRESS, Report, ReportError
 
 _DEST = re.compile(r"^(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@(?P<host>[A-Za-z0-9._:-]+|\[[0-9A-Fa-f:]+\])$")
 REMOTE_DIR = ".gpubake"  # under the remote user's home; SFTP paths are relative to it
-REMOTE_REPORT = f"{REMOTE_DIR}/selftest.json"
 
 
 class RemoteError(GpubakeError):
@@ -184,8 +183,6 @@ def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake",
     `image` / `model_dir` are passed to the remote self-test (a bare host has no
     GPUBAKE_IMAGE / GPUBAKE_MODEL_DIR set by an image's start script).
     """
-    from gpubake.images.marketplace.launch import report_state, throughput
-
     stamp = f"{int(time.time())}-{os.getpid()}"
     remote_report = f"{REMOTE_DIR}/selftest-{stamp}.json"
     cmd = f"{rquote(gpubake)} selftest --json --report {rquote('~/' + remote_report)}" + (" --quick" if quick else "")
@@ -209,26 +206,26 @@ def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake",
             ) from None
         s.run(f"rm -f {rquote('~/' + remote_report)}", what="cleanup")
     try:
-        report = json.loads(local_report.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise RemoteError(f"{local_report}: the fetched report is not JSON ({exc.__class__.__name__})") from None
-    verdict = report_state(report)
+        report = Report.read(local_report)
+    except ReportError as exc:
+        raise RemoteError(f"the fetched report: {exc}") from None
+    verdict = report.outcome
     return {
         "host": target.display,
-        "verdict": verdict if verdict != "in_progress" else "fail",
+        "verdict": verdict if verdict != IN_PROGRESS else "fail",
         "exit_code": result.exited,
         "report_path": str(local_report),
-        "summary": report.get("summary") if isinstance(report, dict) else None,
-        "throughput": throughput(report),
+        "summary": report.summary(),
+        "throughput": report.throughput(),
         "seconds": round(time.monotonic() - started, 2),
     }
 
 
-def read_report(target: SshTarget, path: str) -> dict[str, Any] | None:
+def read_report(target: SshTarget, path: str) -> Report | None:
     """The self-test report at `path` on the host, or None while it is not written yet.
 
     Connection errors propagate as `RemoteError` (the caller decides whether "not up yet"
-    or fatal); a missing or half-written file is None.
+    or fatal); a file that is not a report is a `ReportError` naming `path`.
     """
     with tempfile.TemporaryDirectory(prefix="gpubake-report-") as tmp:
         local = Path(tmp) / "selftest.json"
@@ -237,11 +234,7 @@ def read_report(target: SshTarget, path: str) -> dict[str, Any] | None:
                 s.get(path, local)
             except RemoteError:
                 return None
-        try:
-            data = json.loads(local.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            return None
-    return data if isinstance(data, dict) else None
+        return Report.read(local, where=f"{target.display}:{path}")
 
 
 # ------------------------------------------------------------------ provision
