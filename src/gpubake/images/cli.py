@@ -252,10 +252,3 @@ def spec_schema(output: Path | None = typer.Option(None, "--output", "-o", help=
     else:
         write_text_atomic(output, text)
         console.print(f"wrote {output}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add the image commands to the gpubake CLI."""
-    app.command("build-image")(build_image)
-    app.command("images")(images)
-    app.command("spec-schema")(spec_schema)
