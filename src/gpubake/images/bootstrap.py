@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gpubake import envs
 from gpubake.errors import BuildError
 from gpubake.fsutil import atomic_path, sha256_file
 from gpubake.images.builders.base import Step
@@ -35,7 +36,7 @@ from gpubake.images.builders.proc import execute
 from gpubake.images.builders.storage import Storage, cache_root
 
 RECIPE_VERSION = 1  # bump when the recipe below changes what ends up in the layer
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_MIRROR = envs.declared("GPUBAKE_DEBIAN_MIRROR").default
 VARIANT = "minbase"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -114,7 +115,7 @@ def inputs_for(spec, epoch: int) -> BootstrapInputs:
     bs = spec.base.bootstrap
     if bs is None:
         raise BuildError(f"spec {spec.name}: base.bootstrap is not set")
-    mirror = os.environ.get("GPUBAKE_DEBIAN_MIRROR", DEFAULT_MIRROR)
+    mirror = envs.GPUBAKE_DEBIAN_MIRROR
     return BootstrapInputs(suite=bs.suite, packages=tuple(bs.packages), epoch=epoch, mirror=mirror).normalised()
 
 

@@ -16,12 +16,12 @@ it, and asking for a backend the device cannot run is a `KernelError` naming bot
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from gpubake import envs
 from gpubake.errors import KernelError
 from gpubake.kernels.format import BLOCK, NVFP4Tensor, dequantize_ref, swizzle_scales
 
@@ -291,7 +291,7 @@ def select_backend(device: torch.device | str | None = None) -> GemmBackend:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     cap = capability(dev)
-    override = os.environ.get(ENV_VAR, "").strip()
+    override = (envs.raw(ENV_VAR) or "").strip()
     backend = get_backend(override or default_backend_name(cap))
     if not backend.supports(dev):
         need = "a CUDA GPU" if backend.caps is None else ", ".join(_sm(c) for c in backend.caps)

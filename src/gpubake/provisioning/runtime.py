@@ -162,9 +162,9 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
     the kernels' GEMM backend; else comma-separated overrides such as
     ``compile_blocks=0,attention=cudnn`` (booleans 1/0/true/false/on/off). A bad value is a
     one-line error naming the variable, before any weight is loaded."""
-    import os
+    from gpubake import envs
 
-    raw = (os.environ.get(ENV_VAR, "auto") if value is None else value).strip()
+    raw = (envs.GPUBAKE_RUNTIME if value is None else value).strip()
     base = plan_for(device)
     if raw in ("", "auto"):
         return base

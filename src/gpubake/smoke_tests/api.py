@@ -7,12 +7,12 @@ model dir: --model-dir > $GPUBAKE_MODEL_DIR > the spec's runtime.env GPUBAKE_MOD
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpubake import envs
 from gpubake.provisioning.pipeline import check_runtime_env
 from gpubake.smoke_tests.expectations import SelfTestError, load_table
 from gpubake.smoke_tests.probe import GpuProbe, NvmlProbe
@@ -29,7 +29,7 @@ def resolve_spec(image: str | None = None, spec_path: str | Path | None = None) 
         from gpubake.images.spec import load_spec
 
         return load_spec(spec_path)
-    name = image or os.environ.get("GPUBAKE_IMAGE")
+    name = image or envs.raw("GPUBAKE_IMAGE")
     if not name:
         raise SelfTestError("no image spec: pass --image NAME or --spec PATH, or set GPUBAKE_IMAGE")
     from gpubake.images.catalog import find
@@ -38,7 +38,7 @@ def resolve_spec(image: str | None = None, spec_path: str | Path | None = None) 
 
 
 def resolve_model_dir(model_dir: str | Path | None, spec: Any) -> Path:
-    found = model_dir or os.environ.get("GPUBAKE_MODEL_DIR") or spec.runtime.env.get("GPUBAKE_MODEL_DIR")
+    found = model_dir or envs.raw("GPUBAKE_MODEL_DIR") or spec.runtime.env.get("GPUBAKE_MODEL_DIR")
     if not found:
         raise SelfTestError("no model directory: pass --model-dir DIR or set GPUBAKE_MODEL_DIR")
     return Path(found)
