@@ -196,3 +196,10 @@ def test_dry_run_lists_exactly_the_commands_a_build_runs(builder: str, tmp_path:
         assert argvs[-6] == ["packer", "validate", "-machine-readable", target]
         assert argvs[-3][-1].startswith("docker-daemon:localhost/gpubake/bootstrap-bookworm:")  # the base, into docker
         assert next(a for a in argvs if a[:2] == ["packer", "build"])[-1] == target
+
+
+def test_dry_run_of_a_plan_the_builder_refuses_is_one_line(tmp_path: Path) -> None:
+    """The plan is the builder's own: docker cannot build a bootstrap base, and its dry run says so."""
+    line = one_line_error(run("--target", "runpod", "--image", "demo", "--builder", "docker", "--dry-run", "--dist", str(tmp_path / "d")))
+    assert line == "error: docker builder: spec demo has a bootstrap base; build it with --builder buildah"
+    assert not (tmp_path / "d").exists()

@@ -9,6 +9,7 @@ is passed) is the one seam where a test records, or replaces, the commands a bui
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -146,10 +147,8 @@ def execute(
                 step.then(output)
     except BaseException:
         for fn in reversed(undo):
-            try:
+            with contextlib.suppress(OSError):
                 fn()
-            except OSError:
-                pass
         raise
 
 
