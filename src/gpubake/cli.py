@@ -1,15 +1,16 @@
-"""The `gpubake` command line: one typer app, each part registers its own commands.
+"""The `gpubake` command line: one typer app; every command is registered here, in `COMMANDS`.
 
-Each part of the package (images, provisioning, smoke_tests, ...) owns a `cli.py`
-with `register(app)`; heavy imports (torch, diffusers, boto3) happen inside the
-command functions so that `gpubake --help` stays fast.
+The command functions live in each part's `cli.py` (images, provisioning, smoke_tests,
+...); heavy imports (torch, diffusers, boto3) happen inside them so that `gpubake --help`
+stays fast. A command module that fails to import is a broken installation: the CLI
+stops with that error instead of starting without the command.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -20,22 +21,26 @@ from gpubake.errors import GpubakeError
 if TYPE_CHECKING:
     from gpubake.provisioning.facts import ImageFacts
 
-# Parts that contribute commands, in --help order.
-COMMAND_MODULES = (
-    "gpubake.images.cli",  # build-image
-    "gpubake.provisioning.cli",  # fetch, make-tiny, quantize, fidelity
-    "gpubake.smoke_tests.cli",  # selftest
-    "gpubake.provisioning.serving.cli",  # serve
-    "gpubake.images.marketplace.cli",  # publish, launch, destroy, remote, push-weights
-)
+# Every command, in --help order: name -> "module:attribute" (a function, or a typer app
+# for a group of subcommands). README's command table lists them (tests/test_cli_root.py).
+COMMANDS: dict[str, str] = {
+    "build-image": "gpubake.images.cli:build_image",
+    "images": "gpubake.images.cli:images",
+    "spec-schema": "gpubake.images.cli:spec_schema",
+    "fetch": "gpubake.provisioning.cli:fetch_cmd",
+    "make-tiny": "gpubake.provisioning.cli:make_tiny_cmd",
+    "quantize": "gpubake.provisioning.cli:quantize_cmd",
+    "fidelity": "gpubake.provisioning.cli:fidelity_cmd",
+    "selftest": "gpubake.smoke_tests.cli:selftest",
+    "serve": "gpubake.provisioning.serving.cli:serve",
+    "publish": "gpubake.images.marketplace.cli:publish_cmd",
+    "launch": "gpubake.images.marketplace.cli:launch_cmd",
+    "destroy": "gpubake.images.marketplace.cli:destroy_cmd",
+    "remote": "gpubake.images.marketplace.cli:remote_app",
+    "push-weights": "gpubake.images.marketplace.cli:push_weights_cmd",
+}
 
-app = typer.Typer(
-    name="gpubake",
-    help="Build GPU marketplace images (RunPod, Vast.ai) for NVFP4 Wan 2.2 video generation.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+_SETTINGS: dict[str, Any] = {"add_completion": False, "pretty_exceptions_enable": False}
 
 
 def _version_callback(value: bool) -> None:
@@ -44,7 +49,6 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
 ) -> None:
@@ -64,18 +68,34 @@ def _spec_facts(name_or_path: str) -> ImageFacts:
     return render.image_facts(catalog.find(name_or_path), None)
 
 
-def _register_all() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a part not yet present in this checkout
-            if exc.name and exc.name.startswith("gpubake"):
-                continue
-            raise
-        module.register(app)
+def load_command(name: str) -> Any:
+    """The function (or typer app) of command `name`; an import failure names the module."""
+    module, _, attribute = COMMANDS[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ImportError as exc:
+        raise ImportError(f"gpubake CLI: command {name!r}: module {module} failed to import ({exc})") from exc
 
 
-_register_all()
+def build_app() -> typer.Typer:
+    """The `gpubake` app with every command of `COMMANDS`."""
+    root = typer.Typer(
+        name="gpubake",
+        help="Build GPU marketplace images (RunPod, Vast.ai) for NVFP4 Wan 2.2 video generation.",
+        no_args_is_help=True,
+        **_SETTINGS,
+    )
+    root.callback()(_root)
+    for name in COMMANDS:
+        command = load_command(name)
+        if isinstance(command, typer.Typer):
+            root.add_typer(command, name=name)
+        else:
+            root.command(name)(command)
+    return root
+
+
+app = build_app()
 
 
 def _click_errors() -> tuple[type[Exception], ...]:
@@ -92,9 +112,10 @@ def _click_errors() -> tuple[type[Exception], ...]:
 _CLICK_ERRORS = _click_errors()
 
 
-def _run(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None = None, *, cli: typer.Typer | None = None) -> int:
+    """Run `cli` (default: the gpubake app); user errors are one line and their exit status."""
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = (cli or app)(args=argv, standalone_mode=False)
         if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it
             return rc
     except GpubakeError as exc:
@@ -119,5 +140,7 @@ def main() -> None:
 
 
 def build_image_main() -> None:
-    """Entry point of the `build-image` console script (same as `gpubake build-image`)."""
-    sys.exit(_run(["build-image", *sys.argv[1:]]))
+    """Entry point of the `build-image` console script: `gpubake build-image` as a program of its own."""
+    single = typer.Typer(**_SETTINGS)
+    single.command()(load_command("build-image"))  # one command and no callback: typer runs it directly
+    sys.exit(_run(sys.argv[1:], cli=single))

@@ -46,6 +46,20 @@ def atomic_path(dest: str | os.PathLike[str], *, suffix: str = "") -> Iterator[P
         raise
 
 
+def partial_path(dest: str | os.PathLike[str]) -> Path:
+    """The fixed temporary name beside `dest`, for a write a build plan names in advance."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}.partial"
+
+
+def place_partial(dest: str | os.PathLike[str]) -> None:
+    """fsync `partial_path(dest)` (a file) and move it onto `dest`."""
+    tmp = partial_path(dest)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest)
+
+
 @contextlib.contextmanager
 def atomic_open(dest: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary file for writing; it appears as `dest` only when closed cleanly."""

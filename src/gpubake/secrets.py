@@ -12,9 +12,11 @@ import os
 import re
 from collections.abc import Iterable
 
-# Environment variables whose values are always treated as secret.
-SECRET_ENV_VARS = (
-    "GPUBAKE_REGISTRY_PASSWORD",
+from gpubake import envs
+
+# Environment variables whose values are always treated as secret: gpubake's own (declared
+# secret in gpubake.envs) and other tools'.
+_OTHER_SECRET_ENV_VARS = (
     "REGISTRY_PASSWORD",
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
@@ -23,6 +25,7 @@ SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
+SECRET_ENV_VARS = (*envs.secret_names(), *_OTHER_SECRET_ENV_VARS)
 
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"(password|passwd|secret|token|api[_-]?key|authorization)", re.I)
@@ -30,7 +33,8 @@ _SECRET_NAME = re.compile(r"(password|passwd|secret|token|api[_-]?key|authorizat
 
 def known_secrets(extra: Iterable[str] = ()) -> list[str]:
     """Secret values currently in the environment, plus `extra`, longest first."""
-    values = [os.environ.get(name, "") for name in SECRET_ENV_VARS]
+    values = [envs.raw(name) or "" for name in envs.secret_names()]
+    values += [os.environ.get(name, "") for name in _OTHER_SECRET_ENV_VARS]
     values.extend(extra)
     return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
 

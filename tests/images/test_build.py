@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from build_fakes import RecordingRunner  # noqa: E402
+
 from gpubake.errors import BuildError
 from gpubake.images.builders.base import BuildRequest
 from gpubake.images.builders.buildah import BuildahBuilder
@@ -223,3 +226,22 @@ def test_disk_full_export_leaves_nothing_in_dist(tmp_path, small_store):
         assert list(dist.iterdir()) == []  # neither the archive nor a partial file
     finally:
         subprocess.run(["umount", str(dist)], check=False)
+
+
+@pytest.mark.buildah
+def test_build_runs_exactly_its_plan(tmp_path, small_store, store_root):
+    """A real build whose process runner records each command: the commands are `plan(req)`, in order."""
+    _, base, spec = small_store
+    storage = storage_at(store_root / "planned")  # a store without the base: the plan imports it
+    ctx = _small_context(tmp_path, base, "RUN mkdir -p /opt/gpubake && echo planned > /opt/gpubake/planned\n")
+    req = _request(spec, ctx, tmp_path)
+    runner = RecordingRunner(execute=True)
+    builder = BuildahBuilder(storage, on_step=None, runner=runner)
+    planned = builder.plan(req)
+    result = builder.build(req)
+    assert runner.calls == planned
+    assert [s.what for s in planned] == ["import bootstrap base", "buildah bud of demo (runpod)", f"export to {req.archive}"]
+    bud = planned[1].argv
+    assert "--identity-label=false" in bud and "--pull=false" in bud and planned[1].env == {"BUILDAH_ISOLATION": "chroot", "STORAGE_DRIVER": storage.driver}
+    assert result.archive.is_file() and [p.name for p in result.archive.parent.iterdir()] == [result.archive.name]
+    assert [s.what for s in builder.plan(req)][0] == "buildah bud of demo (runpod)"  # the base is there now: no import

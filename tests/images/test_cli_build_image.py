@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from build_fakes import RecordingRunner  # noqa: E402
 from gpubake_spec_helpers import write_spec  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -133,3 +134,72 @@ def test_unusable_builder_is_one_line_and_leaves_no_archive(tmp_path: Path) -> N
     line = one_line_error(run("--target", "runpod", "--image", "wan22-ti2v-5b", "--builder", "packer", "--dist", str(dist)))
     assert line.startswith("error: --builder packer: not usable here")
     assert not dist.exists()
+
+
+@pytest.mark.parametrize("builder", ["buildah", "packer"])
+def test_dry_run_lists_exactly_the_commands_a_build_runs(builder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`--dry-run --json` against a build of the same request, whose process runner records every command.
+
+    The demo has a bootstrap base, so the plan starts with debootstrap; with an empty cache and
+    store the build runs every step. Cheap commands run for real (tar, packer validate); the
+    slow or daemon-bound ones are stood in for (tests/images/build_fakes.py).
+    """
+    from gpubake.cli import _run
+    from gpubake.images import model_layer
+    from gpubake.images.builders import packer as pk
+    from gpubake.images.builders import proc
+    from gpubake.images.builders.buildah import read_archive_manifest
+
+    needed = {"buildah": ("buildah", "skopeo", "debootstrap"), "packer": ("packer", "debootstrap")}[builder]
+    if missing := [tool for tool in needed if shutil.which(tool) is None]:
+        pytest.skip(f"{', '.join(missing)} not installed (scripts/setup.sh)")
+    env = {"GPUBAKE_CACHE": str(tmp_path / "cache"), "GPUBAKE_STORAGE_ROOT": str(tmp_path / "store"), "SOURCE_DATE_EPOCH": "1700000000"}
+    dist = tmp_path / "dist"
+    args = ["--target", "runpod", "--image", "demo", "--builder", builder, "--dist", str(dist), "--json"]
+    dry = run(*args, "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    (planned,) = [s for s in json.loads(dry.stdout)["steps"] if s["step"] == f"build ({builder})"]
+    assert not dist.exists() and not (tmp_path / "cache").exists() and not (tmp_path / "store").exists()
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # debootstrap's root check: debootstrap itself is stood in for
+    monkeypatch.setattr(pk, "_docker_daemon_up", lambda: True)
+    runner = RecordingRunner(execute=False)
+    monkeypatch.setattr(proc, "run_step", runner)
+
+    def prepare_model(spec, context: Path) -> Path:  # the weights are not a builder command
+        (context / "model").mkdir()
+        (context / "model" / "weights.bin").write_bytes(b"\0" * 64)
+        return context / "model"
+
+    monkeypatch.setattr(model_layer, "prepare_model", prepare_model)
+    capsys.readouterr()
+    assert _run(["build-image", *args]) == 0
+    built = json.loads(capsys.readouterr().out)
+
+    assert [step.to_json() for step in runner.calls] == planned["plan"]
+    assert [step.command() for step in runner.calls] == planned["commands"]
+    archive = dist / "demo-runpod.oci.tar"
+    assert built["archive"] == str(archive) and built["digest"] == read_archive_manifest(archive)[0]
+    assert sorted(p.name for p in dist.iterdir()) == ["demo-runpod.build.log", "demo-runpod.oci.tar"]  # no context, no partial
+    argvs = [step["argv"] for step in planned["plan"]]
+    if builder == "buildah":
+        bud = next(a for a in argvs if "bud" in a)
+        assert "--identity-label=false" in bud and "--pull=false" in bud
+        assert [a[0] for a in argvs] == ["debootstrap", "tar", "skopeo", sys.executable, "buildah", "buildah"]
+        assert argvs[3][1:4] == ["-m", "pip", "download"] and "push" in argvs[5]
+    else:
+        target = pk.build_target(dist, pk.packer_version())
+        assert [a[0] for a in argvs][-5:] == ["debootstrap", "tar", "skopeo", "packer", "skopeo"]
+        assert argvs[-6] == ["packer", "validate", "-machine-readable", target]
+        assert argvs[-3][-1].startswith("docker-daemon:localhost/gpubake/bootstrap-bookworm:")  # the base, into docker
+        assert next(a for a in argvs if a[:2] == ["packer", "build"])[-1] == target
+
+
+def test_dry_run_of_a_plan_the_builder_refuses_is_one_line(tmp_path: Path) -> None:
+    """The plan is the builder's own: docker cannot build a bootstrap base, and its dry run says so."""
+    line = one_line_error(run("--target", "runpod", "--image", "demo", "--builder", "docker", "--dry-run", "--dist", str(tmp_path / "d")))
+    assert line == "error: docker builder: spec demo has a bootstrap base; build it with --builder buildah"
+    assert not (tmp_path / "d").exists()

@@ -9,6 +9,7 @@ succeeding, one exiting 3), of the docker source without a daemon, and of
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from gpubake.errors import BuildError
 from gpubake.images import catalog, render
 from gpubake.images.builders import BuildRequest
 from gpubake.images.builders import packer as pk
+
+sys.path.insert(0, str(Path(__file__).parent))
+from build_fakes import RecordingRunner  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "packer"
 needs_packer = pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed (scripts/setup.sh installs Debian's packer 1.6.6)")
@@ -106,3 +110,54 @@ def test_packer_builder_implements_the_builder_protocol() -> None:
     from gpubake.images.builders import Builder
 
     assert isinstance(pk.PackerBuilder(), Builder)
+
+
+def _ti2v_request(tmp_path: Path) -> BuildRequest:
+    spec = catalog.find("wan22-ti2v-5b")
+    ctx = tmp_path / "ctx"
+    render.render_context(spec, "runpod", ctx)
+    (ctx / "model").mkdir()
+    (ctx / "model" / "weights.bin").write_bytes(b"\0" * 64)
+    return BuildRequest(spec=spec, target="runpod", context_dir=ctx, tag="localhost/gpubake/x:runpod",
+                        archive=tmp_path / "dist" / "x.oci.tar", timestamp=0, log_file=tmp_path / "build.log")
+
+
+@needs_packer
+def test_build_runs_exactly_its_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """packer validate runs for real; packer build and the export are stood in for (no docker daemon here)."""
+    from gpubake.images.builders.buildah import read_archive_manifest
+
+    monkeypatch.setattr(pk, "_docker_daemon_up", lambda: True)
+    runner = RecordingRunner(execute=False)
+    builder = pk.PackerBuilder(runner=runner)
+    req = _ti2v_request(tmp_path)
+    planned = builder.plan(req)
+    result = builder.build(req)
+    assert runner.calls == planned
+    target = pk.build_target(req.context_dir, pk.packer_version())
+    assert [s.argv for s in planned if s.argv[1] == "validate"] == [("packer", "validate", "-machine-readable", target)]
+    assert [s.argv[:2] for s in planned][-2:] == [("packer", "build"), ("skopeo", "copy")]
+    assert all(s.cwd == req.context_dir for s in planned if s.argv[0] == "packer")
+    assert result.digest == read_archive_manifest(req.archive)[0] and result.layers and result.builder == "packer"
+    assert [p.name for p in req.archive.parent.iterdir()] == ["x.oci.tar"]  # the partial was renamed
+
+
+@needs_packer
+def test_failed_build_is_the_first_packer_error_and_leaves_no_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpubake.images.builders.proc import CommandFailed
+
+    monkeypatch.setattr(pk, "_docker_daemon_up", lambda: True)
+    issued: list[tuple[str, ...]] = []
+
+    def runner(step, log_file, on_line=None):
+        issued.append(step.argv)
+        if step.argv[:2] == ("packer", "build"):
+            raise CommandFailed("packer build failed (exit 1)", rc=1, output=(DATA / "null-build-fail.out").read_text())
+        return ""
+
+    req = _ti2v_request(tmp_path)
+    with pytest.raises(BuildError) as info:
+        pk.PackerBuilder(runner=runner).build(req)
+    assert str(info.value) == f"packer build: Script exited with non-zero exit status: 3.Allowed exit codes are: [0] (full log: {req.log_file})"
+    assert issued[-1][:2] == ("packer", "build")  # nothing ran after the failure
+    assert not req.archive.parent.exists() or not list(req.archive.parent.iterdir())

@@ -28,13 +28,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gpubake import envs
 from gpubake.errors import BuildError
 from gpubake.fsutil import atomic_path, sha256_file
-from gpubake.images.builders.proc import run_logged
+from gpubake.images.builders.base import Step
+from gpubake.images.builders.proc import execute
 from gpubake.images.builders.storage import Storage, cache_root
 
 RECIPE_VERSION = 1  # bump when the recipe below changes what ends up in the layer
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_MIRROR = envs.declared("GPUBAKE_DEBIAN_MIRROR").default
 VARIANT = "minbase"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -113,7 +115,7 @@ def inputs_for(spec, epoch: int) -> BootstrapInputs:
     bs = spec.base.bootstrap
     if bs is None:
         raise BuildError(f"spec {spec.name}: base.bootstrap is not set")
-    mirror = os.environ.get("GPUBAKE_DEBIAN_MIRROR", DEFAULT_MIRROR)
+    mirror = envs.GPUBAKE_DEBIAN_MIRROR
     return BootstrapInputs(suite=bs.suite, packages=tuple(bs.packages), epoch=epoch, mirror=mirror).normalised()
 
 
@@ -170,12 +172,21 @@ def normalise_rootfs(root: Path, epoch: int) -> None:
     _reset_shadow_days(root / "etc/shadow", epoch)
 
 
-def pack_rootfs(root: Path, dest: Path, epoch: int) -> None:
-    """Pack `root` into an uncompressed, reproducible tar (GNU tar, reproducible-builds recipe)."""
+def write_names(root: Path, names_file: Path) -> None:
+    """The top-level entries of `root`, sorted, NUL-separated: what `pack_argv` packs."""
     entries = sorted(os.listdir(root))
     if not entries:
         raise BuildError(f"bootstrap: {root} is empty, nothing to pack")
-    cmd = [
+    names_file.write_bytes(b"".join(name.encode() + b"\0" for name in entries))
+
+
+def pack_argv(root: Path, dest: Path, epoch: int, names_file: Path) -> list[str]:
+    """GNU tar with the reproducible-builds recipe, packing the entries `write_names` listed.
+
+    The list is read from a file (not argv) so that the command is known before debootstrap
+    has made the tree; the archive is the same bytes as naming the entries in argv.
+    """
+    return [
         "tar",
         "--create",
         "--file",
@@ -189,10 +200,22 @@ def pack_rootfs(root: Path, dest: Path, epoch: int) -> None:
         "--clamp-mtime",
         "--numeric-owner",
         "--xattrs",
-        "--",
-        *entries,
+        "--null",
+        "--verbatim-files-from",
+        "--files-from",
+        str(names_file.absolute()),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+
+
+PACK_ENV = {"LC_ALL": "C"}
+
+
+def pack_rootfs(root: Path, dest: Path, epoch: int) -> None:
+    """Pack `root` into an uncompressed, reproducible tar (GNU tar, reproducible-builds recipe)."""
+    with tempfile.TemporaryDirectory(prefix="gpubake-pack.") as tmp:
+        names = Path(tmp) / "names"
+        write_names(root, names)
+        proc = subprocess.run(pack_argv(root, dest, epoch, names), capture_output=True, text=True, env={**os.environ, **PACK_ENV})
     if proc.returncode != 0:
         raise BuildError(f"bootstrap: tar failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
 
@@ -265,37 +288,70 @@ def write_oci_layout(layout: Path, layer_tar: Path, inputs: BootstrapInputs) -> 
 # ----------------------------------------------------------------------------- public API
 
 
-def build_layout(inputs: BootstrapInputs, *, log_file: Path) -> Path:
-    """Build (or reuse from the cache) the OCI layout of the bootstrap base; return its dir."""
+def debootstrap_argv(inputs: BootstrapInputs, rootfs: Path) -> list[str]:
+    """The debootstrap command that makes the base's tree in `rootfs`."""
+    cmd = ["debootstrap", f"--variant={VARIANT}", f"--arch={inputs.arch}"]
+    if inputs.packages:
+        cmd.append(f"--include={','.join(inputs.packages)}")
+    return [*cmd, inputs.suite, str(rootfs), inputs.mirror]
+
+
+def layout_steps(inputs: BootstrapInputs) -> list[Step]:
+    """The commands that build the base's OCI layout (debootstrap, tar); none when it is cached.
+
+    They work in `<key>/work` (one bootstrap of a key at a time); the layout appears under
+    its final name only when complete, and `work` is removed after success or failure.
+    """
     inputs = inputs.normalised()
     dest = layout_dir(inputs)
     if (dest / "index.json").is_file():
-        return dest
-    if os.geteuid() != 0:
-        raise BuildError("bootstrap base: debootstrap needs root; run as root or give the spec a pinned base.image")
-    if shutil.which("debootstrap") is None:
-        raise BuildError("bootstrap base: debootstrap is not installed (apt-get install debootstrap, or run scripts/setup.sh)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="rootfs.", dir=dest.parent) as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        env = {"SOURCE_DATE_EPOCH": str(inputs.epoch), "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["debootstrap", f"--variant={VARIANT}", f"--arch={inputs.arch}"]
-        if inputs.packages:
-            cmd.append(f"--include={','.join(inputs.packages)}")
-        cmd += [inputs.suite, str(rootfs), inputs.mirror]
-        run_logged(cmd, log_file=log_file, what=f"bootstrap base ({inputs.suite})", env=env)
+        return []
+    work = dest.parent / "work"
+    rootfs, names, layer = work / "rootfs", work / "names", work / "layer.tar"
+
+    def prepare() -> None:
+        if os.geteuid() != 0:
+            raise BuildError("bootstrap base: debootstrap needs root; run as root or give the spec a pinned base.image")
+        if shutil.which("debootstrap") is None:
+            raise BuildError("bootstrap base: debootstrap is not installed (apt-get install debootstrap, or run scripts/setup.sh)")
+        shutil.rmtree(work, ignore_errors=True)  # what an interrupted run left
+        work.mkdir(parents=True)
+
+    def normalise(_output: str) -> None:
         normalise_rootfs(rootfs, inputs.epoch)
-        layer = Path(tmp) / "layer.tar"
-        pack_rootfs(rootfs, layer, inputs.epoch)
+        write_names(rootfs, names)
+
+    def place(_output: str) -> None:
         shutil.rmtree(rootfs)
         with atomic_path(dest) as tmp_layout:
             tmp_layout.mkdir()
             write_oci_layout(tmp_layout, layer, inputs)
-    return dest
+        shutil.rmtree(work, ignore_errors=True)
+
+    debootstrap_env = {"SOURCE_DATE_EPOCH": str(inputs.epoch), "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"}
+    return [
+        Step(
+            what=f"bootstrap base ({inputs.suite})",
+            argv=tuple(debootstrap_argv(inputs, rootfs)),
+            env=debootstrap_env,
+            before=prepare,
+            then=normalise,
+            undo=lambda: shutil.rmtree(work, ignore_errors=True),
+        ),
+        Step(what=f"pack bootstrap base ({inputs.suite})", argv=tuple(pack_argv(rootfs, layer, inputs.epoch, names)), env=PACK_ENV, then=place),
+    ]
+
+
+def build_layout(inputs: BootstrapInputs, *, log_file: Path) -> Path:
+    """Build (or reuse from the cache) the OCI layout of the bootstrap base; return its dir."""
+    execute(layout_steps(inputs), log_file=log_file)
+    return layout_dir(inputs.normalised())
 
 
 def image_present(storage: Storage, ref: str) -> bool:
-    """Whether `ref` already exists in `storage`."""
+    """Whether `ref` already exists in `storage` (a read-only probe; a store not made yet holds nothing)."""
+    if not storage.root.is_dir() or shutil.which("buildah") is None:
+        return False
     proc = subprocess.run(
         ["buildah", *storage.buildah_args(), "inspect", "--type", "image", "--format", "{{.FromImageID}}", ref],
         capture_output=True,
@@ -304,16 +360,23 @@ def image_present(storage: Storage, ref: str) -> bool:
     return proc.returncode == 0
 
 
-def ensure_base(inputs: BootstrapInputs, storage: Storage, *, log_file: Path) -> str:
-    """Make the bootstrap base available in `storage` under `inputs.ref()`; return the ref."""
+def import_steps(inputs: BootstrapInputs, destination: str, what: str) -> list[Step]:
+    """Build the layout if needed, then `skopeo copy` it to `destination` (a skopeo reference)."""
+    inputs = inputs.normalised()
+    copy = Step(what=what, argv=("skopeo", "copy", "--quiet", f"oci:{layout_dir(inputs)}", destination))
+    return [*layout_steps(inputs), copy]
+
+
+def storage_steps(inputs: BootstrapInputs, storage: Storage) -> list[Step]:
+    """What makes the base available in `storage` under `inputs.ref()`: nothing when it is there."""
     inputs = inputs.normalised()
     ref = inputs.ref()
     if image_present(storage, ref):
-        return ref
-    layout = build_layout(inputs, log_file=log_file)
-    run_logged(
-        ["skopeo", "copy", "--quiet", f"oci:{layout}", storage.ref(ref)],
-        log_file=log_file,
-        what="import bootstrap base",
-    )
-    return ref
+        return []
+    return import_steps(inputs, storage.ref(ref), "import bootstrap base")
+
+
+def ensure_base(inputs: BootstrapInputs, storage: Storage, *, log_file: Path) -> str:
+    """Make the bootstrap base available in `storage` under `inputs.ref()`; return the ref."""
+    execute(storage_steps(inputs, storage), log_file=log_file)
+    return inputs.normalised().ref()

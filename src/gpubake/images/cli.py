@@ -8,10 +8,9 @@ before any builder runs, with one line naming what is wrong.
 
 from __future__ import annotations
 
-import inspect
 import os
+import shlex
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ import typer
 
 from gpubake.console import console, emit_json, step_progress
 from gpubake.errors import BuildError, GpubakeError
+from gpubake.images.builders.detect import BUILDER_NAMES
 
-BUILDERS = ("buildah", "docker", "packer")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
@@ -42,72 +41,65 @@ def _paths(name: str, target: str, dist: Path, log_file: Path | None) -> tuple[P
     return archive, log_file or dist / f"{name}-{target}.build.log"
 
 
-def _accepts(fn: Any, param: str) -> bool:
-    try:
-        return param in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+def _request(spec: Any, target: str, *, dist: Path, archive: Path, log_path: Path, timestamp: int) -> Any:
+    """The `BuildRequest` of a build, and of its dry run: the same paths, so the same plan.
 
-
-def _plan(spec: Any, target: str, builder_name: str, *, archive: Path, log_file: Path, push: str | None, render_dir: Path | None) -> dict:
-    """What build-image would do, step by step, with the commands it would run."""
+    The context is rendered into `DIST/.context-NAME-TARGET` (removed after the build).
+    """
     from gpubake.images import render
+    from gpubake.images.builders import BuildRequest
 
-    ctx = render.template_context(spec, target, render.RenderOptions(timestamp=_epoch()))
-    context = str(render_dir) if render_dir else "<temporary context under dist/>"
+    return BuildRequest(
+        spec=spec,
+        target=target,
+        context_dir=dist / f".context-{spec.name}-{target}",
+        tag=f"{render.local_repository(spec)}:{target}",
+        archive=archive,
+        timestamp=timestamp,
+        log_file=log_path,
+    )
+
+
+def _plan(spec: Any, target: str, builder: Any, *, req: Any, push: str | None, render_dir: Path | None, note: str = "") -> dict:
+    """What build-image would do, step by step; the build step holds the builder's own plan."""
     steps: list[dict[str, Any]] = [
         {"step": "load spec", "detail": str(spec.source)},
         {"step": "check compatibility", "detail": f"torch {spec.torch}, cuda {spec.cuda}, archs {', '.join(spec.gpu_archs) or 'cpu'}"},
-        {"step": "render context", "detail": context},
+        {"step": "render context", "detail": str(render_dir or req.context_dir)},
     ]
+    name = "none" if render_dir is not None else builder.name if builder is not None else f"none available ({note})"
     if render_dir is None:
-        steps.append({"step": "prepare model", "detail": f"{spec.model.id} from {spec.model.source} ({spec.model.quantization}) -> <context>/model"})
-    if render_dir is None:
-        tag = f"{ctx['repository']}:{ctx['tag']}"
-        commands: list[str]
-        if builder_name == "packer":
-            commands = [
-                "packer validate -machine-readable image.pkr.hcl",
-                f"packer build -machine-readable -color=false -var repository={ctx['repository']} -var tag={ctx['tag']} image.pkr.hcl",
-                f"skopeo copy docker-daemon:{tag} oci-archive:{archive}",
-            ]
-        elif builder_name == "docker":
-            commands = [
-                f"docker buildx build --build-arg SOURCE_DATE_EPOCH={ctx['timestamp']} -f Containerfile -t {tag} "
-                f"--output type=oci,dest={archive},rewrite-timestamp=true <context>"
-            ]
-        else:
-            commands = [
-                "pip download --require-hashes --no-deps --only-binary=:all: -r requirements.lock.txt (host, cached)",
-                f"buildah bud --isolation chroot --layers --timestamp {ctx['timestamp']} "
-                f"--volume <wheels>:/tmp/gpubake-wheels:ro -f Containerfile -t {tag} <context>",
-                f"buildah push --format oci {tag} oci-archive:{archive}",
-            ]
-        if spec.base.bootstrap is not None:
-            steps.append({"step": "bootstrap base", "detail": f"debootstrap {spec.base.bootstrap.suite} -> {ctx['base_ref']}"})
-        steps.append({"step": f"build ({builder_name})", "detail": tag, "commands": commands, "log_file": str(log_file)})
+        steps.append({"step": "prepare model", "detail": f"{spec.model.id} from {spec.model.source} ({spec.model.quantization}) -> {req.context_dir / 'model'}"})
+        if builder is not None:
+            commands = builder.plan(req)
+            steps.append({"step": f"build ({builder.name})", "detail": req.tag, "commands": [c.command() for c in commands],
+                          "plan": [c.to_json() for c in commands], "log_file": str(req.log_file)})  # fmt: skip
         if push:
-            steps.append({"step": "push", "detail": f"{archive} -> {push}", "auth": "GPUBAKE_REGISTRY_USER/PASSWORD or the container auth file"})
-    return {"dry_run": True, "image": spec.name, "target": target, "builder": builder_name, "steps": steps}
+            steps.append({"step": "push", "detail": f"{req.archive} -> {push}", "auth": "GPUBAKE_REGISTRY_USER/PASSWORD or the container auth file"})
+    return {"dry_run": True, "image": spec.name, "target": target, "builder": name, "steps": steps}
 
 
 def _print_plan(plan: dict) -> None:
     console.print(f"[bold]build-image plan[/] for {plan['image']} ({plan['target']}), builder {plan['builder']}:")
     for i, step in enumerate(plan["steps"], 1):
         console.print(f"  {i}. {step['step']}: {step['detail']}", markup=False, soft_wrap=True)
-        for cmd in step.get("commands", []):
-            console.print(f"       $ {cmd}", markup=False, soft_wrap=True)
+        for cmd in step.get("plan", []):
+            env = "".join(f"{k}={shlex.quote(v)} " for k, v in cmd["env"].items())
+            where = f"   # in {cmd['cwd']}" if cmd["cwd"] else ""
+            console.print(f"       $ {env}{shlex.join(cmd['argv'])}{where}", markup=False, soft_wrap=True)
 
 
 def build_image(
     target: str | None = typer.Option(None, "--target", help="Marketplace: runpod or vastai (required)."),
     image: str = typer.Option("demo", "--image", help="Catalog image name, or a path to a spec .toml."),
-    builder: str | None = typer.Option(None, "--builder", help="buildah, docker or packer (default: first available, buildah first)."),
+    builder: str | None = typer.Option(
+        None, "--builder", help=f"{', '.join(BUILDER_NAMES)} (default: first available, {BUILDER_NAMES[0]} first)."
+    ),
     push: str | None = typer.Option(None, "--push", help="Push the result to REGISTRY/NAME:TAG."),
     render_only: Path | None = typer.Option(None, "--render-only", help="Only write the build context to DIR (new or empty)."),
     dist: Path = typer.Option(Path("dist"), "--dist", help="Where the OCI archive and the build log go."),
     json_out: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (steps and commands); touch nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (steps and the builder's commands); touch nothing."),
     log_file: Path | None = typer.Option(None, "--log-file", help="Full build log (default: DIST/NAME-TARGET.build.log)."),
 ) -> None:
     """Build a marketplace image from its spec: OCI archive in dist/, or pushed with --push."""
@@ -118,24 +110,27 @@ def build_image(
         raise GpubakeError("--target is required (runpod or vastai)")
     _check_choice("--target", target, TARGETS)
     if builder is not None:
-        _check_choice("--builder", builder, BUILDERS)
+        _check_choice("--builder", builder, BUILDER_NAMES)
     push_target = render.PushTarget.parse(push) if push else None
     spec = catalog.find(image)  # load + parse + validate + compatibility: one-line SpecError
     if target not in spec.targets:
         raise GpubakeError(f"--target: image {spec.name!r} does not list {target!r} in targets ({', '.join(spec.targets)})")
     timestamp = _epoch()
     archive, log_path = _paths(spec.name, target, dist, log_file)
+    req = _request(spec, target, dist=dist, archive=archive, log_path=log_path, timestamp=timestamp)
 
     if dry_run:
-        builder_name = builder or ("buildah" if render_only is None else "none")
-        if render_only is None and builder is None:
-            from gpubake.images.builders import detect_builder
+        from gpubake.images.builders import detect_builder, make_builder
 
+        chosen, note = None, ""
+        if render_only is None:
             try:
-                builder_name = detect_builder(None).name
+                chosen = make_builder(builder) if builder else detect_builder(None)
             except BuildError as exc:
-                builder_name = f"none available ({exc})"
-        plan = _plan(spec, target, builder_name, archive=archive, log_file=log_path, push=push, render_dir=render_only)
+                if builder:
+                    raise
+                note = str(exc)
+        plan = _plan(spec, target, chosen, req=req, push=push, render_dir=render_only, note=note)
         _print_plan(plan)
         if json_out:
             emit_json(plan)
@@ -154,7 +149,7 @@ def build_image(
     from gpubake.images.builders import detect_builder
 
     chosen = detect_builder(builder)
-    result = _build(spec, target, chosen, archive=archive, log_path=log_path, dist=dist, timestamp=timestamp)
+    result = _build(spec, target, chosen, req=req, dist=dist)
     out: dict[str, Any] = {"image": spec.name, "target": target, "log_file": str(log_path), **result.to_json()}
     out["pushed"] = None
     if push_target is not None:
@@ -168,46 +163,33 @@ def build_image(
         emit_json(out)
 
 
-def _build(spec: Any, target: str, chosen: Any, *, archive: Path, log_path: Path, dist: Path, timestamp: int) -> Any:
-    """Render into a private temporary context, build it, clean up; progress on stderr."""
+def _build(spec: Any, target: str, chosen: Any, *, req: Any, dist: Path) -> Any:
+    """Render into the request's context, build it, clean up; progress on stderr."""
     from gpubake.images import render
-    from gpubake.images.builders import BuildRequest
 
     dist.mkdir(parents=True, exist_ok=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("", encoding="utf-8")
-    work = Path(tempfile.mkdtemp(prefix=f".context-{spec.name}-{target}.", dir=dist))
-    context = work / "context"
+    req.log_file.parent.mkdir(parents=True, exist_ok=True)
+    req.log_file.write_text("", encoding="utf-8")
+    context = Path(req.context_dir)
+    shutil.rmtree(context, ignore_errors=True)  # what an interrupted build left
     try:
         with step_progress() as progress:
             task = progress.add_task("render build context")
-            render.render_context(spec, target, context, render.RenderOptions(timestamp=timestamp))
-            _prepare_model(spec, context, log_path, progress, task)
-            progress.update(task, description=f"build with {chosen.name} (log: {log_path})")
-            req = BuildRequest(
-                spec=spec,
-                target=target,
-                context_dir=context,
-                tag=f"{render.local_repository(spec)}:{target}",
-                archive=archive,
-                timestamp=timestamp,
-                log_file=log_path,
-            )
+            render.render_context(spec, target, context, render.RenderOptions(timestamp=req.timestamp))
+            _prepare_model(spec, context, req.log_file, progress, task)
+            progress.update(task, description=f"build with {chosen.name} (log: {req.log_file})")
+
+            def on_progress(message: str) -> None:
+                progress.update(task, description=f"{chosen.name}: {message[:100]}")
+
             started = time.monotonic()
-            if _accepts(chosen.build, "on_progress"):
-
-                def on_progress(message: str) -> None:
-                    progress.update(task, description=f"{chosen.name}: {message[:100]}")
-
-                result = chosen.build(req, on_progress=on_progress)
-            else:
-                result = chosen.build(req)
+            result = chosen.build(req, on_progress=on_progress)
             if not result.seconds:
                 result.seconds = time.monotonic() - started
             progress.update(task, description=f"built with {chosen.name}")
         return result
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(context, ignore_errors=True)
 
 
 def _prepare_model(spec: Any, context: Path, log_path: Path, progress: Any, task: Any) -> None:
@@ -270,10 +252,3 @@ def spec_schema(output: Path | None = typer.Option(None, "--output", "-o", help=
     else:
         write_text_atomic(output, text)
         console.print(f"wrote {output}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add the image commands to the gpubake CLI."""
-    app.command("build-image")(build_image)
-    app.command("images")(images)
-    app.command("spec-schema")(spec_schema)

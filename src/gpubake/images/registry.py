@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpubake import envs
 from gpubake.errors import RegistryError
 from gpubake.secrets import redact
 
@@ -59,7 +60,7 @@ class PushResult:
 def auth_from_env(env: dict[str, str] | None = None) -> RegistryAuth | None:
     """Credentials from GPUBAKE_REGISTRY_USER/PASSWORD; None when neither is set."""
     env = os.environ if env is None else env
-    user, password = env.get(USER_ENV, ""), env.get(PASSWORD_ENV, "")
+    user, password = envs.raw(USER_ENV, env) or "", envs.raw(PASSWORD_ENV, env) or ""
     if not user and not password:
         return None
     if not user or not password:

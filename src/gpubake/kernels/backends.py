@@ -20,12 +20,12 @@ cannot run is a `KernelError` naming both. The environment is read there, at loa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from gpubake import envs
 from gpubake.errors import KernelError
 from gpubake.kernels import archs
 from gpubake.kernels.format import BLOCK, NVFP4Tensor, dequantize_ref, swizzle_scales
@@ -285,7 +285,7 @@ def default_backend_name(cap: tuple[int, int] | None) -> str:
 
 def override_name() -> str | None:
     """The backend named by ``$GPUBAKE_NVFP4_BACKEND`` (None: unset); KernelError if it names none."""
-    name = os.environ.get(ENV_VAR, "").strip()
+    name = (envs.raw(ENV_VAR) or "").strip()
     if name:
         get_backend(name)
     return name or None

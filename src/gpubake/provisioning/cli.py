@@ -13,13 +13,6 @@ import typer
 from gpubake.console import console, emit_json
 
 
-def register(app: typer.Typer) -> None:
-    app.command("fetch")(fetch_cmd)
-    app.command("make-tiny")(make_tiny_cmd)
-    app.command("quantize")(quantize_cmd)
-    app.command("fidelity")(fidelity_cmd)
-
-
 def fetch_cmd(
     source: str = typer.Argument(..., help="hf://org/repo[@rev], s3://bucket/prefix, https://host/dir/ (with gpubake-manifest.json) or https://host/file, or a model id of the registry."),
     dest: Path = typer.Argument(..., help="Directory to create; appears only when every file verified."),

@@ -22,6 +22,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from gpubake import envs
 from gpubake.errors import GpubakeError
 from gpubake.fsutil import write_text_atomic
 
@@ -159,7 +160,7 @@ class ImageFacts(_Facts):
 
 def installed_path() -> Path:
     """Where an image holds its facts: `$GPUBAKE_IMAGE_FACTS`, else /opt/gpubake/image.json."""
-    return Path(os.environ.get(FACTS_ENV) or Path(INSTALL_PREFIX) / FACTS_FILE)
+    return Path(envs.raw(FACTS_ENV) or Path(INSTALL_PREFIX) / FACTS_FILE)
 
 
 SpecFacts = Callable[[str], ImageFacts]
@@ -194,9 +195,9 @@ def resolve(facts: str | os.PathLike[str] | None = None, *, image: str | None = 
     if image:
         return _from_spec(image, "--image")
     path = installed_path()
-    if os.environ.get(FACTS_ENV) or path.is_file():
+    if envs.raw(FACTS_ENV) or path.is_file():
         return ImageFacts.read(path)
-    name = os.environ.get(IMAGE_ENV)
+    name = envs.raw(IMAGE_ENV)
     if name:
         return _from_spec(name, IMAGE_ENV)
     raise FactsError(

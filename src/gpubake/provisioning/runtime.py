@@ -165,9 +165,9 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
     ``compile_blocks=0,attention=cudnn`` (booleans 1/0/true/false/on/off). A bad value is a
     one-line error naming the variable, before any weight is loaded. `gemm_backend`: as
     `plan_for`'s."""
-    import os
+    from gpubake import envs
 
-    raw = (os.environ.get(ENV_VAR, "auto") if value is None else value).strip()
+    raw = (envs.GPUBAKE_RUNTIME if value is None else value).strip()
     base = plan_for(device, gemm_backend=gemm_backend)
     if raw in ("", "auto"):
         return base

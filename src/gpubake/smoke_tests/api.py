@@ -8,12 +8,12 @@ model dir: --model-dir > $GPUBAKE_MODEL_DIR > the facts' model_dir (the spec's G
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpubake import envs
 from gpubake.provisioning.facts import ImageFacts
 from gpubake.provisioning.pipeline import check_runtime_env
 from gpubake.smoke_tests.expectations import SelfTestError, load_table
@@ -26,7 +26,7 @@ _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 
 
 def resolve_model_dir(model_dir: str | Path | None, facts: ImageFacts) -> Path:
-    found = model_dir or os.environ.get("GPUBAKE_MODEL_DIR") or facts.model_dir
+    found = model_dir or envs.raw("GPUBAKE_MODEL_DIR") or facts.model_dir
     if not found:
         raise SelfTestError("no model directory: pass --model-dir DIR or set GPUBAKE_MODEL_DIR")
     return Path(found)

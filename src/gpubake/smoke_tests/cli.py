@@ -64,7 +64,3 @@ def selftest(
     if json_out:
         emit_json(result.to_dict())
     raise typer.Exit(result.exit_code)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("selftest")(selftest)

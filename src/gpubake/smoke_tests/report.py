@@ -20,7 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from gpubake import __version__
+from gpubake import __version__, envs
 from gpubake.errors import GpubakeError
 from gpubake.fsutil import write_json_atomic
 
@@ -49,7 +49,7 @@ WORKSPACE_REPORT = Path("/workspace/gpubake/selftest.json")
 def default_report_path() -> Path:
     """$GPUBAKE_REPORT, else /workspace/gpubake/selftest.json where /workspace exists
     (RunPod and Vast.ai mount it), else ~/.cache/gpubake/selftest.json."""
-    env = os.environ.get(REPORT_ENV)
+    env = envs.raw(REPORT_ENV)
     if env:
         return Path(env)
     if WORKSPACE_REPORT.parent.parent.is_dir():
@@ -101,7 +101,7 @@ class Report:
         self.verdict = verdict_of(self.stages)
         self.state = "done"
         self.finished_at = time.time()
-        boot = os.environ.get("GPUBAKE_BOOT_EPOCH")
+        boot = envs.raw("GPUBAKE_BOOT_EPOCH")
         if boot:
             try:
                 self.boot_to_verdict_seconds = round(self.finished_at - float(boot), 2)

@@ -12,6 +12,9 @@ which is what reproducible digests need. The flow:
 4. `buildah push` writes `dist/<name>-<target>.oci.tar` through a temporary name that is
    renamed only when complete (a failed or disk-full export leaves nothing);
 5. the manifest is read back from the archive: digest, layers, sizes.
+
+Each command of 1-4 is a `Step` of `plan(req)` (none for what is cached); `build(req)`
+runs that plan through `proc.execute`.
 """
 
 from __future__ import annotations
@@ -22,15 +25,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from gpubake.errors import BuildError
-from gpubake.fsutil import atomic_path
-from gpubake.images.builders.base import BuildRequest, BuildResult
-from gpubake.images.builders.proc import run_logged
+from gpubake.fsutil import partial_path, place_partial
+from gpubake.images.builders import proc
+from gpubake.images.builders.base import BuildRequest, BuildResult, ProgressFn, Step
 from gpubake.images.builders.storage import Storage, cache_root, default_storage
 
 WHEELS_MOUNT = "/tmp/gpubake-wheels"  # must match provisioning/build/20-python-env.sh
@@ -47,17 +48,20 @@ class BuildahBuilder:
     """Builds a rendered context with `buildah bud`; see the module docstring."""
 
     name = "buildah"
+    install_hint = "install buildah and skopeo (apt-get install buildah skopeo, or run scripts/setup.sh)"
 
     def __init__(
         self,
         storage: Storage | None = None,
         *,
         no_cache: bool = False,
-        on_step: Callable[[str], None] | None = _console_step,
+        on_step: ProgressFn | None = _console_step,
+        runner: proc.Runner | None = None,
     ) -> None:
         self._storage = storage  # resolved at build time (env may change after construction)
         self.no_cache = no_cache  # rebuild every layer (reproducibility checks)
-        self.on_step = on_step  # sees "STEP n/m: ..." lines (progress)
+        self.on_step = on_step  # sees each step and "STEP n/m: ..." line (progress)
+        self.runner = runner  # the process runner (None: proc.run_step)
 
     @property
     def storage(self) -> Storage:
@@ -68,82 +72,61 @@ class BuildahBuilder:
     def available(self) -> bool:
         return shutil.which("buildah") is not None and shutil.which("skopeo") is not None
 
-    # ------------------------------------------------------------------ build
+    # ------------------------------------------------------------------ plan
 
-    def build(self, req: BuildRequest, on_progress: Callable[[str], None] | None = None) -> BuildResult:
-        """Build `req`; `on_progress` (optional) replaces `on_step` for this build."""
-        if on_progress is not None:
-            saved, self.on_step = self.on_step, on_progress
-            try:
-                return self.build(req)
-            finally:
-                self.on_step = saved
-        started = time.monotonic()
-        ctx = Path(req.context_dir)
-        if not (ctx / "Containerfile").is_file():
-            raise BuildError(f"build context {ctx}: no Containerfile (render it with gpubake.images.render)")
-        if not (ctx / "model").is_dir():
-            raise BuildError(f"build context {ctx}: no model/ (gpubake.images.model_layer.prepare_model places it)")
-        if not self.available():
-            missing = [t for t in ("buildah", "skopeo") if shutil.which(t) is None]
-            raise BuildError(f"buildah builder: {', '.join(missing)} not installed (apt-get install buildah skopeo)")
-        req.log_file.parent.mkdir(parents=True, exist_ok=True)
-        for d in (self.storage.root, self.storage.runroot):
-            d.mkdir(parents=True, exist_ok=True)
+    def plan(self, req: BuildRequest) -> list[Step]:
+        """Bootstrap base (if missing), lock wheels (if not cached), `buildah bud`, export."""
+        return self._plan(req)[0]
 
+    def _plan(self, req: BuildRequest) -> tuple[list[Step], dict]:
+        """The steps, and the dict their hooks fill with the manifest digest and layers."""
+        out: dict = {}
+        steps: list[Step] = []
         if req.spec.base.bootstrap is not None:
             from gpubake.images import bootstrap
 
-            self._step(f"bootstrap base ({req.spec.base.bootstrap.suite})")
-            bootstrap.ensure_base(bootstrap.inputs_for(req.spec, req.timestamp), self.storage, log_file=req.log_file)
-
-        wheels = self._download_wheels(ctx / LOCK_FILE, req)
-        self._bud(req, ctx, wheels)
-        if req.archive is not None:
-            digest, layers = self._export(req)
-        else:
-            digest, layers = self._local_manifest(req)
-        return BuildResult(
-            digest=digest,
-            archive=req.archive,
-            layers=layers,
-            total_size=sum(int(layer["size"]) for layer in layers),
-            builder=self.name,
-            seconds=time.monotonic() - started,
-        )
-
-    def _step(self, text: str) -> None:
-        if self.on_step is not None:
-            self.on_step(text)
+            steps += bootstrap.storage_steps(bootstrap.inputs_for(req.spec, req.timestamp), self.storage)
+        wheels, download = self._wheel_steps(req)
+        steps += download
+        steps.append(self._bud_step(req, wheels))
+        steps.append(self._export_step(req, out) if req.archive is not None else self._read_back_step(req, out))
+        return steps, out
 
     def _env(self) -> dict[str, str]:
         return {"BUILDAH_ISOLATION": "chroot", "STORAGE_DRIVER": self.storage.driver}
 
-    def _download_wheels(self, lock: Path, req: BuildRequest) -> Path:
-        """pip-download the lock's wheels on the host (hash-checked, cached per lock)."""
+    def _wheel_steps(self, req: BuildRequest) -> tuple[Path, list[Step]]:
+        """The wheel folder to mount, and the `pip download` that fills it unless it is cached.
+
+        Wheels are downloaded on the host with the host's pip configuration, hash-checked,
+        cached per lock. Before rendering (a dry run) the lock is the spec's, which render
+        copies into the context unchanged.
+        """
+        lock = Path(req.context_dir) / LOCK_FILE
         if not lock.is_file():
-            raise BuildError(f"build context {lock.parent}: no {LOCK_FILE}")
+            lock = req.spec.lock_path
         if not _has_requirements(lock):  # nothing to download: mount an empty folder
-            empty = cache_root() / "wheels" / "empty"
-            empty.mkdir(parents=True, exist_ok=True)
-            return empty
+            return cache_root() / "wheels" / "empty", []
         key = hashlib.sha256(lock.read_bytes() + req.spec.python.version.encode()).hexdigest()[:16]
         dest = cache_root() / "wheels" / f"{req.spec.name}-py{req.spec.python.version}-{key}"
         stamp = dest / ".complete"
         if stamp.is_file():
-            return dest
-        self._step("downloading locked wheels (host pip configuration, hashes checked)")
-        dest.mkdir(parents=True, exist_ok=True)
+            return dest, []
         cmd = [
             sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
             "--require-hashes", "--only-binary=:all:", "--python-version", req.spec.python.version,
-            "--dest", str(dest), "-r", str(lock),
+            "--dest", str(dest), "-r", str(Path(req.context_dir) / LOCK_FILE),
         ]  # fmt: skip
-        run_logged(cmd, log_file=req.log_file, what="pip download of the lock")
-        stamp.write_text(lock.name + "\n")
-        return dest
+        step = Step(
+            what="pip download of the lock",
+            argv=tuple(cmd),
+            before=lambda: dest.mkdir(parents=True, exist_ok=True),
+            then=lambda _out: stamp.write_text(LOCK_FILE + "\n"),
+        )
+        return dest, [step]
 
-    def _bud(self, req: BuildRequest, ctx: Path, wheels: Path) -> None:
+    def _bud_step(self, req: BuildRequest, wheels: Path) -> Step:
+        ctx = Path(req.context_dir)
         cmd = [
             "buildah", *self.storage.buildah_args(), "bud",
             "--isolation", "chroot",
@@ -159,34 +142,87 @@ class BuildahBuilder:
         if self.no_cache:
             cmd.append("--no-cache")
         cmd.append(str(ctx))
+        return Step(
+            what=f"buildah bud of {req.spec.name} ({req.target})",
+            argv=tuple(cmd),
+            env=self._env(),
+            before=lambda: wheels.mkdir(parents=True, exist_ok=True),
+            watch=lambda line: line[:160] if line.startswith("STEP ") else None,
+        )
 
-        def on_line(line: str) -> None:
-            if line.startswith("STEP "):
-                self._step(line[:160])
+    def _export_step(self, req: BuildRequest, out: dict) -> Step:
+        """`buildah push` to the archive's partial name, checked, renamed only when complete."""
+        archive = req.archive
+        assert archive is not None
+        tmp = partial_path(archive)
+        digest_file = archive.parent / f".{archive.name}.digest"
 
-        run_logged(cmd, log_file=req.log_file, what=f"buildah bud of {req.spec.name} ({req.target})", env=self._env(), on_line=on_line)
+        def before() -> None:
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            clean()
 
-    def _export(self, req: BuildRequest) -> tuple[str, list[dict]]:
-        """Push to an OCI archive atomically; return (manifest digest, layers)."""
-        assert req.archive is not None
-        self._step(f"exporting {req.archive}")
-        with atomic_path(req.archive) as tmp, tempfile.TemporaryDirectory(prefix="gpubake-digest.") as dtmp:
-            digest_file = Path(dtmp) / "digest"
-            run_logged(
-                ["buildah", *self.storage.buildah_args(), "push", "--quiet", "--format", "oci",
-                 "--digestfile", str(digest_file), req.tag, f"oci-archive:{tmp}:{req.tag}"],
-                log_file=req.log_file,
-                what=f"export to {req.archive}",
-                env=self._env(),
-            )  # fmt: skip
+        def clean() -> None:
+            tmp.unlink(missing_ok=True)
+            digest_file.unlink(missing_ok=True)
+
+        def place(_output: str) -> None:
             manifest_digest, manifest = read_archive_manifest(tmp)
             pushed = digest_file.read_text().strip()
             if pushed and pushed != manifest_digest:
-                raise BuildError(f"export to {req.archive}: archive manifest {manifest_digest} != pushed {pushed}")
-        return manifest_digest, layer_list(manifest)
+                raise BuildError(f"export to {archive}: archive manifest {manifest_digest} != pushed {pushed}")
+            place_partial(archive)
+            digest_file.unlink()
+            out.update(digest=manifest_digest, layers=layer_list(manifest))
 
-    def _local_manifest(self, req: BuildRequest) -> tuple[str, list[dict]]:
-        return local_manifest(self.storage, req.tag)
+        return Step(
+            what=f"export to {archive}",
+            argv=("buildah", *self.storage.buildah_args(), "push", "--quiet", "--format", "oci",
+                  "--digestfile", str(digest_file), req.tag, f"oci-archive:{tmp}:{req.tag}"),
+            env=self._env(),
+            before=before,
+            then=place,
+            undo=clean,
+        )  # fmt: skip
+
+    def _read_back_step(self, req: BuildRequest, out: dict) -> Step:
+        """No archive asked for: read the stored manifest (uncompressed layers, no export)."""
+
+        def read(raw: str) -> None:
+            out["digest"], out["layers"] = manifest_summary(raw.encode())
+
+        return Step(
+            what=f"reading back {req.tag}", argv=("skopeo", "inspect", "--raw", self.storage.ref(req.tag)), stdout_only=True, then=read
+        )
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, req: BuildRequest, on_progress: ProgressFn | None = None) -> BuildResult:
+        """Run `plan(req)`; `on_progress` (optional) replaces `on_step` for this build."""
+        started = time.monotonic()
+        ctx = Path(req.context_dir)
+        if not (ctx / "Containerfile").is_file():
+            raise BuildError(f"build context {ctx}: no Containerfile (render it with gpubake.images.render)")
+        if not (ctx / "model").is_dir():
+            raise BuildError(f"build context {ctx}: no model/ (gpubake.images.model_layer.prepare_model places it)")
+        if not (ctx / LOCK_FILE).is_file():
+            raise BuildError(f"build context {ctx}: no {LOCK_FILE}")
+        if not self.available():
+            missing = [t for t in ("buildah", "skopeo") if shutil.which(t) is None]
+            raise BuildError(f"buildah builder: {', '.join(missing)} not installed (apt-get install buildah skopeo)")
+        req.log_file.parent.mkdir(parents=True, exist_ok=True)
+        for d in (self.storage.root, self.storage.runroot):
+            d.mkdir(parents=True, exist_ok=True)
+        steps, out = self._plan(req)
+        proc.execute(steps, log_file=req.log_file, runner=self.runner, on_progress=on_progress or self.on_step)
+        layers = out["layers"]
+        return BuildResult(
+            digest=out["digest"],
+            archive=req.archive,
+            layers=layers,
+            total_size=sum(int(layer["size"]) for layer in layers),
+            builder=self.name,
+            seconds=time.monotonic() - started,
+        )
 
 
 def local_manifest(storage: Storage, tag: str) -> tuple[str, list[dict]]:
@@ -195,7 +231,11 @@ def local_manifest(storage: Storage, tag: str) -> tuple[str, list[dict]]:
     if out.returncode != 0:
         last = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["skopeo failed"]
         raise BuildError(f"reading back {tag}: {last[0][:300]}")
-    raw = out.stdout
+    return manifest_summary(out.stdout)
+
+
+def manifest_summary(raw: bytes) -> tuple[str, list[dict]]:
+    """(digest, layers) of a raw manifest."""
     return "sha256:" + hashlib.sha256(raw).hexdigest(), layer_list(json.loads(raw))
 
 

@@ -2,48 +2,43 @@
 
 Order: buildah first (daemonless, reproducible, the CI path), docker when its daemon
 answers, packer last (it needs a docker daemon or a cloud account to do anything).
+`BUILDERS` is the one list of builder names (the CLI's `--builder` choices come from it).
 """
 
 from __future__ import annotations
 
+import importlib
+
 from gpubake.errors import BuildError
 from gpubake.images.builders.base import Builder
 
-BUILDER_NAMES = ("buildah", "docker", "packer")
-_INSTALL = "install buildah and skopeo (apt-get install buildah skopeo, or run scripts/setup.sh)"
+# name -> "module:class", in detection order.
+BUILDERS = {
+    "buildah": "gpubake.images.builders.buildah:BuildahBuilder",
+    "docker": "gpubake.images.builders.docker:DockerBuilder",
+    "packer": "gpubake.images.builders.packer:PackerBuilder",
+}
+BUILDER_NAMES = tuple(BUILDERS)
 
 
-def _make(name: str) -> Builder:
-    if name == "buildah":
-        from gpubake.images.builders.buildah import BuildahBuilder
-
-        return BuildahBuilder()
-    if name == "docker":
-        from gpubake.images.builders.docker import DockerBuilder
-
-        return DockerBuilder()
-    if name == "packer":
-        try:
-            from gpubake.images.builders.packer import PackerBuilder
-        except ImportError:
-            raise BuildError("--builder packer: the packer builder is not part of this installation") from None
-        return PackerBuilder()
-    raise BuildError(f"--builder: unknown builder {name!r} (choose {', '.join(BUILDER_NAMES)})")
+def make_builder(name: str) -> Builder:
+    """The builder called `name`, whether or not its tools are usable here."""
+    if name not in BUILDERS:
+        raise BuildError(f"--builder: unknown builder {name!r} (choose {', '.join(BUILDER_NAMES)})")
+    module, _, cls = BUILDERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
 def detect_builder(preferred: str | None = None) -> Builder:
     """The `preferred` builder if usable, else the first usable one; `BuildError` if none."""
     if preferred:
-        builder = _make(preferred)
+        builder = make_builder(preferred)
         if not builder.available():
-            hint = {"buildah": _INSTALL, "docker": "install docker with buildx and start its daemon", "packer": "install packer and docker"}
-            raise BuildError(f"--builder {preferred}: not usable here; {hint.get(preferred, '')}")
+            raise BuildError(f"--builder {preferred}: not usable here; {builder.install_hint}")
         return builder
     for name in BUILDER_NAMES:
-        try:
-            builder = _make(name)
-        except BuildError:
-            continue
+        builder = make_builder(name)
         if builder.available():
             return builder
-    raise BuildError(f"no image builder found (buildah, docker or packer): {_INSTALL}")
+    names = f"{', '.join(BUILDER_NAMES[:-1])} or {BUILDER_NAMES[-1]}"
+    raise BuildError(f"no image builder found ({names}): {make_builder(BUILDER_NAMES[0]).install_hint}")

@@ -19,16 +19,20 @@ import time
 from pathlib import Path
 
 from gpubake.errors import BuildError
-from gpubake.fsutil import atomic_path
-from gpubake.images.builders.base import BuildRequest, BuildResult
+from gpubake.fsutil import partial_path, place_partial
+from gpubake.images.builders import proc
+from gpubake.images.builders.base import BuildRequest, BuildResult, ProgressFn, Step
 from gpubake.images.builders.buildah import layer_list, read_archive_manifest
-from gpubake.images.builders.proc import run_logged
 
 
 class DockerBuilder:
     """`docker buildx build` of a rendered context into an OCI archive."""
 
     name = "docker"
+    install_hint = "install docker with buildx and start its daemon"
+
+    def __init__(self, *, runner: proc.Runner | None = None) -> None:
+        self.runner = runner  # the process runner (None: proc.run_step)
 
     def available(self) -> bool:
         """docker is installed, buildx is present and the daemon answers."""
@@ -56,18 +60,44 @@ class DockerBuilder:
         cmd.append(str(req.context_dir))
         return cmd
 
-    def build(self, req: BuildRequest) -> BuildResult:
-        started = time.monotonic()
+    def plan(self, req: BuildRequest) -> list[Step]:
+        """One `docker buildx build` into the archive's partial name, renamed when complete."""
+        return self._plan(req)[0]
+
+    def _plan(self, req: BuildRequest) -> tuple[list[Step], dict]:
         if req.spec.base.bootstrap is not None:
             raise BuildError(f"docker builder: spec {req.spec.name} has a bootstrap base; build it with --builder buildah")
         if req.archive is None:
             raise BuildError("docker builder: needs an archive destination (dist/...oci.tar) to report layer digests")
-        with atomic_path(req.archive) as tmp:
-            run_logged(self.command(req, tmp), log_file=req.log_file, what=f"docker buildx build of {req.spec.name}")
-            digest, manifest = read_archive_manifest(tmp)
-        layers = layer_list(manifest)
+        archive = req.archive
+        tmp = partial_path(archive)
+        out: dict = {}
+
+        def before() -> None:
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+
+        def place(_output: str) -> None:
+            out["digest"], manifest = read_archive_manifest(tmp)
+            out["layers"] = layer_list(manifest)
+            place_partial(archive)
+
+        step = Step(
+            what=f"docker buildx build of {req.spec.name}",
+            argv=tuple(self.command(req, tmp)),
+            before=before,
+            then=place,
+            undo=lambda: tmp.unlink(missing_ok=True),
+        )
+        return [step], out
+
+    def build(self, req: BuildRequest, on_progress: ProgressFn | None = None) -> BuildResult:
+        started = time.monotonic()
+        steps, out = self._plan(req)
+        proc.execute(steps, log_file=req.log_file, runner=self.runner, on_progress=on_progress)
+        layers = out["layers"]
         return BuildResult(
-            digest=digest,
+            digest=out["digest"],
             archive=req.archive,
             layers=layers,
             total_size=sum(layer["size"] for layer in layers),

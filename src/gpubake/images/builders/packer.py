@@ -9,6 +9,9 @@ its forks stopped before HCL2). It does three things and nothing else:
 3. export the committed image from the docker daemon to the OCI archive the other
    builders write (skopeo), and read its digest and layers.
 
+Those commands (and, for a bootstrap base, loading it into docker) are `plan(req)`;
+`build(req)` runs that plan through `proc.execute`.
+
 Packer's machine-readable format (https://developer.hashicorp.com/packer/docs/commands#machine-readable-output):
 one event per line, `timestamp,target,type,data...`; inside data, commas are written
 `%!(PACKER_COMMA)` and newlines as the two characters `\\n`.
@@ -22,19 +25,18 @@ so unlike the buildah builder, two packer builds do not give the same digest.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpubake.errors import BuildError
-from gpubake.fsutil import atomic_path
-from gpubake.images.builders.base import BuildRequest, BuildResult
-from gpubake.images.builders.proc import run_logged
+from gpubake.fsutil import partial_path, place_partial
+from gpubake.images.builders.base import BuildRequest, BuildResult, ProgressFn, Step
+from gpubake.images.builders.proc import Runner, execute, last_meaningful_line
 from gpubake.secrets import redact
 
 PACKER_FILE = "image.pkr.hcl"
@@ -159,21 +161,25 @@ def build_target(context_dir: Path, version: tuple[int, int, int]) -> str:
     return PACKER_FILE if version < (1, 7, 0) else "."
 
 
+def validate_steps(context_dir: Path, version: tuple[int, int, int], *, log_file: Path, packer: str = "packer") -> list[Step]:
+    """`packer init` (from 1.7) and `packer validate` of the context; a failure is one line."""
+    target = build_target(context_dir, version)
+    steps = []
+    if target == ".":
+        steps.append(Step(what="packer init", argv=(packer, "init", "."), cwd=context_dir))
+
+    def explain(exc: BuildError) -> BuildError:
+        output = getattr(exc, "output", "")
+        detail = summarize(output).first_error() or last_meaningful_line(output)
+        return BuildError(f"packer validate: {redact(detail)} (full log: {log_file})")
+
+    steps.append(Step(what="packer validate", argv=(packer, "validate", "-machine-readable", target), cwd=context_dir, explain=explain))
+    return steps
+
+
 def validate(context_dir: Path, *, log_file: Path, packer: str = "packer") -> None:
     """`packer validate` the context's template; a failure is one `BuildError` line."""
-    version = packer_version(packer)
-    target = build_target(context_dir, version)
-    if target == ".":
-        run_logged([packer, "init", "."], log_file=log_file, what="packer init", cwd=context_dir)
-    cmd = [packer, "validate", "-machine-readable", target]
-    proc = subprocess.run(cmd, cwd=context_dir, capture_output=True, text=True, timeout=300)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a", encoding="utf-8") as log:
-        log.write(redact("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr) + f"# exit {proc.returncode}\n")
-    if proc.returncode != 0:
-        events = summarize(proc.stdout)
-        detail = events.first_error() or (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BuildError(f"packer validate: {redact(detail)} (full log: {log_file})")
+    execute(validate_steps(context_dir, packer_version(packer), log_file=log_file, packer=packer), log_file=log_file)
 
 
 def _docker_daemon_up() -> bool:
@@ -198,69 +204,94 @@ class PackerBuilder:
     """Builds the rendered context with `packer build` (docker builder) and exports it."""
 
     name = "packer"
+    install_hint = "install packer and docker"
 
-    def __init__(self, packer: str = "packer") -> None:
+    def __init__(self, packer: str = "packer", *, runner: Runner | None = None) -> None:
         self.packer = packer
+        self.runner = runner  # the process runner (None: proc.run_step)
 
     def available(self) -> bool:
         """packer is installed and a docker daemon answers (the docker builder needs one)."""
         return shutil.which(self.packer) is not None and _docker_daemon_up()
 
-    def build(self, req: BuildRequest, *, on_progress: Callable[[str], None] | None = None) -> BuildResult:
+    def plan(self, req: BuildRequest) -> list[Step]:
+        """Validate, load a bootstrap base into docker, `packer build`, export to the archive.
+
+        Asks `packer version` (file or directory, `packer init` or not): packer must be installed.
+        """
+        return self._plan(req)[0]
+
+    def _plan(self, req: BuildRequest) -> tuple[list[Step], dict]:
+        context = Path(req.context_dir)
+        version = packer_version(self.packer)
+        steps = validate_steps(context, version, log_file=req.log_file, packer=self.packer)
+        if req.spec.base.bootstrap is not None:
+            from gpubake.images import bootstrap
+
+            inputs = bootstrap.inputs_for(req.spec, req.timestamp)
+            steps += bootstrap.import_steps(inputs, f"docker-daemon:{inputs.ref()}", "load bootstrap base into docker")
+        repository, _, tag = req.tag.rpartition(":")
+        out: dict = {}
+        progress = BuildEvents()
+
+        def watch(line: str) -> str | None:
+            event = parse_line(line)
+            return progress.feed(event) if event is not None else None
+
+        def explain(exc: BuildError) -> BuildError:
+            detail = summarize(getattr(exc, "output", "")).first_error() or "see the log"
+            return BuildError(f"packer build: {detail} (full log: {req.log_file})")
+
+        def artifact(output: str) -> None:
+            out["artifact"] = summarize(output).artifact_id
+            if out["artifact"] is None:
+                raise BuildError(f"packer build: finished without an artifact (full log: {req.log_file})")
+
+        argv = (self.packer, "build", "-machine-readable", "-color=false", "-var", f"repository={repository}", "-var", f"tag={tag}",
+                build_target(context, version))  # fmt: skip
+        steps.append(Step(what="packer build", argv=argv, cwd=context, watch=watch, explain=explain, then=artifact))
+        if req.archive is not None:
+            steps.append(self._export_step(req, tag, out))
+        return steps, out
+
+    @staticmethod
+    def _export_step(req: BuildRequest, tag: str, out: dict) -> Step:
+        """skopeo copy from the docker daemon to the archive's partial name, renamed when complete."""
+        archive = req.archive
+        assert archive is not None
+        tmp = partial_path(archive)
+
+        def before() -> None:
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+
+        def place(_output: str) -> None:
+            out["digest"], out["layers"], out["total"] = archive_summary(tmp)
+            place_partial(archive)
+
+        return Step(
+            what="export image",
+            argv=("skopeo", "copy", "--quiet", f"docker-daemon:{req.tag}", f"oci-archive:{tmp}:{tag}"),
+            before=before,
+            then=place,
+            undo=lambda: tmp.unlink(missing_ok=True),
+        )
+
+    def build(self, req: BuildRequest, on_progress: ProgressFn | None = None) -> BuildResult:
         start = time.monotonic()
         if shutil.which(self.packer) is None:
             raise BuildError("packer builder: packer is not installed (apt-get install packer, or run scripts/setup.sh)")
         if not _docker_daemon_up():
             raise BuildError("packer builder: no docker daemon answers `docker info` (Packer's docker builder needs one)")
-        context = req.context_dir
-        validate(context, log_file=req.log_file, packer=self.packer)
-        if req.spec.base.bootstrap is not None:
-            self._load_bootstrap_base(req)
-        repository, _, tag = req.tag.rpartition(":")
-        target = build_target(context, packer_version(self.packer))
-        events = BuildEvents()
-
-        def on_line(line: str) -> None:
-            event = parse_line(line)
-            if event is None:
-                return
-            message = events.feed(event)
-            if message and on_progress is not None:
-                on_progress(message)
-
-        cmd = [self.packer, "build", "-machine-readable", "-color=false", "-var", f"repository={repository}", "-var", f"tag={tag}", target]
-        try:
-            run_logged(cmd, log_file=req.log_file, what="packer build", cwd=context, on_line=on_line)
-        except BuildError:
-            detail = events.first_error() or "see the log"
-            raise BuildError(f"packer build: {detail} (full log: {req.log_file})") from None
-        if events.artifact_id is None:
-            raise BuildError(f"packer build: finished without an artifact (full log: {req.log_file})")
-        archive = req.archive
-        digest, layers, total = "", [], 0
-        if archive is not None:
-            with atomic_path(archive) as tmp:
-                run_logged(
-                    ["skopeo", "copy", "--quiet", f"docker-daemon:{req.tag}", f"oci-archive:{tmp}:{tag}"],
-                    log_file=req.log_file,
-                    what="export image",
-                )
-                digest, layers, total = archive_summary(tmp)
-        else:
-            digest = events.artifact_id
+        steps, out = self._plan(req)
+        execute(steps, log_file=req.log_file, runner=self.runner, on_progress=on_progress)
+        if req.archive is None:
+            out.update(digest=out["artifact"], layers=[], total=0)
         return BuildResult(
-            digest=digest, archive=archive, layers=layers, total_size=total, builder=self.name, seconds=time.monotonic() - start
-        )
-
-    def _load_bootstrap_base(self, req: BuildRequest) -> None:
-        """Put the bootstrap base into the docker daemon under the name the template uses."""
-        from gpubake.images import bootstrap
-
-        inputs = bootstrap.inputs_for(req.spec, req.timestamp)
-        layout = bootstrap.build_layout(inputs, log_file=req.log_file)
-        run_logged(
-            ["skopeo", "copy", "--quiet", f"oci:{layout}", f"docker-daemon:{inputs.ref()}"],
-            log_file=req.log_file,
-            what="load bootstrap base into docker",
-            env={k: v for k, v in os.environ.items() if k.startswith("DOCKER_")},
+            digest=out["digest"],
+            archive=req.archive,
+            layers=out["layers"],
+            total_size=out["total"],
+            builder=self.name,
+            seconds=time.monotonic() - start,
         )

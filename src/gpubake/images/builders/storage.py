@@ -12,11 +12,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpubake import envs
+
 
 def cache_root() -> Path:
     """~/.cache/gpubake (or $XDG_CACHE_HOME/gpubake, or $GPUBAKE_CACHE)."""
-    if os.environ.get("GPUBAKE_CACHE"):
-        return Path(os.environ["GPUBAKE_CACHE"])
+    if envs.GPUBAKE_CACHE is not None:
+        return envs.GPUBAKE_CACHE
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "gpubake"
 
@@ -38,7 +40,7 @@ class Storage:
         return f"containers-storage:[{self.driver}@{self.root}+{self.runroot}]{name}"
 
 
-DRIVERS = ("vfs", "overlay")
+DRIVERS = envs.declared("GPUBAKE_STORAGE_DRIVER").choices  # vfs, overlay
 
 
 def default_driver() -> str:
@@ -49,12 +51,7 @@ def default_driver() -> str:
     Python env). overlay stores diffs where the kernel allows it. Digests are reproducible
     with either driver, each against itself.
     """
-    wanted = os.environ.get("GPUBAKE_STORAGE_DRIVER", "").strip() or "vfs"
-    if wanted not in DRIVERS:
-        from gpubake.errors import BuildError
-
-        raise BuildError(f"GPUBAKE_STORAGE_DRIVER: {wanted!r} is not one of {', '.join(DRIVERS)}")
-    return wanted
+    return envs.GPUBAKE_STORAGE_DRIVER  # one of DRIVERS, else a one-line error naming the variable
 
 
 def storage_at(base: Path, driver: str | None = None) -> Storage:
@@ -65,4 +62,4 @@ def storage_at(base: Path, driver: str | None = None) -> Storage:
 
 def default_storage() -> Storage:
     """The store in $GPUBAKE_STORAGE_ROOT, else ~/.cache/gpubake/containers."""
-    return storage_at(Path(os.environ.get("GPUBAKE_STORAGE_ROOT") or cache_root() / "containers"))
+    return storage_at(envs.GPUBAKE_STORAGE_ROOT or cache_root() / "containers")

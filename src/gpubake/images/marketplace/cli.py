@@ -251,13 +251,3 @@ def push_weights_cmd(
         console.print(f"pushed {result['files']} files ({result['bytes']} bytes) to {result['uri']}", markup=False)
     if as_json:
         emit_json(result)
-
-
-def register(app: typer.Typer) -> None:
-    """Add this part's commands to the `gpubake` app."""
-    app.command("publish")(publish_cmd)
-    app.command("launch")(launch_cmd)
-    app.command("destroy")(destroy_cmd)
-    app.add_typer(remote_app, name="remote")
-    app.command("push-weights")(push_weights_cmd)
-

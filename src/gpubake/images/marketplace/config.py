@@ -27,6 +27,7 @@ from typing import Any
 
 import tomllib
 
+from gpubake import envs
 from gpubake.console import console
 from gpubake.errors import GpubakeError
 from gpubake.images.spec import TARGETS
@@ -39,12 +40,11 @@ class Target:
     name: str
     title: str
     key_env: str
-    url_env: str
-    default_url: str
+    url_env: str  # its base URL: declared, with the public API as default, in gpubake.envs
 
 
-RUNPOD = Target("runpod", "RunPod", "RUNPOD_API_KEY", "GPUBAKE_RUNPOD_API_URL", "https://rest.runpod.io/v1")
-VASTAI = Target("vastai", "Vast.ai", "VAST_API_KEY", "GPUBAKE_VAST_API_URL", "https://console.vast.ai/api/v0")
+RUNPOD = Target("runpod", "RunPod", "RUNPOD_API_KEY", "GPUBAKE_RUNPOD_API_URL")
+VASTAI = Target("vastai", "Vast.ai", "VAST_API_KEY", "GPUBAKE_VAST_API_URL")
 BY_NAME = {t.name: t for t in (RUNPOD, VASTAI)}
 
 
@@ -57,7 +57,7 @@ def target(name: str) -> Target:
 
 
 def config_path() -> Path:
-    env = os.environ.get("GPUBAKE_CONFIG")
+    env = envs.raw("GPUBAKE_CONFIG")
     if env:
         return Path(env)
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
@@ -109,19 +109,12 @@ def key_hint(t: Target) -> str:
 
 
 def base_url(t: Target) -> str:
-    return os.environ.get(t.url_env) or t.default_url
+    return envs.value(t.url_env)
 
 
 def http_backoff() -> float:
     """Backoff factor of the retrying session (seconds; `GPUBAKE_HTTP_BACKOFF`)."""
-    raw = os.environ.get("GPUBAKE_HTTP_BACKOFF", "1.0")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise GpubakeError(f"GPUBAKE_HTTP_BACKOFF: not a number: {raw!r}") from None
-    if value < 0:
-        raise GpubakeError(f"GPUBAKE_HTTP_BACKOFF: must be >= 0, got {raw!r}")
-    return value
+    return envs.GPUBAKE_HTTP_BACKOFF
 
 
 def make_client(t: Target, *, dry_run: bool = False, config: dict[str, Any] | None = None, extra_secrets: list[str] | None = None):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
+from gpubake import envs
 from gpubake.console import console
 from gpubake.errors import GpubakeError
 from gpubake.images.marketplace import config as mconfig
@@ -72,7 +73,7 @@ def publish(
     secrets: list[str] = []
     if target == "vastai" and auth:
         # Vast.ai keeps the registry login in the template itself; it is sent, never rendered or shown.
-        user, password = env.get("GPUBAKE_REGISTRY_USER"), env.get("GPUBAKE_REGISTRY_PASSWORD")
+        user, password = envs.raw("GPUBAKE_REGISTRY_USER", env), envs.raw("GPUBAKE_REGISTRY_PASSWORD", env)
         if not (user and password):
             raise GpubakeError(
                 f"--registry-auth: Vast.ai needs the login for {auth}: set GPUBAKE_REGISTRY_USER and GPUBAKE_REGISTRY_PASSWORD"

@@ -14,9 +14,9 @@ HTTP ports are reached through RunPod's proxy, `https://{podId}-{port}.proxy.run
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
+from gpubake import envs
 from gpubake.errors import GpubakeError
 from gpubake.images.marketplace.http import ApiClient, MarketplaceError
 from gpubake.images.marketplace.instance import Instance
@@ -25,7 +25,6 @@ from gpubake.images.marketplace.offers import Gpu, runpod_cuda_versions
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
 
-PROXY_URL = "https://{pod_id}-{port}.proxy.runpod.net"
 CLOUDS = ("SECURE", "COMMUNITY")
 # Fields publish compares to decide whether an existing template needs an update.
 COMPARED = (
@@ -151,7 +150,7 @@ class RunPod:
         desired = str(pod.get("desiredStatus") or "").upper()
         state = {"RUNNING": "running", "EXITED": "failed", "TERMINATED": "failed"}.get(desired, "starting")
         urls: dict[str, str] = {}
-        proxy = os.environ.get("GPUBAKE_RUNPOD_PROXY_URL", PROXY_URL)
+        proxy = envs.GPUBAKE_RUNPOD_PROXY_URL
         mappings = pod.get("portMappings") or {}
         ip = pod.get("publicIp")
         for p in spec.runtime.ports:

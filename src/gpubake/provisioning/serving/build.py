@@ -3,10 +3,10 @@ RunPod serverless handler): image facts, model dir, report path, optional self-t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from gpubake import envs
 from gpubake.provisioning.facts import ImageFacts, resolve
 from gpubake.provisioning.pipeline import (
     PipelineLoader,
@@ -18,7 +18,7 @@ from gpubake.provisioning.serving.service import GenerationService
 
 def default_output_dir(report_path: Path) -> Path:
     """$GPUBAKE_OUTPUT_DIR, else beside the report (under /workspace on marketplaces)."""
-    env = os.environ.get("GPUBAKE_OUTPUT_DIR")
+    env = envs.raw("GPUBAKE_OUTPUT_DIR")
     return Path(env) if env else report_path.parent
 
 

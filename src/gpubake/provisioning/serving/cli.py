@@ -45,7 +45,3 @@ def serve(
     from gpubake.provisioning.serving.app import create_app
 
     uvicorn.run(create_app(service), host=host, port=port, log_level="info", access_log=True)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)

@@ -12,12 +12,12 @@ flags; `--test_input '{"input": {...}}'` runs one job locally and exits).
 from __future__ import annotations
 
 import base64
-import os
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
+from gpubake import envs
 from gpubake.errors import GpubakeError
 from gpubake.provisioning.serving.generate import RequestRejected
 from gpubake.provisioning.serving.schemas import GenerateRequest
@@ -63,7 +63,7 @@ def main() -> None:
 
     from gpubake.provisioning.serving.build import build_service
 
-    mode = os.environ.get("GPUBAKE_SELFTEST", "quick")  # serverless workers boot often: quick by default
+    mode = envs.value("GPUBAKE_SELFTEST", default="quick")  # serverless workers boot often: quick by default
     if mode not in ("full", "quick", "off"):
         raise SystemExit(f"error: GPUBAKE_SELFTEST must be full, quick or off, got {mode!r}")
     try:

@@ -1,0 +1,241 @@
+"""Every `GPUBAKE_*` environment variable, declared once: name, meaning, default, parser, side.
+
+Why one table: a variable is often set in one place (the start script, a spec's
+`runtime.env`, the renderer) and read in another (the self-test, the service, a builder).
+Declared here, a rename or a new default is one edit, `docs/environment.md` is generated
+from this table (`python -m gpubake.envs > docs/environment.md`), and tests fail when a
+module reads a `GPUBAKE_` variable from `os.environ` itself or names one that is not here.
+
+Read values through this module, vLLM-style: `envs.GPUBAKE_CACHE` (the parsed value, or the
+default), or `envs.value(name, env)` for a mapping other than `os.environ`. Values are read
+at call time, so a changed (or monkeypatched) environment is seen. Unset and empty are the
+same. A bad value is one `GpubakeError` line naming the variable. `side` says where it
+matters: `build` (the machine that builds, publishes and launches) or `image` (inside an
+image, at build or at boot). Secrets are marked and never printed with their value.
+This module imports nothing from gpubake but `errors`, so both sides can use it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpubake.errors import GpubakeError
+
+Parser = Callable[[str, str], Any]  # (variable name, raw value) -> value
+
+
+def _text(_name: str, raw: str) -> str:
+    return raw
+
+
+def _path(_name: str, raw: str) -> Path:
+    return Path(raw)
+
+
+def _one_of(*choices: str) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        if value not in choices:
+            raise GpubakeError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise GpubakeError(f"{name}: not a number: {raw!r}") from None
+    if value < 0:
+        raise GpubakeError(f"{name}: must be >= 0, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Var:
+    """One variable: what it means, its default, how its value is read, where it matters."""
+
+    name: str
+    meaning: str
+    side: str  # "build" | "image"
+    default: str | None = None  # the value when unset (None: none, or computed: see default_doc)
+    default_doc: str = ""  # the default in words, where it is computed by the code that reads it
+    kind: str = "text"  # for the docs: text, path, number, port ...
+    parse: Parser = _text
+    secret: bool = False
+    set_by: str = ""  # the part of gpubake that sets it, where one does
+    choices: tuple[str, ...] = ()  # the values it may take (checked when read here; the docs list them)
+
+    def __post_init__(self) -> None:
+        if not self.name.startswith("GPUBAKE_") or self.side not in ("build", "image"):
+            raise ValueError(f"bad declaration of {self.name}")
+        if self.choices:
+            object.__setattr__(self, "kind", " | ".join(self.choices))
+            if self.parse is _text:
+                object.__setattr__(self, "parse", _one_of(*self.choices))
+
+
+_DECLARED = object()
+
+_VARS = (
+    # ------------------------------------------------------------------ build side
+    Var("GPUBAKE_CACHE", "Cache root: bootstrap bases, wheels, models, the image store.", "build",
+        default_doc="$XDG_CACHE_HOME/gpubake, else ~/.cache/gpubake", kind="path", parse=_path),
+    Var("GPUBAKE_STORAGE_ROOT", "buildah/skopeo containers-storage of gpubake (tests give each session its own).", "build",
+        default_doc="$GPUBAKE_CACHE/containers", kind="path", parse=_path),
+    Var("GPUBAKE_STORAGE_DRIVER", "Storage driver of that store: vfs works in any sandbox; overlay stores diffs.", "build",
+        default="vfs", choices=("vfs", "overlay")),
+    Var("GPUBAKE_DEBIAN_MIRROR", "Debian mirror of debootstrap for `[base.bootstrap]` bases (part of the base's cache key).",
+        "build", default="http://deb.debian.org/debian"),
+    Var("GPUBAKE_REGISTRY_USER", "Registry user for `build-image --push`, and Vast.ai's template login.", "build"),
+    Var("GPUBAKE_REGISTRY_PASSWORD", "Registry password or token for the same (reaches skopeo through a private auth file).",
+        "build", secret=True),
+    Var("GPUBAKE_CONFIG", "The marketplace config file (API keys, registry auth IDs).", "build",
+        default_doc="$XDG_CONFIG_HOME/gpubake/config.toml, else ~/.config/gpubake/config.toml", kind="path", parse=_path),
+    Var("GPUBAKE_RUNPOD_API_URL", "Base URL of RunPod's REST API (tests point it at a local server).", "build",
+        default="https://rest.runpod.io/v1"),
+    Var("GPUBAKE_VAST_API_URL", "Base URL of Vast.ai's API (tests point it at a local server).", "build",
+        default="https://console.vast.ai/api/v0"),
+    Var("GPUBAKE_RUNPOD_PROXY_URL", "URL pattern of a RunPod pod's HTTP port ({pod_id}, {port}).", "build",
+        default="https://{pod_id}-{port}.proxy.runpod.net"),
+    Var("GPUBAKE_HTTP_BACKOFF", "Backoff factor of the marketplace clients' retries, in seconds.", "build",
+        default="1.0", kind="number >= 0", parse=_seconds),
+    Var("GPUBAKE_TORCH", "torch release scripts/setup.sh installs.", "build", default="2.13.0"),
+    # ------------------------------------------------------------------ image side: build steps
+    Var("GPUBAKE_PYTHON", "In-image build steps: the image's Python version (python$GPUBAKE_PYTHON). "
+        "start.sh: the Python command of the RunPod serverless handler.", "image",
+        default_doc="the spec's python.version (build steps); python3 (start.sh)", set_by="render (build steps)"),
+    Var("GPUBAKE_PREFIX", "In-image build steps: where gpubake is installed.", "image", default="/opt/gpubake",
+        kind="path", set_by="render (build steps)"),
+    # ------------------------------------------------------------------ image side: boot
+    Var("GPUBAKE_IMAGE", "Catalog name of the image: the self-test's and the service's spec.", "image",
+        set_by="render (build steps), start.sh (the image's own name unless set)"),
+    Var("GPUBAKE_TARGET", "Marketplace the image was built for: runpod or vastai.", "image", kind="runpod | vastai",
+        set_by="render (build steps), start.sh"),
+    Var("GPUBAKE_IMAGE_FACTS", "Path of the image's image.json (spec summary, min_driver, runnable_archs).", "image",
+        kind="path", parse=_path),
+    Var("GPUBAKE_MODEL_DIR", "The baked checkpoint the self-test and the service load.", "image",
+        default_doc="the spec's runtime.env (/opt/gpubake/model)", kind="path", parse=_path, set_by="spec runtime.env"),
+    Var("GPUBAKE_RUNTIME", "Runtime plan: auto (measured per architecture), plain (no lever), or LEVER=VALUE,...", "image",
+        default="auto"),
+    Var("GPUBAKE_NVFP4_BACKEND", "NVFP4 GEMM backend instead of the one chosen by compute capability: blackwell-native, "
+        "hopper-fp8, dequant-bf16, cpu-reference.", "image", default_doc="by compute capability"),
+    Var("GPUBAKE_SELFTEST", "Boot self-test: full, quick (sample the weight hashes) or off.", "image",
+        default_doc="full (start.sh); quick (RunPod serverless handler)", kind="full | quick | off"),
+    Var("GPUBAKE_REPORT", "Path of the self-test report (JSON).", "image",
+        default_doc="$GPUBAKE_HOME/selftest.json (start.sh); else /workspace/gpubake/selftest.json where /workspace "
+        "exists, else ~/.cache/gpubake/selftest.json", kind="path", parse=_path, set_by="start.sh"),
+    Var("GPUBAKE_OUTPUT_DIR", "Where the service writes job videos.", "image", default_doc="beside the report",
+        kind="path", parse=_path, set_by="start.sh"),
+    Var("GPUBAKE_BOOT_EPOCH", "Boot time (seconds since the epoch), for the self-test's boot-to-verdict time.", "image",
+        kind="seconds", set_by="start.sh"),
+    Var("GPUBAKE_API_KEY", "API key the generation service requires of its clients.", "image", secret=True),
+    Var("GPUBAKE_DATA_DIR", "The generation service's data directory (jobs, outputs).", "image", kind="path", parse=_path),
+    Var("GPUBAKE_WORKSPACE", "start.sh: the persistent volume; reports and videos go to $GPUBAKE_WORKSPACE/gpubake.", "image",
+        default_doc="the spec's runtime.volume_mount (/workspace)", kind="path"),
+    Var("GPUBAKE_HOME", "start.sh: gpubake's folder on the volume, else /tmp/gpubake when it is not writable.", "image",
+        kind="path", set_by="start.sh"),
+    Var("GPUBAKE_PORT", "start.sh: port of the HTTP service.", "image", default_doc="the spec's api port (8000)",
+        kind="port"),
+    Var("GPUBAKE_MODE", "start.sh: serve, or serverless (the RunPod handler).", "image",
+        default_doc="serverless when RUNPOD_ENDPOINT_ID is set, else serve", kind="serve | serverless"),
+    Var("GPUBAKE_DETACH", "start.sh: 1 = start the service in the background and return (Vast.ai's on-start).", "image",
+        default="0", kind="0 | 1"),
+    Var("GPUBAKE_BIN", "start.sh: the gpubake command.", "image", default="gpubake"),
+    Var("GPUBAKE_ETC", "start.sh: where rp_environment / environment (for SSH sessions) are written.", "image",
+        default="/etc", kind="path"),
+    Var("GPUBAKE_SSHD_PIDFILE", "start.sh: pid file of a running sshd.", "image", default="/run/sshd.pid", kind="path"),
+)
+
+VARIABLES: dict[str, Var] = {v.name: v for v in _VARS}
+
+
+def declared(name: str) -> Var:
+    """The declaration of `name`; a name not declared here is a bug, not bad input."""
+    try:
+        return VARIABLES[name]
+    except KeyError:
+        raise KeyError(f"{name} is not declared in gpubake.envs") from None
+
+
+def raw(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """`name` as set in `env` (default: `os.environ`, now); None when unset or empty."""
+    declared(name)
+    text = (os.environ if env is None else env).get(name)
+    return text if text else None
+
+
+def value(name: str, env: Mapping[str, str] | None = None, *, default: Any = _DECLARED) -> Any:
+    """The parsed value of `name`, else `default` (by default the declared one, parsed)."""
+    var = declared(name)
+    text = raw(name, env)
+    if text is None:
+        fallback = var.default if default is _DECLARED else default
+        if not isinstance(fallback, str):
+            return fallback  # None, or a value the caller computed
+        text = fallback
+    return var.parse(name, text)
+
+
+def secret_names() -> tuple[str, ...]:
+    """The declared variables whose values are secrets."""
+    return tuple(v.name for v in _VARS if v.secret)
+
+
+def __getattr__(name: str) -> Any:  # envs.GPUBAKE_CACHE: the value now
+    if name in VARIABLES:
+        return value(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *VARIABLES])
+
+
+def markdown() -> str:
+    """docs/environment.md: every variable, by side (a test keeps the file equal to this)."""
+    out = [
+        "# Environment variables",
+        "",
+        "Generated from `src/gpubake/envs.py` (`python -m gpubake.envs > docs/environment.md`); edit",
+        "the declarations there, not this file. Unset and empty are the same. Values marked",
+        "secret are never printed, logged or rendered.",
+        "",
+    ]
+    titles = {"build": "Build side (the machine that builds, publishes, launches)", "image": "Image side (inside an image: build steps, boot)"}
+    for side, title in titles.items():
+        out += [f"## {title}", "", "| variable | meaning | default | kind | set by |", "|---|---|---|---|---|"]
+        for v in _VARS:
+            if v.side != side:
+                continue
+            default = f"`{v.default}`" if v.default is not None else v.default_doc or "-"
+            cells = (f"`{v.name}`", v.meaning, default, v.kind + (", secret" if v.secret else ""), v.set_by or "-")
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gpubake.envs`: the Markdown table; `--values`: what is set now (secrets masked)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--values"]:
+        for v in _VARS:
+            text = raw(v.name)
+            if text is not None:
+                print(f"{v.name}={'***' if v.secret else text}")
+        return 0
+    if args:
+        print("usage: python -m gpubake.envs [--values]", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
