@@ -110,3 +110,122 @@ def test_forward_runs_the_bound_backend_and_never_reads_the_environment(monkeypa
     bind_backends(net, backends.get_backend("cpu-reference"))
     calls.clear()
     assert torch.equal(net(x), y) and calls == ["cpu-reference"] * 2
+
+
+# ------------------------------------------------------- static activation scale (issue 14)
+
+def _static_layer(g=0.02, **kw):
+    torch.manual_seed(1)
+    return NVFP4Linear.from_linear(nn.Linear(64, 48), input_global_scale=g, **kw)
+
+
+def test_static_scale_is_an_optional_state_dict_key():
+    """`P.input_global_scale`: absent by default, a float32 [] when the layer has one; a
+    fresh layer loads it from a state dict that holds it, keeps it through a dtype cast."""
+    from gpubake.kernels.format import INPUT_GLOBAL_SCALE_KEY
+
+    assert INPUT_GLOBAL_SCALE_KEY == "input_global_scale"
+    plain = NVFP4Linear.from_linear(nn.Linear(64, 48))
+    assert plain.input_global_scale is None and INPUT_GLOBAL_SCALE_KEY not in plain.state_dict()
+    m = _static_layer()
+    sd = m.state_dict()
+    assert sd["input_global_scale"].dtype == torch.float32 and sd["input_global_scale"].shape == ()
+    assert float(sd["input_global_scale"]) == pytest.approx(0.02)
+    net = nn.Sequential(NVFP4Linear(64, 48))
+    net.load_state_dict({f"0.{k}": v for k, v in sd.items()})  # strict: the key is expected
+    assert torch.equal(net[0].input_global_scale, sd["input_global_scale"])
+    assert "static_input_scale=True" in repr(net)
+    net.to(torch.bfloat16)
+    assert net[0].input_global_scale.dtype == torch.float32
+    built = NVFP4Linear(64, 48, static_input_scale=True)  # what the loader builds (on meta)
+    with pytest.raises(RuntimeError, match="Missing key.*input_global_scale"):
+        built.load_state_dict(plain.state_dict())
+    m.set_input_global_scale(None)
+    assert m.input_global_scale is None and set(m.state_dict()) == set(plain.state_dict())
+
+
+@pytest.mark.parametrize(("value", "pattern"), [
+    (torch.tensor(0.0), r"0\.0 must be finite and >= 2\*\*-120"),
+    (torch.tensor(float("inf")), "inf must be finite"),
+    (torch.tensor(float("nan")), "nan must be finite"),
+    (torch.tensor(0.02, dtype=torch.bfloat16), r"expected a float32 scalar \(shape \[\]\), got torch.bfloat16 \[\]"),
+    (torch.tensor([0.02]), r"got torch.float32 \[1\]"),
+])
+def test_bad_static_scale_in_a_state_dict_names_the_key(value, pattern):
+    sd = {f"blk.0.{k}": v for k, v in _static_layer().state_dict().items()}
+    sd["blk.0.input_global_scale"] = value
+    net = nn.Sequential()
+    net.add_module("blk", nn.Sequential(NVFP4Linear(64, 48)))
+    with pytest.raises(KernelError, match=r"^blk\.0\.input_global_scale: .*" + pattern) as exc:
+        net.load_state_dict(sd)
+    assert "\n" not in str(exc.value)
+    assert net.blk[0].input_global_scale is None  # nothing half-loaded
+    with pytest.raises(KernelError, match="input_global_scale"):
+        NVFP4Linear(64, 48).set_input_global_scale(0.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu-reference", "dequant-bf16"])
+def test_static_scale_changes_nothing_where_activations_are_not_nvfp4(backend, monkeypatch):
+    """cpu-reference and dequant-bf16 (the latter with its CUDA check lifted: Triton under
+    the interpreter) compute W4A16: the layer with a static scale gives the same output."""
+    from gpubake.kernels import backends
+
+    monkeypatch.setattr(backends.DequantBf16, "needs_cuda", False)
+    m = _static_layer(backend=backend)
+    x = torch.randn(3, 5, 64).bfloat16()
+    with torch.no_grad():
+        y = m(x)
+        m.set_input_global_scale(None)
+        assert torch.equal(m(x), y)
+        assert torch.isfinite(y).all() and y.shape == (3, 5, 48)
+
+
+def test_static_scale_drives_the_native_backend_through_the_layer(emulated_blackwell):
+    """The layer hands its static scale to blackwell-native (emulated on the CPU): the output
+    is the GEMM of `quantize_ref(x, g_static)`, not of the dynamic quantization; a new value
+    (set or loaded) replaces the prepared weight."""
+    from gpubake.kernels.format import quantize_ref
+
+    m = _static_layer(g=0.004)
+    m.bind_backend(emulated_blackwell)
+    x = torch.randn(2, 7, 64).bfloat16() * 3
+    x[0, 0, 5] = 50.0  # beyond the calibrated amax (0.004 * 2688 = 10.75): saturates
+
+    def expect(g):
+        qx = quantize_ref(x, g)
+        a = dequantize_ref(qx, torch.float64)
+        return (a @ dequantize_ref(m.nvfp4_weight(), torch.float64).t() + m.bias.double()).to(x.dtype)
+
+    with torch.no_grad():
+        y = m(x)
+        assert torch.allclose(y.float(), expect(m.input_global_scale).float(), rtol=1e-2, atol=1e-2)
+        m.set_input_global_scale(None)
+        y_dyn = m(x)
+        assert torch.allclose(y_dyn.float(), expect(None).float(), rtol=1e-2, atol=1e-2)
+        assert (y_dyn[0, 0] - y[0, 0]).abs().max() > 1.0  # the outlier is clipped only with the static scale
+        sd = _static_layer(g=0.05).state_dict()
+        m.load_state_dict(sd)
+        assert torch.allclose(m(x).float(), expect(torch.tensor(0.05)).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_selfcheck_checks_the_static_scale_on_the_native_backend(monkeypatch, emulated_blackwell):
+    """On blackwell-native (emulated on the CPU) the self-check also runs each GEMM with a
+    calibrated static scale and fails when that path is wrong."""
+    from gpubake.kernels import selfcheck as sc
+    from gpubake.kernels.backends import BlackwellNative
+
+    monkeypatch.setattr(sc, "select_backend", lambda dev: emulated_blackwell)
+    r = sc.selfcheck("cpu")
+    assert r["ok"] is True and r["backend"] == "blackwell-native"
+    assert 0.03 < r["static_scale_max_rel_error"] <= r["tolerance"]  # measured 0.147 (ragged shape)
+    assert 0.03 < r["max_rel_error"] <= r["tolerance"]
+
+    class WrongStatic(type(emulated_blackwell)):
+        def prepare(self, w, input_global_scale=None):  # a scale 1000x too small: everything saturates
+            g = None if input_global_scale is None else input_global_scale / 1000
+            return BlackwellNative.prepare(self, w, g)
+
+    monkeypatch.setattr(sc, "select_backend", lambda dev: WrongStatic())
+    bad = sc.selfcheck("cpu")
+    assert bad["ok"] is False and bad["static_scale_max_rel_error"] > 0.5
+    assert bad["max_rel_error"] == r["max_rel_error"]

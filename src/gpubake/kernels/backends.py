@@ -5,7 +5,7 @@ run-time form ONCE (`prepare`, at load) and computes ``y = x @ W.T + bias`` (`ap
 
 | name               | devices              | weight at run time                     | activations        |
 |--------------------|----------------------|----------------------------------------|--------------------|
-| `blackwell-native` | sm_100, sm_120       | FP4 bytes + swizzled E4M3 scales       | NVFP4 on the fly   |
+| `blackwell-native` | sm_100, sm_120       | FP4 bytes + swizzled E4M3 scales       | NVFP4 on the fly (1)|
 | `hopper-fp8`       | sm_89, sm_90         | FP4 in memory -> E4M3 scratch per call | FP8 per token      |
 | `dequant-bf16`     | any CUDA GPU         | FP4 in memory -> bf16 scratch per call | as given (bf16)    |
 | `cpu-reference`    | anywhere (plain torch)| dequantized in float32                | as given           |
@@ -16,6 +16,12 @@ runs on the architectures that default to it (`dequant-bf16`: any CUDA GPU).
 takes ``GPUBAKE_NVFP4_BACKEND=<name>`` over that default; asking for a backend the device
 cannot run is a `KernelError` naming both. The environment is read there, at load: an
 `NVFP4Linear` runs the backend bound to it (`linear.bind_backends`, by the runtime plan).
+
+(1) With the layer's static activation global scale (`format.INPUT_GLOBAL_SCALE_KEY`, from
+a published checkpoint's calibration) when it has one, else the activations' own per-call
+amax. Only W4A4 quantizes activations to NVFP4, so only `blackwell-native` uses it
+(`uses_static_input_scale`); the other backends quantize activations their own way (FP8
+per token, or not at all) and ignore it: same output with or without.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class PreparedWeight:
 
     weight: NVFP4Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    # static activation global scale (float32 [], amax / 2688) or None: dynamic per call
+    input_global_scale: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -67,6 +75,8 @@ class GemmBackend:
     name: ClassVar[str] = ""
     needs_cuda: ClassVar[bool] = True
     caps: ClassVar[tuple[tuple[int, int], ...] | None] = None  # None: any CUDA GPU
+    # whether `apply` quantizes activations with `PreparedWeight.input_global_scale`
+    uses_static_input_scale: ClassVar[bool] = False
 
     def supports(self, device: torch.device) -> bool:
         return self.supports_capability(capability(device))
@@ -91,14 +101,23 @@ class GemmBackend:
                 f"{self.name}: needs CUDA tensors, got activations on {x.device} and "
                 f"weight on {pw.weight.data.device}")
 
-    def prepare(self, w: NVFP4Tensor) -> PreparedWeight:
+    def prepare(self, w: NVFP4Tensor, input_global_scale: torch.Tensor | None = None) -> PreparedWeight:
+        """The run-time form of `w`; `input_global_scale`: the layer's static activation
+        global scale (checked at load, `format.check_static_scale`), kept for the backends
+        that use it."""
         if len(w.shape) != 2 or w.shape[1] % BLOCK:
             raise KernelError(f"{self.name}: weight shape {tuple(w.shape)}: need 2-D [N, K], K % 16 == 0")
         if w.data.dtype != torch.uint8 or w.block_scale.dtype != torch.float8_e4m3fn:
             raise KernelError(
                 f"{self.name}: weight dtypes {w.data.dtype}/{w.block_scale.dtype}, "
                 "need uint8 data and float8_e4m3fn scales")
-        return PreparedWeight(w)
+        if input_global_scale is not None and (input_global_scale.numel() != 1
+                                               or input_global_scale.dtype != torch.float32):
+            raise KernelError(
+                f"{self.name}: static input global scale must be one float32 value, got "
+                f"{input_global_scale.dtype} {list(input_global_scale.shape)}")
+        return PreparedWeight(w, input_global_scale=None if input_global_scale is None
+                              else input_global_scale.reshape(()))
 
     def cache_weight(self, pw: PreparedWeight) -> None:
         """Keep the run-time form of the weight instead of re-expressing it per call.
@@ -117,8 +136,8 @@ class CpuReference(GemmBackend):
     name = "cpu-reference"
     needs_cuda = False
 
-    def prepare(self, w: NVFP4Tensor) -> PreparedWeight:
-        pw = super().prepare(w)
+    def prepare(self, w: NVFP4Tensor, input_global_scale: torch.Tensor | None = None) -> PreparedWeight:
+        pw = super().prepare(w, input_global_scale)  # W4A16: the static scale is not used
         pw.extras["w"] = dequantize_ref(w, torch.float32)
         return pw
 
@@ -192,10 +211,10 @@ class HopperFp8(GemmBackend):
         # the norm/modulation that produced x instead of a separate pass over x.
         self.fuse_act_quant_when_compiling = False
 
-    def prepare(self, w):
+    def prepare(self, w, input_global_scale=None):
         from gpubake.kernels.convert_triton import fp8_row_factors
 
-        pw = super().prepare(w)
+        pw = super().prepare(w, input_global_scale)  # activations are FP8 per token: not used
         pw.extras["fp8_factors"] = fp8_row_factors(w)  # per-row power of two, row scale
         return pw
 
@@ -228,21 +247,34 @@ class HopperFp8(GemmBackend):
 class BlackwellNative(GemmBackend):
     """W4A4 on FP4 tensor cores: activations NVFP4-quantized on the fly (Triton, scales
     written pre-swizzled), weight scales swizzled once at `prepare`, then
-    ``torch._scaled_mm(a_fp4, b_fp4.t(), sa, sb) * (g_a * g_w) + bias``."""
+    ``torch._scaled_mm(a_fp4, b_fp4.t(), sa, sb) * (g_a * g_w) + bias``.
+
+    g_a is the layer's static activation global scale when it has one (a published
+    checkpoint's calibration, `PreparedWeight.input_global_scale`), else computed from the
+    activations' amax on every call. The static case is LightX2V's W4A4 recipe
+    (ModelTC/LightX2V f8aee98, lightx2v/common/ops/mm/mm_weight.py:641-644 and 1238-1248:
+    ``scaled_nvfp4_quant(x, input_global_scale)`` then ``cutlass_scaled_nvfp4_mm(..., alpha)``
+    with ``alpha = 1 / (input_global_scale * weight_global_scale)``, lines 1042-1066), in
+    gpubake's convention g = 1 / LightX2V's scale, so alpha = g_a * g_w as in the dynamic case.
+    Values beyond the calibrated amax saturate (block scale 448, element +-6: `format`)."""
 
     name = "blackwell-native"
     caps = archs.capabilities_defaulting_to("blackwell-native")  # sm_100, sm_103, sm_120, sm_121
+    uses_static_input_scale = True
 
-    def prepare(self, w):
-        pw = super().prepare(w)
+    def prepare(self, w, input_global_scale=None):
+        pw = super().prepare(w, input_global_scale)
         pw.extras["scale_swizzled"] = swizzle_scales(w.block_scale)
         return pw
 
     def operands(self, x2d: torch.Tensor, pw: PreparedWeight) -> dict[str, torch.Tensor]:
-        """What `apply` hands to `torch._scaled_mm` (checked bit-exactly on the CPU)."""
+        """What `apply` hands to `torch._scaled_mm` (checked bit-exactly on the CPU).
+
+        With a static scale the quantizer reads it from device memory: no amax pass, no sync."""
         from gpubake.kernels.quantize_triton import quantize
 
-        qa = quantize(x2d, swizzled=True)
+        g = pw.input_global_scale
+        qa = quantize(x2d, None if g is None else g.to(x2d.device), swizzled=True)
         return {
             "a": qa.data, "b": pw.weight.data,
             "scale_a": qa.block_scale, "scale_b": pw.extras["scale_swizzled"],

@@ -32,6 +32,10 @@ Special values (each is tested in tests/kernels):
 * global scale: from the max |x| over FINITE elements, floored at ``2**-120`` so that
   ``1 / (global_scale * 2**-6)`` stays finite (an all-zero tensor gets ``2**-120``).
   A caller-given global scale must be finite and >= ``2**-120``.
+* caller-given (static) global scale smaller than the data's: values above
+  ``6 * 448 * global_scale`` saturate like ``+-inf`` (block scale 448, element ``+-6``),
+  so they dequantize to ``+-6 * 448 * global_scale`` (the calibrated amax of a static
+  activation scale, `INPUT_GLOBAL_SCALE_KEY`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,16 @@ SCALE_KEY = "weight_scale"                # NVFP4Tensor.block_scale, float8_e4m3
 GLOBAL_SCALE_KEY = "weight_global_scale"  # NVFP4Tensor.global_scale, float32 []
 WEIGHT_KEYS = (PACKED_KEY, SCALE_KEY, GLOBAL_SCALE_KEY)
 
+# Optional, per quantized linear: a STATIC activation global scale, float32 [] (0-dim), in
+# gpubake's convention: calibrated input amax / 2688 (`global_scale_from_amax` of it), the
+# `global_scale` the activations are quantized with instead of their own per-call amax.
+# Published NVFP4 checkpoints carry it (LightX2V: `P.input_global_scale` = 2688 / amax, the
+# INVERSE, so gpubake's value is 1 / LightX2V's; its `P.alpha` = 1 / (input_global_scale x
+# weight_global_scale) is, in gpubake's convention, g_a * g_w, which the native backend
+# computes and so never stores). Absent: activations get a dynamic per-tensor global scale.
+# Only `blackwell-native` (W4A4) uses it; see docs/kernels.md "Static activation scales".
+INPUT_GLOBAL_SCALE_KEY = "input_global_scale"  # float32 [], amax / 2688, >= 2**-120
+
 
 def weight_tensors(q: NVFP4Tensor) -> dict[str, torch.Tensor]:
     """{name: tensor} of a quantized weight as stored, by `WEIGHT_KEYS` (global scale 0-dim)."""
@@ -116,6 +130,20 @@ def check_global_scale(global_scale: float | torch.Tensor, device: torch.device)
     if not (value >= MIN_GLOBAL_SCALE and value < float("inf")):
         raise KernelError(f"global_scale: {value!r} must be finite and >= 2**-120")
     return g
+
+
+def check_static_scale(t: torch.Tensor, what: str = INPUT_GLOBAL_SCALE_KEY) -> None:
+    """A stored static activation global scale: float32, 0-dim, finite and >= 2**-120.
+
+    Read once at load (a CUDA value syncs here, not per call); a meta tensor has no value."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 0:
+        got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise KernelError(f"{what}: expected a float32 scalar (shape []), got {got}")
+    if t.is_meta:
+        return
+    value = float(t)
+    if not (value >= MIN_GLOBAL_SCALE and value < float("inf")):
+        raise KernelError(f"{what}: {value!r} must be finite and >= 2**-120 (calibrated input amax / 2688)")
 
 
 # ------------------------------------------------------------------ element encoding

@@ -6,8 +6,14 @@ State dict of a layer ``P`` (what checkpoints hold)::
     P.weight_scale         float8_e4m3fn  [out, in // 16]  (row-major; swizzled at load if needed)
     P.weight_global_scale  float32        []
     P.bias                 bias dtype     [out]            (absent when bias=False)
+    P.input_global_scale   float32        []               (optional: static activation scale)
 
-All are buffers (nothing here trains); the names are `format.WEIGHT_KEYS`. The backend's
+All are buffers (nothing here trains); the names are `format.WEIGHT_KEYS` and
+`format.INPUT_GLOBAL_SCALE_KEY`. The static activation global scale (calibrated input amax
+/ 2688, gpubake's convention; published checkpoints carry it) is absent (None) unless the
+layer is built with ``static_input_scale=True``, given one (`set_input_global_scale`) or
+loads a state dict that holds it; `blackwell-native` quantizes the activations with it,
+the other backends ignore it (`backends.GemmBackend.uses_static_input_scale`). The backend's
 run-time form of the weight is built on the first forward after construction,
 `load_state_dict`, `.to()` or a new binding.
 
@@ -25,7 +31,16 @@ from torch import nn
 
 from gpubake.errors import KernelError
 from gpubake.kernels.backends import GemmBackend, PreparedWeight, default_backend, get_backend
-from gpubake.kernels.format import BLOCK, GLOBAL_SCALE_KEY, PACKED_KEY, SCALE_KEY, NVFP4Tensor, weight_tensors
+from gpubake.kernels.format import (
+    BLOCK,
+    GLOBAL_SCALE_KEY,
+    INPUT_GLOBAL_SCALE_KEY,
+    PACKED_KEY,
+    SCALE_KEY,
+    NVFP4Tensor,
+    check_static_scale,
+    weight_tensors,
+)
 from gpubake.kernels.quantizer import quantize
 
 
@@ -34,7 +49,7 @@ class NVFP4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, static_input_scale: bool = False) -> None:
         super().__init__()
         if in_features % BLOCK:
             raise KernelError(f"NVFP4Linear: in_features={in_features} is not a multiple of {BLOCK}")
@@ -49,6 +64,9 @@ class NVFP4Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_buffer("bias", None)
+        # static activation global scale: a placeholder that loading fills, or None (dynamic)
+        self.register_buffer(INPUT_GLOBAL_SCALE_KEY, torch.ones((), dtype=torch.float32, device=device)
+                             if static_input_scale else None)
         self._backend: GemmBackend | None = get_backend(backend) if backend else None
         # keep the backend's run-time weight (GemmBackend.cache_weight): set by the
         # runtime for small-M layers, where the per-call re-expression dominates
@@ -60,8 +78,10 @@ class NVFP4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, global_scale: float | torch.Tensor | None = None,
-                    backend: str | None = None) -> "NVFP4Linear":
-        """Quantize an `nn.Linear` (`quantizer.quantize`: Triton on CUDA, the reference elsewhere; same bytes)."""
+                    backend: str | None = None,
+                    input_global_scale: float | torch.Tensor | None = None) -> "NVFP4Linear":
+        """Quantize an `nn.Linear` (`quantizer.quantize`: Triton on CUDA, the reference elsewhere; same bytes);
+        `input_global_scale`: a static activation global scale (amax / 2688), None: dynamic."""
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   device=w.device, dtype=(linear.bias.dtype if linear.bias is not None else w.dtype),
@@ -69,7 +89,20 @@ class NVFP4Linear(nn.Module):
         mod.load_nvfp4(quantize(w, global_scale))
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
+        mod.set_input_global_scale(input_global_scale)
         return mod
+
+    def set_input_global_scale(self, g: float | torch.Tensor | None) -> None:
+        """Set (or, with None, remove) the static activation global scale: amax / 2688 of
+        the calibrated input, `format.INPUT_GLOBAL_SCALE_KEY`'s convention. Read it as
+        ``layer.input_global_scale`` (None: activations get a per-call global scale)."""
+        if g is None:
+            self._buffers[INPUT_GLOBAL_SCALE_KEY] = None
+        else:
+            t = torch.as_tensor(g, dtype=torch.float32).detach().reshape(())
+            check_static_scale(t, INPUT_GLOBAL_SCALE_KEY)
+            self._buffers[INPUT_GLOBAL_SCALE_KEY] = t.to(self._buffers[GLOBAL_SCALE_KEY].device).clone()
+        self._prepared = None
 
     def load_nvfp4(self, q: NVFP4Tensor) -> None:
         """Copy a quantized weight [out, in] into the buffers."""
@@ -111,22 +144,22 @@ class NVFP4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared is None or self._prepared[0] != x.device:
             b = self.backend(x.device)
-            pw = b.prepare(self.nvfp4_weight())
+            pw = b.prepare(self.nvfp4_weight(), self._buffers[INPUT_GLOBAL_SCALE_KEY])
             if self.keep_runtime_weight:
                 b.cache_weight(pw)
             self._prepared = (x.device, b, pw)
         _, b, pw = self._prepared
         return b.apply(x, pw, self.bias)
 
-    _FIXED_DTYPE = (SCALE_KEY, GLOBAL_SCALE_KEY)
+    _FIXED_DTYPE = (SCALE_KEY, GLOBAL_SCALE_KEY, INPUT_GLOBAL_SCALE_KEY)
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half(): buffers move, the prepared cache dies, and the
         format's own dtypes survive a model-wide dtype cast (float8 scales and the
-        float32 global scale are floating point, so `.to(torch.bfloat16)` would
+        float32 global scales are floating point, so `.to(torch.bfloat16)` would
         otherwise convert them; the bias does follow the cast)."""
         self._prepared = None
-        keep = {n: self._buffers[n] for n in self._FIXED_DTYPE}
+        keep = {n: self._buffers[n] for n in self._FIXED_DTYPE if self._buffers[n] is not None}
         out = super()._apply(fn, recurse)
         for n, old in keep.items():
             new = self._buffers[n]
@@ -134,13 +167,22 @@ class NVFP4Linear(nn.Module):
                 self._buffers[n] = old.to(device=new.device)
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """The optional static activation scale is loaded when the state dict holds it
+        (checked: float32 scalar, finite, >= 2**-120; one line naming the key)."""
         self._prepared = None
-        return super()._load_from_state_dict(*args, **kwargs)
+        key = prefix + INPUT_GLOBAL_SCALE_KEY
+        if key in state_dict:
+            check_static_scale(state_dict[key], key)
+            if self._buffers[INPUT_GLOBAL_SCALE_KEY] is None:
+                self._buffers[INPUT_GLOBAL_SCALE_KEY] = torch.ones(
+                    (), dtype=torch.float32, device=self._buffers[GLOBAL_SCALE_KEY].device)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
+        static = ", static_input_scale=True" if self._buffers[INPUT_GLOBAL_SCALE_KEY] is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, format=nvfp4")
+                f"bias={self.bias is not None}, format=nvfp4{static}")
 
 
 def bind_backends(model: nn.Module, backend: GemmBackend | str) -> int:

@@ -139,6 +139,15 @@ def quantized_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
     return {k[: -len(suffix)] for k in actual if k.endswith(suffix)}
 
 
+def static_scale_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
+    """Modules whose checkpoint holds the optional static activation scale
+    (`.input_global_scale`, `format.INPUT_GLOBAL_SCALE_KEY`: published W4A4 checkpoints)."""
+    from gpubake.kernels.format import INPUT_GLOBAL_SCALE_KEY
+
+    suffix = "." + INPUT_GLOBAL_SCALE_KEY
+    return {k[: -len(suffix)] for k in actual if k.endswith(suffix)}
+
+
 def check_tensors(actual: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
     """One line naming the first missing, extra or mis-shaped key."""
     for key in sorted(expected):

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gpubake.errors import KernelError
 from gpubake.provisioning import layout, trust
 from gpubake.provisioning.layout import CheckpointError
 from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest, verify_tree
@@ -45,8 +46,9 @@ def checkpoint_format(path: Path) -> str:
     return "bf16"
 
 
-def swap_linears(model: Any, modules: set[str]) -> None:
-    """Replace each named nn.Linear of `model` with an NVFP4Linear of the same shape (meta)."""
+def swap_linears(model: Any, modules: set[str], static: set[str] = frozenset()) -> None:
+    """Replace each named nn.Linear of `model` with an NVFP4Linear of the same shape (meta);
+    those in `static` expect the optional static activation scale (`layout.static_scale_modules`)."""
     import torch
 
     from gpubake.kernels.linear import NVFP4Linear
@@ -58,7 +60,8 @@ def swap_linears(model: Any, modules: set[str]) -> None:
         if not isinstance(old, torch.nn.Linear):
             raise CheckpointError(f"{name}: stored as NVFP4 but is not a Linear in WanTransformer3DModel")
         with torch.device("meta"):
-            new = NVFP4Linear(old.in_features, old.out_features, bias=old.bias is not None)
+            new = NVFP4Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                              static_input_scale=name in static)
         setattr(parent, child, new)
 
 
@@ -74,7 +77,7 @@ def load_expert(expert: Path, dtype: Any = None, device: str = "cpu") -> Any:
     model = layout.empty_transformer(cfg)
     quantized = layout.quantized_modules(actual)
     if quantized:
-        swap_linears(model, quantized)
+        swap_linears(model, quantized, layout.static_scale_modules(actual))
     expected, _ = layout.expected_shapes(model)
     layout.check_tensors(actual, expected, str(expert))
 
@@ -89,7 +92,10 @@ def load_expert(expert: Path, dtype: Any = None, device: str = "cpu") -> Any:
                 state[key] = t.to(torch.float32)
             else:
                 state[key] = t.to(dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except KernelError as exc:  # a bad static activation scale, named by its key
+        raise CheckpointError(f"{expert}: {exc}") from None
     model.to(device)
     model.eval()
     return model
