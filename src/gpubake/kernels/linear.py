@@ -6,6 +6,8 @@ State dict of a layer ``P`` (what checkpoints hold)::
     P.weight_scale         float8_e4m3fn  [out, in // 16]  (row-major; swizzled at load if needed)
     P.weight_global_scale  float32        []
     P.bias                 bias dtype     [out]            (absent when bias=False)
+    P.input_global_scale   float32        []               optional: a static activation scale
+                                                           (amax / 2688, imported checkpoints)
 
 All are buffers (nothing here trains). The backend's run-time form of the weight is
 built on the first forward after construction, `load_state_dict` or `.to()`.
@@ -41,6 +43,8 @@ class NVFP4Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_buffer("bias", None)
+        # set (a float32 [] tensor) only for checkpoints that carry one; not used by the GEMMs yet
+        self.register_buffer("input_global_scale", None)
         self.backend_name = backend
         # keep the backend's run-time weight (GemmBackend.cache_weight): set by the
         # runtime for small-M layers, where the per-call re-expression dominates
@@ -106,7 +110,7 @@ class NVFP4Linear(nn.Module):
             self._prepared = (*key, pw)
         return b.apply(x, self._prepared[2], self.bias)
 
-    _FIXED_DTYPE = ("weight_scale", "weight_global_scale")
+    _FIXED_DTYPE = ("weight_scale", "weight_global_scale", "input_global_scale")
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half(): buffers move, the prepared cache dies, and the
@@ -114,7 +118,7 @@ class NVFP4Linear(nn.Module):
         float32 global scale are floating point, so `.to(torch.bfloat16)` would
         otherwise convert them; the bias does follow the cast)."""
         self._prepared = None
-        keep = {n: self._buffers[n] for n in self._FIXED_DTYPE}
+        keep = {n: self._buffers[n] for n in self._FIXED_DTYPE if self._buffers[n] is not None}
         out = super()._apply(fn, recurse)
         for n, old in keep.items():
             new = self._buffers[n]

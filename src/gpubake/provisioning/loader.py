@@ -44,8 +44,9 @@ def checkpoint_format(path: Path) -> str:
     return "bf16"
 
 
-def swap_linears(model: Any, modules: set[str]) -> None:
-    """Replace each named nn.Linear of `model` with an NVFP4Linear of the same shape (meta)."""
+def swap_linears(model: Any, modules: set[str], input_scaled: set[str] = frozenset()) -> None:
+    """Replace each named nn.Linear of `model` with an NVFP4Linear of the same shape (meta);
+    those in `input_scaled` get the optional `input_global_scale` buffer."""
     import torch
 
     from gpubake.kernels.linear import NVFP4Linear
@@ -58,6 +59,8 @@ def swap_linears(model: Any, modules: set[str]) -> None:
             raise CheckpointError(f"{name}: stored as NVFP4 but is not a Linear in WanTransformer3DModel")
         with torch.device("meta"):
             new = NVFP4Linear(old.in_features, old.out_features, bias=old.bias is not None)
+            if name in input_scaled:
+                new.input_global_scale = torch.ones((), dtype=torch.float32)
         setattr(parent, child, new)
 
 
@@ -73,7 +76,7 @@ def load_expert(expert: Path, dtype: Any = None, device: str = "cpu") -> Any:
     model = layout.empty_transformer(cfg)
     quantized = layout.quantized_modules(actual)
     if quantized:
-        swap_linears(model, quantized)
+        swap_linears(model, quantized, {k.rpartition(".")[0] for k in actual if k.endswith(".input_global_scale")})
     expected, _ = layout.expected_shapes(model)
     layout.check_tensors(actual, expected, str(expert))
 
