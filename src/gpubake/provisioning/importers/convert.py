@@ -71,6 +71,7 @@ class ExpertPlan:
     config_path: Path
     config: dict[str, Any]
     names: dict[str, str]                       # diffusers name -> source key
+    naming: str = "diffusers"                   # the source's: original | diffusers
     kept: dict[str, TensorInfo] = field(default_factory=dict)
     quantized: dict[str, QLayer] = field(default_factory=dict)
 
@@ -188,7 +189,7 @@ def _plan_expert(expert: Expert, fmt: str, base_root: Path | None) -> ExpertPlan
     if cfg_path is None:
         raise SourceError(f"{where}: no config.json for {expert.name}; pass --base with the matching diffusers checkpoint")
     config = {k: v for k, v in layout.transformer_config(cfg_path.parent).items() if k not in DROPPED_CONFIG_KEYS}
-    plan = ExpertPlan(expert, prod, cfg_path, config, names)
+    plan = ExpertPlan(expert, prod, cfg_path, config, names, naming)
     expected, linears = layout.expected_shapes(layout.empty_transformer(config))
     groups: dict[str, dict[str, TensorInfo]] = {}
     for name, key in sorted(names.items()):
@@ -204,14 +205,27 @@ def _plan_expert(expert: Expert, fmt: str, base_root: Path | None) -> ExpertPlan
                               f"with {cfg_path})")
     for module in sorted(linears):
         _plan_linear(plan, module, dict(groups.get(module, {})), expected, where)
+    covered = set(plan.kept) | {f"{m}.weight" for m in plan.quantized}
     for name in sorted(expected):
-        module = name.rpartition(".")[0]
-        if name not in plan.kept and module not in plan.quantized:
-            raise SourceError(f"{where}: missing tensor {name!r} (diffusers name; shape {list(expected[name])})")
+        if name not in covered:
+            raise SourceError(f"{where}: missing tensor {_stored_name(plan, name)} (shape {list(expected[name])})")
     read = Reader()
     for module, q in plan.quantized.items():
         q.scalars = prod.scalars(module, lambda s, q=q: read(q.parts[s]), lambda s, q=q: q.parts[s].where(), set(q.parts))
     return plan
+
+
+def _stored_name(plan: ExpertPlan, name: str) -> str:
+    """How the source would have named the diffusers tensor `name` (for errors)."""
+    keys = list(plan.expert.tensors)
+    prefix = next((p for p in wan_names.PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
+    if plan.naming == "diffusers":
+        return f"{prefix}{name}"
+    try:
+        (orig,) = wan_names.to_original([name])
+    except wan_names.NamingError:
+        return f"{name} (diffusers name)"
+    return f"{prefix}{orig} ({name} in diffusers' names)"
 
 
 def _check_kept(info: TensorInfo, shape: tuple[int, ...]) -> None:
@@ -249,7 +263,8 @@ def _plan_linear(plan: ExpertPlan, module: str, parts: dict[str, TensorInfo],
     required, optional = prod.wants(module, out_f, in_f, set(parts))
     for suffix in required:
         if suffix not in parts:
-            raise SourceError(f"{where}: missing tensor {module}.{suffix} (diffusers name) of a {prod.name} NVFP4 layer")
+            stored_as = parts["weight"].key.rpartition(".")[0] if "weight" in parts else module
+            raise SourceError(f"{where}: missing tensor {stored_as}.{suffix} of a {prod.name} NVFP4 layer")
     for suffix, info in parts.items():
         want = required.get(suffix) or optional.get(suffix)
         if want is None:
