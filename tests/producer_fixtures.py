@@ -240,7 +240,8 @@ def lightx2v_weight(sd: dict[str, torch.Tensor], module: str, out_f: int, in_f: 
         alpha = sd[f"{module}.alpha"].to(torch.bfloat16).to(torch.float32).double()
         igs = sd[f"{module}.input_global_scale"].to(torch.bfloat16).to(torch.float32).double()
         g = alpha * igs
-    else:  # test_bench1.py dequantize_to_dtype: tensor_sf.to(torch.float32) / global_scale
+    else:  # test_bench1.py dequantize_to_dtype: tensor_sf.to(torch.float32) / global_scale (here in float64:
+        # the one product that is not exact, 53 bits against float32's 24)
         g = 1.0 / sd[f"{module}.weight_global_scale"].to(torch.bfloat16).to(torch.float32).double()
     w = codes.reshape(out_f, in_f // 16, 16) * (sf * g).unsqueeze(-1)
     return w.reshape(out_f, in_f).to(torch.float32)

@@ -125,3 +125,18 @@ def test_a_layer_in_another_comfy_format_is_refused(comfy_source, tiny_checkpoin
     err = " ".join(capsys.readouterr().err.split())
     assert f"{path}: blocks.2.ffn.0.comfy_quant: format 'int8_tensorwise'; only nvfp4" in err
     assert not dest.exists()
+
+
+def test_loader_exposes_the_static_activation_scale(comfy_source, comfy_imported):
+    """The loader keeps `P.input_global_scale` as an NVFP4Linear buffer (float32, through a
+    model-wide dtype cast); layers without one have none."""
+    from gpubake.provisioning.loader import load_expert
+
+    model = load_expert(comfy_imported / "transformer")
+    src = load_file(str(comfy_source / FILES["transformer"]))
+    q = model.get_submodule("blocks.1.attn2.to_k")
+    assert q.input_global_scale.dtype == torch.float32 and q.input_global_scale.shape == ()
+    assert float(q.input_global_scale) == float(src["blocks.1.cross_attn.k.input_scale"])
+    assert model.get_submodule("blocks.1.ffn.net.2").input_global_scale is None
+    model.to(torch.float16)
+    assert q.input_global_scale.dtype == torch.float32 and q.weight_global_scale.dtype == torch.float32
