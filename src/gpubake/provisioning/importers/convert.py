@@ -39,7 +39,6 @@ from gpubake.provisioning.importers.producer import Producer
 from gpubake.provisioning.importers.source import Expert, Source, SourceError, TensorInfo, discover, read_headers
 from gpubake.provisioning.manifest import (
     MANIFEST_NAME,
-    ManifestError,
     build_manifest,
     is_disk_full,
     normalise_modes,
@@ -127,14 +126,15 @@ def import_checkpoint(
         if sorted(experts) != sorted(source.experts):
             raise SourceError(f"{src_root}: holds {_experts_text(sorted(source.experts))}, but "
                               f"{index_root / 'model_index.json'} has {_experts_text(experts)}")
+        components = _components(index, experts, source, src_root, base_root)
+        # hashes first: a corrupt file is reported as corrupt, not as whatever it now looks like
+        src_files, base_files = _used_files(source, src_root, components, index_root, base_root)
+        src_record = _hashes(src_root, src_files)
+        base_record = _hashes(base_root, base_files) if base_root is not None and base_files else None
         plans = {e: _plan_expert(source.experts[e], fmt, base_root) for e in experts}
         formats = {p.producer.name for p in plans.values()}
         if len(formats) > 1:
             raise SourceError(f"{src_root}: the experts are in different formats ({', '.join(sorted(formats))})")
-        components = _components(index, experts, source, src_root, base_root)
-        src_files, base_files = _used_files(source, src_root, plans, components, index_root, base_root)
-        src_record = _hashes(src_root, src_files, "SRC")
-        base_record = _hashes(base_root, base_files, "--base") if base_root is not None and base_files else None
         mid = model_id or _manifest_model_id(base_root) or _manifest_model_id(src_root)
         t_check = time.monotonic() - t0
         result = _write(dest, plans, components, index_root, mid, progress, source, str(src),
@@ -183,11 +183,7 @@ def _plan_expert(expert: Expert, fmt: str, base_root: Path | None) -> ExpertPlan
         raise SourceError(f"{where}: {exc}") from None
     prod = producer(detect(expert, naming) if fmt == "auto" else fmt)
     prod.prepare(expert, names)
-    cfg_path = expert.config
-    if cfg_path is None and base_root is not None and (base_root / expert.name / "config.json").is_file():
-        cfg_path = base_root / expert.name / "config.json"
-    if cfg_path is None:
-        raise SourceError(f"{where}: no config.json for {expert.name}; pass --base with the matching diffusers checkpoint")
+    cfg_path = _config_path(expert, base_root)
     config = {k: v for k, v in layout.transformer_config(cfg_path.parent).items() if k not in DROPPED_CONFIG_KEYS}
     plan = ExpertPlan(expert, prod, cfg_path, config, names, naming)
     expected, linears = layout.expected_shapes(layout.empty_transformer(config))
@@ -213,6 +209,16 @@ def _plan_expert(expert: Expert, fmt: str, base_root: Path | None) -> ExpertPlan
     for module, q in plan.quantized.items():
         q.scalars = prod.scalars(module, lambda s, q=q: read(q.parts[s]), lambda s, q=q: q.parts[s].where(), set(q.parts))
     return plan
+
+
+def _config_path(expert: Expert, base_root: Path | None) -> Path:
+    """The expert's config.json: beside its shards (diffusers layout), else --base's."""
+    if expert.config is not None:
+        return expert.config
+    if base_root is not None and (base_root / expert.name / "config.json").is_file():
+        return base_root / expert.name / "config.json"
+    where = expert.files[0] if len(expert.files) == 1 else expert.files[0].parent
+    raise SourceError(f"{where}: no config.json for {expert.name}; pass --base with the matching diffusers checkpoint")
 
 
 def _stored_name(plan: ExpertPlan, name: str) -> str:
@@ -291,15 +297,15 @@ def _components(index: dict[str, Any], experts: list[str], source: Source, src_r
     return out
 
 
-def _used_files(source: Source, src_root: Path, plans: dict[str, ExpertPlan], components: dict[str, Path],
+def _used_files(source: Source, src_root: Path, components: dict[str, Path],
                 index_root: Path, base_root: Path | None) -> tuple[list[Path], list[Path]]:
     """The files read from the source and from --base (for hashes and the manifest)."""
     used: set[Path] = set()
-    for plan in plans.values():
-        used.update(plan.expert.files)
-        for d in {f.parent for f in plan.expert.files}:
+    for expert in source.experts.values():
+        used.update(expert.files)
+        for d in {f.parent for f in expert.files}:
             used.update(d.glob("*.safetensors.index.json"))
-        used.add(plan.config_path)
+        used.add(_config_path(expert, base_root))
     for comp in components.values():
         used.update(p for p in comp.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
     used.add(index_root / "model_index.json")
@@ -317,7 +323,7 @@ def _inside(p: Path, root: Path) -> bool:
         return False
 
 
-def _hashes(root: Path, files: list[Path], flag: str) -> dict[str, Any]:
+def _hashes(root: Path, files: list[Path]) -> dict[str, Any]:
     """sha256 and size of `files`, checked against `root`'s gpubake manifest if it has one."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -369,7 +375,7 @@ def _write(dest: Path, plans: dict[str, ExpertPlan], components: dict[str, Path]
                             "sqnr_db_min": None, "sqnr_db_mean": None},
             }
             record = {"format": fmt, "uri": src, "layout": source.layout,
-                      "experts": {n: sorted(src_rel(f, source.root) for f in p.expert.files) for n, p in plans.items()},
+                      "experts": {n: sorted(_src_rel(f, source.root) for f in p.expert.files) for n, p in plans.items()},
                       **src_record}
             write_manifest(tmp, build_manifest(tmp, fmt=FORMAT, model_id=model_id, source=record,
                                                base=None if base is None else {"uri": base, **(base_record or {})},
@@ -387,7 +393,7 @@ def _write(dest: Path, plans: dict[str, ExpertPlan], components: dict[str, Path]
     }
 
 
-def src_rel(f: Path, root: Path) -> str:
+def _src_rel(f: Path, root: Path) -> str:
     base = root if root.is_dir() else root.parent
     return f.resolve().relative_to(base.resolve()).as_posix()
 

@@ -16,7 +16,6 @@ for the low-noise ones, so high -> transformer and low -> transformer_2.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +147,7 @@ def _check_index(expert: Expert) -> None:
     dirs = {f.parent for f in expert.files}
     for d in dirs:
         for idx in d.glob("*.safetensors.index.json"):
-            wmap = json.loads(idx.read_text(encoding="utf-8")).get("weight_map") or {}
+            wmap = layout.read_json(idx).get("weight_map") or {}
             for key, shard in wmap.items():
                 info = expert.tensors.get(key)
                 if info is None:
@@ -159,9 +158,3 @@ def _check_index(expert: Expert) -> None:
                 if info.file.parent == d and key not in wmap:
                     raise SourceError(f"{info.file}: {key}: not in {idx.name}'s weight_map")
 
-
-def read_tensor(info: TensorInfo) -> Any:
-    from safetensors import safe_open
-
-    with safe_open(str(info.file), framework="pt") as sf:
-        return sf.get_tensor(info.key)
