@@ -70,6 +70,8 @@ CASES = {
                          "{f}: blocks.2.ffn.2.weight_scale_2: nan is not a non-negative finite scale"),
     "kept tensor reshaped": (lambda sd: _put(sd, "patch_embedding.weight", torch.ones(64, 16, 1, 2, 1)),
                              "{f}: patch_embedding.weight: shape [64, 16, 1, 2, 1], expected [64, 16, 1, 2, 2]"),
+    "packed weight missing": (lambda sd: sd.pop("blocks.0.ffn.2.weight"),
+                              "{f}: missing tensor blocks.0.ffn.2.weight of a comfy NVFP4 layer"),
     "quantized bias missing": (lambda sd: sd.pop("blocks.0.ffn.2.bias"),
                                "{f}: missing tensor blocks.0.ffn.2.bias (blocks.0.ffn.net.2.bias in diffusers' names)"),
 }

@@ -60,7 +60,6 @@ class QLayer:
     out_f: int
     in_f: int
     parts: dict[str, TensorInfo]
-    scalars: target.Layer | None = None
 
 
 @dataclass
@@ -206,8 +205,8 @@ def _plan_expert(expert: Expert, fmt: str, base_root: Path | None) -> ExpertPlan
         if name not in covered:
             raise SourceError(f"{where}: missing tensor {_stored_name(plan, name)} (shape {list(expected[name])})")
     read = Reader()
-    for module, q in plan.quantized.items():
-        q.scalars = prod.scalars(module, lambda s, q=q: read(q.parts[s]), lambda s, q=q: q.parts[s].where(), set(q.parts))
+    for module, q in plan.quantized.items():  # the scales' values, before anything is written
+        prod.scalars(module, lambda s, q=q: read(q.parts[s]), lambda s, q=q: q.parts[s].where(), set(q.parts))
     return plan
 
 
@@ -250,9 +249,12 @@ def _plan_linear(plan: ExpertPlan, module: str, parts: dict[str, TensorInfo],
         plan.kept[f"{module}.bias"] = bias
     elif bias is not None:
         raise SourceError(f"{bias.where()}: unexpected tensor ({module} has no bias in WanTransformer3DModel)")
-    if "weight" not in parts and not parts:
+    if not parts:
         return  # reported as missing by the caller
     prod = plan.producer
+    if "weight" not in parts and not prod.is_quantized(module, parts):
+        stored_as = next(iter(parts.values())).key.rpartition(".")[0]
+        raise SourceError(f"{where}: missing tensor {stored_as}.weight (its {', '.join(sorted(parts))} are here)")
     if not prod.is_quantized(module, parts):
         for suffix, info in parts.items():
             if suffix != "weight":
@@ -269,7 +271,7 @@ def _plan_linear(plan: ExpertPlan, module: str, parts: dict[str, TensorInfo],
     required, optional = prod.wants(module, out_f, in_f, set(parts))
     for suffix in required:
         if suffix not in parts:
-            stored_as = parts["weight"].key.rpartition(".")[0] if "weight" in parts else module
+            stored_as = (parts.get("weight") or next(iter(parts.values()))).key.rpartition(".")[0]
             raise SourceError(f"{where}: missing tensor {stored_as}.{suffix} of a {prod.name} NVFP4 layer")
     for suffix, info in parts.items():
         want = required.get(suffix) or optional.get(suffix)
