@@ -16,7 +16,7 @@ from gpubake.cli import _run
 README = Path(__file__).resolve().parents[1] / "README.md"
 BIN = Path(sys.executable).parent
 
-COMMANDS = ("build-image", "fetch", "make-tiny", "quantize", "fidelity", "selftest", "serve",
+COMMANDS = ("build-image", "fetch", "make-tiny", "quantize", "import", "fidelity", "selftest", "serve",
             "publish", "launch", "destroy", "remote", "push-weights")
 
 

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "fetch": "gpubake.provisioning.cli:fetch_cmd",
     "make-tiny": "gpubake.provisioning.cli:make_tiny_cmd",
     "quantize": "gpubake.provisioning.cli:quantize_cmd",
+    "import": "gpubake.provisioning.cli:import_cmd",
     "fidelity": "gpubake.provisioning.cli:fidelity_cmd",
     "selftest": "gpubake.smoke_tests.cli:selftest",
     "serve": "gpubake.provisioning.serving.cli:serve",

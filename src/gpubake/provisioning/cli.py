@@ -1,4 +1,4 @@
-"""CLI commands of the checkpoint pipeline: fetch, make-tiny, quantize, fidelity.
+"""CLI commands of the checkpoint pipeline: fetch, make-tiny, quantize, import, fidelity.
 
 Heavy imports (torch, diffusers, boto3, huggingface_hub) happen inside the commands.
 """
@@ -75,6 +75,23 @@ def quantize_cmd(
     result = quantize_checkpoint(src, dest, policy, device=device, progress=not json_out, model_id=model_id,
                                  trust_source=trust_source)
     _report(result, json_out, f"quantized {result['quantized_layers']} layers into {dest} (SQNR mean {result['sqnr_db_mean']} dB)")
+
+
+def import_cmd(
+    src: str = typer.Argument(..., help="The NVFP4 checkpoint: a local file or folder, or any fetch source (hf://, s3://, https://)."),
+    dest: Path = typer.Argument(..., help="Directory to create for the gpubake NVFP4 checkpoint."),
+    fmt: str = typer.Option("auto", "--format", help="Producer: auto (from names and metadata), lightx2v, modelopt or comfy."),
+    base: Optional[str] = typer.Option(None, "--base", help="The matching diffusers checkpoint, for what SRC lacks (text encoder, VAE, tokenizer, scheduler, configs)."),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="Registry id recorded in the manifest (default: --base's)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+) -> None:
+    """Convert another tool's NVFP4 Wan 2.2 checkpoint (LightX2V, ModelOpt, ComfyUI) exactly into gpubake's layout."""
+    from gpubake.provisioning.importers.convert import import_checkpoint
+
+    result = import_checkpoint(src, dest, fmt, base=base, model_id=model_id, progress=not json_out)
+    inexact = f", {result['inexact_layers']} with a rounded global scale" if result["inexact_layers"] else ""
+    _report(result, json_out, f"imported {result['quantized_layers']} {result['format']} NVFP4 layers into {dest} "
+                              f"({result['exact_layers']} exact{inexact}; {result['activation_scales']} static activation scales)")
 
 
 def fidelity_cmd(

@@ -1,0 +1,110 @@
+"""What every producer module provides, and the checks they share.
+
+A producer stores, per quantized linear `P`, `P.weight` as uint8 and a few more
+`P.<suffix>` tensors. Its module says which suffixes (dtype and shape for a layer of
+[out, in]), checks the scalars (one line naming the file and key), and converts one
+layer into gpubake's layout (`target.Layer`), exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gpubake.provisioning.importers.source import Expert, SourceError, TensorInfo
+from gpubake.provisioning.importers.target import Layer
+
+FLOATS = ("float32", "bfloat16", "float16")
+SCALE_DTYPES = ("float8_e4m3fn", "uint8")  # E4M3 bytes, typed or raw
+
+Read = Callable[[str], Any]          # suffix -> tensor (CPU)
+Where = Callable[[str], str]         # suffix -> "file: key" for errors
+
+
+@dataclass(frozen=True)
+class Want:
+    dtypes: tuple[str, ...]
+    shape: tuple[int, ...] | None  # None: a scalar, stored as [] or [1]
+    vector: bool = False           # any 1-D length (a byte string)
+
+    def check(self, info: TensorInfo) -> None:
+        if info.dtype not in self.dtypes:
+            raise SourceError(f"{info.where()}: dtype {info.dtype}, expected {' or '.join(self.dtypes)}")
+        if self.vector:
+            if len(info.shape) != 1:
+                raise SourceError(f"{info.where()}: shape {list(info.shape)}, expected a 1-D byte string")
+        elif self.shape is None:
+            if info.shape not in ((), (1,)):
+                raise SourceError(f"{info.where()}: shape {list(info.shape)}, expected a scalar ([] or [1])")
+        elif tuple(info.shape) != self.shape:
+            raise SourceError(f"{info.where()}: shape {list(info.shape)}, expected {list(self.shape)}")
+
+
+def scalar() -> Want:
+    return Want(FLOATS, None)
+
+
+def swizzled_shape(out_f: int, in_f: int) -> tuple[int, int]:
+    from gpubake.kernels.format import swizzled_scale_shape
+
+    return swizzled_scale_shape(out_f, in_f // 16)
+
+
+class Producer:
+    """Base class; subclasses set `name` and implement `wants` and `convert`."""
+
+    name = "?"
+
+    def prepare(self, expert: Expert, names: dict[str, str]) -> None:
+        """Called once per expert before any layer (header metadata, name map)."""
+
+    def is_quantized(self, module: str, parts: dict[str, TensorInfo]) -> bool:
+        w = parts.get("weight")
+        return w is not None and w.dtype == "uint8"
+
+    def wants(self, module: str, out_f: int, in_f: int, present: set[str]) -> tuple[dict[str, Want], dict[str, Want]]:
+        """(required, optional) suffixes of a quantized layer, `bias` excluded."""
+        raise NotImplementedError
+
+    def scalars(self, module: str, read: Read, where: Where, present: set[str]) -> Layer:
+        """The layer's global and activation scales, checked (reads only small tensors;
+        run for every layer before anything is written). `packed`/`block_scale` unset."""
+        raise NotImplementedError
+
+    def codes(self, out_f: int, in_f: int, read: Read) -> tuple[Any, Any]:
+        """(packed codes low nibble first, row-major E4M3 block scales)."""
+        raise NotImplementedError
+
+    def convert(self, module: str, out_f: int, in_f: int, read: Read, where: Where, present: set[str]) -> Layer:
+        layer = self.scalars(module, read, where, present)
+        layer.packed, layer.block_scale = self.codes(out_f, in_f, read)
+        return layer
+
+
+def value(t: Any) -> Any:
+    """A stored scalar as a float32 [] tensor (exact from float32/bf16/fp16)."""
+    import torch
+
+    return t.reshape(()).to(torch.float32)
+
+
+def check_scale(t: Any, where: str, *, zero_ok: bool = False) -> None:
+    import math
+
+    v = float(t)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        raise SourceError(f"{where}: {v!r} is not a {'non-negative' if zero_ok else 'positive'} finite scale")
+
+
+def e4m3(t: Any) -> Any:
+    import torch
+
+    return t if t.dtype == torch.float8_e4m3fn else t.contiguous().view(torch.float8_e4m3fn)
+
+
+def unswizzle(t: Any, out_f: int, in_f: int) -> Any:
+    """The 128x4 blocked scales of a [out, in] weight -> row-major [out, in/16]."""
+    from gpubake.kernels.format import unswizzle_scales
+
+    return unswizzle_scales(e4m3(t), out_f, in_f // 16)
