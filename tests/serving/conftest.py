@@ -77,7 +77,7 @@ def make_service(tmp_path_factory: pytest.TempPathFactory, tiny_nvfp4_checkpoint
     def make(image: str = "demo", **kw: Any) -> Any:
         root = tmp_path_factory.mktemp("serve")
         kw.setdefault("model_dir", tiny_nvfp4_checkpoint)
-        return build_service(image=image, report_path=root / "selftest.json", output_dir=root / "out", **kw)
+        return build_service(image=image, report_path=root / "selftest.json", data_dir=root / "out", **kw)
 
     return make
 
