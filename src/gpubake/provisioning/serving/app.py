@@ -16,7 +16,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Security
+from fastapi import FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -27,6 +27,7 @@ from gpubake.provisioning.serving.auth import RequireKey, authorized
 from gpubake.provisioning.serving.generate import RequestRejected
 from gpubake.provisioning.serving.limits import MAX_BODY_BYTES, BodyLimit
 from gpubake.provisioning.serving.schemas import (
+    JOB_ID,
     GenerateRequest,
     HealthBody,
     InfoBody,
@@ -91,9 +92,12 @@ def create_app(service: GenerationService, *, api_key: str | None = None, max_bo
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: f"not found: {request.method} {request.url.path}",
                    405: f"method not allowed: {request.method} {request.url.path}"}.get(exc.status_code)
+        if exc.status_code == 400 and request.method == "POST":
+            # FastAPI's "There was an error parsing the body" (e.g. bytes that are not UTF-8):
+            # a bad body, answered like every other bad body
+            return JSONResponse(error_body("body: not valid JSON (UTF-8 expected)"), status_code=422)
         if message is None:
-            detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-            message = f"body: {detail}" if exc.status_code == 400 else detail
+            message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Refused)
@@ -139,8 +143,11 @@ def create_app(service: GenerationService, *, api_key: str | None = None, max_bo
         body["video_url"] = f"/v1/jobs/{job.id}/video"
         return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobBody, dependencies=security, responses=error_responses(401, 404))
-    def job_status(job_id: str) -> JSONResponse:
+    JobId = Path(pattern=JOB_ID, description="the `id` POST /v1/generate returned")
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobBody, dependencies=security,
+             responses=error_responses(401, 404, 422))
+    def job_status(job_id: str = JobId) -> JSONResponse:
         job = service.get(job_id)
         if job is None:
             return JSONResponse(error_body(f"job {job_id}: no such job (unknown or expired)"), status_code=404)
@@ -150,8 +157,9 @@ def create_app(service: GenerationService, *, api_key: str | None = None, max_bo
         return JSONResponse(body)
 
     @app.get("/v1/jobs/{job_id}/video", response_model=None, dependencies=security,
-             responses={200: {"content": {"video/mp4": {}}, "description": "the clip"}, **error_responses(401, 404, 409)})
-    def job_video(job_id: str) -> Any:
+             responses={200: {"content": {"video/mp4": {}}, "description": "the clip"},
+                        **error_responses(401, 404, 409, 422)})
+    def job_video(job_id: str = JobId) -> Any:
         job = service.get(job_id)
         if job is None:
             return JSONResponse(error_body(f"job {job_id}: no such job (unknown or expired)"), status_code=404)

@@ -14,10 +14,13 @@ import ipaddress
 import json
 import os
 import socket
-
-from starlette.types import ASGIApp, Receive, Scope, Send
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from gpubake.errors import GpubakeError
+
+if TYPE_CHECKING:  # `launch` (the build side, maybe without the serve extra) reads the key rules too
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 ENV = "GPUBAKE_API_KEY"
 MIN_KEY_CHARS = 16
@@ -30,7 +33,7 @@ class AuthError(GpubakeError):
     """The key or the address it protects is unusable (one line naming the env var or flag)."""
 
 
-def api_key_from_env(env: dict[str, str] | None = None) -> str | None:
+def api_key_from_env(env: Mapping[str, str] | None = None) -> str | None:
     """$GPUBAKE_API_KEY, checked: empty means none; a short one is refused."""
     value = (os.environ if env is None else env).get(ENV, "").strip()
     if not value:

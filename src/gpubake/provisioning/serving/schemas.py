@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+JOB_ID = r"^[A-Za-z0-9._-]{1,128}$"  # ours are uuid4 hex; serverless ones RunPod's, sanitised
 
 
 class GenerateRequest(BaseModel):
@@ -113,7 +114,7 @@ class InfoBody(BaseModel):
 
 def error_body(message: str, **extra: Any) -> dict[str, Any]:
     """Every error response: one readable line in `error`, details beside it."""
-    return {"error": message, **extra}
+    return {"error": " ".join(str(message).split()), **extra}
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
