@@ -37,11 +37,14 @@ class Server:
         self.tmp, self.model_dir = tmp, model_dir
         self.data = tmp / "data"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log: Any = None
         self.starts = 0
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.tmp / f"serve-{self.starts}.log", "wb")  # noqa: SIM115 - closed with the process
+        if self.log is not None:
+            self.log.close()
+        log = self.log = open(self.tmp / f"serve-{self.starts}.log", "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "GPUBAKE_API_KEY": KEY}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpubake", "serve", "--image", "demo", "--model-dir", str(self.model_dir),
@@ -73,6 +76,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.log is not None:
+            self.log.close()
 
     def log_tail(self) -> str:
         path = self.tmp / f"serve-{self.starts}.log"
