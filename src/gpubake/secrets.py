@@ -22,6 +22,7 @@ _OTHER_SECRET_ENV_VARS = (
     "HUGGING_FACE_HUB_TOKEN",
     "RUNPOD_API_KEY",
     "VAST_API_KEY",
+    "GPUBAKE_API_KEY",  # the generation service's key (provisioning.serving.auth)
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )

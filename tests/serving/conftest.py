@@ -15,15 +15,24 @@ import requests
 
 
 class Served:
-    def __init__(self, url: str, service: Any) -> None:
+    """The running app; with `key`, every request carries `Authorization: Bearer <key>`
+    unless the call passes its own headers."""
+
+    def __init__(self, url: str, service: Any, key: str | None = None) -> None:
         self.url = url
         self.service = service
+        self.key = key
+
+    def _headers(self, kw: dict[str, Any]) -> dict[str, Any]:
+        if self.key and "headers" not in kw:
+            kw["headers"] = {"Authorization": f"Bearer {self.key}"}
+        return kw
 
     def get(self, path: str, **kw: Any) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, **kw)
+        return requests.get(self.url + path, timeout=30, **self._headers(kw))
 
     def post(self, path: str, **kw: Any) -> requests.Response:
-        return requests.post(self.url + path, timeout=30, **kw)
+        return requests.post(self.url + path, timeout=30, **self._headers(kw))
 
     def wait_phase(self, *phases: str, timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -45,7 +54,7 @@ class Served:
 
 
 @contextmanager
-def serve(service: Any) -> Iterator[Served]:
+def serve(service: Any, api_key: str | None = None) -> Iterator[Served]:
     import uvicorn
 
     from gpubake.provisioning.serving.app import create_app
@@ -54,7 +63,7 @@ def serve(service: Any) -> Iterator[Served]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=api_key), log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -62,7 +71,7 @@ def serve(service: Any) -> Iterator[Served]:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield Served(f"http://127.0.0.1:{port}", service)
+        yield Served(f"http://127.0.0.1:{port}", service, api_key)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -80,8 +89,9 @@ def make_service(tmp_path_factory: pytest.TempPathFactory, tiny_nvfp4_checkpoint
     def make(image: str = "demo", **kw: Any) -> Any:
         root = tmp_path_factory.mktemp("serve")
         kw.setdefault("model_dir", tiny_nvfp4_checkpoint)
-        return build_service(facts=image_facts(find(image), "runpod"), report_path=root / "selftest.json",
-                             output_dir=root / "out", **kw)
+        kw.setdefault("report_path", root / "selftest.json")
+        kw.setdefault("data_dir", root / "out")
+        return build_service(facts=image_facts(find(image), "runpod"), **kw)
 
     return make
 
@@ -109,3 +119,14 @@ def ready(make_service: Callable[..., Any]) -> Iterator[Served]:
 def serve_service() -> Callable[[Any], Any]:
     """The `serve(service)` context manager, for tests that build their own service."""
     return serve
+
+
+API_KEY = "k3y-for-tests-" + "x" * 24
+
+
+@pytest.fixture(scope="module")
+def secured(make_service: Callable[..., Any]) -> Iterator[Served]:
+    """The demo service behind an API key (requests carry it unless they pass headers)."""
+    with serve(make_service(), api_key=API_KEY) as served:
+        served.wait_phase("ready", "failed")
+        yield served

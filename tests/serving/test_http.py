@@ -10,6 +10,7 @@ import imageio.v3 as iio
 import pytest
 
 from gpubake.provisioning.loader import load_pipeline
+from gpubake.provisioning.models import get_model
 
 
 def test_health_carries_the_passing_report(ready):
@@ -29,8 +30,10 @@ def test_generate_job_video_round_trip(ready):
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["Location"] == f"/v1/jobs/{job['id']}" == job["status_url"]
-    assert job["request"] == {"prompt": "a red fox in the snow", "negative_prompt": None, "width": 64,
-                              "height": 48, "frames": 5, "steps": 2, "seed": 7}
+    tiny = get_model("tiny-wan2.2")
+    assert job["request"] == {"prompt": "a red fox in the snow", "negative_prompt": tiny.negative_prompt, "width": 64,
+                              "height": 48, "frames": 5, "steps": 2, "seed": 7, "guidance_scale": 4.0,
+                              "guidance_scale_2": 3.0}
     done = ready.wait_job(job["id"])
     assert done["status"] == "done", done
     assert done["result"]["steps"] == 2 and done["result"]["seconds_per_step"] > 0
@@ -66,7 +69,13 @@ def test_same_seed_same_video_and_defaults_fill_in(ready):
         ({"prompt": "x", "steps": 0}, "steps: Input should be greater than or equal to 1"),
         ({"prompt": "x", "seed": -1}, "seed: Input should be greater than or equal to 0"),
         ({"prompt": "x", "steps": "many"}, "steps: Input should be a valid integer"),
-        ({"prompt": "x", "size": "1024x1024", "frames": 81}, "this model serves at most"),
+        ({"prompt": "x", "size": "1024x1024", "frames": 81}, "serves at most"),
+        # strict types: no silent coercion of booleans, floats or numeric strings
+        ({"prompt": "x", "frames": True}, "frames: Input should be a valid integer"),
+        ({"prompt": "x", "steps": 2.0}, "steps: Input should be a valid integer"),
+        ({"prompt": "x", "seed": "3"}, "seed: Input should be a valid integer"),
+        ({"prompt": 5}, "prompt: Input should be a valid string"),
+        ({"prompt": "x", "size": 64}, "size: Input should be a valid string"),
     ],
 )
 def test_bad_requests_get_one_line_422(ready, body, needle):
@@ -78,6 +87,48 @@ def test_bad_requests_get_one_line_422(ready, body, needle):
 def test_not_json_body(ready):
     r = ready.post("/v1/generate", data="{oops", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"] == "body: not valid JSON"
+
+
+@pytest.mark.parametrize(
+    ("kw", "status", "message"),
+    [
+        ({"data": '{"prompt": "x"}', "headers": {"content-type": "text/plain"}}, 422,
+         "body: must be a JSON object (Content-Type: application/json)"),
+        ({"json": ["prompt", "x"]}, 422, "body: must be a JSON object (Content-Type: application/json)"),
+        ({"json": None}, 422, "body: missing required field"),
+        ({"data": b"\xff\xfe", "headers": {"content-type": "application/json"}}, 422, "body: not valid JSON"),
+    ],
+)
+def test_body_parse_errors_are_error_json(ready, kw, status, message):
+    r = ready.post("/v1/generate", **kw)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and r.json()["error"] == message
+    assert "detail" not in r.json()
+
+
+def test_unknown_route_and_method_are_error_json(ready):
+    r = ready.get("/v2/nothing")
+    assert r.status_code == 404 and r.json() == {"error": "not found: GET /v2/nothing"}
+    r = ready.get("/v1/generate")
+    assert r.status_code == 405 and r.json() == {"error": "method not allowed: GET /v1/generate"}
+
+
+def test_body_size_cap_413(ready):
+    big = {"prompt": "x" * (70 * 1024)}
+    r = ready.post("/v1/generate", json=big)
+    assert r.status_code == 413 and r.json() == {"error": "body: larger than 65536 bytes"}
+
+    def chunks():  # no Content-Length: counted as it is read
+        yield b'{"prompt": "'
+        for _ in range(80):
+            yield b"y" * 1024
+        yield b'"}'
+
+    r = ready.post("/v1/generate", data=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json() == {"error": "body: larger than 65536 bytes"}
+    # the prompt's own limit is a 422 below the cap
+    r = ready.post("/v1/generate", json={"prompt": "x" * 2001})
+    assert r.status_code == 422 and r.json()["error"].startswith("prompt: String should have at most 2000")
 
 
 def test_unknown_job_404(ready):

@@ -66,3 +66,50 @@ def test_runpod_local_test_mode(tiny_nvfp4_checkpoint: Path, tmp_path: Path, dem
     assert "Job local-1 completed successfully" in log
     assert (tmp_path / "out" / "jobs" / "local-1" / "video.mp4").stat().st_size > 0
     assert json.loads((tmp_path / "selftest.json").read_text())["verdict"] == "pass"
+
+
+def test_large_clip_goes_to_s3_as_a_presigned_url(make_service, moto_s3):
+    import requests
+
+    from gpubake.provisioning.serving.runpod_handler import Outputs
+
+    service = make_service(selftest=False, device="cpu")
+    service.start()
+    try:
+        job = {"id": "big-1", "input": {"prompt": "a long river", "size": "64x64", "frames": 9, "steps": 1, "seed": 3}}
+        # over the inline limit, no bucket configured: a clear error, not a payload RunPod drops
+        small = Outputs(inline_max_chars=100)
+        out = make_handler(service, small)(job)
+        assert out["error"].startswith("output: the clip is ")
+        assert "set GPUBAKE_OUTPUT_S3=s3://bucket/prefix" in out["error"]
+        # with a bucket: uploaded, a presigned URL back, no base64
+        outputs = Outputs(s3_uri=f"s3://{moto_s3.bucket}/clips", endpoint_url=moto_s3.endpoint, inline_max_chars=100)
+        out = make_handler(service, outputs)(job)
+        assert "error" not in out, out
+        assert "video_base64" not in out and out["video_s3"] == f"s3://{moto_s3.bucket}/clips/big-1.mp4"
+        assert out["video_url_expires_in"] == 24 * 3600 and "X-Amz-Signature=" in out["video_url"]
+        fetched = requests.get(out["video_url"], timeout=30)
+        assert fetched.status_code == 200 and fetched.content == service.video_path(service.get("big-1")).read_bytes()
+        assert iio.imread(fetched.content, extension=".mp4").shape[:3] == (9, 64, 64)
+        head = moto_s3.client.head_object(Bucket=moto_s3.bucket, Key="clips/big-1.mp4")
+        assert head["ContentType"] == "video/mp4"
+        # a small clip stays inline even with a bucket configured
+        inline = Outputs(s3_uri=f"s3://{moto_s3.bucket}/clips", endpoint_url=moto_s3.endpoint)
+        out = make_handler(service, inline)({"id": "small-1", "input": {**job["input"], "frames": 1}})
+        assert out["video_base64"] and "video_url" not in out
+    finally:
+        service.stop()
+
+
+def test_bad_output_settings_fail_the_cold_start():
+    import pytest
+
+    from gpubake.errors import GpubakeError
+    from gpubake.provisioning.serving.runpod_handler import Outputs
+
+    with pytest.raises(GpubakeError, match="not an s3:// URI"):
+        Outputs.from_env({"GPUBAKE_OUTPUT_S3": "https://bucket/x"})
+    with pytest.raises(GpubakeError, match="GPUBAKE_INLINE_MAX_BYTES: must be a whole number of bytes, got '10MB'"):
+        Outputs.from_env({"GPUBAKE_INLINE_MAX_BYTES": "10MB"})
+    assert Outputs.from_env({"GPUBAKE_OUTPUT_S3": "s3://b/p", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}) == Outputs(
+        s3_uri="s3://b/p", endpoint_url="http://127.0.0.1:9")

@@ -41,6 +41,7 @@ class ModelInfo:
     boundary_ratio: float | None = None
     guidance_scale_2: float | None = None
     expand_timesteps: bool = False
+    negative_prompt: str = ""  # the file's top-level negative_prompt unless the entry has its own
 
     @property
     def expert_dirs(self) -> tuple[str, ...]:
@@ -55,7 +56,7 @@ def _registry() -> dict[str, ModelInfo]:
     out: dict[str, ModelInfo] = {}
     for model_id, entry in data.get("models", {}).items():
         try:
-            out[model_id] = ModelInfo(id=model_id, **entry)
+            out[model_id] = ModelInfo(id=model_id, **{"negative_prompt": data.get("negative_prompt", ""), **entry})
         except TypeError as exc:  # a missing or unknown field in models.toml
             raise ModelError(f"models.toml: entry {model_id!r}: {exc}") from None
     return out

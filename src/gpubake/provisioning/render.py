@@ -92,6 +92,7 @@ def render(
     fps: int = 16,
     negative_prompt: str | None = None,
     guidance_scale: float | None = None,
+    guidance_scale_2: float | None = None,
 ) -> RenderResult:
     """Run the pipeline once and write `out_dir/video.mp4` and `out_dir/frame0.png`.
 
@@ -114,6 +115,8 @@ def render(
         kwargs["negative_prompt"] = negative_prompt
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
+    if guidance_scale_2 is not None:  # the low-noise expert's (A14B); diffusers reuses guidance_scale otherwise
+        kwargs["guidance_scale_2"] = guidance_scale_2
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
 
     _sync(device)

@@ -9,9 +9,11 @@ after the rental either tears it down (`--destroy-on-fail`) or says how to.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +145,17 @@ class LaunchOptions:
     ssh_key: Path | None = None  # read the report over SSH (its .pub goes to the instance as PUBLIC_KEY)
     report_path: str = str(WORKSPACE_REPORT)  # where the start script writes it
     ssh_user: str = "root"
+    api_key: str | None = field(default=None, repr=False)  # the service's, set by `launch` itself
+
+
+def service_api_key(environ: Mapping[str, str]) -> tuple[str, bool]:
+    """(the key the rented service will require, whether it was generated here):
+    $GPUBAKE_API_KEY (checked as the service checks it), else a new random one (the image
+    refuses to serve a public port without one)."""
+    from gpubake.provisioning.serving.auth import api_key_from_env
+
+    given = api_key_from_env(environ)
+    return (given, False) if given else (secrets.token_urlsafe(32), True)
 
 
 def _template(mk: RunPod | Vast, spec: ImageSpec, target: str, dry_run: bool) -> dict[str, Any]:
@@ -170,9 +183,13 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
         if not Path(opts.ssh_key).is_file() or not pub.is_file():
             raise GpubakeError(f"--ssh-key: need the private key and its .pub beside it: {opts.ssh_key}")
         env["PUBLIC_KEY"] = pub.read_text(encoding="utf-8").strip()
+    api_key, generated = service_api_key(os.environ)
+    env["GPUBAKE_API_KEY"] = api_key  # the instance's env (never argv, a template or a file)
+    opts = replace(opts, api_key=api_key)
     gpu = resolve_gpu(opts.gpu, target)
     check_gpu_for_spec(gpu, spec)
     client = mconfig.make_client(t, dry_run=opts.dry_run, config=cfg)
+    client.extra_secrets.append(api_key)  # *** in --dry-run output and in every error message
     mk = market(client, target)
     tpl = _template(mk, spec, target, opts.dry_run)
     label = f"gpubake-{spec.name}-{int(time.time())}"
@@ -213,6 +230,11 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
                 f"--max-price: {target} rented {gpu.name} at ${float(price):.3f}/h > ${opts.max_price}/h; instance {instance_id} destroyed"
             )
         console.print(f"{t.title} instance {instance_id} created; waiting for its self-test", markup=False)
+        if generated:  # shown once, here, to the user's terminal; not in --json, not logged
+            console.print(f"service API key (generated; shown once, keep it): {api_key}", markup=False,
+                          soft_wrap=True)  # never wrapped: the key must copy in one piece
+        else:
+            console.print("service API key: yours, from $GPUBAKE_API_KEY", markup=False)
         outcome = _wait_for_verdict(mk, instance_id, spec, opts)
     except BaseException:
         if not result.get("destroyed"):
@@ -253,7 +275,9 @@ def _wait_for_verdict(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts
 def _poll(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, known_hosts: Path) -> dict[str, Any]:
     start = time.monotonic()
     deadline = start + opts.timeout
-    health = requests.Session()  # no retries, no API key: it talks to the rented machine
+    health = requests.Session()  # no retries, no marketplace key: it talks to the rented machine
+    if opts.api_key:  # the service's own key: /health shows the full report only with it
+        health.headers["Authorization"] = f"Bearer {opts.api_key}"
     body: dict[str, Any] | None = None  # what the instance last answered: a /health body or the report file
     report: Report | None = None
     last = ""

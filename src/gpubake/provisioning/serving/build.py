@@ -1,5 +1,5 @@
 """Assemble a GenerationService from settings (shared by `gpubake serve` and the
-RunPod serverless handler): image facts, model dir, report path, optional self-test."""
+RunPod serverless handler): image facts, model dir, report path, data dir, optional self-test."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from gpubake.provisioning.pipeline import (
 from gpubake.provisioning.serving.service import GenerationService
 
 
-def default_output_dir(report_path: Path) -> Path:
-    """$GPUBAKE_OUTPUT_DIR, else beside the report (under /workspace on marketplaces)."""
-    env = envs.raw("GPUBAKE_OUTPUT_DIR")
+def default_data_dir(report_path: Path) -> Path:
+    """$GPUBAKE_DATA_DIR, else $GPUBAKE_OUTPUT_DIR (its older name, which start.sh sets),
+    else beside the report (under /workspace on marketplaces)."""
+    env = envs.raw("GPUBAKE_DATA_DIR") or envs.raw("GPUBAKE_OUTPUT_DIR")
     return Path(env) if env else report_path.parent
 
 
@@ -30,11 +31,14 @@ def build_service(
     spec_path: str | Path | None = None,
     model_dir: str | Path | None = None,
     report_path: Path | None = None,
-    output_dir: Path | None = None,
+    data_dir: Path | None = None,
     selftest: bool = True,
     quick: bool = False,
     device: str | None = None,
     max_queue: int = 16,
+    keep_seconds: float | None = None,
+    keep_bytes: int | None = None,
+    max_pixel_frames: int | None = None,
     pipeline_loader: PipelineLoader | None = None,
     **selftest_kwargs: Any,
 ) -> GenerationService:
@@ -49,7 +53,7 @@ def build_service(
     image_facts = facts or resolve(facts_path, image=image, spec=spec_path)
     mdir = resolve_model_dir(model_dir, image_facts)
     report_path = report_path or default_report_path()
-    out = output_dir or default_output_dir(report_path)
+    data = data_dir or default_data_dir(report_path)
     test = None
     loader = None
     if selftest:
@@ -65,5 +69,11 @@ def build_service(
             dev = device or ("cuda" if image_facts.cuda != "none" and torch.cuda.is_available() else "cpu")
             return load_serving_pipeline(mdir, dev, pipeline_loader).pipe, dev
 
-    return GenerationService(model=get_model(image_facts.model.id), out_dir=out, report_path=report_path,
-                             selftest=test, pipeline_loader=loader, max_queue=max_queue)
+    extra: dict[str, Any] = {}
+    if keep_seconds is not None:
+        extra["keep_seconds"] = keep_seconds
+    if keep_bytes is not None:
+        extra["keep_bytes"] = keep_bytes
+    return GenerationService(model=get_model(image_facts.model.id), data_dir=data, report_path=report_path,
+                             selftest=test, pipeline_loader=loader, model_dir=None if selftest else mdir,
+                             max_queue=max_queue, max_pixel_frames=max_pixel_frames, **extra)

@@ -1,7 +1,10 @@
 """Turn a validated request into a render: defaults, limits, output folder.
 
 One class for both front ends (the HTTP worker and the RunPod serverless handler), so
-a request means the same clip whichever way it arrives.
+a request means the same clip whichever way it arrives. The model's own settings come
+from the registry (`provisioning.models`): guidance per expert (A14B: 4.0 for the
+high-noise expert, 3.0 for the low-noise one; diffusers would use 5.0 for both), the Wan
+negative prompt, and the boundary between the experts.
 """
 
 from __future__ import annotations
@@ -12,15 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from gpubake.errors import GpubakeError
+from gpubake.provisioning.serving.limits import Limits
 from gpubake.provisioning.serving.schemas import GenerateRequest
-
-# Smallest per-request work cap (pixels x frames): lets the tiny demo model take a
-# 256x256x17 clip although its defaults are far smaller.
-MIN_WORK_CAP = 256 * 256 * 17
 
 
 class RequestRejected(GpubakeError):
-    """A well-formed request this model cannot serve (too large); answered with 422."""
+    """A well-formed request this machine cannot serve (over a limit); answered with 422."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -32,47 +32,68 @@ class RenderArgs:
     """A request with every default filled in: exactly what `render` will be called with."""
 
     prompt: str
-    negative_prompt: str | None
+    negative_prompt: str
     width: int
     height: int
     frames: int
     steps: int
     seed: int
+    guidance_scale: float
+    guidance_scale_2: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RenderArgs:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
 
 class Generator:
-    """Holds the loaded pipeline and the model's defaults and limits."""
+    """Holds the loaded pipeline, the model's defaults and this machine's limits."""
 
-    def __init__(self, pipeline: Any, model: Any, *, max_steps: int = 100) -> None:
+    def __init__(self, pipeline: Any, model: Any, limits: Limits) -> None:
         self.pipeline = pipeline
         self.model = model  # provisioning.models.ModelInfo
-        self.max_steps = max_steps
-        self.work_cap = max(model.width * model.height * model.num_frames, MIN_WORK_CAP)
+        self.limits = limits
+        config = getattr(pipeline, "config", None)
+        if model.boundary_ratio is not None and config is not None and "boundary_ratio" in config \
+                and config.boundary_ratio != model.boundary_ratio:
+            # the registry, not whatever model_index.json the checkpoint carries, decides
+            pipeline.register_to_config(boundary_ratio=model.boundary_ratio)
+        # guidance_scale_2 only means something with two experts and a boundary
+        self.two_experts = bool(config is not None and config.get("boundary_ratio")
+                                and getattr(pipeline, "transformer_2", None) is not None)
 
     def defaults(self) -> dict[str, Any]:
         m = self.model
         return {"size": f"{m.width}x{m.height}", "frames": m.num_frames, "steps": m.num_inference_steps,
-                "fps": m.fps, "max_pixels_x_frames": self.work_cap}
+                "fps": m.fps, "guidance_scale": m.guidance_scale,
+                "guidance_scale_2": m.guidance_scale_2 if self.two_experts else None,
+                "boundary_ratio": m.boundary_ratio if self.two_experts else None,
+                "negative_prompt": m.negative_prompt}
 
     def resolve(self, req: GenerateRequest, *, rng: random.Random | None = None) -> RenderArgs:
-        """Fill defaults and refuse what exceeds this model's cap (RequestRejected)."""
-        m = self.model
+        """Fill defaults and refuse what exceeds this machine's limits (RequestRejected)."""
+        m, lim = self.model, self.limits
         width, height = req.width_height or (m.width, m.height)
         frames = req.frames or m.num_frames
         steps = req.steps or m.num_inference_steps
-        if steps > self.max_steps:
-            raise RequestRejected("steps", f"at most {self.max_steps}, got {steps}")
-        work = width * height * frames
-        if work > self.work_cap:
-            raise RequestRejected(
-                "size" if req.size else "frames",
-                f"{width}x{height}x{frames} frames is {work} pixel-frames; this model serves at most {self.work_cap}",
-            )
+        if steps > lim.max_steps:
+            raise RequestRejected("steps", f"at most {lim.max_steps}, got {steps}")
+        where = "size" if req.size else "frames"
+        pf = width * height * frames
+        if pf > lim.max_pixel_frames:
+            raise RequestRejected(where, f"{width}x{height}x{frames} frames is {pf} pixel-frames; this service serves "
+                                         f"at most {lim.max_pixel_frames} (max_pixel_frames, {lim.basis})")
+        if pf * steps > lim.max_pixel_frame_steps:
+            raise RequestRejected("steps" if req.steps else where,
+                                  f"{width}x{height}x{frames} frames x {steps} steps is {pf * steps}; this service "
+                                  f"serves at most {lim.max_pixel_frame_steps} (max_pixel_frame_steps)")
         seed = req.seed if req.seed is not None else (rng or random.SystemRandom()).randrange(2**32)
-        return RenderArgs(req.prompt, req.negative_prompt, width, height, frames, steps, seed)
+        negative = req.negative_prompt if req.negative_prompt is not None else m.negative_prompt
+        g2 = m.guidance_scale_2 if self.two_experts else None
+        return RenderArgs(req.prompt, negative, width, height, frames, steps, seed, m.guidance_scale, g2)
 
     def run(self, args: RenderArgs, out_dir: Path) -> Any:
         """Render `args` into `out_dir` (video.mp4 + frame0.png); returns a RenderResult."""
@@ -80,5 +101,6 @@ class Generator:
 
         return render(
             self.pipeline, args.prompt, args.height, args.width, args.frames, args.steps, args.seed, out_dir,
-            fps=self.model.fps, negative_prompt=args.negative_prompt,
+            fps=self.model.fps, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+            guidance_scale_2=args.guidance_scale_2,
         )

@@ -1,4 +1,10 @@
-"""Request and response shapes of the generation API (pydantic: clear 4xx for bad input)."""
+"""Request and response shapes of the generation API (pydantic: clear 4xx for bad input).
+
+Strict types: `"frames": true` or `"steps": 2.0` is a 422 naming the field, not a
+silent 1 or 2 (pydantic's lax mode would coerce them). The response models document
+the API (`/openapi.json`, checked by the schemathesis test); the handlers build the
+same shapes as plain dicts.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,19 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+JOB_ID = r"^[A-Za-z0-9._-]{1,128}$"  # ours are uuid4 hex; serverless ones RunPod's, sanitised
 
 
 class GenerateRequest(BaseModel):
     """POST /v1/generate and the serverless job input. Omitted fields take the model's
     defaults (`GET /v1/info`); `seed` omitted means a random one, echoed in the job."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
 
     prompt: str = Field(min_length=1, max_length=2000)
-    negative_prompt: str | None = Field(default=None, max_length=2000)
+    negative_prompt: str | None = Field(
+        default=None, max_length=2000,
+        description="omitted: the model's own negative prompt (GET /v1/info); \"\" for none")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT, each a multiple of 16, e.g. 832x480")
     frames: int | None = Field(default=None, ge=1, le=241, description="4k+1: 1, 5, 9, ... 81")
     steps: int | None = Field(default=None, ge=1, le=100)
@@ -51,6 +60,66 @@ class GenerateRequest(BaseModel):
         return int(w), int(h)
 
 
+class ErrorBody(BaseModel):
+    """Every error: one readable line naming the field, flag or limit."""
+
+    error: str
+
+
+class ResolvedRequest(BaseModel):
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    seed: int
+    guidance_scale: float
+    guidance_scale_2: float | None
+
+
+class JobBody(BaseModel):
+    id: str
+    status: str  # queued | running | done | failed
+    request: ResolvedRequest
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    status_url: str | None = None
+    video_url: str | None = None
+
+
+class HealthBody(BaseModel):
+    """Without the API key only `status`, `ready` and `verdict` are present."""
+
+    status: str  # starting | verifying | selftest | ready | failed
+    ready: bool
+    verdict: str | None
+    reason: str | None = None
+    model_id: str | None = None
+    queue: dict[str, int] | None = None
+    limits: dict[str, Any] | None = None
+    model_check: dict[str, Any] | None = None
+    selftest: dict[str, Any] | None = None
+
+
+class InfoBody(BaseModel):
+    model_id: str
+    phase: str
+    defaults: dict[str, Any] | None
+    limits: dict[str, Any] | None
+
+
 def error_body(message: str, **extra: Any) -> dict[str, Any]:
     """Every error response: one readable line in `error`, details beside it."""
-    return {"error": message, **extra}
+    return {"error": " ".join(str(message).split()), **extra}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for these error codes (all `ErrorBody`)."""
+    why = {401: "missing or wrong API key", 404: "no such job", 409: "video not ready", 413: "body too large",
+           422: "bad request body or over a limit", 429: "queue full (Retry-After)",
+           503: "self-test in progress (Retry-After) or failed", 507: "disk full"}
+    return {code: {"model": ErrorBody, "description": why.get(code, "error")} for code in codes}

@@ -1,33 +1,39 @@
 """The service's state: the self-test, the pipeline, and ONE GPU worker thread.
 
 The worker thread first runs the boot self-test (its render stage loads the pipeline,
-which the service then keeps: one load per boot, not two), then takes jobs from a
-bounded queue one at a time: a GPU renders one clip at a time anyway, and a second
-concurrent clip would only split memory and time between them.
+which the service then keeps: one load per boot, not two), or, without a self-test,
+checks the model files against their manifest and loads the pipeline itself. Then it
+takes jobs one at a time, oldest first, from the SQLite job table under the data
+directory (`jobs.JobStore`): a GPU renders one clip at a time anyway, and the table
+outlives the process, so a restart loses no accepted job.
 
-Phases: starting -> selftest -> ready | failed. Generation is accepted only when ready;
-`failed` keeps answering /health with the report and refuses jobs with its reason.
+Phases: starting -> verifying (no self-test) | selftest -> ready | failed. Generation is
+accepted only when ready; `failed` keeps answering /health and refuses jobs with its reason.
+Finished jobs are kept `keep_seconds` and at most `keep_bytes` of outputs, oldest removed first.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gpubake.provisioning.manifest import is_disk_full
 from gpubake.provisioning.serving.generate import Generator, RenderArgs
+from gpubake.provisioning.serving.jobs import DB_NAME, JobRecord, JobStore
+from gpubake.provisioning.serving.limits import limits_for
 
 log = logging.getLogger("gpubake.serve")
-Phase = Literal["starting", "selftest", "ready", "failed"]
-JobStatus = Literal["queued", "running", "done", "failed"]
+Phase = Literal["starting", "verifying", "selftest", "ready", "failed"]
+KEEP_SECONDS = 24 * 3600
+KEEP_BYTES = 20 * 2**30
+MIN_FREE_BYTES = 256 * 2**20  # below this on the data dir a job fails at once instead of mid-encode
 
 
 class Refused(Exception):
@@ -40,36 +46,8 @@ class Refused(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
-class Job:
-    id: str
-    args: RenderArgs
-    out_dir: Path
-    status: JobStatus = "queued"
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    error: str | None = None
-    result: dict[str, Any] | None = None
-
-    @property
-    def video(self) -> Path:
-        return self.out_dir / "video.mp4"
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "id": self.id,
-            "status": self.status,
-            "request": self.args.to_dict(),
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-        }
-        if self.error:
-            d["error"] = self.error
-        if self.result:
-            d["result"] = {k: v for k, v in self.result.items() if k not in ("video", "first_frame")}
-        return d
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 class GenerationService:
@@ -79,46 +57,78 @@ class GenerationService:
         self,
         *,
         model: Any,
-        out_dir: Path,
+        data_dir: Path,
         report_path: Path | None = None,
         selftest: Any | None = None,  # smoke_tests.runner.SelfTest, run on the worker first
         pipeline_loader: Callable[[], tuple[Any, str]] | None = None,  # used without a self-test
+        model_dir: Path | None = None,  # checked against its manifest when there is no self-test
         max_queue: int = 16,
-        keep_jobs: int = 100,
+        keep_seconds: float = KEEP_SECONDS,
+        keep_bytes: int = KEEP_BYTES,
+        min_free_bytes: int = MIN_FREE_BYTES,
+        max_pixel_frames: int | None = None,
+        max_pixel_frame_steps: int | None = None,
     ) -> None:
         self.model = model
-        self.out_dir = Path(out_dir)
+        self.data_dir = Path(data_dir)
         self.report_path = report_path
         self.selftest = selftest
         self.pipeline_loader = pipeline_loader
-        self.keep_jobs = keep_jobs
+        self.model_dir = model_dir
+        self.max_queue = max_queue
+        self.keep_seconds = keep_seconds
+        self.keep_bytes = keep_bytes
+        self.min_free_bytes = min_free_bytes
+        self._limit_overrides = {"max_pixel_frames": max_pixel_frames, "max_pixel_frame_steps": max_pixel_frame_steps}
         self.phase: Phase = "starting"
         self.reason: str | None = None
         self.report: dict[str, Any] | None = None
+        self.model_check: dict[str, Any] | None = None
         self.generator: Generator | None = None
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._lock = threading.Lock()
+        self.interrupted = 0
+        self._store: JobStore | None = None
+        self._store_lock = threading.Lock()
+        self._submit_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+
+    @property
+    def store(self) -> JobStore:
+        """The job table, opened on first use (a dry run builds a service and writes nothing)."""
+        with self._store_lock:
+            if self._store is None:
+                self._store = JobStore(self.data_dir / DB_NAME)
+                self.interrupted = self._store.fail_interrupted()
+                if self.interrupted:
+                    log.warning("%d job(s) were running when the service last stopped: marked failed",
+                                self.interrupted)
+            return self._store
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         if self._thread is None:
+            self.store  # noqa: B018 - open it (and fail interrupted jobs) before the first request
             self._thread = threading.Thread(target=self._work, name="gpubake-gpu-worker", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake.set()
         if self._thread is not None:
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                pass
             self._thread.join(timeout)
+        if self._store is not None and not (self._thread and self._thread.is_alive()):
+            self._store.close()
+            self._store = None
 
     def wait_settled(self, timeout: float | None = None) -> bool:
-        """Block until the self-test is over (ready or failed)."""
+        """Block until the boot is over (ready or failed)."""
         return self._ready.wait(timeout)
 
     def _on_report(self, rep: Any) -> None:
@@ -137,6 +147,8 @@ class GenerationService:
                 return
             pipeline, device = self.selftest.ctx.pipeline, self.selftest.ctx.device
         else:
+            if self.model_dir is not None and not self._verify_model():
+                return
             from gpubake.smoke_tests.report import Report, ReportError
 
             try:  # a report an earlier boot left: its failure still gates generation
@@ -154,9 +166,26 @@ class GenerationService:
             pipeline, device = self.pipeline_loader()
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline.set_progress_bar_config(disable=True)
-        self.generator = Generator(pipeline, self.model)
-        log.info("ready: %s on %s", self.model.id, device)
+        limits = limits_for(pipeline, device, self.model, **self._limit_overrides)
+        self.generator = Generator(pipeline, self.model, limits)
+        log.info("ready: %s on %s; limits %s", self.model.id, device, limits)
         self.phase = "ready"
+
+    def _verify_model(self) -> bool:
+        """Sizes always, hashes once per file version (modelverify); False: phase failed."""
+        from gpubake.provisioning.serving.modelverify import CACHE_NAME, verify_model_dir
+
+        assert self.model_dir is not None
+        self.phase = "verifying"
+        check = verify_model_dir(self.model_dir, self.data_dir / CACHE_NAME)
+        self.model_check = check.to_dict()
+        if check.problems:
+            more = f" (and {len(check.problems) - 1} more)" if len(check.problems) > 1 else ""
+            self._fail(f"model check failed: {check.problems[0]}{more}")
+            return False
+        log.info("model files match the manifest: %d files, %d hashed, %d unchanged since their last hash",
+                 check.files, check.hashed_files, check.cached_files)
+        return True
 
     def _fail(self, reason: str) -> None:
         self.reason = " ".join(reason.split())
@@ -173,70 +202,112 @@ class GenerationService:
             self._ready.set()
         if self.phase != "ready":
             return
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self.run_job(job)
+        self._prune()
+        while not self._stopping:
+            try:
+                job = self.store.next_queued()
+                if job is None:
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
+                self.run_job(job)
+                self._prune()
+            except Exception:  # e.g. the database on a full disk: keep the worker alive, retry
+                log.exception("job loop")
+                time.sleep(1.0)
 
-    def run_job(self, job: Job) -> None:
+    def run_job(self, job: JobRecord) -> None:
         """Render one job on the calling thread (the worker, or the serverless handler)."""
         assert self.generator is not None
+        out_dir = self.jobs_dir / job.id
         job.status, job.started_at = "running", time.time()
+        self.store.update(job)
         try:
-            res = self.generator.run(job.args, job.out_dir)
+            free = shutil.disk_usage(self.data_dir).free
+            if free < self.min_free_bytes:
+                raise OSError(28, f"{free} bytes free under {self.data_dir}, need {self.min_free_bytes}")
+            res = self.generator.run(RenderArgs.from_dict(job.request), out_dir)
             job.result = res.to_dict()
             job.status = "done"
         except Exception as exc:
-            log.exception("job %s failed", job.id)
-            job.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+            if is_disk_full(exc):
+                job.error = (f"disk full: no space left under the data directory {self.data_dir} "
+                             f"({' '.join(str(exc).split())[:200]}); free space or lower --keep-gb")
+                log.error("job %s: %s", job.id, job.error)
+            else:
+                log.exception("job %s failed", job.id)
+                job.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
             job.status = "failed"
+            shutil.rmtree(out_dir, ignore_errors=True)  # no half-written clip stays behind
         finally:
             job.finished_at = time.time()
+            job.bytes = _tree_bytes(out_dir)
+            self.store.update(job)
+
+    def _prune(self) -> None:
+        """Remove finished jobs (records and files) older than keep_seconds, then the
+        oldest while their outputs exceed keep_bytes."""
+        now = time.time()
+        finished = self.store.finished()
+        total = sum(j.bytes for j in finished)
+        for job in finished:
+            if (job.finished_at or now) >= now - self.keep_seconds and total <= self.keep_bytes:
+                continue
+            shutil.rmtree(self.jobs_dir / job.id, ignore_errors=True)
+            self.store.delete(job.id)
+            total -= job.bytes
 
     # ------------------------------------------------------------------ API
 
-    def health(self) -> dict[str, Any]:
-        return {
+    def health(self, full: bool = True) -> dict[str, Any]:
+        """Liveness and the verdict for anyone; the rest (report, paths, queue) with the key."""
+        body: dict[str, Any] = {
             "status": self.phase,
             "ready": self.phase == "ready",
             "verdict": (self.report or {}).get("verdict"),
+        }
+        if not full:
+            return body
+        body.update({
             "reason": self.reason,
             "model_id": self.model.id,
-            "queue": {"waiting": self._queue.qsize(), "capacity": self._queue.maxsize},
+            "queue": {"waiting": self.store.count("queued"), "running": self.store.count("running"),
+                      "capacity": self.max_queue},
+            "limits": self.generator.limits.to_dict() if self.generator else None,
+            "model_check": self.model_check,
             "selftest": self.report,
-        }
+        })
+        return body
 
     def info(self) -> dict[str, Any]:
         gen = self.generator
-        defaults = gen.defaults() if gen else None
-        return {"model_id": self.model.id, "defaults": defaults, "phase": self.phase}
+        return {"model_id": self.model.id, "phase": self.phase, "defaults": gen.defaults() if gen else None,
+                "limits": gen.limits.to_dict() if gen else None}
 
     def check_accepting(self) -> None:
         if self.phase == "failed":
             raise Refused(503, f"generation disabled on this machine: {self.reason} (see GET /health)")
         if self.phase != "ready":
-            raise Refused(503, "self-test in progress; generation opens when it passes (see GET /health)", 10)
+            what = "model check" if self.phase == "verifying" else "self-test"
+            raise Refused(503, f"{what} in progress; generation opens when it passes (see GET /health)", 10)
 
-    def submit(self, args: RenderArgs) -> Job:
+    def submit(self, args: RenderArgs) -> JobRecord:
         self.check_accepting()
-        job = Job(id=uuid.uuid4().hex, args=args, out_dir=self.out_dir / "jobs")
-        job.out_dir = job.out_dir / job.id
-        with self._lock:
+        job = JobRecord(id=uuid.uuid4().hex, request=args.to_dict())
+        with self._submit_lock:
             try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                raise Refused(429, f"queue full ({self._queue.maxsize} jobs waiting); retry later", 30) from None
-            self._jobs[job.id] = job
-            self._evict()
+                added = self.store.add_if_room(job, self.max_queue)
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc):
+                    raise Refused(507, f"disk full: cannot record the job under {self.data_dir}; retry later", 60) from None
+                raise
+        if not added:
+            raise Refused(429, f"queue full ({self.max_queue} jobs waiting); retry later", 30)
+        self._wake.set()
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.store.get(job_id)
 
-    def _evict(self) -> None:
-        """Forget the oldest finished jobs (and delete their files) beyond keep_jobs."""
-        finished = [j for j in self._jobs.values() if j.status in ("done", "failed")]
-        for job in finished[: max(0, len(self._jobs) - self.keep_jobs)]:
-            self._jobs.pop(job.id, None)
-            shutil.rmtree(job.out_dir, ignore_errors=True)
+    def video_path(self, job: JobRecord) -> Path:
+        return self.jobs_dir / job.id / "video.mp4"
