@@ -112,27 +112,28 @@ def publish(
         payload = runpod_payload(spec, image_ref, registry_auth=auth, serverless=True)
         if env.get("GPUBAKE_API_KEY"):
             secrets.append(env["GPUBAKE_API_KEY"])
+    gpus = [resolve_gpu(name, "runpod") for name in (serverless.gpus if serverless else [])]
+    for gpu in gpus:
+        check_gpu_for_spec(gpu, spec)
     client = mconfig.make_client(t, dry_run=dry_run, config=cfg, extra_secrets=secrets)
     mk = market(client, target)
+    gpu_block = mk.serverless_gpus(spec, gpus) if isinstance(mk, RunPod) and serverless else None  # read before any write
     result = mk.publish(payload)
     result.update({"target": target, "image": spec.name, "name": payload["name"], "image_ref": image_ref, "dry_run": dry_run})
-    if serverless is not None:
+    if serverless is not None and gpu_block is not None:
         assert isinstance(mk, RunPod)
-        result = _publish_endpoint(mk, spec, payload, result, serverless, env)
+        result = _publish_endpoint(mk, spec, payload, result, serverless, gpu_block, env)
     return result, client
 
 
 def _publish_endpoint(mk: RunPod, spec: ImageSpec, payload: dict[str, Any], tpl_result: dict[str, Any],
-                      opts: ServerlessOptions, env: dict[str, str]) -> dict[str, Any]:
+                      opts: ServerlessOptions, gpu_block: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """The endpoint half of `publish --serverless`: created from the serverless template just published."""
-    gpus = [resolve_gpu(name, "runpod") for name in opts.gpus]
-    for gpu in gpus:
-        check_gpu_for_spec(gpu, spec)
     body: dict[str, Any] = {
         "name": template_name(spec),
         "templateId": str(tpl_result.get("id") or "<template id>"),
         "type": "QUEUE",  # the image's handler takes jobs from RunPod's queue (runpod.serverless.start)
-        "gpu": mk.serverless_gpus(spec, gpus),
+        "gpu": gpu_block,
         "workers": {"min": 0, "max": opts.max_workers, "idleTimeout": opts.idle_timeout},
         "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
         "flashboot": "FLASHBOOT" if opts.flashboot else "OFF",

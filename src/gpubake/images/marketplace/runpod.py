@@ -229,7 +229,7 @@ class RunPod:
                 console.print(f"RunPod answered the create ambiguously ({after.status or 'no answer'}); "
                               f"found pod {mine[0]['id']} named {label}: adopting it", markup=False)
                 return mine[0]
-        raise MarketplaceError(f"{after}; no pod named {label} exists ({LOOKUPS} lookups): nothing was rented")
+        raise MarketplaceError(f"{after}; but no pod named {label} exists (looked {LOOKUPS} times): nothing was rented")
 
     def status(self, pod_id: str, spec: ImageSpec) -> Instance:
         pod = self.client.request("GET", f"/pods/{pod_id}")
