@@ -58,6 +58,17 @@ def _readme(spec: ImageSpec) -> str:
 
 
 RUNPOD_MIN_VOLUME_GB = 10  # PersistentMount.size: "Upstream enforces a 10 GB floor"
+# CUDA versions RunPod hosts report, for a template's allowedCudaVersions (an exact set,
+# matched as major.minor: see createPod's gpu.allowedCudaVersions in RunPod's v2 document).
+RUNPOD_CUDA_VERSIONS = ("11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.7", "12.8", "12.9", "13.0")
+
+
+def runpod_cuda_versions(spec: ImageSpec) -> list[str]:
+    """allowedCudaVersions for RunPod: every host CUDA at least the image's."""
+    if spec.cuda == "none":
+        return []
+    floor = tuple(int(p) for p in spec.cuda.split("."))
+    return [v for v in RUNPOD_CUDA_VERSIONS if tuple(int(p) for p in v.split(".")) >= floor]
 SERVERLESS_SUFFIX = "-serverless"
 
 
@@ -75,8 +86,6 @@ def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None
     serverless endpoint must be created from; its workers expose no ports and run the
     RunPod handler (the start script picks it when RUNPOD_ENDPOINT_ID is set).
     """
-    from gpubake.images.marketplace.offers import runpod_cuda_versions  # offers imports this module
-
     ports = []
     for i, p in enumerate(spec.runtime.ports):
         if p.protocol == "udp":
