@@ -37,6 +37,21 @@ def test_a_create_is_retried_on_429_but_not_on_5xx(runpod):
     assert len(runpod.calls("POST")) == 3  # one try: a 5xx after a create may mean it was created
 
 
+def test_a_create_sent_with_another_method_is_not_retried_on_5xx(runpod):
+    runpod.inject("PATCH", "/v2/templates/", 502)
+    with pytest.raises(AmbiguousError, match=r"HTTP 502"):
+        client_for(runpod).request("PATCH", "/templates/tpl1", json_body={"name": "n"}, create=True)
+    assert len(runpod.calls("PATCH")) == 1
+    runpod.inject("PATCH", "/v2/templates/", 429)
+    with pytest.raises(NotFoundError):  # retried after the 429, then the real answer: no such template
+        client_for(runpod).request("PATCH", "/templates/tpl1", json_body={"name": "n"}, create=True)
+    assert len(runpod.calls("PATCH")) == 3
+    runpod.inject("PATCH", "/v2/templates/", 502)  # an ordinary update is idempotent: retried
+    with pytest.raises(NotFoundError):
+        client_for(runpod).request("PATCH", "/templates/tpl1", json_body={"name": "n"})
+    assert len(runpod.calls("PATCH")) == 5
+
+
 def test_a_read_timeout_on_a_write_is_ambiguous_and_on_a_read_is_not(runpod):
     runpod.inject("POST", "/v2/templates", 201, after=True, delay=1.0)
     with pytest.raises(AmbiguousError, match=r"POST /templates: timed out after 0.2 s; it may have been done"):

@@ -65,10 +65,18 @@ class AmbiguousError(MarketplaceError):
 class _CreateSafeRetry(Retry):
     """Retry 429 and 5xx with backoff, but a POST only on 429 (not processed by the server)."""
 
+    creates: tuple[str, ...] | None = ("POST",)  # the methods that create; None: every one
+
     def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-        if method.upper() == "POST" and status_code != 429:
+        if (self.creates is None or method.upper() in self.creates) and status_code != 429:
             return False
         return super().is_retry(method, status_code, has_retry_after)
+
+
+class _CreateRetry(_CreateSafeRetry):
+    """For a create sent with another method (Vast.ai rents with PUT): 429 only, whatever the method."""
+
+    creates = None
 
     def parse_retry_after(self, retry_after: str) -> float:
         return min(super().parse_retry_after(retry_after), MAX_RETRY_AFTER)
@@ -81,12 +89,13 @@ class _CappedRetry(Retry):
         return min(super().parse_retry_after(retry_after), MAX_RETRY_AFTER)
 
 
-def make_session(*, retries: int = 5, backoff: float = 1.0, create_safe: bool = True) -> requests.Session:
+def make_session(*, retries: int = 5, backoff: float = 1.0, create_safe: bool = True, creates: bool = False) -> requests.Session:
     """A `requests.Session` whose adapters retry 429/5xx with exponential backoff.
 
     `create_safe=False` also retries a POST on 5xx: for POSTs that only read (a search).
+    `creates=True` retries no method on 5xx: for a create sent with PUT.
     """
-    retry = (_CreateSafeRetry if create_safe else _CappedRetry)(
+    retry = (_CreateRetry if creates else _CreateSafeRetry if create_safe else _CappedRetry)(
         total=retries,
         connect=retries,
         read=0,  # a read timeout after a mutation is not retried blindly
@@ -160,6 +169,7 @@ class ApiClient:
     planned: list[PlannedRequest] = field(default_factory=list)
     session: requests.Session | None = None
     read_session: requests.Session | None = None
+    create_session: requests.Session | None = None
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -167,6 +177,8 @@ class ApiClient:
             self.session = make_session(retries=self.retries, backoff=self.backoff)
         if self.read_session is None:
             self.read_session = make_session(retries=self.retries, backoff=self.backoff, create_safe=False)
+        if self.create_session is None:
+            self.create_session = make_session(retries=self.retries, backoff=self.backoff, creates=True)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -206,12 +218,13 @@ class ApiClient:
         return bool(self.api_key) or not self.dry_run
 
     def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
-                read_only: bool = False) -> Any:
+                read_only: bool = False, create: bool = False) -> Any:
         """Send one request; return its decoded JSON (None for an empty body).
 
         In dry-run, a mutating request is only recorded and `None` is returned. `read_only`
         marks a POST that changes nothing (a search): it is retried like a GET and sent in
-        dry-run too.
+        dry-run too. `create` marks a request that rents or creates whatever its method (a
+        POST always is one): retried on 429 only, and an `AmbiguousError` on 5xx or timeout.
         """
         method = method.upper()
         url = self._url(path, params)
@@ -223,7 +236,7 @@ class ApiClient:
             raise AuthError(f"{self.api}: no API key; {self.key_hint}")
         if self.dry_run:
             self._plan(method, url, json_body, sent=True)
-        session = self.read_session if read_only else self.session
+        session = self.create_session if create else self.read_session if read_only else self.session
         assert session is not None
         write = method in MUTATING and not read_only
         try:
