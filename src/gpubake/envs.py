@@ -99,9 +99,11 @@ _VARS = (
     Var("GPUBAKE_CONFIG", "The marketplace config file (API keys, registry auth IDs).", "build",
         default_doc="$XDG_CONFIG_HOME/gpubake/config.toml, else ~/.config/gpubake/config.toml", kind="path", parse=_path),
     Var("GPUBAKE_RUNPOD_API_URL", "Base URL of RunPod's REST API (tests point it at a local server).", "build",
-        default="https://rest.runpod.io/v1"),
+        default="https://api.runpod.io/v2"),  # REST v1 was retired on 2026-11-15
     Var("GPUBAKE_VAST_API_URL", "Base URL of Vast.ai's API (tests point it at a local server).", "build",
         default="https://console.vast.ai/api/v0"),
+    Var("GPUBAKE_HTTP_TIMEOUT", "Read timeout of each marketplace API request, in seconds.", "build",
+        default_doc="the client's default", kind="seconds"),
     Var("GPUBAKE_RUNPOD_PROXY_URL", "URL pattern of a RunPod pod's HTTP port ({pod_id}, {port}).", "build",
         default="https://{pod_id}-{port}.proxy.runpod.net"),
     Var("GPUBAKE_HTTP_BACKOFF", "Backoff factor of the marketplace clients' retries, in seconds.", "build",

@@ -3,9 +3,8 @@
 The marketplaces cannot be reached from CI, so the contract tests run the real clients
 against servers on 127.0.0.1 that implement the documented endpoints and response shapes:
 
-- RunPod REST v1 (https://docs.runpod.io/api-reference): `GET/POST /v1/templates`,
-  `PATCH /v1/templates/{id}`, `POST /v1/pods`, `GET/DELETE /v1/pods/{id}`; bearer key;
-  template names unique (POST of an existing name is a 400, as the docs say).
+- RunPod REST v2: `FakeRunPod` in `fake_runpod.py` (templates, pods, serverless endpoints,
+  the GPU catalog), checked against the vendored OpenAPI document.
 - Vast.ai (https://docs.vast.ai/api-reference): `GET /api/v0/users/current/`,
   `GET/POST/PUT /api/v0/template/`, `POST /api/v0/bundles/`, `PUT /api/v0/asks/{id}/`,
   `GET/DELETE /api/v0/instances/{id}/`; bearer key; `{"offers": [...]}`,
@@ -14,8 +13,15 @@ against servers on 127.0.0.1 that implement the documented endpoints and respons
 Both also serve the rented machine's `GET /health` (the self-test report of
 `gpubake.smoke_tests.report`): RunPod through a stand-in of its HTTP proxy
 (`/proxy/{pod}/{port}/health`, `GPUBAKE_RUNPOD_PROXY_URL`), Vast.ai on the host port that
-`GET /instances/{id}/` publishes. Faults (401, 404, 429, 5xx, slow answers) are injected per
-request with `server.inject(...)`.
+`GET /instances/{id}/` publishes. Faults (401, 404, 429 with Retry-After, 5xx, slow answers,
+and a 5xx or a timeout *after* the action succeeded) are injected per request with
+`server.inject(...)`.
+
+`FakeApi.contract`, when set, validates every request a fake receives and every answer it
+gives against the vendor's OpenAPI document (`tests/contracts/openapi_contract.py`): a
+request the document refuses is answered as the vendor answers it (`reject`, and listed in
+`refused`); an answer the document does not allow is a bug of the fake (listed in
+`violations`, which the fixtures assert empty).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -42,8 +48,6 @@ from testutil import free_port, stop_process
 RUNPOD_KEY = "rpa_TESTKEY_7f3a9c1e5b2d4f60"
 VAST_KEY = "vast-TESTKEY-0c9e8d7b6a5f4e3d"
 REGISTRY_PASSWORD = "ghp_REGISTRYSECRET_55aa66bb"
-
-
 
 
 @dataclass
@@ -75,17 +79,40 @@ def report(verdict: str | None, *, step_s: float = 1.5) -> dict[str, Any]:
             "queue": {"waiting": 0, "capacity": 4}, "selftest": rep.to_dict()}
 
 
+@dataclass
+class Fault:
+    """One injected fault: the next `times` requests matching `method` and `path` answer `status`.
+
+    `after=True` lets the request take effect first (the pod is created, the template saved)
+    and only then answers `status`, or, with `delay`, answers late: the ambiguous create."""
+
+    method: str
+    path: str  # regex
+    status: int
+    delay: float = 0.0
+    times: int = 1
+    after: bool = False
+    retry_after: str | None = None
+
+
 class FakeApi:
     """A threaded HTTP server with a route table, a request log and fault injection."""
 
     prefix = ""
+    # An object with check_request(method, path, query=, body=, headers=) and
+    # check_response(method, path, status, body, content_type=), both raising AssertionError
+    # (openapi_contract.ContractError) on a mismatch; None = unchecked.
+    contract: Any = None
 
     def __init__(self, api_key: str) -> None:
         self.api_key = api_key
         self.requests: list[Recorded] = []
-        self.faults: list[tuple[str, str, int, float, int]] = []  # method, path regex, status, delay, times
+        self.faults: list[Fault] = []
         self.health: dict[str, list[dict[str, Any]]] = {}  # instance id -> reports to serve, in order
+        self.refused: list[str] = []  # requests the vendor's document refuses (answered by reject())
+        self.violations: list[str] = []  # answers of this fake that the document does not allow
         self.lock = threading.Lock()
+        self.local = threading.local()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         handler = self._handler_class()
@@ -101,9 +128,10 @@ class FakeApi:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def inject(self, method: str, path_regex: str, status: int, *, times: int = 1, delay: float = 0.0) -> None:
-        """The next `times` matching requests answer `status` (after `delay` seconds)."""
-        self.faults.append((method, path_regex, status, delay, times))
+    def inject(self, method: str, path_regex: str, status: int, *, times: int = 1, delay: float = 0.0,
+               after: bool = False, retry_after: str | None = None) -> None:
+        """The next `times` matching requests answer `status` (after `delay` seconds); see `Fault`."""
+        self.faults.append(Fault(method, path_regex, status, delay, times, after, retry_after))
 
     def calls(self, method: str | None = None, path_regex: str = "") -> list[Recorded]:
         return [r for r in self.requests if (method is None or r.method == method) and re.search(path_regex, r.path)]
@@ -130,17 +158,54 @@ class FakeApi:
         """Paths served without the API key (the rented machine's own endpoints)."""
         return False
 
+    def authorize(self, method: str, path: str, header: str | None) -> int | None:
+        """None when the Authorization header may make this request, else 401 or 403."""
+        return None if header == f"Bearer {self.api_key}" else 401
+
+    def error_body(self, status: int, detail: str) -> Any:
+        """The body of an error answer (401, injected faults), in the vendor's format."""
+        return {"error": detail}
+
+    def content_type(self, status: int) -> str:
+        return "application/json"
+
+    def reject(self, errors: list[str]) -> tuple[int, Any]:
+        """How the vendor answers a request its document refuses."""
+        return 400, self.error_body(400, "; ".join(errors))
+
     # -------------------------------------------------------- plumbing
-    def _fault(self, method: str, path: str) -> tuple[int, float] | None:
+    def _fault(self, method: str, path: str) -> Fault | None:
         with self.lock:
-            for i, (m, rx, status, delay, times) in enumerate(self.faults):
-                if m == method and re.search(rx, path):
-                    if times <= 1:
+            for i, f in enumerate(self.faults):
+                if f.method == method and re.search(f.path, path):
+                    if f.times <= 1:
                         self.faults.pop(i)
                     else:
-                        self.faults[i] = (m, rx, status, delay, times - 1)
-                    return status, delay
+                        self.faults[i] = replace(f, times=f.times - 1)
+                    return f
         return None
+
+    def _check_request(self, method: str, path: str, query: dict[str, list[str]], headers: dict[str, str],
+                       body: Any) -> list[str]:
+        """Why the vendor's document refuses this request (empty: it conforms, or nothing checks)."""
+        if self.contract is None or self.public(path):
+            return []
+        args = {"query": {k: v[-1] for k, v in query.items()} or None, "body": body, "headers": headers}
+        if hasattr(self.contract, "request_errors"):  # openapi_contract.Contract: the list itself
+            return list(self.contract.request_errors(method, path, **args))
+        try:
+            self.contract.check_request(method, path, **args)
+        except AssertionError as exc:
+            return [str(exc)]
+        return []
+
+    def _check_response(self, method: str, path: str, status: int, payload: Any, content_type: str) -> None:
+        if self.contract is None or self.public(path):
+            return
+        try:
+            self.contract.check_response(method, path, status, payload, content_type=content_type)
+        except AssertionError as exc:
+            self.violations.append(str(exc))
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         api = self
@@ -160,96 +225,53 @@ class FakeApi:
                 except ValueError:
                     body = raw.decode("latin-1")
                 query = parse_qs(parts.query)
-                api.requests.append(Recorded(self.command, parts.path, query, dict(self.headers), body))
-                fault = api._fault(self.command, parts.path)
-                if fault:
-                    status, delay = fault
-                    time.sleep(delay)
-                    extra = {"Retry-After": "0"} if status in (429, 503) else {}
-                    return self._send(status, {"error": f"injected {status}"}, extra)
-                if not api.public(parts.path):
-                    if self.headers.get("Authorization") != f"Bearer {api.api_key}":
-                        return self._send(401, {"error": "Unauthorized: invalid API key"})
-                status, payload = api.route(self.command, parts.path, query, body)
-                self._send(status, payload)
+                path, method = parts.path, self.command
+                api.requests.append(Recorded(method, path, query, dict(self.headers), body))
+                fault = api._fault(method, path)
+                if fault and not fault.after:
+                    time.sleep(fault.delay)
+                    return self._fault_answer(method, path, fault)
+                api.local.headers = dict(self.headers)  # for routes that read a header (the instance's /health)
+                denied = None if api.public(path) else api.authorize(method, path, self.headers.get("Authorization"))
+                if denied:
+                    detail = "Unauthorized: invalid API key" if denied == 401 else "Forbidden: the key lacks this permission"
+                    return self._send(method, path, denied, api.error_body(denied, detail))
+                refused = api._check_request(method, path, query, dict(self.headers), body)
+                if refused:
+                    api.refused.append(f"{method} {path}: " + "; ".join(refused))
+                    return self._send(method, path, *api.reject(refused))
+                answer = api.route(method, path, query, body)
+                if fault:  # the request took effect; now the answer is lost or late
+                    time.sleep(fault.delay)
+                    if fault.status < 400:
+                        return self._send(method, path, *answer)
+                    return self._fault_answer(method, path, fault)
+                self._send(method, path, *answer)
 
-            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            def _fault_answer(self, method: str, path: str, fault: Fault) -> None:
+                retry = fault.retry_after if fault.retry_after is not None else ("0" if fault.status in (429, 503) else None)
+                extra = {"Retry-After": retry} if retry is not None else {}
+                self._send(method, path, fault.status, api.error_body(fault.status, f"injected {fault.status}"), extra)
+
+            def _send(self, method: str, path: str, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
                 data = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(status)
-                if payload is not None:
-                    self.send_header("Content-Type", "application/json")
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                ctype = api.content_type(status)
+                api._check_response(method, path, status, payload, ctype)
+                try:
+                    self.send_response(status)
+                    if payload is not None:
+                        self.send_header("Content-Type", ctype)
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a read timeout)
+                    pass
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _do
 
         return Handler
-
-
-class FakeRunPod(FakeApi):
-    """RunPod REST v1 as documented at https://docs.runpod.io/api-reference (templates, pods)."""
-
-    def __init__(self, api_key: str = RUNPOD_KEY) -> None:
-        super().__init__(api_key)
-        self.templates: dict[str, dict[str, Any]] = {}
-        self.pods: dict[str, dict[str, Any]] = {}
-        self.cost_per_hr = "0.79"
-        self.ssh_port = 40022  # host port RunPod maps the pod's port 22 to
-        self._n = 0
-
-    def public(self, path: str) -> bool:
-        return path.startswith("/proxy/")
-
-    def _id(self, prefix: str) -> str:
-        self._n += 1
-        return f"{prefix}{self._n:04d}x"
-
-    def route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        m = re.fullmatch(r"/proxy/([^/]+)/(\d+)/health", path)
-        if m and method == "GET":
-            rep = self.next_health(m.group(1))
-            if m.group(1) not in self.pods or rep is None:
-                return 502, {"error": "pod not ready"}  # what RunPod's proxy answers before the port listens
-            return (200 if rep.get("ready", True) else 503), rep
-        if path == "/v1/templates" and method == "GET":
-            return 200, list(self.templates.values())
-        if path == "/v1/templates" and method == "POST":
-            if not body.get("name") or not body.get("imageName"):
-                return 400, {"error": "name and imageName are required"}
-            if any(t["name"] == body["name"] for t in self.templates.values()):
-                return 400, {"error": "Template name must be unique"}
-            tid = self._id("tpl")
-            self.templates[tid] = {"id": tid, "isRunpod": False, **body}
-            return 200, self.templates[tid]
-        m = re.fullmatch(r"/v1/templates/([^/]+)", path)
-        if m and method == "PATCH":
-            if m.group(1) not in self.templates:
-                return 404, {"error": "template not found"}
-            self.templates[m.group(1)].update(body)
-            return 200, self.templates[m.group(1)]
-        if path == "/v1/pods" and method == "POST":
-            tpl = self.templates.get(body.get("templateId", ""))
-            if tpl is None and not body.get("imageName"):
-                return 400, {"error": "imageName or a valid templateId is required"}
-            pid = self._id("pod")
-            self.pods[pid] = {
-                "id": pid, "name": body.get("name"), "desiredStatus": "RUNNING", "costPerHr": self.cost_per_hr,
-                "imageName": body.get("imageName"), "publicIp": "127.0.0.1", "portMappings": {"22": self.ssh_port},
-                "gpu": {"id": body["gpuTypeIds"][0], "count": 1}, "request": body,
-            }
-            return 201, {k: v for k, v in self.pods[pid].items() if k != "request"}
-        m = re.fullmatch(r"/v1/pods/([^/]+)", path)
-        if m and method == "GET":
-            pod = self.pods.get(m.group(1))
-            return (200, {k: v for k, v in pod.items() if k != "request"}) if pod else (404, {"error": "pod not found"})
-        if m and method == "DELETE":
-            if self.pods.pop(m.group(1), None) is None:
-                return 404, {"error": "pod not found"}
-            return 204, None
-        return 404, {"error": f"no route {method} {path}"}
 
 
 class FakeVast(FakeApi):
@@ -341,22 +363,11 @@ class FakeVast(FakeApi):
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No real config, keys or registry credentials leak into a test; retries back off fast."""
     for name in ("RUNPOD_API_KEY", "VAST_API_KEY", "GPUBAKE_REGISTRY_USER", "GPUBAKE_REGISTRY_PASSWORD",
-                 "GPUBAKE_RUNPOD_API_URL", "GPUBAKE_VAST_API_URL", "GPUBAKE_RUNPOD_PROXY_URL"):
+                 "GPUBAKE_RUNPOD_API_URL", "GPUBAKE_VAST_API_URL", "GPUBAKE_RUNPOD_PROXY_URL", "GPUBAKE_API_KEY",
+                 "GPUBAKE_HTTP_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GPUBAKE_CONFIG", str(tmp_path / "no-config.toml"))
     monkeypatch.setenv("GPUBAKE_HTTP_BACKOFF", "0.01")
-
-
-@pytest.fixture
-def runpod(monkeypatch: pytest.MonkeyPatch):
-    server = FakeRunPod().start()
-    monkeypatch.setenv("RUNPOD_API_KEY", RUNPOD_KEY)
-    monkeypatch.setenv("GPUBAKE_RUNPOD_API_URL", server.url + "/v1")
-    monkeypatch.setenv("GPUBAKE_RUNPOD_PROXY_URL", server.url + "/proxy/{pod_id}/{port}")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -498,3 +509,6 @@ def image_ref() -> str:
 @pytest.fixture
 def make_report() -> Callable[..., dict[str, Any]]:
     return report
+
+
+from marketplace.fake_runpod import FakeRunPod, runpod  # noqa: E402,F401  (the RunPod REST v2 fake and its fixture)

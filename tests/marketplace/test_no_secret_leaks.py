@@ -1,7 +1,7 @@
 """No API key or registry password in any output, log line, dry-run or error message.
 
 Drives publish / launch / destroy through success, dry-run and failure paths against the
-local RunPod and Vast.ai servers (contracts: https://docs.runpod.io/api-reference and
+local RunPod and Vast.ai servers (contracts: RunPod REST v2's OpenAPI document and
 https://docs.vast.ai/api-reference), with every logger at DEBUG (urllib3 included), then
 greps everything that was printed or logged for the secrets.
 """
@@ -12,13 +12,15 @@ import logging
 
 FAST = ["--poll-interval", "0.05", "--timeout", "5"]
 PASSWORD = "ghp_REGISTRYSECRET_55aa66bb"
+SERVICE_KEY = "svc_SERVICESECRET_77cc88dd99ee"
 
 
 def test_no_secret_anywhere(runpod, vast, cli, spec_path, image_ref, make_report, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)  # root: urllib3's retry and connection logs too
     monkeypatch.setenv("GPUBAKE_REGISTRY_USER", "acme-bot")
     monkeypatch.setenv("GPUBAKE_REGISTRY_PASSWORD", PASSWORD)
-    secrets = [runpod.api_key, vast.api_key, PASSWORD]
+    monkeypatch.setenv("GPUBAKE_API_KEY", SERVICE_KEY)  # the instance service's key, from the user
+    secrets = [runpod.api_key, vast.api_key, PASSWORD, SERVICE_KEY]
     seen: list[str] = []
 
     def run(*args: str) -> int:
@@ -33,7 +35,7 @@ def test_no_secret_anywhere(runpod, vast, cli, spec_path, image_ref, make_report
         assert run(*pub, "--json") == 0
         assert run(*pub, "--json") == 0  # unchanged (RunPod) / re-sent login (Vast.ai)
     # rate limits and server errors on the way (retried; urllib3 logs each retry)
-    runpod.inject("GET", "/v1/templates", 429, times=2)
+    runpod.inject("GET", "/v2/templates", 429, times=2)
     runpod.set_health(f"pod{runpod._n + 1:04d}x", make_report("fail"))
     assert run("launch", "--target", "runpod", "--image", str(spec_path), "--gpu", "L40S", "--destroy-on-fail", *FAST, "--json") == 3
     vast.offers = [{"id": 1, "gpu_name": "L40S", "num_gpus": 1, "dph_total": 0.4, "driver_version": "575.57.08",
@@ -58,4 +60,6 @@ def test_no_secret_anywhere(runpod, vast, cli, spec_path, image_ref, make_report
     # and the servers did receive them where they belong
     assert any(r.headers.get("Authorization") == f"Bearer {vast.api_key}" for r in vast.requests)
     assert any((r.body or {}).get("docker_login_pass") == PASSWORD for r in vast.requests if isinstance(r.body, dict))
+    assert any(r.headers.get("Authorization") == f"Bearer {SERVICE_KEY}" for r in runpod.calls("GET", "/proxy/"))
+    assert any((r.body or {}).get("env", {}).get("GPUBAKE_API_KEY") == SERVICE_KEY for r in runpod.calls("POST", "/v2/pods$"))
     assert all(vast.api_key not in r.path + str(r.query) for r in vast.requests)  # never in a URL

@@ -1,6 +1,6 @@
 """The template payloads and the offer choice, as pure functions (no server).
 
-Payload fields as documented by RunPod (https://docs.runpod.io/api-reference/templates/POST/templates)
+Payload fields as documented by RunPod (REST v2 createTemplate: tests/contracts/openapi/runpod-v2.json)
 and Vast.ai (https://docs.vast.ai/api-reference/templates/create-template); offer fields as
 in Vast.ai's search-offers response (https://docs.vast.ai/api-reference/search/search-offers).
 """
@@ -23,7 +23,27 @@ def test_payloads_hold_no_secret_and_match_the_spec(spec, image_ref):
         assert image_ref in text and "password" not in text.lower() and "docker_login_pass" not in body
         assert body["name"] == "gpubake-gpuimg"
     assert template_payload(spec, "runpod", image_ref)["ports"] == ["8000/http", "22/tcp"]
-    assert "containerRegistryAuthId" not in template_payload(spec, "runpod", image_ref)
+    assert "registry" not in template_payload(spec, "runpod", image_ref)
+
+
+def test_runpod_payloads_are_v2_bodies_the_document_accepts(image_ref):
+    from contracts.openapi_contract import contract
+
+    from gpubake.images.marketplace.payload import runpod_payload
+
+    c = contract("runpod-v2")
+    specs = [s for s in _catalog_specs() if "runpod" in s.targets]
+    assert specs
+    for spec in specs:
+        for serverless in (False, True):
+            body = runpod_payload(spec, image_ref, registry_auth="cred1", serverless=serverless)
+            assert c.check_request("POST", "/v2/templates", body=body, headers={"Authorization": "Bearer k"}) == "createTemplate"
+            assert c.check_request("PATCH", "/v2/templates/t1", body=body, headers={"Authorization": "Bearer k"}) == "updateTemplate"
+            assert body["serverless"] is serverless and body["name"].endswith("-serverless") is serverless
+            if serverless:
+                assert body["ports"] == [] and body["startSsh"] is False and "mounts" not in body
+            elif spec.runtime.volume_disk_gb:
+                assert body["mounts"] == {"persistent": {"size": spec.runtime.volume_disk_gb, "path": spec.runtime.volume_mount}}
 
 
 def test_payload_bad_input(spec, image_ref):
@@ -105,7 +125,7 @@ def test_every_catalog_image_has_a_payload_for_each_of_its_targets(image_ref):
             body = template_payload(spec, target, image_ref)
             assert body["name"] == f"gpubake-{spec.name}"
             if target == "runpod":
-                assert body["containerDiskInGb"] == spec.runtime.container_disk_gb
+                assert body["disk"] == spec.runtime.container_disk_gb
                 assert set(body["ports"]) == {f"{p.port}/{p.protocol}" for p in spec.runtime.ports}
             else:
                 assert body["image"] == image_ref and "-p " in body["env"] or not spec.runtime.ports

@@ -173,8 +173,9 @@ def test_remote_provision_dry_run_lists_quoted_commands(cli, tmp_path):
 
 
 def test_launch_reads_the_report_over_ssh(runpod, sshd, cli, spec_path, image_ref, tmp_path):
-    """launch --ssh-key: the public key goes to the pod as PUBLIC_KEY (the start script installs
-    it), then the report file is read over SSH (local RunPod server + real sshd)."""
+    """launch --ssh-key: the public key goes to the pod as SSH_PUBLIC_KEY (the start script installs
+    it; PUBLIC_KEY stays RunPod's, the account's keys), then the report file is read over SSH
+    (local RunPod server + real sshd)."""
     assert cli("publish", "--target", "runpod", "--image", spec_path, "--image-ref", image_ref)[0] == 0
     runpod.ssh_port = sshd.port
     report_file = tmp_path / "instance" / "selftest.json"  # what the instance's self-test writes
@@ -186,7 +187,7 @@ def test_launch_reads_the_report_over_ssh(runpod, sshd, cli, spec_path, image_re
     result = json.loads(out)
     assert result["verdict"] == "pass" and result["throughput"]["seconds_per_step"] == 0.75
     assert result["urls"]["ssh"] == f"ssh://127.0.0.1:{sshd.port}"
-    sent_env = runpod.calls("POST", "/v1/pods$")[0].body["env"]
-    assert sent_env["PUBLIC_KEY"] == Path(f"{sshd.key}.pub").read_text().strip()
-    assert sent_env["GPUBAKE_IMAGE"] == "gpuimg"  # the template's env is kept
+    sent_env = runpod.calls("POST", "/v2/pods$")[0].body["env"]
+    assert sent_env["SSH_PUBLIC_KEY"] == Path(f"{sshd.key}.pub").read_text().strip() and "PUBLIC_KEY" not in sent_env
+    assert runpod.pods[result["instance_id"]]["env"]["GPUBAKE_IMAGE"] == "gpuimg"  # the template's env is kept
     assert runpod.calls("GET", "/proxy/") == []  # the report came over SSH, not /health

@@ -49,20 +49,49 @@ def publish_cmd(
     registry_auth: Optional[str] = typer.Option(
         None, "--registry-auth", help="RunPod: ID of registry credentials saved at RunPod. Vast.ai: private registry host."
     ),
+    serverless: bool = typer.Option(
+        False, "--serverless", help="RunPod: publish a serverless endpoint (queue, the image's RunPod handler) instead of a pod template."
+    ),
+    gpus: Optional[list[str]] = typer.Option(
+        None, "--gpu", help="--serverless: a GPU its workers may use (repeatable; default: every known GPU of the image's gpu_archs)."
+    ),
+    max_workers: int = typer.Option(1, "--max-workers", help="--serverless: most workers at once (min is 0: idle costs nothing)."),
+    idle_timeout: int = typer.Option(5, "--idle-timeout", help="--serverless: seconds an idle worker stays up."),
+    flashboot: bool = typer.Option(True, "--flashboot/--no-flashboot", help="--serverless: RunPod FlashBoot (faster cold starts)."),
+    job_timeout: int = typer.Option(600, "--job-timeout", help="--serverless: seconds one job may run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the requests (secrets as ***) instead of sending writes."),
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
 ) -> None:
-    """Create or update (by name) the marketplace template of an image."""
-    from gpubake.images.marketplace.launch import publish
+    """Create or update (by name) the marketplace template of an image, or its RunPod serverless endpoint."""
+    from gpubake.errors import GpubakeError
+    from gpubake.images.marketplace.launch import ServerlessOptions, publish
 
     _setup_logging()
     spec = _spec(image)
-    result, client = publish(spec, target, image_ref, dry_run=dry_run, registry_auth=registry_auth)
+    opts = None
+    if serverless:
+        opts = ServerlessOptions(gpus=list(gpus or []), max_workers=max_workers, idle_timeout=idle_timeout,
+                                 flashboot=flashboot, job_timeout=job_timeout)
+    elif gpus:
+        raise GpubakeError("--gpu: only with --serverless (launch picks the GPU of a pod)")
+    result, client = publish(spec, target, image_ref, dry_run=dry_run, registry_auth=registry_auth, serverless=opts)
     if dry_run:
         _print_plan(client)
         result["requests"] = [p.to_dict() for p in client.planned]
-    verb = "would be created or updated" if dry_run and result["action"] != "unchanged" else result["action"]
-    console.print(f"{target} template {result['name']!r}: {verb}" + (f" (id {result['id']})" if result.get("id") else ""), markup=False)
+
+    def verb(action: str) -> str:
+        return "would be created or updated" if dry_run and action != "unchanged" else action
+
+    if opts is not None:
+        tpl = result["template"]
+        console.print(f"runpod serverless template {tpl['name']!r}: {verb(tpl['action'])}" + (f" (id {tpl['id']})" if tpl.get("id") else ""),
+                      markup=False)
+        console.print(f"runpod serverless endpoint {result['endpoint']!r}: {verb(result['action'])}"
+                      + (f" (id {result['id']})" if result.get("id") else "") + (f"; jobs: {result['url']}" if result.get("url") else ""),
+                      markup=False)
+    else:
+        console.print(f"{target} template {result['name']!r}: {verb(result['action'])}" + (f" (id {result['id']})" if result.get("id") else ""),
+                      markup=False)
     if as_json:
         emit_json(result)
 
@@ -74,8 +103,13 @@ def launch_cmd(
     max_price: Optional[float] = typer.Option(None, "--max-price", help="Highest price in $/hour."),
     cloud: Optional[str] = typer.Option(None, "--cloud", help="RunPod: SECURE or COMMUNITY (default SECURE)."),
     min_reliability: Optional[float] = typer.Option(None, "--min-reliability", help="Vast.ai: lowest host reliability (0..1, default 0.98)."),
-    destroy_on_fail: bool = typer.Option(False, "--destroy-on-fail", help="Tear the instance down if its self-test fails or times out."),
+    destroy_on_fail: bool = typer.Option(
+        False, "--destroy-on-fail", help="Tear the instance down if its self-test fails, a deadline passes or an error follows the rental."
+    ),
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds to wait for the verdict."),
+    start_timeout: Optional[float] = typer.Option(
+        None, "--start-timeout", help="Seconds the instance may take to run (scheduled + image pull; default: --timeout)."
+    ),
     poll_interval: float = typer.Option(10.0, "--poll-interval", help="Seconds between polls."),
     ssh_key: Optional[Path] = typer.Option(
         None, "--ssh-key", help="Read the self-test report over SSH with this key (its .pub is installed on the instance)."
@@ -91,7 +125,8 @@ def launch_cmd(
     spec = _spec(image)
     opts = LaunchOptions(
         gpu=gpu, max_price=max_price, cloud=cloud, min_reliability=min_reliability, destroy_on_fail=destroy_on_fail,
-        timeout=timeout, poll_interval=poll_interval, dry_run=dry_run, ssh_key=ssh_key, report_path=report_path,
+        timeout=timeout, start_timeout=start_timeout, poll_interval=poll_interval, dry_run=dry_run, ssh_key=ssh_key,
+        report_path=report_path,
     )
     result = launch(spec, target, opts)
     if dry_run:
@@ -118,6 +153,9 @@ def _print_launch(result: dict[str, Any]) -> None:
     if tp:
         shown = ", ".join(f"{k}={v}" for k, v in tp.items() if k not in ("message",) and v is not None)
         console.print(f"  throughput: {shown}", markup=False)
+    phases = result.get("phases") or []
+    if phases:
+        console.print("  phases: " + ", ".join(f"{p['phase']} {p['seconds']:.1f} s" for p in phases), markup=False)
     for name, url in (result.get("urls") or {}).items():
         console.print(f"  {name}: {url}", markup=False)
     if result.get("cost_per_hr") is not None:

@@ -14,7 +14,8 @@ by `GPUBAKE_CONFIG`) > built-in default. The config file looks like::
     min_reliability = 0.98
 
 Base URLs are overridable (`GPUBAKE_RUNPOD_API_URL`, `GPUBAKE_VAST_API_URL`) so that the
-contract tests can point the clients at a local server.
+contract tests can point the clients at a local server; `GPUBAKE_HTTP_TIMEOUT` sets the read
+timeout of every API request (seconds).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Target:
     url_env: str  # its base URL: declared, with the public API as default, in gpubake.envs
 
 
+# RunPod REST v2 (v1, https://rest.runpod.io/v1, answers 410 Gone since 2026-11-15): the
+# default URLs live in gpubake.envs.
 RUNPOD = Target("runpod", "RunPod", "RUNPOD_API_KEY", "GPUBAKE_RUNPOD_API_URL")
 VASTAI = Target("vastai", "Vast.ai", "VAST_API_KEY", "GPUBAKE_VAST_API_URL")
 BY_NAME = {t.name: t for t in (RUNPOD, VASTAI)}
@@ -117,6 +120,22 @@ def http_backoff() -> float:
     return envs.GPUBAKE_HTTP_BACKOFF
 
 
+def http_timeout() -> tuple[float, float]:
+    """(connect, read) timeout of every API request; the read part from `GPUBAKE_HTTP_TIMEOUT` (seconds)."""
+    from gpubake.images.marketplace.http import DEFAULT_TIMEOUT
+
+    raw = envs.raw("GPUBAKE_HTTP_TIMEOUT")
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise GpubakeError(f"GPUBAKE_HTTP_TIMEOUT: not a number: {raw!r}") from None
+    if value <= 0:
+        raise GpubakeError(f"GPUBAKE_HTTP_TIMEOUT: must be > 0 seconds, got {raw!r}")
+    return (min(DEFAULT_TIMEOUT[0], value), value)
+
+
 def make_client(t: Target, *, dry_run: bool = False, config: dict[str, Any] | None = None, extra_secrets: list[str] | None = None):
     """An `ApiClient` for the marketplace, configured from flags/env/config."""
     from gpubake.images.marketplace.http import ApiClient
@@ -128,5 +147,6 @@ def make_client(t: Target, *, dry_run: bool = False, config: dict[str, Any] | No
         key_hint=key_hint(t),
         dry_run=dry_run,
         backoff=http_backoff(),
+        timeout=http_timeout(),
         extra_secrets=list(extra_secrets or []),
     )

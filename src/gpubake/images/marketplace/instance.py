@@ -17,6 +17,10 @@ class Instance:
     detail: str  # the marketplace's own status word, for messages
     urls: dict[str, str] = field(default_factory=dict)  # port name -> URL ("api" -> http://...)
     cost_per_hr: float | None = None
+    # Where the platform says the machine is before it runs: "scheduled" (a machine is being
+    # assigned) or "pulling" (the image downloads, the container starts); None = derive from state.
+    phase: str | None = None
+    pulled: tuple[int, int | None] | None = None  # (bytes done, bytes in all) of the image pull, where the API gives them
 
     def health_url(self, port_name: str = "api") -> str | None:
         """`GET /health` of the image's HTTP service (the self-test report)."""

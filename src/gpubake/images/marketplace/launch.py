@@ -1,9 +1,11 @@
 """publish, launch, destroy: the marketplace workflows behind the CLI commands.
 
-`launch` rents one GPU, waits for the instance, then polls the image's `GET /health`
-(the boot self-test report, `gpubake.smoke_tests.report`) until the verdict is in. An
-instance never outlives a failure silently: a failed self-test, a timeout or an error
-after the rental either tears it down (`--destroy-on-fail`) or says how to.
+`launch` rents one GPU, follows the instance through its phases (scheduled, pulling,
+booting, self-test, ready: `phases.py`), and decides "ready" from the image's own
+`GET /health`, read with the service's API key (`GPUBAKE_API_KEY`) and parsed as a self-test
+report (`gpubake.smoke_tests.report`), never from the platform's status. An instance never
+outlives a failure silently: a failed self-test, a timeout or an error after the rental
+either tears it down (`--destroy-on-fail`) or says how to.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,8 @@ from gpubake.images.marketplace.offers import (
     check_gpu_for_spec,
     resolve_gpu,
 )
-from gpubake.images.marketplace.payload import is_digest_ref, template_name, template_payload
+from gpubake.images.marketplace.payload import is_digest_ref, runpod_payload, template_name, template_payload
+from gpubake.images.marketplace.phases import Timeline
 from gpubake.images.marketplace.runpod import RunPod
 from gpubake.images.marketplace.vastai import Vast
 from gpubake.smoke_tests.report import IN_PROGRESS, WAIT_EXIT_CODES, WORKSPACE_REPORT, Report, ReportError
@@ -58,13 +60,37 @@ def registry_auth_for(target: str, flag: str | None, cfg: dict[str, Any]) -> str
     return str(value) if value else None
 
 
+@dataclass
+class ServerlessOptions:
+    """`publish --serverless` (RunPod): a queue endpoint running the image's RunPod handler."""
+
+    gpus: list[str] = field(default_factory=list)  # --gpu; default: gpubake's GPU table for gpu_archs
+    max_workers: int = 1
+    idle_timeout: int = 5  # seconds an idle worker stays up (billed)
+    flashboot: bool = True
+    job_timeout: int = 600  # seconds one job may run
+
+    def check(self) -> None:
+        if self.max_workers < 1:
+            raise GpubakeError(f"--max-workers: must be >= 1, got {self.max_workers}")
+        if not 1 <= self.idle_timeout <= 3600:
+            raise GpubakeError(f"--idle-timeout: must be 1..3600 seconds, got {self.idle_timeout}")
+        if self.job_timeout < 1:
+            raise GpubakeError(f"--job-timeout: must be >= 1 second, got {self.job_timeout}")
+
+
 def publish(
     spec: ImageSpec, target: str, image_ref: str | None, *, dry_run: bool = False, registry_auth: str | None = None,
-    cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+    cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None, serverless: ServerlessOptions | None = None,
 ) -> tuple[dict[str, Any], ApiClient]:
-    """Create or update the template named `gpubake-<image>`; returns (result, client)."""
+    """Create or update the template named `gpubake-<image>`; returns (result, client).
+
+    With `serverless` (RunPod): the serverless template `gpubake-<image>-serverless` and
+    the endpoint `gpubake-<image>` created from it instead."""
     env = dict(os.environ) if env is None else env
     t = mconfig.target(target)
+    if serverless is not None and target != "runpod":
+        raise GpubakeError("--serverless: RunPod only (Vast.ai rents instances, it has no serverless endpoints)")
     if not image_ref:
         raise GpubakeError("--image-ref: required: the pushed image pinned by digest (REPO@sha256:...; see `build-image --push --json`)")
     if not is_digest_ref(image_ref):
@@ -82,10 +108,45 @@ def publish(
             )
         payload["docker_login_user"], payload["docker_login_pass"] = user, password
         secrets.append(password)
+    if serverless is not None:
+        serverless.check()
+        payload = runpod_payload(spec, image_ref, registry_auth=auth, serverless=True)
+        if envs.raw("GPUBAKE_API_KEY", env):
+            secrets.append(envs.raw("GPUBAKE_API_KEY", env))
+    gpus = [resolve_gpu(name, "runpod") for name in (serverless.gpus if serverless else [])]
+    for gpu in gpus:
+        check_gpu_for_spec(gpu, spec)
     client = mconfig.make_client(t, dry_run=dry_run, config=cfg, extra_secrets=secrets)
-    result = market(client, target).publish(payload)
+    mk = market(client, target)
+    gpu_block = mk.serverless_gpus(spec, gpus) if isinstance(mk, RunPod) and serverless else None  # read before any write
+    result = mk.publish(payload)
     result.update({"target": target, "image": spec.name, "name": payload["name"], "image_ref": image_ref, "dry_run": dry_run})
+    if serverless is not None and gpu_block is not None:
+        assert isinstance(mk, RunPod)
+        result = _publish_endpoint(mk, spec, payload, result, serverless, gpu_block, env)
     return result, client
+
+
+def _publish_endpoint(mk: RunPod, spec: ImageSpec, payload: dict[str, Any], tpl_result: dict[str, Any],
+                      opts: ServerlessOptions, gpu_block: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """The endpoint half of `publish --serverless`: created from the serverless template just published."""
+    body: dict[str, Any] = {
+        "name": template_name(spec),
+        "templateId": str(tpl_result.get("id") or "<template id>"),
+        "type": "QUEUE",  # the image's handler takes jobs from RunPod's queue (runpod.serverless.start)
+        "gpu": gpu_block,
+        "workers": {"min": 0, "max": opts.max_workers, "idleTimeout": opts.idle_timeout},
+        "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
+        "flashboot": "FLASHBOOT" if opts.flashboot else "OFF",
+        "timeout": opts.job_timeout * 1000,
+    }
+    key = envs.raw("GPUBAKE_API_KEY", env)
+    if key:  # the service key, sent at publish time only: never in the template file
+        body["env"] = {"GPUBAKE_API_KEY": key}
+    ep = mk.publish_endpoint(body, payload)
+    return {**tpl_result, "template": {k: tpl_result[k] for k in ("action", "id", "changed", "name")},
+            "action": ep["action"], "id": ep["id"], "changed": ep["changed"], "endpoint": body["name"],
+            "url": ep.get("url"), "serverless": True}
 
 
 # ------------------------------------------------------------------ health
@@ -112,16 +173,29 @@ def report_state(report: Report | None, body: dict[str, Any] | None = None) -> s
     return IN_PROGRESS
 
 
-def read_health(session: requests.Session, url: str, timeout: tuple[float, float] = (5.0, 10.0)) -> dict[str, Any] | None:
-    """The report at `url`, or None while the service is not answering yet.
+class ServiceAuthError(GpubakeError):
+    """The instance's service refused the API key gpubake gave it."""
 
-    /health answers 503 with the report once the self-test has failed, so any status with a
-    JSON report body counts; connection errors and proxies' 502/504 mean "not up yet".
+
+def read_health(session: requests.Session, url: str, api_key: str | None = None,
+                timeout: tuple[float, float] = (5.0, 10.0)) -> dict[str, Any] | None:
+    """The `/health` body at `url`, or None while the service is not answering yet.
+
+    Sent with the service's API key (`Authorization: Bearer`): without it the service
+    gives liveness and verdict only, not the report. /health answers 503 with the report
+    once the self-test has failed, so any status with a JSON health body counts;
+    connection errors and proxies' 502/504 mean "not up yet"; 401/403 mean the service
+    does not take our key (`ServiceAuthError`).
     """
+    headers = {"Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     try:
-        resp = session.get(url, timeout=timeout, headers={"Accept": "application/json"})
+        resp = session.get(url, timeout=timeout, headers=headers)
     except requests.exceptions.RequestException:
         return None
+    if resp.status_code in (401, 403):
+        raise ServiceAuthError(f"{url}: the service refused GPUBAKE_API_KEY (HTTP {resp.status_code})")
     try:
         data = resp.json()
     except ValueError:
@@ -140,41 +214,42 @@ class LaunchOptions:
     min_reliability: float | None = None  # Vast.ai (default: config, else 0.98)
     destroy_on_fail: bool = False
     timeout: float = 1800.0
+    start_timeout: float | None = None  # scheduled + pulling may take this long (default: timeout)
     poll_interval: float = 10.0
     dry_run: bool = False
-    ssh_key: Path | None = None  # read the report over SSH (its .pub goes to the instance as PUBLIC_KEY)
+    ssh_key: Path | None = None  # read the report over SSH (its .pub goes to the instance as SSH_PUBLIC_KEY)
     report_path: str = str(WORKSPACE_REPORT)  # where the start script writes it
     ssh_user: str = "root"
     api_key: str | None = field(default=None, repr=False)  # the service's, set by `launch` itself
-
-
-def service_api_key(environ: Mapping[str, str]) -> tuple[str, bool]:
-    """(the key the rented service will require, whether it was generated here):
-    $GPUBAKE_API_KEY (checked as the service checks it), else a new random one (the image
-    refuses to serve a public port without one)."""
-    from gpubake.provisioning.serving.auth import api_key_from_env
-
-    given = api_key_from_env(environ)
-    return (given, False) if given else (secrets.token_urlsafe(32), True)
 
 
 def _template(mk: RunPod | Vast, spec: ImageSpec, target: str, dry_run: bool) -> dict[str, Any]:
     name = template_name(spec)
     tpl = mk.find_template(name)
     if tpl is None and dry_run:
-        return {"id": "<template id>", "hash_id": "<template hash_id>", "imageName": "<image from template>", "ports": []}
+        return {"id": "<template id>", "hash_id": "<template hash_id>", "image": "<image from template>", "ports": []}
     if tpl is None:
         raise GpubakeError(f"--image: no {target} template {name!r} yet; run `gpubake publish --target {target} --image {spec.name}` first")
     return tpl
 
 
+def service_key(env: dict[str, str] | None = None) -> tuple[str, bool]:
+    """(the service's API key, whether it was generated): the user's `GPUBAKE_API_KEY`,
+    checked by the service's own rule (`serving.auth`), else a new random one (the image
+    refuses to serve a public port without one)."""
+    from gpubake.provisioning.serving.auth import api_key_from_env
+
+    given = api_key_from_env(env)
+    return (given, False) if given else (secrets.token_urlsafe(32), True)
+
+
 def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rent, wait, read the self-test verdict; returns the result object printed by `--json`."""
+    """Rent, follow the phases, read the self-test verdict; returns the result object printed by `--json`."""
     t = mconfig.target(target)
     if target not in spec.targets:
         raise GpubakeError(f"--target: image {spec.name!r} is not built for {target} (targets: {', '.join(spec.targets)})")
-    if opts.timeout <= 0 or opts.poll_interval <= 0:
-        raise GpubakeError("--timeout and --poll-interval must be > 0 seconds")
+    if opts.timeout <= 0 or opts.poll_interval <= 0 or (opts.start_timeout is not None and opts.start_timeout <= 0):
+        raise GpubakeError("--timeout, --start-timeout and --poll-interval must be > 0 seconds")
     cfg = mconfig.load_config() if cfg is None else cfg
     section = mconfig.section(target, cfg)
     env: dict[str, str] = {}
@@ -182,18 +257,19 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
         pub = Path(f"{opts.ssh_key}.pub")
         if not Path(opts.ssh_key).is_file() or not pub.is_file():
             raise GpubakeError(f"--ssh-key: need the private key and its .pub beside it: {opts.ssh_key}")
-        env["PUBLIC_KEY"] = pub.read_text(encoding="utf-8").strip()
-    api_key, generated = service_api_key(os.environ)
-    env["GPUBAKE_API_KEY"] = api_key  # the instance's env (never argv, a template or a file)
-    opts = replace(opts, api_key=api_key)
+        # SSH_PUBLIC_KEY, not PUBLIC_KEY: RunPod fills PUBLIC_KEY with the account's keys
+        # unless the request sets it, and the start script authorizes both
+        env["SSH_PUBLIC_KEY"] = pub.read_text(encoding="utf-8").strip()
+    api_key, generated = service_key()
+    env["GPUBAKE_API_KEY"] = api_key
     gpu = resolve_gpu(opts.gpu, target)
     check_gpu_for_spec(gpu, spec)
-    client = mconfig.make_client(t, dry_run=opts.dry_run, config=cfg)
-    client.extra_secrets.append(api_key)  # *** in --dry-run output and in every error message
+    client = mconfig.make_client(t, dry_run=opts.dry_run, config=cfg, extra_secrets=[api_key])
     mk = market(client, target)
     tpl = _template(mk, spec, target, opts.dry_run)
-    label = f"gpubake-{spec.name}-{int(time.time())}"
-    result: dict[str, Any] = {"target": target, "image": spec.name, "gpu": gpu.market_id, "dry_run": opts.dry_run}
+    # unique per launch: the name is how an ambiguous create is found again
+    label = f"gpubake-{spec.name}-{int(time.time())}-{secrets.token_hex(3)}"
+    result: dict[str, Any] = {"target": target, "image": spec.name, "gpu": gpu.market_id, "label": label, "dry_run": opts.dry_run}
 
     if isinstance(mk, Vast):
         min_rel = opts.min_reliability
@@ -210,16 +286,23 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
         result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "geolocation") if k in offer}
         if not opts.dry_run:
             console.print(f"renting Vast.ai offer #{offer['id']} ({gpu.name}, ${float(offer.get('dph_total') or 0):.3f}/h)", markup=False)
+        created_at = time.monotonic()
         instance_id = mk.create(spec, tpl, offer["id"], label=label, env=env)
         info: dict[str, Any] = {"cost_per_hr": offer.get("dph_total")}
     else:
         cloud = str(opts.cloud or section.get("cloud") or "SECURE").upper()
+        gpu = mk.check_gpu(gpu, spec, cloud=cloud, max_price=opts.max_price)
+        result["gpu"] = gpu.market_id
+        created_at = time.monotonic()
         instance_id, info = mk.create(spec, tpl, gpu, cloud=cloud, label=label, env=env)
     result["instance_id"] = instance_id
     result.update({k: v for k, v in info.items() if k not in result})
     if opts.dry_run:
         result["requests"] = [p.to_dict() for p in client.planned]
         return result
+    if generated:
+        console.print(f"API key of the service on instance {instance_id} (GPUBAKE_API_KEY; shown once, not stored): {api_key}",
+                      markup=False, highlight=False, soft_wrap=True)
 
     try:
         price = info.get("cost_per_hr")
@@ -230,12 +313,7 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
                 f"--max-price: {target} rented {gpu.name} at ${float(price):.3f}/h > ${opts.max_price}/h; instance {instance_id} destroyed"
             )
         console.print(f"{t.title} instance {instance_id} created; waiting for its self-test", markup=False)
-        if generated:  # shown once, here, to the user's terminal; not in --json, not logged
-            console.print(f"service API key (generated; shown once, keep it): {api_key}", markup=False,
-                          soft_wrap=True)  # never wrapped: the key must copy in one piece
-        else:
-            console.print("service API key: yours, from $GPUBAKE_API_KEY", markup=False)
-        outcome = _wait_for_verdict(mk, instance_id, spec, opts)
+        outcome = _wait_for_verdict(mk, instance_id, spec, opts, api_key, created_at)
     except BaseException:
         if not result.get("destroyed"):
             _teardown_or_tell(mk, target, instance_id, opts.destroy_on_fail)
@@ -263,52 +341,81 @@ def _teardown_or_tell(mk: RunPod | Vast, target: str, instance_id: str, destroy:
     console.print(f"instance {instance_id} may still be running: `gpubake destroy --target {target} {instance_id}`", markup=False)
 
 
-def _wait_for_verdict(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions) -> dict[str, Any]:
-    """Poll the instance, then its /health (or its report file over SSH), until a verdict or the deadline."""
+def _wait_for_verdict(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, api_key: str,
+                      created_at: float) -> dict[str, Any]:
+    """Poll the instance, then its /health (or its report file over SSH), until a verdict or a deadline."""
     with tempfile.TemporaryDirectory(prefix="gpubake-launch-") as tmp:
         # A fresh instance's host key is new by definition: trust it on first use, then hold
         # it to that key for the rest of this launch (not beyond: marketplaces reuse IPs).
         known_hosts = Path(tmp) / "known_hosts"
-        return _poll(mk, instance_id, spec, opts, known_hosts)
+        return _poll(mk, instance_id, spec, opts, known_hosts, api_key, created_at)
 
 
-def _poll(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, known_hosts: Path) -> dict[str, Any]:
-    start = time.monotonic()
-    deadline = start + opts.timeout
-    health = requests.Session()  # no retries, no marketplace key: it talks to the rented machine
-    if opts.api_key:  # the service's own key: /health shows the full report only with it
-        health.headers["Authorization"] = f"Bearer {opts.api_key}"
+def _service_phase(body: dict[str, Any] | None, state: str) -> str:
+    """The launch phase once the container runs, from what /health said."""
+    if body is None:
+        return "booting"
+    if state in ("pass", "degraded"):
+        return "ready"
+    if state == "fail":
+        return "failed"
+    return "self-test"
+
+
+def _poll(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, known_hosts: Path, api_key: str,
+          created_at: float) -> dict[str, Any]:
+    timeline = Timeline(created_at)
+    timeline.enter("scheduled", now=created_at)
+    deadline = created_at + opts.timeout
+    start_deadline = created_at + (opts.start_timeout if opts.start_timeout is not None else opts.timeout)
+    health = requests.Session()  # no retries, not the marketplace's key: it talks to the rented machine
     body: dict[str, Any] | None = None  # what the instance last answered: a /health body or the report file
     report: Report | None = None
-    last = ""
-    with console.status("waiting for the instance") as status:
+
+    def finish(verdict: str, inst: Instance, reason: str | None = None) -> dict[str, Any]:
+        if verdict == "fail":
+            timeline.enter("failed")
+        timeline.close()
+        out = _outcome(verdict, inst, body, report, created_at, reason=reason)
+        out["phases"] = timeline.to_list()
+        out["phase"] = timeline.current.name if timeline.current else None
+        return out
+
+    with console.status("creating") as status:
         while True:
             inst = mk.status(instance_id, spec)
             if inst.state == "failed":
-                return _outcome("fail", inst, body, report, start, reason=f"instance {inst.detail}")
-            now = f"instance {inst.detail}"
+                return finish("fail", inst, reason=f"instance {inst.detail}")
+            state = IN_PROGRESS
             if inst.state == "running":
                 try:
                     if opts.ssh_key is not None:
-                        report, now = _ssh_report(inst, opts, known_hosts)
+                        report, _ = _ssh_report(inst, opts, known_hosts)
                         body = report.to_dict() if report else None
                     elif inst.health_url():
-                        body = read_health(health, inst.health_url() or "")
+                        body = read_health(health, inst.health_url() or "", api_key)
                         report = report_of(body)
-                        now = "waiting for /health"
-                except ReportError as exc:  # the image writes a report this gpubake cannot read
-                    return _outcome("fail", inst, body, None, start, reason=str(exc))
+                except (ReportError, ServiceAuthError) as exc:  # a report this gpubake cannot read, or a refused key
+                    return finish("fail", inst, reason=str(exc))
                 state = report_state(report, body)
-                if state != IN_PROGRESS:
-                    return _outcome(state, inst, body, report, start)
-                if body:
-                    now = f"self-test {state.replace('_', ' ')}"
-            if now != last:
-                status.update(now)
-                last = now
-            if time.monotonic() + opts.poll_interval > deadline:
-                return _outcome("timeout", inst, body, report, start,
-                                reason=f"no verdict within {opts.timeout:g} s ({last})")
+                if state == IN_PROGRESS and body and body.get("verdict") in ("pass", "degraded", "fail") and report is None:
+                    return finish("fail", inst, reason=f"/health gave the verdict {body['verdict']!r} without the report: "
+                                                       "the service did not take GPUBAKE_API_KEY")
+                phase = _service_phase(body, state)
+            else:
+                phase = inst.phase or "scheduled"
+            ended = timeline.enter(phase, pulled=inst.pulled)
+            if ended is not None:
+                console.print(f"  {ended.name}: {ended.seconds(time.monotonic()):.1f} s", markup=False)
+            if state != IN_PROGRESS:
+                return finish(state, inst)
+            status.update(timeline.describe())
+            now = time.monotonic()
+            if timeline.in_start() and now + opts.poll_interval > start_deadline:
+                limit = opts.start_timeout if opts.start_timeout is not None else opts.timeout
+                return finish("timeout", inst, reason=f"still {timeline.describe(now)} after {limit:g} s: the instance never ran")
+            if now + opts.poll_interval > deadline:
+                return finish("timeout", inst, reason=f"no verdict within {opts.timeout:g} s ({timeline.describe(now)})")
             time.sleep(opts.poll_interval)
 
 

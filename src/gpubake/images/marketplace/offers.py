@@ -16,15 +16,12 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from gpubake.errors import GpubakeError
-from gpubake.images.marketplace.payload import compute_caps
+from gpubake.images.marketplace.payload import RUNPOD_CUDA_VERSIONS, compute_caps, runpod_cuda_versions  # noqa: F401
 
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
 
 DEFAULT_MIN_RELIABILITY = 0.98
-# CUDA versions RunPod's createPod accepts in allowedCudaVersions
-# (https://docs.runpod.io/api-reference/pods/POST/pods).
-RUNPOD_CUDA_VERSIONS = ("11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.7", "12.8", "12.9", "13.0")
 
 
 @lru_cache(maxsize=1)
@@ -87,13 +84,6 @@ def min_driver(spec: ImageSpec) -> str | None:
     from gpubake.images import compat
 
     return compat.min_driver(spec.cuda).toolkit
-
-
-def runpod_cuda_versions(spec: ImageSpec) -> list[str]:
-    """allowedCudaVersions for RunPod: every host CUDA at least the image's."""
-    if spec.cuda == "none":
-        return []
-    return [v for v in RUNPOD_CUDA_VERSIONS if _vkey(v) >= _vkey(spec.cuda)]
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@
 One pure function, `template_payload(spec, target, image_ref)`, used by `publish` (the
 body it sends) and by `build-image --render-only` (the `template.<target>.json` it writes),
 so that what is reviewed is what is sent. It holds no secret: the registry credentials are
-referred to by an ID stored at the marketplace (RunPod `containerRegistryAuthId`) or by
-the registry host only (Vast.ai `docker_login_repo`; the login itself is added by
-`publish` at send time, from the environment).
+referred to by an ID stored at the marketplace (RunPod `registry`) or by the registry host
+only (Vast.ai `docker_login_repo`; the login itself is added by `publish` at send time,
+from the environment).
 
 Field names follow the API docs:
-- RunPod REST v1, "Create a new template": https://docs.runpod.io/api-reference/templates/POST/templates
+- RunPod REST v2, createTemplate (`CreateTemplateRequest` of RunPod's OpenAPI document,
+  vendored as tests/contracts/openapi/runpod-v2.json; https://docs.runpod.io/api-reference-v2)
 - Vast.ai, "create template": https://docs.vast.ai/api-reference/templates/create-template
   and "Creating and Using Templates with API" (env string format, extra_filters):
   https://docs.vast.ai/api-reference/creating-and-using-templates-with-api
@@ -56,30 +57,61 @@ def _readme(spec: ImageSpec) -> str:
     )
 
 
-def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None = None) -> dict[str, Any]:
-    """Body of RunPod's `POST /templates` (and `PATCH /templates/{id}`)."""
+RUNPOD_MIN_VOLUME_GB = 10  # PersistentMount.size: "Upstream enforces a 10 GB floor"
+# CUDA versions RunPod hosts report, for a template's allowedCudaVersions (an exact set,
+# matched as major.minor: see createPod's gpu.allowedCudaVersions in RunPod's v2 document).
+RUNPOD_CUDA_VERSIONS = ("11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.7", "12.8", "12.9", "13.0")
+
+
+def runpod_cuda_versions(spec: ImageSpec) -> list[str]:
+    """allowedCudaVersions for RunPod: every host CUDA at least the image's."""
+    if spec.cuda == "none":
+        return []
+    floor = tuple(int(p) for p in spec.cuda.split("."))
+    return [v for v in RUNPOD_CUDA_VERSIONS if tuple(int(p) for p in v.split(".")) >= floor]
+SERVERLESS_SUFFIX = "-serverless"
+
+
+def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None = None,
+                   serverless: bool = False) -> dict[str, Any]:
+    """Body of RunPod REST v2 `POST /v2/templates` (and `PATCH /v2/templates/{id}`).
+
+    v2 has no entrypoint, start-command or readme field: the image's own ENTRYPOINT (the
+    gpubake start script) runs with `args` empty. `startSsh` lets RunPod put the account's
+    SSH keys in `PUBLIC_KEY` (launch's `--ssh-key` goes in `SSH_PUBLIC_KEY`, so both work);
+    `startJupyter` is off (it would inject a generated JUPYTER_PASSWORD for a Jupyter the
+    image does not run). `allowedCudaVersions` serves pods started from RunPod's console;
+    `launch` sends its own numeric floor (`gpu.minCudaVersion`), which replaces it.
+    A serverless template (`serverless=True`, name `gpubake-NAME-serverless`) is what a
+    serverless endpoint must be created from; its workers expose no ports and run the
+    RunPod handler (the start script picks it when RUNPOD_ENDPOINT_ID is set).
+    """
     ports = []
     for i, p in enumerate(spec.runtime.ports):
         if p.protocol == "udp":
             raise GpubakeError(f"runtime.ports[{i}]: RunPod exposes http and tcp ports only, not {p.port}/udp")
         ports.append(f"{p.port}/{p.protocol}")
     body: dict[str, Any] = {
-        "name": template_name(spec),
-        "imageName": image_ref,
+        "name": template_name(spec) + (SERVERLESS_SUFFIX if serverless else ""),
+        "image": image_ref,
         "category": "CPU" if spec.cuda == "none" else "NVIDIA",
-        "containerDiskInGb": spec.runtime.container_disk_gb,
-        "volumeInGb": spec.runtime.volume_disk_gb,
-        "volumeMountPath": spec.runtime.volume_mount,
-        "ports": ports,
+        "disk": spec.runtime.container_disk_gb,
+        "ports": [] if serverless else ports,
         "env": dict(spec.runtime.env),
-        "dockerEntrypoint": list(spec.runtime.entrypoint),
-        "dockerStartCmd": [],
-        "isPublic": False,
-        "isServerless": False,
-        "readme": _readme(spec),
+        "args": "",
+        "public": False,
+        "serverless": serverless,
+        "startSsh": not serverless,
+        "startJupyter": False,
+        "allowedCudaVersions": runpod_cuda_versions(spec),
     }
+    volume = spec.runtime.volume_disk_gb
+    if volume and not serverless:
+        if volume < RUNPOD_MIN_VOLUME_GB:
+            raise GpubakeError(f"runtime.volume_disk_gb: RunPod's persistent volume is at least {RUNPOD_MIN_VOLUME_GB} GB, got {volume}")
+        body["mounts"] = {"persistent": {"size": volume, "path": spec.runtime.volume_mount}}
     if registry_auth:
-        body["containerRegistryAuthId"] = registry_auth
+        body["registry"] = registry_auth
     return body
 
 
