@@ -3,8 +3,8 @@
 Why a class of our own around `requests`: both marketplaces need the same four things and
 `requests` alone gives none of them:
 - retries with exponential backoff on 429 and 5xx (urllib3 `Retry`, honouring
-  `Retry-After`); a POST (which creates something) is retried on 429 only, because a 5xx
-  after a create may mean it was created;
+  `Retry-After`); a POST, or any request sent with `creates=True` (Vast.ai rents with a
+  PUT), is retried on 429 only, because a 5xx after a create may mean it was created;
 - a timeout on every request (connect, read);
 - `--dry-run`: mutating requests are recorded (method, URL, JSON body, headers) with every
   secret replaced by `***` instead of being sent;
@@ -35,7 +35,17 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class MarketplaceError(GpubakeError):
-    """A marketplace API refused a request, or could not be reached."""
+    """A marketplace API refused a request, or could not be reached.
+
+    `status` is the HTTP status (None when there was no answer); `uncertain` is True when
+    the request may have taken effect all the same (a 5xx, a read timeout, a dropped
+    connection): a create that ends so must be looked up, never retried blindly.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, uncertain: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.uncertain = uncertain
 
 
 class AuthError(MarketplaceError):
@@ -49,18 +59,28 @@ class NotFoundError(MarketplaceError):
 class _CreateSafeRetry(Retry):
     """Retry 429 and 5xx with backoff, but a POST only on 429 (not processed by the server)."""
 
+    create_methods: frozenset[str] = frozenset({"POST"})
+
     def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-        if method.upper() == "POST" and status_code != 429:
+        if method.upper() in self.create_methods and status_code != 429:
             return False
         return super().is_retry(method, status_code, has_retry_after)
 
 
-def make_session(*, retries: int = 5, backoff: float = 1.0, create_safe: bool = True) -> requests.Session:
+class _CreateRetry(_CreateSafeRetry):
+    """For a request that creates something whatever its method: 429 only."""
+
+    create_methods = MUTATING
+
+
+def make_session(*, retries: int = 5, backoff: float = 1.0, create_safe: bool = True, creates: bool = False) -> requests.Session:
     """A `requests.Session` whose adapters retry 429/5xx with exponential backoff.
 
     `create_safe=False` also retries a POST on 5xx: for POSTs that only read (a search).
+    `creates=True` retries every method on 429 only: for a create sent as a PUT.
     """
-    retry = (_CreateSafeRetry if create_safe else Retry)(
+    retry_cls = _CreateRetry if creates else (_CreateSafeRetry if create_safe else Retry)
+    retry = retry_cls(
         total=retries,
         connect=retries,
         read=0,  # a read timeout after a mutation is not retried blindly
@@ -134,6 +154,7 @@ class ApiClient:
     planned: list[PlannedRequest] = field(default_factory=list)
     session: requests.Session | None = None
     read_session: requests.Session | None = None
+    create_session: requests.Session | None = None
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -141,6 +162,8 @@ class ApiClient:
             self.session = make_session(retries=self.retries, backoff=self.backoff)
         if self.read_session is None:
             self.read_session = make_session(retries=self.retries, backoff=self.backoff, create_safe=False)
+        if self.create_session is None:
+            self.create_session = make_session(retries=self.retries, backoff=self.backoff, creates=True)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -180,12 +203,13 @@ class ApiClient:
         return bool(self.api_key) or not self.dry_run
 
     def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
-                read_only: bool = False) -> Any:
+                read_only: bool = False, creates: bool = False) -> Any:
         """Send one request; return its decoded JSON (None for an empty body).
 
         In dry-run, a mutating request is only recorded and `None` is returned. `read_only`
         marks a POST that changes nothing (a search): it is retried like a GET and sent in
-        dry-run too.
+        dry-run too. `creates` marks a request that rents or creates something: retried on
+        429 only, and an ambiguous end raises with `uncertain=True`.
         """
         method = method.upper()
         url = self._url(path, params)
@@ -197,20 +221,28 @@ class ApiClient:
             raise AuthError(f"{self.api}: no API key; {self.key_hint}")
         if self.dry_run:
             self._plan(method, url, json_body, sent=True)
-        session = self.read_session if read_only else self.session
+        session = self.create_session if creates else (self.read_session if read_only else self.session)
         assert session is not None
+        mutates = method in MUTATING and not read_only
         try:
             resp = session.request(
                 method, url, json=json_body, headers=self._headers(), timeout=self.timeout, allow_redirects=False
             )
         except requests.exceptions.RetryError as exc:
             raise MarketplaceError(f"{self.api}: {method} {path}: gave up after {self.retries} retries ({self._reason(exc)})") from None
-        except requests.exceptions.Timeout:
-            raise MarketplaceError(f"{self.api}: {method} {path}: timed out after {self.timeout[1]:g} s") from None
+        except requests.exceptions.Timeout as exc:
+            # a connect timeout never reached the server; a read timeout may have done the work
+            read = not isinstance(exc, requests.exceptions.ConnectTimeout)
+            raise MarketplaceError(f"{self.api}: {method} {path}: timed out after {self.timeout[1]:g} s",
+                                   uncertain=mutates and read) from None
         except requests.exceptions.ConnectionError as exc:
             if self._reason(exc) == "ReadTimeoutError":  # urllib3 wraps it when read retries are off
-                raise MarketplaceError(f"{self.api}: {method} {path}: timed out after {self.timeout[1]:g} s") from None
-            raise MarketplaceError(f"{self.api}: cannot reach {self._scrub(self.base_url)} ({self._reason(exc)})") from None
+                raise MarketplaceError(f"{self.api}: {method} {path}: timed out after {self.timeout[1]:g} s",
+                                       uncertain=mutates) from None
+            # refused before sending is certain; a connection dropped mid-answer is not
+            sent = self._reason(exc) not in ("NewConnectionError", "NameResolutionError", "ConnectTimeoutError")
+            raise MarketplaceError(f"{self.api}: cannot reach {self._scrub(self.base_url)} ({self._reason(exc)})",
+                                   uncertain=mutates and sent) from None
         log.debug("%s %s -> %s", method, self._scrub(url), resp.status_code)
         return self._decode(method, path, resp)
 
@@ -225,15 +257,17 @@ class ApiClient:
     def _decode(self, method: str, path: str, resp: requests.Response) -> Any:
         status = resp.status_code
         if status in (401, 403):
-            raise AuthError(f"{self.api}: API key rejected (HTTP {status}) on {method} {path}; {self.key_hint}")
+            raise AuthError(f"{self.api}: API key rejected (HTTP {status}) on {method} {path}; {self.key_hint}", status=status)
         if status == 404:
-            raise NotFoundError(f"{self.api}: not found (HTTP 404): {method} {path}")
+            raise NotFoundError(f"{self.api}: not found (HTTP 404): {method} {path}: {self._detail(resp)}", status=status)
         if status == 429:
-            raise MarketplaceError(f"{self.api}: rate limited (HTTP 429) on {method} {path} after {self.retries} retries")
+            raise MarketplaceError(f"{self.api}: rate limited (HTTP 429) on {method} {path} after {self.retries} retries",
+                                   status=status)
         if status >= 500:
-            raise MarketplaceError(f"{self.api}: server error (HTTP {status}) on {method} {path}: {self._detail(resp)}")
+            raise MarketplaceError(f"{self.api}: server error (HTTP {status}) on {method} {path}: {self._detail(resp)}",
+                                   status=status, uncertain=method in MUTATING)
         if status >= 400:
-            raise MarketplaceError(f"{self.api}: {method} {path} refused (HTTP {status}): {self._detail(resp)}")
+            raise MarketplaceError(f"{self.api}: {method} {path} refused (HTTP {status}): {self._detail(resp)}", status=status)
         if status >= 300:  # redirects are not followed: an API that moved must be configured, not guessed
             raise MarketplaceError(f"{self.api}: {method} {path}: unexpected redirect (HTTP {status}); check the API URL")
         if not resp.content:
@@ -241,7 +275,8 @@ class ApiClient:
         try:
             return resp.json()
         except ValueError:
-            raise MarketplaceError(f"{self.api}: {method} {path}: response is not JSON (HTTP {status})") from None
+            raise MarketplaceError(f"{self.api}: {method} {path}: response is not JSON (HTTP {status})",
+                                   status=status, uncertain=method in MUTATING) from None
 
     def _detail(self, resp: requests.Response) -> str:
         try:
@@ -250,7 +285,8 @@ class ApiClient:
             text = resp.text
         else:
             if isinstance(data, dict):
-                text = str(data.get("error") or data.get("msg") or data.get("message") or data.get("detail") or data)
+                # Vast.ai puts a code in `error` (`no_such_ask`) and the reason in `msg`
+                text = str(data.get("msg") or data.get("error") or data.get("message") or data.get("detail") or data)
             else:
                 text = str(data)
         return " ".join(self._scrub(text).split())[:200] or "(no message)"
