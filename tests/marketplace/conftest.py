@@ -18,7 +18,6 @@ request with `server.inject(...)`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re

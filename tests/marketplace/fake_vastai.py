@@ -438,6 +438,17 @@ class FakeVast:
         return Handler
 
 
+def offer(oid: int, *, price: float, driver: str = "575.57.08", cuda: float = 12.9, rel: float = 0.995,
+          gpu: str = "L40S", cap: int = 890, storage_cost: float = 0.0, disk: float = 200.0) -> dict:
+    """An offer shaped like the search-offers response: `price` is the GPU's $/h (`dph_base`); the
+    fake adds `storage_cost` ($/GB/month) for the disk searched for, as `dph_total`."""
+    major, minor, patch = (int(p) for p in driver.split("."))
+    return {"id": oid, "ask_contract_id": oid, "gpu_name": gpu, "num_gpus": 1, "dph_base": price,
+            "storage_cost": storage_cost, "driver_version": driver, "driver_vers": major * 10**6 + minor * 10**3 + patch,
+            "cuda_max_good": cuda, "reliability2": rel, "reliability": rel, "compute_cap": cap, "disk_space": disk,
+            "direct_port_count": 40, "verified": True, "rentable": True, "rented": False, "geolocation": "SE"}
+
+
 @pytest.fixture
 def vast(monkeypatch: pytest.MonkeyPatch):
     """FakeVast on loopback, with VAST_API_KEY and the API URL pointing at it; the test fails

@@ -11,18 +11,9 @@ from __future__ import annotations
 
 import json
 
+from marketplace.fake_vastai import offer
+
 FAST = ["--poll-interval", "0.05", "--timeout", "10"]
-
-
-def offer(oid: int, *, price: float, driver: str = "575.57.08", cuda: float = 12.9, rel: float = 0.995,
-          gpu: str = "L40S", cap: int = 890, storage_cost: float = 0.0, disk: float = 200.0) -> dict:
-    """An offer shaped like the search-offers response: `price` is the GPU's $/h (`dph_base`); the
-    fake adds `storage_cost` ($/GB/month) for the disk searched for, as `dph_total`."""
-    major, minor, patch = (int(p) for p in driver.split("."))
-    return {"id": oid, "ask_contract_id": oid, "gpu_name": gpu, "num_gpus": 1, "dph_base": price,
-            "storage_cost": storage_cost, "driver_version": driver, "driver_vers": major * 10**6 + minor * 10**3 + patch,
-            "cuda_max_good": cuda, "reliability2": rel, "reliability": rel, "compute_cap": cap, "disk_space": disk,
-            "direct_port_count": 40, "verified": True, "rentable": True, "rented": False, "geolocation": "SE"}
 
 
 def test_publish_creates_then_keeps_then_updates(vast, cli, spec_path, image_ref):
@@ -170,3 +161,13 @@ def test_dry_run_without_any_key_shows_the_plan(vast, cli, spec_path, image_ref,
     planned = json.loads(out)["requests"]
     assert [r["url"].rsplit("/api/v0", 1)[1] for r in planned] == ["/bundles/", "/asks/<offer id>/"]
     assert vast.requests == []
+
+
+def test_another_accounts_public_template_of_the_same_name_is_never_ours(vast, cli, spec_path, image_ref):
+    """The template search "include[s] both your own templates and publicly shared templates"."""
+    foreign = dict(vast.add_foreign_template("gpubake-gpuimg"))
+    code, out, err = cli("publish", "--target", "vastai", "--image", spec_path, "--image-ref", image_ref, "--json")
+    assert code == 0 and json.loads(out)["action"] == "created", err
+    code, out, _ = cli("publish", "--target", "vastai", "--image", spec_path, "--image-ref", image_ref, "--json")
+    assert code == 0 and json.loads(out)["action"] == "unchanged"
+    assert vast.templates[7] == foreign and vast.calls("PUT", "/template/") == []

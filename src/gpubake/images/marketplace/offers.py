@@ -93,7 +93,7 @@ def vast_driver_number(version: str) -> int:
     two-part version gets patch 0.
     """
     parts = str(version).strip().split(".")
-    if not 2 <= len(parts) <= 3 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+    if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts) or any(len(p) > 3 for p in parts[1:]):
         raise GpubakeError(f"driver version {version!r}: expected MAJOR.MINOR[.PATCH]")
     major, minor, patch = (parts + ["0"])[:3]
     return int(major) * 1_000_000 + int(minor) * 1_000 + int(patch)

@@ -198,7 +198,7 @@ def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake",
         started = time.monotonic()
         result = s.run(cmd, timeout=timeout, what="self-test")
         if result.exited == 127:
-            raise RemoteError(f"{target.display}: {gpubake} not found; run `gpubake remote provision {target.user}@{target.host}` first")
+            raise RemoteError(f"{target.display}: {gpubake} not found; run `gpubake remote provision {target.user}@{target.host} --image NAME` first")
         try:
             s.get(remote_report, local_report)
         except RemoteError:
