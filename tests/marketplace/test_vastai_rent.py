@@ -220,6 +220,14 @@ def test_the_fake_refuses_bad_keys_as_documented(vast):
     assert vast.violations == []
 
 
+def test_the_fake_holds_its_own_answers_to_the_document(vast):
+    vast.user_id = "4242"  # the document says integer: an answer like this is a bug in the fake
+    resp = requests.get(vast.url + "/api/v0/users/current/", headers={"Authorization": f"Bearer {VAST_KEY}"}, timeout=5)
+    assert resp.status_code == 500 and resp.json()["error"] == "fake_bug"
+    assert len(vast.violations) == 1 and "response GET /api/v0/users/current/ -> 200" in vast.violations[0]
+    vast.violations.clear()
+
+
 # ------------------------------------------------------------------ the lifecycle
 
 
