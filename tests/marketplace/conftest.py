@@ -5,10 +5,8 @@ against servers on 127.0.0.1 that implement the documented endpoints and respons
 
 - RunPod REST v2: `FakeRunPod` in `fake_runpod.py` (templates, pods, serverless endpoints,
   the GPU catalog), checked against the vendored OpenAPI document.
-- Vast.ai (https://docs.vast.ai/api-reference): `GET /api/v0/users/current/`,
-  `GET/POST/PUT /api/v0/template/`, `POST /api/v0/bundles/`, `PUT /api/v0/asks/{id}/`,
-  `GET/DELETE /api/v0/instances/{id}/`; bearer key; `{"offers": [...]}`,
-  `{"success": true, "new_contract": N}`, `{"instances": {...}}`.
+- Vast.ai: `FakeVast` and the `vast` fixture in `fake_vastai.py`, every request and answer
+  validated against the vendor's OpenAPI document.
 
 Both also serve the rented machine's `GET /health` (the self-test report of
 `gpubake.smoke_tests.report`): RunPod through a stand-in of its HTTP proxy
@@ -26,7 +24,6 @@ request the document refuses is answered as the vendor answers it (`reject`, and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -45,8 +42,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from testutil import free_port, stop_process
 
+from marketplace.fake_vastai import FakeVast, vast  # noqa: F401  (Vast.ai's stand-in and fixture)
+
 RUNPOD_KEY = "rpa_TESTKEY_7f3a9c1e5b2d4f60"
-VAST_KEY = "vast-TESTKEY-0c9e8d7b6a5f4e3d"
 REGISTRY_PASSWORD = "ghp_REGISTRYSECRET_55aa66bb"
 
 
@@ -274,91 +272,6 @@ class FakeApi:
         return Handler
 
 
-class FakeVast(FakeApi):
-    """Vast.ai REST API as documented at https://docs.vast.ai/api-reference (templates, search, instances).
-
-    Offer search honours only `gpu_name`: the other filters are left to the client's own
-    re-check, which is what the offer tests exercise.
-    """
-
-    def __init__(self, api_key: str = VAST_KEY) -> None:
-        super().__init__(api_key)
-        self.user_id = 4242
-        self.templates: dict[int, dict[str, Any]] = {}
-        self.offers: list[dict[str, Any]] = []
-        self.instances: dict[str, dict[str, Any]] = {}
-        self.loading_polls = 1  # GET /instances/{id}/ answers "loading" this many times first
-        self._n = 100
-
-    def public(self, path: str) -> bool:
-        return path == "/health"
-
-    def route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        if path == "/health" and method == "GET":  # the rented machine's port 8000, published on this host port
-            newest = max(self.instances, key=int, default=None)
-            rep = self.next_health(newest) if newest else None
-            return (502, {"error": "not up"}) if rep is None else ((200 if rep.get("ready", True) else 503), rep)
-        if path == "/api/v0/users/current/" and method == "GET":
-            return 200, {"id": self.user_id, "username": "tester"}
-        if path == "/api/v0/template/" and method == "GET":
-            filters = json.loads(query.get("select_filters", ["{}"])[0])
-            out = list(self.templates.values())
-            for key, cond in filters.items():
-                out = [t for t in out if t.get(key) == cond.get("eq")]
-            return 200, {"success": True, "templates_found": len(out), "templates": out}
-        if path == "/api/v0/template/" and method == "POST":
-            if not body.get("name") or not body.get("image"):
-                return 400, {"success": False, "msg": "name and image are required"}
-            self._n += 1
-            tpl = {k: v for k, v in body.items() if k != "docker_login_pass"}
-            tpl.update(id=self._n, hash_id=hashlib.md5(json.dumps(body, sort_keys=True).encode()).hexdigest(),
-                       creator_id=self.user_id, _has_login=bool(body.get("docker_login_pass")))
-            self.templates[self._n] = tpl
-            return 200, {"success": True, "msg": f"Template Created Successfully! New Template ID: {self._n}",
-                         "template": {"id": self._n, "hash_id": tpl["hash_id"], "name": tpl["name"]}}
-        if path == "/api/v0/template/" and method == "PUT":
-            match = [t for t in self.templates.values() if t["hash_id"] == body.get("hash_id")]
-            if not match:
-                return 404, {"success": False, "msg": "template not found"}
-            tpl = match[0]
-            tpl.update({k: v for k, v in body.items() if k not in ("hash_id", "docker_login_pass")})
-            tpl["hash_id"] = hashlib.md5(json.dumps(tpl, sort_keys=True).encode()).hexdigest()
-            return 200, {"success": True, "template": {"id": tpl["id"], "hash_id": tpl["hash_id"]}}
-        if path == "/api/v0/bundles/" and method == "POST":
-            want = (body.get("gpu_name") or {}).get("eq")
-            return 200, {"offers": [o for o in self.offers if want is None or o["gpu_name"] == want]}
-        m = re.fullmatch(r"/api/v0/asks/(\d+)/", path)
-        if m and method == "PUT":
-            offer = next((o for o in self.offers if o["id"] == int(m.group(1))), None)
-            if offer is None:
-                return 404, {"success": False, "error": "no_such_ask", "msg": "Offer not found"}
-            if not any(t["hash_id"] == body.get("template_hash_id") for t in self.templates.values()):
-                return 400, {"success": False, "error": "invalid_args", "msg": "template not found"}
-            self._n += 1
-            iid = str(self._n)
-            self.instances[iid] = {"id": int(iid), "offer": offer["id"], "polls": 0, "request": body, "dph_total": offer["dph_total"]}
-            return 200, {"success": True, "new_contract": int(iid)}
-        m = re.fullmatch(r"/api/v0/instances/(\d+)/", path)
-        if m and method == "GET":
-            inst = self.instances.get(m.group(1))
-            if inst is None:
-                return 404, {"success": False, "msg": "instance not found"}
-            inst["polls"] += 1
-            running = inst["polls"] > self.loading_polls
-            shown = {
-                "id": inst["id"], "actual_status": "running" if running else "loading", "intended_status": "running",
-                "public_ipaddr": "127.0.0.1", "dph_total": inst["dph_total"], "ssh_host": "127.0.0.1", "ssh_port": 40022,
-                "ports": {"8000/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(self.port)}],
-                          "22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40022"}]} if running else {},
-            }
-            return 200, {"instances": shown}
-        if m and method == "DELETE":
-            if self.instances.pop(m.group(1), None) is None:
-                return 404, {"success": False, "msg": "instance not found"}
-            return 200, {"success": True, "msg": "Instance destroyed successfully"}
-        return 404, {"error": f"no route {method} {path}"}
-
-
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No real config, keys or registry credentials leak into a test; retries back off fast."""
@@ -368,17 +281,6 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GPUBAKE_CONFIG", str(tmp_path / "no-config.toml"))
     monkeypatch.setenv("GPUBAKE_HTTP_BACKOFF", "0.01")
-
-
-@pytest.fixture
-def vast(monkeypatch: pytest.MonkeyPatch):
-    server = FakeVast().start()
-    monkeypatch.setenv("VAST_API_KEY", VAST_KEY)
-    monkeypatch.setenv("GPUBAKE_VAST_API_URL", server.url + "/api/v0")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 # ---------------------------------------------------------------- a GPU image spec

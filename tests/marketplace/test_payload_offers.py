@@ -129,3 +129,76 @@ def test_every_catalog_image_has_a_payload_for_each_of_its_targets(image_ref):
                 assert set(body["ports"]) == {f"{p.port}/{p.protocol}" for p in spec.runtime.ports}
             else:
                 assert body["image"] == image_ref and "-p " in body["env"] or not spec.runtime.ports
+
+
+# ------------------------------------------------------------------ Vast.ai: what the service takes
+
+
+@pytest.mark.parametrize(("version", "number"), [
+    ("570.124.06", 570124006), ("580.95.05", 580095005), ("535.86.10", 535086010), ("1000.1.1", 1000001001),
+    ("550.54", 550054000),
+])
+def test_driver_versions_as_vasts_integer(version, number):
+    from gpubake.images.marketplace.offers import vast_driver_number
+
+    assert vast_driver_number(version) == number  # vast-cli's numeric_version: each part padded to 3 digits
+
+
+@pytest.mark.parametrize("bad", ["570", "570.1x.2", "", "1.2.3.4", "570.1234.1"])
+def test_a_driver_version_vast_cannot_encode_is_refused(bad):
+    from gpubake.images.marketplace.offers import vast_driver_number
+
+    with pytest.raises(GpubakeError, match="driver version"):
+        vast_driver_number(bad)
+
+
+def test_an_offers_driver_is_read_from_its_integer_column_first():
+    from gpubake.images.marketplace.offers import offer_driver
+
+    assert offer_driver({"driver_vers": 570124006, "driver_version": "999.99.99"}) == (570, 124, 6)
+    assert offer_driver({"driver_version": "575.57.08"}) == (575, 57, 8)
+    assert offer_driver({}) == (0,)
+
+
+def test_the_offer_query_carries_the_real_disk_the_integer_driver_and_the_price_range(spec):
+    policy = OfferPolicy.for_spec(spec, resolve_gpu("L40S", "vastai"), max_price=1.0, min_reliability=0.98)
+    q = policy.query()
+    assert q["allocated_storage"] == 40 == policy.min_disk_gb  # container 40 + volume 0
+    assert q["driver_version"] == {"gte": 570124006} and q["dph_total"] == {"lte": 1.0}
+    assert policy.query(cheapest=0.3)["dph_total"] == {"lte": 1.0, "gte": 0.3}  # the next page
+
+
+def test_vast_template_is_private_and_env_refuses_what_vast_cannot_parse(spec, image_ref):
+    body = template_payload(spec, "vastai", image_ref)
+    assert body["private"] is True
+    for value in ("it's", 'say "hi"', "two\nlines"):
+        odd = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"env": {"MSG": value}})})
+        with pytest.raises(GpubakeError, match=r"runtime.env.MSG: Vast.ai's env string cannot carry quotes or line breaks"):
+            template_payload(odd, "vastai", image_ref)
+
+
+def test_create_env_holds_vasts_limits():
+    from gpubake.images.marketplace.vastai import create_env
+
+    assert create_env({"SSH_PUBLIC_KEY": "ssh-ed25519 AAAA me@x"}) == "-e SSH_PUBLIC_KEY='ssh-ed25519 AAAA me@x'"
+    assert create_env({}) is None
+    with pytest.raises(GpubakeError, match=r"--ssh-key: the public key is 300 characters; .*over 256.*ed25519"):
+        create_env({"PUBLIC_KEY": "k" * 300})
+    with pytest.raises(GpubakeError, match=r"env HF_HOME is 257 characters"):
+        create_env({"HF_HOME": "/" * 257})
+
+
+def test_every_catalog_vast_body_validates_against_vasts_document(image_ref):
+    """The bodies gpubake builds for each catalog image, checked with the vendored OpenAPI document."""
+    from contracts.openapi_contract import contract
+
+    c, auth = contract("vastai"), {"Authorization": "Bearer k"}
+    for spec in _catalog_specs():
+        if "vastai" not in spec.targets:
+            continue
+        body = template_payload(spec, "vastai", image_ref)
+        assert c.check_request("POST", "/api/v0/template/", body=body, headers=auth) == "createTemplate"
+        assert c.check_request("PUT", "/api/v0/template/", body={"hash_id": "h", **body}, headers=auth) == "editTemplate"
+        gpu = resolve_gpu("H100", "vastai") if spec.gpu_archs else resolve_gpu("RTX 4090", "vastai")
+        policy = OfferPolicy.for_spec(spec, gpu, max_price=2.5, min_reliability=0.98)
+        assert c.check_request("POST", "/api/v0/bundles/", body=policy.query(cheapest=0.5), headers=auth) == "searchOffers"

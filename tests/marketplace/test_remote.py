@@ -1,6 +1,7 @@
 """`gpubake remote selftest|provision` through fabric against a real sshd on loopback.
 
 The sshd (conftest `sshd`) has its own host key and authorises one throwaway client key.
+`remote provision` (the image's stack on a host) is tested in test_remote_provision.py.
 The remote "host" is this machine, as root. For `selftest`, the remote gpubake is a small
 program the test writes that behaves as `gpubake selftest --json --report PATH` does
 (writes the report, exits 0 pass / 1 degraded / 3 fail): what is under test is the
@@ -128,48 +129,6 @@ def test_wrong_key_and_bad_destination(sshd, cli, tmp_path):
     assert code == 2 and "USER@HOST" in err
     code, _, err = cli("remote", "selftest", "root@127.0.0.1", "--key", str(tmp_path / "missing"))
     assert code == 2 and "--key: no such file" in err
-
-
-def test_remote_provision_installs_the_wheel_into_a_venv(sshd, cli, tmp_path):
-    """Real upload and `pip install` into a venv on the host, offline.
-
-    The venv is made beforehand and sees this checkout's dependencies through a .pth
-    file, so pip (with --no-index) needs nothing from the network; provision must upload
-    the wheel, install gpubake itself into the venv and read back its version.
-    """
-    import subprocess
-    import sysconfig
-
-    import gpubake
-
-    venv = tmp_path / "remote-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = next((venv / "lib").glob("python3*/site-packages"))
-    (site / "_checkout_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    from gpubake.images.marketplace.remote import build_wheel
-
-    (tmp_path / "wheel").mkdir()
-    wheel = build_wheel(tmp_path / "wheel")  # what provision does without --wheel
-    # pip itself comes from the checkout's environment through the .pth
-    code, out, err = cli("remote", "provision", "root@127.0.0.1", *ssh_args(sshd), "--wheel", str(wheel),
-                         "--venv", str(venv), "--extras", "", "--pip-args", "--no-index --no-deps", "--json")
-    assert code == 0, err
-    result = json.loads(out)
-    assert result["version"] == f"gpubake {gpubake.__version__}"
-    assert (sshd.home / ".gpubake" / "dist" / wheel.name).is_file()
-    installed = list(site.glob("gpubake-*.dist-info"))
-    assert installed and (venv / "bin" / "gpubake").is_file()
-
-
-def test_remote_provision_dry_run_lists_quoted_commands(cli, tmp_path):
-    code, out, err = cli("remote", "provision", "me@gpu-box.example", "--dry-run", "--venv", "~/my env",
-                         "--pip-args", "--index-url https://pypi.example/simple", "--json")
-    assert code == 0, err
-    cmds = json.loads(out)["commands"]
-    assert cmds[1] == "test -x \"$HOME\"/'my env/bin/python' || python3 -m venv \"$HOME\"/'my env'"
-    assert "--index-url https://pypi.example/simple" in cmds[2] and "'[model,triton,gpu]'" in cmds[2]
-    code, _, err = cli("remote", "provision", "me@gpu-box.example", "--dry-run", "--extras", "x;rm -rf /")
-    assert code == 2 and "--extras" in err
 
 
 def test_launch_reads_the_report_over_ssh(runpod, sshd, cli, spec_path, image_ref, tmp_path):

@@ -49,7 +49,7 @@ def test_vast_launch_uses_the_users_key(vast, cli, spec_path, image_ref, make_re
     code, out, err = cli("launch", "--target", "vastai", "--image", str(spec_path), "--gpu", "L40S", *FAST, "--json")
     assert code == 0, err
     (rent,) = vast.calls("PUT", "/asks/")
-    assert rent.body["env"]["GPUBAKE_API_KEY"] == USER_KEY
+    assert rent.body["env"] == f"-e GPUBAKE_API_KEY={USER_KEY}"  # Vast.ai's env: docker flags in one string
     assert USER_KEY not in err + out and "shown once" not in err  # the user's own key is never echoed
     polls = vast.calls("GET", "/health")
     assert polls and all(p.headers.get("Authorization") == f"Bearer {USER_KEY}" for p in polls)

@@ -1,25 +1,19 @@
 """publish / launch / destroy against a local Vast.ai API server.
 
-Contract followed: Vast.ai REST API, https://docs.vast.ai/api-reference
-(templates: https://docs.vast.ai/api-reference/templates/create-template and
-.../templates/edit-template; offers: https://docs.vast.ai/api-reference/search/search-offers;
-instances: https://docs.vast.ai/api-reference/instances/create-instance,
-.../instances/destroy-instance). The server is `FakeVast` in conftest.py.
+Contract followed: Vast.ai's OpenAPI document, vendored as tests/contracts/openapi/vastai.yaml
+(templates, search offers, create/show/destroy instance). The server is `FakeVast`
+(fake_vastai.py): every request gpubake sends and every answer it gives is validated against
+that document, and a test fails on any request outside it. Renting without orphans, the
+instance lifecycle and bad input are in test_vastai_rent.py.
 """
 
 from __future__ import annotations
 
 import json
 
+from marketplace.fake_vastai import offer
+
 FAST = ["--poll-interval", "0.05", "--timeout", "10"]
-
-
-def offer(oid: int, *, price: float, driver: str = "575.57.08", cuda: float = 12.9, rel: float = 0.995,
-          gpu: str = "L40S", cap: int = 890) -> dict:
-    """An offer shaped like the search-offers response."""
-    return {"id": oid, "ask_contract_id": oid, "gpu_name": gpu, "num_gpus": 1, "dph_total": price,
-            "driver_version": driver, "cuda_max_good": cuda, "reliability2": rel, "reliability": rel,
-            "compute_cap": cap, "disk_space": 200.0, "verified": True, "rentable": True, "geolocation": "SE"}
 
 
 def test_publish_creates_then_keeps_then_updates(vast, cli, spec_path, image_ref):
@@ -33,9 +27,11 @@ def test_publish_creates_then_keeps_then_updates(vast, cli, spec_path, image_ref
     assert post.body["runtype"] == "args"  # keeps the image's entrypoint (the gpubake start script)
     assert post.body["recommended_disk_space"] == 40
     assert post.body["extra_filters"] == {"cuda_max_good": {"gte": 12.8}, "compute_cap": {"in": [890, 900]}}
-    # the lookup is restricted to our own account's templates
+    assert post.body["private"] is True  # not in Vast.ai's public template search
+    # the lookup is restricted to our own account's templates, and asks for every column
     lookup = vast.calls("GET", "/template/$")[0]
     assert json.loads(lookup.query["select_filters"][0]) == {"creator_id": {"eq": 4242}, "name": {"eq": "gpubake-gpuimg"}}
+    assert json.loads(lookup.query["select_cols"][0]) == ["*"]
 
     code, out, _ = cli("publish", "--target", "vastai", "--image", spec_path, "--image-ref", image_ref, "--json")
     assert code == 0 and json.loads(out)["action"] == "unchanged"
@@ -86,7 +82,7 @@ def test_launch_picks_the_cheapest_acceptable_offer_and_reads_the_verdict(vast, 
         offer(3, price=0.52),
         offer(4, price=0.45, cuda=12.4),  # CUDA too old
         offer(5, price=0.48),  # the one to rent
-        offer(6, price=0.47, gpu="RTX 4090", cap=890),  # another GPU (the fake filters it out)
+        offer(6, price=0.47, gpu="RTX 4090", cap=890),  # another GPU
     ]
     vast.set_health(str(vast._n + 1), make_report(None), make_report("degraded", step_s=2.0))
     code, out, err = cli("launch", "--target", "vastai", "--image", spec_path, "--gpu", "l40s", *FAST, "--json")
@@ -97,12 +93,17 @@ def test_launch_picks_the_cheapest_acceptable_offer_and_reads_the_verdict(vast, 
     assert result["throughput"]["seconds_per_step"] == 2.0
     (search,) = vast.calls("POST", "/bundles/$")
     q = search.body
-    assert q["gpu_name"] == {"eq": "L40S"} and q["driver_version"] == {"gte": "570.124.06"}
+    # the driver floor as Vast.ai's integer (570.124.06 -> 570124006), priced for the real disk
+    assert q["gpu_name"] == {"eq": "L40S"} and q["driver_version"] == {"gte": 570124006}
     assert q["cuda_max_good"] == {"gte": 12.8} and q["reliability"] == {"gte": 0.98}
     assert q["order"] == [["dph_total", "asc"]] and q["compute_cap"] == {"in": [890, 900]}
+    assert q["allocated_storage"] == 40
     (rent,) = vast.calls("PUT", "/asks/")
     assert rent.path == "/api/v0/asks/5/" and rent.body["template_hash_id"] == next(iter(vast.templates.values()))["hash_id"]
-    assert rent.body["disk"] == 40
+    # the only env of a plain launch is the service's key (generated here), as Vast.ai's flag string
+    assert rent.body["disk"] == 40 and "image" not in rent.body
+    assert rent.body["env"].startswith("-e GPUBAKE_API_KEY=") and " -e " not in rent.body["env"]
+    assert rent.body["label"].startswith("gpubake-gpuimg-")
 
 
 def test_launch_with_max_price_and_no_offer_left_rents_nothing(vast, cli, spec_path, image_ref):
@@ -162,3 +163,13 @@ def test_dry_run_without_any_key_shows_the_plan(vast, cli, spec_path, image_ref,
     planned = json.loads(out)["requests"]
     assert [r["url"].rsplit("/api/v0", 1)[1] for r in planned] == ["/bundles/", "/asks/<offer id>/"]
     assert vast.requests == []
+
+
+def test_another_accounts_public_template_of_the_same_name_is_never_ours(vast, cli, spec_path, image_ref):
+    """The template search "include[s] both your own templates and publicly shared templates"."""
+    foreign = dict(vast.add_foreign_template("gpubake-gpuimg"))
+    code, out, err = cli("publish", "--target", "vastai", "--image", spec_path, "--image-ref", image_ref, "--json")
+    assert code == 0 and json.loads(out)["action"] == "created", err
+    code, out, _ = cli("publish", "--target", "vastai", "--image", spec_path, "--image-ref", image_ref, "--json")
+    assert code == 0 and json.loads(out)["action"] == "unchanged"
+    assert vast.templates[7] == foreign and vast.calls("PUT", "/template/") == []

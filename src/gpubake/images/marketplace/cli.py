@@ -230,33 +230,57 @@ def remote_selftest_cmd(
 @remote_app.command("provision")
 def remote_provision_cmd(
     dest: str = typer.Argument(..., metavar="USER@HOST", help="SSH destination."),
+    image: str = typer.Option(..., "--image", help="Image whose stack to install (catalog name or spec .toml path)."),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="Checkpoint: s3://... or https://... (fetched and verified on the host) or a local "
+        "directory (copied); default: the builder's cached checkpoint of the image."),
+    weights_sha256: Optional[str] = typer.Option(
+        None, "--weights-sha256", help="sha256 of the checkpoint's gpubake-manifest.json (default: the spec's model.sha256)."),
     key: Optional[Path] = typer.Option(None, "--key", help=KEY_HELP),
     port: int = typer.Option(22, "--port", help="SSH port."),
     known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)."),
     accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help=HOSTKEY_HELP),
     wheel: Optional[Path] = typer.Option(None, "--wheel", help="gpubake wheel to install (default: built from this checkout)."),
     venv: str = typer.Option("~/.gpubake/venv", "--venv", help="Virtualenv on the host (created if missing)."),
-    python: str = typer.Option("python3", "--python", help="Python on the host that creates the venv."),
-    extras: str = typer.Option("model,triton,gpu", "--extras", help="gpubake extras to install ('' for none)."),
+    python: str = typer.Option("python3", "--python", help="Python on the host that creates the venv (the lock's version)."),
     pip_args: str = typer.Option("", "--pip-args", help="Extra pip arguments, e.g. '--no-index --find-links /wheels'."),
+    nvidia_smi: str = typer.Option("nvidia-smi", "--nvidia-smi", help="nvidia-smi on the host, if it is not on its PATH."),
+    no_selftest: bool = typer.Option(False, "--no-selftest", help="Install only; do not run the self-test."),
+    quick: bool = typer.Option(False, "--quick", help="Self-test: sample the model's hashes instead of hashing it all."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Where to write the fetched report (default ./selftest-HOST.json)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the remote commands instead of running them."),
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object on stdout."),
 ) -> None:
-    """Install gpubake into a virtualenv on a host over SSH (upload the wheel, pip install, check)."""
-    from gpubake.images.marketplace import remote
+    """Install an image's stack on a host over SSH (its lock with hashes, gpubake, the checkpoint), then self-test."""
+    from gpubake.images.marketplace import provision, remote
+    from gpubake.images.marketplace.launch import EXIT_CODES
 
     _setup_logging()
+    spec = _spec(image)
     target = remote.SshTarget.parse(dest, port=port, key=key, known_hosts=known_hosts, accept_new=accept_new_host_key)
-    result = remote.provision(
-        target, wheel=wheel, venv=venv, python=python, extras=extras, pip_args=pip_args, dry_run=dry_run
+    result = provision.provision(
+        target, spec, weights_source=weights, weights_sha256=weights_sha256, wheel=wheel, venv=venv, python=python,
+        pip_args=pip_args, nvidia_smi=nvidia_smi, run_selftest=not no_selftest, quick=quick, local_report=report,
+        dry_run=dry_run,
     )
+    code = 0
     if dry_run:
-        for cmd in result["commands"]:
+        for cmd in result["commands"].values():
             console.print(cmd, markup=False, highlight=False)
     else:
-        console.print(f"provisioned {target.display}: {result['version']} in {result['venv']}", markup=False)
+        console.print(f"provisioned {target.display} with {spec.name}: {result['version']} in {result['venv']}, "
+                      f"checkpoint {result['weights_action']}", markup=False)
+        outcome = result.get("selftest")
+        if outcome:
+            verdict = outcome["verdict"]
+            color = {"pass": "green", "degraded": "yellow"}.get(verdict, "red")
+            console.print(f"[bold {color}]self-test {verdict.upper()}[/] on {target.display}; report: "
+                          f"{outcome['report_path']}", markup=True)
+            code = EXIT_CODES.get(verdict, 3)
     if as_json:
         emit_json(result)
+    if code:
+        raise typer.Exit(code)
 
 
 # ------------------------------------------------------------------ push-weights

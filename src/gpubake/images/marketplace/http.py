@@ -40,13 +40,17 @@ _NOT_SENT = ("NewConnectionError", "ConnectTimeoutError", "NameResolutionError",
 
 
 class MarketplaceError(GpubakeError):
-    """A marketplace API refused a request, or could not be reached."""
+    """A marketplace API refused a request, or could not be reached.
 
-    status: int | None = None  # the HTTP status, when there was an answer
+    `status` is the HTTP status (None when there was no answer); `uncertain` is True when
+    the request may have taken effect all the same (a 5xx, a read timeout, a dropped
+    connection): a create that ends so must be looked up, never retried blindly.
+    """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, uncertain: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.uncertain = uncertain
 
 
 class AuthError(MarketplaceError):
@@ -60,6 +64,9 @@ class NotFoundError(MarketplaceError):
 class AmbiguousError(MarketplaceError):
     """A write whose outcome is unknown (5xx, read timeout, connection lost after sending):
     the server may have done it. Never retried blindly: the caller looks the object up."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message, status=status, uncertain=True)
 
 
 class _CreateSafeRetry(Retry):
@@ -282,7 +289,7 @@ class ApiClient:
                 f"{self.api}: the API key lacks the permission for {method} {path} (HTTP 403: {self._detail(resp)}); "
                 f"use a key with read/write access ({self.key_hint})", status=status)
         if status == 404:
-            raise NotFoundError(f"{self.api}: not found (HTTP 404): {method} {path}", status=status)
+            raise NotFoundError(f"{self.api}: not found (HTTP 404): {method} {path}: {self._detail(resp)}", status=status)
         if status == 429:
             wait = resp.headers.get("Retry-After")
             after = f"; the API asks to wait {self._scrub(wait)} s" if wait else ""
@@ -302,7 +309,8 @@ class ApiClient:
         try:
             return resp.json()
         except ValueError:
-            raise MarketplaceError(f"{self.api}: {method} {path}: response is not JSON (HTTP {status})") from None
+            raise MarketplaceError(f"{self.api}: {method} {path}: response is not JSON (HTTP {status})",
+                                   status=status, uncertain=method in MUTATING) from None
 
     def _field_errors(self, resp: requests.Response) -> str:
         """RFC 9457 problem `errors` (RunPod v2's list of validation failures), as ` [a; b]`."""
@@ -322,7 +330,8 @@ class ApiClient:
             text = resp.text
         else:
             if isinstance(data, dict):
-                text = str(data.get("error") or data.get("msg") or data.get("message") or data.get("detail") or data)
+                # Vast.ai puts a code in `error` (`no_such_ask`) and the reason in `msg`
+                text = str(data.get("msg") or data.get("error") or data.get("message") or data.get("detail") or data)
             else:
                 text = str(data)
         return " ".join(self._scrub(text).split())[:200] or "(no message)"

@@ -276,18 +276,9 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
         if min_rel is None:
             min_rel = float(section.get("min_reliability", DEFAULT_MIN_RELIABILITY))
         policy = OfferPolicy.for_spec(spec, gpu, max_price=opts.max_price, min_reliability=min_rel)
-        offers = mk.search_offers(policy)
-        if opts.dry_run and not offers:
-            offer: dict[str, Any] = {"id": "<offer id>"}
-        else:
-            offer, skipped = policy.pick(offers)
-            if skipped:
-                console.print(f"skipped {len(skipped)} offer(s), e.g. #{skipped[0][0]}: {skipped[0][1]}", markup=False)
+        instance_id, offer = mk.rent(spec, tpl, policy, label=label, env=env)  # search, pick, create (vastai.py)
         result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "geolocation") if k in offer}
-        if not opts.dry_run:
-            console.print(f"renting Vast.ai offer #{offer['id']} ({gpu.name}, ${float(offer.get('dph_total') or 0):.3f}/h)", markup=False)
-        created_at = time.monotonic()
-        instance_id = mk.create(spec, tpl, offer["id"], label=label, env=env)
+        created_at = time.monotonic()  # the instance exists from here (rent searched, then created)
         info: dict[str, Any] = {"cost_per_hr": offer.get("dph_total")}
     else:
         cloud = str(opts.cloud or section.get("cloud") or "SECURE").upper()
@@ -413,7 +404,8 @@ def _poll(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOpti
             now = time.monotonic()
             if timeline.in_start() and now + opts.poll_interval > start_deadline:
                 limit = opts.start_timeout if opts.start_timeout is not None else opts.timeout
-                return finish("timeout", inst, reason=f"still {timeline.describe(now)} after {limit:g} s: the instance never ran")
+                return finish("timeout", inst, reason=f"still {timeline.describe(now)} after {limit:g} s "
+                                                          f"(the marketplace says: {inst.detail}): the instance never ran")
             if now + opts.poll_interval > deadline:
                 return finish("timeout", inst, reason=f"no verdict within {opts.timeout:g} s ({timeline.describe(now)})")
             time.sleep(opts.poll_interval)

@@ -4,6 +4,12 @@ Pure functions (no HTTP), so the choice is testable on its own. The driver floor
 from the image's CUDA through the compatibility tables (`gpubake.images.compat`), the
 same data the boot self-test checks the driver against: an offer the self-test would
 fail is never rented.
+
+Vast.ai's search (`POST /bundles/`, vendored document `tests/contracts/openapi/vastai.yaml`)
+compares `driver_version` as the integer its own CLI encodes (570.124.06 -> 570124006:
+vast-cli `vastai/api/query.py` `numeric_version`), and prices every offer for
+`allocated_storage` GB of disk ("Default is 8GB"): both are sent, so the server filters
+and orders (cheapest first) on the machine gpubake actually rents.
 """
 
 from __future__ import annotations
@@ -77,6 +83,28 @@ def _vkey(version: str) -> tuple[int, ...]:
         return (0,)
 
 
+def vast_driver_number(version: str) -> int:
+    """A dotted driver version as Vast.ai's integer: each part zero-padded to 3 digits.
+
+    570.124.06 -> 570124006, 580.95.05 -> 580095005 (vast-cli's `numeric_version`); a
+    two-part version gets patch 0.
+    """
+    parts = str(version).strip().split(".")
+    if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts) or any(len(p) > 3 for p in parts[1:]):
+        raise GpubakeError(f"driver version {version!r}: expected MAJOR.MINOR[.PATCH]")
+    major, minor, patch = (parts + ["0"])[:3]
+    return int(major) * 1_000_000 + int(minor) * 1_000 + int(patch)
+
+
+def offer_driver(offer: dict[str, Any]) -> tuple[int, ...]:
+    """An offer's driver as a comparable tuple: its integer `driver_vers` when present
+    (what the server compares), else its dotted `driver_version` string."""
+    number = offer.get("driver_vers")
+    if isinstance(number, int) and not isinstance(number, bool) and number > 0:
+        return (number // 1_000_000, number // 1_000 % 1_000, number % 1_000)
+    return _vkey(str(offer.get("driver_version") or "0"))
+
+
 def min_driver(spec: ImageSpec) -> str | None:
     """Minimum host driver for the image's CUDA (None for a CPU-only image)."""
     if spec.cuda == "none":
@@ -84,6 +112,17 @@ def min_driver(spec: ImageSpec) -> str | None:
     from gpubake.images import compat
 
     return compat.min_driver(spec.cuda).toolkit
+
+
+def vast_disk_gb(spec: ImageSpec) -> int:
+    """The instance disk to rent on Vast.ai: container plus the spec's volume.
+
+    Vast.ai's `disk` is the instance's one writable disk; it survives a stop and is deleted
+    with the instance, the lifetime of RunPod's pod volume that `volume_disk_gb` models. A
+    Vast.ai volume (`volume_info`) is a separate, separately billed object that outlives the
+    instance, which `destroy` would leave behind: gpubake does not create one.
+    """
+    return spec.runtime.container_disk_gb + spec.runtime.volume_disk_gb
 
 
 @dataclass(frozen=True)
@@ -95,9 +134,10 @@ class OfferPolicy:
     min_cuda: float | None
     compute_caps: list[int]
     min_reliability: float = DEFAULT_MIN_RELIABILITY
-    max_price: float | None = None  # $/hour, dph_total
-    min_disk_gb: int = 0
+    max_price: float | None = None  # $/hour, dph_total (priced for `min_disk_gb` of disk)
+    min_disk_gb: int = 0  # the instance's disk, also sent as `allocated_storage`
     min_direct_ports: int = 0
+    known_gpu: bool = True  # False: a name not in gpubake's table, sent as typed
 
     @classmethod
     def for_spec(cls, spec: ImageSpec, gpu: Gpu, *, max_price: float | None, min_reliability: float) -> OfferPolicy:
@@ -112,14 +152,17 @@ class OfferPolicy:
             compute_caps=compute_caps(spec) if spec.cuda != "none" else [],
             min_reliability=min_reliability,
             max_price=max_price,
-            min_disk_gb=spec.runtime.container_disk_gb + spec.runtime.volume_disk_gb,
+            min_disk_gb=vast_disk_gb(spec),
             min_direct_ports=len(spec.runtime.ports),
+            known_gpu=gpu.arch is not None,
         )
 
-    def query(self, limit: int = 50) -> dict[str, Any]:
+    def query(self, limit: int = 64, *, cheapest: float | None = None) -> dict[str, Any]:
         """Body of Vast.ai's `POST /bundles/` (search offers), cheapest first.
 
         Filters and operators as documented in https://docs.vast.ai/api-reference/search/search-offers.
+        The endpoint has `limit` and no cursor: `cheapest` asks for the next page of a
+        price-ordered search (offers priced at least the last page's most expensive one).
         """
         q: dict[str, Any] = {
             "gpu_name": {"eq": self.gpu.market_id},
@@ -133,30 +176,36 @@ class OfferPolicy:
             "order": [["dph_total", "asc"]],
             "type": "on-demand",
             "limit": limit,
+            "allocated_storage": self.min_disk_gb,
         }
         if self.min_cuda is not None:
             q["cuda_max_good"] = {"gte": self.min_cuda}
         if self.min_driver:
-            q["driver_version"] = {"gte": self.min_driver}
+            q["driver_version"] = {"gte": vast_driver_number(self.min_driver)}
         if self.compute_caps:
             q["compute_cap"] = {"in": self.compute_caps}
+        price: dict[str, float] = {}
         if self.max_price is not None:
-            q["dph_total"] = {"lte": self.max_price}
+            price["lte"] = self.max_price
+        if cheapest is not None:
+            price["gte"] = cheapest
+        if price:
+            q["dph_total"] = price
         return q
 
     def rejects(self, offer: dict[str, Any]) -> str | None:
         """Why an offer is not acceptable (None when it is): the server's filter, re-checked.
 
         The search filter is applied again on our side because a wrong answer here rents a
-        machine that fails its self-test; the server's string comparison of driver versions
-        ("535" > "1000") is one known way to get one.
+        machine that fails its self-test (a driver filter sent as a dotted string was
+        compared as text by the server: "535" > "1000").
         """
         name = str(offer.get("gpu_name", ""))
         if _norm(name) != _norm(self.gpu.market_id):
             return f"GPU {name!r}"
         if int(offer.get("num_gpus") or 1) != 1:
             return f"{offer.get('num_gpus')} GPUs"
-        if self.min_driver and _vkey(str(offer.get("driver_version") or "0")) < _vkey(self.min_driver):
+        if self.min_driver and offer_driver(offer) < _vkey(self.min_driver):
             return f"driver {offer.get('driver_version')} < {self.min_driver}"
         if self.min_cuda is not None and float(offer.get("cuda_max_good") or 0) < self.min_cuda:
             return f"CUDA {offer.get('cuda_max_good')} < {self.min_cuda}"
@@ -185,9 +234,11 @@ class OfferPolicy:
         if not good:
             detail = f"; skipped {len(skipped)}: {skipped[0][1]}" if skipped else ""
             price = f" at most ${self.max_price}/h" if self.max_price is not None else ""
+            unknown = "" if self.known_gpu else (
+                f"; {self.gpu.name!r} is not in gpubake's GPU table (marketplace/data/gpus.json), so it was sent as typed")
             raise GpubakeError(
                 f"--gpu: no Vast.ai offer for {self.gpu.name}{price} with driver >= {self.min_driver or 'any'} "
-                f"and reliability >= {self.min_reliability}{detail}"
+                f"and reliability >= {self.min_reliability}{detail}{unknown}"
             )
         good.sort(key=lambda o: (float(o.get("dph_total") or 0), -float(o.get("reliability2", o.get("reliability", 0)) or 0)))
         return good[0], skipped

@@ -115,14 +115,36 @@ def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None
     return body
 
 
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+VAST_ENV_VALUE_MAX = 256  # create-instance `x-input-validation.env.max_length` (create_instance.yaml)
+VAST_ENV_TOTAL_MAX = 32768  # ... `env.max_total_length`
+
+
+def vast_env_flags(env: dict[str, str], *, where: str = "env") -> list[str]:
+    """`-e KEY=VALUE` words of a Vast.ai env string, each value quoted for Vast.ai's parser.
+
+    Vast.ai splits the string on spaces outside quotes and strips one pair of quotes from a
+    value; it has no escapes (vast-cli `vastai/utils.py` smart_split/parse_env), so a value
+    holding a quote or a line break cannot be carried and is refused here, one line naming
+    it, rather than arriving cut. Values are single-quoted as a shell would read them too.
+    """
+    words = []
+    for key, value in sorted(env.items()):
+        if not _ENV_KEY.match(key):
+            raise GpubakeError(f"{where}: {key!r} is not an environment variable name")
+        if any(c in value for c in "'\"\n\r"):
+            raise GpubakeError(f"{where}.{key}: Vast.ai's env string cannot carry quotes or line breaks")
+        words.append(f"-e {key}={shlex.quote(value)}")
+    return words
+
+
 def vast_env_string(spec: ImageSpec) -> str:
     """Vast.ai's "Docker options" string: `-p` for every port, `-e` for every variable."""
     parts = []
     for p in spec.runtime.ports:
         suffix = "/udp" if p.protocol == "udp" else ""
         parts.append(f"-p {p.port}:{p.port}{suffix}")
-    for key, value in sorted(spec.runtime.env.items()):
-        parts.append(f"-e {key}={shlex.quote(value)}")
+    parts.extend(vast_env_flags(dict(spec.runtime.env), where="runtime.env"))
     return " ".join(parts)
 
 
@@ -131,7 +153,9 @@ def vast_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None =
 
     `runtype = args` keeps the image's own entrypoint (the gpubake start script, which
     follows Vast.ai's conventions itself); the whole digest reference goes in `image`
-    (the docs allow the tag inside it), so no mutable tag is ever resolved.
+    (the docs allow the tag inside it), so no mutable tag is ever resolved. `private`
+    keeps the template (image reference, readme) out of Vast.ai's public template search
+    (the vendor's CLI defaults to private too).
     """
     body: dict[str, Any] = {
         "name": template_name(spec),
@@ -147,6 +171,7 @@ def vast_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None =
         "desc": spec.description[:200],
         "readme": _readme(spec),
         "extra_filters": _vast_filters(spec),
+        "private": True,
     }
     if registry_auth:
         body["docker_login_repo"] = registry_auth

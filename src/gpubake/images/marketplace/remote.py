@@ -1,8 +1,8 @@
-"""Bare GPU hosts over SSH (fabric): install gpubake, run the self-test, fetch its report.
+"""Bare GPU hosts over SSH (fabric): run the self-test, fetch its report; the transport.
 
-For users who rent machines rather than marketplace templates. Everything goes over one
-SSH connection (fabric/paramiko): files by SFTP, commands through the remote shell with
-every argument quoted. Host keys are checked against known_hosts and an unknown host is
+For users who rent machines rather than marketplace templates (`provision.py` installs an
+image's stack with it). Everything goes over one SSH connection (fabric/paramiko): files
+by SFTP, commands through the remote shell with every argument quoted. Host keys are checked against known_hosts and an unknown host is
 refused unless `--accept-new-host-key` (then it is remembered, as OpenSSH's
 `StrictHostKeyChecking=accept-new` does); fabric's own default would trust any key.
 """
@@ -177,15 +177,17 @@ class Session:
 
 def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake", local_report: Path,
              quick: bool = False, image: str | None = None, model_dir: str | None = None,
-             timeout: float = 3600.0) -> dict[str, Any]:
+             facts: str | None = None, timeout: float = 3600.0) -> dict[str, Any]:
     """Run `gpubake selftest` on the host, fetch the report to `local_report`, return the outcome.
 
-    `image` / `model_dir` are passed to the remote self-test (a bare host has no
-    GPUBAKE_IMAGE / GPUBAKE_MODEL_DIR set by an image's start script).
+    `image` / `facts` / `model_dir` are passed to the remote self-test (a bare host has no
+    image.json, GPUBAKE_IMAGE or GPUBAKE_MODEL_DIR set by an image's start script).
     """
     stamp = f"{int(time.time())}-{os.getpid()}"
     remote_report = f"{REMOTE_DIR}/selftest-{stamp}.json"
     cmd = f"{rquote(gpubake)} selftest --json --report {rquote('~/' + remote_report)}" + (" --quick" if quick else "")
+    if facts:
+        cmd += f" --facts {rquote(facts)}"
     if image:
         cmd += f" --image {shlex.quote(image)}"
     if model_dir:
@@ -196,7 +198,7 @@ def selftest(target: SshTarget, *, gpubake: str = "~/.gpubake/venv/bin/gpubake",
         started = time.monotonic()
         result = s.run(cmd, timeout=timeout, what="self-test")
         if result.exited == 127:
-            raise RemoteError(f"{target.display}: {gpubake} not found; run `gpubake remote provision {target.user}@{target.host}` first")
+            raise RemoteError(f"{target.display}: {gpubake} not found; run `gpubake remote provision {target.user}@{target.host} --image NAME` first")
         try:
             s.get(remote_report, local_report)
         except RemoteError:
@@ -280,48 +282,3 @@ def build_wheel(dest: Path) -> Path:
     raise RemoteError(f"building the gpubake wheel failed: {tail[:200]}")
 
 
-def provision_commands(wheel_name: str, *, venv: str, python: str, extras: str, pip_args: str) -> list[str]:
-    """The remote shell commands of `provision`, in order (also what --dry-run prints)."""
-    extras = ",".join(e.strip() for e in extras.split(",") if e.strip())
-    if extras and not re.fullmatch(r"[a-z0-9,_-]+", extras):
-        raise RemoteError(f"--extras: invalid extras {extras!r}")
-    try:
-        pip_extra = " ".join(shlex.quote(a) for a in shlex.split(pip_args))
-    except ValueError as exc:
-        raise RemoteError(f"--pip-args: {exc}") from None
-    wheel_remote = f"~/{REMOTE_DIR}/dist/{wheel_name}"
-    requirement = rquote(wheel_remote) + (shlex.quote(f"[{extras}]") if extras else "")
-    vpy = rquote(venv.rstrip("/") + "/bin/python")
-    return [
-        f"mkdir -p {rquote('~/' + REMOTE_DIR + '/dist')}",
-        f"test -x {vpy} || {shlex.quote(python)} -m venv {rquote(venv)}",
-        f"{vpy} -m pip install --disable-pip-version-check -q {pip_extra} {requirement}".replace("  ", " "),
-        f"{rquote(venv.rstrip('/') + '/bin/gpubake')} --version",
-    ]
-
-
-def provision(target: SshTarget, *, wheel: Path | None = None, venv: str = "~/.gpubake/venv", python: str = "python3",
-              extras: str = "model,triton,gpu", pip_args: str = "", dry_run: bool = False) -> dict[str, Any]:
-    """Upload the gpubake wheel, install it into `venv` on the host, check `gpubake --version`."""
-    if wheel is not None and not (wheel.is_file() and wheel.name.endswith(".whl")):
-        raise RemoteError(f"--wheel: not a wheel file: {wheel}")
-    with tempfile.TemporaryDirectory(prefix="gpubake-wheel-") as tmp:
-        if wheel is None and dry_run:
-            wheel_name = "gpubake-<version>-py3-none-any.whl"
-        else:
-            wheel = wheel or build_wheel(Path(tmp))
-            wheel_name = wheel.name
-        cmds = provision_commands(wheel_name, venv=venv, python=python, extras=extras, pip_args=pip_args)
-        result: dict[str, Any] = {"host": target.display, "venv": venv, "wheel": wheel_name, "commands": cmds, "dry_run": dry_run}
-        if dry_run:
-            return result
-        assert wheel is not None
-        with Session(target) as s:
-            s.check(cmds[0], what="mkdir")
-            s.put(wheel, f"{REMOTE_DIR}/dist/{wheel_name}")
-            s.check(cmds[1], what="creating the virtualenv", timeout=300)
-            console.print(f"installing {wheel_name} on {target.display}", markup=False)
-            s.check(cmds[2], what="pip install", timeout=3600)
-            version = s.check(cmds[3], what="gpubake --version").strip()
-    result["version"] = version
-    return result
