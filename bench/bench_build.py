@@ -1,5 +1,5 @@
 """Time the demo image build: cold (fresh store, no layer cache), repeated cold (must give
-the same digest), and warm after a code-only change (layer cache up to `COPY app/`).
+the same digest), and warm after a code-only change (layer cache up to gpubake's wheel step).
 
     .venv/bin/python bench/bench_build.py [--out /tmp/gpubake-bench] [--json]
 
@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,8 +35,10 @@ def _build(out: Path, store: Path, *, no_cache: bool, edit: str | None = None) -
     ctx = out / "context"
     render_context(spec, "runpod", ctx, RenderOptions(timestamp=EPOCH))
     if edit:
-        init = ctx / "app/gpubake/__init__.py"
-        init.write_text(init.read_text() + edit)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from testutil import edit_context_code
+
+        edit_context_code(ctx, edit)
     prepare_model(spec, ctx)
     t1 = time.monotonic()
     builder = BuildahBuilder(storage_at(store), no_cache=no_cache, on_step=None)

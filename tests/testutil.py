@@ -20,3 +20,43 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def edit_context_code(ctx, text: str) -> None:
+    """A code-only change in a rendered build context: `text` appended to gpubake/__init__.py
+    inside the context's gpubake wheel (its RECORD line updated, every other entry kept
+    byte for byte), and the wheel's new sha256 written where the Containerfile names it."""
+    import base64
+    import hashlib
+    import json
+    import zipfile
+    from pathlib import Path
+
+    ctx = Path(ctx)
+    (wheel,) = (ctx / "app").glob("gpubake-*.whl")
+    old_sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    with zipfile.ZipFile(wheel) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    data = {info.filename: body for info, body in entries}
+    init = data["gpubake/__init__.py"] + text.encode()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(init).digest()).rstrip(b"=").decode()
+    record_name = next(n for n in data if n.endswith(".dist-info/RECORD"))
+    record = [f"gpubake/__init__.py,sha256={digest},{len(init)}" if line.startswith("gpubake/__init__.py,") else line
+              for line in data[record_name].decode().splitlines()]
+    data.update({"gpubake/__init__.py": init, record_name: ("\n".join(record) + "\n").encode()})
+    tmp = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w") as out:
+        for info, _ in entries:
+            out.writestr(info, data[info.filename])
+    tmp.replace(wheel)
+    new_sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    containerfile = ctx / "Containerfile"
+    assert old_sha in containerfile.read_text()
+    containerfile.write_text(containerfile.read_text().replace(old_sha, new_sha))
+    manifest = ctx / "context.json"
+    if manifest.exists():
+        files = json.loads(manifest.read_text())
+        rel = f"app/{wheel.name}"
+        files["files"][rel] = new_sha
+        files["files"]["Containerfile"] = hashlib.sha256(containerfile.read_bytes()).hexdigest()
+        manifest.write_text(json.dumps(files, indent=2, sort_keys=True) + "\n")

@@ -9,6 +9,7 @@ stops with that error instead of starting without the command.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -120,10 +121,11 @@ def _run(argv: list[str] | None = None, *, cli: typer.Typer | None = None) -> in
         if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it
             return rc
     except GpubakeError as exc:
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
-        return exc.exit_code
+        return _error_line(str(exc), exc.exit_code)
+    except OSError as exc:  # the file system refused: read-only, full disk, not a directory
+        return _error_line(_os_error_text(exc), 2)
+    except RecursionError:  # input nested deeper than Python recurses (a spec, a JSON file)
+        return _error_line(f"{_input_file(argv)}: input nested too deeply to read", 2)
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
@@ -133,6 +135,44 @@ def _run(argv: list[str] | None = None, *, cli: typer.Typer | None = None) -> in
         exc.show()
         return exc.exit_code
     return 0
+
+
+def _error_line(message: str, exit_code: int) -> int:
+    """Print ONE `error: ...` line on stderr (URL credentials and known secrets redacted)."""
+    from rich.markup import escape
+
+    from gpubake.secrets import redact
+
+    console.print(f"[bold red]error:[/] {escape(redact(' '.join(message.split())))}", markup=True, soft_wrap=True)
+    return exit_code
+
+
+def _os_error_text(exc: OSError) -> str:
+    """`PATH: reason`, naming the user's path rather than an atomic write's temporary one."""
+    import re
+
+    def shown(name: object) -> str:
+        text = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
+        # fsutil.atomic_path writes `.NAME.XXXXXXXX[.suffix].partial` beside NAME, fetch `.NAME.partial`
+        match = re.fullmatch(r"(?P<dir>.*/)?\.(?P<name>[^/]+?)(?:\.[A-Za-z0-9_]{8}(?:\.[^/]*)?)?\.partial(?P<rest>/.*)?", text)
+        return f"{match['dir'] or ''}{match['name']}{match['rest'] or ''}" if match else text
+
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None and exc.filename2 is not None:
+        return f"{shown(exc.filename2)}: {reason} (copying {shown(exc.filename)})"
+    if exc.filename is not None:
+        return f"{shown(exc.filename)}: {reason}"
+    return reason
+
+
+def _input_file(argv: list[str] | None) -> str:
+    """The input file(s) a command was given: what a RecursionError can only have come from."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    values = [a.split("=", 1)[1] if "=" in a else a for a in args if not a.startswith("-") or "=" in a]
+    files = list(dict.fromkeys(v for v in values if os.path.isfile(v)))
+    if len(files) == 1:
+        return files[0]
+    return f"one of {', '.join(files)}" if files else "input"
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
+from urllib.parse import unquote
 
 from gpubake import envs
 
@@ -41,10 +42,65 @@ def known_secrets(extra: Iterable[str] = ()) -> list[str]:
 
 
 def redact(text: str, extra: Iterable[str] = ()) -> str:
-    """Replace every known secret value in `text` with ***."""
+    """Replace every known secret value in `text` with ***, and the credentials of every URL in it."""
     for value in known_secrets(extra):
         text = text.replace(value, REDACTED)
-    return text
+    return redact_urls(text)
+
+
+# Query parameters that carry credentials: presigned S3/GCS/Azure URLs, API tokens.
+SECRET_QUERY_KEYS = frozenset(
+    k.lower()
+    for k in (
+        "token", "access_token", "auth", "key", "api_key", "apikey", "signature", "sig", "password",
+        "secret", "client_secret", "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token",
+        "X-Goog-Signature", "X-Goog-Credential",
+    )
+)
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+
+
+def _secret_query_key(key: str) -> bool:
+    return key.lower() in SECRET_QUERY_KEYS or is_secret_name(key)
+
+
+def redact_url(url: str) -> str:
+    """`url` without its credentials: userinfo becomes ***, token-like query values ***.
+
+    `https://user:TOKEN@host/p?token=abc&rev=main` -> `https://***@host/p?token=***&rev=main`.
+    Everything else is kept byte for byte (no re-encoding).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    cut = len(rest)
+    for ch in "/?#":
+        pos = rest.find(ch)
+        if pos != -1:
+            cut = min(cut, pos)
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        authority = f"{REDACTED}@{authority.rsplit('@', 1)[1]}"
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        query, hashmark, fragment = query.partition("#")
+        pairs = []
+        for pair in re.split(r"([&;])", query):
+            key, eq, _value = pair.partition("=")
+            pairs.append(f"{key}={REDACTED}" if eq and _secret_query_key(unquote(key)) else pair)
+        tail = path + "?" + "".join(pairs) + hashmark + fragment
+    return f"{scheme}://{authority}{tail}"
+
+
+def redact_urls(text: str) -> str:
+    """Every URL inside `text` passed through `redact_url` (error lines, log lines)."""
+
+    def one(match: re.Match[str]) -> str:
+        url = match.group(0)
+        trail = len(url) - len(url.rstrip(".,:;!?)]}"))
+        return redact_url(url[: len(url) - trail]) + url[len(url) - trail :]
+
+    return _URL.sub(one, text)
 
 
 def is_secret_name(name: str) -> bool:

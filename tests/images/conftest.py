@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testutil import free_port, stop_process
+from testutil import edit_context_code, free_port, stop_process
 
 TIMESTAMP = 1700000000
 
@@ -158,7 +158,7 @@ def build_demo(
 ):
     """Render the demo context (or copy `context_from`, model included: the same inputs
     even while the source tree is being edited), optionally append `edit_code` to
-    gpubake/__init__.py in it (a code-only change), build with buildah into `store`."""
+    gpubake/__init__.py in its gpubake wheel (a code-only change), build with buildah into `store`."""
     from gpubake.images.builders.base import BuildRequest
     from gpubake.images.builders.buildah import BuildahBuilder
     from gpubake.images.builders.storage import storage_at
@@ -174,8 +174,7 @@ def build_demo(
         render_context(spec, target, ctx, RenderOptions(timestamp=TIMESTAMP))
         prepare_model(spec, ctx)
     if edit_code is not None:
-        init = ctx / "app" / "gpubake" / "__init__.py"
-        init.write_text(init.read_text() + edit_code)
+        edit_context_code(ctx, edit_code)
     builder = BuildahBuilder(storage_at(store), no_cache=no_cache, on_step=None)
     req = BuildRequest(
         spec=spec,

@@ -121,11 +121,13 @@ def test_weights_are_the_last_layer_and_code_comes_after_the_env(demo_context):
     assert ins[-1] == "COPY model/ /opt/gpubake/model/"
     steps = [i for i, line in enumerate(ins) if line.startswith("RUN")]
     order = [re.search(r"scripts/(\d\d-[a-z-]+\.sh)", ins[i]).group(1) for i in steps]
-    assert order == ["10-system.sh", "20-python-env.sh"]
+    assert order == ["10-system.sh", "20-python-env.sh", "30-gpubake.sh"]
     lock = next(i for i, line in enumerate(ins) if "requirements.lock.txt" in line)
-    app = next(i for i, line in enumerate(ins) if line.startswith("COPY app/"))
+    # gpubake's wheel, bind-mounted (no copy in a layer), named with its sha256 (the cache key)
+    app = next(i for i, line in enumerate(ins) if line.startswith("RUN --mount=type=bind,source=app,"))
+    assert re.search(r"30-gpubake\.sh app/gpubake-[^ ]+\.whl [0-9a-f]{64}$", ins[app])
     assert steps[0] < lock < steps[1] < app  # code changes never rebuild the Python env
-    assert not any(line.startswith("RUN") for line in ins[app:])  # nothing runs after the code
+    assert not any(line.startswith("RUN") for line in ins[app + 1:])  # nothing runs after the code
 
 
 def test_steps_named_by_the_containerfile_ship_in_the_context(demo_context):

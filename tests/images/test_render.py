@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import jinja2
@@ -26,8 +27,10 @@ def wan_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_context_holds_every_part(wan_context: Path) -> None:
     names = {p.relative_to(wan_context).as_posix() for p in wan_context.rglob("*") if p.is_file()}
     for required in ("Containerfile", "image.pkr.hcl", "plugins.pkr.hcl", "image.json", "requirements.lock.txt",
-                     "app/gpubake/__init__.py", "app/gpubake/images/spec.py", "context.json"):
+                     f"app/{render.WHEEL_NAME}", "context.json"):
         assert required in names
+    with zipfile.ZipFile(wan_context / "app" / render.WHEEL_NAME) as whl:
+        assert {"gpubake/__init__.py", "gpubake/images/spec.py", "gpubake/templates/start.sh.j2"} <= set(whl.namelist())
     assert any(n.startswith("scripts/") and n.endswith(".sh") for n in names)
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     manifest = json.loads((wan_context / "context.json").read_text())
@@ -135,3 +138,105 @@ def test_good_push_ref() -> None:
 def test_rendered_packer_template_validates(wan_context: Path) -> None:
     proc = subprocess.run(["packer", "validate", "image.pkr.hcl"], cwd=wan_context, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ gpubake's wheel
+
+
+def _tracked_copy(dest: Path) -> Path:
+    """A git checkout holding this repository's tracked files (the package and its build files)."""
+    repo = Path(__file__).resolve().parents[2]
+    listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--", "pyproject.toml", "README.md", "src/gpubake"],
+                            capture_output=True, check=True).stdout.split(b"\0")
+    for rel in filter(None, (p.decode() for p in listed)):
+        if (repo / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(repo / rel, dest / rel)
+    git = ["git", "-C", str(dest), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(dest)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "tracked"], check=True)
+    return dest / "src" / "gpubake"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_wheel_holds_tracked_files_only(tmp_path: Path) -> None:
+    """A stray .env, a nested .git with credentials, an untracked module: none reaches the wheel."""
+    from gpubake.images import app_wheel
+
+    pkg = _tracked_copy(tmp_path / "repo")
+    (pkg / ".env").write_text("HF_TOKEN=hf_stray_secret\n")
+    (pkg / "images" / ".git").mkdir()
+    (pkg / "images" / ".git" / "credentials").write_text("https://u:stray_secret@github.com\n")
+    (pkg / "stray.json").write_text('{"secret": "stray_secret"}\n')  # matches package-data, untracked
+    first = app_wheel.place_app_wheel(tmp_path / "a", tmp_path / "cache", pkg=pkg)
+    with zipfile.ZipFile(first.path) as whl:
+        names = whl.namelist()
+        assert "gpubake/__init__.py" in names and "gpubake/templates/start.sh.j2" in names
+        assert not [n for n in names if any(part.startswith(".") for part in n.split("/")) or "stray" in n]
+        assert all(b"stray_secret" not in whl.read(n) for n in names)
+    assert first.origin == "git" and first.left_out == ["src/gpubake/stray.json"]
+    # Same files, same bytes: built again without the cache, the wheel is identical.
+    again = app_wheel.place_app_wheel(tmp_path / "b", tmp_path / "cache-2", pkg=pkg)
+    assert again.sha256 == first.sha256 and again.path.read_bytes() == first.path.read_bytes()
+    # A tracked change makes another wheel.
+    (pkg / "__init__.py").write_text((pkg / "__init__.py").read_text() + "\n# changed\n")
+    assert app_wheel.place_app_wheel(tmp_path / "c", tmp_path / "cache", pkg=pkg).sha256 != first.sha256
+
+
+def test_wheel_of_an_installed_package_skips_dotfiles_and_bytecode(tmp_path: Path) -> None:
+    """No checkout (an installed gpubake): the package's files, no dotfile, no __pycache__."""
+    from gpubake.images import app_wheel
+
+    pkg = tmp_path / "site" / "gpubake"
+    shutil.copytree(app_wheel.package_dir(), pkg, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    (pkg / ".env").write_text("HF_TOKEN=hf_stray_secret\n")
+    (pkg / "__pycache__").mkdir(exist_ok=True)
+    (pkg / "__pycache__" / "cli.cpython-311.pyc").write_bytes(b"\0stray_secret")
+    (pkg / "images" / "secret-link.json").symlink_to("/etc/hostname")
+    wheel = app_wheel.place_app_wheel(tmp_path / "out", tmp_path / "cache", pkg=pkg)
+    with zipfile.ZipFile(wheel.path) as whl:
+        names = whl.namelist()
+        metadata = whl.read("gpubake-0.1.0.dist-info/METADATA").decode()
+        entry_points = whl.read("gpubake-0.1.0.dist-info/entry_points.txt").decode()
+    assert wheel.origin == "installed" and "gpubake/cli.py" in names and "gpubake/images/catalog/demo.toml" in names
+    assert not [n for n in names if "/." in n or "__pycache__" in n or n.endswith(".pyc") or "secret-link" in n]
+    assert "Name: gpubake" in metadata and "gpubake = gpubake.cli:main" in entry_points
+
+
+def test_context_ships_gpubake_as_a_wheel_not_a_tree(wan_context: Path) -> None:
+    names = [p.relative_to(wan_context).as_posix() for p in wan_context.rglob("*")]
+    assert [n for n in names if n.startswith("app/")] == [f"app/{render.WHEEL_NAME}"]
+    assert not [n for n in names if any(part.startswith(".") for part in n.split("/"))]
+    sha = json.loads((wan_context / "context.json").read_text())["files"][f"app/{render.WHEEL_NAME}"]
+    # the Containerfile installs it from a bind mount, naming its sha256 (buildah's cache key)
+    assert f"scripts/30-gpubake.sh app/{render.WHEEL_NAME} {sha}" in (wan_context / "Containerfile").read_text()
+
+
+# ------------------------------------------------------------------ --render-only destinations
+
+
+def test_failed_render_keeps_an_existing_empty_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never delete what the command did not create: the empty DIR given stays; the parents it made go."""
+    (tmp_path / "given").mkdir()
+
+    def broken(spec, target, image_ref):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render, "_marketplace_payload", broken)
+    with pytest.raises(OSError):
+        render.render_context(catalog.find("demo"), "runpod", tmp_path / "given")
+    assert (tmp_path / "given").is_dir() and not any((tmp_path / "given").iterdir())
+    with pytest.raises(OSError):
+        render.render_context(catalog.find("demo"), "runpod", tmp_path / "new" / "deeper" / "ctx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["given"]
+    monkeypatch.undo()
+    render.render_context(catalog.find("demo"), "runpod", tmp_path / "given")  # and it renders into it
+    assert (tmp_path / "given" / "context.json").is_file()
+
+
+def test_destination_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(GpubakeError, match=r"^--render-only: .*afile/ctx: .*afile is not a directory$"):
+        render.render_context(catalog.find("demo"), "runpod", tmp_path / "afile" / "ctx")
+    assert (tmp_path / "afile").read_text() == "x"

@@ -60,6 +60,15 @@ def _error(path: Path) -> str:
         ([(r'^env = \{', 'env = { HF_TOKEN = "hf_x", ')], "custom.toml: runtime.env: HF_TOKEN looks like a secret"),
         ([(r'^quantization = "nvfp4"', 'quantization = "int4"')], "custom.toml: model.quantization: must be one of"),
         ([(r"^source = .*$", 'source = "ftp://x/y"')], "custom.toml: model.source: must be generate:tiny"),
+        ([(r"^source = .*$", 'source = "https://h/w/?token=hf_abc"')], "custom.toml: model.source: https://h/w/?token=... carries a credential"),
+        ([(r"^source = .*$", 'source = "https://u:p@h/w/"')], "custom.toml: model.source: must be generate:tiny"),
+        ([(r'^id = .*$', 'id = "wan9-x"')], "custom.toml: model.id: unknown model id 'wan9-x' (known: "),
+        ([(r'^id = .*$', r'id = "x\\ntouch /tmp/p\\n#"')], "custom.toml: model.id: invalid value 'x\\ntouch /tmp/p\\n#'"),
+        ([(r'^description = .*$', r'description = "a\\nb"')], "custom.toml: description: invalid value 'a\\nb'"),
+        ([(r'^volume_mount = .*$', 'volume_mount = "/workspace/../etc"')], "custom.toml: runtime.volume_mount: invalid value"),
+        ([(r'^entrypoint = .*$', 'entrypoint = ["/opt/gpubake/start.sh; id"]')], "custom.toml: runtime.entrypoint[0]: invalid value"),
+        ([(r'^env = \{', r'env = { X = "a\\u0000b", ')], "custom.toml: runtime.env.X: invalid value 'a\\x00b'"),
+        ([(r'^env = \{', 'env = { "X Y" = "1", ')], "custom.toml: runtime.env['X Y'][key]: invalid value 'X Y'"),
         ([(r'^lock = .*$', 'lock = "../../etc/passwd.txt"')], "custom.toml: python.lock: must be a path inside the catalog directory"),
         ([(r"^\[base\]$", '[base.bootstrap]\nsuite = "bookworm"\n[base]')], "custom.toml: base: set exactly one of base.image or [base.bootstrap]"),
         ([(r"^schema_version = 1$", "schema_version = 2")], "custom.toml: schema_version: must be one of 1, got 2"),
@@ -137,3 +146,20 @@ def test_every_shipped_spec_satisfies_the_json_schema() -> None:
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
     for name in catalog.names():
         jsonschema.validate(tomllib.loads((catalog.CATALOG_DIR / f"{name}.toml").read_text()), schema)
+
+
+def test_lock_must_really_be_inside_the_catalog_directory(tmp_path: Path) -> None:
+    """Compared as resolved paths: a symlink out of the spec's directory is refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    catalog_dir = tmp_path / "cat"
+    catalog_dir.mkdir()
+    path = write_spec(catalog_dir, edits=[(r'^lock = .*$', 'lock = "locks/mine.txt"')])
+    real = outside / "mine.txt"
+    real.write_text("torch==2.11.0 --hash=sha256:" + "b" * 64 + "\n", encoding="utf-8")
+    (catalog_dir / "locks" / "mine.txt").symlink_to(real)
+    assert f"custom.toml: python.lock: locks/mine.txt leads out of {catalog_dir.resolve()} (to {real})" in _error(path)
+    (catalog_dir / "locks" / "mine.txt").unlink()
+    (catalog_dir / "locks" / "elsewhere.txt").write_text(real.read_text(), encoding="utf-8")
+    (catalog_dir / "locks" / "mine.txt").symlink_to("elsewhere.txt")  # a symlink that stays inside is fine
+    assert load_spec(path).python.lock == "locks/mine.txt"

@@ -138,7 +138,10 @@ def build_image(
 
     options = render.RenderOptions(timestamp=timestamp, push=push_target)
     if render_only is not None:
-        rendered = render.render_context(spec, target, render_only, options)
+        try:
+            rendered = render.render_context(spec, target, render_only, options)
+        except OSError as exc:  # read-only, full disk: one line naming the flag and the directory
+            raise GpubakeError(f"--render-only: {render_only}: {exc.strerror or exc}") from None
         console.print(f"rendered {len(rendered.files) + 1} files for {spec.name} ({target}) into {render_only}")
         for note in rendered.skipped:
             console.print(f"  skipped: {note}", markup=False)

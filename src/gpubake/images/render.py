@@ -10,7 +10,7 @@ Layout (see docs/architecture.md "Build context"):
     plugins.pkr.hcl          `required_plugins` for Packer >= 1.10 (rejected by 1.6.6)
     image.json               the image's facts (`provisioning.facts.ImageFacts`): read at boot
     requirements.lock.txt    the spec's python.lock (pip --require-hashes)
-    app/gpubake/             the gpubake package itself (installed with --no-deps)
+    app/gpubake-*.whl        gpubake itself, a wheel of the repository's tracked files (app_wheel)
     scripts/NN-*.sh          in-image provisioning scripts, run in name order
     start.sh                 templates/start.sh.j2 (when the self-test part ships it)
     marketplace/<target>.json  marketplace template payload (when that part is present)
@@ -33,7 +33,8 @@ from gpubake import __version__
 from gpubake.errors import GpubakeError
 from gpubake.fsutil import atomic_path, sha256_file
 from gpubake.images import compat
-from gpubake.images.spec import ImageSpec
+from gpubake.images.app_wheel import AppWheel, place_app_wheel
+from gpubake.images.spec import ImageSpec, contained_lock
 from gpubake.provisioning.facts import FACTS_FILE, INSTALL_PREFIX, DriverRequirement, ImageFacts, ModelFacts
 
 CONTAINERFILE_TEMPLATE = "Containerfile.j2"
@@ -46,6 +47,7 @@ IMAGE_JSON = FACTS_FILE  # the image's facts, installed at <INSTALL_PREFIX>/imag
 MANIFEST = "context.json"
 SCRIPTS_DIR = "scripts"
 APP_DIR = "app"
+WHEEL_NAME = f"gpubake-{__version__}-py3-none-any.whl"
 RUNTIME_PATH = f"{INSTALL_PREFIX}/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Required by Packer >= 1.10, where the docker builder is no longer bundled. Kept out of
@@ -69,6 +71,40 @@ class RenderError(GpubakeError):
     """A template is missing or needs a variable the renderer does not provide."""
 
 
+def shquote(value: Any) -> str:
+    """A POSIX shell word that bash reads back as exactly `value` (shlex.quote)."""
+    import shlex
+
+    return shlex.quote(str(value))
+
+
+def comment_text(value: Any) -> str:
+    """`value` for a comment line: a one-line JSON string (newlines and controls escaped)."""
+    return json.dumps(str(value), ensure_ascii=True)
+
+
+def containerfile_string(value: Any) -> str:
+    """A Containerfile LABEL/ENV value: double-quoted, `\\` `"` `$` escaped (no substitution).
+
+    A Containerfile has no escape for a line break, so control characters are refused
+    (the spec's patterns refuse them first).
+    """
+    text = str(value)
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in text):
+        raise RenderError(f"Containerfile: value {text[:60]!r} holds a control character")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+def containerfile_key(value: Any) -> str:
+    """A LABEL/ENV key: letters, digits and `._-` only (never quoted, so never hostile)."""
+    import re
+
+    text = str(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9._-]*", text):
+        raise RenderError(f"Containerfile: key {text[:60]!r} is not a plain name")
+    return text
+
+
 def hcl_string(value: Any) -> str:
     """An HCL2 quoted string literal: JSON escapes, plus `${`/`%{` template sequences escaped."""
     text = json.dumps(str(value), ensure_ascii=False)
@@ -87,14 +123,11 @@ def environment() -> jinja2.Environment:
     )
     env.filters["hcl"] = hcl_string
     env.filters["tojson_sorted"] = lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False)
-    env.filters["shquote"] = _shquote
+    env.filters["shquote"] = shquote
+    env.filters["comment"] = comment_text
+    env.filters["cfstring"] = containerfile_string
+    env.filters["cfkey"] = containerfile_key
     return env
-
-
-def _shquote(value: Any) -> str:
-    import shlex
-
-    return shlex.quote(str(value))
 
 
 def has_template(name: str) -> bool:
@@ -229,8 +262,12 @@ class RenderedContext:
         return {"context_dir": str(self.path), "files": self.files, "skipped": self.skipped}
 
 
-def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> dict[str, Any]:
-    """Variables every template gets (documented in docs/architecture.md "Build context")."""
+def template_context(spec: ImageSpec, target: str, options: RenderOptions, wheel: AppWheel | None = None) -> dict[str, Any]:
+    """Variables every template gets (documented in docs/architecture.md "Build context").
+
+    `wheel` is the gpubake wheel placed in the context (render_context builds it first);
+    without it (a dry run's plan) the wheel's name is the expected one and its sha256 empty.
+    """
     base_ref, base_pull = base_reference(spec, options.timestamp)
     tag = options.push.tag if options.push else target
     repository = options.push.repository if options.push else local_repository(spec)
@@ -247,10 +284,11 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> di
     }
     image_labels = labels(spec, target)
     exposes = [f"{p.port}/{'udp' if p.protocol == 'udp' else 'tcp'}" for p in spec.runtime.ports]
-    changes = [f"LABEL {k}={json.dumps(v)}" for k, v in image_labels.items()]
-    changes += [f"ENV {k}={json.dumps(v)}" for k, v in sorted(env.items())]
+    cf = containerfile_string
+    changes = [f"LABEL {containerfile_key(k)}={cf(v)}" for k, v in image_labels.items()]
+    changes += [f"ENV {containerfile_key(k)}={cf(v)}" for k, v in sorted(env.items())]
     # Same runtime settings as the Containerfile's step 4 (PATH reaches the image's venv).
-    changes += [f"ENV PATH={json.dumps(RUNTIME_PATH)}", "ENV PYTHONUNBUFFERED=1"]
+    changes += [f"ENV PATH={cf(RUNTIME_PATH)}", "ENV PYTHONUNBUFFERED=1"]
     changes += [f"EXPOSE {e}" for e in exposes]
     changes += [f"WORKDIR {INSTALL_PREFIX}", f"ENTRYPOINT {json.dumps(list(spec.runtime.entrypoint))}", "CMD []"]
     return {
@@ -266,6 +304,8 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> di
         "lock_file": LOCK_FILE,
         "image_json": IMAGE_JSON,
         "app_dir": APP_DIR,
+        "wheel": f"{APP_DIR}/{wheel.name if wheel else WHEEL_NAME}",
+        "wheel_sha256": wheel.sha256 if wheel else "",
         "prefix": INSTALL_PREFIX,
         "scripts": [f"{SCRIPTS_DIR}/{n}" for n in script_names()],
         "labels": image_labels,
@@ -284,20 +324,6 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> di
         else None,
         "has_start_script": has_template(START_TEMPLATE),
     }
-
-
-def _copy_tree(src: Path, dest: Path) -> None:
-    shutil.copytree(
-        src,
-        dest,
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cache", "*.egg-info"),
-    )
-
-
-def _app_source() -> Path:
-    import gpubake
-
-    return Path(gpubake.__file__).resolve().parent
 
 
 def _marketplace_payload(spec: ImageSpec, target: str, image_ref: str) -> dict[str, Any] | None:
@@ -325,22 +351,54 @@ def _normalise(root: Path, timestamp: int) -> dict[str, str]:
     return files
 
 
+def check_destination(dest: Path) -> list[Path]:
+    """Refuse a `dest` that is not new or an empty directory, or that lies under a file.
+
+    Returns the missing directories above `dest` (nearest first): the render creates them,
+    so only they may be removed again when it fails.
+    """
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise GpubakeError(f"--render-only: {dest} exists and is not an empty directory")
+    missing: list[Path] = []
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise GpubakeError(f"--render-only: {dest}: {parent} is not a directory")
+            break
+        missing.append(parent)
+    return missing
+
+
 def render_context(spec: ImageSpec, target: str, dest: str | Path, options: RenderOptions | None = None) -> RenderedContext:
     """Write the build context for (spec, target) into `dest`, atomically.
 
-    `dest` must not exist or be an empty directory; on any failure nothing is left there.
+    `dest` must not exist or be an empty directory. On any failure nothing is left: no
+    partial context, no directory the render created; an existing empty `dest` stays.
     """
     options = options or RenderOptions()
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise GpubakeError(f"--render-only: {dest} exists and is not an empty directory")
-    if dest.is_dir():
-        dest.rmdir()  # atomic_path replaces only a missing (or empty) destination
-    ctx = template_context(spec, target, options)
-    image_ref = options.image_ref or (options.push.ref if options.push else f"{ctx['repository']}:{ctx['tag']}")
+    created = check_destination(dest)
+    try:
+        return _render(spec, target, dest, options)
+    except BaseException:
+        for parent in created:  # nearest first; a directory someone filled meanwhile stays
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _render(spec: ImageSpec, target: str, dest: Path, options: RenderOptions) -> RenderedContext:
     skipped: list[str] = []
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest) as tmp:  # replaces a missing or empty `dest` only on success
         tmp.mkdir(parents=True)
+        wheel = place_app_wheel(tmp / APP_DIR)
+        if wheel.left_out:
+            shown = ", ".join(wheel.left_out[:5]) + (f" and {len(wheel.left_out) - 5} more" if len(wheel.left_out) > 5 else "")
+            skipped.append(f"untracked, so not in gpubake's wheel: {shown} (git add them to ship them)")
+        ctx = template_context(spec, target, options, wheel)
+        image_ref = options.image_ref or (options.push.ref if options.push else f"{ctx['repository']}:{ctx['tag']}")
         if has_template(CONTAINERFILE_TEMPLATE):
             (tmp / "Containerfile").write_text(render_template(CONTAINERFILE_TEMPLATE, ctx), encoding="utf-8")
         else:
@@ -348,8 +406,7 @@ def render_context(spec: ImageSpec, target: str, dest: str | Path, options: Rend
         (tmp / PACKER_FILE).write_text(render_template(PACKER_TEMPLATE, ctx), encoding="utf-8")
         (tmp / PACKER_PLUGINS_FILE).write_text(PACKER_PLUGINS_HCL, encoding="utf-8")
         (tmp / IMAGE_JSON).write_text(image_facts(spec, target).to_json(), encoding="utf-8")
-        shutil.copyfile(spec.lock_path, tmp / LOCK_FILE)
-        _copy_tree(_app_source(), tmp / APP_DIR / "gpubake")
+        shutil.copyfile(contained_lock(spec), tmp / LOCK_FILE)
         src_scripts = scripts_source()
         if src_scripts is not None:
             (tmp / SCRIPTS_DIR).mkdir()

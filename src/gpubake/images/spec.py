@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -55,10 +55,30 @@ _DIGEST_REF = re.compile(
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
     r"@sha256:(?P<digest>[0-9a-f]{64})$"
 )
-_MODEL_SOURCE = re.compile(r"^(generate:tiny|hf://[^/@\s]+/[^/@\s]+(@[^\s]+)?|s3://[^/\s]+(/\S*)?|https://\S+)$")
+# Every string of a spec reaches a template, a label, a shell or an HTTP API: each field
+# has a pattern of the characters its kind of value needs, and nothing else. Templates
+# quote on top of that (shquote, HCL and Containerfile strings: gpubake.images.render).
+_URL_PATH = r"[A-Za-z0-9._~/%+=,-]*"
+MODEL_SOURCE_PATTERN = (
+    r"^(generate:tiny"
+    r"|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/" + _URL_PATH + r")?"
+    r"|https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/" + _URL_PATH + r")?(\?[A-Za-z0-9._~%+=,&-]*)?)$"
+)
+_MODEL_SOURCE = re.compile(MODEL_SOURCE_PATTERN)
+# Printable text on one line: no NUL, newline or other control character (C0, DEL, C1),
+# no Unicode line separator.
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+# An absolute POSIX path of plain components (no `.`/`..`, no hidden component).
+ABS_PATH_PATTERN = r"^/$|^(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$"
+# One argv word of the entrypoint: a path or an option, no whitespace or shell syntax.
+ARG_PATTERN = r"^[A-Za-z0-9_./:=@%+,-]+$"
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+ENV_KEY_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
 
-Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Name = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Text = Annotated[str, StringConstraints(pattern=TEXT_PATTERN, max_length=4096)]
 
 
 class _Strict(BaseModel):
@@ -113,7 +133,8 @@ class Python(_Strict):
     @field_validator("lock")
     @classmethod
     def _relative(cls, value: str) -> str:
-        if value.startswith("/") or ".." in Path(value).parts:
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts:
             raise ValueError(f"must be a path inside the catalog directory, got {value!r}")
         return value
 
@@ -121,35 +142,60 @@ class Python(_Strict):
 class Model(_Strict):
     """The checkpoint baked into the image's last layer(s)."""
 
-    id: Annotated[str, StringConstraints(min_length=1)] = Field(description="key of the provisioning model registry")
+    id: Annotated[str, StringConstraints(pattern=ID_PATTERN)] = Field(description="key of the provisioning model registry")
     quantization: Literal["nvfp4", "bf16"]
     policy: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]*$")] = "default"
-    source: str = Field(description="generate:tiny | hf://org/repo@rev | s3://bucket/prefix | https://...")
+    source: str = Field(
+        description="generate:tiny | hf://org/repo@rev | s3://bucket/prefix | https://... (no credentials)",
+        json_schema_extra={"pattern": MODEL_SOURCE_PATTERN},
+    )
     sha256: Sha256 | None = Field(default=None, description="sha256 of the checkpoint manifest")
+
+    @field_validator("id")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from gpubake.errors import GpubakeError
+        from gpubake.provisioning.models import get_model  # the registry: data, no heavy imports
+
+        try:
+            get_model(value)
+        except GpubakeError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
         if not _MODEL_SOURCE.match(value):
-            raise ValueError(f"must be generate:tiny, hf://org/repo[@rev], s3://bucket/prefix or https://..., got {value!r}")
+            raise ValueError(
+                "must be generate:tiny, hf://org/repo[@rev], s3://bucket/prefix or https://host/path "
+                f"(URL characters only), got {value!r}"
+            )
+        from gpubake.secrets import REDACTED, redact_url
+
+        if redact_url(value) != value:  # a token-like query value (userinfo cannot pass the pattern)
+            raise ValueError(
+                f"{redact_url(value).replace(REDACTED, '...')} carries a credential, which would be baked into "
+                "the image; give it to the build in the environment (HF_TOKEN, AWS_*) instead"
+            )
         return value
 
 
 class Port(_Strict):
     port: int = Field(ge=1, le=65535)
     protocol: Literal["http", "tcp", "udp"]
-    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]*$")]
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
 
 
 class Runtime(_Strict):
     """How the marketplace runs the container."""
 
     ports: list[Port] = Field(default_factory=list)
-    env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")], str] = Field(default_factory=dict)
-    entrypoint: list[Annotated[str, StringConstraints(min_length=1)]] = Field(min_length=1)
+    env: dict[Annotated[str, StringConstraints(pattern=ENV_KEY_PATTERN)], Text] = Field(default_factory=dict)
+    entrypoint: list[Annotated[str, StringConstraints(pattern=ARG_PATTERN, max_length=256)]] = Field(min_length=1)
     container_disk_gb: int = Field(ge=1, le=4096)
     volume_disk_gb: int = Field(default=0, ge=0, le=65536)
-    volume_mount: Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9_./-]*$")] = "/workspace"
+    volume_mount: Annotated[str, StringConstraints(pattern=ABS_PATH_PATTERN, max_length=255)] = "/workspace"
 
     @field_validator("env")
     @classmethod
@@ -176,7 +222,7 @@ class ImageSpec(_Strict):
 
     schema_version: Literal[1]
     name: Name
-    description: str
+    description: Annotated[str, StringConstraints(pattern=TEXT_PATTERN, min_length=1, max_length=500)]
     targets: list[Target] = Field(min_length=1)
     gpu_archs: list[GpuArch] = Field(default_factory=list)
     cpu_ok: bool = False
@@ -221,12 +267,17 @@ class ImageSpec(_Strict):
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
+    """Dotted field path; a key that is not a plain name (a hostile env key) is shown quoted."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif part == "[key]":
+            out += "[key]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", str(part)):
             out += ("." if out else "") + str(part)
+        else:
+            out += f"[{str(part)!r}]"
     return out
 
 
@@ -289,6 +340,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"{shown}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{shown}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level: [[[[...]]]] 600 deep
+        raise SpecError(f"{shown}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def parse_spec(data: Any, *, source: str = "<spec>") -> ImageSpec:
@@ -350,15 +403,45 @@ def check_lock(path: Path, *, source: str) -> list[str]:
     return pins
 
 
+def contained_lock(spec: ImageSpec, source: str = "<spec>") -> Path:
+    """The lock's real path, refused when it (or a symlink on the way) leaves the spec's directory.
+
+    Compared as resolved paths, not strings: `locks/x.txt` may be a symlink to /etc/shadow,
+    and `/srv/catalog-old` starts with the string `/srv/catalog`.
+    """
+    base = (spec.source.parent if spec.source else Path.cwd()).resolve()
+    real = spec.lock_path.resolve()
+    if not real.is_relative_to(base):
+        raise SpecError(f"{source}: python.lock: {spec.python.lock} leads out of {base} (to {real}); keep the lock beside the spec")
+    return real
+
+
 def validate_spec(spec: ImageSpec, *, path: Path | None = None) -> ImageSpec:
     """Checks that need the file system or the compat tables; raises `SpecError`."""
     path = path or spec.source
     source = display_path(path) if path else "<spec>"
     if path is not None and spec.name != Path(path).stem:
         raise SpecError(f"{source}: name: {spec.name!r} must equal the file name stem {Path(path).stem!r}")
-    pins = check_lock(spec.lock_path, source=source)
+    pins = check_lock(contained_lock(spec, source), source=source)
     check_compat(spec, source=source, pins=pins)
+    check_target_env(spec, source=source)
     return spec
+
+
+# Vast.ai's env string has no escapes (vast-cli `vastai/utils.py` smart_split/parse_env):
+# a value holding one of these cannot reach a Vast.ai instance whole (marketplace.payload).
+VAST_ENV_UNCARRIABLE = "'\"\n\r"
+
+
+def check_target_env(spec: ImageSpec, *, source: str) -> None:
+    """A spec built for Vast.ai must have env values its env string can carry, refused at
+    load (one line naming file and key) rather than when a template is rendered."""
+    if "vastai" not in spec.targets:
+        return
+    for key, value in sorted(spec.runtime.env.items()):
+        if any(c in value for c in VAST_ENV_UNCARRIABLE):
+            raise SpecError(f"{source}: runtime.env.{key}: Vast.ai's env string cannot carry quotes or line breaks "
+                            "(targets include vastai)")
 
 
 def check_compat(spec: ImageSpec, *, source: str, pins: list[str] | None = None) -> None:

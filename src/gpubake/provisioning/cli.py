@@ -5,12 +5,40 @@ Heavy imports (torch, diffusers, boto3, huggingface_hub) happen inside the comma
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from gpubake.console import console, emit_json
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]{1,2})?)$")
+
+
+def check_device(flag: str, device: str) -> str:
+    """`cpu`, `cuda` or `cuda:N` that this machine has; checked before any work starts."""
+    from gpubake.errors import GpubakeError
+
+    if not _DEVICE.match(device):
+        raise GpubakeError(f"{flag}: unknown device {device!r} (use cpu, cuda or cuda:N)")
+    if device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise GpubakeError(f"{flag}: {device} is not available here ({count} CUDA device{'s' if count != 1 else ''})")
+    return device
+
+
+def check_positive(flag: str, value: int | None) -> None:
+    """A size/count option: absent (the model's default) or at least 1, never silently replaced."""
+    from gpubake.errors import GpubakeError
+
+    if value is not None and value < 1:
+        raise GpubakeError(f"{flag}: must be at least 1, got {value}")
 
 
 def fetch_cmd(
@@ -67,6 +95,7 @@ def quantize_cmd(
 
     SRC is first verified against its own manifest (written by `fetch` or `make-tiny`):
     a file it does not list, a wrong size or sha256, or a symlink out of SRC is refused."""
+    check_device("--device", device)
     from gpubake.provisioning.models import get_model
     from gpubake.provisioning.quantize import quantize_checkpoint
 
@@ -108,6 +137,9 @@ def fidelity_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
 ) -> None:
     """Run BF16 and NVFP4 pipelines on fixed seeds/prompts: per-layer SQNR, per-step latent error, PSNR/SSIM, contact sheet."""
+    for flag, value in (("--height", height), ("--width", width), ("--frames", frames), ("--steps", steps)):
+        check_positive(flag, value)
+    check_device("--device", device)
     from gpubake.provisioning.fidelity import run_fidelity
 
     report = run_fidelity(bf16, nvfp4, out, prompts=prompt, seeds=seed, height=height, width=width,

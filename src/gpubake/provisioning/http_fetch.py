@@ -59,7 +59,10 @@ class HttpSource:
         self._manifest: bytes | None = None
 
     def describe(self) -> str:
-        return self.url
+        """The URL for progress lines, plans and the manifest's `source`: credentials redacted."""
+        from gpubake.secrets import redact_url
+
+        return redact_url(self.url)
 
     def _get(self, url: str, headers: dict[str, str] | None = None, stream: bool = False):
         import requests

@@ -22,6 +22,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from gpubake.errors import GpubakeError
+from gpubake.images.spec import VAST_ENV_UNCARRIABLE
 
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
@@ -132,7 +133,7 @@ def vast_env_flags(env: dict[str, str], *, where: str = "env") -> list[str]:
     for key, value in sorted(env.items()):
         if not _ENV_KEY.match(key):
             raise GpubakeError(f"{where}: {key!r} is not an environment variable name")
-        if any(c in value for c in "'\"\n\r"):
+        if any(c in value for c in VAST_ENV_UNCARRIABLE):
             raise GpubakeError(f"{where}.{key}: Vast.ai's env string cannot carry quotes or line breaks")
         words.append(f"-e {key}={shlex.quote(value)}")
     return words

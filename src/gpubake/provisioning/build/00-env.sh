@@ -34,14 +34,10 @@ scrub() {
   rm -f /etc/ssh/ssh_host_*
 }
 
-# gpubake on the venv's path (a .pth naming $PREFIX/app, where its package tree lives) and
-# the `gpubake` command: a two-line launcher, linked into /usr/local/bin. Needs no app
-# files yet, so step 20 does it and the Containerfile only COPYs the tree afterwards.
-install_launcher() {
-  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  echo "$PREFIX/app" > "$site/gpubake-app.pth"
-  printf '#!%s\nimport sys\nfrom gpubake.cli import main\nsys.exit(main())\n' "$VENV/bin/python" > "$VENV/bin/gpubake"
-  chmod 0755 "$VENV/bin/gpubake"
+# The `gpubake` command on every PATH (SSH sessions included): pip wrote it into the venv
+# when step 30 installed gpubake's wheel.
+link_launcher() {
+  [ -x "$VENV/bin/gpubake" ] || die "$VENV/bin/gpubake is missing (gpubake's wheel not installed)"
   ln -sf "$VENV/bin/gpubake" /usr/local/bin/gpubake
 }
 

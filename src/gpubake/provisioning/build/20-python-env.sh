@@ -1,5 +1,5 @@
 #!/bin/sh
-# Step 20: the virtualenv $PREFIX/venv from the spec's lock, and gpubake's launcher. --require-hashes checks
+# Step 20: the virtualenv $PREFIX/venv from the spec's lock. --require-hashes checks
 # every file; --no-deps because the lock is complete (uv / pip-compile output), so
 # nothing unpinned sneaks in; wheels only, so no compiler output varies between builds.
 . "$(dirname "$0")/00-env.sh"
@@ -17,5 +17,4 @@ else
   set --
 fi
 "$VENV/bin/python" -m pip install "$@" --require-hashes --no-deps --only-binary=:all: -r "$LOCK"
-install_launcher
 scrub

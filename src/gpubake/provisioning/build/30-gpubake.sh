@@ -1,19 +1,33 @@
 #!/bin/sh
-# Step 30 (Packer; the Containerfile COPYs these files instead, then needs no RUN):
-# gpubake itself, the image's facts (image.json at $PREFIX, which the boot self-test and the
-# service read: gpubake/provisioning/facts.py) and the start script. gpubake is pure Python and
-# its dependencies are in the lock: the package tree (app/gpubake in the context) goes to
-# $PREFIX/app, which step 20's .pth file puts on the venv's path.
+# Step 30: gpubake itself, from its wheel: the renderer builds it from the repository's
+# tracked files, so nothing else of the source tree (a stray .env, .git/) reaches the
+# image. Installed with --no-deps --no-index (its dependencies are all in the lock) into
+# $PREFIX/venv; pip writes the `gpubake` command there and compiles hash-checked .pyc
+# files (SOURCE_DATE_EPOCH). Then, for Packer, the image's facts (image.json at $PREFIX, which the boot self-test
+# and the service read: gpubake/provisioning/facts.py) and the start script (the
+# Containerfile COPYs those two itself).
+#
+# Arguments: WHEEL [SHA256]. The Containerfile passes the wheel, bind-mounted read-only
+# (so no copy of it stays in a layer), and its sha256, checked here; without arguments
+# (Packer) the one app/gpubake-*.whl of the uploaded context.
 . "$(dirname "$0")/00-env.sh"
 
-[ -d app/gpubake ] || die "app/gpubake not found in $(pwd)"
 [ -x "$VENV/bin/python" ] || die "$VENV is missing (step 20 did not run)"
-if [ "$(cd app && pwd)" != "$PREFIX/app" ]; then
-  rm -rf "$PREFIX/app" && mkdir -p "$PREFIX" && cp -R app "$PREFIX/app"
+if [ "$#" -ge 1 ]; then
+  WHEEL="$1"
+  SHA256="${2:-}"
+else
+  SHA256=""
+  set -- app/gpubake-*.whl
+  [ "$#" -eq 1 ] || die "expected exactly one app/gpubake-*.whl in $(pwd), found: $*"
+  WHEEL="$1"
 fi
-install_launcher
-# Compile gpubake's own modules like pip compiled the lock's (hash-checked .pyc).
-"$VENV/bin/python" -m compileall -q --invalidation-mode checked-hash "$PREFIX/app" >/dev/null
+[ -f "$WHEEL" ] || die "$WHEEL not found in $(pwd)"
+if [ -n "$SHA256" ]; then
+  echo "$SHA256  $WHEEL" | sha256sum -c --status - || die "$WHEEL does not match its sha256 $SHA256"
+fi
+"$VENV/bin/python" -m pip install --no-deps --no-index --no-cache-dir "$WHEEL"
+link_launcher
 for f in image.json start.sh; do
   if [ -f "$f" ] && [ "$(cd "$(dirname "$f")" && pwd)/$f" != "$PREFIX/$f" ]; then
     cp "$f" "$PREFIX/$f"
