@@ -49,8 +49,8 @@ def worker_devices(workers: int | str, device: str | None, gpu_image: bool) -> l
     if n == 1:
         return [device]
     if n > count:
-        raise WorkersError(f"--workers {n}: torch sees {count} GPU(s) here"
-                           + ("" if gpu_image else " (a CPU-only image)") + "; pass --device cpu for CPU workers")
+        seen = f"torch sees {count} GPU(s) here" if gpu_image else "a CPU-only image uses no GPU"
+        raise WorkersError(f"--workers {n}: {seen}; pass --device cpu for CPU workers")
     return [f"cuda:{i}" for i in range(n)]
 
 
