@@ -190,18 +190,18 @@ _BOOL = {"1": True, "true": True, "on": True, "0": False, "false": False, "off":
 
 
 def plan_from_env(device: torch.device | str | None = None, value: str | None = None, *,
-                  gemm_backend: str | None = None) -> RuntimePlan:
+                  gemm_backend: str | None = None, world_size: int | None = None) -> RuntimePlan:
     """The plan the serving image runs: `plan_for(device)` changed by ``$GPUBAKE_RUNTIME``.
 
     ``auto`` (or unset): the measured plan of this architecture; ``plain``: no lever, only
     the kernels' GEMM backend; else comma-separated overrides such as
     ``compile_blocks=0,attention=cudnn`` (booleans 1/0/true/false/on/off). A bad value is a
-    one-line error naming the variable, before any weight is loaded. `gemm_backend`: as
-    `plan_for`'s."""
+    one-line error naming the variable, before any weight is loaded. `gemm_backend`,
+    `world_size`: as `plan_for`'s."""
     from gpubake import envs
 
     raw = (envs.GPUBAKE_RUNTIME if value is None else value).strip()
-    base = plan_for(device, gemm_backend=gemm_backend)
+    base = plan_for(device, gemm_backend=gemm_backend, world_size=world_size)
     if raw in ("", "auto"):
         return base
     if raw == "plain":
@@ -341,7 +341,10 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
         from gpubake.provisioning.parallel import Parallel, enable_context_parallel
 
         par = Parallel.parse(plan.parallel)
-        split = {n: enable_context_parallel(m, par, tokens=clip_tokens) for n, m in experts.items()}
+        split: dict[str, dict] = {}
+        for n, m in experts.items():  # a module in both slots is split once
+            same = next((k for k, o in experts.items() if o is m and k in split), None)
+            split[n] = split[same] if same else enable_context_parallel(m, par, tokens=clip_tokens)
         first = next(iter(split.values()))
         done["parallel"] = {**first, "experts": sorted(split), "notes": [*filter(None, [plan.notes]), *first["notes"]]}
     te = getattr(pipe, "text_encoder", None)
