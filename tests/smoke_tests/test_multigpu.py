@@ -12,7 +12,8 @@ from gpubake.smoke_tests import multigpu
 from gpubake.smoke_tests.expectations import load_table
 from gpubake.smoke_tests.probe import DeviceProbe, cuda_index_of, normal_uuid
 from gpubake.smoke_tests.report import Report, StageResult
-from gpubake.smoke_tests.stages import Context, gpus_stage
+from gpubake.smoke_tests.multigpu import gpus_stage
+from gpubake.smoke_tests.stages import Context
 
 
 def context(facts: Any, probe: Any, tmp_path: Path, *, device: str = "cpu", mode: str = "gpu") -> Context:
@@ -62,7 +63,7 @@ def test_each_gpu_is_judged_and_a_bad_one_is_named(fake_host, gpu_spec, tmp_path
 def test_on_gpus_only_those_torch_sees_join_the_nccl_all_reduce(fake_host, gpu_spec, tmp_path: Path, monkeypatch):
     """CUDA_VISIBLE_DEVICES=2,0 on a 3-GPU host: torch's cuda:0 is NVML's GPU 2."""
     asked: dict[str, Any] = {}
-    monkeypatch.setattr("gpubake.smoke_tests.probe.cuda_uuids", lambda: ["00000002-aaaa", "00000000-aaaa"])
+    monkeypatch.setattr(multigpu, "cuda_uuids", lambda: ["00000002-aaaa", "00000000-aaaa"])
     monkeypatch.setattr(multigpu, "_matmul_check", lambda i: None)
     monkeypatch.setattr(multigpu, "allreduce_check", lambda world, **kw: asked.update(world=world, **kw) or {
         "ok": True, "exact": True, "world": world, "backend": kw["backend"], "bus_gbps": 350.0, "bytes": 2**28})
@@ -76,7 +77,7 @@ def test_on_gpus_only_those_torch_sees_join_the_nccl_all_reduce(fake_host, gpu_s
 
 
 def test_a_wrong_matmul_fails_that_gpu(fake_host, gpu_spec, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("gpubake.smoke_tests.probe.cuda_uuids", lambda: ["00000000-aaaa"])
+    monkeypatch.setattr(multigpu, "cuda_uuids", lambda: ["00000000-aaaa"])
     monkeypatch.setattr(multigpu, "_matmul_check", lambda i: "matmul off by 5.00e-01 (relative) against the CPU")
     res = gpus_stage(context(gpu_spec, fake_host(1), tmp_path, device="cuda"))
     assert res.status == "warn" and res.values["gpus"][0]["status"] == "fail"

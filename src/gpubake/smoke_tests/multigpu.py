@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from gpubake.smoke_tests.report import StageResult
-    from gpubake.smoke_tests.stages import Context
+from gpubake.smoke_tests import stages as st
+from gpubake.smoke_tests.probe import cuda_index_of, cuda_uuids
+from gpubake.smoke_tests.report import StageResult
+from gpubake.smoke_tests.stages import Context
 
 ALLREDUCE_TIMEOUT_S = 120.0
 ALLREDUCE_BYTES = {"cuda": 256 * 2**20, "cpu": 2**20}  # per rank; CPU: the path, not a bandwidth
@@ -143,10 +144,6 @@ def _matmul_check(cuda_index: int) -> str | None:
 
 def gpus_stage(ctx: Context) -> StageResult:
     """Every GPU with its checks and visibility; an all-reduce across them (>= 2)."""
-    from gpubake.smoke_tests import stages as st
-    from gpubake.smoke_tests.probe import cuda_index_of, cuda_uuids
-    from gpubake.smoke_tests.report import StageResult
-
     probe = getattr(ctx.probe, "base", ctx.probe)  # a worker's DeviceProbe: the whole host
     gpus = probe.probe().gpus if ctx.mode == "gpu" else []
     if not gpus:

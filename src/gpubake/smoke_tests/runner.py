@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpubake.smoke_tests import stages as st
+from gpubake.smoke_tests.multigpu import gpus_stage
 from gpubake.smoke_tests.report import Report, StageResult
 
 
@@ -30,7 +31,7 @@ class Stage:
 # machine finishes far inside them. The render limit is per run (x --sustained).
 STAGES: tuple[Stage, ...] = (
     Stage("gpu", st.gpu_stage, 60),
-    Stage("gpus", st.gpus_stage, 240),
+    Stage("gpus", gpus_stage, 240),
     Stage("kernels", st.kernels_stage, 300, ("gpu",)),
     Stage("model", st.model_stage, 1800),
     Stage("render", st.render_stage, 1200, ("gpu", "kernels", "model")),

@@ -144,13 +144,6 @@ def _torch_cuda_error() -> str | None:
     return None
 
 
-def gpus_stage(ctx: Context) -> StageResult:
-    """Every GPU of the host and an all-reduce across them (`smoke_tests.multigpu`)."""
-    from gpubake.smoke_tests.multigpu import gpus_stage as run
-
-    return run(ctx)
-
-
 # ------------------------------------------------------------------------- 2. kernels
 
 
