@@ -30,7 +30,10 @@ Frames are compared with ``single``'s (``max_abs_diff_vs_single``, frames in [0,
 runs, so the script is known to work before a GPU run).
 
 Rank 0 writes ``$OUT/multigpu-<N>gpu.json`` after every mode (a cut-off run keeps what it
-measured). A mode that fails is recorded with its error and the run goes on.
+measured; a later launch with the same --out appends to it), and ``single-<size>.pt`` (the
+one-GPU clip and its times), which a later launch without ``single`` compares against:
+bench/bench_multigpu.sh runs the modes in several launches to fit the 10-minute limit.
+A mode that fails is recorded with its error and the run goes on.
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ def run_mode(args: argparse.Namespace, parts: dict[str, Any], mode: str, rank: i
         row["wall_seconds_per_rank"] = [round(w, 3) for w in walls]
         row["clips_per_hour"] = round(world * 3600 / max(walls), 2)
     if ref is not None and rank == 0:
-        row["max_abs_diff_vs_single"] = float((frames_t - ref["frames"]).abs().max())
+        row["max_abs_diff_vs_single"] = float((frames_t - ref["frames"].float()).abs().max())
     if rank == 0 and mode == "single":
         row["_frames"] = frames_t
     del pipe
@@ -246,18 +249,23 @@ def main(argv: list[str] | None = None) -> None:
     sizes = (args.sizes or ("small" if args.small else "480p,720p")).split(",")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     out = args.out / f"multigpu-{world}{'cpu' if args.small else 'gpu'}.json"
+    launch = " ".join([os.path.basename(sys.executable), *sys.argv])
     result: dict[str, Any] = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "world_size": world,
+        "command": launch, "world_size": world,
         "device": "cpu (gloo)" if args.small else torch.cuda.get_device_name(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": __import__("diffusers").__version__},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "runs": []}
+    if out.is_file():  # an earlier launch of the same run: keep its rows
+        result = {**json.loads(out.read_text()), "command": launch}
+    result.setdefault("launches", []).append(launch)
     t0 = time.perf_counter()
     parts = build(args, device)
     result["build_seconds"] = round(time.perf_counter() - t0, 2)
     log(rank, f"built on {world} ranks in {result['build_seconds']} s")
     for size in sizes:
-        ref = None
+        saved = args.out / f"single-{size}.pt"
+        ref = torch.load(saved, weights_only=True) if rank == 0 and "single" not in modes and saved.is_file() else None
         for mode in modes:
             try:
                 row = run_mode(args, parts, mode, rank, world, device, size, ref)
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                 if "_frames" in row:
                     ref = {"frames": row.pop("_frames"), "total": row["total_seconds"],
                            "per_step": row["seconds_per_step"]}
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    torch.save({**ref, "frames": ref["frames"].half()}, saved)
                 if ref is not None and "seconds_per_step" in row and row["mode"] != "single":
                     row["step_speedup_vs_single"] = round(ref["per_step"] / row["seconds_per_step"], 3)
                     row["clip_speedup_vs_single"] = round(ref["total"] / row["total_seconds"], 3)

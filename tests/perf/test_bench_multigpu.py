@@ -14,13 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_small_run_writes_every_mode(tmp_path: Path):
+    """Two launches, as bench_multigpu.sh splits a run: the second appends its rows and
+    compares with the one-GPU clip the first saved."""
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(REPO / "bench" / "bench_multigpu.py"), "--small", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    for modes in ("single,single-bf16-attention,pool,ulysses", "ring"):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(REPO / "bench" / "bench_multigpu.py"), "--small", "--out", str(tmp_path),
+                               "--modes", modes], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((tmp_path / "multigpu-2cpu.json").read_text())
+    assert len(out["launches"]) == 2 and (tmp_path / "single-small.pt").is_file()
     assert out["world_size"] == 2 and out["device"] == "cpu (gloo)"
     runs = {r["mode"]: r for r in out["runs"]}
     assert list(runs) == ["single", "single-bf16-attention", "pool", "ulysses:2", "ring:2"]
