@@ -230,6 +230,8 @@ class GenerationService:
                 self._preflight_done.wait()
             if self.phase != "failed":
                 self._boot(w)
+            else:  # the model check (or an earlier report) refused: no worker loads
+                w.phase, w.reason = "failed", f"not started: {self.reason}"
         except Exception as exc:  # a crash at boot must still leave /health answering
             log.exception("boot of worker %d failed", w.index)
             w.fail(f"boot failed: {type(exc).__name__}: {exc}")
