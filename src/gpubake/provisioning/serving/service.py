@@ -165,7 +165,7 @@ class GenerationService:
         self._submit_lock = threading.Lock()
         self._report_lock = threading.Lock()
         self._prune_lock = threading.Lock()  # workers prune after each job: one at a time
-        self._wake = threading.Condition()
+        self._wake = threading.Semaphore(0)  # one token per submitted job: no wake-up is lost
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._preflight_done = threading.Event()
@@ -205,8 +205,8 @@ class GenerationService:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
-        with self._wake:
-            self._wake.notify_all()
+        for _ in self.workers:
+            self._wake.release()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -364,8 +364,7 @@ class GenerationService:
             try:
                 job = self.store.claim_next()
                 if job is None:
-                    with self._wake:
-                        self._wake.wait(1.0)
+                    self._wake.acquire(timeout=1.0)
                     continue
                 self.run_job(job, w)
                 self._prune()
@@ -470,8 +469,7 @@ class GenerationService:
                 raise
         if not added:
             raise Refused(429, f"queue full ({self.max_queue} jobs waiting); retry later", 30)
-        with self._wake:
-            self._wake.notify_all()
+        self._wake.release()
         return job
 
     def get(self, job_id: str) -> JobRecord | None:
