@@ -19,7 +19,7 @@ def test_health_carries_the_passing_report(ready):
     body = r.json()
     assert body["status"] == "ready" and body["ready"] and body["verdict"] == "pass"
     assert body["selftest"]["state"] == "done" and body["selftest"]["mode"] == "cpu"
-    assert [s["name"] for s in body["selftest"]["stages"]] == ["gpu", "kernels", "model", "render", "throughput"]
+    assert [s["name"] for s in body["selftest"]["stages"]] == ["gpu", "gpus", "kernels", "model", "render", "throughput"]
     # the same report is on disk at the known path
     assert Path(ready.service.report_path).is_file()
 

@@ -54,6 +54,18 @@ def fake_gpu() -> Callable[..., FakeProbe]:
 
 
 @pytest.fixture
+def fake_host() -> Callable[..., FakeProbe]:
+    """fake_host(n, {index: overrides}, uuids=True) -> a probe reporting n H100s (NVML
+    indices 0..n-1, UUIDs GPU-0000000i-aaaa unless uuids=False)."""
+
+    def make(n: int, overrides: dict[int, dict[str, Any]] | None = None, *, uuids: bool = True) -> FakeProbe:
+        return FakeProbe([GpuInfo(**{**H100, "index": i, "uuid": f"GPU-{i:08x}-aaaa" if uuids else None,
+                                     **(overrides or {}).get(i, {})}) for i in range(n)])
+
+    return make
+
+
+@pytest.fixture
 def no_gpu() -> FakeProbe:
     return FakeProbe([], "NVML unavailable: NVML Shared Library Not Found")
 

@@ -30,9 +30,9 @@ def test_demo_selftest_passes_in_cpu_mode(tiny_nvfp4_checkpoint: Path, tmp_path:
     on_disk = json.loads(report.read_text())
     assert out == on_disk  # the --json object is the report file
     assert out["verdict"] == "pass" and out["state"] == "done" and out["mode"] == "cpu"
-    assert [s["name"] for s in out["stages"]] == ["gpu", "kernels", "model", "render", "throughput"]
+    assert [s["name"] for s in out["stages"]] == ["gpu", "gpus", "kernels", "model", "render", "throughput"]
     assert out["stages"][0]["values"]["probe_error"]  # the real NVML probe found no GPU here
-    assert out["stages"][1]["values"]["backend"] == "cpu-reference"
+    assert out["stages"][2]["values"]["backend"] == "cpu-reference"  # kernels, after gpu and gpus
     assert (report.parent / "selftest-clip" / "video.mp4").stat().st_size > 0
     assert out["boot_to_verdict_seconds"] > 1e9  # measured from the (fake) boot epoch 0
     assert "self-test PASS: image demo, cpu mode" in proc.stderr

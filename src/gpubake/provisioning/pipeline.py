@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,10 @@ if TYPE_CHECKING:  # runtime imports torch: keep `gpubake --help` and the CLI's 
 log = logging.getLogger(__name__)
 
 PipelineLoader = Callable[[Path, str], Any]
+# One load at a time per process: diffusers/transformers build modules on the meta device
+# through process-wide patches (accelerate's init_empty_weights), so two workers loading at
+# once break each other ("Cannot copy out of meta tensor"). Rendering needs no lock.
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,9 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
 
         def loader(path: Path, dev: str) -> Any:
             return load_pipeline(path, dev, host_components=host, require_manifest=True)
-    pipe = loader(Path(model_dir), device)
-    applied = apply_runtime(pipe, plan)
+    with _LOAD_LOCK:
+        pipe = loader(Path(model_dir), device)
+        applied = apply_runtime(pipe, plan)
     log.info("runtime plan on %s: %s; applied %s", device, plan, applied)
     return ServingPipeline(pipe, plan, applied, attention_checks(device), gemm_backends(pipe))
 

@@ -19,7 +19,12 @@ Hopper"), and keeps only those that won on that architecture:
 * ``text_encoder``: "shrink" puts the UMT5 encoder in ~4.4 GiB instead of ~12.5
   (`gpubake.provisioning.text_encoder`), a memory lever, not a speed one;
 * ``vae_tiling``: the VAE decodes in spatial tiles (diffusers' `enable_tiling`), which
-  bounds the decode's working memory, the largest peak of a clip otherwise.
+  bounds the decode's working memory, the largest peak of a clip otherwise;
+* ``parallel``: one clip across the GPUs of a torch.distributed group (one process per
+  GPU): ``none``, ``ulysses:N`` or ``ring:N``, diffusers' context parallelism
+  (`gpubake.provisioning.parallel`); set from the group's size and the clip's tokens. The
+  8-bit attention kernels do not run inside it: with it on, self-attention is BF16 and
+  the plan's ``notes`` say so.
 
 A plan is data, so a new measurement changes a table entry, not code.
 """
@@ -63,8 +68,20 @@ class RuntimePlan:
     fuse_act_quant: bool = False
     text_encoder: str = "keep"
     vae_tiling: bool = False
+    parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
+    notes: str = ""  # why a lever differs from the architecture's table ("; "-joined; not a lever)
 
     def __post_init__(self) -> None:
+        from gpubake.provisioning.parallel import Parallel, ParallelError
+
+        try:
+            par = Parallel.parse(self.parallel)
+        except ParallelError as exc:
+            raise RuntimePlanError(f"runtime plan {self.arch}: {exc}") from None
+        if par.on and self.attention in ("sage-int8", "cudnn-fp8", "fa3-fp8"):
+            raise RuntimePlanError(
+                f"runtime plan {self.arch}: attention={self.attention} cannot run with parallel={par}: the 8-bit "
+                "kernels are not context-parallel backends (use attention=default, cudnn or flash)")
         if self.attention not in ATTENTION_CHOICES:
             raise RuntimePlanError(
                 f"runtime plan {self.arch}: attention={self.attention!r} (one of {', '.join(ATTENTION_CHOICES)})")
@@ -102,17 +119,33 @@ SMALL_CARD_GIB = 44
 _SMALL_CARD = {"text_encoder": "shrink", "vae_tiling": True}
 
 
-def plan_for(device: torch.device | str | None = None, *, gemm_backend: str | None = None) -> RuntimePlan:
+def _cp_note(attention: tuple[str, ...], par: str) -> str:
+    return (f"8-bit attention ({', '.join(attention)}) off: parallel={par} runs self-attention through "
+            "diffusers' context-parallel attention, which the 8-bit kernels are not (BF16 instead)")
+
+
+def plan_for(device: torch.device | str | None = None, *, gemm_backend: str | None = None,
+             world_size: int | None = None, heads: int | None = None, clip_tokens: int | None = None) -> RuntimePlan:
     """The runtime plan for `device`, by compute capability (the `archs` table, as the kernels).
 
     `gemm_backend` None: the backend this device runs, ``$GPUBAKE_NVFP4_BACKEND`` or the
-    architecture's default (`backends.backend_name_for`; a KernelError if it cannot run here)."""
+    architecture's default (`backends.backend_name_for`; a KernelError if it cannot run here).
+    `world_size` (default: the torch.distributed group's, 1 without one), `heads` and
+    `clip_tokens` choose the ``parallel`` lever (`parallel.parallel_for`)."""
+    from gpubake.provisioning.parallel import parallel_for
+    from gpubake.provisioning.parallel import world_size as group_size
+
     dev = resolve_device(device)
     cap = capability(dev)
     arch = archs.arch_for(cap)
     small = cap is not None and torch.cuda.get_device_properties(dev).total_memory < SMALL_CARD_GIB * 2**30
     levers = {**(_SMALL_CARD if small else {}), **_MEASURED.get(arch.family, {})}
-    if arch.attention:
+    par, _ = parallel_for(group_size() if world_size is None else world_size, heads=heads, tokens=clip_tokens)
+    if par.on:
+        levers["parallel"] = str(par)
+        if arch.attention:
+            levers["notes"] = _cp_note(arch.attention, str(par))
+    elif arch.attention:
         # a kernel whose wheel is missing or that disagrees with its reference on this GPU:
         # the next one, then BF16 attention; the report shows the checks (`attention_checks`)
         levers["attention"] = next((k for k in arch.attention if attention_check(k, dev)["ok"]), "default")
@@ -157,41 +190,46 @@ _BOOL = {"1": True, "true": True, "on": True, "0": False, "false": False, "off":
 
 
 def plan_from_env(device: torch.device | str | None = None, value: str | None = None, *,
-                  gemm_backend: str | None = None) -> RuntimePlan:
+                  gemm_backend: str | None = None, world_size: int | None = None) -> RuntimePlan:
     """The plan the serving image runs: `plan_for(device)` changed by ``$GPUBAKE_RUNTIME``.
 
     ``auto`` (or unset): the measured plan of this architecture; ``plain``: no lever, only
     the kernels' GEMM backend; else comma-separated overrides such as
     ``compile_blocks=0,attention=cudnn`` (booleans 1/0/true/false/on/off). A bad value is a
-    one-line error naming the variable, before any weight is loaded. `gemm_backend`: as
-    `plan_for`'s."""
+    one-line error naming the variable, before any weight is loaded. `gemm_backend`,
+    `world_size`: as `plan_for`'s."""
     from gpubake import envs
 
     raw = (envs.GPUBAKE_RUNTIME if value is None else value).strip()
-    base = plan_for(device, gemm_backend=gemm_backend)
+    base = plan_for(device, gemm_backend=gemm_backend, world_size=world_size)
     if raw in ("", "auto"):
         return base
     if raw == "plain":
         return RuntimePlan(arch=base.arch, gemm_backend=base.gemm_backend)
-    fields = {f for f in RuntimePlan.__dataclass_fields__ if f not in ("arch", "gemm_backend")}
+    fields = {f for f in RuntimePlan.__dataclass_fields__ if f not in ("arch", "gemm_backend", "notes")}
     changes: dict = {}
     for item in raw.split(","):
         key, sep, val = (x.strip() for x in item.partition("="))
         if not sep or key not in fields:
             raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {item.strip()!r} is not LEVER=VALUE with LEVER one of "
                                    f"{', '.join(sorted(fields))} (or use auto / plain)")
-        if isinstance(getattr(base, key), str):  # attention, text_encoder: the plan checks the value
+        if isinstance(getattr(base, key), str):  # attention, text_encoder, parallel: the plan checks the value
             changes[key] = val
         elif val.lower() in _BOOL:
             changes[key] = _BOOL[val.lower()]
         else:
             raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {key}={val!r} is not a boolean (1/0/true/false/on/off)")
+    from gpubake.kernels.attention import LOWP_KERNELS
+
+    if changes.get("parallel", "none") != "none" and "attention" not in changes and base.attention in LOWP_KERNELS:
+        # asked for one clip across GPUs, not for an attention kernel: the plan's 8-bit one
+        # cannot run inside it, so BF16, and the report says why
+        changes["attention"] = "default"
+        changes["notes"] = "; ".join(filter(None, (base.notes, _cp_note((base.attention,), changes["parallel"]))))
     try:
         plan = base.with_(**changes)
     except RuntimePlanError as exc:
         raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {exc}") from None
-    from gpubake.kernels.attention import LOWP_KERNELS
-
     dev = resolve_device(device)
     if "attention" in changes and plan.attention in LOWP_KERNELS and dev.type == "cuda":
         # an 8-bit kernel asked for by name gets the same boot check as the plan's own choice:
@@ -283,11 +321,14 @@ def cfg_forward(model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
     return c, u
 
 
-def apply_runtime(pipe, plan: RuntimePlan | None = None) -> dict:
+def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | None = None) -> dict:
     """Apply `plan` (default: `plan_for` the pipeline's device) to every expert of a
     loaded Wan pipeline (`transformer`, and `transformer_2` for A14B); returns, per expert,
     what was done. Meant for the serving image right after `load_pipeline`: diffusers'
-    pipeline loop runs the two CFG passes itself, so only the model-side levers apply."""
+    pipeline loop runs the two CFG passes itself, so only the model-side levers apply.
+    With ``parallel`` on, each expert is split across the process group
+    (`parallel.enable_context_parallel`; `clip_tokens`: the one clip size it will render,
+    None for any) and ``done["parallel"]`` says how, with the plan's notes."""
     experts = {n: getattr(pipe, n, None) for n in ("transformer", "transformer_2")}
     experts = {n: m for n, m in experts.items() if m is not None}
     if not experts:
@@ -296,6 +337,16 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None) -> dict:
     if plan is None:
         plan = plan_for(device)
     done = {n: apply_plan(m, plan) for n, m in experts.items()}
+    if plan.parallel != "none":
+        from gpubake.provisioning.parallel import Parallel, enable_context_parallel
+
+        par = Parallel.parse(plan.parallel)
+        split: dict[str, dict] = {}
+        for n, m in experts.items():  # a module in both slots is split once
+            same = next((k for k, o in experts.items() if o is m and k in split), None)
+            split[n] = split[same] if same else enable_context_parallel(m, par, tokens=clip_tokens)
+        first = next(iter(split.values()))
+        done["parallel"] = {**first, "experts": sorted(split), "notes": [*filter(None, [plan.notes]), *first["notes"]]}
     te = getattr(pipe, "text_encoder", None)
     if plan.text_encoder == "shrink" and te is not None:
         from gpubake.provisioning.text_encoder import shrink_text_encoder

@@ -53,6 +53,7 @@ class GpuInfo:
     ecc_corrected_volatile: int | None = None
     throttle_reasons: list[str] = field(default_factory=list)
     temperature_c: int | None = None
+    uuid: str | None = None  # NVML's "GPU-<hex>": how a CUDA device index is matched to it
 
     @property
     def arch(self) -> str:
@@ -75,6 +76,38 @@ class ProbeResult:
     error: str | None = None  # why no GPU could be read (no driver, NVML failed ...)
 
 
+def normal_uuid(uuid: Any) -> str | None:
+    """NVML ("GPU-58d2...") and torch ("58d2...") spell a GPU's UUID differently."""
+    if uuid is None:
+        return None
+    text = str(uuid).strip().lower()
+    return text.removeprefix("gpu-") or None
+
+
+def cuda_uuids() -> list[str | None]:
+    """The UUID of each device torch can use, by CUDA index (honours CUDA_VISIBLE_DEVICES);
+    [] without CUDA. Never raises: a broken CUDA is the GPU stage's to report."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        return [normal_uuid(getattr(torch.cuda.get_device_properties(i), "uuid", None))
+                for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def cuda_index_of(gpus: list[GpuInfo], uuids: list[str | None]) -> dict[int, int | None]:
+    """NVML index -> CUDA index (None: torch cannot see it), by UUID; without UUIDs (on
+    either side), by position, which holds under CUDA_DEVICE_ORDER=PCI_BUS_ID with every
+    GPU visible."""
+    known = [u for u in uuids if u]
+    if known and all(g.uuid for g in gpus):
+        return {g.index: (uuids.index(normal_uuid(g.uuid)) if normal_uuid(g.uuid) in uuids else None) for g in gpus}
+    return {g.index: (pos if pos < len(uuids) else None) for pos, g in enumerate(gpus)}
+
+
 class GpuProbe(Protocol):
     """Reads the GPUs of this host. Implementations must not raise for 'no GPU'."""
 
@@ -87,6 +120,31 @@ class GpuProbe(Protocol):
 
 def _nvml_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class DeviceProbe:
+    """One worker's view of the host: only the GPU torch calls ``cuda:<cuda_index>``, so a
+    worker's GPU stage checks its own card and a bad card takes only its worker out.
+
+    `uuids`: torch's UUID per CUDA index (default `cuda_uuids()`); without them the GPU at
+    position `cuda_index` of the probe's list."""
+
+    def __init__(self, base: GpuProbe, cuda_index: int, uuids: list[str | None] | None = None) -> None:
+        self.base = base
+        self.cuda_index = cuda_index
+        self.uuids = uuids
+
+    def probe(self) -> ProbeResult:
+        found = self.base.probe()
+        if not found.gpus:
+            return found
+        uuids = self.uuids if self.uuids is not None else cuda_uuids()
+        mapping = cuda_index_of(found.gpus, uuids or [None] * len(found.gpus))
+        mine = [g for g in found.gpus if mapping.get(g.index) == self.cuda_index]
+        return ProbeResult(mine, None if mine else f"no GPU of this host is cuda:{self.cuda_index}")
+
+    def throttle_reasons(self, index: int) -> list[str]:
+        return self.base.throttle_reasons(index)
 
 
 class NvmlProbe:
@@ -140,6 +198,7 @@ class NvmlProbe:
             ecc_corrected_volatile=_ecc(nv, h, nv.NVML_MEMORY_ERROR_TYPE_CORRECTED, nv.NVML_VOLATILE_ECC),
             throttle_reasons=_throttle(nv, h),
             temperature_c=_optional(lambda: int(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))),
+            uuid=_optional(lambda: _nvml_str(nv.nvmlDeviceGetUUID(h))),
         )
 
 

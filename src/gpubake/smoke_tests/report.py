@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # pydantic is imported when a report is read, not by every CL
     from pydantic import TypeAdapter
 
 SCHEMA_VERSION = 1
+# Fields added to schema 1 after its first release, each with a default: a report written
+# before them still reads (the reader fills the default), so the version stays 1.
+OPTIONAL_FIELDS = frozenset({"gpus", "workers"})
 Status = Literal["pass", "warn", "fail", "skip"]
 Verdict = Literal["pass", "degraded", "fail"]
 State = Literal["running", "done"]
@@ -95,6 +98,12 @@ class Report:
     boot_to_verdict_seconds: float | None = None
     hostname: str = field(default_factory=socket.gethostname)
     gpubake_version: str = __version__
+    # every GPU of the host, each with its own checks and whether torch can use it (the
+    # "gpus" stage: `GpuInfo.to_dict()` + status, notes, visible, cuda_index)
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    # the service's workers, one per GPU it serves on (index, device, status, verdict, reason,
+    # seconds_per_step); empty for `gpubake selftest`, which renders on one device
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def finish(self) -> None:
         """Set the verdict and the timings (boot epoch from the start script, if any)."""
@@ -125,6 +134,10 @@ class Report:
         lines = [head]
         for s in self.stages:
             lines.append(f"  {s.status.upper():4} {s.name:10} {s.message} ({s.seconds:.1f} s)")
+        for w in self.workers if len(self.workers) > 1 else ():
+            what = w.get("reason") or (f"{w['seconds_per_step']:.3f} s/step" if w.get("seconds_per_step") else "")
+            lines.append(f"  {str(w.get('verdict') or w.get('status')).upper():4} worker {w.get('index')} "
+                         f"{w.get('device')} {what}".rstrip())
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,15 +171,16 @@ class Report:
     def from_json(cls, data: Any, *, where: str = "report") -> Report:
         """A report as `to_dict` wrote it (the inverse of the writer).
 
-        Every field of the schema must be there; keys a newer writer adds are ignored.
-        Anything else is one `ReportError` line naming `where` and the field.
+        Every field of the schema must be there, but those of `OPTIONAL_FIELDS` (added later,
+        with defaults); keys a newer writer adds are ignored. Anything else is one
+        `ReportError` line naming `where` and the field.
         """
         if not isinstance(data, dict):
             raise ReportError(f"{where}: a self-test report is a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ReportError(f"{where}: schema_version: {version!r} (this gpubake reads {SCHEMA_VERSION})")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name not in OPTIONAL_FIELDS]
         if missing:
             raise ReportError(f"{where}: {missing[0]}: missing required field")
         from pydantic import ValidationError

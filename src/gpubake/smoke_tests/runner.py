@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpubake.smoke_tests import stages as st
+from gpubake.smoke_tests.multigpu import gpus_stage
 from gpubake.smoke_tests.report import Report, StageResult
 
 
@@ -30,6 +31,7 @@ class Stage:
 # machine finishes far inside them. The render limit is per run (x --sustained).
 STAGES: tuple[Stage, ...] = (
     Stage("gpu", st.gpu_stage, 60),
+    Stage("gpus", gpus_stage, 240),
     Stage("kernels", st.kernels_stage, 300, ("gpu",)),
     Stage("model", st.model_stage, 1800),
     Stage("render", st.render_stage, 1200, ("gpu", "kernels", "model")),
@@ -75,6 +77,8 @@ class SelfTest:
             self.report.stages.append(result)
             if stage.name == "gpu":
                 self.report.mode = self.ctx.mode  # type: ignore[assignment]
+            if stage.name == "gpus":
+                self.report.gpus = list(result.values.get("gpus", []))
             self.on_update(self.report)
         self.report.finish()
         self.on_update(self.report)

@@ -3,17 +3,64 @@ RunPod serverless handler): image facts, model dir, report path, data dir, optio
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from gpubake import envs
+from gpubake.errors import GpubakeError
 from gpubake.provisioning.facts import ImageFacts, resolve
 from gpubake.provisioning.pipeline import (
     PipelineLoader,
     check_runtime_env,
     load_serving_pipeline,
 )
-from gpubake.provisioning.serving.service import GenerationService
+from gpubake.provisioning.serving.service import GenerationService, bind_device
+
+# Stages of a worker other than the first: its own GPU. The model files and the host's
+# GPUs (with the all-reduce) are checked once, by worker 0.
+WORKER_STAGES_SKIPPED = ("gpus", "model")
+
+
+class WorkersError(GpubakeError):
+    """--workers asks for more workers than this machine has devices, or a bad value."""
+
+
+def worker_devices(workers: int | str, device: str | None, gpu_image: bool) -> list[str | None]:
+    """One device per worker. `workers` "auto": one per GPU torch sees (CUDA_VISIBLE_DEVICES
+    honoured), one on a CPU; an int N: N workers, on cuda:0..N-1, or on the CPU with
+    ``--device cpu`` (tests: N pipelines in one process). One worker keeps `device` as
+    given (None: the self-test's GPU stage picks cuda or cpu)."""
+    if workers != "auto" and (not isinstance(workers, int) or workers < 1):
+        raise WorkersError(f"--workers: auto or a number >= 1, got {workers!r}")
+    if device == "cpu":
+        return ["cpu"] * (1 if workers == "auto" else int(workers))
+    if device is not None and device.startswith("cuda:"):
+        if workers not in ("auto", 1):
+            raise WorkersError(f"--workers {workers} with --device {device}: one device, one worker "
+                               "(leave --device out to put one worker on each GPU)")
+        return [device]
+    count = 0
+    if gpu_image and workers != 1:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = max(1, count) if workers == "auto" else int(workers)
+    if n == 1:
+        return [device]
+    if n > count:
+        seen = f"torch sees {count} GPU(s) here" if gpu_image else "a CPU-only image uses no GPU"
+        raise WorkersError(f"--workers {n}: {seen}; pass --device cpu for CPU workers")
+    return [f"cuda:{i}" for i in range(n)]
+
+
+def _on_device(stage: Any, device: str) -> Any:
+    """`stage` run with `device` current in its thread (the runner gives each stage a thread)."""
+    def run(ctx: Any) -> Any:
+        bind_device(device)
+        return stage.run(ctx)
+
+    return dataclasses.replace(stage, run=run)
 
 
 def default_data_dir(report_path: Path) -> Path:
@@ -40,33 +87,46 @@ def build_service(
     keep_bytes: int | None = None,
     max_pixel_frames: int | None = None,
     pipeline_loader: PipelineLoader | None = None,
+    workers: int | str = 1,
     **selftest_kwargs: Any,
 ) -> GenerationService:
-    """The service; its pipeline is `load_serving_pipeline`'s (weights + runtime plan),
-    loaded by the self-test when there is one. `pipeline_loader` replaces only the
-    weight loading (tests). The image's facts: `facts`, else `facts.resolve(facts_path,
-    image=image, spec=spec_path)`."""
+    """The service; each worker's pipeline is `load_serving_pipeline`'s (weights + runtime
+    plan) on its device, loaded by its self-test when there is one. `workers`: see
+    `worker_devices`. `pipeline_loader` replaces only the weight loading (tests). The
+    image's facts: `facts`, else `facts.resolve(facts_path, image=image, spec=spec_path)`."""
     from gpubake.provisioning.models import get_model
     from gpubake.smoke_tests.api import create_selftest, resolve_model_dir
+    from gpubake.smoke_tests.probe import DeviceProbe, NvmlProbe
     from gpubake.smoke_tests.report import default_report_path
 
     image_facts = facts or resolve(facts_path, image=image, spec=spec_path)
     mdir = resolve_model_dir(model_dir, image_facts)
     report_path = report_path or default_report_path()
     data = data_dir or default_data_dir(report_path)
-    test = None
+    devices = worker_devices(workers, device, image_facts.cuda != "none")
+    tests: list[Any] = []
     loader = None
     if selftest:
-        # the self-test loads the pipeline (runtime plan applied) and hands it over
-        test = create_selftest(image_facts, mdir, report_path.parent / "selftest-clip", quick=quick, device=device,
-                               pipeline_loader=pipeline_loader, **selftest_kwargs)
+        # each worker's self-test loads its pipeline (runtime plan applied) and hands it over
+        base_probe = selftest_kwargs.pop("probe", None) or NvmlProbe()
+        for i, dev in enumerate(devices):
+            pool_gpu = len(devices) > 1 and dev is not None and dev.startswith("cuda:")
+            probe = DeviceProbe(base_probe, int(dev.split(":")[1])) if pool_gpu else base_probe
+            clip = report_path.parent / ("selftest-clip" if i == 0 else f"selftest-clip-{i}")
+            test = create_selftest(image_facts, mdir, clip, quick=quick, device=dev, probe=probe,
+                                   pipeline_loader=pipeline_loader, **selftest_kwargs)
+            if i > 0:
+                test.stages = tuple(s for s in test.stages if s.name not in WORKER_STAGES_SKIPPED)
+            if pool_gpu:
+                test.stages = tuple(_on_device(s, dev) for s in test.stages)
+            tests.append(test)
     else:
         check_runtime_env()  # fail at startup, not in the worker thread after the load
 
-        def loader() -> tuple[Any, str]:
+        def loader(dev: str | None) -> tuple[Any, str]:
             import torch
 
-            dev = device or ("cuda" if image_facts.cuda != "none" and torch.cuda.is_available() else "cpu")
+            dev = dev or ("cuda" if image_facts.cuda != "none" and torch.cuda.is_available() else "cpu")
             return load_serving_pipeline(mdir, dev, pipeline_loader).pipe, dev
 
     extra: dict[str, Any] = {}
@@ -75,5 +135,6 @@ def build_service(
     if keep_bytes is not None:
         extra["keep_bytes"] = keep_bytes
     return GenerationService(model=get_model(image_facts.model.id), data_dir=data, report_path=report_path,
-                             selftest=test, pipeline_loader=loader, model_dir=None if selftest else mdir,
-                             max_queue=max_queue, max_pixel_frames=max_pixel_frames, **extra)
+                             selftests=tests or None, devices=devices, pipeline_loader=loader,
+                             model_dir=None if selftest else mdir, max_queue=max_queue,
+                             max_pixel_frames=max_pixel_frames, **extra)

@@ -1,4 +1,4 @@
-"""`gpubake serve`: the generation service (self-test first, then one GPU worker)."""
+"""`gpubake serve`: the generation service (self-test first, then one worker per GPU)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def serve(
     selftest: bool = typer.Option(True, "--selftest/--no-selftest", help="Run the self-test before serving; without it the model files are checked against their manifest (hashes once, then by size and mtime) and a report already at --report still gates generation."),
     quick: bool = typer.Option(False, "--quick", help="Self-test hashes a sample of the large model files."),
     device: Optional[str] = typer.Option(None, "--device", help="Force cpu, cuda or cuda:N."),
+    workers: str = typer.Option("auto", "--workers", help="Workers, each rendering one clip at a time on its own device: auto (one per GPU torch sees, CUDA_VISIBLE_DEVICES honoured; one on a CPU) or a number (with --device cpu: that many CPU workers)."),
     max_queue: int = typer.Option(16, "--max-queue", help="Jobs waiting at most (>= 1); more get 429."),
     keep_hours: float = typer.Option(24.0, "--keep-hours", help="Finished jobs and their videos are removed after this many hours."),
     keep_gb: float = typer.Option(20.0, "--keep-gb", help="At most this many GB of videos are kept; the oldest go first."),
@@ -76,16 +77,20 @@ def serve(
     if max_pixel_frames is not None and max_pixel_frames < 16 * 16:
         raise GpubakeError(f"--max-pixel-frames: must be at least 256 (one 16x16 frame), got {max_pixel_frames}")
     resolve_host(host, port)
+    if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
+        raise GpubakeError(f"--workers: auto or a number >= 1, got {workers!r}")
     key = api_key_from_env()
     service = build_service(facts_path=facts, image=image, spec_path=spec, model_dir=model_dir, report_path=report,
                             data_dir=data_dir, selftest=selftest, quick=quick, device=device,
                             max_queue=max_queue, keep_seconds=keep_hours * 3600, keep_bytes=int(keep_gb * 1e9),
-                            max_pixel_frames=max_pixel_frames)
+                            max_pixel_frames=max_pixel_frames, workers=workers if workers == "auto" else int(workers))
     check_exposure(host, key, insecure_no_auth)
     auth = "API key required" if key else ("OPEN: no API key (--insecure-no-auth)" if insecure_no_auth
                                            else "open: no API key, loopback only")
+    devs = ", ".join(w.device or "auto" for w in service.workers)
     console.print(f"serving {service.model.id} on http://{host}:{port} (report {service.report_path}, "
-                  f"data under {service.data_dir}, self-test {'on' if selftest else 'off'}, {auth})", markup=False)
+                  f"data under {service.data_dir}, self-test {'on' if selftest else 'off'}, {auth}; "
+                  f"{len(service.workers)} worker(s): {devs})", markup=False)
     if dry_run:
         return
     sock = bind(host, port)

@@ -1,6 +1,7 @@
 """Job records in SQLite (stdlib `sqlite3`, WAL) under the data directory.
 
-The table is also the queue: the GPU worker takes the oldest `queued` row, so jobs
+The table is also the queue: each GPU worker claims the oldest `queued` row
+(`claim_next`, one transaction), so jobs
 accepted before a restart still run after it. A job found `running` at startup was cut
 off by the process dying and is marked failed with that reason. One connection, used
 under a lock: the HTTP threads and the worker each hold it only for one statement.
@@ -131,6 +132,29 @@ class JobStore:
             r = c.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
                           ).fetchone()
         return _row(r) if r else None
+
+    def claim_next(self, now: float | None = None) -> JobRecord | None:
+        """Take the oldest queued job for one worker: marked running in ONE transaction
+        (`UPDATE ... WHERE status = 'queued'`), so two workers, threads or processes on this
+        table never get the same job. None: nothing waits."""
+        now = time.time() if now is None else now
+        with self._cursor() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                r = c.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
+                              ).fetchone()
+                took = r is not None and c.execute(
+                    "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'",
+                    (now, r[0])).rowcount == 1
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        if not took:
+            return None
+        job = _row(r)
+        job.status, job.started_at = "running", now
+        return job
 
     def count(self, status: JobStatus) -> int:
         with self._cursor() as c:
