@@ -63,6 +63,9 @@ def publish(
     cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], ApiClient]:
     """Create or update the template named `gpubake-<image>`; returns (result, client)."""
+    from gpubake.images.spec import check_pinned
+
+    check_pinned(spec)  # an image whose model revision is a placeholder is not published
     env = dict(os.environ) if env is None else env
     t = mconfig.target(target)
     if not image_ref:
