@@ -11,7 +11,8 @@ served by gpubake, whole clips timed end to end; the 40-step recipe in the same 
    repo's file names. Base: UMT5-XXL at its real config (random, BF16), the Wan 2.1 VAE
    (random, fp32), `make-tiny`'s offline tokenizer, the Wan-AI scheduler (UniPC, flow shift
    3.0) and the A14B expert configs, as in `bench/selftest_a14b_device.py`. Source and base
-   go to --scratch (default /dev/shm: RAM, so the 64 GiB disk holds only the import).
+   are scratch: /dev/shm (RAM) where it holds them, else --work, or --scratch; the 64 GiB
+   disk of the H200 machine then holds only the ~29 GB import.
 2. `gpubake import SRC DEST --format lightx2v --base BASE` as a child process: wall time,
    its peak RSS (getrusage of the children; it is the first child) and its own timings.
    The importer runs on the CPU and creates no CUDA tensor, so it has no GPU peak.
@@ -234,12 +235,13 @@ def summary_line(name: str, r: dict[str, Any]) -> str:
     return "; ".join(bits)
 
 
-def run_cases(pipe: Any, args: argparse.Namespace, shapes: dict[str, Any], clock: Clock, dev: str) -> dict[str, Any]:
+def run_cases(pipe: Any, args: argparse.Namespace, shapes: dict[str, Any], clock: Clock, dev: str,
+              results: dict[str, Any], save: Any) -> dict[str, Any]:
+    """Run `args.cases` in order into `results`, calling `save()` after each."""
     from gpubake.provisioning.models import get_model, get_recipe
 
     model = get_model(shapes["model_id"])
     four, forty = get_recipe(FOUR), get_recipe(FORTY)
-    results: dict[str, Any] = {}
     forward_480: float | None = None
     for case in args.cases:
         kind, res_key = case.split("-")
@@ -283,6 +285,7 @@ def run_cases(pipe: Any, args: argparse.Namespace, shapes: dict[str, Any], clock
                                                  "denoise_seconds": round(denoise, 2), "total_seconds": round(total, 2),
                                                  "why": "the budget did not hold all 40 steps"}
         log(summary_line(case, results[case]))
+        save()
     return results
 
 
@@ -325,32 +328,67 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# GiB a full-size run writes (two 8.4 GB experts; UMT5-XXL + VAE; the import of both)
+NEED_GIB = {"src": 16.0, "base": 11.5, "dest": 27.5}
+
+
+def placement(args: argparse.Namespace) -> dict[str, Path]:
+    """Where the source, the base and the import go. Source and base are scratch (removed
+    after the import): /dev/shm when it holds them, else beside the import on --work."""
+    dest = args.work / "model"
+    if args.scratch is not None or args.small:
+        root = args.scratch or args.work / "scratch"
+        return {"src": root / "src", "base": root / "base", "dest": dest}
+    shm, out = Path("/dev/shm"), {"dest": dest}
+    room = free_gib(shm) - 2 if shm.is_dir() and os.access(shm, os.W_OK) else 0.0
+    for part in ("src", "base"):  # each where it fits, RAM first
+        if room >= NEED_GIB[part]:
+            out[part], room = shm / "lx-bench" / part, room - NEED_GIB[part]
+        else:
+            out[part] = args.work / "scratch" / part
+    on_work = NEED_GIB["dest"] + sum(NEED_GIB[p] for p in ("src", "base") if out[p].is_relative_to(args.work))
+    if free_gib(args.work) < on_work:
+        raise SystemExit(f"--work {args.work}: {free_gib(args.work):.0f} GiB free, the run needs ~{on_work:.0f} GiB there "
+                         "(pass --scratch on another file system)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     clock = Clock(args.budget_s)
     dev = "cpu" if args.small else "cuda"
     shapes = SMALL if args.small else FULL
     args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.work / "model"
-    scratch = args.scratch or (Path("/dev/shm/lx-bench") if not args.small and Path("/dev/shm").is_dir()
-                               and free_gib(Path("/dev/shm")) > 40 else args.work / "scratch")
+    path = args.out / "bench_lightx2v_clip.json"
     report: dict[str, Any] = {"bench": "bench_lightx2v_clip", "small": args.small, "model_id": shapes["model_id"],
-                              "environment": environment(dev), "phases": {}}
+                              "environment": environment(dev), "phases": {}, "cases": {}}
     phases = report["phases"]
 
+    def save() -> None:  # after every phase and case: a run cut short still leaves what it measured
+        report["wall_seconds"] = round(time.monotonic() - clock.t0, 1)
+        path.write_text(json.dumps(report, indent=2, default=str))
+
+    dest = args.work / "model"
     if args.reuse and (dest / "gpubake-manifest.json").is_file():
         phases["import"] = {"reused": str(dest)}
     else:
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
-        if not args.small and free_gib(args.work) < 32:
-            raise SystemExit(f"--work {args.work}: {free_gib(args.work):.0f} GiB free; the import writes ~29 GiB")
-        log(f"writing the LightX2V source and the base into {scratch}")
-        phases["write_source"] = write_source(scratch / "src", args.small, args.seed)
-        phases["write_base"] = write_base(scratch / "base", args.small, args.seed + 2, dev)
+        where = placement(args)
+        for part in ("src", "base"):
+            shutil.rmtree(where[part], ignore_errors=True)
+        report["placement"] = {k: str(v) for k, v in where.items()}
+        log(f"writing the LightX2V source into {where['src']} and the base into {where['base']}")
+        phases["write_source"] = write_source(where["src"], args.small, args.seed)
+        save()
+        phases["write_base"] = write_base(where["base"], args.small, args.seed + 2, dev)
+        save()
         log(f"source {phases['write_source']}, base {phases['write_base']}; importing into {dest}")
-        phases["import"] = run_import(scratch / "src", scratch / "base", dest, shapes["model_id"])
-        shutil.rmtree(scratch, ignore_errors=True)  # RAM (/dev/shm) back before the load
+        phases["import"] = run_import(where["src"], where["base"], dest, shapes["model_id"])
+        for part in ("src", "base"):  # RAM (/dev/shm) and disk back before the load
+            shutil.rmtree(where[part], ignore_errors=True)
+            if where[part].parent.name in ("scratch", "lx-bench") and not any(where[part].parent.iterdir()):
+                where[part].parent.rmdir()
+        save()
         log(f"import: {phases['import']['wall_seconds']} s wall, peak RSS {phases['import']['peak_rss_gib']} GiB")
 
     import torch
@@ -366,12 +404,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "runtime": served.runtime()}
     if dev.startswith("cuda"):
         phases["load"]["resident_gpu_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
+    save()
     log(f"load: {phases['load']['seconds']} s, plan {served.plan}")
 
-    report["cases"] = run_cases(served.pipe, args, shapes, clock, dev)
-    report["wall_seconds"] = round(time.monotonic() - clock.t0, 1)
-    path = args.out / "bench_lightx2v_clip.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
+    run_cases(served.pipe, args, shapes, clock, dev, report["cases"], save)
+    save()
     imp = phases["import"]
     if "wall_seconds" in imp:
         print(f"import: {imp['wall_seconds']} s wall (hash/validate {imp['summary'].get('validate_hash_seconds')} s), "

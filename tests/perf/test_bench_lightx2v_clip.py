@@ -68,3 +68,25 @@ def test_a_case_that_does_not_fit_the_budget_is_skipped_and_says_so(small_run, t
     bad = subprocess.run([sys.executable, str(SCRIPT), "--small", "--cases", "8step-480"], capture_output=True,
                          text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "--cases: unknown 8step-480" in bad.stderr
+
+
+def test_full_size_scratch_goes_to_ram_when_it_fits_and_the_disk_is_checked(monkeypatch, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_lightx2v_clip", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse(["--work", str(tmp_path / "w")])
+    free = {}
+    monkeypatch.setattr(bench, "free_gib", lambda p: free["shm" if str(p) == "/dev/shm" else "work"])
+    monkeypatch.setattr(bench.os, "access", lambda p, mode: True)
+    free.update(shm=64, work=40)  # the H200 machine: 128 GiB RAM (64 in /dev/shm), 64 GiB disk
+    where = bench.placement(args)
+    assert str(where["src"]).startswith("/dev/shm/") and str(where["base"]).startswith("/dev/shm/")
+    assert where["dest"] == tmp_path / "w" / "model"
+    free.update(shm=20)  # room for the source only
+    where = bench.placement(args)
+    assert str(where["src"]).startswith("/dev/shm/") and where["base"] == tmp_path / "w" / "scratch" / "base"
+    free.update(shm=0, work=40)  # everything on a disk too small for it: refused before anything is written
+    with pytest.raises(SystemExit, match="GiB free, the run needs ~55 GiB there"):
+        bench.placement(args)
