@@ -75,3 +75,19 @@ def test_an_unknown_recipe_in_the_facts_fails_the_render_stage_in_one_line(run_s
     render = next(s for s in report.stages if s.name == "render")
     assert render.status == "fail" and "unknown sampling recipe 'no-such-recipe'" in render.message
     assert "\n" not in render.message
+
+
+def test_the_4step_rows_are_estimates_at_one_forward_a_step():
+    from gpubake.provisioning.models import get_model
+    from gpubake.smoke_tests.expectations import load_table
+
+    table = load_table()
+    four, cfg = table.models["wan2.2-t2v-a14b-lightx2v-4step"], table.models["wan2.2-t2v-a14b"]
+    assert four.render.steps == get_model("wan2.2-t2v-a14b-lightx2v-4step").recipe.steps == 4
+    assert four.render.model_copy(update={"steps": 4}) == cfg.render.model_copy(update={"steps": 4})
+    assert [r.name for r in four.gpus] == [r.name for r in cfg.gpus]
+    for row, base in zip(four.gpus, cfg.gpus):
+        assert row.source == "estimate" and row.match == base.match and "one forward a step" in row.basis
+        assert row.seconds_per_step == pytest.approx(base.seconds_per_step / 2, rel=0.02)
+        saved = cfg.render.steps * (base.seconds_per_step - row.seconds_per_step)
+        assert row.end_to_end_seconds == pytest.approx(base.end_to_end_seconds - saved, abs=0.06)

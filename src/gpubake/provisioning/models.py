@@ -272,9 +272,3 @@ def model_for(model_id: str, recipe: str | None = None) -> ModelInfo:
     facts name one (`ModelFacts.recipe`), else with the model's own."""
     return get_model(model_id).with_recipe(recipe)
 
-
-def forwards_per_step(recipe: Recipe, guidance_scale: float | None = None) -> int:
-    """Transformer forwards a denoising step runs: 2 with classifier-free guidance, else 1."""
-    g = recipe.guidance_scale if guidance_scale is None else guidance_scale
-    return 2 if g > 1.0 else 1
-

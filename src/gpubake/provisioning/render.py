@@ -19,9 +19,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpubake.errors import GpubakeError
+
+if TYPE_CHECKING:
+    from gpubake.provisioning.models import Recipe
 
 VIDEO_NAME = "video.mp4"
 FRAME_NAME = "frame0.png"
@@ -102,7 +105,7 @@ def render(
     negative_prompt: str | None = None,
     guidance_scale: float | None = None,
     guidance_scale_2: float | None = None,
-    recipe: Any = None,
+    recipe: Recipe | None = None,
 ) -> RenderResult:
     """Run the pipeline once and write `out_dir/video.mp4` and `out_dir/frame0.png`.
 
