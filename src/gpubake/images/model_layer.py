@@ -48,8 +48,8 @@ def describe(spec: ImageSpec) -> dict[str, object]:
     m = spec.model
     out: dict[str, object] = {"model": m.id, "quantization": m.quantization, "source": m.source}
     if m.format is None:
-        out["how"] = "generate" if m.source == "generate:tiny" else "fetch" + (
-            f", quantize ({m.policy})" if m.quantization == "nvfp4" else "")
+        made = "generate" if m.source == "generate:tiny" else "fetch"
+        out["how"] = made + (f", quantize a BF16 checkpoint ({m.policy} policy)" if m.quantization == "nvfp4" else "")
         out["detail"] = f"{m.id} from {m.source} ({m.quantization})"
         return out
     files = ", ".join(m.files) if m.files else "all files"
