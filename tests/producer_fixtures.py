@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,64 @@ def write_lightx2v(tiny: Path, dest: Path, *, form: str = "alpha", sharded: bool
         (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}, indent=2))
     return dest
+
+
+# E4M3 codes 0x30..0x47: block scales 0.5 .. 3.75 (finite, positive)
+_SCALE_CODES = (0x30, 0x48)
+
+
+def write_lightx2v_random(dest: Path, config: dict[str, Any], *, seed: int = 0,
+                          files: tuple[str, str] = ("high_nvfp4.safetensors", "low_nvfp4.safetensors"),
+                          ) -> dict[str, Any]:
+    """Random weights in LightX2V's layout, at any size (full A14B: `bench/bench_lightx2v_clip.py`):
+    what `write_lightx2v` writes, without the BF16 model or the quantizer. Per expert one
+    file (`files`: high, low): the BLOCK_LINEARS as random E2M1 codes (random bytes),
+    random E4M3 block scales in LightX2V's swizzled layout, and `input_global_scale` /
+    `alpha` scalars sized so a weight's RMS is torch's default Linear init, 1 / sqrt(3 fan_in)
+    (random weights that stay finite through 40 blocks); every other tensor BF16, random at
+    the same scale (norm weights 1, vectors 0.01); Wan's original names. Returns
+    {"bytes", "seconds"}.
+
+    Bytes come from numpy's PCG64 (`Generator.bytes`): ~GB/s, so two 8.4 GB experts take
+    seconds to make, and the writing is disk-bound."""
+    import time
+
+    import numpy as np
+
+    from gpubake.provisioning import layout
+
+    t0 = time.perf_counter()
+    dest.mkdir(parents=True, exist_ok=True)
+    shapes, _ = layout.expected_shapes(layout.empty_transformer(config))
+    quantized = set(block_linears(int(config["num_layers"])))
+    igs = torch.tensor(2688.0 / 8.0, dtype=torch.float32)  # a static activation amax of 8
+    total = 0
+    for i, (expert, name) in enumerate(zip(EXPERTS, files)):
+        rng = np.random.default_rng(seed + i)
+        gen = torch.Generator().manual_seed(seed + i)
+        out: dict[str, torch.Tensor] = {}
+        for key, shape in sorted(shapes.items()):
+            module, _, leaf = key.rpartition(".")
+            if module in quantized and leaf == "weight":
+                out_f, in_f = shape
+                codes = torch.frombuffer(bytearray(rng.bytes(out_f * in_f // 2)), dtype=torch.uint8)
+                out[key] = codes.reshape(out_f, in_f // 2)
+                sf = rng.integers(*_SCALE_CODES, size=(out_f, in_f // 16), dtype=np.uint8)
+                out[f"{module}.weight_scale"] = lightx2v_swizzle(torch.from_numpy(sf).view(torch.float8_e4m3fn))
+                # E2M1 codes drawn uniformly have RMS sqrt(68.5 / 8) = 2.93, the block scales ~1.9
+                global_scale = (3.0 * in_f) ** -0.5 / (2.93 * 1.9)
+                out[f"{module}.input_global_scale"] = igs.clone()
+                out[f"{module}.alpha"] = (torch.tensor(global_scale, dtype=torch.float32) / igs).to(torch.float32)
+            elif "norm" in key and leaf == "weight":
+                out[key] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                std = (3.0 * math.prod(shape[1:])) ** -0.5 if len(shape) > 1 else 0.01
+                out[key] = (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+        named = {orig: out[k].contiguous() for orig, k in to_original(list(out)).items()}
+        save_file(named, str(dest / name))
+        total += (dest / name).stat().st_size
+        del out, named
+    return {"bytes": total, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def lightx2v_weight(sd: dict[str, torch.Tensor], module: str, out_f: int, in_f: int) -> torch.Tensor:

@@ -182,10 +182,12 @@ def _base(name: str, root: Path) -> dict:
 
 
 def _cases() -> list[tuple[str, str, tuple, int]]:
-    """(base spec, field pattern, location, payload index): demo, and the CUDA spec for what demo lacks."""
+    """(base spec, field pattern, location, payload index): demo, then the CUDA specs for what demo lacks."""
     out = []
     bases = {"demo": tomllib.loads((CATALOG_DIR / "demo.toml").read_text()),
-             "wan22-t2v-a14b-nvfp4": tomllib.loads((CATALOG_DIR / "wan22-t2v-a14b-nvfp4.toml").read_text())}
+             "wan22-t2v-a14b-nvfp4": tomllib.loads((CATALOG_DIR / "wan22-t2v-a14b-nvfp4.toml").read_text()),
+             # a published checkpoint imported with a base: model.format, model.base, model.files
+             "wan22-t2v-a14b-lightx2v-nvfp4": tomllib.loads((CATALOG_DIR / "wan22-t2v-a14b-lightx2v-nvfp4.toml").read_text())}
     for data in bases.values():
         data["model"]["sha256"] = "0" * 64
     for pattern in STRING_FIELDS:

@@ -169,8 +169,10 @@ class _HubHandler(SimpleHTTPRequestHandler):
         hub = self.server.hub  # type: ignore[attr-defined]
         hub.auth.append(self.headers.get("Authorization"))
         path = unquote(urlsplit(self.path).path)
-        repo = hub.repo
-        files = {p.relative_to(hub.root).as_posix(): p for p in sorted(hub.root.rglob("*")) if p.is_file()}
+        roots = {hub.repo: hub.root, **hub.repos}
+        repo = next((r for r in roots if path.startswith((f"/api/models/{r}/", f"/{r}/resolve/"))), hub.repo)
+        root = roots[repo]
+        files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
         if path.startswith(f"/api/models/{repo}/revision/"):
             body = {"id": repo, "modelId": repo, "sha": hub.commit, "siblings": [{"rfilename": f} for f in files]}
             return self._send(200, _json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
@@ -215,6 +217,7 @@ class FakeHub:
     endpoint: str
     repo: str = "Wan-AI/Tiny-Diffusers"
     commit: str = "0123456789abcdef0123456789abcdef01234567"
+    repos: dict[str, Path] = field(default_factory=dict)  # more repositories served: {org/name: folder}
     flip: set[str] = field(default_factory=set)
     lfs_sha: dict[str, str] = field(default_factory=dict)
     auth: list[str | None] = field(default_factory=list)

@@ -9,7 +9,8 @@ from gpubake.provisioning.models import ModelError, get_model, list_models
 
 def test_registry_has_the_wan22_models():
     ids = {m.id for m in list_models()}
-    assert ids == {"wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "tiny-wan2.2"}
+    assert ids == {"wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "tiny-wan2.2",
+                   "wan2.2-t2v-a14b-lightx2v-4step"}
 
 
 def test_a14b_entries_match_the_reference_configs():

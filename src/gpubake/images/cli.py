@@ -69,7 +69,10 @@ def _plan(spec: Any, target: str, builder: Any, *, req: Any, push: str | None, r
     ]
     name = "none" if render_dir is not None else builder.name if builder is not None else f"none available ({note})"
     if render_dir is None:
-        steps.append({"step": "prepare model", "detail": f"{spec.model.id} from {spec.model.source} ({spec.model.quantization}) -> {req.context_dir / 'model'}"})
+        from gpubake.images.model_layer import describe
+
+        how = describe(spec)
+        steps.append({**how, "step": "prepare model", "detail": f"{how['detail']} -> {req.context_dir / 'model'}"})
         if builder is not None:
             commands = builder.plan(req)
             steps.append({"step": f"build ({builder.name})", "detail": req.tag, "commands": [c.command() for c in commands],

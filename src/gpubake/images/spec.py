@@ -150,6 +150,12 @@ class Model(_Strict):
         json_schema_extra={"pattern": MODEL_SOURCE_PATTERN},
     )
     sha256: Sha256 | None = Field(default=None, description="sha256 of the checkpoint manifest")
+    format: Literal["lightx2v", "modelopt", "comfy"] | None = Field(
+        default=None, description="source is another tool's NVFP4 checkpoint: baked with `gpubake import --format`")
+    base: str | None = Field(default=None, description="with format: the diffusers checkpoint giving the text "
+                             "encoder, VAE, tokenizer and configs, hf://org/repo@<40-hex revision>")
+    files: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.*?/\[\]-]+$")]] | None = Field(
+        default=None, min_length=1, description="with format: the source's files to fetch (globs), default all")
 
     @field_validator("id")
     @classmethod
@@ -163,9 +169,11 @@ class Model(_Strict):
             raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("source")
+    @field_validator("source", "base")
     @classmethod
-    def _source(cls, value: str) -> str:
+    def _source(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not _MODEL_SOURCE.match(value):
             raise ValueError(
                 "must be generate:tiny, hf://org/repo[@rev], s3://bucket/prefix or https://host/path "
@@ -179,6 +187,40 @@ class Model(_Strict):
                 "the image; give it to the build in the environment (HF_TOKEN, AWS_*) instead"
             )
         return value
+
+    @model_validator(mode="after")
+    def _imported(self) -> Model:
+        if self.format is None:
+            if self.base is not None or self.files is not None:
+                raise ValueError("base and files go with format (an imported checkpoint)")
+            return self
+        if self.quantization != "nvfp4" or self.base is None:
+            raise ValueError(f'format = "{self.format}" imports an NVFP4 checkpoint: set quantization = "nvfp4" '
+                             "and base (its diffusers checkpoint)")
+        for name, uri in (("source", self.source), ("base", self.base)):
+            if not _PINNED_HF.match(uri):
+                raise ValueError(f"{name}: an imported checkpoint's sources are pinned by revision "
+                                 f"(hf://org/repo@<40-hex commit>, or @{UNPINNED} until known), got {uri!r}")
+        return self
+
+    @property
+    def unpinned(self) -> list[str]:
+        """Fields whose revision is the UNPINNED placeholder: nothing may be built or published from them."""
+        return [n for n in ("source", "base") if (getattr(self, n) or "").endswith("@" + UNPINNED)]
+
+
+UNPINNED = "UNPINNED"  # a revision not known yet: the spec loads (render, dry run), build and publish refuse
+_PINNED_HF = re.compile(rf"^hf://[^/@\s]+/[^/@\s]+@([0-9a-f]{{40}}|{UNPINNED})$")
+
+
+def check_pinned(spec: ImageSpec) -> None:
+    """Refuse (one line) a spec whose model sources still carry the UNPINNED placeholder."""
+    for name in spec.model.unpinned:
+        uri = getattr(spec.model, name)
+        repo = uri.removeprefix("hf://").rpartition("@")[0]
+        raise SpecError(f"{display_path(spec.source) if spec.source else '<spec>'}: model.{name}: {uri} is not pinned: "
+                        f"replace {UNPINNED} with the commit of https://huggingface.co/{repo} to bake "
+                        f"(python -c \"import huggingface_hub as h; print(h.HfApi().model_info('{repo}').sha)\")")
 
 
 class Port(_Strict):

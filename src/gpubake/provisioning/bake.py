@@ -1,8 +1,8 @@
-"""What the build side may call of the checkpoint code: make, fetch, quantize, publish weights.
+"""What the build side may call of the checkpoint code: make, fetch, quantize, import, publish weights.
 
 `gpubake.images.model_layer` bakes an image's weights on the host with these (the code
-the image itself runs for `gpubake fetch` / `quantize`), and `push-weights` uploads a
-checkpoint with them. This module is the build side's one door into provisioning
+the image itself runs for `gpubake fetch` / `quantize` / `import`), and `push-weights`
+uploads a checkpoint with them. This module is the build side's one door into provisioning
 (pyproject.toml's import-linter contracts hold it to that).
 
 `code_identity()` names the code that decides a generated checkpoint's bytes, for the
@@ -16,22 +16,42 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import os
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from gpubake.provisioning.fetch import fetch
+from gpubake.provisioning.importers.convert import import_checkpoint as _convert
 from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest
 from gpubake.provisioning.quantize import quantize_checkpoint
 from gpubake.provisioning.s3 import parse_s3_uri, upload_dir
 from gpubake.provisioning.tiny import make_tiny
 
 __all__ = [
-    "MANIFEST_NAME", "code_files", "code_identity", "fetch", "make_tiny", "manifest_sha256", "parse_s3_uri",
-    "quantize_checkpoint", "read_manifest", "upload_dir",
+    "BASE_FILES", "MANIFEST_NAME", "code_files", "code_identity", "fetch", "import_checkpoint", "make_tiny",
+    "manifest_sha256", "parse_s3_uri", "quantize_checkpoint", "read_manifest", "upload_dir",
 ]
 
 # The entry points whose code (and everything it imports) writes a checkpoint's bytes.
-MAKERS = (make_tiny.__module__, quantize_checkpoint.__module__)
+MAKERS = (make_tiny.__module__, quantize_checkpoint.__module__, _convert.__module__)
+
+# What an imported checkpoint takes from its diffusers base (Wan 2.2 T2V/I2V A14B): every
+# component but the experts' weights, and the experts' configs. Of the ~126 GB of
+# Wan-AI/Wan2.2-T2V-A14B-Diffusers, ~12 GB (the UMT5-XXL encoder, the VAE).
+BASE_FILES = ("model_index.json", "scheduler/*", "text_encoder/*", "tokenizer/*", "vae/*",
+              "transformer/config.json", "transformer_2/config.json")
+
+
+def import_checkpoint(source: str, dest: str | os.PathLike[str], fmt: str, *, base: str,
+                      files: list[str] | None = None, model_id: str | None = None,
+                      progress: bool = True) -> dict[str, Any]:
+    """`gpubake import SOURCE DEST --format FMT --base BASE`, fetching only what it reads:
+    `files` of SOURCE (all when None) and, of an hf:// BASE, `BASE_FILES`. The manifest
+    records both URIs and every file's sha256 (`importers.convert`)."""
+    base_files = list(BASE_FILES) if base.startswith("hf://") else None
+    return _convert(source, dest, fmt, base=base, model_id=model_id, progress=progress, files=files,
+                    base_files=base_files)
 _DATA_SUFFIXES = (".toml", ".json")  # package data read beside the code (e.g. policies.toml)
 
 

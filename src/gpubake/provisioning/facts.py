@@ -101,6 +101,9 @@ class ModelFacts(_Facts):
     policy: str  # the quantization recipe (provisioning/policies.toml)
     source: str
     sha256: str | None = None
+    # the sampling recipe ([recipes] of provisioning/models.toml) the boot renders and serves
+    # with; None: the model's own (the build leaves it so: the model id names it)
+    recipe: str | None = None
 
 
 class ImageFacts(_Facts):

@@ -65,18 +65,23 @@ def fetch(
     jobs: int = 4,
     dry_run: bool = False,
     progress: bool = True,
+    files: list[str] | None = None,
 ) -> dict[str, Any]:
     """Fetch `source` into `dest`; returns a summary (files, bytes, how it was verified).
 
     `sha256`, when given, is the expected sha256 of the source's gpubake manifest (what
-    an image spec pins); every file is then checked against that manifest.
+    an image spec pins); every file is then checked against that manifest. `files`
+    (hf:// only) fetches just the repo files matching those globs (huggingface_hub's
+    allow_patterns), each verified against the Hub.
     """
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FetchError(f"{dest}: already exists and is not empty (remove it or choose another DEST)")
     started = time.monotonic()
     if source.startswith("hf://"):
-        return _fetch_hf(source, dest, sha256=sha256, jobs=jobs, dry_run=dry_run, started=started)
+        return _fetch_hf(source, dest, sha256=sha256, jobs=jobs, dry_run=dry_run, started=started, files=files)
+    if files is not None:
+        raise FetchError(f"{source}: a file selection is for hf:// sources only")
 
     src = open_source(source, endpoint_url=endpoint_url)
     raw = src.manifest_bytes()
@@ -194,18 +199,21 @@ def _place(staging: Path, dest: Path) -> None:
     os.replace(staging, dest)
 
 
-def _fetch_hf(source: str, dest: Path, *, sha256: str | None, jobs: int, dry_run: bool, started: float) -> dict[str, Any]:
+def _fetch_hf(source: str, dest: Path, *, sha256: str | None, jobs: int, dry_run: bool, started: float,
+              files: list[str] | None = None) -> dict[str, Any]:
     from gpubake.provisioning import hf_fetch
 
     ref = hf_fetch.parse_hf_uri(source)
-    plan = {"source": str(ref), "dest": str(dest)}
+    plan = {"source": str(ref), "dest": str(dest)} | ({"select": list(files)} if files is not None else {})
     if dry_run:
         return {**plan, "dry_run": True}
+    if files is not None and sha256:
+        raise FetchError(f"{ref}: --sha256 pins a whole repository's manifest; it cannot go with a file selection")
     staging = staging_dir(dest)
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        hf_fetch.download(ref, staging, jobs=jobs)
-        if (staging / MANIFEST_NAME).is_file():
+        hf_fetch.download(ref, staging, jobs=jobs, allow=files)
+        if files is None and (staging / MANIFEST_NAME).is_file():
             raw = (staging / MANIFEST_NAME).read_bytes()
             if sha256 and sha256_bytes(raw) != sha256.lower():
                 raise FetchError(f"{ref}: manifest sha256 {sha256_bytes(raw)[:16]}… != expected {sha256[:16]}…")
@@ -214,7 +222,9 @@ def _fetch_hf(source: str, dest: Path, *, sha256: str | None, jobs: int, dry_run
         else:
             if sha256:
                 raise FetchError(f"{ref}: --sha256 given but the repository has no {MANIFEST_NAME}")
-            hashes = hf_fetch.hub_hashes(ref)
+            hashes = hf_fetch.hub_hashes(ref, allow=files)
+            if not hashes:
+                raise FetchError(f"{ref}: no file matches {', '.join(files or [])}")
             hf_fetch.verify_against_hub(staging, hashes)
             verified = "hub"
             # The Hub's own hashes go in the manifest: `quantize` checks the files against them.

@@ -59,10 +59,12 @@ def _error(ref: HfRef, exc: BaseException) -> FetchError:
     return FetchError(f"{ref}: {name}: {' '.join(str(exc).split())[:200]}")
 
 
-def hub_hashes(ref: HfRef) -> dict[str, tuple[str, str]]:
-    """{path: (kind, hex)} for every file of the repo, from the Hub's tree listing:
-    ("sha256", ...) for LFS files, ("git-sha1", blob id) for small files in git."""
+def hub_hashes(ref: HfRef, allow: list[str] | None = None) -> dict[str, tuple[str, str]]:
+    """{path: (kind, hex)} for every file of the repo (matching `allow`'s globs, as
+    `download` selects them), from the Hub's tree listing: ("sha256", ...) for LFS
+    files, ("git-sha1", blob id) for small files in git."""
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
 
     try:
         entries = list(HfApi(endpoint=_endpoint()).list_repo_tree(ref.repo_id, revision=ref.revision, recursive=True))
@@ -75,6 +77,8 @@ def hub_hashes(ref: HfRef) -> dict[str, tuple[str, str]]:
         lfs = getattr(e, "lfs", None)
         sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
         out[e.path] = ("sha256", sha) if sha else ("git-sha1", e.blob_id)
+    if allow is not None:
+        out = {p: out[p] for p in filter_repo_objects(list(out), allow_patterns=allow)}
     return out
 
 
@@ -86,8 +90,9 @@ def hub_record(ref: HfRef, hashes: dict[str, tuple[str, str]]) -> dict[str, obje
     return {"repo": ref.repo_id, "revision": ref.revision, "files": files}
 
 
-def download(ref: HfRef, staging: Path, *, jobs: int) -> None:
-    """snapshot_download into `staging` (resumes what a previous run left there)."""
+def download(ref: HfRef, staging: Path, *, jobs: int, allow: list[str] | None = None) -> None:
+    """snapshot_download into `staging` (resumes what a previous run left there); `allow`:
+    only the files matching these globs."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -97,6 +102,7 @@ def download(ref: HfRef, staging: Path, *, jobs: int) -> None:
             local_dir=staging,
             max_workers=jobs,
             endpoint=_endpoint(),
+            allow_patterns=allow,
         )
     except Exception as exc:
         raise _error(ref, exc) from None

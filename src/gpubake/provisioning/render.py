@@ -1,22 +1,30 @@
 """Render one clip with a loaded Wan pipeline: MP4 + first-frame PNG + timings.
 
 Shared by the boot self-test (fixed seed, few steps, timed against a table) and the
-generation service, so what the self-test proves is exactly what the service runs.
+generation service, so what the self-test proves is exactly what the service runs. A
+sampling recipe (`models.Recipe`), when given, is put on the pipeline first
+(`sampling.apply_recipe`: scheduler, shift, fixed timesteps, expert boundary); guidance
+and the negative prompt are the caller's, which takes them from the same recipe.
 Per-step times come from the pipeline's `callback_on_step_end`, with a CUDA sync so
 each timestamp is when the step really ended, not when its kernels were queued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpubake.errors import GpubakeError
+
+if TYPE_CHECKING:
+    from gpubake.provisioning.models import Recipe
 
 VIDEO_NAME = "video.mp4"
 FRAME_NAME = "frame0.png"
@@ -37,18 +45,22 @@ class RenderResult:
     step_seconds: list[float] = field(default_factory=list)
     encode_and_first_step_seconds: float = 0.0
     decode_seconds: float = 0.0
+    text_encoder_seconds: float = 0.0  # the text encoder's forwards (prompt, and the negative one with CFG)
+    denoise_seconds: float = 0.0  # end of the text encoding -> end of the last step
     frames: int = 0
     height: int = 0
     width: int = 0
     steps: int = 0
     seed: int = 0
     device: str = "cpu"
+    recipe: str | None = None  # the sampling recipe's name, when one was applied
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["video"] = str(self.video)
         d["first_frame"] = str(self.first_frame)
-        for key in ("seconds_per_step", "total_seconds", "encode_and_first_step_seconds", "decode_seconds"):
+        for key in ("seconds_per_step", "total_seconds", "encode_and_first_step_seconds", "decode_seconds",
+                    "text_encoder_seconds", "denoise_seconds"):
             d[key] = round(d[key], 4)
         d["step_seconds"] = [round(s, 4) for s in self.step_seconds]
         return d
@@ -93,6 +105,7 @@ def render(
     negative_prompt: str | None = None,
     guidance_scale: float | None = None,
     guidance_scale_2: float | None = None,
+    recipe: Recipe | None = None,
 ) -> RenderResult:
     """Run the pipeline once and write `out_dir/video.mp4` and `out_dir/frame0.png`.
 
@@ -102,6 +115,16 @@ def render(
     import torch
 
     check_params(height, width, num_frames, steps)
+    if recipe is not None:
+        from gpubake.provisioning.sampling import SamplingError, apply_recipe, check_steps
+
+        try:
+            check_steps(recipe, steps)
+            apply_recipe(pipe, recipe)
+        except SamplingError as exc:
+            raise RenderError(str(exc)) from None
+        if guidance_scale is None:  # the recipe's, unless the caller overrides it
+            guidance_scale, guidance_scale_2 = recipe.guidance_scale, recipe.guidance_scale_2
     device = _device_of(pipe)
     stamps: list[float] = []
 
@@ -121,7 +144,7 @@ def render(
 
     _sync(device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _timed(getattr(pipe, "text_encoder", None), device) as encoder:
         out = pipe(
             prompt=prompt,
             height=height,
@@ -156,13 +179,50 @@ def render(
         step_seconds=step_seconds,
         encode_and_first_step_seconds=first_step,
         decode_seconds=decoded - (stamps[-1] if stamps else start),
+        text_encoder_seconds=encoder.seconds,
+        denoise_seconds=(stamps[-1] - (encoder.ended or start)) if stamps else 0.0,
         frames=int(frames.shape[0]),
         height=int(frames.shape[1]),
         width=int(frames.shape[2]),
         steps=steps,
         seed=int(seed),
         device=str(device),
+        recipe=getattr(recipe, "name", None),
     )
+
+
+class _Span:
+    """What `_timed` measured: seconds inside the module's forwards, and when the last ended."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.ended: float | None = None
+        self._began = 0.0
+
+
+@contextlib.contextmanager
+def _timed(module: Any, device: Any) -> Iterator[_Span]:
+    """Time `module`'s forwards with hooks (synchronised on CUDA), removed on the way out."""
+    span = _Span()
+    if not hasattr(module, "register_forward_pre_hook"):
+        yield span
+        return
+
+    def pre(_m: Any, _args: Any) -> None:
+        _sync(device)
+        span._began = time.perf_counter()
+
+    def post(_m: Any, _args: Any, _out: Any) -> None:
+        _sync(device)
+        span.ended = time.perf_counter()
+        span.seconds += span.ended - span._began
+
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield span
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _to_uint8(frames: Any) -> Any:

@@ -188,15 +188,26 @@ def model_stage(ctx: Context) -> StageResult:
 # ------------------------------------------------------------------------- 4. render
 
 
+def sampled_model(ctx: Context) -> Any:
+    """The image's model, sampled with the recipe its facts name (else its own)."""
+    from gpubake.provisioning.models import model_for
+
+    return model_for(ctx.model_id, ctx.facts.model.recipe)
+
+
 def render_params(ctx: Context) -> RenderParams:
+    """The table's clip for the image's model; the step count of a fixed-schedule
+    (step-distilled) recipe is the recipe's, whatever the table says."""
+    info = sampled_model(ctx)
     entry = ctx.table.models.get(ctx.table_key)
     if entry is not None:
-        return entry.render
-    from gpubake.provisioning.models import get_model
-
-    info = get_model(ctx.model_id)
-    return RenderParams(prompt="a red fox running through fresh snow", height=info.height, width=info.width,
-                        num_frames=5, steps=2, seed=1234)
+        params = entry.render
+    else:
+        params = RenderParams(prompt="a red fox running through fresh snow", height=info.height, width=info.width,
+                              num_frames=5, steps=2, seed=1234)
+    if info.recipe.fixed_steps and params.steps != info.recipe.steps:
+        params = params.model_copy(update={"steps": info.recipe.steps})
+    return params
 
 
 def _load(ctx: Context) -> Any:
@@ -218,12 +229,14 @@ def _load(ctx: Context) -> Any:
 
 
 def render_stage(ctx: Context) -> StageResult:
-    from gpubake.provisioning.models import get_model
     from gpubake.provisioning.render import render
 
-    params = render_params(ctx)
+    params: RenderParams | None = None
     try:
-        fps = get_model(ctx.model_id).fps
+        params = render_params(ctx)
+        model = sampled_model(ctx)
+        # the service's settings: the recipe's scheduler, boundary and guidance, the model's negative prompt
+        sampling = {"fps": model.fps, "negative_prompt": model.negative_prompt, "recipe": model.recipe}
         t0 = time.perf_counter()
         ctx.pipeline = _load(ctx)
         ctx.load_seconds = time.perf_counter() - t0
@@ -233,17 +246,19 @@ def render_stage(ctx: Context) -> StageResult:
             # must render the timed clip's exact params): all steps, so both experts warm
             # up, kept out of the timings.
             ctx.warmup = render(ctx.pipeline, params.prompt, params.height, params.width, params.num_frames,
-                                params.steps, params.seed, ctx.out_dir / "warmup", fps=fps)
+                                params.steps, params.seed, ctx.out_dir / "warmup", **sampling)
         for i in range(max(1, ctx.sustained)):
             out = ctx.out_dir if i == 0 else ctx.out_dir / f"run{i + 1}"
             ctx.renders.append(render(ctx.pipeline, params.prompt, params.height, params.width,
-                                      params.num_frames, params.steps, params.seed, out, fps=fps))
+                                      params.num_frames, params.steps, params.seed, out, **sampling))
     except Exception as exc:
         return StageResult("render", "fail", f"render failed: {_one_line(exc)}",
-                           {"params": params.model_dump(), "load_seconds": ctx.load_seconds, "runtime": ctx.runtime})
+                           {"params": params.model_dump() if params else None, "load_seconds": ctx.load_seconds,
+                            "runtime": ctx.runtime})
     first = ctx.renders[0]
     values = {
         "params": params.model_dump(),
+        "recipe": model.recipe.to_dict(),
         "load_seconds": round(ctx.load_seconds or 0.0, 3),
         "video": str(first.video),
         "first_frame": str(first.first_frame),
@@ -252,8 +267,8 @@ def render_stage(ctx: Context) -> StageResult:
         "warmup_seconds": round(ctx.warmup.total_seconds, 3) if ctx.warmup else None,
         "runtime": ctx.runtime,
     }
-    msg = (f"{first.frames} frames {first.width}x{first.height}, {params.steps} steps on {ctx.device} "
-           f"-> {first.video.name} + {first.first_frame.name}")
+    msg = (f"{first.frames} frames {first.width}x{first.height}, {params.steps} steps ({model.recipe.name}) "
+           f"on {ctx.device} -> {first.video.name} + {first.first_frame.name}")
     # an attention kernel that is installed but computed the wrong thing on this GPU: the
     # plan ran the next one, and the machine's owner should know
     checks = (ctx.runtime or {}).get("attention_checks", [])

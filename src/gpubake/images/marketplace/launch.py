@@ -87,6 +87,9 @@ def publish(
 
     With `serverless` (RunPod): the serverless template `gpubake-<image>-serverless` and
     the endpoint `gpubake-<image>` created from it instead."""
+    from gpubake.images.spec import check_pinned
+
+    check_pinned(spec)  # an image whose model revision is a placeholder is not published
     env = dict(os.environ) if env is None else env
     t = mconfig.target(target)
     if serverless is not None and target != "runpod":

@@ -100,8 +100,11 @@ def import_checkpoint(
     base: str | os.PathLike[str] | None = None,
     model_id: str | None = None,
     progress: bool = True,
+    files: list[str] | None = None,
+    base_files: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Import `src` (local path or any `fetch` source) into `dest`; returns a summary."""
+    """Import `src` (local path or any `fetch` source) into `dest`; returns a summary.
+    `files` / `base_files`: fetch only these files (globs) of an hf:// SRC / --base."""
     t0 = time.monotonic()
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -113,8 +116,8 @@ def import_checkpoint(
 
         get_model(model_id)
     with contextlib.ExitStack() as stack:
-        src_root = _local(str(src), dest, stack, "SRC", progress)
-        base_root = _local(str(base), dest, stack, "--base", progress) if base is not None else None
+        src_root = _local(str(src), dest, stack, "SRC", progress, files)
+        base_root = _local(str(base), dest, stack, "--base", progress, base_files) if base is not None else None
         source = discover(src_root)
         base_index = layout.model_index(base_root) if base_root is not None else None
         index, index_root = (source.model_index, src_root) if source.model_index else (base_index, base_root)
@@ -147,15 +150,16 @@ def _experts_text(names: list[str]) -> str:
     return f"{len(names)} expert{'s' if len(names) != 1 else ''} ({', '.join(names)})"
 
 
-def _local(uri: str, dest: Path, stack: contextlib.ExitStack, flag: str, progress: bool) -> Path:
-    """A local path for SRC/--base: fetched first (verified) when it is a URI."""
+def _local(uri: str, dest: Path, stack: contextlib.ExitStack, flag: str, progress: bool,
+           files: list[str] | None = None) -> Path:
+    """A local path for SRC/--base: fetched first (verified; only `files`) when it is a URI."""
     if "://" in uri:
         from gpubake.provisioning.fetch import fetch
 
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{dest.name}.{flag.strip('-')}-",
                                                                      dir=dest.parent)))
-        fetch(uri, tmp / "src", progress=progress)
+        fetch(uri, tmp / "src", progress=progress, files=files)
         return tmp / "src"
     path = Path(uri).expanduser()
     if not path.exists():

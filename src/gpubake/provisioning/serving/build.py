@@ -94,7 +94,7 @@ def build_service(
     plan) on its device, loaded by its self-test when there is one. `workers`: see
     `worker_devices`. `pipeline_loader` replaces only the weight loading (tests). The
     image's facts: `facts`, else `facts.resolve(facts_path, image=image, spec=spec_path)`."""
-    from gpubake.provisioning.models import get_model
+    from gpubake.provisioning.models import model_for
     from gpubake.smoke_tests.api import create_selftest, resolve_model_dir
     from gpubake.smoke_tests.probe import DeviceProbe, NvmlProbe
     from gpubake.smoke_tests.report import default_report_path
@@ -134,7 +134,7 @@ def build_service(
         extra["keep_seconds"] = keep_seconds
     if keep_bytes is not None:
         extra["keep_bytes"] = keep_bytes
-    return GenerationService(model=get_model(image_facts.model.id), data_dir=data, report_path=report_path,
+    return GenerationService(model=model_for(image_facts.model.id, image_facts.model.recipe), data_dir=data, report_path=report_path,
                              selftests=tests or None, devices=devices, pipeline_loader=loader,
                              model_dir=None if selftest else mdir, max_queue=max_queue,
                              max_pixel_frames=max_pixel_frames, **extra)

@@ -2,9 +2,11 @@
 
 One class for both front ends (the HTTP worker and the RunPod serverless handler), so
 a request means the same clip whichever way it arrives. The model's own settings come
-from the registry (`provisioning.models`): guidance per expert (A14B: 4.0 for the
-high-noise expert, 3.0 for the low-noise one; diffusers would use 5.0 for both), the Wan
-negative prompt, and the boundary between the experts.
+from its sampling recipe in the registry (`provisioning.models`): steps or a fixed
+schedule, the flow shift, guidance per expert (A14B: 4.0 for the high-noise expert, 3.0
+for the low-noise one; diffusers would use 5.0 for both) or none (the 4-step distilled
+recipe: one forward a step), the Wan negative prompt, and the boundary between the
+experts. A request may override steps and guidance within bounds (schemas, limits).
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ class Generator:
     def __init__(self, pipeline: Any, model: Any, limits: Limits) -> None:
         self.pipeline = pipeline
         self.model = model  # provisioning.models.ModelInfo
+        self.recipe = model.recipe
         self.limits = limits
         config = getattr(pipeline, "config", None)
         if model.boundary_ratio is not None and config is not None and "boundary_ratio" in config \
                 and config.boundary_ratio != model.boundary_ratio:
-            # the registry, not whatever model_index.json the checkpoint carries, decides
+            # the recipe, not whatever model_index.json the checkpoint carries, decides
             pipeline.register_to_config(boundary_ratio=model.boundary_ratio)
         # guidance_scale_2 only means something with two experts and a boundary
         self.two_experts = bool(config is not None and config.get("boundary_ratio")
@@ -67,11 +70,15 @@ class Generator:
 
     def defaults(self) -> dict[str, Any]:
         m = self.model
+        r = self.recipe
         return {"size": f"{m.width}x{m.height}", "frames": m.num_frames, "steps": m.num_inference_steps,
                 "fps": m.fps, "guidance_scale": m.guidance_scale,
                 "guidance_scale_2": m.guidance_scale_2 if self.two_experts else None,
                 "boundary_ratio": m.boundary_ratio if self.two_experts else None,
-                "negative_prompt": m.negative_prompt}
+                "negative_prompt": m.negative_prompt,
+                "recipe": {"name": r.name, "sampler": r.sampler, "shift": r.shift, "cfg": r.cfg,
+                           "timesteps": list(r.timesteps) if r.timesteps is not None else None,
+                           "fixed_steps": r.fixed_steps}}
 
     def resolve(self, req: GenerateRequest, *, rng: random.Random | None = None) -> RenderArgs:
         """Fill defaults and refuse what exceeds this machine's limits (RequestRejected)."""
@@ -79,6 +86,9 @@ class Generator:
         width, height = req.width_height or (m.width, m.height)
         frames = req.frames or m.num_frames
         steps = req.steps or m.num_inference_steps
+        if self.recipe.fixed_steps and steps != self.recipe.steps:
+            raise RequestRejected("steps", f"this model samples a fixed {self.recipe.steps}-step schedule "
+                                           f"(recipe {self.recipe.name}); got {steps}")
         if steps > lim.max_steps:
             raise RequestRejected("steps", f"at most {lim.max_steps}, got {steps}")
         where = "size" if req.size else "frames"
@@ -92,8 +102,26 @@ class Generator:
                                   f"serves at most {lim.max_pixel_frame_steps} (max_pixel_frame_steps)")
         seed = req.seed if req.seed is not None else (rng or random.SystemRandom()).randrange(2**32)
         negative = req.negative_prompt if req.negative_prompt is not None else m.negative_prompt
-        g2 = m.guidance_scale_2 if self.two_experts else None
-        return RenderArgs(req.prompt, negative, width, height, frames, steps, seed, m.guidance_scale, g2)
+        g1, g2 = self._guidance(req)
+        return RenderArgs(req.prompt, negative, width, height, frames, steps, seed, g1, g2)
+
+    def _guidance(self, req: GenerateRequest) -> tuple[float, float | None]:
+        """The request's guidance, else the recipe's; `guidance_scale` alone sets both experts."""
+        m = self.model
+        if req.guidance_scale_2 is not None and not self.two_experts:
+            raise RequestRejected("guidance_scale_2", "this model has one expert; use guidance_scale")
+        g1 = req.guidance_scale if req.guidance_scale is not None else m.guidance_scale
+        if not self.two_experts:
+            return g1, None
+        if req.guidance_scale_2 is not None:
+            g2 = req.guidance_scale_2
+        else:
+            g2 = req.guidance_scale if req.guidance_scale is not None else m.guidance_scale_2
+        if g1 <= 1.0 < (g2 or 0.0):
+            # WanPipeline runs the unconditional pass only when guidance_scale > 1, for both experts
+            raise RequestRejected("guidance_scale_2", f"{g2} needs classifier-free guidance, which runs only when "
+                                                      f"guidance_scale > 1 (got {g1}); raise guidance_scale too")
+        return g1, g2
 
     def run(self, args: RenderArgs, out_dir: Path) -> Any:
         """Render `args` into `out_dir` (video.mp4 + frame0.png); returns a RenderResult."""
@@ -102,5 +130,5 @@ class Generator:
         return render(
             self.pipeline, args.prompt, args.height, args.width, args.frames, args.steps, args.seed, out_dir,
             fps=self.model.fps, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
-            guidance_scale_2=args.guidance_scale_2,
+            guidance_scale_2=args.guidance_scale_2, recipe=self.recipe,
         )

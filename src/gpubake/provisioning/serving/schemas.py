@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 JOB_ID = r"^[A-Za-z0-9._-]{1,128}$"  # ours are uuid4 hex; serverless ones RunPod's, sanitised
+GUIDANCE_MAX = 20.0  # Wan's reference scales are 3-5; far above, CFG only burns the picture
 
 
 class GenerateRequest(BaseModel):
@@ -29,8 +30,17 @@ class GenerateRequest(BaseModel):
         description="omitted: the model's own negative prompt (GET /v1/info); \"\" for none")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT, each a multiple of 16, e.g. 832x480")
     frames: int | None = Field(default=None, ge=1, le=241, description="4k+1: 1, 5, 9, ... 81")
-    steps: int | None = Field(default=None, ge=1, le=100)
+    steps: int | None = Field(default=None, ge=1, le=100,
+                              description="omitted: the model's recipe; a fixed-schedule (distilled) recipe takes only its own")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    guidance_scale: float | None = Field(
+        default=None, ge=1.0, le=GUIDANCE_MAX,
+        description="classifier-free guidance (of the high-noise expert); 1.0 = none, one forward a step; "
+                    "omitted: the model's recipe")
+    guidance_scale_2: float | None = Field(
+        default=None, ge=1.0, le=GUIDANCE_MAX,
+        description="the low-noise expert's guidance (two-expert models only); omitted: the recipe's, "
+                    "or guidance_scale when that is given")
 
     @field_validator("size")
     @classmethod

@@ -1,0 +1,100 @@
+"""The service samples with the image's recipe; a request may override steps and guidance
+within bounds. Forwards are counted on the served pipeline's experts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FOUR = "lightx2v-4step-t2v"
+REQ = {"prompt": "a lighthouse at dusk", "size": "32x32", "frames": 5, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def four_step(tmp_path_factory: pytest.TempPathFactory, tiny_nvfp4_checkpoint: Path, serve_service: Any) -> Iterator[Any]:
+    """The demo image's service, its facts naming the 4-step recipe (as image.json may)."""
+    from gpubake.images.catalog import find
+    from gpubake.images.render import image_facts
+    from gpubake.provisioning.serving.build import build_service
+
+    facts = image_facts(find("demo"), "runpod")
+    facts = facts.model_copy(update={"model": facts.model.model_copy(update={"recipe": FOUR})})
+    root = tmp_path_factory.mktemp("serve4")
+    service = build_service(facts=facts, model_dir=tiny_nvfp4_checkpoint, report_path=root / "selftest.json",
+                            data_dir=root / "out")
+    with serve_service(service) as served:
+        assert served.wait_phase("ready", "failed")["status"] == "ready"
+        yield served
+
+
+class Counted:
+    def __init__(self, served: Any) -> None:
+        pipe = served.service.generator.pipeline
+        self.calls: list[str] = []
+        self.handles = [getattr(pipe, n).register_forward_pre_hook(lambda m, a, n=n: self.calls.append(n))
+                        for n in ("transformer", "transformer_2")]
+
+    def __enter__(self) -> Counted:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _done(served: Any, body: dict[str, Any]) -> dict[str, Any]:
+    r = served.post("/v1/generate", json=body)
+    assert r.status_code == 202, r.text
+    job = served.wait_job(r.json()["id"])
+    assert job["status"] == "done", job
+    return job
+
+
+def test_the_4step_service_renders_4_forwards_without_cfg(four_step):
+    defaults = four_step.get("/v1/info").json()["defaults"]
+    assert defaults["steps"] == 4 and defaults["guidance_scale"] == 1.0 and defaults["guidance_scale_2"] == 1.0
+    assert defaults["recipe"]["name"] == FOUR and defaults["recipe"]["timesteps"] == [1000, 750, 500, 250]
+    assert defaults["recipe"]["fixed_steps"] and not defaults["recipe"]["cfg"]
+    with Counted(four_step) as c:
+        job = _done(four_step, REQ)
+    assert c.calls == ["transformer", "transformer", "transformer_2", "transformer_2"]
+    assert (job["request"]["steps"], job["request"]["guidance_scale"], job["request"]["guidance_scale_2"]) == (4, 1.0, 1.0)
+    assert job["result"]["recipe"] == FOUR
+
+
+def test_a_fixed_schedule_refuses_another_step_count(four_step):
+    r = four_step.post("/v1/generate", json={**REQ, "steps": 8})
+    assert r.status_code == 422 and r.json()["field"] == "steps"
+    assert "fixed 4-step schedule (recipe lightx2v-4step-t2v); got 8" in r.json()["error"]
+    assert _done(four_step, {**REQ, "steps": 4})["request"]["steps"] == 4
+
+
+def test_guidance_may_be_asked_for_within_bounds(four_step):
+    with Counted(four_step) as c:
+        job = _done(four_step, {**REQ, "guidance_scale": 3})  # one scale: both experts
+    assert len(c.calls) == 8 and (job["request"]["guidance_scale"], job["request"]["guidance_scale_2"]) == (3.0, 3.0)
+    for bad, field in (({"guidance_scale": 25.0}, "guidance_scale"), ({"guidance_scale": 0.5}, "guidance_scale"),
+                       ({"guidance_scale_2": True}, "guidance_scale_2"), ({"guidance_scale": "4"}, "guidance_scale")):
+        r = four_step.post("/v1/generate", json={**REQ, **bad})
+        assert r.status_code == 422 and field in r.json()["error"], (bad, r.text)
+    # no CFG for the high-noise expert means none for the low-noise one in diffusers: refused, not ignored
+    r = four_step.post("/v1/generate", json={**REQ, "guidance_scale_2": 3.0})
+    assert r.status_code == 422 and r.json()["field"] == "guidance_scale_2"
+    assert "runs only when guidance_scale > 1 (got 1.0)" in r.json()["error"]
+
+
+def test_the_cfg_recipe_runs_two_forwards_a_step_unless_a_request_turns_guidance_off(ready):
+    defaults = ready.get("/v1/info").json()["defaults"]
+    assert defaults["recipe"]["name"] == "tiny-4step" and defaults["recipe"]["cfg"]
+    with Counted(ready) as c:
+        _done(ready, {**REQ, "steps": 3})
+    assert len(c.calls) == 6
+    with Counted(ready) as c:
+        job = _done(ready, {**REQ, "steps": 3, "guidance_scale": 1.0, "guidance_scale_2": 1.0})
+    assert len(c.calls) == 3 and job["request"]["guidance_scale_2"] == 1.0
+    with Counted(ready) as c:
+        job = _done(ready, {**REQ, "steps": 3, "guidance_scale_2": 2.0})  # the other expert keeps the recipe's
+    assert (job["request"]["guidance_scale"], job["request"]["guidance_scale_2"]) == (4.0, 2.0) and len(c.calls) == 6
