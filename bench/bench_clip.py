@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpubake.errors import GpubakeError  # noqa: E402  (light: no torch)
 
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width)
-SMALL_SIZES = {"480p": (32, 48), "720p": (48, 80)}  # --small: the same two cases, tiny
+SMALL_SIZES = {"480p": (32, 48), "720p": (32, 64)}  # --small: the same two cases, tiny
 FRAMES, SMALL_FRAMES = 81, 5
 TEXT_LEN = 512  # Wan pads every prompt to 512 tokens
 PROMPT = "a red fox running through fresh snow, golden hour"
@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cases", default="peer,gpubake", help=f"comma-separated from {', '.join(CASES)} (cap: with --mem-cap)")
     ap.add_argument("--recipe", help="sampling recipe of the model registry (default: the model's own)")
     ap.add_argument("--steps", type=int, help="denoising steps of each clip (default: the recipe's); >= 2")
+    ap.add_argument("--warmup-steps", type=int,
+                    help="steps of the warm-up clip (default: --steps; fewer saves time, but every expert must "
+                         "run in it: the timed clip's dynamo_frames_compiled says whether one compiled late)")
     ap.add_argument("--guidance", type=float, help="guidance scale of the high-noise expert (default: the recipe's)")
     ap.add_argument("--guidance-2", type=float, help="guidance scale of the low-noise expert (default: the recipe's)")
     ap.add_argument("--frames", type=int, help=f"frames per clip (default {FRAMES}; --small: {SMALL_FRAMES})")
@@ -131,6 +134,8 @@ def check_args(args: argparse.Namespace) -> None:
     args.peer_levers = _listed("--peer-levers", args.peer_levers, PEER_LEVERS)
     if args.steps is not None and args.steps < 2:
         raise BenchError(f"--steps: {args.steps}: at least 2 (the first step carries the text encoder)")
+    if args.warmup_steps is not None and args.warmup_steps < 1:
+        raise BenchError(f"--warmup-steps: {args.warmup_steps}: at least 1")
     frames = args.frames if args.frames is not None else (SMALL_FRAMES if args.small else FRAMES)
     if frames < 1 or (frames - 1) % 4:
         raise BenchError(f"--frames: {frames}: must be 4k+1 (5, 9, ... 81)")
@@ -160,6 +165,7 @@ class Sampling:
     fps: int
     recipe: Any = None  # models.Recipe when the registry has recipes, passed to render
     recipe_name: str | None = None
+    warmup_steps: int = 0  # 0: the timed clip's
 
     def forwards_per_step(self) -> list[int]:
         """Transformer forwards a step runs, per expert (2 with classifier-free guidance)."""
@@ -168,7 +174,8 @@ class Sampling:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model_id, "recipe": self.recipe_name, "steps": self.steps,
-                "recipe_steps": self.recipe_steps, "guidance_scale": self.guidance_scale,
+                "recipe_steps": self.recipe_steps, "warmup_steps": self.warmup_steps or self.steps,
+                "guidance_scale": self.guidance_scale,
                 "guidance_scale_2": self.guidance_scale_2, "forwards_per_step": self.forwards_per_step(),
                 "negative_prompt": "the model's" if self.negative_prompt else "", "fps": self.fps}
 
@@ -189,7 +196,10 @@ def resolve_sampling(args: argparse.Namespace, model_id: str) -> Sampling:
     if recipe is not None and getattr(recipe, "fixed_steps", False) and steps != recipe.steps:
         raise BenchError(f"--steps: {steps}: recipe {recipe.name!r} has a fixed schedule of {recipe.steps} steps")
     g2 = args.guidance_2 if args.guidance_2 is not None else info.guidance_scale_2
-    return Sampling(model_id=model_id, steps=steps, recipe_steps=info.num_inference_steps,
+    warmup = args.warmup_steps or 0
+    if warmup and recipe is not None and getattr(recipe, "fixed_steps", False) and warmup != recipe.steps:
+        raise BenchError(f"--warmup-steps: {warmup}: recipe {recipe.name!r} has a fixed schedule of {recipe.steps} steps")
+    return Sampling(model_id=model_id, steps=steps, recipe_steps=info.num_inference_steps, warmup_steps=warmup,
                     guidance_scale=args.guidance if args.guidance is not None else info.guidance_scale,
                     guidance_scale_2=g2 if info.experts == 2 else None, negative_prompt=info.negative_prompt,
                     fps=info.fps, recipe=recipe, recipe_name=getattr(recipe, "name", None))
@@ -279,6 +289,8 @@ def nvml_used_bytes(index: int, pid: int | None = None, baseline: int | None = N
         if pid is None:
             return used, "device"
         return (used - baseline, "device minus baseline") if baseline is not None else (used, "device")
+    except Exception as exc:
+        return None, f"unavailable ({type(exc).__name__})"
     finally:
         with contextlib.suppress(Exception):
             nv.nvmlShutdown()
@@ -442,21 +454,28 @@ def timed_forwards(module: Any, device: Device):
             h.remove()
 
 
-def render_clip(pipe: Any, smp: Sampling, size: tuple[int, int], frames: int, out_dir: Path, device: Device) -> dict:
-    """One clip through `provisioning.render.render`, with its peaks (reset before it)."""
+def render_clip(pipe: Any, smp: Sampling, size: tuple[int, int], frames: int, out_dir: Path, device: Device,
+                steps: int | None = None) -> dict:
+    """One clip through `provisioning.render.render`, with its peaks (reset before it) and what
+    dynamo compiled during it (a timed clip should compile nothing)."""
     from gpubake.provisioning.render import render
 
     device.reset()
     resident = device.allocated_gib()
+    before = dynamo_counts()
     with timed_forwards(getattr(pipe, "text_encoder", None), device) as te:
-        res = render(pipe, PROMPT, size[0], size[1], frames, smp.steps, 1234, out_dir, **render_kwargs(smp))
-    return {**clip_numbers(res, te["s"], smp.recipe_steps), "resident_gib": resident, **device.peaks()}
+        res = render(pipe, PROMPT, size[0], size[1], frames, steps or smp.steps, 1234, out_dir, **render_kwargs(smp))
+    after = dynamo_counts()
+    return {**clip_numbers(res, te["s"], smp.recipe_steps), "resident_gib": resident, **device.peaks(),
+            **{k: after[k] - before[k] for k in after}}
 
 
-def graph_breaks() -> int:
+def dynamo_counts() -> dict[str, int]:
+    """Frames dynamo compiled (cache misses) and graph breaks so far in this process."""
     from torch._dynamo.utils import counters
 
-    return int(sum(counters["graph_break"].values()))
+    return {"dynamo_frames_compiled": int(counters["frames"]["total"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 # ----------------------------------------------------------------------------- stacks
@@ -578,7 +597,7 @@ class Run:
     device: Device
     result: dict[str, Any]
     t0: float = field(default_factory=time.monotonic)
-    cost: dict[str, float] = field(default_factory=dict)  # size -> measured seconds of a case (warm-up + timed)
+    cost: dict[str, float] = field(default_factory=dict)  # size -> measured s of a case (load + warm-up + timed)
     clip_cost: dict[str, float] = field(default_factory=dict)  # size -> load + one warm clip (the cap case)
 
     @property
@@ -636,6 +655,8 @@ def summary_line(row: dict[str, Any]) -> str:
         parts.append(f"+ context {row['context']['context_gib']:.2f} GiB = {row['reserved_plus_context_gib']:.2f}")
     if err is not None:
         parts.append(f"error vs BF16 {err:.4f}")
+    if t.get("dynamo_frames_compiled"):
+        parts.append(f"COMPILED {t['dynamo_frames_compiled']} frames DURING THE TIMED CLIP (raise --warmup-steps)")
     return ", ".join(parts)
 
 
@@ -653,11 +674,13 @@ def run_case(run: Run, name: str, size: str, body) -> dict | None:
     t0 = time.monotonic()
     try:
         body(row)
-    except Exception as exc:
+    except Exception as exc:  # an out-of-memory under --mem-cap, say: its peaks say how far it got
         row["error"] = _one_line(exc)
+        if run.device.cuda:
+            row["peaks_at_error"] = run.device.peaks()
     row["case_s"] = round(time.monotonic() - t0, 1)
     if "error" not in row:
-        run.cost[size] = max(run.cost.get(size, 0.0), row["case_s"])
+        run.cost[size] = max(run.cost.get(size, 0.0), row["case_s"] + row.get("load_s", 0.0))  # the next stack loads too
         clip = row["timed"]["total_with_write_s"] + row.get("load_s", 0.0)
         run.clip_cost[size] = max(run.clip_cost.get(size, 0.0), clip)
     print(summary_line(row), flush=True)
@@ -669,11 +692,9 @@ def timed_pair(row: dict, pipe: Any, smp: Sampling, hw: tuple[int, int], frames:
                device: Device, warm: bool = True) -> None:
     """A warm-up clip (compile, first weight preparation; reported apart) and the timed clip."""
     if warm:
-        before = graph_breaks()
-        row["warmup"] = render_clip(pipe, smp, hw, frames, clips / "warmup", device)
-        row["graph_breaks_in_warmup"] = graph_breaks() - before
+        row["warmup"] = render_clip(pipe, smp, hw, frames, clips / "warmup", device, smp.warmup_steps or None)
     row["timed"] = render_clip(pipe, smp, hw, frames, clips / "timed", device)
-    if warm:
+    if warm and not smp.warmup_steps:  # same clip twice: the difference is compile and first-use costs
         row["compile_and_warmup_s_approx"] = round(row["warmup"]["total_with_write_s"] - row["timed"]["total_with_write_s"], 2)
 
 
@@ -711,6 +732,7 @@ def bench(args: argparse.Namespace) -> int:
         "frames": args.frames, "sizes": {s: list(sizes[s]) for s in args.sizes},
         "weights": "random: one expert stored as both experts; UMT5-XXL and the Wan 2.1 VAE at their real "
                    "configs (tiny configs with --small); the tokenizer is make-tiny's offline one",
+        "env": {k: os.environ.get(k) for k in ("GPUBAKE_RUNTIME", "GPUBAKE_NVFP4_BACKEND", "PYTORCH_CUDA_ALLOC_CONF")},
         "phases": {}, "bf16_reference": {}, "cases": [], "skipped": [],
     }
     run = Run(args, device, result)

@@ -41,7 +41,7 @@ def test_small_run_measures_every_case_once_per_size(small_run):
     assert not data["skipped"] and all("error" not in c for c in data["cases"]), data["cases"]
     lines = stdout.splitlines()  # one summary line per case, nothing else on stdout
     assert [ln.split("]")[0] + "]" for ln in lines] == [f"[{n}]" for n in names]
-    assert data["sizes"] == {"480p": [32, 48], "720p": [48, 80]} and data["frames"] == 5
+    assert data["sizes"] == {"480p": [32, 48], "720p": [32, 64]} and data["frames"] == 5
     assert data["checkpoint"]["reused"] is False
     assert all(r["finite"] for r in data["bf16_reference"].values())
     for case in data["cases"]:
