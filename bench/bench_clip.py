@@ -41,7 +41,6 @@ import contextlib
 import copy
 import gc
 import inspect
-import json
 import os
 import sys
 import time
@@ -865,6 +864,8 @@ def cap_case(run: Run, ckpt: Path, smp: Sampling, sizes: dict, clips: Path) -> N
     """--mem-cap: the process capped to GIB, the small-card plan, one clip per size (no warm-up
     of its own: compiled code from the gpubake case is reused where its guards hold)."""
     args, device = run.args, run.device
+    if not run.fits(f"cap@{args.sizes[0]}", args.sizes[0]):  # before minutes of loading
+        return
     cap = {"cap_gib": args.mem_cap, "runtime": args.cap_runtime}
     if device.cuda:
         total = device.total_bytes()
@@ -887,8 +888,9 @@ def cap_case(run: Run, ckpt: Path, smp: Sampling, sizes: dict, clips: Path) -> N
         load_peaks = device.peaks()
         for s in args.sizes:
             def body(row: dict, s: str = s) -> None:
+                warm = any(c.get("case") == f"gpubake@{s}" and "error" not in c for c in run.result["cases"])
                 row.update(stack="gpubake", cap=cap, runtime=runtime, load_s=load_s, load_peaks=load_peaks,
-                           compiled_by_an_earlier_case="gpubake" in args.cases)
+                           compiled_by_an_earlier_case=warm)
                 timed_pair(row, sp.pipe, smp, sizes[s], args.frames, clips / f"cap-{s}", device, warm=False)
                 if device.cuda:
                     row["context"] = device.context_bytes()

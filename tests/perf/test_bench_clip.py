@@ -154,3 +154,18 @@ def test_checkpoint_is_reused_only_for_the_same_weights(tmp_path):
     other = bench_clip.build_expert(cfg, "cpu", seed=1)
     with pytest.raises(bench_clip.BenchError, match=r"--root: .* holds other weights than --seed 1 builds"):
         bench_clip.ensure_checkpoint(tmp_path, True, "cpu", 1, other, {})
+
+
+def test_budget_skips_a_case_that_would_overrun_it(tmp_path):
+    from types import SimpleNamespace
+
+    args = bench_clip.parse_args(["--out", str(tmp_path), "--root", str(tmp_path), "--budget-s", "300", "--steps", "4"])
+    run = bench_clip.Run(args, SimpleNamespace(cuda=True), {"sampling": {"steps": 4}, "skipped": []})
+    # nothing measured: the first 480p case is guessed (compile + two clips of 4 steps), and fits
+    assert run.guess("480p", 2, 4) < 300 and run.fits("peer@480p", "480p")
+    run.cost["480p"], run.clip_cost["480p"] = 200.0, 40.0
+    run.t0 -= 150  # 150 s spent: 150 left
+    assert not run.fits("gpubake@480p", "480p")  # a 200 s case
+    assert run.fits("cap@480p", "480p")  # the cap case is one clip and a load: 40 s
+    assert run.result["skipped"] == ["gpubake@480p: expected ~200 s > 150 s left of --budget-s"]
+    assert json.loads((tmp_path / "bench_clip.json").read_text())["skipped"] == run.result["skipped"]
