@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -62,7 +63,12 @@ def save_sharded(state: dict, dest: Path) -> int:
     return total
 
 
-def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int, phases: dict) -> None:
+def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int, phases: dict,
+                     expert: Any = None) -> None:
+    """`expert`: a BF16 expert to store instead of building one (a copy is quantized; the
+    caller keeps its BF16 weights: bench_clip.py's peer stack and baseline)."""
+    import copy
+
     import torch
     from bench_quantize import expert_config
     from diffusers import (
@@ -92,15 +98,19 @@ def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int,
     tok.save_pretrained(root / "tokenizer")
 
     t0 = time.perf_counter()
-    cfg = dict(tinymod.TRANSFORMER_CONFIG) if tiny else {
-        k: v for k, v in expert_config("wan2.2-t2v-a14b").items() if not k.startswith("_")}
-    torch.manual_seed(seed)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(dev):
-        expert = WanTransformer3DModel(**cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    if expert is None:
+        cfg = dict(tinymod.TRANSFORMER_CONFIG) if tiny else {
+            k: v for k, v in expert_config("wan2.2-t2v-a14b").items() if not k.startswith("_")}
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(dev):
+            expert = WanTransformer3DModel(**cfg).eval()
+        torch.set_default_dtype(torch.float32)
+        mark("expert_build_bf16_on_gpu", t0)
+    else:
+        expert = copy.deepcopy(expert)
+        mark("expert_copy_bf16", t0)
     phases["expert_parameters"] = sum(p.numel() for p in expert.parameters())
-    mark("expert_build_bf16_on_gpu", t0)
 
     t0 = time.perf_counter()
     sqnr = quantize_model_inplace(expert, "default")

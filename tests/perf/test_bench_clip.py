@@ -1,0 +1,171 @@
+"""bench/bench_clip.py (issue 18) in its --small mode: the tiny model on the CPU through the
+same code paths as the H200 run (checkpoint writer, BF16 baseline, the peer pipeline, the
+service's pipeline and plan, the small-card plan under --mem-cap), so the one GPU run does
+not fail on a path nobody ran. GPU-only levers are skipped there and must say why."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_clip  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One --small run with both sizes, 2 steps (the tiny recipe has 4: extrapolated) and the cap case."""
+    tmp = tmp_path_factory.mktemp("bench_clip")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("GPUBAKE_RUNTIME", None)
+    cmd = [sys.executable, str(BENCH / "bench_clip.py"), "--small", "--out", str(tmp / "out"),
+           "--root", str(tmp / "root"), "--720p", "--steps", "2", "--mem-cap", "23.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp / "out" / "bench_clip.json").read_text())
+    return {"data": data, "stdout": proc.stdout, "root": tmp / "root"}
+
+
+@pytest.mark.slow
+def test_small_run_measures_every_case_once_per_size(small_run):
+    data, stdout = small_run["data"], small_run["stdout"]
+    names = [c["case"] for c in data["cases"]]
+    assert names == ["peer@480p", "peer@720p", "gpubake@480p", "gpubake@720p", "cap@480p", "cap@720p"]
+    assert not data["skipped"] and all("error" not in c for c in data["cases"]), data["cases"]
+    lines = stdout.splitlines()  # one summary line per case, nothing else on stdout
+    assert [ln.split("]")[0] + "]" for ln in lines] == [f"[{n}]" for n in names]
+    assert data["sizes"] == {"480p": [32, 48], "720p": [32, 64]} and data["frames"] == 5
+    assert data["checkpoint"]["reused"] is False
+    assert all(r["finite"] for r in data["bf16_reference"].values())
+    for case in data["cases"]:
+        t = case["timed"]
+        assert (t["height"], t["width"]) == tuple(data["sizes"][case["size"]]) and t["frames"] == 5
+        assert Path(t["video"]).stat().st_size > 0
+        assert t["steps"] == 2 and len(t["step_seconds"]) == 1 and t["seconds_per_step"] > 0
+        assert t["clip_s"] == pytest.approx(t["text_encoder_s"] + t["denoise_s"] + t["decode_s"], abs=2e-3)
+        # 2 steps measured, the tiny recipe has 4: the clip at 4 is extrapolated and says so
+        assert t["recipe_steps"] == 4 and t["clip_at_recipe_steps_extrapolated"] is True
+        assert t["clip_at_recipe_steps_s"] == pytest.approx(
+            t["text_encoder_s"] + t["decode_s"] + 4 * t["seconds_per_step"], abs=2e-3)
+        assert t["text_encoder_s"] > 0
+        assert ("warmup" in case) == (not case["case"].startswith("cap"))  # the cap case reuses the compile
+
+
+@pytest.mark.slow
+def test_small_run_errors_against_the_bf16_baseline(small_run):
+    cases = {c["case"]: c for c in small_run["data"]["cases"]}
+    for size in ("480p", "720p"):
+        # the peer on the CPU is plain diffusers BF16 on the baseline's own weights: exactly it
+        assert cases[f"peer@{size}"]["rel_err_vs_bf16"] == 0.0
+        # gpubake's NVFP4 checkpoint of the same weights: close to it, not equal
+        assert 0.0 < cases[f"gpubake@{size}"]["rel_err_vs_bf16"] < 0.2
+        assert cases[f"gpubake@{size}"]["finite"] and cases[f"peer@{size}"]["finite"]
+
+
+@pytest.mark.slow
+def test_small_run_says_what_it_skipped_and_which_plan_ran(small_run):
+    cases = {c["case"]: c for c in small_run["data"]["cases"]}
+    levers = cases["peer@480p"]["levers"]
+    assert set(levers) == {"fp8", "fa3", "compile"} and all(v.startswith("skipped: CPU") for v in levers.values())
+    plan = cases["gpubake@480p"]["runtime"]["plan"]
+    assert plan["gemm_backend"] == "cpu-reference" and plan["text_encoder"] == "keep"
+    assert cases["gpubake@480p"]["runtime"]["gemm_backends"]["transformer_2"]["cpu-reference"] > 0
+    cap = cases["cap@480p"]
+    assert cap["runtime"]["plan"]["text_encoder"] == "shrink" and cap["runtime"]["plan"]["vae_tiling"] is True
+    assert cap["runtime"]["applied"]["text_encoder"]["fp8_linears"] > 0
+    assert cap["cap"]["fraction"].startswith("skipped: CPU")
+
+
+def test_clip_numbers_split_and_extrapolate():
+    from gpubake.provisioning.render import RenderResult
+
+    res = RenderResult(video=Path("v.mp4"), first_frame=Path("f.png"), seconds_per_step=1.0, total_seconds=10.0,
+                       step_seconds=[1.0, 1.0, 1.0], encode_and_first_step_seconds=3.0, decode_seconds=2.0,
+                       frames=81, height=480, width=832, steps=4)
+    out = bench_clip.clip_numbers(res, text_encoder_s=2.0, recipe_steps=40)
+    assert out["denoise_s"] == 4.0  # first step (3.0 - 2.0 of encoder) + three more
+    assert out["clip_s"] == 8.0 and out["video_write_s"] == 2.0 and out["total_with_write_s"] == 10.0
+    assert out["clip_at_recipe_steps_s"] == 44.0 and out["clip_at_recipe_steps_extrapolated"] is True
+    assert "40 x seconds_per_step" in out["extrapolation"]
+    same = bench_clip.clip_numbers(res, text_encoder_s=2.0, recipe_steps=4)
+    assert same["clip_at_recipe_steps_s"] == 8.0 and same["clip_at_recipe_steps_extrapolated"] is False
+    assert "extrapolation" not in same
+
+
+def test_sampling_defaults_are_the_models_and_flags_override(tmp_path):
+    from gpubake.provisioning.models import get_model
+
+    args = bench_clip.parse_args(["--out", str(tmp_path), "--root", str(tmp_path)])
+    smp = bench_clip.resolve_sampling(args, "wan2.2-t2v-a14b")
+    m = get_model("wan2.2-t2v-a14b")
+    assert (smp.steps, smp.recipe_steps) == (m.num_inference_steps, m.num_inference_steps)
+    assert (smp.guidance_scale, smp.guidance_scale_2) == (m.guidance_scale, m.guidance_scale_2)
+    assert smp.negative_prompt == m.negative_prompt and smp.forwards_per_step() == [2, 2]
+    args = bench_clip.parse_args(["--out", str(tmp_path), "--root", str(tmp_path), "--steps", "4", "--guidance", "1"])
+    smp = bench_clip.resolve_sampling(args, "wan2.2-t2v-a14b")
+    assert (smp.steps, smp.recipe_steps) == (4, m.num_inference_steps)
+    assert smp.forwards_per_step() == [1, 2]  # no CFG on the high-noise expert: one forward a step
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--sizes", "1080p"], "--sizes: unknown '1080p'"),
+    (["--steps", "1"], "--steps: 1"),
+    (["--cases", "cap"], "--cases cap: needs --mem-cap"),
+    (["--mem-cap", "0.5"], "--mem-cap: 0.5 GiB"),
+    (["--frames", "6"], "--frames: 6"),
+    (["--peer-levers", "fp8,int4"], "--peer-levers: unknown 'int4'"),
+    (["--guidance", "0.5"], "--guidance: 0.5"),
+])
+def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, argv, flag):
+    rc = bench_clip.main(["--out", str(tmp_path / "o"), "--root", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {flag}") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()  # nothing written
+
+
+def test_no_out_and_no_env_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    assert bench_clip.main(["--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: --out: not given and $OUT is not set\n"
+
+
+def test_unknown_recipe_is_one_line_exit_2(tmp_path, capsys):
+    rc = bench_clip.main(["--small", "--out", str(tmp_path / "o"), "--root", str(tmp_path / "r"),
+                          "--recipe", "no-such-recipe"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "recipe" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_is_reused_only_for_the_same_weights(tmp_path):
+    cfg = bench_clip.expert_config(small=True)
+    expert = bench_clip.build_expert(cfg, "cpu", seed=0)
+    ckpt, reused = bench_clip.ensure_checkpoint(tmp_path, True, "cpu", 0, expert, {})
+    assert not reused and (ckpt / "gpubake-manifest.json").is_file()
+    again = bench_clip.build_expert(cfg, "cpu", seed=0)
+    assert bench_clip.ensure_checkpoint(tmp_path, True, "cpu", 0, again, {}) == (ckpt, True)
+    other = bench_clip.build_expert(cfg, "cpu", seed=1)
+    with pytest.raises(bench_clip.BenchError, match=r"--root: .* holds other weights than --seed 1 builds"):
+        bench_clip.ensure_checkpoint(tmp_path, True, "cpu", 1, other, {})
+
+
+def test_budget_skips_a_case_that_would_overrun_it(tmp_path):
+    from types import SimpleNamespace
+
+    args = bench_clip.parse_args(["--out", str(tmp_path), "--root", str(tmp_path), "--budget-s", "300", "--steps", "4"])
+    run = bench_clip.Run(args, SimpleNamespace(cuda=True), {"sampling": {"steps": 4}, "skipped": []})
+    # nothing measured: the first 480p case is guessed (compile + two clips of 4 steps), and fits
+    assert run.guess("480p", 2, 4) < 300 and run.fits("peer@480p", "480p")
+    run.cost["480p"], run.clip_cost["480p"] = 200.0, 40.0
+    run.t0 -= 150  # 150 s spent: 150 left
+    assert not run.fits("gpubake@480p", "480p")  # a 200 s case
+    assert run.fits("cap@480p", "480p")  # the cap case is one clip and a load: 40 s
+    assert run.result["skipped"] == ["gpubake@480p: expected ~200 s > 150 s left of --budget-s"]
+    assert json.loads((tmp_path / "bench_clip.json").read_text())["skipped"] == run.result["skipped"]
