@@ -872,7 +872,9 @@ def cap_case(run: Run, ckpt: Path, smp: Sampling, sizes: dict, clips: Path) -> N
         cap["fraction"] = round(args.mem_cap * GIB / total, 5)
         cap["total_gib"] = round(total / GIB, 2)
         device.reset()
-        device.torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap * GIB / total), device.dev)
+        index = device.torch.device(device.dev).index  # the call wants an index, not a bare "cuda"
+        device.torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap * GIB / total),
+                                                          device.torch.cuda.current_device() if index is None else index)
     else:
         cap["fraction"] = "skipped: CPU (set_per_process_memory_fraction caps a CUDA allocator)"
     sp = None
