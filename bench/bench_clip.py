@@ -872,9 +872,7 @@ def cap_case(run: Run, ckpt: Path, smp: Sampling, sizes: dict, clips: Path) -> N
         cap["fraction"] = round(args.mem_cap * GIB / total, 5)
         cap["total_gib"] = round(total / GIB, 2)
         device.reset()
-        index = device.torch.device(device.dev).index  # the call wants an index, not a bare "cuda"
-        device.torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap * GIB / total),
-                                                          device.torch.cuda.current_device() if index is None else index)
+        device.torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap * GIB / total), _index(device))
     else:
         cap["fraction"] = "skipped: CPU (set_per_process_memory_fraction caps a CUDA allocator)"
     sp = None
@@ -905,8 +903,14 @@ def cap_case(run: Run, ckpt: Path, smp: Sampling, sizes: dict, clips: Path) -> N
     finally:
         del sp
         if device.cuda:
-            device.torch.cuda.set_per_process_memory_fraction(1.0, device.dev)
+            device.torch.cuda.set_per_process_memory_fraction(1.0, _index(device))
         device.reset()
+
+
+def _index(device: Any) -> int:
+    """The CUDA device index `set_per_process_memory_fraction` wants (a bare "cuda" is refused)."""
+    index = device.torch.device(device.dev).index
+    return device.torch.cuda.current_device() if index is None else index
 
 
 def inductor_state(torch: Any) -> tuple[Any, str]:

@@ -58,7 +58,9 @@ def test_cli_import_then_selftest_passes(lx_source, tiny_checkpoint, tmp_path, c
     rc = _run(["selftest", "--device", "cpu", "--model-dir", str(dest), "--image", "demo", "--report", str(report)])
     data = json.loads(report.read_text())
     assert rc == 0, data["summary"]
-    assert data["verdict"] == "pass" and [s["status"] for s in data["stages"]] == ["pass"] * 5
+    stages = {s["name"]: s["status"] for s in data["stages"]}
+    assert data["verdict"] == "pass" and stages.pop("gpus") == "skip"  # one CPU: no all-reduce to run
+    assert stages == dict.fromkeys(["gpu", "kernels", "model", "render", "throughput"], "pass")
 
 
 def test_dequantization_equals_lightx2vs_bit_for_bit(lx_source, lx_imported, tiny_checkpoint):
