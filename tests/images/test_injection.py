@@ -247,6 +247,8 @@ def _check_context(ctx: Path, spec: ImageSpec, target: str, baseline: list[str],
         "HOME": str(sandbox / "home"),
         "GPUBAKE_ETC": str(sandbox / "etc"),
         "GPUBAKE_SSHD_PIDFILE": str(sandbox / "sshd.pid"),
+        "GPUBAKE_HOOK_DIR": str(sandbox),  # /pre_start.sh and /post_start.sh looked for here, none exist
+        "GPUBAKE_SSH_WAIT": "0",  # Vast.ai: no background wait for an attached key
         "FAKE_LOG": str(sandbox / "calls.log"),
     }
     proc = subprocess.run(["bash", str(script)], env=sandbox_env, capture_output=True, text=True, timeout=60, cwd=sandbox)
