@@ -282,7 +282,10 @@ def _check_context(ctx: Path, spec: ImageSpec, target: str, baseline: list[str],
         assert payload["env"] == dict(spec.runtime.env)
     else:
         words = shlex.split(payload["env"])
-        assert dict(w.split("=", 1) for w in words[words.index("-e") + 1 :: 2]) == dict(spec.runtime.env)
+        from gpubake.images.marketplace.payload import api_port  # the Open button's port, unless the spec sets it
+
+        expected = {"OPEN_BUTTON_PORT": str(api_port(spec)), **spec.runtime.env}
+        assert dict(w.split("=", 1) for w in words[words.index("-e") + 1 :: 2]) == expected
     # Packer HCL: parses and validates
     if shutil.which("packer"):
         proc = subprocess.run(["packer", "validate", "image.pkr.hcl"], cwd=ctx, capture_output=True, text=True, timeout=120)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpubake.errors import GpubakeError
 from gpubake.images.spec import VAST_ENV_UNCARRIABLE
+from gpubake.provisioning.facts import INSTALL_PREFIX
 
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
@@ -38,6 +39,15 @@ def template_name(spec: ImageSpec) -> str:
 
 def is_digest_ref(ref: str) -> bool:
     return bool(_DIGEST.search(ref))
+
+
+def api_port(spec: ImageSpec) -> int:
+    """The service's port, by the start script's rule: the port named "api", else the
+    first http one, else 8000."""
+    for p in spec.runtime.ports:
+        if p.name == "api":
+            return p.port
+    return next((p.port for p in spec.runtime.ports if p.protocol == "http"), 8000)
 
 
 def compute_caps(spec: ImageSpec) -> list[int]:
@@ -140,20 +150,35 @@ def vast_env_flags(env: dict[str, str], *, where: str = "env") -> list[str]:
 
 
 def vast_env_string(spec: ImageSpec) -> str:
-    """Vast.ai's "Docker options" string: `-p` for every port, `-e` for every variable."""
+    """Vast.ai's "Docker options" string: `-p` for every port, `-e` for every variable.
+
+    `OPEN_BUTTON_PORT` (the API port, unless the spec sets it) points the instance portal's
+    Open button at the service ("Maps the Open button to a specific internal port",
+    Vast.ai's networking guide).
+    """
     parts = []
     for p in spec.runtime.ports:
         suffix = "/udp" if p.protocol == "udp" else ""
         parts.append(f"-p {p.port}:{p.port}{suffix}")
-    parts.extend(vast_env_flags(dict(spec.runtime.env), where="runtime.env"))
+    env = {"OPEN_BUTTON_PORT": str(api_port(spec)), **spec.runtime.env}
+    parts.extend(vast_env_flags(env, where="runtime.env"))
     return " ".join(parts)
+
+
+# Vast.ai's SSH and Jupyter launch modes do not run the image's entrypoint ("the docker
+# entrypoint for your image will not be run") but the template's on-start command: there the
+# start script runs detached (it returns; the service goes on in its own session). In the
+# entrypoint (`args`) launch mode Vast.ai runs no on-start command and the script is the
+# entrypoint; a second start finds the service running and starts none.
+VAST_ONSTART = f"{INSTALL_PREFIX}/start.sh --detach"
 
 
 def vast_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None = None) -> dict[str, Any]:
     """Body of Vast.ai's `POST /template/` (and, with `hash_id`, `PUT /template/`).
 
     `runtype = args` keeps the image's own entrypoint (the gpubake start script, which
-    follows Vast.ai's conventions itself); the whole digest reference goes in `image`
+    follows Vast.ai's conventions itself); `onstart` starts the same script when a user
+    picks the SSH or Jupyter launch mode instead (`VAST_ONSTART`); the whole digest reference goes in `image`
     (the docs allow the tag inside it), so no mutable tag is ever resolved. `private`
     keeps the template (image reference, readme) out of Vast.ai's public template search
     (the vendor's CLI defaults to private too).
@@ -162,7 +187,7 @@ def vast_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None =
         "name": template_name(spec),
         "image": image_ref,
         "env": vast_env_string(spec),
-        "onstart": "",
+        "onstart": VAST_ONSTART,
         "runtype": "args",
         "args_str": "",
         "use_ssh": False,
