@@ -81,10 +81,28 @@ def runpod_cuda_versions(spec: ImageSpec) -> list[str]:
     floor = tuple(int(p) for p in spec.cuda.split("."))
     return [v for v in RUNPOD_CUDA_VERSIONS if tuple(int(p) for p in v.split(".")) >= floor]
 SERVERLESS_SUFFIX = "-serverless"
+API_KEY_VAR = "GPUBAKE_API_KEY"  # the service's key (provisioning.serving.auth)
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SECRET_REF = re.compile(r"^\{\{\s*RUNPOD_SECRET_([A-Za-z0-9_-]+)\s*\}\}$")
+
+
+def runpod_secret_ref(name: str) -> str:
+    """The env value RunPod replaces with the account secret `name` when a pod or worker
+    starts (`{{ RUNPOD_SECRET_name }}`, docs.runpod.io/pods/templates/secrets): a template
+    that is shared and rendered holds the reference, never the key."""
+    if not _SECRET_NAME.match(name):
+        raise GpubakeError(f"--api-key-secret: {name!r} is not a RunPod secret name (letters, digits, _ and -, at most 64)")
+    return "{{ RUNPOD_SECRET_" + name + " }}"
+
+
+def secret_of(value: Any) -> str | None:
+    """The secret name an env value refers to (`{{ RUNPOD_SECRET_name }}`), else None."""
+    match = _SECRET_REF.match(str(value).strip()) if isinstance(value, str) else None
+    return match.group(1) if match else None
 
 
 def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None = None,
-                   serverless: bool = False) -> dict[str, Any]:
+                   serverless: bool = False, api_key_secret: str | None = None) -> dict[str, Any]:
     """Body of RunPod REST v2 `POST /v2/templates` (and `PATCH /v2/templates/{id}`).
 
     v2 has no entrypoint, start-command or readme field: the image's own ENTRYPOINT (the
@@ -96,6 +114,8 @@ def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None
     A serverless template (`serverless=True`, name `gpubake-NAME-serverless`) is what a
     serverless endpoint must be created from; its workers expose no ports and run the
     RunPod handler (the start script picks it when RUNPOD_ENDPOINT_ID is set).
+    With `api_key_secret`, the service's key comes from that RunPod secret: the env holds
+    `GPUBAKE_API_KEY = "{{ RUNPOD_SECRET_<name> }}"`, which RunPod fills in at start.
     """
     ports = []
     for i, p in enumerate(spec.runtime.ports):
@@ -108,7 +128,7 @@ def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None
         "category": "CPU" if spec.cuda == "none" else "NVIDIA",
         "disk": spec.runtime.container_disk_gb,
         "ports": [] if serverless else ports,
-        "env": dict(spec.runtime.env),
+        "env": dict(spec.runtime.env) | ({API_KEY_VAR: runpod_secret_ref(api_key_secret)} if api_key_secret else {}),
         "args": "",
         "public": False,
         "serverless": serverless,
@@ -213,14 +233,18 @@ def _vast_filters(spec: ImageSpec) -> dict[str, Any]:
     return filters
 
 
-def template_payload(spec: ImageSpec, target: str, image_ref: str, *, registry_auth: str | None = None) -> dict[str, Any]:
+def template_payload(spec: ImageSpec, target: str, image_ref: str, *, registry_auth: str | None = None,
+                     api_key_secret: str | None = None) -> dict[str, Any]:
     """The template JSON for `target` ("runpod" | "vastai"); raises `GpubakeError` on bad input."""
     if target not in spec.targets:
         raise GpubakeError(f"--target: image {spec.name!r} is not built for {target} (targets: {', '.join(spec.targets)})")
     if not image_ref or any(c.isspace() for c in image_ref):
         raise GpubakeError(f"--image-ref: not an image reference: {image_ref!r}")
     if target == "runpod":
-        return runpod_payload(spec, image_ref, registry_auth=registry_auth)
+        return runpod_payload(spec, image_ref, registry_auth=registry_auth, api_key_secret=api_key_secret)
     if target == "vastai":
+        if api_key_secret:
+            raise GpubakeError("--api-key-secret: RunPod only: Vast.ai has no secret store; `launch` sends "
+                               "GPUBAKE_API_KEY in the instance's env instead")
         return vast_payload(spec, image_ref, registry_auth=registry_auth)
     raise GpubakeError(f"--target: must be runpod or vastai, got {target!r}")
