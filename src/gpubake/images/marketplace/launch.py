@@ -32,7 +32,14 @@ from gpubake.images.marketplace.offers import (
     check_gpu_for_spec,
     resolve_gpu,
 )
-from gpubake.images.marketplace.payload import is_digest_ref, runpod_payload, secret_of, template_name, template_payload
+from gpubake.images.marketplace.payload import (
+    VAST_ENV_VALUE_MAX,
+    is_digest_ref,
+    runpod_payload,
+    secret_of,
+    template_name,
+    template_payload,
+)
 from gpubake.images.marketplace.phases import Timeline
 from gpubake.images.marketplace.runpod import RunPod
 from gpubake.images.marketplace.vastai import Vast
@@ -265,13 +272,19 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
     cfg = mconfig.load_config() if cfg is None else cfg
     section = mconfig.section(target, cfg)
     env: dict[str, str] = {}
+    attach_key: str | None = None
     if opts.ssh_key is not None:
         pub = Path(f"{opts.ssh_key}.pub")
         if not Path(opts.ssh_key).is_file() or not pub.is_file():
             raise GpubakeError(f"--ssh-key: need the private key and its .pub beside it: {opts.ssh_key}")
-        # SSH_PUBLIC_KEY, not PUBLIC_KEY: RunPod fills PUBLIC_KEY with the account's keys
-        # unless the request sets it, and the start script authorizes both
-        env["SSH_PUBLIC_KEY"] = pub.read_text(encoding="utf-8").strip()
+        key_text = pub.read_text(encoding="utf-8").strip()
+        if target == "vastai" and len(key_text) > VAST_ENV_VALUE_MAX:
+            # over Vast.ai's env value limit (an RSA-4096 key): attached through its API after the rent
+            attach_key = key_text
+        else:
+            # SSH_PUBLIC_KEY, not PUBLIC_KEY: RunPod fills PUBLIC_KEY with the account's keys
+            # unless the request sets it, and the start script authorizes both
+            env["SSH_PUBLIC_KEY"] = key_text
     api_key: str | None
     api_key, generated = service_key()
     gpu = resolve_gpu(opts.gpu, target)
@@ -300,6 +313,13 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
             min_rel = float(section.get("min_reliability", DEFAULT_MIN_RELIABILITY))
         policy = OfferPolicy.for_spec(spec, gpu, max_price=opts.max_price, min_reliability=min_rel)
         instance_id, offer = mk.rent(spec, tpl, policy, label=label, env=env)  # search, pick, create (vastai.py)
+        if attach_key is not None:
+            try:
+                mk.attach_ssh_key(instance_id, attach_key)
+            except BaseException:
+                if not opts.dry_run:
+                    _teardown_or_tell(mk, target, instance_id, opts.destroy_on_fail)
+                raise
         result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "geolocation") if k in offer}
         created_at = time.monotonic()  # the instance exists from here (rent searched, then created)
         info: dict[str, Any] = {"cost_per_hr": offer.get("dph_total")}
