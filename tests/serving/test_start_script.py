@@ -508,3 +508,14 @@ def test_provisioning_fetch_checks_the_certificate_and_stays_on_https(root, http
     proc = run(root, "vastai", PROVISIONING_SCRIPT=https_server["url"] + "/to-http", **_https_env(https_server))
     assert "redirect to a URL that is not https refused" in proc.stderr and "could not fetch" in proc.stderr
     assert not any(c.startswith("provisioned") for c in calls(root))
+
+
+def test_urls_are_logged_without_their_credentials(root):
+    script = root["tmp"] / "s.sh"
+    script.write_text(render("demo", "vastai"))
+    cases = {"https://h.example/p.sh?token=abc": "https://h.example/p.sh",
+             "https://user:pa55@h.example/p.sh": "https://h.example/p.sh",
+             "https://h.example/a/b.sh": "https://h.example/a/b.sh"}
+    for url, shown in cases.items():
+        out = subprocess.run(["bash", "-c", f"source {script}; shown_url \"$1\"", "_", url], capture_output=True, text=True)
+        assert out.stdout == shown, url

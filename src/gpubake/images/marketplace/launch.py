@@ -33,6 +33,7 @@ from gpubake.images.marketplace.offers import (
     resolve_gpu,
 )
 from gpubake.images.marketplace.payload import (
+    API_KEY_VAR,
     VAST_ENV_VALUE_MAX,
     is_digest_ref,
     runpod_payload,
@@ -248,8 +249,8 @@ def _template(mk: RunPod | Vast, spec: ImageSpec, target: str, dry_run: bool) ->
 def _key_secret(template: dict[str, Any]) -> str | None:
     """The RunPod secret the template's GPUBAKE_API_KEY refers to (`publish --api-key-secret`):
     then the pod gets its key from RunPod and launch sends none (the pod's env would win)."""
-    env = template.get("env")
-    return secret_of(env.get("GPUBAKE_API_KEY")) if isinstance(env, dict) else None
+    variables = template.get("env")  # the template's, as RunPod stores it (not this process's)
+    return secret_of(variables.get(API_KEY_VAR)) if isinstance(variables, dict) else None
 
 
 def service_key(env: dict[str, str] | None = None) -> tuple[str, bool]:
