@@ -362,6 +362,9 @@ def test_public_ssh_and_api_endpoints_are_logged(root):
     proc = run(root, "runpod", RUNPOD_POD_ID="abc123", RUNPOD_PUBLIC_IP="198.51.100.4", RUNPOD_TCP_PORT_22="12345")
     assert "ssh: ssh root@198.51.100.4 -p 12345" in proc.stderr
     assert "service: https://abc123-8000.proxy.runpod.net (GET /health)" in proc.stderr
+    assert "direct" not in proc.stderr  # 8000 is an http port: the proxy's, no public mapping
+    proc = run(root, "runpod", RUNPOD_PUBLIC_IP="198.51.100.4", RUNPOD_TCP_PORT_8000="18000")
+    assert "service (direct): http://198.51.100.4:18000 (GET /health)" in proc.stderr
     proc = run(root, "vastai", PUBLIC_IPADDR="203.0.113.7", VAST_TCP_PORT_22="40022", VAST_TCP_PORT_8000="40123")
     assert "ssh: ssh root@203.0.113.7 -p 40022" in proc.stderr
     assert "service: http://203.0.113.7:40123 (GET /health)" in proc.stderr
