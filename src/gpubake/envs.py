@@ -111,7 +111,7 @@ _VARS = (
     Var("GPUBAKE_TORCH", "torch release scripts/setup.sh installs.", "build", default="2.13.0"),
     # ------------------------------------------------------------------ image side: build steps
     Var("GPUBAKE_PYTHON", "In-image build steps: the image's Python version (python$GPUBAKE_PYTHON). "
-        "start.sh: the Python command of the RunPod serverless handler.", "image",
+        "start.sh: the Python command of the RunPod serverless handler and of the PROVISIONING_SCRIPT fetch.", "image",
         default_doc="the spec's python.version (build steps); python3 (start.sh)", set_by="render (build steps)"),
     Var("GPUBAKE_PREFIX", "In-image build steps: where gpubake is installed.", "image", default="/opt/gpubake",
         kind="path", set_by="render (build steps)"),
@@ -157,6 +157,12 @@ _VARS = (
     Var("GPUBAKE_ETC", "start.sh: where rp_environment / environment (for SSH sessions) are written.", "image",
         default="/etc", kind="path"),
     Var("GPUBAKE_SSHD_PIDFILE", "start.sh: pid file of a running sshd.", "image", default="/run/sshd.pid", kind="path"),
+    Var("GPUBAKE_HOOK_DIR", "start.sh: where RunPod's pre_start.sh / post_start.sh hooks are looked for.", "image",
+        default="/", kind="path"),
+    Var("GPUBAKE_SSH_WAIT", "start.sh, Vast.ai: seconds to wait for a key attached through Vast.ai's API to reach "
+        "authorized_keys before giving up on sshd.", "image", default="600", kind="seconds"),
+    Var("GPUBAKE_PROVISIONING_SHA256", "start.sh: sha256 that PROVISIONING_SCRIPT (ai-dock's) must have to be run.",
+        "image", kind="64 hex"),
 )
 
 VARIABLES: dict[str, Var] = {v.name: v for v in _VARS}

@@ -249,6 +249,8 @@ def _check_context(ctx: Path, spec: ImageSpec, target: str, baseline: list[str],
         "HOME": str(sandbox / "home"),
         "GPUBAKE_ETC": str(sandbox / "etc"),
         "GPUBAKE_SSHD_PIDFILE": str(sandbox / "sshd.pid"),
+        "GPUBAKE_HOOK_DIR": str(sandbox),  # /pre_start.sh and /post_start.sh looked for here, none exist
+        "GPUBAKE_SSH_WAIT": "0",  # Vast.ai: no background wait for an attached key
         "FAKE_LOG": str(sandbox / "calls.log"),
     }
     proc = subprocess.run(["bash", str(script)], env=sandbox_env, capture_output=True, text=True, timeout=60, cwd=sandbox)
@@ -282,7 +284,10 @@ def _check_context(ctx: Path, spec: ImageSpec, target: str, baseline: list[str],
         assert payload["env"] == dict(spec.runtime.env)
     else:
         words = shlex.split(payload["env"])
-        assert dict(w.split("=", 1) for w in words[words.index("-e") + 1 :: 2]) == dict(spec.runtime.env)
+        from gpubake.images.marketplace.payload import api_port  # the Open button's port, unless the spec sets it
+
+        expected = {"OPEN_BUTTON_PORT": str(api_port(spec)), **spec.runtime.env}
+        assert dict(w.split("=", 1) for w in words[words.index("-e") + 1 :: 2]) == expected
     # Packer HCL: parses and validates
     if shutil.which("packer"):
         proc = subprocess.run(["packer", "validate", "image.pkr.hcl"], cwd=ctx, capture_output=True, text=True, timeout=120)

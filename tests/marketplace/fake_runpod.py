@@ -25,7 +25,13 @@ What it plays, beyond the shapes:
 - the pod's HTTP port through a stand-in of RunPod's proxy (`/proxy/{pod}/{port}/health`):
   502 until the pod runs and while the service does not listen (a `None` in `set_health`);
   then, with the pod's `GPUBAKE_API_KEY` as bearer, the service's full `/health` body;
-  without a key liveness and verdict only; a wrong key 401.
+  without a key liveness and verdict only; a wrong key 401;
+- account secrets (`secrets`, made in RunPod's console: the vendored document has no
+  secrets API): an env value `{{ RUNPOD_SECRET_name }}` is replaced by the secret's value
+  in the container's environment when it starts (docs.runpod.io/pods/templates/secrets),
+  while the API shows the reference; a reference to no secret fails the pod ("Make sure no
+  active templates or Pods are using the secret before deletion, as this will cause those
+  deployments to fail": it ends in ERROR).
 The GPU catalog below is sample data shaped as the document's `GpuType`, not RunPod's list.
 """
 
@@ -59,6 +65,7 @@ TEMPLATE_DEFAULTS: dict[str, Any] = {
     "public": False, "category": "NVIDIA", "startSsh": True, "startJupyter": True, "allowedCudaVersions": [],
 }
 CONTAINER = ("image", "args", "disk", "ports", "env", "registry")
+SECRET_REF = re.compile(r"\{\{\s*RUNPOD_SECRET_([A-Za-z0-9_-]+)\s*\}\}")
 
 
 def _now() -> str:
@@ -97,6 +104,7 @@ class FakeRunPod(FakeApi):
         self.error_after_pull = False  # the container fails instead of running
         self.ssh_port = 40022  # host port RunPod maps the pod's port 22 to
         self.service_key: str | None = None  # the key the pod's service takes, if not the one in its env
+        self.secrets: dict[str, str] = {}  # the account's secrets, by name
         self._n = 0
 
     # -------------------------------------------------------- vendor conventions
@@ -139,7 +147,17 @@ class FakeRunPod(FakeApi):
             return "PROVISIONING"
         if self.pull_polls is None or polls <= self.provision_polls + self.pull_polls:
             return "STARTING"
-        return "ERROR" if self.error_after_pull else "RUNNING"
+        return "ERROR" if self.error_after_pull or self.container_env(pid) is None else "RUNNING"
+
+    def container_env(self, pid: str) -> dict[str, str] | None:
+        """The env the container starts with: secret references replaced by the secrets'
+        values; None when one names no secret of the account (the pod cannot start)."""
+        out = {}
+        for key, value in self.pods[pid]["env"].items():
+            if any(name not in self.secrets for name in SECRET_REF.findall(value)):
+                return None
+            out[key] = SECRET_REF.sub(lambda m: self.secrets[m.group(1)], value)
+        return out
 
     def _pod_view(self, pid: str) -> dict[str, Any]:
         pod = self.pods[pid]
@@ -353,7 +371,7 @@ class FakeRunPod(FakeApi):
     def _health(self, pid: str) -> tuple[int, Any]:
         if pid not in self.pods or self.pod_status(pid) != "RUNNING":
             return 502, {"error": "pod not ready"}  # what RunPod's proxy answers before the port listens
-        key = self.service_key or self.pods[pid]["env"].get("GPUBAKE_API_KEY")
+        key = self.service_key or (self.container_env(pid) or {}).get("GPUBAKE_API_KEY")
         header = getattr(self.local, "headers", {}).get("Authorization")
         if key and header not in (None, f"Bearer {key}"):
             return 401, {"detail": "invalid API key"}

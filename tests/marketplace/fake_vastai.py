@@ -24,6 +24,8 @@ What the real service does and this fake plays (the document's words in quotes):
 - the lifecycle: `actual_status` null, then "loading" ("Docker image is downloading") for
   `pull_seconds` (inf: a pull that never ends), then "running" with its ports published;
 - `GET /api/v1/instances/` filters by label and pages by `next_token` (limit <= 25);
+- `POST /api/v0/instances/{id}/ssh/` attaches a key to one of the account's instances
+  (kept in its `ssh_keys`, as Vast.ai adds it to the container's authorized_keys);
 - faults per request (`inject`): any status, a delay, `Retry-After`, and `after=True` for
   an answer that comes only after the action took effect ("5xx after success").
 
@@ -338,6 +340,16 @@ class FakeVast:
             return 200, {"success": True, "msg": "Instance destroyed successfully"}
         if path == "/api/v1/instances/" and method == "GET":
             return self._list_instances(query)
+        m = re.fullmatch(r"/api/v0/instances/(\d+)/ssh/", path)
+        if m and method == "POST":
+            with self.lock:
+                inst = self.instances.get(m.group(1))
+                if inst is None:
+                    return 404, {"success": False, "error": "no_such_instance", "msg": f"no instance {m.group(1)} of yours"}
+                keys = inst.setdefault("ssh_keys", [])
+                if body["ssh_key"] not in keys:
+                    keys.append(body["ssh_key"])
+            return 200, {"success": True, "msg": "SSH key attached successfully"}
         return 404, {"success": False, "error": "not_found", "msg": f"no route {method} {path}"}
 
     # -------------------------------------------------------- plumbing

@@ -202,3 +202,33 @@ def test_every_catalog_vast_body_validates_against_vasts_document(image_ref):
         gpu = resolve_gpu("H100", "vastai") if spec.gpu_archs else resolve_gpu("RTX 4090", "vastai")
         policy = OfferPolicy.for_spec(spec, gpu, max_price=2.5, min_reliability=0.98)
         assert c.check_request("POST", "/api/v0/bundles/", body=policy.query(cheapest=0.5), headers=auth) == "searchOffers"
+
+
+def test_vast_template_opens_the_api_port_and_starts_in_every_launch_mode(spec, image_ref):
+    """OPEN_BUTTON_PORT points the portal's Open button at the API; `onstart` starts the image
+    in Vast.ai's SSH and Jupyter launch modes, where its entrypoint is replaced."""
+    import shlex
+
+    from contracts.openapi_contract import env_entries
+
+    body = template_payload(spec, "vastai", image_ref)
+    assert env_entries(body["env"])["OPEN_BUTTON_PORT"] == "8000"
+    assert shlex.split(body["onstart"]) == ["/opt/gpubake/start.sh", "--detach"] and body["runtype"] == "args"
+    moved = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={
+        "ports": [type(p)(port=9100 if p.name == "api" else p.port, protocol=p.protocol, name=p.name)
+                  for p in spec.runtime.ports]})})
+    assert env_entries(template_payload(moved, "vastai", image_ref)["env"])["OPEN_BUTTON_PORT"] == "9100"
+    own = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"env": {"OPEN_BUTTON_PORT": "22"}})})
+    assert template_payload(own, "vastai", image_ref)["env"].count("OPEN_BUTTON_PORT") == 1  # the spec's wins
+    assert env_entries(template_payload(own, "vastai", image_ref)["env"])["OPEN_BUTTON_PORT"] == "22"
+    assert "OPEN_BUTTON_PORT" not in template_payload(spec, "runpod", image_ref)["env"]
+
+
+def test_vast_onstart_is_the_installed_start_script_of_every_catalog_image(image_ref):
+    from gpubake.provisioning.facts import INSTALL_PREFIX  # where build step 30 installs start.sh
+
+    for spec in _catalog_specs():
+        if "vastai" in spec.targets:
+            body = template_payload(spec, "vastai", image_ref)
+            assert body["onstart"] == f"{INSTALL_PREFIX}/start.sh --detach"
+            assert spec.runtime.entrypoint == [f"{INSTALL_PREFIX}/start.sh"]  # the same script as the entrypoint

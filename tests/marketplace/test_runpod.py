@@ -453,3 +453,74 @@ def test_a_report_this_gpubake_cannot_read_is_a_fail_with_the_reason(runpod, cli
     result = json.loads(out)
     assert code == 3 and result["verdict"] == "fail" and result["destroyed"] is False
     assert result["reason"] == "self-test report: schema_version: 2 (this gpubake reads 1)"
+
+
+# ------------------------------------------------------------------ the service's key from a RunPod secret
+
+SECRET_VALUE = "svc_FROMSECRET_5e6f7a8b9c0d1e2f"
+
+
+def test_publish_with_api_key_secret_puts_a_reference_in_the_template(runpod, cli, spec_path, image_ref, monkeypatch):
+    monkeypatch.setenv("GPUBAKE_API_KEY", SECRET_VALUE)  # the user's key: it must not travel with the template
+    code, out, err = cli("publish", "--target", "runpod", "--image", spec_path, "--image-ref", image_ref,
+                         "--api-key-secret", "gpubake_svc", "--json")
+    assert code == 0, err
+    (post,) = runpod.calls("POST", "/v2/templates$")
+    assert post.body["env"]["GPUBAKE_API_KEY"] == "{{ RUNPOD_SECRET_gpubake_svc }}"  # RunPod's reference syntax
+    assert post.body["env"]["GPUBAKE_IMAGE"] == "gpuimg"
+    assert all(SECRET_VALUE not in json.dumps(r.body) for r in runpod.requests)
+    # switching an existing template to the secret is an update of its env
+    code, out, _ = cli("publish", "--target", "runpod", "--image", spec_path, "--image-ref", image_ref,
+                       "--api-key-secret", "other_name", "--json")
+    assert code == 0 and json.loads(out)["changed"] == ["env"]
+
+
+def test_launch_from_a_secret_template_sends_no_key_and_reads_health_with_the_users(runpod, cli, spec_path, image_ref,
+                                                                                   make_report, monkeypatch):
+    runpod.secrets["gpubake_svc"] = SECRET_VALUE  # created by the user in RunPod's console
+    assert cli("publish", "--target", "runpod", "--image", spec_path, "--image-ref", image_ref,
+               "--api-key-secret", "gpubake_svc")[0] == 0
+    monkeypatch.setenv("GPUBAKE_API_KEY", SECRET_VALUE)
+    pod_id = _next_pod(runpod)
+    runpod.set_health(pod_id, make_report("pass"))
+    code, out, err = cli("launch", "--target", "runpod", "--image", spec_path, "--gpu", "L40S", *FAST, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["verdict"] == "pass" and result["api_key_secret"] == "gpubake_svc"
+    (create,) = runpod.calls("POST", "/v2/pods$")
+    assert "GPUBAKE_API_KEY" not in create.body.get("env", {})  # the pod's env would override the template's reference
+    assert runpod.pods[pod_id]["env"]["GPUBAKE_API_KEY"] == "{{ RUNPOD_SECRET_gpubake_svc }}"
+    health = runpod.calls("GET", f"/proxy/{pod_id}/8000/health")
+    assert health and all(h.headers["Authorization"] == f"Bearer {SECRET_VALUE}" for h in health)
+    assert SECRET_VALUE not in out + err and "shown once" not in err
+
+
+def test_launch_from_a_secret_template_without_the_users_key_rents_nothing(runpod, cli, spec_path, image_ref):
+    runpod.secrets["gpubake_svc"] = SECRET_VALUE
+    assert cli("publish", "--target", "runpod", "--image", spec_path, "--image-ref", image_ref,
+               "--api-key-secret", "gpubake_svc")[0] == 0
+    code, _, err = cli("launch", "--target", "runpod", "--image", spec_path, "--gpu", "L40S", *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "takes the service's key from the RunPod secret 'gpubake_svc'; set GPUBAKE_API_KEY" in err
+    assert runpod.calls("POST", "/v2/pods") == []
+
+
+def test_a_pod_whose_secret_does_not_exist_fails(runpod, cli, spec_path, image_ref, make_report, monkeypatch):
+    assert cli("publish", "--target", "runpod", "--image", spec_path, "--image-ref", image_ref,
+               "--api-key-secret", "never_created")[0] == 0
+    monkeypatch.setenv("GPUBAKE_API_KEY", SECRET_VALUE)
+    runpod.set_health(_next_pod(runpod), make_report("pass"))
+    code, out, _ = cli("launch", "--target", "runpod", "--image", spec_path, "--gpu", "L40S", "--destroy-on-fail",
+                       *FAST, "--json")
+    assert code == 3 and json.loads(out)["reason"] == "instance error" and runpod.pods == {}
+
+
+@pytest.mark.parametrize(("target", "name", "expected"), [
+    ("runpod", "has space", "--api-key-secret: 'has space' is not a RunPod secret name"),
+    ("runpod", "x" * 65, "is not a RunPod secret name (letters, digits, _ and -, at most 64)"),
+    ("vastai", "gpubake_svc", "--api-key-secret: RunPod only: Vast.ai has no secret store; `launch` sends GPUBAKE_API_KEY"),
+])
+def test_bad_api_key_secret_is_one_line_before_any_request(runpod, vast, cli, spec_path, image_ref, target, name, expected):
+    code, _, err = cli("publish", "--target", target, "--image", spec_path, "--image-ref", image_ref, "--api-key-secret", name)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err
+    assert runpod.requests == [] and vast.requests == []

@@ -110,3 +110,15 @@ def test_a_gpu_in_no_serverless_pool_is_refused(runpod, cli, spec_path, image_re
     code, _, err = cli("publish", "--target", "runpod", "--image", spec_path, "--image-ref", image_ref, "--serverless", "--gpu", "L40S")
     assert code == 2 and "--gpu: none of NVIDIA L40S is in a RunPod serverless pool" in err
     assert runpod.calls("POST", "/v2/serverless") == []
+
+
+def test_serverless_with_api_key_secret_sends_the_reference_not_the_key(runpod, cli, spec_path, image_ref, monkeypatch):
+    monkeypatch.setenv("GPUBAKE_API_KEY", "svc_LOCALKEY_0a1b2c3d4e5f")
+    runpod.secrets["gpubake_svc"] = "svc_LOCALKEY_0a1b2c3d4e5f"
+    result, _ = _publish(cli, spec_path, image_ref, "--api-key-secret", "gpubake_svc")
+    (tpl_post,) = runpod.calls("POST", "/v2/templates$")
+    assert tpl_post.body["env"]["GPUBAKE_API_KEY"] == "{{ RUNPOD_SECRET_gpubake_svc }}"
+    (ep_post,) = runpod.calls("POST", "/v2/serverless$")
+    assert "env" not in ep_post.body  # without the secret, publish sends the key itself here
+    assert runpod.endpoints[result["id"]]["env"]["GPUBAKE_API_KEY"] == "{{ RUNPOD_SECRET_gpubake_svc }}"
+    assert all("svc_LOCALKEY" not in json.dumps(r.body) for r in runpod.requests)

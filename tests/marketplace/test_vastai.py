@@ -23,8 +23,10 @@ def test_publish_creates_then_keeps_then_updates(vast, cli, spec_path, image_ref
     assert created["action"] == "created" and created["hash_id"]
     (post,) = vast.calls("POST", "/template/$")
     assert post.body["image"] == image_ref
-    assert post.body["env"] == "-p 8000:8000 -p 22:22 -e GPUBAKE_IMAGE=gpuimg -e GPUBAKE_MODEL_DIR=/opt/gpubake/model"
+    assert post.body["env"] == ("-p 8000:8000 -p 22:22 -e GPUBAKE_IMAGE=gpuimg -e GPUBAKE_MODEL_DIR=/opt/gpubake/model"
+                                " -e OPEN_BUTTON_PORT=8000")  # the portal's Open button: the API
     assert post.body["runtype"] == "args"  # keeps the image's entrypoint (the gpubake start script)
+    assert post.body["onstart"] == "/opt/gpubake/start.sh --detach"  # what SSH/Jupyter launch modes run instead
     assert post.body["recommended_disk_space"] == 40
     assert post.body["extra_filters"] == {"cuda_max_good": {"gte": 12.8}, "compute_cap": {"in": [890, 900]}}
     assert post.body["private"] is True  # not in Vast.ai's public template search

@@ -312,14 +312,47 @@ def _keypair(tmp_path, pub: str):
     return key
 
 
-def test_an_rsa4096_ssh_key_is_refused_before_renting(vast, cli, spec_path, image_ref, tmp_path):
+RSA4096_PUB = "ssh-rsa " + "A" * 716 + " me@laptop"  # 734 characters: over Vast.ai's 256 for an env value
+
+
+def test_an_rsa4096_ssh_key_is_attached_through_the_api_not_the_env(vast, cli, spec_path, image_ref, tmp_path):
     publish(cli, spec_path, image_ref)
     vast.offers = [offer(84, price=0.40)]
-    key = _keypair(tmp_path, "ssh-rsa " + "A" * 716 + " me@laptop")
-    code, _, err = cli("launch", "--target", "vastai", "--image", spec_path, "--gpu", "L40S", "--ssh-key", key, *FAST)
-    line = _one_error_line(err)
-    assert code == 2 and "--ssh-key: the public key is 734 characters" in line and "256" in line
-    assert vast.calls("POST", "/bundles/") == [] and vast.calls("PUT") == []
+    key = _keypair(tmp_path, RSA4096_PUB)
+    code, out, err = cli("launch", "--target", "vastai", "--image", spec_path, "--gpu", "L40S", "--ssh-key", key,
+                         "--poll-interval", "0.05", "--timeout", "1", "--json")
+    assert code == 4, err  # nothing answers SSH on the fake's port 40022: the report never comes
+    (rent,) = vast.calls("PUT", "/asks/")
+    assert "SSH_PUBLIC_KEY" not in rent.body["env"] and "AAAA" not in rent.body["env"]  # the create took no key
+    iid = json.loads(out)["instance_id"]
+    (attach,) = vast.calls("POST", "/ssh/$")
+    assert attach.path == f"/api/v0/instances/{iid}/ssh/" and attach.body == {"ssh_key": RSA4096_PUB}
+    assert vast.instances[iid]["ssh_keys"] == [RSA4096_PUB]
+    assert vast.writes().index(attach) > vast.writes().index(rent)
+
+
+def test_an_attach_that_fails_tears_the_rental_down(vast, cli, spec_path, image_ref, tmp_path):
+    publish(cli, spec_path, image_ref)
+    vast.offers = [offer(86, price=0.40)]
+    vast.inject("POST", "/ssh/$", 400)
+    key = _keypair(tmp_path, RSA4096_PUB)
+    code, _, err = cli("launch", "--target", "vastai", "--image", spec_path, "--gpu", "L40S", "--ssh-key", key,
+                       "--destroy-on-fail", *FAST)
+    assert code == 2 and "POST /instances/" in err and "(HTTP 400)" in err
+    assert vast.instances == {} and len(vast.calls("DELETE")) == 1  # rented, then destroyed
+
+
+def test_dry_run_shows_the_attach_call(vast, cli, spec_path, image_ref, tmp_path):
+    publish(cli, spec_path, image_ref)
+    vast.offers = [offer(87, price=0.40)]
+    key = _keypair(tmp_path, RSA4096_PUB)
+    code, out, err = cli("launch", "--target", "vastai", "--image", spec_path, "--gpu", "L40S", "--ssh-key", key,
+                         "--dry-run", "--json")
+    assert code == 0, err
+    planned = [r for r in json.loads(out)["requests"] if not r["sent"]]
+    assert [(r["method"], r["url"].rsplit("/api/v0", 1)[1]) for r in planned] == [
+        ("PUT", "/asks/87/"), ("POST", "/instances/<instance id>/ssh/")]
+    assert planned[1]["body"] == {"ssh_key": RSA4096_PUB} and vast.instances == {}
 
 
 def test_an_ed25519_key_goes_in_the_env_string(vast, cli, spec_path, image_ref, tmp_path):

@@ -49,6 +49,11 @@ def publish_cmd(
     registry_auth: Optional[str] = typer.Option(
         None, "--registry-auth", help="RunPod: ID of registry credentials saved at RunPod. Vast.ai: private registry host."
     ),
+    api_key_secret: Optional[str] = typer.Option(
+        None, "--api-key-secret", metavar="NAME",
+        help="RunPod: the template's GPUBAKE_API_KEY is the RunPod secret NAME ({{ RUNPOD_SECRET_NAME }}), "
+             "created in RunPod's console; the key never enters the template.",
+    ),
     serverless: bool = typer.Option(
         False, "--serverless", help="RunPod: publish a serverless endpoint (queue, the image's RunPod handler) instead of a pod template."
     ),
@@ -74,7 +79,8 @@ def publish_cmd(
                                  flashboot=flashboot, job_timeout=job_timeout)
     elif gpus:
         raise GpubakeError("--gpu: only with --serverless (launch picks the GPU of a pod)")
-    result, client = publish(spec, target, image_ref, dry_run=dry_run, registry_auth=registry_auth, serverless=opts)
+    result, client = publish(spec, target, image_ref, dry_run=dry_run, registry_auth=registry_auth, serverless=opts,
+                             api_key_secret=api_key_secret)
     if dry_run:
         _print_plan(client)
         result["requests"] = [p.to_dict() for p in client.planned]

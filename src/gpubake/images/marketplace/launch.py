@@ -32,7 +32,15 @@ from gpubake.images.marketplace.offers import (
     check_gpu_for_spec,
     resolve_gpu,
 )
-from gpubake.images.marketplace.payload import is_digest_ref, runpod_payload, template_name, template_payload
+from gpubake.images.marketplace.payload import (
+    API_KEY_VAR,
+    VAST_ENV_VALUE_MAX,
+    is_digest_ref,
+    runpod_payload,
+    secret_of,
+    template_name,
+    template_payload,
+)
 from gpubake.images.marketplace.phases import Timeline
 from gpubake.images.marketplace.runpod import RunPod
 from gpubake.images.marketplace.vastai import Vast
@@ -82,11 +90,14 @@ class ServerlessOptions:
 def publish(
     spec: ImageSpec, target: str, image_ref: str | None, *, dry_run: bool = False, registry_auth: str | None = None,
     cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None, serverless: ServerlessOptions | None = None,
+    api_key_secret: str | None = None,
 ) -> tuple[dict[str, Any], ApiClient]:
     """Create or update the template named `gpubake-<image>`; returns (result, client).
 
     With `serverless` (RunPod): the serverless template `gpubake-<image>-serverless` and
-    the endpoint `gpubake-<image>` created from it instead."""
+    the endpoint `gpubake-<image>` created from it instead. With `api_key_secret` (RunPod):
+    the template's `GPUBAKE_API_KEY` is a reference to that RunPod secret, which the user
+    creates in RunPod's console; the key itself is never sent."""
     from gpubake.images.spec import check_pinned
 
     check_pinned(spec)  # an image whose model revision is a placeholder is not published
@@ -100,7 +111,7 @@ def publish(
         raise GpubakeError(f"--image-ref: must be pinned by digest (...@sha256:<64 hex>), got {image_ref!r}")
     cfg = mconfig.load_config() if cfg is None else cfg
     auth = registry_auth_for(target, registry_auth, cfg)
-    payload = template_payload(spec, target, image_ref, registry_auth=auth)
+    payload = template_payload(spec, target, image_ref, registry_auth=auth, api_key_secret=api_key_secret)
     secrets: list[str] = []
     if target == "vastai" and auth:
         # Vast.ai keeps the registry login in the template itself; it is sent, never rendered or shown.
@@ -113,7 +124,7 @@ def publish(
         secrets.append(password)
     if serverless is not None:
         serverless.check()
-        payload = runpod_payload(spec, image_ref, registry_auth=auth, serverless=True)
+        payload = runpod_payload(spec, image_ref, registry_auth=auth, serverless=True, api_key_secret=api_key_secret)
         if envs.raw("GPUBAKE_API_KEY", env):
             secrets.append(envs.raw("GPUBAKE_API_KEY", env))
     gpus = [resolve_gpu(name, "runpod") for name in (serverless.gpus if serverless else [])]
@@ -144,7 +155,9 @@ def _publish_endpoint(mk: RunPod, spec: ImageSpec, payload: dict[str, Any], tpl_
         "timeout": opts.job_timeout * 1000,
     }
     key = envs.raw("GPUBAKE_API_KEY", env)
-    if key:  # the service key, sent at publish time only: never in the template file
+    if key and secret_of(payload["env"].get("GPUBAKE_API_KEY")) is None:
+        # the service key, sent at publish time only: never in the template file (with
+        # --api-key-secret the serverless template refers to the secret instead)
         body["env"] = {"GPUBAKE_API_KEY": key}
     ep = mk.publish_endpoint(body, payload)
     return {**tpl_result, "template": {k: tpl_result[k] for k in ("action", "id", "changed", "name")},
@@ -236,6 +249,13 @@ def _template(mk: RunPod | Vast, spec: ImageSpec, target: str, dry_run: bool) ->
     return tpl
 
 
+def _key_secret(template: dict[str, Any]) -> str | None:
+    """The RunPod secret the template's GPUBAKE_API_KEY refers to (`publish --api-key-secret`):
+    then the pod gets its key from RunPod and launch sends none (the pod's env would win)."""
+    variables = template.get("env")  # the template's, as RunPod stores it (not this process's)
+    return secret_of(variables.get(API_KEY_VAR)) if isinstance(variables, dict) else None
+
+
 def service_key(env: dict[str, str] | None = None) -> tuple[str, bool]:
     """(the service's API key, whether it was generated): the user's `GPUBAKE_API_KEY`,
     checked by the service's own rule (`serving.auth`), else a new random one (the image
@@ -256,23 +276,40 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
     cfg = mconfig.load_config() if cfg is None else cfg
     section = mconfig.section(target, cfg)
     env: dict[str, str] = {}
+    attach_key: str | None = None
     if opts.ssh_key is not None:
         pub = Path(f"{opts.ssh_key}.pub")
         if not Path(opts.ssh_key).is_file() or not pub.is_file():
             raise GpubakeError(f"--ssh-key: need the private key and its .pub beside it: {opts.ssh_key}")
-        # SSH_PUBLIC_KEY, not PUBLIC_KEY: RunPod fills PUBLIC_KEY with the account's keys
-        # unless the request sets it, and the start script authorizes both
-        env["SSH_PUBLIC_KEY"] = pub.read_text(encoding="utf-8").strip()
+        key_text = pub.read_text(encoding="utf-8").strip()
+        if target == "vastai" and len(key_text) > VAST_ENV_VALUE_MAX:
+            # over Vast.ai's env value limit (an RSA-4096 key): attached through its API after the rent
+            attach_key = key_text
+        else:
+            # SSH_PUBLIC_KEY, not PUBLIC_KEY: RunPod fills PUBLIC_KEY with the account's keys
+            # unless the request sets it, and the start script authorizes both
+            env["SSH_PUBLIC_KEY"] = key_text
+    api_key: str | None
     api_key, generated = service_key()
-    env["GPUBAKE_API_KEY"] = api_key
     gpu = resolve_gpu(opts.gpu, target)
     check_gpu_for_spec(gpu, spec)
     client = mconfig.make_client(t, dry_run=opts.dry_run, config=cfg, extra_secrets=[api_key])
     mk = market(client, target)
     tpl = _template(mk, spec, target, opts.dry_run)
+    secret = _key_secret(tpl) if target == "runpod" else None
+    if secret is None:
+        env["GPUBAKE_API_KEY"] = api_key
+    elif generated:  # the pod takes its key from the secret, whose value only the user knows
+        if opts.ssh_key is None:
+            raise GpubakeError(
+                f"GPUBAKE_API_KEY: template {template_name(spec)!r} takes the service's key from the RunPod secret "
+                f"{secret!r}; set GPUBAKE_API_KEY to its value (launch reads /health with it), or read the report with --ssh-key")
+        api_key, generated = None, False
     # unique per launch: the name is how an ambiguous create is found again
     label = f"gpubake-{spec.name}-{int(time.time())}-{secrets.token_hex(3)}"
     result: dict[str, Any] = {"target": target, "image": spec.name, "gpu": gpu.market_id, "label": label, "dry_run": opts.dry_run}
+    if secret:
+        result["api_key_secret"] = secret  # the name, never the value
 
     if isinstance(mk, Vast):
         min_rel = opts.min_reliability
@@ -280,6 +317,13 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
             min_rel = float(section.get("min_reliability", DEFAULT_MIN_RELIABILITY))
         policy = OfferPolicy.for_spec(spec, gpu, max_price=opts.max_price, min_reliability=min_rel)
         instance_id, offer = mk.rent(spec, tpl, policy, label=label, env=env)  # search, pick, create (vastai.py)
+        if attach_key is not None:
+            try:
+                mk.attach_ssh_key(instance_id, attach_key)
+            except BaseException:
+                if not opts.dry_run:
+                    _teardown_or_tell(mk, target, instance_id, opts.destroy_on_fail)
+                raise
         result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "geolocation") if k in offer}
         created_at = time.monotonic()  # the instance exists from here (rent searched, then created)
         info: dict[str, Any] = {"cost_per_hr": offer.get("dph_total")}
@@ -335,7 +379,7 @@ def _teardown_or_tell(mk: RunPod | Vast, target: str, instance_id: str, destroy:
     console.print(f"instance {instance_id} may still be running: `gpubake destroy --target {target} {instance_id}`", markup=False)
 
 
-def _wait_for_verdict(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, api_key: str,
+def _wait_for_verdict(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, api_key: str | None,
                       created_at: float) -> dict[str, Any]:
     """Poll the instance, then its /health (or its report file over SSH), until a verdict or a deadline."""
     with tempfile.TemporaryDirectory(prefix="gpubake-launch-") as tmp:
@@ -356,7 +400,7 @@ def _service_phase(body: dict[str, Any] | None, state: str) -> str:
     return "self-test"
 
 
-def _poll(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, known_hosts: Path, api_key: str,
+def _poll(mk: RunPod | Vast, instance_id: str, spec: ImageSpec, opts: LaunchOptions, known_hosts: Path, api_key: str | None,
           created_at: float) -> dict[str, Any]:
     timeline = Timeline(created_at)
     timeline.enter("scheduled", now=created_at)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpubake.errors import GpubakeError
 from gpubake.images.spec import VAST_ENV_UNCARRIABLE
+from gpubake.provisioning.facts import INSTALL_PREFIX
 
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
@@ -38,6 +39,15 @@ def template_name(spec: ImageSpec) -> str:
 
 def is_digest_ref(ref: str) -> bool:
     return bool(_DIGEST.search(ref))
+
+
+def api_port(spec: ImageSpec) -> int:
+    """The service's port, by the start script's rule: the port named "api", else the
+    first http one, else 8000."""
+    for p in spec.runtime.ports:
+        if p.name == "api":
+            return p.port
+    return next((p.port for p in spec.runtime.ports if p.protocol == "http"), 8000)
 
 
 def compute_caps(spec: ImageSpec) -> list[int]:
@@ -71,10 +81,28 @@ def runpod_cuda_versions(spec: ImageSpec) -> list[str]:
     floor = tuple(int(p) for p in spec.cuda.split("."))
     return [v for v in RUNPOD_CUDA_VERSIONS if tuple(int(p) for p in v.split(".")) >= floor]
 SERVERLESS_SUFFIX = "-serverless"
+API_KEY_VAR = "GPUBAKE_API_KEY"  # the service's key (provisioning.serving.auth)
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SECRET_REF = re.compile(r"^\{\{\s*RUNPOD_SECRET_([A-Za-z0-9_-]+)\s*\}\}$")
+
+
+def runpod_secret_ref(name: str) -> str:
+    """The env value RunPod replaces with the account secret `name` when a pod or worker
+    starts (`{{ RUNPOD_SECRET_name }}`, docs.runpod.io/pods/templates/secrets): a template
+    that is shared and rendered holds the reference, never the key."""
+    if not _SECRET_NAME.match(name):
+        raise GpubakeError(f"--api-key-secret: {name!r} is not a RunPod secret name (letters, digits, _ and -, at most 64)")
+    return "{{ RUNPOD_SECRET_" + name + " }}"
+
+
+def secret_of(value: Any) -> str | None:
+    """The secret name an env value refers to (`{{ RUNPOD_SECRET_name }}`), else None."""
+    match = _SECRET_REF.match(str(value).strip()) if isinstance(value, str) else None
+    return match.group(1) if match else None
 
 
 def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None = None,
-                   serverless: bool = False) -> dict[str, Any]:
+                   serverless: bool = False, api_key_secret: str | None = None) -> dict[str, Any]:
     """Body of RunPod REST v2 `POST /v2/templates` (and `PATCH /v2/templates/{id}`).
 
     v2 has no entrypoint, start-command or readme field: the image's own ENTRYPOINT (the
@@ -86,6 +114,8 @@ def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None
     A serverless template (`serverless=True`, name `gpubake-NAME-serverless`) is what a
     serverless endpoint must be created from; its workers expose no ports and run the
     RunPod handler (the start script picks it when RUNPOD_ENDPOINT_ID is set).
+    With `api_key_secret`, the service's key comes from that RunPod secret: the env holds
+    `GPUBAKE_API_KEY = "{{ RUNPOD_SECRET_<name> }}"`, which RunPod fills in at start.
     """
     ports = []
     for i, p in enumerate(spec.runtime.ports):
@@ -98,7 +128,7 @@ def runpod_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None
         "category": "CPU" if spec.cuda == "none" else "NVIDIA",
         "disk": spec.runtime.container_disk_gb,
         "ports": [] if serverless else ports,
-        "env": dict(spec.runtime.env),
+        "env": dict(spec.runtime.env) | ({API_KEY_VAR: runpod_secret_ref(api_key_secret)} if api_key_secret else {}),
         "args": "",
         "public": False,
         "serverless": serverless,
@@ -140,20 +170,35 @@ def vast_env_flags(env: dict[str, str], *, where: str = "env") -> list[str]:
 
 
 def vast_env_string(spec: ImageSpec) -> str:
-    """Vast.ai's "Docker options" string: `-p` for every port, `-e` for every variable."""
+    """Vast.ai's "Docker options" string: `-p` for every port, `-e` for every variable.
+
+    `OPEN_BUTTON_PORT` (the API port, unless the spec sets it) points the instance portal's
+    Open button at the service ("Maps the Open button to a specific internal port",
+    Vast.ai's networking guide).
+    """
     parts = []
     for p in spec.runtime.ports:
         suffix = "/udp" if p.protocol == "udp" else ""
         parts.append(f"-p {p.port}:{p.port}{suffix}")
-    parts.extend(vast_env_flags(dict(spec.runtime.env), where="runtime.env"))
+    env = {"OPEN_BUTTON_PORT": str(api_port(spec)), **spec.runtime.env}
+    parts.extend(vast_env_flags(env, where="runtime.env"))
     return " ".join(parts)
+
+
+# Vast.ai's SSH and Jupyter launch modes do not run the image's entrypoint ("the docker
+# entrypoint for your image will not be run") but the template's on-start command: there the
+# start script runs detached (it returns; the service goes on in its own session). In the
+# entrypoint (`args`) launch mode Vast.ai runs no on-start command and the script is the
+# entrypoint; a second start finds the service running and starts none.
+VAST_ONSTART = f"{INSTALL_PREFIX}/start.sh --detach"
 
 
 def vast_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None = None) -> dict[str, Any]:
     """Body of Vast.ai's `POST /template/` (and, with `hash_id`, `PUT /template/`).
 
     `runtype = args` keeps the image's own entrypoint (the gpubake start script, which
-    follows Vast.ai's conventions itself); the whole digest reference goes in `image`
+    follows Vast.ai's conventions itself); `onstart` starts the same script when a user
+    picks the SSH or Jupyter launch mode instead (`VAST_ONSTART`); the whole digest reference goes in `image`
     (the docs allow the tag inside it), so no mutable tag is ever resolved. `private`
     keeps the template (image reference, readme) out of Vast.ai's public template search
     (the vendor's CLI defaults to private too).
@@ -162,7 +207,7 @@ def vast_payload(spec: ImageSpec, image_ref: str, *, registry_auth: str | None =
         "name": template_name(spec),
         "image": image_ref,
         "env": vast_env_string(spec),
-        "onstart": "",
+        "onstart": VAST_ONSTART,
         "runtype": "args",
         "args_str": "",
         "use_ssh": False,
@@ -188,14 +233,18 @@ def _vast_filters(spec: ImageSpec) -> dict[str, Any]:
     return filters
 
 
-def template_payload(spec: ImageSpec, target: str, image_ref: str, *, registry_auth: str | None = None) -> dict[str, Any]:
+def template_payload(spec: ImageSpec, target: str, image_ref: str, *, registry_auth: str | None = None,
+                     api_key_secret: str | None = None) -> dict[str, Any]:
     """The template JSON for `target` ("runpod" | "vastai"); raises `GpubakeError` on bad input."""
     if target not in spec.targets:
         raise GpubakeError(f"--target: image {spec.name!r} is not built for {target} (targets: {', '.join(spec.targets)})")
     if not image_ref or any(c.isspace() for c in image_ref):
         raise GpubakeError(f"--image-ref: not an image reference: {image_ref!r}")
     if target == "runpod":
-        return runpod_payload(spec, image_ref, registry_auth=registry_auth)
+        return runpod_payload(spec, image_ref, registry_auth=registry_auth, api_key_secret=api_key_secret)
     if target == "vastai":
+        if api_key_secret:
+            raise GpubakeError("--api-key-secret: RunPod only: Vast.ai has no secret store; `launch` sends "
+                               "GPUBAKE_API_KEY in the instance's env instead")
         return vast_payload(spec, image_ref, registry_auth=registry_auth)
     raise GpubakeError(f"--target: must be runpod or vastai, got {target!r}")

@@ -11,6 +11,8 @@ Endpoints used, as the vendor's OpenAPI document describes them (vendored:
   `GET /instances/{id}/` (`{"instances": {...}}`), `DELETE /instances/{id}/`
 - `GET /api/v1/instances/?select_filters={"label": {"eq": ...}}` (find an instance by its
   label after a create that ended ambiguously; paged by `next_token`)
+- `POST /instances/{id}/ssh/` (attachSshKey: `launch --ssh-key` with a public key longer
+  than an env value may be, 256 characters: an RSA-4096 key is ~725)
 
 No blind retry of a rental: an offer is rented once, so a second `PUT /asks/{id}/` after a
 5xx answers `no_such_ask` while the first rental bills on. A create that ends ambiguously
@@ -323,6 +325,18 @@ class Vast:
         phase = None if state == "running" else ("pulling" if actual == "loading" else "scheduled")
         return Instance(id=instance_id, state=state, detail=detail, urls=urls, cost_per_hr=float(price) if price else None,
                         phase=phase)
+
+    def attach_ssh_key(self, instance_id: str, key: str) -> None:
+        """Add a public key to the instance (attachSshKey), for a key too long for the env.
+
+        Vast.ai writes the key to root's `~/.ssh/authorized_keys` in the container; the start
+        script starts sshd when a key appears there, also after boot. Not a create: a retry
+        attaches the same key again, which changes nothing."""
+        shown = "<instance id>" if self.client.dry_run else instance_id
+        path = f"/instances/{shown}/ssh/"
+        data = self.client.request("POST", path, json_body={"ssh_key": key})
+        if isinstance(data, dict) and data.get("success") is False:
+            raise MarketplaceError(f"Vast.ai: POST {path}: key not attached ({data.get('msg') or data.get('error')})")
 
     def destroy(self, instance_id: str) -> None:
         self.client.request("DELETE", f"/instances/{instance_id}/")
