@@ -10,6 +10,8 @@ Layout (see docs/architecture.md "Build context"):
     plugins.pkr.hcl          `required_plugins` for Packer >= 1.10 (rejected by 1.6.6)
     image.json               the image's facts (`provisioning.facts.ImageFacts`): read at boot
     requirements.lock.txt    the spec's python.lock (pip --require-hashes)
+    weights.json             the weight layer plan (images/layers.py): one folder model/<layer>/ each,
+                             filled by model_layer.prepare_model (not rendered: the weights are not here)
     app/gpubake/             the gpubake package itself (installed with --no-deps)
     scripts/NN-*.sh          in-image provisioning scripts, run in name order
     start.sh                 templates/start.sh.j2 (when the self-test part ships it)
@@ -43,6 +45,7 @@ PACKER_FILE = "image.pkr.hcl"
 PACKER_PLUGINS_FILE = "plugins.pkr.hcl"
 LOCK_FILE = "requirements.lock.txt"
 IMAGE_JSON = FACTS_FILE  # the image's facts, installed at <INSTALL_PREFIX>/image.json
+WEIGHTS_PLAN = "weights.json"  # the weight layer plan (gpubake.images.model_layer.PLAN_FILE)
 MANIFEST = "context.json"
 SCRIPTS_DIR = "scripts"
 APP_DIR = "app"
@@ -152,7 +155,8 @@ def image_facts(spec: ImageSpec, target: str | None) -> ImageFacts:
         cpu_ok=spec.cpu_ok,
         runnable_archs=runnable,
         min_driver=min_driver,
-        model=ModelFacts(id=m.id, quantization=m.quantization, policy=m.policy, source=m.source, sha256=m.sha256),
+        model=ModelFacts(id=m.id, quantization=m.quantization, policy=m.policy, source=m.source, sha256=m.sha256,
+                         revision=m.revision),
         model_dir=spec.runtime.env.get("GPUBAKE_MODEL_DIR"),
         throughput_key=m.id,
     )
@@ -215,6 +219,7 @@ class RenderOptions:
     timestamp: int = 0
     push: PushTarget | None = None
     image_ref: str | None = None  # reference marketplaces will pull (defaults to push ref / local tag)
+    weights: list[Any] | None = None  # the weight layers (images.layers.WeightLayer); None: model_layer.weights_plan
 
 
 @dataclass
@@ -229,15 +234,25 @@ class RenderedContext:
         return {"context_dir": str(self.path), "files": self.files, "skipped": self.skipped}
 
 
+def weight_layers(spec: ImageSpec, options: RenderOptions) -> list[Any]:
+    """The weight layers to render: the options', else the plan of the model cache or the estimate."""
+    if options.weights is not None:
+        return list(options.weights)
+    from gpubake.images import model_layer  # the builder half's module (makes nothing here)
+
+    return model_layer.weights_plan(spec)
+
+
 def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> dict[str, Any]:
     """Variables every template gets (documented in docs/architecture.md "Build context")."""
     base_ref, base_pull = base_reference(spec, options.timestamp)
+    layers = weight_layers(spec, options)
     tag = options.push.tag if options.push else target
     repository = options.push.repository if options.push else local_repository(spec)
     env = {**spec.runtime.env}
+    # The build steps' environment names no target: both targets share every RUN layer.
     build_env = {
         "GPUBAKE_IMAGE": spec.name,
-        "GPUBAKE_TARGET": target,
         "GPUBAKE_PREFIX": INSTALL_PREFIX,
         "GPUBAKE_PYTHON": spec.python.version,
         "SOURCE_DATE_EPOCH": str(options.timestamp),
@@ -245,6 +260,8 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> di
         "PIP_NO_CACHE_DIR": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if spec.base.apt_mirror and spec.base.image is not None:  # a bootstrap base: debootstrap's mirror instead
+        build_env["GPUBAKE_APT_MIRROR"] = spec.base.apt_mirror
     image_labels = labels(spec, target)
     exposes = [f"{p.port}/{'udp' if p.protocol == 'udp' else 'tcp'}" for p in spec.runtime.ports]
     changes = [f"LABEL {k}={json.dumps(v)}" for k, v in image_labels.items()]
@@ -277,6 +294,9 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> di
         "entrypoint": list(spec.runtime.entrypoint),
         "changes": changes,
         "model": spec.model.model_dump(),
+        "model_at": spec.model.at,
+        "weight_layers": [{"name": layer.name, "component": layer.component, "bytes": layer.bytes} for layer in layers],
+        "_layers_json": [{k: v for k, v in layer.to_json().items() if k != "files"} for layer in layers],
         "repository": repository,
         "tag": tag,
         "push": {"server": options.push.server, "repository": options.push.repository, "tag": options.push.tag}
@@ -284,6 +304,13 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> di
         else None,
         "has_start_script": has_template(START_TEMPLATE),
     }
+
+
+def _weights_doc(spec: ImageSpec, ctx: dict[str, Any]) -> dict[str, Any]:
+    """`weights.json`: the layer plan the Containerfile was rendered with, and where the weights come from."""
+    m = spec.model
+    return {"at": m.at, "model": m.id, "source": m.source, "quantization": m.quantization, "policy": m.policy,
+            "layers": ctx["_layers_json"]}
 
 
 def _copy_tree(src: Path, dest: Path) -> None:
@@ -348,6 +375,7 @@ def render_context(spec: ImageSpec, target: str, dest: str | Path, options: Rend
         (tmp / PACKER_FILE).write_text(render_template(PACKER_TEMPLATE, ctx), encoding="utf-8")
         (tmp / PACKER_PLUGINS_FILE).write_text(PACKER_PLUGINS_HCL, encoding="utf-8")
         (tmp / IMAGE_JSON).write_text(image_facts(spec, target).to_json(), encoding="utf-8")
+        (tmp / WEIGHTS_PLAN).write_text(json.dumps(_weights_doc(spec, ctx), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         shutil.copyfile(spec.lock_path, tmp / LOCK_FILE)
         _copy_tree(_app_source(), tmp / APP_DIR / "gpubake")
         src_scripts = scripts_source()

@@ -56,6 +56,9 @@ _DIGEST_REF = re.compile(
     r"@sha256:(?P<digest>[0-9a-f]{64})$"
 )
 _MODEL_SOURCE = re.compile(r"^(generate:tiny|hf://[^/@\s]+/[^/@\s]+(@[^\s]+)?|s3://[^/\s]+(/\S*)?|https://\S+)$")
+_HF_COMMIT = re.compile(r"^hf://[^@]+@[0-9a-f]{40}$")  # a branch or tag moves; a commit does not
+# An apt/debootstrap mirror: http(s), host, path; no spaces, quotes or shell syntax.
+_MIRROR = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+-]+)*/?$")
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -81,6 +84,18 @@ class Base(_Strict):
 
     image: str | None = Field(default=None, description="registry/repo[:tag]@sha256:<64 hex>")
     bootstrap: Bootstrap | None = None
+    apt_mirror: str | None = Field(
+        default=None,
+        description="apt mirror of the build's apt steps, dated (https://snapshot.debian.org/archive/debian/<YYYYMMDDTHHMMSSZ>, "
+        "https://snapshot.ubuntu.com/ubuntu/<...>): debootstrap's for a bootstrap base, step 10's for an image base",
+    )
+
+    @field_validator("apt_mirror")
+    @classmethod
+    def _mirror(cls, value: str | None) -> str | None:
+        if value is not None and not _MIRROR.match(value):
+            raise ValueError(f"must be an http(s) mirror URL such as https://snapshot.debian.org/archive/debian/20261115T000000Z, got {value!r}")
+        return value
 
     @field_validator("image")
     @classmethod
@@ -126,13 +141,25 @@ class Model(_Strict):
     policy: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]*$")] = "default"
     source: str = Field(description="generate:tiny | hf://org/repo@rev | s3://bucket/prefix | https://...")
     sha256: Sha256 | None = Field(default=None, description="sha256 of the checkpoint manifest")
+    at: Literal["build", "boot"] = Field(
+        default="build",
+        description="build: the weights are the image's last layers; boot: start.sh fetches them into the volume "
+        "(same verified fetch) and the image holds no weights",
+    )
 
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
         if not _MODEL_SOURCE.match(value):
-            raise ValueError(f"must be generate:tiny, hf://org/repo[@rev], s3://bucket/prefix or https://..., got {value!r}")
+            raise ValueError(f"must be generate:tiny, hf://org/repo@<commit>, s3://bucket/prefix or https://..., got {value!r}")
+        if value.startswith("hf://") and not _HF_COMMIT.match(value):
+            raise ValueError(f"must pin a commit (hf://org/repo@<40 hex>): a branch or tag moves under the cache, got {value!r}")
         return value
+
+    @property
+    def revision(self) -> str | None:
+        """The pinned Hugging Face commit of an hf:// source (recorded in image.json)."""
+        return self.source.rpartition("@")[2] if self.source.startswith("hf://") else None
 
 
 class Port(_Strict):

@@ -101,6 +101,7 @@ class ModelFacts(_Facts):
     policy: str  # the quantization recipe (provisioning/policies.toml)
     source: str
     sha256: str | None = None
+    revision: str | None = None  # the pinned Hugging Face commit of an hf:// source
 
 
 class ImageFacts(_Facts):

@@ -9,8 +9,9 @@ which is what reproducible digests need. The flow:
    (`pip download --require-hashes`, cached per lock) and mounted read-only into the
    build at /tmp/gpubake-wheels: the build needs no network and names no host path;
 3. `buildah bud --layers --timestamp SOURCE_DATE_EPOCH` builds the rendered context;
-4. `buildah push` writes `dist/<name>-<target>.oci.tar` through a temporary name that is
-   renamed only when complete (a failed or disk-full export leaves nothing);
+4. `buildah push` writes `dist/<name>-<target>.oci.tar` (layers compressed with
+   `req.compression`: zstd by default, zstd:chunked or gzip) through a temporary name that
+   is renamed only when complete (a failed or disk-full export leaves nothing);
 5. the manifest is read back from the archive: digest, layers, sizes.
 
 Each command of 1-4 is a `Step` of `plan(req)` (none for what is cached); `build(req)`
@@ -177,6 +178,7 @@ class BuildahBuilder:
         return Step(
             what=f"export to {archive}",
             argv=("buildah", *self.storage.buildah_args(), "push", "--quiet", "--format", "oci",
+                  "--compression-format", req.compression,
                   "--digestfile", str(digest_file), req.tag, f"oci-archive:{tmp}:{req.tag}"),
             env=self._env(),
             before=before,
@@ -202,7 +204,7 @@ class BuildahBuilder:
         ctx = Path(req.context_dir)
         if not (ctx / "Containerfile").is_file():
             raise BuildError(f"build context {ctx}: no Containerfile (render it with gpubake.images.render)")
-        if not (ctx / "model").is_dir():
+        if req.spec.model.at == "build" and not (ctx / "model").is_dir():
             raise BuildError(f"build context {ctx}: no model/ (gpubake.images.model_layer.prepare_model places it)")
         if not (ctx / LOCK_FILE).is_file():
             raise BuildError(f"build context {ctx}: no {LOCK_FILE}")

@@ -3,6 +3,12 @@
 # lacks them (a bootstrap base already has them: then this step changes nothing), and
 # openssh-server with them, because RunPod's PUBLIC_KEY and Vast.ai's SSH launch mode
 # expect an sshd in the image (its host keys are removed here and made at boot).
+#
+# GPUBAKE_APT_MIRROR (the spec's base.apt_mirror, a dated snapshot such as
+# https://snapshot.ubuntu.com/ubuntu/20261115T000000Z): apt reads only that mirror, through
+# a list of its own for this step (the image's sources are left as the base has them), so
+# a rebuild installs the same package versions. Snapshot Release files are past their
+# Valid-Until date by design: that check is off for this list only.
 . "$(dirname "$0")/00-env.sh"
 
 if command -v "$PY" >/dev/null 2>&1 && "$PY" -c 'import ensurepip, venv, ssl' 2>/dev/null \
@@ -12,8 +18,24 @@ if command -v "$PY" >/dev/null 2>&1 && "$PY" -c 'import ensurepip, venv, ssl' 2>
 fi
 command -v apt-get >/dev/null 2>&1 || die "$PY is missing and this base has no apt-get to install it"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "$PY" "$PY-venv" ca-certificates openssh-server
+set --
+if [ -n "${GPUBAKE_APT_MIRROR:-}" ]; then
+  # shellcheck disable=SC1091
+  . /etc/os-release
+  [ -n "${VERSION_CODENAME:-}" ] || die "GPUBAKE_APT_MIRROR is set but /etc/os-release names no VERSION_CODENAME"
+  list=/tmp/gpubake-apt-snapshot.list
+  m="$GPUBAKE_APT_MIRROR"
+  c="$VERSION_CODENAME"
+  case "${ID:-}" in
+    ubuntu) printf 'deb %s %s main universe\ndeb %s %s-updates main universe\ndeb %s %s-security main universe\n' \
+              "$m" "$c" "$m" "$c" "$m" "$c" > "$list" ;;
+    *) printf 'deb %s %s main\ndeb %s %s-updates main\n' "$m" "$c" "$m" "$c" > "$list" ;;
+  esac
+  echo "gpubake-build: apt from $m ($c)"
+  set -- -o "Dir::Etc::SourceList=$list" -o "Dir::Etc::SourceParts=-" -o "Acquire::Check-Valid-Until=false"
+fi
+apt-get "$@" update -qq
+apt-get "$@" install -y -qq --no-install-recommends "$PY" "$PY-venv" "$PY-dev" ca-certificates openssh-server gcc libc6-dev
 apt-get clean
-rm -rf /var/lib/apt/lists/*
+rm -rf /var/lib/apt/lists/* /tmp/gpubake-apt-snapshot.list
 scrub
