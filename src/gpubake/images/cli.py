@@ -63,6 +63,15 @@ def _request(spec: Any, target: str, *, dist: Path, archive: Path, log_path: Pat
     )
 
 
+def with_tiny_model(spec: Any) -> Any:
+    """`spec` with the tiny generated model (NVFP4, default policy) baked instead of its own, and
+    `cpu_ok` (the tiny model renders on a CPU, so the image's self-test runs without a GPU)."""
+    from gpubake.images.spec import Model
+
+    tiny = Model(id="tiny-wan2.2", quantization="nvfp4", policy="default", source="generate:tiny")
+    return spec.model_copy(update={"model": tiny, "cpu_ok": True})
+
+
 def _plan(spec: Any, target: str, builder: Any, *, req: Any, push: str | None, render_dir: Path | None, note: str = "") -> dict:
     """What build-image would do, step by step; the build step holds the builder's own plan."""
     steps: list[dict[str, Any]] = [
@@ -131,6 +140,7 @@ def build_image(
     log_file: Path | None = typer.Option(None, "--log-file", help="Full build log (default: DIST/NAME-TARGET.build.log)."),
     compression: str = typer.Option("zstd", "--compression", help=f"Layer compression: {', '.join(COMPRESSIONS)} (gzip for runtimes older than Docker 23 / containerd 1.5)."),
     with_model: bool = typer.Option(False, "--with-model", help="With --render-only: also place the weights in DIR/model/ (fetch, quantize, cached), so DIR builds as it is."),
+    tiny_model: bool = typer.Option(False, "--tiny-model", help="Bake the tiny random-weight model (generated here) instead of the spec's, and let the image self-test on a CPU: the image's environment end to end without the real weights (tag and archive get a -tiny suffix)."),
 ) -> None:
     """Build a marketplace image from its spec: OCI archive in dist/, or pushed with --push."""
     from gpubake.images import catalog, render
@@ -149,8 +159,13 @@ def build_image(
     if target not in spec.targets:
         raise GpubakeError(f"--target: image {spec.name!r} does not list {target!r} in targets ({', '.join(spec.targets)})")
     timestamp = _epoch()
-    archive, log_path = _paths(spec.name, target, dist, log_file)
+    if tiny_model:
+        spec = with_tiny_model(spec)
+    variant = f"{target}-tiny" if tiny_model else target
+    archive, log_path = _paths(spec.name, variant, dist, log_file)
     req = _request(spec, target, dist=dist, archive=archive, log_path=log_path, timestamp=timestamp, compression=compression)
+    if tiny_model:
+        req.tag = f"{req.tag}-tiny"
 
     if dry_run:
         from gpubake.images.builders import detect_builder, make_builder

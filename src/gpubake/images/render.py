@@ -303,7 +303,14 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> di
         if options.push
         else None,
         "has_start_script": has_template(START_TEMPLATE),
+        "model_key": _model_key(spec),
     }
+
+
+def _model_key(spec: ImageSpec) -> str:
+    from gpubake.images import model_layer
+
+    return model_layer.model_key(spec)
 
 
 def _weights_doc(spec: ImageSpec, ctx: dict[str, Any]) -> dict[str, Any]:
