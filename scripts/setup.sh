@@ -11,6 +11,7 @@ APT_PACKAGES=(
   docker-registry           # a real OCI registry on loopback for push tests
   apache2-utils             # htpasswd, for the registry's auth file
   debootstrap               # the offline `bootstrap` base image
+  zstd                      # tests read the zstd-compressed layers of built images
   openssh-server openssh-client  # a real SSH peer for fabric tests
   git ca-certificates
 )

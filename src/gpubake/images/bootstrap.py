@@ -36,7 +36,7 @@ from gpubake.images.builders.proc import execute
 from gpubake.images.builders.storage import Storage, cache_root
 
 RECIPE_VERSION = 1  # bump when the recipe below changes what ends up in the layer
-DEFAULT_MIRROR = envs.declared("GPUBAKE_DEBIAN_MIRROR").default
+DEFAULT_MIRROR = "http://deb.debian.org/debian"  # without a spec mirror or $GPUBAKE_DEBIAN_MIRROR
 VARIANT = "minbase"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
