@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jinja2
@@ -12,6 +13,8 @@ import pytest
 
 from gpubake.errors import GpubakeError
 from gpubake.images import catalog, render
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 SECRET = "s3cr3t-registry-pass-do-not-leak"
 
@@ -68,7 +71,8 @@ def test_containerfile_uses_the_bootstrap_base_and_layers_the_weights_before_the
 
 def test_the_nvidia_cuda_base_stays_an_option(tmp_path: Path) -> None:
     """A spec may still name a pinned nvidia/cuda base: FROM it, and step 10 reads its dated apt mirror."""
-    from gpubake_spec_helpers import write_spec
+    from gpubake_spec_helpers import write_spec  # tests/images (on sys.path above)
+
     from gpubake.images.spec import load_spec
 
     spec = load_spec(write_spec(tmp_path))
@@ -202,3 +206,28 @@ def test_good_push_ref() -> None:
 def test_rendered_packer_template_validates(wan_context: Path) -> None:
     proc = subprocess.run(["packer", "validate", "image.pkr.hcl"], cwd=wan_context, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_hopper_image_renders_a_buildable_context(tmp_path: Path) -> None:
+    """CI's fast check of the Containerfile bench/bench_gpu_image.py builds (docs/benchmarks.md):
+    the bootstrap base with what Triton needs, the lock's sources, the steps, the weight layers."""
+    from gpubake.images import bootstrap
+    from gpubake.images.builders import wheels
+
+    spec = catalog.find("wan22-t2v-a14b-nvfp4-hopper")
+    ctx = tmp_path / "hopper"
+    render.render_context(spec, "runpod", ctx, render.RenderOptions(timestamp=1_700_000_000))
+    ins = _instructions((ctx / "Containerfile").read_text())
+    base = bootstrap.inputs_for(spec, 1_700_000_000)
+    assert ins[0] == f"FROM {base.ref()}" and {"gcc", "libc6-dev", "python3-dev", "python3-venv"} <= set(base.packages)
+    assert [line.rsplit("/", 1)[-1] for line in ins if line.startswith("RUN")] == ["10-system.sh", "20-python-env.sh"]
+    assert all("GPUBAKE_PYTHON=3.11" in line for line in ins if line.startswith("RUN"))
+    lock = wheels.parse_lock((ctx / "requirements.lock.txt").read_text())
+    pins = dict(lock.pins())
+    assert pins["torch"] == "2.11.0" and "triton" in pins and pins["fa3-fwd"] == "0.0.3"
+    assert lock.index_url == "https://pypi.org/simple" and not lock.extra_index_urls  # CUDA's user space: nvidia-* wheels
+    assert {"nvidia-cublas", "nvidia-cudnn-cu13", "nvidia-cuda-runtime"} <= set(pins)
+    facts = json.loads((ctx / "image.json").read_text())
+    assert facts["cuda"] == spec.cuda == "13.0" and facts["gpu_archs"] == ["sm_89", "sm_90"]
+    plan = json.loads((ctx / "weights.json").read_text())["layers"]
+    assert [line for line in ins if line.startswith("COPY model/")] == [f"COPY model/{x['name']}/ /opt/gpubake/model/" for x in plan]
