@@ -249,15 +249,25 @@ def test_render_only_says_what_it_leaves_out_and_how_to_fill_it(tmp_path: Path) 
     assert not (out / "model").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_render_only_with_model_is_a_complete_context(tmp_path: Path) -> None:
-    """--with-model places the weights as the Containerfile's layers: the context builds as it is."""
+    """--with-model places the weights as the Containerfile's layers and builds the bootstrap
+    base FROM names: the context builds as it is (after loading the base, as it says)."""
     import re
+
+    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        pytest.skip("the bootstrap base needs root and debootstrap")
 
     out = tmp_path / "ctx"
     proc = run("--target", "vastai", "--render-only", str(out), "--with-model", "--json",
                env={"GPUBAKE_CACHE": str(tmp_path / "cache"), "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["left_out"] is None
+    result = json.loads(proc.stdout)
+    assert result["left_out"] is None
+    base = result["base"]
+    assert (out / "Containerfile").read_text().splitlines()[1] == f"FROM {base['ref']}"
+    assert Path(base["layout"], "index.json").is_file() and base["load"]["docker"].endswith(f"docker-daemon:{base['ref']}")
+    assert "load it into your builder first" in proc.stderr
     copies = re.findall(r"^COPY model/([^/]+)/ /opt/gpubake/model/$", (out / "Containerfile").read_text(), flags=re.M)
     assert copies == sorted(p.name for p in (out / "model").iterdir()) and len(copies) == 5
     plan = json.loads((out / "weights.json").read_text())["layers"]

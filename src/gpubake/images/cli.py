@@ -210,8 +210,10 @@ def _render_only(spec: Any, target: str, dest: Path, options: Any, *, with_model
     """`--render-only DIR [--with-model]`: the context, and what it leaves out and how to fill it."""
     from gpubake.images import model_layer, render
 
+    base = None
     if with_model:
         options.weights = model_layer.plan_for_build(spec)  # fetch/quantize first (own progress), exact plan
+        base = _bootstrap_layout(spec, options.timestamp, dest)
     rendered = render.render_context(spec, target, dest, options)
     left_out = None
     if with_model and spec.model.at == "build":
@@ -227,8 +229,32 @@ def _render_only(spec: Any, target: str, dest: Path, options: Any, *, with_model
         console.print(f"  skipped: {note}", markup=False)
     if left_out:
         console.print(left_out["message"], markup=False, soft_wrap=True)
+    if base:
+        console.print(base["message"], markup=False, soft_wrap=True)
     if json_out:
-        emit_json({"image": spec.name, "target": target, **rendered.to_json(), "left_out": left_out})
+        emit_json({"image": spec.name, "target": target, **rendered.to_json(), "left_out": left_out, "base": base})
+
+
+def _bootstrap_layout(spec: Any, timestamp: int, dest: Path) -> dict[str, Any] | None:
+    """A bootstrap base is gpubake's own image: build its OCI layout (cached) and say how a hand-run
+    build gets it (`FROM` names it as a local image)."""
+    if spec.base.bootstrap is None:
+        return None
+    from gpubake.images import bootstrap
+
+    inputs = bootstrap.inputs_for(spec, timestamp)
+    ref = inputs.ref()
+    try:
+        layout = bootstrap.build_layout(inputs, log_file=dest.parent / f".{dest.name}.bootstrap.log")
+    except BuildError as exc:  # no root or no debootstrap here: say so, the weights are placed all the same
+        return {"ref": ref, "layout": None, "load": {}, "error": str(exc),
+                "message": f"base: FROM {ref} is gpubake's bootstrap base, not built here ({exc}); "
+                           f"`build-image --dry-run` lists the commands that make it (debootstrap, as root)"}
+    load = {"docker": f"skopeo copy oci:{layout} docker-daemon:{ref}",
+            "buildah/podman": f"skopeo copy oci:{layout} containers-storage:{ref}"}
+    return {"ref": ref, "layout": str(layout), "load": load,
+            "message": f"base: FROM {ref} is gpubake's bootstrap base, built in {layout}; load it into your builder first:\n"
+                       + "".join(f"  {cmd}   # {who}\n" for who, cmd in load.items())}
 
 
 def _left_out(spec: Any, target: str, dest: Path, image: str) -> dict[str, Any]:
@@ -246,8 +272,10 @@ def _left_out(spec: Any, target: str, dest: Path, image: str) -> dict[str, Any]:
     if m.quantization == "nvfp4":
         steps.append(f"gpubake quantize {shlex.quote(str(work))}.src {shlex.quote(str(work))} --policy {m.policy} "
                      f"--model-id {m.id} --device cuda   # or --device cpu")
+    base_note = (f" (--with-model also builds the bootstrap base that FROM names, and says how to load it)"
+                 if spec.base.bootstrap is not None else "")
     message = (
-        f"left out: model/ (the weights: {len(layers)} layers, ~{size / 1e9:.2f} GB, planned in {dest / 'weights.json'}). "
+        f"left out: model/ (the weights: {len(layers)} layers, ~{size / 1e9:.2f} GB, planned in {dest / 'weights.json'}){base_note}. "
         f"To build this context by hand (docker build / buildah bud {dest}), render it with the weights placed:\n"
         f"  {shlex.join(fill)}\n"
         f"which runs, cached in {work.parent} (the same commands by hand):\n" + "".join(f"  {c}\n" for c in steps)
