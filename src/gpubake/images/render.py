@@ -296,7 +296,7 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions) -> di
         "model": spec.model.model_dump(),
         "model_at": spec.model.at,
         "weight_layers": [{"name": layer.name, "component": layer.component, "bytes": layer.bytes} for layer in layers],
-        "_layers_json": [{k: v for k, v in layer.to_json().items() if k != "files"} for layer in layers],
+        "weight_plan": [{k: v for k, v in layer.to_json().items() if k != "files"} for layer in layers],
         "repository": repository,
         "tag": tag,
         "push": {"server": options.push.server, "repository": options.push.repository, "tag": options.push.tag}
@@ -317,7 +317,7 @@ def _weights_doc(spec: ImageSpec, ctx: dict[str, Any]) -> dict[str, Any]:
     """`weights.json`: the layer plan the Containerfile was rendered with, and where the weights come from."""
     m = spec.model
     return {"at": m.at, "model": m.id, "source": m.source, "quantization": m.quantization, "policy": m.policy,
-            "layers": ctx["_layers_json"]}
+            "layers": ctx["weight_plan"]}
 
 
 def _copy_tree(src: Path, dest: Path) -> None:
