@@ -50,7 +50,8 @@ def _build(out: Path, store: Path, *, no_cache: bool, edit: str | None = None) -
         "build_s": round(res.seconds, 1),
         "digest": res.digest,
         "compressed_mb": round(res.total_size / 1e6, 1),
-        "weights_layer": res.layers[-1]["digest"],
+        # the weight layers: one per folder of the context's model/, right before the app and the tail
+        "weights_layer": [x["digest"] for x in res.layers[-2 - len(list((ctx / "model").iterdir())):-2]],
     }
 
 

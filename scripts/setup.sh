@@ -11,6 +11,7 @@ APT_PACKAGES=(
   docker-registry           # a real OCI registry on loopback for push tests
   apache2-utils             # htpasswd, for the registry's auth file
   debootstrap               # the offline `bootstrap` base image
+  zstd                      # tests read the zstd-compressed layers of built images
   openssh-server openssh-client  # a real SSH peer for fabric tests
   git ca-certificates
 )
@@ -39,10 +40,15 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 stamp=.venv/.gpubake-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  # torch first, pinned: this version is a CPU build on this machine's local wheel
-  # folder (pip config); an unpinned torch would download a multi-GB CUDA build.
-  echo "setup: installing torch==${GPUBAKE_TORCH:-2.13.0} and gpubake[all]" >&2
-  "${PIP[@]}" install "torch==${GPUBAKE_TORCH:-2.13.0}" 2>&1 | grep -v "is ignored: it is neither" || true
+  # torch first, pinned to the CPU build (+cpu): an unpinned torch from PyPI is the CUDA
+  # build, gigabytes more. PyTorch publishes it on its CPU index, not on PyPI; a machine with
+  # the wheel in a local folder (pip's find-links, as on this project's CI, which cannot
+  # reach download.pytorch.org) installs that copy without asking any index.
+  torch_pin="torch==${GPUBAKE_TORCH:-2.13.0}+cpu"
+  echo "setup: installing $torch_pin and gpubake[all]" >&2
+  if ! "${PIP[@]}" install --no-deps --no-index "$torch_pin" >/dev/null 2>&1; then
+    "${PIP[@]}" install --no-deps --index-url https://download.pytorch.org/whl/cpu "$torch_pin"
+  fi
   "${PIP[@]}" install -e ".[model,triton,cloud,serve,gpu,test]" 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/python -c "import gpubake, torch, triton, diffusers" || { echo "setup: install failed" >&2; exit 1; }
   echo "$want" > "$stamp"

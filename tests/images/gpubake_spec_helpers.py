@@ -8,10 +8,16 @@ from pathlib import Path
 
 from gpubake.images.catalog import CATALOG_DIR
 
+SPECS = Path(__file__).parent / "data" / "specs"  # test specs beside the catalog's (same locks)
 
-def write_spec(tmp_path: Path, name: str = "custom", *, based_on: str = "wan22-ti2v-5b", edits: list[tuple[str, str]] = ()) -> Path:
-    """Copy catalog spec `based_on` (and its lock) into tmp_path as `<name>.toml`, applying regex edits."""
+
+def write_spec(tmp_path: Path, name: str = "custom", *, based_on: str = "cuda-base", edits: list[tuple[str, str]] = ()) -> Path:
+    """Copy spec `based_on` (the catalog's, else tests/images/data/specs/; with its lock) into
+    tmp_path as `<name>.toml`, applying regex edits. The default, cuda-base, is TI2V-5B on the
+    nvidia/cuda base (a base.image pinned by digest)."""
     src = CATALOG_DIR / f"{based_on}.toml"
+    if not src.is_file():
+        src = SPECS / f"{based_on}.toml"
     text = src.read_text(encoding="utf-8")
     text = re.sub(r'^name = ".*"$', f'name = "{name}"', text, count=1, flags=re.M)
     for pattern, repl in edits:

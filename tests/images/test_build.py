@@ -115,18 +115,21 @@ def _instructions(containerfile: str) -> list[str]:
     return [line for line in joined.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def test_weights_are_the_last_layer_and_code_comes_after_the_env(demo_context):
+def test_weights_come_before_the_code_and_the_target_tail_is_last(demo_context):
     ins = _instructions((demo_context / "Containerfile").read_text())
     assert ins[0].startswith("FROM localhost/gpubake/bootstrap-bookworm:")
-    assert ins[-1] == "COPY model/ /opt/gpubake/model/"
+    assert ins[-1] == "COPY image.json start.sh /opt/gpubake/" and ins[-2] == 'LABEL ai.gpubake.target="runpod"'
     steps = [i for i, line in enumerate(ins) if line.startswith("RUN")]
     order = [re.search(r"scripts/(\d\d-[a-z-]+\.sh)", ins[i]).group(1) for i in steps]
     assert order == ["10-system.sh", "20-python-env.sh", "30-gpubake.sh"]
     lock = next(i for i, line in enumerate(ins) if "requirements.lock.txt" in line)
+    weights = [i for i, line in enumerate(ins) if line.startswith("COPY model/")]
     # gpubake's wheel, bind-mounted (no copy in a layer), named with its sha256 (the cache key)
     app = next(i for i, line in enumerate(ins) if line.startswith("RUN --mount=type=bind,source=app,"))
     assert re.search(r"30-gpubake\.sh app/gpubake-[^ ]+\.whl [0-9a-f]{64}$", ins[app])
-    assert steps[0] < lock < steps[1] < app  # code changes never rebuild the Python env
+    assert steps[0] < lock < steps[1] < weights[0] and weights[-1] < app  # code changes rebuild neither env nor weights
+    assert [ins[i] for i in weights] == [f"COPY model/{name}/ /opt/gpubake/model/" for name in
+                                         ("00-text_encoder", "01-vae", "02-transformer", "03-transformer_2", "04-meta")]
     assert not any(line.startswith("RUN") for line in ins[app + 1:])  # nothing runs after the code
 
 

@@ -146,7 +146,7 @@ def test_dry_run_lists_exactly_the_commands_a_build_runs(builder: str, tmp_path:
     slow or daemon-bound ones are stood in for (tests/images/build_fakes.py).
     """
     from gpubake.cli import _run
-    from gpubake.images import model_layer
+    from gpubake.images import layers, model_layer
     from gpubake.images.builders import packer as pk
     from gpubake.images.builders import proc
     from gpubake.images.builders.buildah import read_archive_manifest
@@ -170,10 +170,12 @@ def test_dry_run_lists_exactly_the_commands_a_build_runs(builder: str, tmp_path:
     monkeypatch.setattr(proc, "run_step", runner)
 
     def prepare_model(spec, context: Path) -> Path:  # the weights are not a builder command
-        (context / "model").mkdir()
-        (context / "model" / "weights.bin").write_bytes(b"\0" * 64)
+        for layer in model_layer.read_plan(context):
+            (context / "model" / layer.name).mkdir(parents=True)
+            (context / "model" / layer.name / "weights.bin").write_bytes(b"\0" * 64)
         return context / "model"
 
+    monkeypatch.setattr(model_layer, "plan_for_build", lambda spec: layers.estimated_layers(spec))  # no tiny model made
     monkeypatch.setattr(model_layer, "prepare_model", prepare_model)
     capsys.readouterr()
     assert _run(["build-image", *args]) == 0
@@ -188,8 +190,10 @@ def test_dry_run_lists_exactly_the_commands_a_build_runs(builder: str, tmp_path:
     if builder == "buildah":
         bud = next(a for a in argvs if "bud" in a)
         assert "--identity-label=false" in bud and "--pull=false" in bud
-        assert [a[0] for a in argvs] == ["debootstrap", "tar", "skopeo", sys.executable, "buildah", "buildah"]
-        assert argvs[3][1:4] == ["-m", "pip", "download"] and "push" in argvs[5]
+        # two pip downloads: the lock's +cpu torch with its extra index (PyTorch's CPU index), the rest from PyPI
+        assert [a[0] for a in argvs] == ["debootstrap", "tar", "skopeo", sys.executable, sys.executable, "buildah", "buildah"]
+        assert argvs[3][1:4] == argvs[4][1:4] == ["-m", "pip", "download"] and "push" in argvs[6]
+        assert argvs[6][argvs[6].index("--compression-format") + 1] == "zstd"
     else:
         target = pk.build_target(dist, pk.packer_version())
         assert [a[0] for a in argvs][-5:] == ["debootstrap", "tar", "skopeo", "packer", "skopeo"]
@@ -203,3 +207,69 @@ def test_dry_run_of_a_plan_the_builder_refuses_is_one_line(tmp_path: Path) -> No
     line = one_line_error(run("--target", "runpod", "--image", "demo", "--builder", "docker", "--dry-run", "--dist", str(tmp_path / "d")))
     assert line == "error: docker builder: spec demo has a bootstrap base; build it with --builder buildah"
     assert not (tmp_path / "d").exists()
+
+
+def test_dry_run_json_plans_the_a14b_weights_in_layers_of_at_most_4_gb(tmp_path: Path) -> None:
+    """Issue 17: the planned layers (name, source, estimated bytes), the download, disk, RAM and
+    time, before anything starts."""
+    proc = run("--target", "runpod", "--image", "wan22-t2v-a14b-nvfp4", "--dry-run", "--json", "--dist", str(tmp_path / "d"),
+               env={"GPUBAKE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    weights = plan["weights"]
+    assert weights == next(s for s in plan["steps"] if s["step"] == "prepare model")["weights"]
+    assert len(weights["layers"]) >= 8 and all(0 < layer["bytes"] <= 4_000_000_000 for layer in weights["layers"])
+    assert all({"name", "source", "bytes"} <= set(layer) and layer["estimated"] for layer in weights["layers"])
+    assert weights["download_bytes"] > 100e9 and weights["disk_bytes"]["total"] > weights["download_bytes"]
+    assert weights["ram_bytes"] > 0 and weights["seconds"]["total"] > weights["seconds"]["quantize"] > 0
+    assert weights["quantize"]["device"] in ("cpu", "cuda") and plan["compression"] == "zstd"
+    assert "layer 06-transformer-1:" in proc.stderr and "quantize on" in proc.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "d").exists()
+
+
+def test_compression_and_with_model_flags_are_checked(tmp_path: Path) -> None:
+    line = one_line_error(run("--target", "runpod", "--compression", "lz4", "--dist", str(tmp_path / "d")))
+    assert line == "error: --compression: unknown value 'lz4' (choose zstd or zstd:chunked or gzip)"
+    line = one_line_error(run("--target", "runpod", "--with-model", "--dist", str(tmp_path / "d")))
+    assert line == "error: --with-model: only with --render-only DIR (a build places the weights itself)"
+
+
+def test_render_only_says_what_it_leaves_out_and_how_to_fill_it(tmp_path: Path) -> None:
+    out = tmp_path / "ctx"
+    proc = run("--target", "runpod", "--image", "wan22-t2v-a14b-nvfp4-hopper", "--render-only", str(out), "--json",
+               env={"GPUBAKE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    left = json.loads(proc.stdout)["left_out"]
+    assert left["path"] == "model/" and left["layers"] == len(json.loads((out / "weights.json").read_text())["layers"])
+    assert left["fill"].endswith(f"--render-only {out}-full --with-model")
+    source = "hf://Wan-AI/Wan2.2-T2V-A14B-Diffusers@5be7df9619b54f4e2667b2755bc6a756675b5cd7"
+    assert left["commands"][0].startswith(f"gpubake fetch {source} ")
+    assert left["commands"][1].startswith("gpubake quantize ") and "--policy default" in left["commands"][1]
+    assert "left out: model/" in proc.stderr and "--with-model" in proc.stderr
+    assert not (out / "model").exists() and not (tmp_path / "cache" / "models").exists()  # (the app wheel is cached)
+
+
+@pytest.mark.slow
+def test_render_only_with_model_is_a_complete_context(tmp_path: Path) -> None:
+    """--with-model places the weights as the Containerfile's layers and builds the bootstrap
+    base FROM names: the context builds as it is (after loading the base, as it says)."""
+    import re
+
+    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        pytest.skip("the bootstrap base needs root and debootstrap")
+
+    out = tmp_path / "ctx"
+    proc = run("--target", "vastai", "--render-only", str(out), "--with-model", "--json",
+               env={"GPUBAKE_CACHE": str(tmp_path / "cache"), "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["left_out"] is None
+    base = result["base"]
+    assert (out / "Containerfile").read_text().splitlines()[1] == f"FROM {base['ref']}"
+    assert Path(base["layout"], "index.json").is_file() and base["load"]["docker"].endswith(f"docker-daemon:{base['ref']}")
+    assert "load it into your builder first" in proc.stderr
+    copies = re.findall(r"^COPY model/([^/]+)/ /opt/gpubake/model/$", (out / "Containerfile").read_text(), flags=re.M)
+    assert copies == sorted(p.name for p in (out / "model").iterdir()) and len(copies) == 5
+    plan = json.loads((out / "weights.json").read_text())["layers"]
+    assert [layer["name"] for layer in plan] == copies and not any(layer["estimated"] for layer in plan)
+    assert (out / "model" / copies[-1] / "gpubake-manifest.json").is_file()

@@ -178,6 +178,7 @@ def _base(name: str, root: Path) -> dict:
     data["name"] = "spec"
     data["runtime"]["volume_mount"] = str(root / "ws")  # where start.sh may write: the sandbox
     data["model"]["sha256"] = "0" * 64
+    data["model"].setdefault("at", "build")
     return data
 
 
@@ -187,9 +188,12 @@ def _cases() -> list[tuple[str, str, tuple, int]]:
     bases = {"demo": tomllib.loads((CATALOG_DIR / "demo.toml").read_text()),
              "wan22-t2v-a14b-nvfp4": tomllib.loads((CATALOG_DIR / "wan22-t2v-a14b-nvfp4.toml").read_text()),
              # a published checkpoint imported with a base: model.format, model.base, model.files
-             "wan22-t2v-a14b-lightx2v-nvfp4": tomllib.loads((CATALOG_DIR / "wan22-t2v-a14b-lightx2v-nvfp4.toml").read_text())}
+             "wan22-t2v-a14b-lightx2v-nvfp4": tomllib.loads((CATALOG_DIR / "wan22-t2v-a14b-lightx2v-nvfp4.toml").read_text()),
+             # an nvidia/cuda base (base.image)
+             "wan22-t2v-a14b-nvfp4-cu128": tomllib.loads((CATALOG_DIR / "wan22-t2v-a14b-nvfp4-cu128.toml").read_text())}
     for data in bases.values():
         data["model"]["sha256"] = "0" * 64
+        data["model"].setdefault("at", "build")  # a Literal: a hostile value must be refused naming it
     for pattern in STRING_FIELDS:
         for base, data in bases.items():
             locs = _locations(data, pattern)

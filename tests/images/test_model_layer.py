@@ -75,3 +75,39 @@ def test_code_identity_moves_with_the_code_and_its_names(identity_of):
 
     renamed = identity_of(rename_policy)
     assert renamed != base and identity_of(rename_and_edit) != renamed  # the renamed module is still in the key
+
+
+def test_build_quantizes_on_every_core_with_a_bar_and_an_eta_per_shard(tiny_checkpoint, tmp_path, monkeypatch):
+    """No GPU here: the quantizer runs on every core this process may use, and each shard gets
+    a progress bar with its rate and ETA (stderr), as model_layer asks for at build time."""
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from gpubake import console as console_mod
+    from gpubake.provisioning import quantize
+
+    assert bake.quantize_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    seen: list[int] = []
+    real = quantize.quantize_weight
+
+    def spy(w, device="cpu", out_device="cpu"):
+        seen.append(torch.get_num_threads())
+        return real(w, device, out_device)
+
+    monkeypatch.setattr(quantize, "quantize_weight", spy)
+    out = io.StringIO()
+    monkeypatch.setattr(console_mod, "console", Console(file=out, force_terminal=True, width=200))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a process might have it: the build must not stay on one core
+    try:
+        bake.quantize_checkpoint(tiny_checkpoint, tmp_path / "q", "default", device="cpu", progress=True, model_id="tiny-wan2.2")
+        assert seen and set(seen) == {quantize.cpu_threads()}  # all cores while quantizing
+        assert torch.get_num_threads() == 1  # and back afterwards
+    finally:
+        torch.set_num_threads(before)
+    text = out.getvalue()
+    for expert in ("transformer", "transformer_2"):
+        assert f"quantize {expert} (cpu, {quantize.cpu_threads()} cores)" in text
+    assert "shard 1/1 diffusion_pytorch_model.safetensors" in text and "ETA" in text

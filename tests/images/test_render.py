@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import zipfile
+import sys
 from pathlib import Path
 
 import jinja2
@@ -13,6 +14,8 @@ import pytest
 
 from gpubake.errors import GpubakeError
 from gpubake.images import catalog, render
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 SECRET = "s3cr3t-registry-pass-do-not-leak"
 
@@ -54,11 +57,79 @@ def test_image_json_is_the_facts_the_boot_reads(wan_context: Path) -> None:
     assert facts.model.quantization == "nvfp4" and facts.throughput_key == facts.model.id == "wan2.2-t2v-a14b"
 
 
-def test_containerfile_uses_the_pinned_base_and_puts_weights_last(wan_context: Path) -> None:
+def test_containerfile_uses_the_bootstrap_base_and_layers_the_weights_before_the_code(wan_context: Path) -> None:
+    spec = catalog.find("wan22-t2v-a14b-nvfp4")
     text = (wan_context / "Containerfile").read_text()
-    assert f"FROM {catalog.find('wan22-t2v-a14b-nvfp4').base.image}" in text
-    instructions = [line.split()[0] for line in text.splitlines() if line and not line.startswith("#")]
-    assert instructions[-1] == "COPY" and text.rstrip().endswith("model/")
+    assert spec.base.bootstrap is not None and f"FROM {render.base_reference(spec, 1_700_000_000)[0]}\n" in text
+    ins = _instructions(text)
+    weights = [i for i, line in enumerate(ins) if line.startswith("COPY model/")]
+    plan = json.loads((wan_context / "weights.json").read_text())["layers"]
+    assert [ins[i] for i in weights] == [f"COPY model/{layer['name']}/ /opt/gpubake/model/" for layer in plan]
+    env = max(i for i, line in enumerate(ins) if "20-python-env.sh" in line)
+    app = next(i for i, line in enumerate(ins) if line.startswith("RUN --mount=type=bind,source=app,"))  # the wheel
+    assert env < weights[0] and weights == list(range(weights[0], weights[-1] + 1)) and weights[-1] < app
+    assert ins[-1] == "COPY image.json start.sh /opt/gpubake/"  # the target's tail, last
+    assert all(layer["bytes"] <= 4_000_000_000 for layer in plan)
+
+
+def test_the_nvidia_cuda_base_stays_an_option(tmp_path: Path) -> None:
+    """A spec may still name a pinned nvidia/cuda base: FROM it, and step 10 reads its dated apt mirror."""
+    from gpubake_spec_helpers import write_spec  # tests/images (on sys.path above)
+
+    from gpubake.images.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path))
+    assert spec.base.image and "nvidia/cuda" in spec.base.image and spec.python.version == "3.12"
+    ctx = tmp_path / "ctx"
+    render.render_context(spec, "runpod", ctx, render.RenderOptions(timestamp=1_700_000_000))
+    ins = _instructions((ctx / "Containerfile").read_text())
+    assert ins[0] == f"FROM {spec.base.image}"
+    runs = [line for line in ins if line.startswith("RUN")]
+    assert runs and all(f"GPUBAKE_APT_MIRROR={spec.base.apt_mirror}" in line for line in runs)
+    assert all("GPUBAKE_TARGET" not in line for line in runs)
+
+
+def _instructions(containerfile: str) -> list[str]:
+    joined = containerfile.replace("\\\n", " ")
+    return [line for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("image", ["demo", "wan22-t2v-a14b-nvfp4-hopper"])
+def test_targets_differ_only_in_their_tail(tmp_path: Path, image: str) -> None:
+    """Both targets render the same instructions up to the target's label: with the layer cache
+    (and in a registry) they share every layer but the last (test_repro compares digests)."""
+    spec = catalog.find(image)
+    out = {}
+    for target in ("runpod", "vastai"):
+        render.render_context(spec, target, tmp_path / target, render.RenderOptions(timestamp=1_700_000_000))
+        out[target] = _instructions((tmp_path / target / "Containerfile").read_text())
+    a, b = out["runpod"], out["vastai"]
+    assert len(a) == len(b)
+    differ = [i for i in range(len(a)) if a[i] != b[i]]
+    assert differ == [len(a) - 2], differ  # only `LABEL ai.gpubake.target=...`
+    assert a[-2] == 'LABEL ai.gpubake.target="runpod"' and b[-2] == 'LABEL ai.gpubake.target="vastai"'
+    for name in ("requirements.lock.txt", "weights.json"):
+        assert (tmp_path / "runpod" / name).read_bytes() == (tmp_path / "vastai" / name).read_bytes()
+    for rel in json.loads((tmp_path / "runpod" / "context.json").read_text())["files"]:
+        if rel.startswith(("scripts/", "app/")):
+            assert (tmp_path / "runpod" / rel).read_bytes() == (tmp_path / "vastai" / rel).read_bytes(), rel
+
+
+def test_weights_at_boot_render_no_weight_layer(tmp_path: Path) -> None:
+    spec = catalog.find("wan22-ti2v-5b")
+    boot = spec.model_copy(update={"model": spec.model.model_copy(update={"at": "boot"})})
+    render.render_context(boot, "runpod", tmp_path / "ctx", render.RenderOptions(timestamp=1_700_000_000))
+    ins = _instructions((tmp_path / "ctx" / "Containerfile").read_text())
+    assert not [line for line in ins if "model/" in line]
+    assert json.loads((tmp_path / "ctx" / "weights.json").read_text()) == {
+        "at": "boot", "layers": [], "model": "wan2.2-ti2v-5b", "policy": "default", "quantization": "nvfp4",
+        "source": spec.model.source}
+
+
+def test_image_json_records_the_pinned_revision(wan_context: Path) -> None:
+    info = json.loads((wan_context / "image.json").read_text())
+    assert info["model"]["revision"] == "5be7df9619b54f4e2667b2755bc6a756675b5cd7"
+    assert info["model"]["source"].endswith("@" + info["model"]["revision"])
 
 
 def test_files_have_fixed_modes_and_mtimes(wan_context: Path) -> None:
@@ -240,3 +311,29 @@ def test_destination_under_a_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(GpubakeError, match=r"^--render-only: .*afile/ctx: .*afile is not a directory$"):
         render.render_context(catalog.find("demo"), "runpod", tmp_path / "afile" / "ctx")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_the_hopper_image_renders_a_buildable_context(tmp_path: Path) -> None:
+    """CI's fast check of the Containerfile bench/bench_gpu_image.py builds (docs/benchmarks.md):
+    the bootstrap base with what Triton needs, the lock's sources, the steps, the weight layers."""
+    from gpubake.images import bootstrap
+    from gpubake.images.builders import wheels
+
+    spec = catalog.find("wan22-t2v-a14b-nvfp4-hopper")
+    ctx = tmp_path / "hopper"
+    render.render_context(spec, "runpod", ctx, render.RenderOptions(timestamp=1_700_000_000))
+    ins = _instructions((ctx / "Containerfile").read_text())
+    base = bootstrap.inputs_for(spec, 1_700_000_000)
+    assert ins[0] == f"FROM {base.ref()}" and {"gcc", "libc6-dev", "python3-dev", "python3-venv"} <= set(base.packages)
+    assert [line.split()[-1] if "30-gpubake" not in line else "30-gpubake.sh" for line in ins if line.startswith("RUN")] \
+        == ["scripts/10-system.sh", "scripts/20-python-env.sh", "30-gpubake.sh"]
+    assert all("GPUBAKE_PYTHON=3.11" in line for line in ins if line.startswith("RUN"))
+    lock = wheels.parse_lock((ctx / "requirements.lock.txt").read_text())
+    pins = dict(lock.pins())
+    assert pins["torch"] == "2.11.0" and "triton" in pins and pins["fa3-fwd"] == "0.0.3"
+    assert lock.index_url == "https://pypi.org/simple" and not lock.extra_index_urls  # CUDA's user space: nvidia-* wheels
+    assert {"nvidia-cublas", "nvidia-cudnn-cu13", "nvidia-cuda-runtime"} <= set(pins)
+    facts = json.loads((ctx / "image.json").read_text())
+    assert facts["cuda"] == spec.cuda == "13.0" and facts["gpu_archs"] == ["sm_89", "sm_90"]
+    plan = json.loads((ctx / "weights.json").read_text())["layers"]
+    assert [line for line in ins if line.startswith("COPY model/")] == [f"COPY model/{x['name']}/ /opt/gpubake/model/" for x in plan]

@@ -42,9 +42,20 @@ def test_demo_image_shape(demo_build):
     _, manifest = read_archive_manifest(result.archive)
     assert [layer["digest"] for layer in manifest["layers"]] == [layer["digest"] for layer in result.layers]
     assert result.builder == "buildah" and result.total_size == sum(layer["size"] for layer in result.layers)
-    last = _layer_names(result.archive, result.layers[-1]["digest"])
-    assert last and all(name.startswith("opt/gpubake/model") or name in ("opt", "opt/gpubake") for name in last)
-    assert "opt/gpubake/model/gpubake-manifest.json" in last
+    # layers are zstd-compressed (build-image's default), the target's tail is last, the
+    # weights are the layers before the code, one per folder of the context's model/
+    assert all(layer["mediaType"].endswith("+zstd") for layer in manifest["layers"])
+    tail = _layer_names(result.archive, result.layers[-1]["digest"])
+    assert sorted(n for n in tail if n not in ("opt", "opt/gpubake")) == ["opt/gpubake/image.json", "opt/gpubake/start.sh"]
+    plan = [p.name for p in sorted((demo_build.context / "model").iterdir())]
+    weights = result.layers[-2 - len(plan):-2]
+    for name, layer in zip(plan, weights):
+        names = _layer_names(result.archive, layer["digest"])
+        assert names and all(n.startswith("opt/gpubake/model") or n in ("opt", "opt/gpubake") for n in names), name
+    meta = _layer_names(result.archive, weights[-1]["digest"])
+    assert "opt/gpubake/model/gpubake-manifest.json" in meta
+    app = _layer_names(result.archive, result.layers[-2]["digest"])
+    assert "opt/gpubake/app/gpubake/__init__.py" in app
     # port 22 is in the templates: the image has an sshd for start.sh to start, and no host
     # key in any layer (every instance of a public image would share it)
     names = [n for layer in result.layers for n in _layer_names(result.archive, layer["digest"])]
@@ -55,7 +66,7 @@ def test_demo_image_shape(demo_build):
 def test_code_only_change_keeps_the_weight_layer(demo_build, demo_builder, tmp_path):
     """Rebuilt from the layer cache with one source file changed. Compared in the local
     store (uncompressed layer digests; export compresses each deterministically), which
-    spares a second export."""
+    spares a second export. What differs is what a push of the change re-pushes."""
     from gpubake.images.builders.buildah import local_manifest
     from gpubake.images.builders.storage import storage_at
 
@@ -70,16 +81,50 @@ def test_code_only_change_keeps_the_weight_layer(demo_build, demo_builder, tmp_p
     ).result
     after = changed.layers
     assert len(after) == len(before) == len(demo_build.result.layers)
-    assert after[-1] == before[-1]  # the weights: same layer, nothing to re-push
-    assert after[:5] == before[:5]  # base, scripts, system, lock, Python env: untouched
-    assert after[5] != before[5]  # the app layer carries the change
-    assert after[6] == before[6]  # image.json + start.sh
+    differ = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    assert differ == [len(after) - 2]  # the app layer only: base, env, every weight layer and the tail are the same
+    repush = sum(after[i]["size"] for i in differ)
+    assert repush <= 100_000_000, f"a code-only change re-pushes {repush / 1e6:.1f} MB (uncompressed)"
+
+
+def test_both_targets_share_every_layer_but_their_tail(demo_build, demo_builder, tmp_path):
+    """The vastai build of the same context inputs, from the runpod build's layer cache:
+    the same layer digests up to the target's tail (issue 17)."""
+    from gpubake.images.builders.buildah import local_manifest
+    from gpubake.images.builders.storage import storage_at
+
+    runpod = local_manifest(storage_at(demo_build.store), "localhost/gpubake/demo:runpod")[1]
+    ctx = tmp_path / "vastai-ctx"
+    shutil.copytree(demo_build.context, ctx, symlinks=True)
+    from gpubake.images.catalog import find
+    from gpubake.images.render import RenderOptions, render_context
+
+    fresh = tmp_path / "render"
+    render_context(find("demo"), "vastai", fresh, RenderOptions(timestamp=TIMESTAMP))
+    for name in ("Containerfile", "image.json", "start.sh"):  # the target's files, all else as the runpod build had it
+        shutil.copyfile(fresh / name, ctx / name)
+    vastai = demo_builder(tmp_path / "v", demo_build.store, target="vastai", context_from=ctx, archive=False).result.layers
+    assert len(vastai) == len(runpod)
+    assert vastai[:-1] == runpod[:-1] and vastai[-1] != runpod[-1]
+
+
+def _layer_stream(blob) -> bytes:
+    """A layer blob's tar bytes, whatever its compression (zstd by default, gzip with --compression gzip)."""
+    data = blob.read()
+    if data[:4] == b"\x28\xb5\x2f\xfd":  # zstd frame magic
+        out = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True)
+        return out.stdout
+    if data[:2] == b"\x1f\x8b":
+        return gzip.decompress(data)
+    return data
 
 
 def _layer_names(archive: Path, digest: str) -> list[str]:
+    import io
+
     with tarfile.open(archive) as outer:
         blob = outer.extractfile("blobs/sha256/" + digest.split(":", 1)[1])
-        with tarfile.open(fileobj=gzip.GzipFile(fileobj=blob)) as layer:
+        with tarfile.open(fileobj=io.BytesIO(_layer_stream(blob))) as layer:
             return layer.getnames()
 
 
@@ -104,9 +149,14 @@ def test_secret_in_no_log_context_or_layer(demo_build):
             fh = outer.extractfile(member)
             if fh is None:
                 continue
-            head = fh.read(2)
+            head = fh.read(4)
             fh.seek(0)
-            stream = gzip.GzipFile(fileobj=fh) if head == b"\x1f\x8b" else fh
+            if head == b"\x28\xb5\x2f\xfd":  # a zstd layer: scan what it unpacks to
+                import io
+
+                stream = io.BytesIO(_layer_stream(fh))
+            else:
+                stream = gzip.GzipFile(fileobj=fh) if head[:2] == b"\x1f\x8b" else fh
             assert not _contains(stream, canary), member.name
 
 
@@ -144,6 +194,6 @@ def test_cli_wrong_password_is_one_line_and_nonzero(demo_build, registry, tmp_pa
     assert "Traceback" not in proc.stderr and registry.password not in proc.stderr + proc.stdout
     # Built (from the layer cache) before the push was refused; its weights are the same layer.
     _, manifest = read_archive_manifest(dist / "demo-runpod.oci.tar")
-    assert manifest["layers"][-1]["digest"] == demo_build.result.layers[-1]["digest"]
+    assert [layer["digest"] for layer in manifest["layers"]][:-2] == [layer["digest"] for layer in demo_build.result.layers][:-2]
     for log in dist.glob("*.log"):
         assert registry.password not in log.read_text()

@@ -31,7 +31,12 @@ def test_catalog_ships_the_four_images() -> None:
     demo = catalog.find("demo")
     assert demo.cuda == "none" and demo.cpu_ok and demo.base.bootstrap is not None and demo.model.source == "generate:tiny"
     blackwell = catalog.find("wan22-t2v-a14b-nvfp4")
-    assert set(blackwell.gpu_archs) == {"sm_100", "sm_120"} and blackwell.base.image and "@sha256:" in blackwell.base.image
+    assert set(blackwell.gpu_archs) == {"sm_100", "sm_120"}
+    for name in ("wan22-t2v-a14b-nvfp4", "wan22-t2v-a14b-nvfp4-hopper", "wan22-ti2v-5b"):  # issue 17: buildable here
+        gpu = catalog.find(name)
+        assert gpu.base.bootstrap is not None and {"gcc", "python3-dev"} <= set(gpu.base.bootstrap.packages)  # Triton's JIT
+        assert gpu.base.apt_mirror and gpu.base.apt_mirror.startswith("https://snapshot.debian.org/archive/debian/")
+        assert gpu.model.revision and len(gpu.model.revision) == 40 and gpu.model.at == "build"
     assert set(catalog.find("wan22-t2v-a14b-nvfp4-hopper").gpu_archs) == {"sm_89", "sm_90"}
     assert catalog.find("wan22-ti2v-5b").model.id == "wan2.2-ti2v-5b"
 
@@ -58,6 +63,10 @@ def _error(path: Path) -> str:
         ([(r'"sm_90"', '"sm_89"')], "custom.toml: gpu_archs: listed twice: sm_89"),
         ([(r"port = 8000", "port = 70000")], "custom.toml: runtime.ports[0].port: Input should be less than or equal to 65535, got 70000"),
         ([(r'^env = \{', 'env = { HF_TOKEN = "hf_x", ')], "custom.toml: runtime.env: HF_TOKEN looks like a secret"),
+        ([(r"@b8fff7315c768468a5333511427288870b2e9635", "@main")], "custom.toml: model.source: must pin a commit (hf://org/repo@<40 hex>"),
+        ([(r"@b8fff7315c768468a5333511427288870b2e9635", "")], "custom.toml: model.source: must pin a commit"),
+        ([(r'^apt_mirror = .*$', 'apt_mirror = "http://x.org/debian; rm -rf /"')], "custom.toml: base.apt_mirror: must be an http(s) mirror URL"),
+        ([(r'^policy = "default"$', 'policy = "default"\nat = "runtime"')], "custom.toml: model.at: must be one of 'build' or 'boot', got 'runtime'"),
         ([(r'^quantization = "nvfp4"', 'quantization = "int4"')], "custom.toml: model.quantization: must be one of"),
         ([(r"^source = .*$", 'source = "ftp://x/y"')], "custom.toml: model.source: must be generate:tiny"),
         ([(r"^source = .*$", 'source = "https://h/w/?token=hf_abc"')], "custom.toml: model.source: https://h/w/?token=... carries a credential"),

@@ -77,10 +77,10 @@ def test_a_base_with_python_and_sshd_installs_nothing(tmp_path):
 def test_a_bare_base_gets_python_certificates_and_openssh_server(tmp_path):
     proc, apt = run_step(tmp_path, python=False, certs=False, sshd=False)
     assert proc.returncode == 0, proc.stderr
-    assert apt[1] == f"apt-get install -y -qq --no-install-recommends python{PY} python{PY}-venv ca-certificates openssh-server"
+    assert apt[1] == f"apt-get install -y -qq --no-install-recommends python{PY} python{PY}-venv python{PY}-dev ca-certificates gcc libc6-dev openssh-server"
 
 
 def test_a_base_with_sshd_but_no_certificates_gets_no_second_sshd(tmp_path):
     proc, apt = run_step(tmp_path, python=True, certs=False, sshd=True)
     assert proc.returncode == 0, proc.stderr
-    assert apt[1] == f"apt-get install -y -qq --no-install-recommends python{PY} python{PY}-venv ca-certificates"
+    assert apt[1] == f"apt-get install -y -qq --no-install-recommends python{PY} python{PY}-venv python{PY}-dev ca-certificates gcc libc6-dev"

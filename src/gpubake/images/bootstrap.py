@@ -36,7 +36,7 @@ from gpubake.images.builders.proc import execute
 from gpubake.images.builders.storage import Storage, cache_root
 
 RECIPE_VERSION = 1  # bump when the recipe below changes what ends up in the layer
-DEFAULT_MIRROR = envs.declared("GPUBAKE_DEBIAN_MIRROR").default
+DEFAULT_MIRROR = "http://deb.debian.org/debian"  # without a spec mirror or $GPUBAKE_DEBIAN_MIRROR
 VARIANT = "minbase"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -110,12 +110,18 @@ def debian_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
 
 
+def mirror_for(spec) -> str:
+    """debootstrap's mirror: $GPUBAKE_DEBIAN_MIRROR when set (a machine that cannot reach the
+    spec's snapshot), else the spec's dated `base.apt_mirror`, else deb.debian.org."""
+    return envs.raw("GPUBAKE_DEBIAN_MIRROR") or spec.base.apt_mirror or DEFAULT_MIRROR
+
+
 def inputs_for(spec, epoch: int) -> BootstrapInputs:
     """Bootstrap inputs of an `ImageSpec` with a `[base.bootstrap]` table."""
     bs = spec.base.bootstrap
     if bs is None:
         raise BuildError(f"spec {spec.name}: base.bootstrap is not set")
-    mirror = envs.GPUBAKE_DEBIAN_MIRROR
+    mirror = mirror_for(spec)
     return BootstrapInputs(suite=bs.suite, packages=tuple(bs.packages), epoch=epoch, mirror=mirror).normalised()
 
 

@@ -1,17 +1,21 @@
-"""The model weights of an image: prepared on the host, placed in the context's `model/`.
+"""The model weights of an image: prepared on the host, staged in the context's `model/` as layers.
 
-Why on the host: the Containerfile COPYs `model/` as the image's last layer, so the layer's
-digest depends only on the checkpoint bytes (a code change never re-pushes weights), and
-the build itself needs no network or GPU. The checkpoint comes from the checkpoint part's
-API for the build side, `gpubake.provisioning.bake`: `generate:tiny` -> `make_tiny(seed=0)`;
-`model.format` (another tool's NVFP4 checkpoint, e.g. LightX2V's) -> `import_checkpoint`
-of `model.source` (its `model.files`) with `model.base` (the diffusers checkpoint giving the
-text encoder, VAE, tokenizer and configs), both pinned by revision; other sources ->
-`fetch`; `quantization = "nvfp4"` on a BF16 checkpoint -> `quantize_checkpoint`. Results
-are cached under ~/.cache/gpubake/models/<key>, the key hashing the model fields of the
-spec and, for checkpoints our code writes (generated, imported), the source of that code
-(`bake.code_identity()`), and hard-linked into the context (copied across file systems).
-A spec's `model.sha256` pins the sha256 of the checkpoint's manifest.
+Why on the host: the Containerfile COPYs each folder `model/<layer>/` as one layer, so a
+layer's digest depends only on its checkpoint bytes (a code change never re-pushes
+weights), and the build itself needs no network or GPU. The checkpoint comes from the
+checkpoint part's API for the build side, `gpubake.provisioning.bake`: `generate:tiny` ->
+`make_tiny(seed=0)`; `model.format` (another tool's NVFP4 checkpoint, e.g.
+LightX2V's) -> `import_checkpoint` of `model.source` (its `model.files`) with `model.base`
+(the diffusers checkpoint giving the text encoder, VAE, tokenizer and configs), both pinned
+by revision; other sources -> `fetch`; `quantization = "nvfp4"` on a BF16/fp32
+checkpoint -> `quantize_checkpoint`, on this machine's GPU when torch sees one (seconds an
+expert), else on every CPU core, with a progress bar and an ETA per shard. Results are
+cached under ~/.cache/gpubake/models/<key>, the key hashing the spec's model table
+(source with its pinned revision, quantization, policy), gpubake's version and the source
+of the code that makes or quantizes the bytes (`bake.code_identity()`), for every source:
+a quantizer fix can never reuse old NVFP4 bytes. Files are hard-linked into the context
+(copied across file systems). A spec's `model.sha256` pins the sha256 of the checkpoint's
+manifest. Which file goes in which layer: `gpubake.images.layers`.
 """
 
 from __future__ import annotations
@@ -25,22 +29,28 @@ from pathlib import Path
 from gpubake import __version__
 from gpubake.errors import BuildError, GpubakeError
 from gpubake.fsutil import atomic_path
+from gpubake.images import layers as weight_layers
 from gpubake.images.builders.storage import cache_root
 from gpubake.images.spec import ImageSpec, check_pinned
 from gpubake.provisioning import bake
 from gpubake.provisioning.bake import MANIFEST_NAME, manifest_sha256
 
-__all__ = ["MODEL_DIR", "cached_model", "describe", "model_key", "prepare_model"]
+__all__ = ["MODEL_DIR", "PLAN_FILE", "cached_model", "cached_path", "describe", "model_key", "plan_for_build",
+           "prepare_model", "read_plan", "weights_plan"]
 
-MODEL_DIR = "model"  # the weights' folder inside a build context
+MODEL_DIR = "model"  # the weights' folder inside a build context: one sub-folder per layer
+PLAN_FILE = "weights.json"  # the context's layer plan (written by render, read when the weights are staged)
 
 
 def model_key(spec: ImageSpec) -> str:
-    """Cache key: the spec's model table, gpubake's version and the checkpoint code."""
-    doc = {"model": spec.model.model_dump(mode="json"), "version": __version__}
-    if spec.model.source == "generate:tiny" or spec.model.format is not None:
-        doc["code"] = bake.code_identity()  # generated and imported bytes depend on our code, fetched ones do not
+    """Cache key: the spec's model table, gpubake's version and the code that makes or quantizes the bytes."""
+    m = spec.model
+    doc = {"model": m.model_dump(mode="json", exclude={"at"}), "version": __version__, "code": bake.code_identity()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def cached_path(spec: ImageSpec) -> Path:
+    return cache_root() / "models" / model_key(spec)
 
 
 def describe(spec: ImageSpec) -> dict[str, object]:
@@ -78,10 +88,11 @@ def _make(spec: ImageSpec, dest: Path) -> None:
         if spec.model.source == "generate:tiny":
             bake.make_tiny(raw, seed=0)
         else:
-            bake.fetch(spec.model.source, raw, sha256=spec.model.sha256, progress=False)
+            bake.fetch(spec.model.source, raw, sha256=spec.model.sha256, progress=True)
         fmt = bake.read_manifest(raw).get("format") if (raw / MANIFEST_NAME).is_file() else "bf16"
         if spec.model.quantization == "nvfp4" and fmt != "nvfp4":
-            bake.quantize_checkpoint(raw, dest, spec.model.policy, progress=False, model_id=spec.model.id)
+            bake.quantize_checkpoint(raw, dest, spec.model.policy, device=bake.quantize_device(), progress=True,
+                                     model_id=spec.model.id)
         else:
             os.replace(raw, dest)
     finally:
@@ -90,41 +101,69 @@ def _make(spec: ImageSpec, dest: Path) -> None:
 
 def cached_model(spec: ImageSpec) -> Path:
     """The spec's checkpoint in the cache, made on first use."""
-    final = cache_root() / "models" / model_key(spec)
+    check_pinned(spec)  # a placeholder revision builds nothing
+    final = cached_path(spec)
     if not (final / MANIFEST_NAME).is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(final) as tmp:
-            _make(spec, tmp)
+        try:
+            with atomic_path(final) as tmp:
+                _make(spec, tmp)
+        except GpubakeError as exc:
+            raise BuildError(f"model {spec.model.id} ({spec.model.source}): {exc}") from None
+    if spec.model.sha256 and manifest_sha256(final) != spec.model.sha256:
+        raise BuildError(
+            f"model.sha256: {spec.model.id} manifest is sha256:{manifest_sha256(final)}, spec pins {spec.model.sha256}"
+        )
     return final
 
 
-def _link_tree(src: Path, dest: Path) -> None:
-    def link(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
+def weights_plan(spec: ImageSpec) -> list[weight_layers.WeightLayer]:
+    """The layers a context renders now: exact when the checkpoint is cached, else the estimate;
+    none when the weights come at boot."""
+    if spec.model.at == "boot":
+        return []
+    cached = cached_path(spec)
+    if (cached / MANIFEST_NAME).is_file():
+        return weight_layers.plan_checkpoint(cached, sources=weight_layers.component_sources(spec))
+    return weight_layers.estimated_layers(spec)
 
-    shutil.copytree(src, dest, copy_function=link)
+
+def plan_for_build(spec: ImageSpec) -> list[weight_layers.WeightLayer]:
+    """Make (or reuse) the checkpoint, then its exact layer plan: what a build renders with."""
+    if spec.model.at == "boot":
+        return []
+    cached_model(spec)
+    return weights_plan(spec)
+
+
+def read_plan(context_dir: Path) -> list[weight_layers.WeightLayer]:
+    """The layer plan a context was rendered with (its `weights.json`)."""
+    path = Path(context_dir) / PLAN_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return [weight_layers.WeightLayer(name=x["name"], component=x["component"], bytes=int(x["bytes"]),
+                                          source=x.get("source", ""), estimated=bool(x.get("estimated")))
+                for x in doc["layers"]]
+    except FileNotFoundError:
+        raise BuildError(f"{path}: missing; render the context with gpubake.images.render") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildError(f"{path}: not a layer plan ({exc})") from None
 
 
 def prepare_model(spec: ImageSpec, context_dir: str | os.PathLike[str]) -> Path:
-    """Place the spec's checkpoint at `<context_dir>/model`; return that path.
+    """Stage the spec's checkpoint in `<context_dir>/model/<layer>/`, as the context's plan
+    (`weights.json`) lays it out; return `<context_dir>/model`.
 
-    Raises `BuildError` (one line) when the checkpoint cannot be made or does not match
-    the spec's `model.sha256`.
+    Raises `BuildError` (one line) when the checkpoint cannot be made, does not match the
+    spec's `model.sha256`, or does not fit the plan.
     """
     dest = Path(context_dir) / MODEL_DIR
     if dest.exists():
         raise BuildError(f"{dest}: already exists; render a fresh context")
-    check_pinned(spec)  # a placeholder revision builds nothing
-    try:
-        src = cached_model(spec)
-    except GpubakeError as exc:
-        raise BuildError(f"model {spec.model.id} ({spec.model.source}): {exc}") from None
-    if spec.model.sha256 and manifest_sha256(src) != spec.model.sha256:
-        raise BuildError(
-            f"model.sha256: {spec.model.id} manifest is sha256:{manifest_sha256(src)}, spec pins {spec.model.sha256}"
-        )
-    _link_tree(src, dest)
+    planned = read_plan(Path(context_dir))
+    if spec.model.at == "boot" or not planned:
+        return dest
+    src = cached_model(spec)
+    staged = weight_layers.assign(planned, weight_layers.checkpoint_sizes(src))
+    weight_layers.stage(src, staged, dest)
     return dest

@@ -11,6 +11,8 @@ Layout (see docs/architecture.md "Build context"):
     image.json               the image's facts (`provisioning.facts.ImageFacts`): read at boot
     requirements.lock.txt    the spec's python.lock (pip --require-hashes)
     app/gpubake-*.whl        gpubake itself, a wheel of the repository's tracked files (app_wheel)
+    weights.json             the weight layer plan (images/layers.py): one folder model/<layer>/ each,
+                             filled by model_layer.prepare_model (not rendered: the weights are not here)
     scripts/NN-*.sh          in-image provisioning scripts, run in name order
     start.sh                 templates/start.sh.j2 (when the self-test part ships it)
     marketplace/<target>.json  marketplace template payload (when that part is present)
@@ -44,6 +46,7 @@ PACKER_FILE = "image.pkr.hcl"
 PACKER_PLUGINS_FILE = "plugins.pkr.hcl"
 LOCK_FILE = "requirements.lock.txt"
 IMAGE_JSON = FACTS_FILE  # the image's facts, installed at <INSTALL_PREFIX>/image.json
+WEIGHTS_PLAN = "weights.json"  # the weight layer plan (gpubake.images.model_layer.PLAN_FILE)
 MANIFEST = "context.json"
 SCRIPTS_DIR = "scripts"
 APP_DIR = "app"
@@ -185,7 +188,8 @@ def image_facts(spec: ImageSpec, target: str | None) -> ImageFacts:
         cpu_ok=spec.cpu_ok,
         runnable_archs=runnable,
         min_driver=min_driver,
-        model=ModelFacts(id=m.id, quantization=m.quantization, policy=m.policy, source=m.source, sha256=m.sha256),
+        model=ModelFacts(id=m.id, quantization=m.quantization, policy=m.policy, source=m.source, sha256=m.sha256,
+                         revision=m.revision),
         model_dir=spec.runtime.env.get("GPUBAKE_MODEL_DIR"),
         throughput_key=m.id,
     )
@@ -248,6 +252,7 @@ class RenderOptions:
     timestamp: int = 0
     push: PushTarget | None = None
     image_ref: str | None = None  # reference marketplaces will pull (defaults to push ref / local tag)
+    weights: list[Any] | None = None  # the weight layers (images.layers.WeightLayer); None: model_layer.weights_plan
 
 
 @dataclass
@@ -262,6 +267,15 @@ class RenderedContext:
         return {"context_dir": str(self.path), "files": self.files, "skipped": self.skipped}
 
 
+def weight_layers(spec: ImageSpec, options: RenderOptions) -> list[Any]:
+    """The weight layers to render: the options', else the plan of the model cache or the estimate."""
+    if options.weights is not None:
+        return list(options.weights)
+    from gpubake.images import model_layer  # the builder half's module (makes nothing here)
+
+    return model_layer.weights_plan(spec)
+
+
 def template_context(spec: ImageSpec, target: str, options: RenderOptions, wheel: AppWheel | None = None) -> dict[str, Any]:
     """Variables every template gets (documented in docs/architecture.md "Build context").
 
@@ -269,12 +283,13 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions, wheel
     without it (a dry run's plan) the wheel's name is the expected one and its sha256 empty.
     """
     base_ref, base_pull = base_reference(spec, options.timestamp)
+    layers = weight_layers(spec, options)
     tag = options.push.tag if options.push else target
     repository = options.push.repository if options.push else local_repository(spec)
     env = {**spec.runtime.env}
+    # The build steps' environment names no target: both targets share every RUN layer.
     build_env = {
         "GPUBAKE_IMAGE": spec.name,
-        "GPUBAKE_TARGET": target,
         "GPUBAKE_PREFIX": INSTALL_PREFIX,
         "GPUBAKE_PYTHON": spec.python.version,
         "SOURCE_DATE_EPOCH": str(options.timestamp),
@@ -282,6 +297,8 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions, wheel
         "PIP_NO_CACHE_DIR": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if spec.base.apt_mirror and spec.base.image is not None:  # a bootstrap base: debootstrap's mirror instead
+        build_env["GPUBAKE_APT_MIRROR"] = spec.base.apt_mirror
     image_labels = labels(spec, target)
     exposes = [f"{p.port}/{'udp' if p.protocol == 'udp' else 'tcp'}" for p in spec.runtime.ports]
     cf = containerfile_string
@@ -317,13 +334,30 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions, wheel
         "entrypoint": list(spec.runtime.entrypoint),
         "changes": changes,
         "model": spec.model.model_dump(),
+        "model_at": spec.model.at,
+        "weight_layers": [{"name": layer.name, "component": layer.component, "bytes": layer.bytes} for layer in layers],
+        "weight_plan": [{k: v for k, v in layer.to_json().items() if k != "files"} for layer in layers],
         "repository": repository,
         "tag": tag,
         "push": {"server": options.push.server, "repository": options.push.repository, "tag": options.push.tag}
         if options.push
         else None,
         "has_start_script": has_template(START_TEMPLATE),
+        "model_key": _model_key(spec),
     }
+
+
+def _model_key(spec: ImageSpec) -> str:
+    from gpubake.images import model_layer
+
+    return model_layer.model_key(spec)
+
+
+def _weights_doc(spec: ImageSpec, ctx: dict[str, Any]) -> dict[str, Any]:
+    """`weights.json`: the layer plan the Containerfile was rendered with, and where the weights come from."""
+    m = spec.model
+    return {"at": m.at, "model": m.id, "source": m.source, "quantization": m.quantization, "policy": m.policy,
+            "layers": ctx["weight_plan"]}
 
 
 def _marketplace_payload(spec: ImageSpec, target: str, image_ref: str) -> dict[str, Any] | None:
@@ -406,6 +440,7 @@ def _render(spec: ImageSpec, target: str, dest: Path, options: RenderOptions) ->
         (tmp / PACKER_FILE).write_text(render_template(PACKER_TEMPLATE, ctx), encoding="utf-8")
         (tmp / PACKER_PLUGINS_FILE).write_text(PACKER_PLUGINS_HCL, encoding="utf-8")
         (tmp / IMAGE_JSON).write_text(image_facts(spec, target).to_json(), encoding="utf-8")
+        (tmp / WEIGHTS_PLAN).write_text(json.dumps(_weights_doc(spec, ctx), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         shutil.copyfile(contained_lock(spec), tmp / LOCK_FILE)
         src_scripts = scripts_source()
         if src_scripts is not None:

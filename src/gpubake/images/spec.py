@@ -75,6 +75,9 @@ ABS_PATH_PATTERN = r"^/$|^(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$"
 ARG_PATTERN = r"^[A-Za-z0-9_./:=@%+,-]+$"
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 ENV_KEY_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
+_HF_COMMIT = re.compile(r"^hf://[^@]+@([0-9a-f]{40}|UNPINNED)$")  # a branch or tag moves; a commit does not
+# An apt/debootstrap mirror: http(s), host, path; no spaces, quotes or shell syntax.
+_MIRROR = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+-]+)*/?$")
 
 Name = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -101,6 +104,18 @@ class Base(_Strict):
 
     image: str | None = Field(default=None, description="registry/repo[:tag]@sha256:<64 hex>")
     bootstrap: Bootstrap | None = None
+    apt_mirror: str | None = Field(
+        default=None,
+        description="apt mirror of the build's apt steps, dated (https://snapshot.debian.org/archive/debian/<YYYYMMDDTHHMMSSZ>, "
+        "https://snapshot.ubuntu.com/ubuntu/<...>): debootstrap's for a bootstrap base, step 10's for an image base",
+    )
+
+    @field_validator("apt_mirror")
+    @classmethod
+    def _mirror(cls, value: str | None) -> str | None:
+        if value is not None and not _MIRROR.match(value):
+            raise ValueError(f"must be an http(s) mirror URL such as https://snapshot.debian.org/archive/debian/20261115T000000Z, got {value!r}")
+        return value
 
     @field_validator("image")
     @classmethod
@@ -156,6 +171,11 @@ class Model(_Strict):
                              "encoder, VAE, tokenizer and configs, hf://org/repo@<40-hex revision>")
     files: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.*?/\[\]-]+$")]] | None = Field(
         default=None, min_length=1, description="with format: the source's files to fetch (globs), default all")
+    at: Literal["build", "boot"] = Field(
+        default="build",
+        description="build: the weights are the image's last layers; boot: start.sh fetches them into the volume "
+        "(same verified fetch) and the image holds no weights",
+    )
 
     @field_validator("id")
     @classmethod
@@ -176,9 +196,12 @@ class Model(_Strict):
             return None
         if not _MODEL_SOURCE.match(value):
             raise ValueError(
-                "must be generate:tiny, hf://org/repo[@rev], s3://bucket/prefix or https://host/path "
+                "must be generate:tiny, hf://org/repo@<commit>, s3://bucket/prefix or https://host/path "
                 f"(URL characters only), got {value!r}"
             )
+        if value.startswith("hf://") and not _HF_COMMIT.match(value):
+            raise ValueError(f"must pin a commit (hf://org/repo@<40 hex>, or @{UNPINNED} until known): a branch or "
+                             f"tag moves under the cache, got {value!r}")
         from gpubake.secrets import REDACTED, redact_url
 
         if redact_url(value) != value:  # a token-like query value (userinfo cannot pass the pattern)
@@ -202,6 +225,14 @@ class Model(_Strict):
                 raise ValueError(f"{name}: an imported checkpoint's sources are pinned by revision "
                                  f"(hf://org/repo@<40-hex commit>, or @{UNPINNED} until known), got {uri!r}")
         return self
+
+    @property
+    def revision(self) -> str | None:
+        """The pinned Hugging Face commit of an hf:// source (recorded in image.json)."""
+        if not self.source.startswith("hf://"):
+            return None
+        rev = self.source.rpartition("@")[2]
+        return None if rev == UNPINNED else rev
 
     @property
     def unpinned(self) -> list[str]:

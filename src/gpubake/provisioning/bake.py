@@ -24,13 +24,14 @@ from typing import Any
 from gpubake.provisioning.fetch import fetch
 from gpubake.provisioning.importers.convert import import_checkpoint as _convert
 from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest
+from gpubake.provisioning.quantize import default_device as quantize_device
 from gpubake.provisioning.quantize import quantize_checkpoint
 from gpubake.provisioning.s3 import parse_s3_uri, upload_dir
 from gpubake.provisioning.tiny import make_tiny
 
 __all__ = [
     "BASE_FILES", "MANIFEST_NAME", "code_files", "code_identity", "fetch", "import_checkpoint", "make_tiny",
-    "manifest_sha256", "parse_s3_uri", "quantize_checkpoint", "read_manifest", "upload_dir",
+    "manifest_sha256", "parse_s3_uri", "quantize_checkpoint", "quantize_device", "read_manifest", "upload_dir",
 ]
 
 # The entry points whose code (and everything it imports) writes a checkpoint's bytes.

@@ -104,6 +104,7 @@ class ModelFacts(_Facts):
     # the sampling recipe ([recipes] of provisioning/models.toml) the boot renders and serves
     # with; None: the model's own (the build leaves it so: the model id names it)
     recipe: str | None = None
+    revision: str | None = None  # the pinned Hugging Face commit of an hf:// source
 
 
 class ImageFacts(_Facts):

@@ -78,6 +78,22 @@ def quantize_weight(w: Any, device: str = "cpu", out_device: str = "cpu") -> tup
     return q, s
 
 
+def default_device() -> str:
+    """Where a build quantizes: `cuda` when torch sees a GPU (seconds an expert), else `cpu`
+    (the reference quantizer, on every core: `cpu_threads`)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_threads() -> int:
+    """Every core this process may run on (torch's default is the physical cores only)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _refuse_quantized_source(src: Path) -> None:
     if (src / MANIFEST_NAME).is_file() and read_manifest(src).get("format") == FORMAT:
         raise CheckpointError(f"{src}: already quantized ({FORMAT}); quantize a BF16 checkpoint")
@@ -122,11 +138,12 @@ def quantize_checkpoint(
     started = time.monotonic()
     layers: dict[str, Any] = {}
     stats = {"quantized": 0, "kept": 0, "bytes_in": 0, "bytes_out": 0}
+    threads = _use_all_cores() if device == "cpu" else None
     try:
-        with atomic_path(dest) as tmp:
+        with atomic_path(dest) as tmp, _ShardProgress(progress, device) as bar:
             tmp.mkdir()
             for e in experts:
-                _quantize_expert(src / e, tmp / e, pol, configs[e], device, layers, stats, progress)
+                _quantize_expert(src / e, tmp / e, pol, configs[e], device, layers, stats, bar)
             # Everything else the source's record lists, byte for byte (never an
             # unlisted file, nor DEST's own staging directory when DEST is inside SRC).
             copied = [rel for rel in sorted(source["files"]) if rel.split("/", 1)[0] not in experts]
@@ -158,6 +175,9 @@ def quantize_checkpoint(
         if is_disk_full(exc):
             raise GpubakeError(f"{dest}: no space left on device while writing the quantized checkpoint") from None
         raise
+    finally:
+        if threads is not None:
+            _restore_threads(threads)
     secs = time.monotonic() - started
     total_secs = time.monotonic() - t_start
     return {
@@ -194,6 +214,62 @@ def _kept_tensor(key: str, t: Any, fp32_names: tuple[str, ...]) -> Any:
     return t.to(torch.bfloat16)
 
 
+def _use_all_cores() -> int:
+    """Let torch's CPU ops use every core for the run; returns the previous thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    return before
+
+
+def _restore_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+class _ShardProgress:
+    """One progress bar per shard (bytes of the source read so far, rate, ETA) on stderr,
+    and an overall line per expert; a no-op when progress is off."""
+
+    def __init__(self, enabled: bool, device: str) -> None:
+        self.enabled, self.device = enabled, device
+        self._p: Any = None
+
+    def __enter__(self) -> _ShardProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+            from gpubake.console import console
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                               TextColumn("ETA"), TimeRemainingColumn(), console=console)
+            self._p.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+    def expert(self, name: str, total: int) -> Any:
+        if self._p is None:
+            return None
+        on = f"{self.device}, {cpu_threads()} cores" if self.device == "cpu" else self.device
+        return self._p.add_task(f"quantize {name} ({on})", total=total)
+
+    def shard(self, label: str, total: int) -> Any:
+        return self._p.add_task(f"  {label}", total=total) if self._p is not None else None
+
+    def advance(self, task: Any, n: int) -> None:
+        if self._p is not None and task is not None:
+            self._p.advance(task, n)
+
+    def done(self, task: Any) -> None:
+        if self._p is not None and task is not None:
+            self._p.update(task, visible=False)
+
+
 def _quantize_expert(
     src: Path,
     dest: Path,
@@ -202,7 +278,7 @@ def _quantize_expert(
     device: str,
     layers: dict[str, Any],
     stats: dict[str, int],
-    progress: bool,
+    bar: _ShardProgress,
 ) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -217,42 +293,34 @@ def _quantize_expert(
     del model
     shards = layout.shard_files(src)
     weight_map: dict[str, str] = {}
-    prog = None
-    if progress:
-        from gpubake.console import step_progress
-
-        prog = step_progress()
-    if prog:
-        prog.start()
-        task = prog.add_task(f"quantize {src.name}", total=len(shards))
-    try:
-        for shard in shards:
-            out: dict[str, Any] = {}
-            stats["bytes_in"] += shard.stat().st_size
-            with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    module, _, leaf = key.rpartition(".")
-                    t = f.get_tensor(key)
-                    if leaf == "weight" and module in linears and pol.quantizes(module, num_layers):
-                        if t.shape[-1] % 16:
-                            raise CheckpointError(f"{shard}: {key} has in_features {t.shape[-1]}, not a multiple of 16")
-                        q, s = quantize_weight(t, device)
-                        out.update({f"{module}.{k}": v.contiguous() for k, v in weight_tensors(q).items()})
-                        layers[f"{src.name}/{module}"] = {"shape": list(t.shape), "sqnr_db": s}
-                        stats["quantized"] += 1
-                    else:
-                        out[key] = _kept_tensor(key, t, fp32_names).contiguous()
-                        stats["kept"] += 1
-                    del t
-            save_file(out, str(dest / shard.name), metadata={"format": "pt"})
-            stats["bytes_out"] += (dest / shard.name).stat().st_size
-            weight_map.update({k: shard.name for k in out})
-            del out
-            if prog:
-                prog.advance(task)
-    finally:
-        if prog:
-            prog.stop()
+    overall = bar.expert(src.name, sum(s.stat().st_size for s in shards))
+    for i, shard in enumerate(shards, 1):
+        out: dict[str, Any] = {}
+        stats["bytes_in"] += shard.stat().st_size
+        task = bar.shard(f"shard {i}/{len(shards)} {shard.name}", shard.stat().st_size)
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                t = f.get_tensor(key)
+                read = t.numel() * t.element_size()
+                if leaf == "weight" and module in linears and pol.quantizes(module, num_layers):
+                    if t.shape[-1] % 16:
+                        raise CheckpointError(f"{shard}: {key} has in_features {t.shape[-1]}, not a multiple of 16")
+                    q, s = quantize_weight(t, device)
+                    out.update({f"{module}.{k}": v.contiguous() for k, v in weight_tensors(q).items()})
+                    layers[f"{src.name}/{module}"] = {"shape": list(t.shape), "sqnr_db": s}
+                    stats["quantized"] += 1
+                else:
+                    out[key] = _kept_tensor(key, t, fp32_names).contiguous()
+                    stats["kept"] += 1
+                del t
+                bar.advance(task, read)
+                bar.advance(overall, read)
+        save_file(out, str(dest / shard.name), metadata={"format": "pt"})
+        stats["bytes_out"] += (dest / shard.name).stat().st_size
+        weight_map.update({k: shard.name for k in out})
+        del out
+        bar.done(task)
     shutil.copyfile(src / "config.json", dest / "config.json")
     if (src / layout.INDEX_FILE).is_file():
         total = sum((dest / s.name).stat().st_size for s in shards)

@@ -35,6 +35,14 @@ class BuildRequest:
     archive: Path | None  # OCI archive to write (dist/<name>-<target>.oci.tar), atomically
     timestamp: int  # SOURCE_DATE_EPOCH for reproducible builds
     log_file: Path  # full build log (progress shows a summary)
+    compression: str = "zstd"  # layer compression of the archive: one of COMPRESSIONS
+
+
+# Layer compressions of an exported image. zstd: smaller and several times faster to unpack
+# than gzip, pulled by Docker >= 23, containerd >= 1.5, podman/CRI-O; zstd:chunked: zstd plus
+# a table of contents that containers-storage (podman, CRI-O) uses for partial pulls (plain
+# zstd to everything else); gzip: for older runtimes.
+COMPRESSIONS = ("zstd", "zstd:chunked", "gzip")
 
 
 @dataclass(frozen=True)

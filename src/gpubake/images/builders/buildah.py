@@ -9,8 +9,9 @@ which is what reproducible digests need. The flow:
    (`pip download --require-hashes`, cached per lock) and mounted read-only into the
    build at /tmp/gpubake-wheels: the build needs no network and names no host path;
 3. `buildah bud --layers --timestamp SOURCE_DATE_EPOCH` builds the rendered context;
-4. `buildah push` writes `dist/<name>-<target>.oci.tar` through a temporary name that is
-   renamed only when complete (a failed or disk-full export leaves nothing);
+4. `buildah push` writes `dist/<name>-<target>.oci.tar` (layers compressed with
+   `req.compression`: zstd by default, zstd:chunked or gzip) through a temporary name that
+   is renamed only when complete (a failed or disk-full export leaves nothing);
 5. the manifest is read back from the archive: digest, layers, sizes.
 
 Each command of 1-4 is a `Step` of `plan(req)` (none for what is cached); `build(req)`
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from gpubake.errors import BuildError
 from gpubake.fsutil import partial_path, place_partial
-from gpubake.images.builders import proc
+from gpubake.images.builders import proc, wheels
 from gpubake.images.builders.base import BuildRequest, BuildResult, ProgressFn, Step
 from gpubake.images.builders.storage import Storage, cache_root, default_storage
 
@@ -96,34 +97,55 @@ class BuildahBuilder:
         return {"BUILDAH_ISOLATION": "chroot", "STORAGE_DRIVER": self.storage.driver}
 
     def _wheel_steps(self, req: BuildRequest) -> tuple[Path, list[Step]]:
-        """The wheel folder to mount, and the `pip download` that fills it unless it is cached.
+        """The wheel folder to mount, and the `pip download`s that fill it unless it is cached.
 
-        Wheels are downloaded on the host with the host's pip configuration, hash-checked,
-        cached per lock. Before rendering (a dry run) the lock is the spec's, which render
-        copies into the context unchanged.
+        Wheels are downloaded on the host with the host's pip configuration (a local wheel
+        folder, a private index) and the indexes the lock names, hash-checked, cached per
+        lock. Pins with a local version (`+cpu`) are downloaded with the lock's extra indexes,
+        the rest without them (`builders.wheels`). Before rendering (a dry run) the lock is
+        the spec's, which render copies into the context unchanged.
         """
         lock = Path(req.context_dir) / LOCK_FILE
         if not lock.is_file():
             lock = req.spec.lock_path
         if not _has_requirements(lock):  # nothing to download: mount an empty folder
             return cache_root() / "wheels" / "empty", []
-        key = hashlib.sha256(lock.read_bytes() + req.spec.python.version.encode()).hexdigest()[:16]
+        text = lock.read_bytes()
+        key = hashlib.sha256(text + req.spec.python.version.encode()).hexdigest()[:16]
         dest = cache_root() / "wheels" / f"{req.spec.name}-py{req.spec.python.version}-{key}"
         stamp = dest / ".complete"
         if stamp.is_file():
             return dest, []
-        cmd = [
+        base = [
             sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
             "--require-hashes", "--only-binary=:all:", "--python-version", req.spec.python.version,
-            "--dest", str(dest), "-r", str(Path(req.context_dir) / LOCK_FILE),
+            "--dest", str(dest), "-r",
         ]  # fmt: skip
-        step = Step(
-            what="pip download of the lock",
-            argv=tuple(cmd),
-            before=lambda: dest.mkdir(parents=True, exist_ok=True),
-            then=lambda _out: stamp.write_text(LOCK_FILE + "\n"),
-        )
-        return dest, [step]
+        split = wheels.parse_lock(text.decode("utf-8")).split()
+        if split is None:
+            return dest, [Step(
+                what="pip download of the lock",
+                argv=(*base, str(Path(req.context_dir) / LOCK_FILE)),
+                before=lambda: dest.mkdir(parents=True, exist_ok=True),
+                then=lambda _out: stamp.write_text(LOCK_FILE + "\n"),
+            )]
+        reqs = dest.parent / f".{dest.name}.requirements"  # beside the folder: not mounted into the build
+        local, public = reqs / "local-versions.txt", reqs / "index.txt"
+
+        def write() -> None:
+            dest.mkdir(parents=True, exist_ok=True)
+            reqs.mkdir(parents=True, exist_ok=True)
+            local.write_text(split[0], encoding="utf-8")
+            public.write_text(split[1], encoding="utf-8")
+
+        steps = [Step(what="pip download of the lock's local-version pins (its extra indexes)", argv=(*base, str(local)),
+                      before=write)]
+        if split[1]:
+            steps.append(Step(what="pip download of the lock (its index)", argv=(*base, str(public))))
+        last = steps[-1]
+        steps[-1] = Step(what=last.what, argv=last.argv, before=last.before,
+                         then=lambda _out: stamp.write_text(LOCK_FILE + "\n"))
+        return dest, steps
 
     def _bud_step(self, req: BuildRequest, wheels: Path) -> Step:
         ctx = Path(req.context_dir)
@@ -177,6 +199,7 @@ class BuildahBuilder:
         return Step(
             what=f"export to {archive}",
             argv=("buildah", *self.storage.buildah_args(), "push", "--quiet", "--format", "oci",
+                  "--compression-format", req.compression,
                   "--digestfile", str(digest_file), req.tag, f"oci-archive:{tmp}:{req.tag}"),
             env=self._env(),
             before=before,
@@ -202,7 +225,7 @@ class BuildahBuilder:
         ctx = Path(req.context_dir)
         if not (ctx / "Containerfile").is_file():
             raise BuildError(f"build context {ctx}: no Containerfile (render it with gpubake.images.render)")
-        if not (ctx / "model").is_dir():
+        if req.spec.model.at == "build" and not (ctx / "model").is_dir():
             raise BuildError(f"build context {ctx}: no model/ (gpubake.images.model_layer.prepare_model places it)")
         if not (ctx / LOCK_FILE).is_file():
             raise BuildError(f"build context {ctx}: no {LOCK_FILE}")

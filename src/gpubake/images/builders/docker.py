@@ -56,7 +56,11 @@ class DockerBuilder:
             "--provenance=false",  # attestations embed build times and host data
             "--progress=plain",
         ]  # fmt: skip
-        cmd += ["--output", f"type=oci,dest={archive_tmp},name={req.tag},rewrite-timestamp=true"]
+        # BuildKit compresses with gzip, zstd or estargz; zstd:chunked is a containers/image
+        # format, so it is written as plain zstd here (what a non-containers-storage runtime reads anyway).
+        compression = "zstd" if req.compression.startswith("zstd") else "gzip"
+        cmd += ["--output", f"type=oci,dest={archive_tmp},name={req.tag},rewrite-timestamp=true,"
+                f"compression={compression},force-compression=true"]
         cmd.append(str(req.context_dir))
         return cmd
 

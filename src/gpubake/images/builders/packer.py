@@ -271,7 +271,8 @@ class PackerBuilder:
 
         return Step(
             what="export image",
-            argv=("skopeo", "copy", "--quiet", f"docker-daemon:{req.tag}", f"oci-archive:{tmp}:{tag}"),
+            argv=("skopeo", "copy", "--quiet", "--dest-compress-format", req.compression,
+                  f"docker-daemon:{req.tag}", f"oci-archive:{tmp}:{tag}"),
             before=before,
             then=place,
             undo=lambda: tmp.unlink(missing_ok=True),
