@@ -60,7 +60,7 @@ def test_prepare_model_imports_from_both_pinned_sources(hub, tmp_path, monkeypat
     monkeypatch.setenv("GPUBAKE_CACHE", str(tmp_path / "cache"))
     spec = load_spec(_spec(tmp_path, hub))
     assert (spec.model.format, spec.model.unpinned) == ("lightx2v", [])
-    model = model_layer.prepare_model(spec, tmp_path / "context")
+    model = model_layer.cached_model(spec)  # what prepare_model stages into a rendered context's layers
     manifest = read_manifest(model)
     verify_tree(model, manifest)
     assert manifest["model_id"] == "tiny-wan2.2" and manifest["format"] == "nvfp4"

@@ -157,6 +157,7 @@ def prepare_model(spec: ImageSpec, context_dir: str | os.PathLike[str]) -> Path:
     Raises `BuildError` (one line) when the checkpoint cannot be made, does not match the
     spec's `model.sha256`, or does not fit the plan.
     """
+    check_pinned(spec)  # a placeholder revision builds nothing (before anything is read or made)
     dest = Path(context_dir) / MODEL_DIR
     if dest.exists():
         raise BuildError(f"{dest}: already exists; render a fresh context")
