@@ -15,7 +15,8 @@ Both also serve the rented machine's `GET /health` (the self-test report of
 and a 5xx or a timeout *after* the action succeeded) are injected per request with
 `server.inject(...)`.
 
-`FakeApi.contract`, when set, validates every request a fake receives and every answer it
+The server, request log and fault injection both fakes use are `fake_http.py`'s
+(`LoopbackServer`, and `FakeApi` on it). `FakeApi.contract`, when set, validates every request a fake receives and every answer it
 gives against the vendor's OpenAPI document (`tests/contracts/openapi_contract.py`): a
 request the document refuses is answered as the vendor answers it (`reject`, and listed in
 `refused`); an answer the document does not allow is a bug of the fake (listed in
@@ -24,37 +25,23 @@ request the document refuses is answered as the vendor answers it (`reject`, and
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from testutil import free_port, stop_process
 
+from marketplace.fake_http import FakeApi, Fault, Recorded  # noqa: F401  (the fakes' shared plumbing)
 from marketplace.fake_vastai import FakeVast, vast  # noqa: F401  (Vast.ai's stand-in and fixture)
 
-RUNPOD_KEY = "rpa_TESTKEY_7f3a9c1e5b2d4f60"
 REGISTRY_PASSWORD = "ghp_REGISTRYSECRET_55aa66bb"
-
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: Any
 
 
 def report(verdict: str | None, *, step_s: float = 1.5) -> dict[str, Any]:
@@ -75,201 +62,6 @@ def report(verdict: str | None, *, step_s: float = 1.5) -> dict[str, Any]:
     phase = {None: "selftest", "fail": "failed"}.get(verdict, "ready")
     return {"status": phase, "ready": phase == "ready", "verdict": verdict, "reason": None, "model_id": "tiny-wan2.2",
             "queue": {"waiting": 0, "capacity": 4}, "selftest": rep.to_dict()}
-
-
-@dataclass
-class Fault:
-    """One injected fault: the next `times` requests matching `method` and `path` answer `status`.
-
-    `after=True` lets the request take effect first (the pod is created, the template saved)
-    and only then answers `status`, or, with `delay`, answers late: the ambiguous create."""
-
-    method: str
-    path: str  # regex
-    status: int
-    delay: float = 0.0
-    times: int = 1
-    after: bool = False
-    retry_after: str | None = None
-
-
-class FakeApi:
-    """A threaded HTTP server with a route table, a request log and fault injection."""
-
-    prefix = ""
-    # An object with check_request(method, path, query=, body=, headers=) and
-    # check_response(method, path, status, body, content_type=), both raising AssertionError
-    # (openapi_contract.ContractError) on a mismatch; None = unchecked.
-    contract: Any = None
-
-    def __init__(self, api_key: str) -> None:
-        self.api_key = api_key
-        self.requests: list[Recorded] = []
-        self.faults: list[Fault] = []
-        self.health: dict[str, list[dict[str, Any]]] = {}  # instance id -> reports to serve, in order
-        self.refused: list[str] = []  # requests the vendor's document refuses (answered by reject())
-        self.violations: list[str] = []  # answers of this fake that the document does not allow
-        self.lock = threading.Lock()
-        self.local = threading.local()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        handler = self._handler_class()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    # -------------------------------------------------------- control
-    def start(self) -> FakeApi:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def inject(self, method: str, path_regex: str, status: int, *, times: int = 1, delay: float = 0.0,
-               after: bool = False, retry_after: str | None = None) -> None:
-        """The next `times` matching requests answer `status` (after `delay` seconds); see `Fault`."""
-        self.faults.append(Fault(method, path_regex, status, delay, times, after, retry_after))
-
-    def calls(self, method: str | None = None, path_regex: str = "") -> list[Recorded]:
-        return [r for r in self.requests if (method is None or r.method == method) and re.search(path_regex, r.path)]
-
-    def writes(self) -> list[Recorded]:
-        return [r for r in self.requests if r.method in ("POST", "PUT", "PATCH", "DELETE") and "/bundles/" not in r.path]
-
-    def set_health(self, instance_id: str, *reports: dict[str, Any]) -> None:
-        """Serve these reports at the instance's /health, one per poll, the last one forever."""
-        self.health[instance_id] = list(reports)
-
-    def next_health(self, instance_id: str) -> dict[str, Any] | None:
-        with self.lock:
-            queue = self.health.get(instance_id)
-            if not queue:
-                return None
-            return queue.pop(0) if len(queue) > 1 else queue[0]
-
-    # -------------------------------------------------------- to override
-    def route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        raise NotImplementedError
-
-    def public(self, path: str) -> bool:
-        """Paths served without the API key (the rented machine's own endpoints)."""
-        return False
-
-    def authorize(self, method: str, path: str, header: str | None) -> int | None:
-        """None when the Authorization header may make this request, else 401 or 403."""
-        return None if header == f"Bearer {self.api_key}" else 401
-
-    def error_body(self, status: int, detail: str) -> Any:
-        """The body of an error answer (401, injected faults), in the vendor's format."""
-        return {"error": detail}
-
-    def content_type(self, status: int) -> str:
-        return "application/json"
-
-    def reject(self, errors: list[str]) -> tuple[int, Any]:
-        """How the vendor answers a request its document refuses."""
-        return 400, self.error_body(400, "; ".join(errors))
-
-    # -------------------------------------------------------- plumbing
-    def _fault(self, method: str, path: str) -> Fault | None:
-        with self.lock:
-            for i, f in enumerate(self.faults):
-                if f.method == method and re.search(f.path, path):
-                    if f.times <= 1:
-                        self.faults.pop(i)
-                    else:
-                        self.faults[i] = replace(f, times=f.times - 1)
-                    return f
-        return None
-
-    def _check_request(self, method: str, path: str, query: dict[str, list[str]], headers: dict[str, str],
-                       body: Any) -> list[str]:
-        """Why the vendor's document refuses this request (empty: it conforms, or nothing checks)."""
-        if self.contract is None or self.public(path):
-            return []
-        args = {"query": {k: v[-1] for k, v in query.items()} or None, "body": body, "headers": headers}
-        if hasattr(self.contract, "request_errors"):  # openapi_contract.Contract: the list itself
-            return list(self.contract.request_errors(method, path, **args))
-        try:
-            self.contract.check_request(method, path, **args)
-        except AssertionError as exc:
-            return [str(exc)]
-        return []
-
-    def _check_response(self, method: str, path: str, status: int, payload: Any, content_type: str) -> None:
-        if self.contract is None or self.public(path):
-            return
-        try:
-            self.contract.check_response(method, path, status, payload, content_type=content_type)
-        except AssertionError as exc:
-            self.violations.append(str(exc))
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-            def _do(self) -> None:
-                parts = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    body = raw.decode("latin-1")
-                query = parse_qs(parts.query)
-                path, method = parts.path, self.command
-                api.requests.append(Recorded(method, path, query, dict(self.headers), body))
-                fault = api._fault(method, path)
-                if fault and not fault.after:
-                    time.sleep(fault.delay)
-                    return self._fault_answer(method, path, fault)
-                api.local.headers = dict(self.headers)  # for routes that read a header (the instance's /health)
-                denied = None if api.public(path) else api.authorize(method, path, self.headers.get("Authorization"))
-                if denied:
-                    detail = "Unauthorized: invalid API key" if denied == 401 else "Forbidden: the key lacks this permission"
-                    return self._send(method, path, denied, api.error_body(denied, detail))
-                refused = api._check_request(method, path, query, dict(self.headers), body)
-                if refused:
-                    api.refused.append(f"{method} {path}: " + "; ".join(refused))
-                    return self._send(method, path, *api.reject(refused))
-                answer = api.route(method, path, query, body)
-                if fault:  # the request took effect; now the answer is lost or late
-                    time.sleep(fault.delay)
-                    if fault.status < 400:
-                        return self._send(method, path, *answer)
-                    return self._fault_answer(method, path, fault)
-                self._send(method, path, *answer)
-
-            def _fault_answer(self, method: str, path: str, fault: Fault) -> None:
-                retry = fault.retry_after if fault.retry_after is not None else ("0" if fault.status in (429, 503) else None)
-                extra = {"Retry-After": retry} if retry is not None else {}
-                self._send(method, path, fault.status, api.error_body(fault.status, f"injected {fault.status}"), extra)
-
-            def _send(self, method: str, path: str, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-                data = b"" if payload is None else json.dumps(payload).encode()
-                ctype = api.content_type(status)
-                api._check_response(method, path, status, payload, ctype)
-                try:
-                    self.send_response(status)
-                    if payload is not None:
-                        self.send_header("Content-Type", ctype)
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a read timeout)
-                    pass
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _do
-
-        return Handler
 
 
 @pytest.fixture(autouse=True)

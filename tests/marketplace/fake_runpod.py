@@ -45,7 +45,9 @@ from typing import Any
 
 import pytest
 from contracts.openapi_contract import contract
-from tests.marketplace.conftest import RUNPOD_KEY, FakeApi
+from marketplace.fake_http import FakeApi
+
+RUNPOD_KEY = "rpa_TESTKEY_7f3a9c1e5b2d4f60"
 
 # (GPU type id, display name, serverless pool, memory GB, secure $/h, community $/h or None)
 CATALOG = [

@@ -41,16 +41,12 @@ import hashlib
 import json
 import math
 import re
-import threading
 import time
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from contracts.openapi_contract import contract, env_entries
-from testutil import free_port
+from marketplace.fake_http import JSON, Fault, LoopbackServer
 
 VAST_KEY = "vast-TESTKEY-0c9e8d7b6a5f4e3d"
 READONLY_KEY = "vast-READONLY-5a4b3c2d1e0f9a8b"  # a key whose permissions do not include renting
@@ -58,26 +54,6 @@ INFRA_STATUSES = {401, 429, 500, 502, 503, 504}  # answered in front of any oper
 NUMERIC_FILTERS = {"num_gpus", "reliability", "disk_space", "direct_port_count", "cuda_max_good", "driver_version",
                    "compute_cap", "dph_total", "gpu_ram"}
 HOURS_PER_MONTH = 30 * 24
-
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class Fault:
-    method: str
-    path_regex: str
-    status: int | None  # None: the real answer (with `delay`, a slow one)
-    delay: float
-    times: int
-    after: bool  # act first, then answer `status`
-    retry_after: str | None
 
 
 def _cmp(have: Any, op: str, want: Any) -> bool:
@@ -94,18 +70,13 @@ def _cmp(have: Any, op: str, want: Any) -> bool:
     return {"gt": have > want, "gte": have >= want, "lt": have < want, "lte": have <= want}[op]
 
 
-class FakeVast:
+class FakeVast(LoopbackServer):
     """Vast.ai's templates, offers and instances on 127.0.0.1, checked against the contract."""
 
     def __init__(self, api_key: str = VAST_KEY) -> None:
-        self.api_key = api_key
+        super().__init__(api_key)
         self.readonly_keys = {READONLY_KEY}
         self.contract = contract("vastai")
-        self.requests: list[Recorded] = []
-        self.violations: list[str] = []
-        self.faults: list[Fault] = []
-        self.health: dict[str, list[dict[str, Any]]] = {}
-        self.lock = threading.RLock()
         self.user_id = 4242
         self.templates: dict[int, dict[str, Any]] = {}
         self.offers: list[dict[str, Any]] = []
@@ -115,20 +86,8 @@ class FakeVast:
         self.taken_after_search: set[int] = set()
         self.unfiltered: set[str] = set()
         self._n = 100
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler_class())
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     # -------------------------------------------------------- control
-    def start(self) -> FakeVast:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
     def inject(self, method: str, path_regex: str, status: int | None, *, times: int = 1, delay: float = 0.0,
                after: bool = False, retry_after: str | None = None) -> None:
         """The next `times` matching requests answer `status` (after `delay` seconds);
@@ -136,23 +95,6 @@ class FakeVast:
         if retry_after is None and status in (429, 503):
             retry_after = "0"
         self.faults.append(Fault(method, path_regex, status, delay, times, after, retry_after))
-
-    def calls(self, method: str | None = None, path_regex: str = "") -> list[Recorded]:
-        return [r for r in self.requests if (method is None or r.method == method) and re.search(path_regex, r.path)]
-
-    def writes(self) -> list[Recorded]:
-        return [r for r in self.requests if r.method in ("POST", "PUT", "PATCH", "DELETE") and "/bundles/" not in r.path]
-
-    def set_health(self, instance_id: str, *reports: dict[str, Any]) -> None:
-        """Serve these reports at the instance's /health, one per poll, the last one forever."""
-        self.health[instance_id] = list(reports)
-
-    def next_health(self, instance_id: str) -> dict[str, Any] | None:
-        with self.lock:
-            queue = self.health.get(instance_id)
-            if not queue:
-                return None
-            return queue.pop(0) if len(queue) > 1 else queue[0]
 
     def add_instance(self, iid: str, *, label: str | None = None, dph_total: float = 0.4) -> dict[str, Any]:
         """An instance rented outside the test's launch (to destroy, or to find by label)."""
@@ -353,17 +295,6 @@ class FakeVast:
         return 404, {"success": False, "error": "not_found", "msg": f"no route {method} {path}"}
 
     # -------------------------------------------------------- plumbing
-    def _fault(self, method: str, path: str) -> Fault | None:
-        with self.lock:
-            for i, f in enumerate(self.faults):
-                if f.method == method and re.search(f.path_regex, path):
-                    if f.times <= 1:
-                        self.faults.pop(i)
-                    else:
-                        f.times -= 1
-                    return f
-        return None
-
     def _answer(self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: Any
                 ) -> tuple[int, Any, dict[str, str]]:
         api = path.startswith("/api/")
@@ -373,7 +304,7 @@ class FakeVast:
             if errors:
                 self.violations.append(f"request {method} {path}: " + "; ".join(errors))
                 return 400, {"success": False, "error": "invalid_args", "msg": "; ".join(errors)[:500]}, {}
-        fault = self._fault(method, path)
+        fault = self.take_fault(method, path)
         extra = {"Retry-After": fault.retry_after} if fault and fault.retry_after is not None else {}
         if fault and not fault.after and fault.status is not None:
             time.sleep(fault.delay)
@@ -407,47 +338,12 @@ class FakeVast:
             return 500, {"success": False, "error": "fake_bug", "msg": "the fake answered outside the contract"}
         return status, payload
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-            def _do(self) -> None:
-                parts = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    body = raw.decode("latin-1")
-                query_lists = parse_qs(parts.query)
-                fake.requests.append(Recorded(self.command, parts.path, query_lists, dict(self.headers), body))
-                query = {k: v[0] for k, v in query_lists.items()}
-                status, payload, extra = fake._answer(self.command, parts.path, query, dict(self.headers), body)
-                status, payload = fake._checked(self.command, parts.path, status, payload)
-                self._send(status, payload, extra)
-
-            def _send(self, status: int, payload: Any, headers: dict[str, str]) -> None:
-                data = b"" if payload is None else json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    if payload is not None:
-                        self.send_header("Content-Type", "application/json")
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a read timeout)
-                    pass
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _do
-
-        return Handler
+    def handle(self, method: str, path: str, query: dict[str, list[str]], headers: dict[str, str],
+               body: Any) -> tuple[int, Any, dict[str, str], str]:
+        single = {k: v[0] for k, v in query.items()}  # Vast.ai's parameters are single-valued
+        status, payload, extra = self._answer(method, path, single, headers, body)
+        status, payload = self._checked(method, path, status, payload)
+        return status, payload, extra, JSON
 
 
 def offer(oid: int, *, price: float, driver: str = "575.57.08", cuda: float = 12.9, rel: float = 0.995,
