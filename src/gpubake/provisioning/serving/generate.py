@@ -12,13 +12,12 @@ experts. A request may override steps and guidance within bounds (schemas, limit
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from gpubake.errors import GpubakeError
 from gpubake.provisioning.serving.limits import Limits
-from gpubake.provisioning.serving.schemas import GenerateRequest
+from gpubake.provisioning.serving.schemas import GenerateRequest, ResolvedRequest
 
 
 class RequestRejected(GpubakeError):
@@ -27,28 +26,6 @@ class RequestRejected(GpubakeError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-@dataclass(frozen=True)
-class RenderArgs:
-    """A request with every default filled in: exactly what `render` will be called with."""
-
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    frames: int
-    steps: int
-    seed: int
-    guidance_scale: float
-    guidance_scale_2: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RenderArgs:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 class Generator:
@@ -80,7 +57,7 @@ class Generator:
                            "timesteps": list(r.timesteps) if r.timesteps is not None else None,
                            "fixed_steps": r.fixed_steps}}
 
-    def resolve(self, req: GenerateRequest, *, rng: random.Random | None = None) -> RenderArgs:
+    def resolve(self, req: GenerateRequest, *, rng: random.Random | None = None) -> ResolvedRequest:
         """Fill defaults and refuse what exceeds this machine's limits (RequestRejected)."""
         m, lim = self.model, self.limits
         width, height = req.width_height or (m.width, m.height)
@@ -103,7 +80,8 @@ class Generator:
         seed = req.seed if req.seed is not None else (rng or random.SystemRandom()).randrange(2**32)
         negative = req.negative_prompt if req.negative_prompt is not None else m.negative_prompt
         g1, g2 = self._guidance(req)
-        return RenderArgs(req.prompt, negative, width, height, frames, steps, seed, g1, g2)
+        return ResolvedRequest(prompt=req.prompt, negative_prompt=negative, width=width, height=height, frames=frames,
+                               steps=steps, seed=seed, guidance_scale=g1, guidance_scale_2=g2)
 
     def _guidance(self, req: GenerateRequest) -> tuple[float, float | None]:
         """The request's guidance, else the recipe's; `guidance_scale` alone sets both experts."""
@@ -123,7 +101,7 @@ class Generator:
                                                       f"guidance_scale > 1 (got {g1}); raise guidance_scale too")
         return g1, g2
 
-    def run(self, args: RenderArgs, out_dir: Path) -> Any:
+    def run(self, args: ResolvedRequest, out_dir: Path) -> Any:
         """Render `args` into `out_dir` (video.mp4 + frame0.png); returns a RenderResult."""
         from gpubake.provisioning.render import render
 

@@ -41,7 +41,7 @@ CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created_at);
 
 @dataclass
 class JobRecord:
-    """One row: the resolved request (RenderArgs as a dict) and what became of it."""
+    """One row: the resolved request (ResolvedRequest as a dict) and what became of it."""
 
     id: str
     request: dict[str, Any]

@@ -77,6 +77,11 @@ class ErrorBody(BaseModel):
 
 
 class ResolvedRequest(BaseModel):
+    """A request with every default filled in: exactly what `render` is called with (the
+    job's `request`, stored as a dict in the job store and answered in `JobBody`)."""
+
+    model_config = ConfigDict(frozen=True)
+
     prompt: str
     negative_prompt: str
     width: int
@@ -86,6 +91,13 @@ class ResolvedRequest(BaseModel):
     seed: int
     guidance_scale: float
     guidance_scale_2: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResolvedRequest:
+        return cls(**{k: d[k] for k in cls.model_fields})
 
 
 class JobBody(BaseModel):

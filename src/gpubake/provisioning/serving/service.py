@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpubake.provisioning.manifest import is_disk_full
-from gpubake.provisioning.serving.generate import Generator, RenderArgs
+from gpubake.provisioning.serving.generate import Generator
+from gpubake.provisioning.serving.schemas import ResolvedRequest
 from gpubake.provisioning.serving.jobs import DB_NAME, JobRecord, JobStore
 from gpubake.provisioning.serving.limits import Limits, limits_for
 
@@ -385,7 +386,7 @@ class GenerationService:
             free = shutil.disk_usage(self.data_dir).free
             if free < self.min_free_bytes:
                 raise OSError(28, f"{free} bytes free under {self.data_dir}, need {self.min_free_bytes}")
-            res = w.generator.run(RenderArgs.from_dict(job.request), out_dir)
+            res = w.generator.run(ResolvedRequest.from_dict(job.request), out_dir)
             job.result = {**res.to_dict(), "worker": w.index}
             job.status = "done"
         except Exception as exc:
@@ -457,7 +458,7 @@ class GenerationService:
             what = "model check" if self.phase == "verifying" else "self-test"
             raise Refused(503, f"{what} in progress; generation opens when it passes (see GET /health)", 10)
 
-    def submit(self, args: RenderArgs) -> JobRecord:
+    def submit(self, args: ResolvedRequest) -> JobRecord:
         self.check_accepting()
         job = JobRecord(id=uuid.uuid4().hex, request=args.to_dict())
         with self._submit_lock:
