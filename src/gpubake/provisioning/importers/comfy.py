@@ -29,11 +29,10 @@ from gpubake.provisioning.importers.producer import (
     SCALE_DTYPES,
     Producer,
     Want,
-    check_scale,
     scalar,
+    scale_2_and_input_scale,
     swizzled_shape,
     unswizzle,
-    value,
 )
 from gpubake.provisioning.importers.source import SourceError
 from gpubake.provisioning.importers.target import Layer
@@ -110,10 +109,5 @@ class Comfy(Producer):
             conf, at = self.header_layers[module], f"{self.header_where}: layers"
         if conf.get("format") != "nvfp4":
             raise SourceError(f"{at}: format {conf.get('format')!r}; only nvfp4 layers can be imported")
-        g = value(read("weight_scale_2"))
-        check_scale(g, where("weight_scale_2"), zero_ok=True)
-        inp = None
-        if "input_scale" in present:
-            inp = value(read("input_scale"))
-            check_scale(inp, where("input_scale"))
+        g, inp = scale_2_and_input_scale(read, where, present)
         return Layer(None, None, g, inp, extra={k: v for k, v in conf.items() if k != "format"})

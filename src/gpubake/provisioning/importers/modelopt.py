@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 
-from gpubake.provisioning.importers.producer import SCALE_DTYPES, Producer, Want, check_scale, e4m3, scalar, value
+from gpubake.provisioning.importers.producer import SCALE_DTYPES, Producer, Want, e4m3, scalar, scale_2_and_input_scale
 from gpubake.provisioning.importers.source import Expert, SourceError
 from gpubake.provisioning.importers.target import Layer
 
@@ -81,10 +81,4 @@ class ModelOpt(Producer):
         return read("weight"), e4m3(read("weight_scale")).contiguous()
 
     def scalars(self, module, read, where, present) -> Layer:
-        g = value(read("weight_scale_2"))
-        check_scale(g, where("weight_scale_2"), zero_ok=True)
-        inp = None
-        if "input_scale" in present:
-            inp = value(read("input_scale"))
-            check_scale(inp, where("input_scale"))
-        return Layer(None, None, g, inp)
+        return Layer(None, None, *scale_2_and_input_scale(read, where, present))

@@ -97,6 +97,19 @@ def check_scale(t: Any, where: str, *, zero_ok: bool = False) -> None:
         raise SourceError(f"{where}: {v!r} is not a {'non-negative' if zero_ok else 'positive'} finite scale")
 
 
+def scale_2_and_input_scale(read: Callable[[str], Any], where: Callable[[str], str],
+                            present: set[str] | Any) -> tuple[Any, Any]:
+    """(`weight_scale_2`, `input_scale` or None) as checked float32 scalars: ModelOpt's export
+    names, which ComfyUI's NVFP4 layers use too (amax / 2688 and the static input scale)."""
+    g = value(read("weight_scale_2"))
+    check_scale(g, where("weight_scale_2"), zero_ok=True)
+    inp = None
+    if "input_scale" in present:
+        inp = value(read("input_scale"))
+        check_scale(inp, where("input_scale"))
+    return g, inp
+
+
 def e4m3(t: Any) -> Any:
     import torch
 
