@@ -40,6 +40,24 @@ BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 
+def float_bits(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor's bit patterns (torch.equal on them is a bit-for-bit comparison)."""
+    return t.contiguous().view(torch.int32)
+
+
+def assert_cpu_selftest_passes(model_dir: Path, report: Path) -> None:
+    """`gpubake selftest --device cpu` on an imported checkpoint passes every stage (the
+    `gpus` stage skips: one CPU has no all-reduce to run)."""
+    from gpubake.cli import _run
+
+    rc = _run(["selftest", "--device", "cpu", "--model-dir", str(model_dir), "--image", "demo", "--report", str(report)])
+    data = json.loads(report.read_text())
+    assert rc == 0, data["summary"]
+    stages = {s["name"]: s["status"] for s in data["stages"]}
+    assert data["verdict"] == "pass" and stages.pop("gpus") == "skip"
+    assert stages == dict.fromkeys(["gpu", "kernels", "model", "render", "throughput"], "pass")
+
+
 def block_linears(num_layers: int = 3) -> list[str]:
     return [f"blocks.{b}.{lin}" for b in range(num_layers) for lin in BLOCK_LINEARS]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producer_fixtures import block_linears, comfy_marker, write_comfy
+from producer_fixtures import assert_cpu_selftest_passes, block_linears, comfy_marker, float_bits, write_comfy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -40,10 +40,6 @@ def comfy_imported(comfy_source, tiny_checkpoint, tmp_path_factory) -> Path:
     return dest
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
-
-
 def _orig(module: str) -> str:
     (o,) = to_original([f"{module}.weight"])
     return o[: -len(".weight")]
@@ -55,13 +51,7 @@ def test_cli_import_then_selftest_passes(comfy_source, tiny_checkpoint, tmp_path
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "comfy" and out["quantized_layers"] == out["exact_layers"] == 60
     assert out["activation_scales"] == 48  # attention layers carry input_scale, the FFN ones not
-    report = tmp_path / "selftest.json"
-    rc = _run(["selftest", "--device", "cpu", "--model-dir", str(dest), "--image", "demo", "--report", str(report)])
-    data = json.loads(report.read_text())
-    assert rc == 0, data["summary"]
-    stages = {s["name"]: s["status"] for s in data["stages"]}
-    assert data["verdict"] == "pass" and stages.pop("gpus") == "skip"  # one CPU: no all-reduce to run
-    assert stages == dict.fromkeys(["gpu", "kernels", "model", "render", "throughput"], "pass")
+    assert_cpu_selftest_passes(dest, tmp_path / "selftest.json")
 
 
 def test_dequantization_equals_comfy_kitchens_bit_for_bit(comfy_source, comfy_imported):
@@ -83,8 +73,8 @@ def test_dequantization_equals_comfy_kitchens_bit_for_bit(comfy_source, comfy_im
             q = NVFP4Tensor(out[f"{module}.weight_packed"], out[f"{module}.weight_scale"],
                             out[f"{module}.weight_global_scale"], torch.Size(shape))
             ours = dequantize_ref(q, torch.float32)
-            assert torch.equal(_bits(ours), _bits(exact.float())), module
-            assert torch.equal(_bits(ours), _bits(theirs32)), module
+            assert torch.equal(float_bits(ours), float_bits(exact.float())), module
+            assert torch.equal(float_bits(ours), float_bits(theirs32)), module
             assert float(out[f"{module}.weight_global_scale"]) == float(src[f"{o}.weight_scale_2"])
             if "attn" in module:
                 assert float(out[f"{module}.input_global_scale"]) == float(src[f"{o}.input_scale"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producer_fixtures import block_linears, lightx2v_weight, write_lightx2v
+from producer_fixtures import assert_cpu_selftest_passes, block_linears, float_bits, lightx2v_weight, write_lightx2v
 from safetensors.torch import load_file, save_file
 
 from gpubake.cli import _run
@@ -38,10 +38,6 @@ def lx_imported(lx_source, tiny_checkpoint, tmp_path_factory) -> Path:
     return dest
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
-
-
 def _gpubake_weight(out: dict[str, torch.Tensor], module: str, shape) -> torch.Tensor:
     q = NVFP4Tensor(out[f"{module}.weight_packed"], out[f"{module}.weight_scale"],
                     out[f"{module}.weight_global_scale"], torch.Size(shape))
@@ -54,13 +50,7 @@ def test_cli_import_then_selftest_passes(lx_source, tiny_checkpoint, tmp_path, c
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "lightx2v" and out["quantized_layers"] == 60 and out["exact_layers"] == 60
     assert out["activation_scales"] == 60 and out["model_id"] == "tiny-wan2.2"
-    report = tmp_path / "selftest.json"
-    rc = _run(["selftest", "--device", "cpu", "--model-dir", str(dest), "--image", "demo", "--report", str(report)])
-    data = json.loads(report.read_text())
-    assert rc == 0, data["summary"]
-    stages = {s["name"]: s["status"] for s in data["stages"]}
-    assert data["verdict"] == "pass" and stages.pop("gpus") == "skip"  # one CPU: no all-reduce to run
-    assert stages == dict.fromkeys(["gpu", "kernels", "model", "render", "throughput"], "pass")
+    assert_cpu_selftest_passes(dest, tmp_path / "selftest.json")
 
 
 def test_dequantization_equals_lightx2vs_bit_for_bit(lx_source, lx_imported, tiny_checkpoint):
@@ -76,7 +66,7 @@ def test_dequantization_equals_lightx2vs_bit_for_bit(lx_source, lx_imported, tin
             o_mod = orig[f"{module}.weight"][: -len(".weight")]
             ref = lightx2v_weight(src, o_mod, *shape)
             got = _gpubake_weight(out, module, shape)
-            assert torch.equal(_bits(got), _bits(ref)), module
+            assert torch.equal(float_bits(got), float_bits(ref)), module
             assert out[f"{module}.weight_packed"].equal(src[f"{o_mod}.weight"])  # already low nibble first
             igs = src[f"{o_mod}.input_global_scale"].to(torch.bfloat16).float()
             assert out[f"{module}.input_global_scale"].dtype == torch.float32
@@ -134,7 +124,7 @@ def test_converter_form_sharded_folders(tiny_checkpoint, tmp_path):
         inexact += not exact
         shape = (out[f"{module}.weight_packed"].shape[0], out[f"{module}.weight_packed"].shape[1] * 2)
         ref, got = lightx2v_weight(shards, o_mod, *shape), _gpubake_weight(out, module, shape)
-        ulps = (_bits(ref).long() - _bits(got).long()).abs().max()
+        ulps = (float_bits(ref).long() - float_bits(got).long()).abs().max()
         assert ulps <= (0 if exact else 1), module
     assert res["inexact_layers"] >= inexact > 0  # 2688/amax is seldom a power of two
 

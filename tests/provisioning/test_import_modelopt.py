@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producer_fixtures import write_modelopt
+from producer_fixtures import assert_cpu_selftest_passes, float_bits, write_modelopt
 from safetensors.torch import load_file
 
 from gpubake.cli import _run
@@ -42,10 +42,6 @@ def _load_expert(root: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
-
-
 def test_cli_import_then_selftest_passes(mo_source, tmp_path, capsys):
     assert len(list((mo_source / "transformer").glob("*.safetensors"))) > 1  # ModelOpt sharded it
     dest = tmp_path / "model"
@@ -53,13 +49,7 @@ def test_cli_import_then_selftest_passes(mo_source, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "modelopt" and out["exact_layers"] == out["quantized_layers"] == 40  # blocks 1, 2
     assert out["activation_scales"] == 40
-    report = tmp_path / "selftest.json"
-    rc = _run(["selftest", "--device", "cpu", "--model-dir", str(dest), "--image", "demo", "--report", str(report)])
-    data = json.loads(report.read_text())
-    assert rc == 0, data["summary"]
-    stages = {s["name"]: s["status"] for s in data["stages"]}
-    assert data["verdict"] == "pass" and stages.pop("gpus") == "skip"  # one CPU: no all-reduce to run
-    assert stages == dict.fromkeys(["gpu", "kernels", "model", "render", "throughput"], "pass")
+    assert_cpu_selftest_passes(dest, tmp_path / "selftest.json")
 
 
 def test_dequantization_equals_modelopts_bit_for_bit(mo_source, mo_imported):
@@ -87,8 +77,8 @@ def test_dequantization_equals_modelopts_bit_for_bit(mo_source, mo_imported):
             ours = dequantize_ref(q, torch.float32)
             # equal values; ModelOpt decodes the code 0x8 as +0 (e2m1_values), gpubake as -0
             assert torch.equal(ours, exact.float()), m
-            assert torch.equal(_bits(ours.abs()), _bits(exact.float().abs())), m
-            assert (_bits(ours.abs()).long() - _bits(theirs32.abs()).long()).abs().max() <= 1, m
+            assert torch.equal(float_bits(ours.abs()), float_bits(exact.float().abs())), m
+            assert (float_bits(ours.abs()).long() - float_bits(theirs32.abs()).long()).abs().max() <= 1, m
             assert float(out[f"{m}.input_global_scale"]) == float(src[f"{m}.input_scale"])
             assert torch.equal(out[f"{m}.bias"], src[f"{m}.bias"])
             assert layers[f"{expert}/{m}"]["exact"] is True
