@@ -53,6 +53,21 @@ class Served:
         raise AssertionError(f"job {job_id} never finished: {body}")
 
 
+def _hold_generator(service: Any) -> tuple[threading.Event, threading.Event]:
+    """Make the service's next job block inside its render: returns (gate, started); the job
+    sets `started` on entering and renders once `gate` is set (30 s at most)."""
+    gate, started = threading.Event(), threading.Event()
+    real_run = service.generator.run
+
+    def held(args: Any, out_dir: Path) -> Any:
+        started.set()
+        gate.wait(30)
+        return real_run(args, out_dir)
+
+    service.generator.run = held
+    return gate, started
+
+
 @contextmanager
 def serve(service: Any, api_key: str | None = None) -> Iterator[Served]:
     import uvicorn
@@ -113,6 +128,11 @@ def ready(make_service: Callable[..., Any]) -> Iterator[Served]:
     with serve(make_service()) as served:
         served.wait_phase("ready", "failed")
         yield served
+
+
+@pytest.fixture
+def hold_generator() -> Callable[[Any], tuple[threading.Event, threading.Event]]:
+    return _hold_generator
 
 
 @pytest.fixture(scope="module")

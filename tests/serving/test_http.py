@@ -137,19 +137,11 @@ def test_unknown_job_404(ready):
         assert r.status_code == 404 and "no such job" in r.json()["error"]
 
 
-def test_one_worker_queue_409_and_429(make_service, serve_service):
+def test_one_worker_queue_409_and_429(make_service, serve_service, hold_generator):
     service = make_service(max_queue=1)
     with serve_service(service) as s:
         s.wait_phase("ready")
-        gate, started = threading.Event(), threading.Event()
-        real_run = service.generator.run
-
-        def held(args, out_dir):
-            started.set()
-            gate.wait(30)
-            return real_run(args, out_dir)
-
-        service.generator.run = held
+        gate, started = hold_generator(service)
         first = s.post("/v1/generate", json={"prompt": "one", "steps": 1}).json()["id"]
         assert started.wait(30)
         second = s.post("/v1/generate", json={"prompt": "two", "steps": 1}).json()["id"]

@@ -123,21 +123,11 @@ def test_full_disk_fails_the_job_and_the_service_stays_up(make_service, serve_se
 
 
 @pytest.mark.parametrize("max_queue", [2])
-def test_queue_limit_counts_waiting_rows(make_service, serve_service, max_queue):
-    import threading
-
+def test_queue_limit_counts_waiting_rows(make_service, serve_service, hold_generator, max_queue):
     service = make_service(selftest=False, device="cpu", max_queue=max_queue)
     with serve_service(service) as s:
         s.wait_phase("ready")
-        gate, started = threading.Event(), threading.Event()
-        real_run = service.generator.run
-
-        def held(args, out_dir):
-            started.set()
-            gate.wait(30)
-            return real_run(args, out_dir)
-
-        service.generator.run = held
+        gate, started = hold_generator(service)
         req = {"prompt": "q", "size": "32x32", "frames": 1, "steps": 1}
         first = s.post("/v1/generate", json=req).json()["id"]
         assert started.wait(30)
