@@ -40,6 +40,9 @@ import tarfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pull import start_registry  # noqa: E402  (the loopback registry both benches push to)
+
 EPOCH = 1700000000
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,27 +117,6 @@ def record_rows(text: str) -> set[tuple[str, str]]:
     import csv
 
     return {(r[0], r[1]) for r in csv.reader(text.splitlines()) if len(r) >= 2 and r[1].startswith("sha256=")}
-
-
-def start_registry(root: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (root / "config.yml").write_text(
-        f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=open(root / "registry.log", "wb"))
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    return proc, f"127.0.0.1:{port}"
 
 
 def du(path: Path) -> int:
