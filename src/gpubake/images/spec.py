@@ -75,7 +75,9 @@ ABS_PATH_PATTERN = r"^/$|^(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$"
 ARG_PATTERN = r"^[A-Za-z0-9_./:=@%+,-]+$"
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 ENV_KEY_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
-_HF_COMMIT = re.compile(r"^hf://[^@]+@([0-9a-f]{40}|UNPINNED)$")  # a branch or tag moves; a commit does not
+UNPINNED = "UNPINNED"  # a revision not known yet: the spec loads (render, dry run), build and publish refuse
+# a branch or tag moves; a commit does not (or the placeholder, which `check_pinned` refuses to bake)
+_HF_COMMIT = re.compile(rf"^hf://[^@]+@([0-9a-f]{{40}}|{UNPINNED})$")
 # An apt/debootstrap mirror: http(s), host, path; no spaces, quotes or shell syntax.
 _MIRROR = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+-]+)*/?$")
 
@@ -221,7 +223,7 @@ class Model(_Strict):
             raise ValueError(f'format = "{self.format}" imports an NVFP4 checkpoint: set quantization = "nvfp4" '
                              "and base (its diffusers checkpoint)")
         for name, uri in (("source", self.source), ("base", self.base)):
-            if not _PINNED_HF.match(uri):
+            if not uri.startswith("hf://"):  # the field's own check pinned it (`_HF_COMMIT`)
                 raise ValueError(f"{name}: an imported checkpoint's sources are pinned by revision "
                                  f"(hf://org/repo@<40-hex commit>, or @{UNPINNED} until known), got {uri!r}")
         return self
@@ -240,8 +242,6 @@ class Model(_Strict):
         return [n for n in ("source", "base") if (getattr(self, n) or "").endswith("@" + UNPINNED)]
 
 
-UNPINNED = "UNPINNED"  # a revision not known yet: the spec loads (render, dry run), build and publish refuse
-_PINNED_HF = re.compile(rf"^hf://[^/@\s]+/[^/@\s]+@([0-9a-f]{{40}}|{UNPINNED})$")
 
 
 def check_pinned(spec: ImageSpec) -> None:
