@@ -24,7 +24,6 @@ from importlib import resources
 from typing import Any
 
 from gpubake.errors import SpecError
-from gpubake.kernels.archs import parse_capability  # the in-image arch table: names <-> capabilities
 from gpubake.provisioning.facts import GPU_ARCHS, DriverRequirement, arch_runs, version_key
 
 __all__ = [
@@ -44,11 +43,6 @@ def cuda_table() -> dict[str, Any]:
 
 def torch_table() -> dict[str, Any]:
     return _table("torch_builds.json")
-
-
-def _cc(arch: str) -> tuple[int, int]:
-    """'sm_89' or '8.9' -> (8, 9); 'sm_120' or '12.0' -> (12, 0) (the kernels' arch table's rule)."""
-    return parse_capability(arch)
 
 
 def torch_series(torch: str) -> str:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from gpubake import envs
 from gpubake.errors import GpubakeError
 from gpubake.fsutil import write_text_atomic
+from gpubake.kernels.archs import parse_capability  # the one table's rule: 'sm_89' / '8.9' -> (8, 9)
 
 SCHEMA_VERSION = 1
 Target = Literal["runpod", "vastai"]
@@ -45,15 +46,6 @@ class FactsError(GpubakeError):
 # ----------------------------------------------------------------- the rules
 
 
-def capability(arch: str) -> tuple[int, int]:
-    """'sm_89' or '8.9' -> (8, 9); 'sm_120' or '12.0' -> (12, 0)."""
-    if arch.startswith("sm_"):
-        digits = arch[3:]
-        return int(digits[:-1]), int(digits[-1])
-    major, minor = arch.split(".")
-    return int(major), int(minor)
-
-
 def version_key(version: str) -> tuple[int, ...]:
     """'580.65.06' -> (580, 65, 6): driver and CUDA versions compare numerically."""
     return tuple(int(p) for p in version.split("."))
@@ -67,12 +59,12 @@ def arch_runs(arch: str, sass: list[str], ptx: list[str]) -> bool:
     JIT-compiled by the driver (CUDA C++ Programming Guide, "Binary Compatibility", "PTX
     Compatibility").
     """
-    major, minor = capability(arch)
+    major, minor = parse_capability(arch)
     for cc in sass:
-        c_major, c_minor = capability(cc)
+        c_major, c_minor = parse_capability(cc)
         if c_major == major and c_minor <= minor:
             return True
-    return any(capability(cc) <= (major, minor) for cc in ptx)
+    return any(parse_capability(cc) <= (major, minor) for cc in ptx)
 
 
 class _Facts(BaseModel):
