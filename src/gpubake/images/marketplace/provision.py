@@ -24,7 +24,6 @@ resolves today:
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpubake.console import console
+from gpubake.fsutil import sha256_file
 from gpubake.images.marketplace.remote import REMOTE_DIR, RemoteError, Session, SshTarget, build_wheel, rquote, selftest
 from gpubake.provisioning.facts import version_key
 
@@ -81,14 +81,6 @@ def min_driver(spec: ImageSpec) -> str | None:
 # ------------------------------------------------------------------ weights
 
 
-def _hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def local_weights(root: Path, pin: str | None) -> Weights:
     """A checkpoint directory on this machine, verified against its manifest (and the pin)."""
     from gpubake.provisioning.bake import MANIFEST_NAME, manifest_sha256, read_manifest
@@ -103,7 +95,7 @@ def local_weights(root: Path, pin: str | None) -> Weights:
         path = root / rel
         if ".." in Path(rel).parts or path.is_symlink() or not path.is_file():
             raise RemoteError(f"--weights: {rel}: listed in the manifest but not a regular file in {root}")
-        if path.stat().st_size != entry.get("size") or _hash(path) != entry.get("sha256"):
+        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
             raise RemoteError(f"--weights: {rel}: does not match {root}/{MANIFEST_NAME}")
     return Weights(pin=sha, local=root, files=dict(files))
 
