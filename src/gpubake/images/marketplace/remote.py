@@ -12,10 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -242,43 +239,12 @@ def read_report(target: SshTarget, path: str) -> Report | None:
 # ------------------------------------------------------------------ provision
 
 
-def project_root() -> Path | None:
-    """The source checkout gpubake runs from (an editable install), if any."""
-    import gpubake
-
-    root = Path(gpubake.__file__).resolve().parents[2]
-    pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and 'name = "gpubake"' in pyproject.read_text(encoding="utf-8"):
-        return root
-    return None
-
-
 def build_wheel(dest: Path) -> Path:
-    """Build gpubake's wheel from the checkout (no dependencies).
+    """gpubake's wheel for the host, built as the image's is (`images.app_wheel`: the
+    repository's tracked files only, no dotfile or stray credential; cached by content)."""
+    from gpubake.images.app_wheel import place_app_wheel
 
-    First with the build backend already installed (offline); if this environment lacks it,
-    with pip's isolated build (fetches setuptools from the package index).
-    """
-    root = project_root()
-    if root is None:
-        raise RemoteError("--wheel: gpubake is not running from a source checkout; pass --wheel PATH (e.g. from `pip download gpubake`)")
     console.print("building the gpubake wheel", markup=False)
-    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", str(dest)]
-    proc = None
-    with tempfile.TemporaryDirectory(prefix="gpubake-src-") as tmp:
-        # Build from a clean copy: setuptools leaves build/ in the source tree, and a stale
-        # build/lib would put deleted modules into the wheel.
-        src = Path(tmp)
-        shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
-        for name in ("pyproject.toml", "README.md", "LICENSE"):
-            if (root / name).is_file():
-                shutil.copy2(root / name, src / name)
-        for isolation in (["--no-build-isolation"], []):
-            proc = subprocess.run([*base, *isolation, str(src)], capture_output=True, text=True, check=False)
-            wheels = sorted(dest.glob("gpubake-*.whl"))
-            if proc.returncode == 0 and wheels:
-                return wheels[-1]
-    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1] if proc else "(not run)"
-    raise RemoteError(f"building the gpubake wheel failed: {tail[:200]}")
+    return place_app_wheel(dest).path
 
 
