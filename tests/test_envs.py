@@ -153,7 +153,7 @@ def test_values_are_read_when_asked_parsed_and_defaulted(monkeypatch: pytest.Mon
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("GPUBAKE_STORAGE_DRIVER", "btrfs", "GPUBAKE_STORAGE_DRIVER: 'btrfs' is not one of vfs, overlay"),
+        ("GPUBAKE_STORAGE_DRIVER", "btrfs", "GPUBAKE_STORAGE_DRIVER: 'btrfs' is not one of auto, overlay, vfs"),
         ("GPUBAKE_HTTP_BACKOFF", "fast", "GPUBAKE_HTTP_BACKOFF: not a number: 'fast'"),
         ("GPUBAKE_HTTP_BACKOFF", "-1", "GPUBAKE_HTTP_BACKOFF: must be >= 0, got '-1'"),
     ],

@@ -89,8 +89,9 @@ _VARS = (
         default_doc="$XDG_CACHE_HOME/gpubake, else ~/.cache/gpubake", kind="path", parse=_path),
     Var("GPUBAKE_STORAGE_ROOT", "buildah/skopeo containers-storage of gpubake (tests give each session its own).", "build",
         default_doc="$GPUBAKE_CACHE/containers", kind="path", parse=_path),
-    Var("GPUBAKE_STORAGE_DRIVER", "Storage driver of that store: vfs works in any sandbox; overlay stores diffs.", "build",
-        default="vfs", choices=("vfs", "overlay")),
+    Var("GPUBAKE_STORAGE_DRIVER", "Storage driver of that store: overlay stores diffs; vfs works in any sandbox but "
+        "copies the whole tree per layer; auto takes overlay where the kernel mounts it for us (root), else vfs.", "build",
+        default="auto", choices=("auto", "overlay", "vfs")),
     Var("GPUBAKE_DEBIAN_MIRROR", "Debian mirror of debootstrap for `[base.bootstrap]` bases (part of the base's cache key); "
         "when set, it replaces the spec's dated base.apt_mirror (a machine that cannot reach snapshot.debian.org).",
         "build", default_doc="the spec's base.apt_mirror, else http://deb.debian.org/debian"),

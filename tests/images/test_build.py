@@ -250,3 +250,69 @@ def test_build_runs_exactly_its_plan(tmp_path, small_store, store_root):
     assert "--identity-label=false" in bud and "--pull=false" in bud and planned[1].env == {"BUILDAH_ISOLATION": "chroot", "STORAGE_DRIVER": storage.driver}
     assert result.archive.is_file() and [p.name for p in result.archive.parent.iterdir()] == [result.archive.name]
     assert [s.what for s in builder.plan(req)][0] == "buildah bud of demo (runpod)"  # the base is there now: no import
+
+
+# ------------------------------------------------------------------ storage driver
+
+
+def test_storage_driver_auto_is_overlay_only_where_the_probe_mounts(tmp_path, monkeypatch):
+    """`auto` (the default) asks the kernel beside the store; a forced driver is taken as is."""
+    from gpubake.images.builders import storage
+
+    monkeypatch.delenv("GPUBAKE_STORAGE_DRIVER", raising=False)
+    storage._overlay_mounts.cache_clear()
+    refused = subprocess.CompletedProcess(["mount"], 32, b"", b"mount: permission denied")
+    monkeypatch.setattr(storage.subprocess, "run", lambda *a, **k: refused)
+    monkeypatch.setattr(storage.os, "geteuid", lambda: 0)
+    assert storage_at(tmp_path / "a" / "store").driver == "vfs"
+    assert list(tmp_path.iterdir()) == []  # the probe's temp dir is gone, the store not made
+    storage._overlay_mounts.cache_clear()
+    monkeypatch.setattr(storage.os, "geteuid", lambda: 1000)  # rootless: no probe, vfs
+    monkeypatch.setattr(storage.subprocess, "run", lambda *a, **k: pytest.fail("probed as non-root"))
+    assert storage_at(tmp_path).driver == "vfs"
+    monkeypatch.setenv("GPUBAKE_STORAGE_DRIVER", "overlay")
+    assert storage_at(tmp_path).driver == "overlay" and storage_at(tmp_path).root == tmp_path / "overlay" / "storage"
+    storage._overlay_mounts.cache_clear()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="the overlay probe mounts as root")
+def test_overlay_probe_mounts_for_real_and_leaves_nothing(tmp_path, monkeypatch):
+    from gpubake.images.builders import storage
+
+    monkeypatch.delenv("GPUBAKE_STORAGE_DRIVER", raising=False)
+    storage._overlay_mounts.cache_clear()
+    works = storage._overlay_mounts(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()  # unmounted
+    direct = tmp_path / "d"
+    for name in ("l", "u", "w", "m"):
+        (direct / name).mkdir(parents=True)
+    opts = f"lowerdir={direct / 'l'},upperdir={direct / 'u'},workdir={direct / 'w'}"
+    mounted = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(direct / "m")], capture_output=True)
+    if mounted.returncode == 0:
+        subprocess.run(["umount", str(direct / "m")], check=True)
+    assert works == (mounted.returncode == 0)
+    assert storage_at(tmp_path / "store").driver == ("overlay" if works else "vfs")
+    storage._overlay_mounts.cache_clear()
+
+
+@pytest.mark.buildah
+def test_small_build_on_vfs_is_reproducible_and_says_its_driver(tmp_path, small_store, store_root):
+    """The fallback driver, forced: two no-cache builds of one small context, one digest.
+
+    Digests are reproducible per driver, not across them (overlay's RUN layers also record
+    /run, a mount point, which vfs's do not: seen here), so the result names its driver.
+    """
+    from gpubake.images import bootstrap
+
+    storage, base, spec = small_store
+    vfs = storage_at(store_root / "small-vfs", driver="vfs")
+    try:
+        bootstrap.ensure_base(bootstrap.inputs_for(spec, EPOCH), vfs, log_file=store_root / "bootstrap-vfs.log")
+        ctx = _small_context(tmp_path, base, "RUN mkdir -p /opt/gpubake && echo vfs > /opt/gpubake/vfs\n")
+        (ctx / "model" / "weights.bin").write_bytes(b"\1" * 4096)
+        results = [BuildahBuilder(vfs, no_cache=True, on_step=None).build(_request(spec, ctx, tmp_path / str(n))) for n in (1, 2)]
+    finally:
+        shutil.rmtree(store_root / "small-vfs", ignore_errors=True)
+    assert results[0].digest == results[1].digest and results[0].layers == results[1].layers
+    assert results[0].to_json()["storage_driver"] == "vfs"

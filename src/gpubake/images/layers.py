@@ -345,8 +345,8 @@ def estimate(spec: Any, *, cached: Path | None = None, gpu: bool | None = None, 
     disk = {"download": download if quantizing else 0, "model_cache": weights, "store_and_archive": 2 * weights}
     disk["total"] = sum(disk.values())
     notes = ["estimated from images/data/weights.json; the build plans from the real files",
-             "disk excludes the Python environment (~6-8 GB per store for the CUDA wheels) and, on the vfs "
-             "storage driver, one full copy of the tree per layer (use GPUBAKE_STORAGE_DRIVER=overlay)"]
+             "disk excludes the Python environment (~6-8 GB per store for the CUDA wheels) and, where the store "
+             "falls back to the vfs driver (no overlay mount), one full copy of the tree per layer"]
     return Estimate(
         layers=layers,
         download_bytes=download,

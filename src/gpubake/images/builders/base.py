@@ -91,6 +91,8 @@ class BuildResult:
     total_size: int = 0
     builder: str = ""
     seconds: float = 0.0
+    storage_driver: str = ""  # buildah's store driver: digests are reproducible per driver, not across them
+
 
     def to_json(self) -> dict:
         """The fields `build-image --json` prints."""
@@ -100,6 +102,7 @@ class BuildResult:
             "layers": self.layers,
             "total_size": self.total_size,
             "builder": self.builder,
+            "storage_driver": self.storage_driver or None,
             "seconds": round(self.seconds, 3),
         }
 

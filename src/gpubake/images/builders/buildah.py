@@ -1,4 +1,4 @@
-"""The default builder: buildah, daemonless, chroot isolation, vfs storage.
+"""The default builder: buildah, daemonless, chroot isolation, overlay storage (vfs where it cannot mount).
 
 Why buildah: it needs no daemon and no privileges beyond root in a plain VM or CI
 container, and `buildah bud --timestamp` makes image configs and layer mtimes fixed,
@@ -245,6 +245,7 @@ class BuildahBuilder:
             total_size=sum(int(layer["size"]) for layer in layers),
             builder=self.name,
             seconds=time.monotonic() - started,
+            storage_driver=self.storage.driver,
         )
 
 
