@@ -1,42 +1,72 @@
 #!/usr/bin/env bash
 # Device run (issue 17, item 9): boot to self-test verdict with the full-size A14B
-# (random weights, bench/selftest_a14b_device.py) on local disk, `--quick` hashing.
-#   warm: the self-test right after the checkpoint was written (its files in the page cache)
-#   cold: the same self-test after `sync; echo 3 > /proc/sys/vm/drop_caches` (a fresh boot
-#         reads the weights from disk), when the machine lets root drop the caches
+# (random weights, bench/selftest_a14b_device.py) on local disk, `--quick` hashing, each
+# boot after `sync; echo 3 > /proc/sys/vm/drop_caches` (the weights come from disk, as on a
+# fresh boot), GPUBAKE_HOME on a "volume" folder as start.sh sets it:
+#   first:       the volume's first boot: compile caches empty, read-ahead on (the default)
+#   later:       a later boot of the same volume: compile caches there, read-ahead on
+#   later-noread: the same with GPUBAKE_PREFETCH=off (the peer of `later`: the lever's effect)
+# (Before 2026-12-01 12:30 this script ran a page-cache-warm then a cold boot with torch's
+# default /tmp caches; that run's numbers are in docs/benchmarks.md with its commit.)
 # Usage (device tool, carry .whl/dev): bash bench/boot_a14b_device.sh   (results in $OUT)
+# A CPU smoke test of this script (tiny model, no cache dropping): TINY=1 PY=.venv/bin/python bash bench/boot_a14b_device.sh
 set -euo pipefail
 OUT="${OUT:-/tmp/boot-a14b-out}"; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl/dev}/*.whl
+PY="${PY:-python3}"
+if [ -n "${TINY:-}" ]; then
+  write=(--tiny); where=(--spec /tmp/a14b/spec/wan22-t2v-a14b-nvfp4-hopper.toml)
+  python3() { "$PY" "$@"; }
+  nvidia-smi() { echo "no GPU (TINY)"; }
+else
+  write=(); where=(--image wan22-t2v-a14b-nvfp4-hopper)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl/dev}/*.whl
+fi
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD/bench" PYTHONUNBUFFERED=1
 { date -u +%FT%TZ; git log -1 --format=%h 2>/dev/null || true
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import sys, torch, triton, diffusers, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
   df -h /tmp | tail -1; nproc; free -g | sed -n 2p
 } | tee "$OUT/versions.txt"
-rm -rf /tmp/a14b
-timeout "${A14B_TIMEOUT:-420}" python3 bench/selftest_a14b_device.py --root /tmp/a14b --out "$OUT/warm" --quick 2>&1 \
-  | grep -v -e 'Writing model shards' -e torchao | tail -25
-sync
-if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then cache=dropped; else cache="not dropped (refused)"; fi
-mkdir -p "$OUT/cold"
-start=$(date +%s.%N)
-set +e
-python3 -m gpubake selftest --image wan22-t2v-a14b-nvfp4-hopper --model-dir /tmp/a14b/model \
-  --report "$OUT/cold/selftest-a14b.json" --json --quick > "$OUT/cold/selftest.stdout" 2> "$OUT/cold/selftest.stderr"
-rc=$?
-set -e
-end=$(date +%s.%N)
-tail -12 "$OUT/cold/selftest.stderr"
-python3 - "$start" "$end" "$rc" "$cache" "$OUT" <<'EOF'
+rm -rf /tmp/a14b /tmp/volume
+timeout "${A14B_TIMEOUT:-300}" "$PY" bench/selftest_a14b_device.py --root /tmp/a14b --out "$OUT/write" --write-only "${write[@]}" 2>&1 \
+  | grep -v -e 'Writing model shards' -e torchao | tail -4
+unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+export GPUBAKE_HOME=/tmp/volume/gpubake; mkdir -p "$GPUBAKE_HOME"
+
+boot() {  # NAME [VAR=VALUE ...]
+  local name=$1; shift
+  sync
+  if [ -n "${TINY:-}" ]; then cache="kept (TINY)"
+  elif echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then cache=dropped; else cache="not dropped (refused)"; fi
+  mkdir -p "$OUT/$name"
+  local start end rc
+  start=$(date +%s.%N)
+  set +e
+  env "$@" "$PY" -m gpubake selftest "${where[@]}" --model-dir /tmp/a14b/model \
+    --report "$OUT/$name/selftest-a14b.json" --json --quick > "$OUT/$name/selftest.stdout" 2> "$OUT/$name/selftest.stderr"
+  rc=$?
+  set -e
+  end=$(date +%s.%N)
+  tail -3 "$OUT/$name/selftest.stderr"
+  python3 - "$name" "$start" "$end" "$rc" "$cache" "$OUT" "$*" <<'PY'
 import json, sys
-start, end, rc, cache, out = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-warm = json.load(open(f"{out}/warm/phases.json"))
-report = json.load(open(f"{out}/cold/selftest-a14b.json"))
-summary = {"warm_selftest_wall_s": warm["selftest_wall"], "warm_exit": warm["selftest_exit_code"],
-           "cold_selftest_wall_s": round(end - start, 2), "cold_exit": rc, "page_cache": cache,
-           "cold_verdict": report.get("verdict"),
-           "cold_stage_seconds": {s["name"]: s["seconds"] for s in report.get("stages", [])}}
-json.dump(summary, open(f"{out}/boot.json", "w"), indent=2)
-print(json.dumps(summary, indent=2))
-EOF
+from pathlib import Path
+name, start, end, rc, cache, out, env = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
+path = Path(out) / "boot.json"
+summary = json.loads(path.read_text()) if path.exists() else {"write": json.load(open(f"{out}/write/phases.json"))}
+report = json.load(open(f"{out}/{name}/selftest-a14b.json"))
+render = next((s for s in report.get("stages", []) if s["name"] == "render"), {}).get("values", {})
+summary[name] = {"wall_s": round(end - start, 2), "exit": rc, "page_cache": cache, "env": env,
+                 "verdict": report.get("verdict"),
+                 "stage_seconds": {s["name"]: s["seconds"] for s in report.get("stages", [])},
+                 "load_seconds": render.get("load_seconds"), "warmup_seconds": render.get("warmup_seconds"),
+                 "clip_seconds": (render.get("runs") or [{}])[0].get("total_seconds"),
+                 "prefetch": render.get("prefetch"), "compile_cache": render.get("compile_cache")}
+path.write_text(json.dumps(summary, indent=2))
+print(name, json.dumps(summary[name]))
+PY
+}
+boot first
+boot later
+boot later-noread GPUBAKE_PREFETCH=off
+du -sh /tmp/volume/gpubake/compile-cache/* | tee -a "$OUT/versions.txt"

@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a smoke test of this script)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="pass --quick to the self-test (sampled hashes)")
+    ap.add_argument("--write-only", action="store_true", help="write the checkpoint and phases.json, run no self-test")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model_id = "tiny-wan2.2" if args.tiny else "wan2.2-t2v-a14b"
@@ -197,6 +198,10 @@ def main() -> None:
     spec.write_text(spec_text)
     where = ["--spec", str(spec)] if args.tiny else ["--image", "wan22-t2v-a14b-nvfp4-hopper"]
 
+    if args.write_only:
+        (args.out / "phases.json").write_text(json.dumps(phases, indent=2))
+        print(json.dumps(phases, indent=2))
+        return
     report = args.out / "selftest-a14b.json"
     cmd = [sys.executable, "-m", "gpubake", "selftest", *where, "--model-dir", str(ckpt),
            "--report", str(report), "--json"] + (["--quick"] if args.quick else [])

@@ -60,3 +60,18 @@ def edit_context_code(ctx, text: str) -> None:
         files["files"][rel] = new_sha
         files["files"]["Containerfile"] = hashlib.sha256(containerfile.read_bytes()).hexdigest()
         manifest.write_text(json.dumps(files, indent=2, sort_keys=True) + "\n")
+
+
+def remove_store(root) -> None:
+    """Delete a test's containers-storage: unmount what the overlay driver left mounted under
+    it (its home's bind mount, layers of the last containers), deepest first, then remove."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(root).absolute()
+    with open("/proc/self/mounts", encoding="utf-8") as fh:  # octal escapes: \040 is a space
+        points = [line.split()[1].encode().decode("unicode_escape") for line in fh]
+    for point in sorted((p for p in points if p.startswith(f"{root}/")), key=len, reverse=True):
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

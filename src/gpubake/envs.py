@@ -134,6 +134,13 @@ _VARS = (
         "hopper-fp8, dequant-bf16, cpu-reference.", "image", default_doc="by compute capability"),
     Var("GPUBAKE_SELFTEST", "Boot self-test: full, quick (sample the weight hashes) or off.", "image",
         default_doc="full (start.sh); quick (RunPod serverless handler)", kind="full | quick | off"),
+    Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
+        "from the start (as much as fits in memory), so the loader finds them there.", "image", default="on",
+        choices=("on", "off")),
+    Var("GPUBAKE_COMPILE_CACHE", "Where torch.compile's inductor and Triton caches persist (TORCHINDUCTOR_CACHE_DIR and "
+        "TRITON_CACHE_DIR, unless those are set): on the volume, only a volume's first boot compiles.", "image",
+        default_doc="$GPUBAKE_HOME/compile-cache where GPUBAKE_HOME is set (start.sh), else torch's own (/tmp)",
+        kind="path", parse=_path),
     Var("GPUBAKE_REPORT", "Path of the self-test report (JSON).", "image",
         default_doc="$GPUBAKE_HOME/selftest.json (start.sh); else /workspace/gpubake/selftest.json where /workspace "
         "exists, else ~/.cache/gpubake/selftest.json", kind="path", parse=_path, set_by="start.sh"),

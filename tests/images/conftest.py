@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testutil import edit_context_code, free_port, stop_process
+from testutil import edit_context_code, free_port, remove_store, stop_process
 
 TIMESTAMP = 1700000000
 
@@ -132,7 +132,7 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private containers-storage root for this test session (removed at the end)."""
     root = tmp_path_factory.mktemp("containers")
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    remove_store(root)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from build_fakes import RecordingRunner  # noqa: E402
+from testutil import remove_store  # noqa: E402
 
 from gpubake.errors import BuildError
 from gpubake.images.builders.base import BuildRequest
@@ -190,6 +191,8 @@ def test_failing_step_is_one_line_with_the_log_and_leaves_no_archive(tmp_path, s
     assert f"full log: {req.log_file}" in msg
     assert "no matching distribution for torch" in req.log_file.read_text()
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
+    left = subprocess.run(["buildah", *storage.buildah_args(), "containers", "--quiet"], capture_output=True, text=True, check=True)
+    assert left.stdout.split() == []  # --force-rm: the failed step's container is gone too
 
 
 @pytest.mark.buildah
@@ -313,6 +316,6 @@ def test_small_build_on_vfs_is_reproducible_and_says_its_driver(tmp_path, small_
         (ctx / "model" / "weights.bin").write_bytes(b"\1" * 4096)
         results = [BuildahBuilder(vfs, no_cache=True, on_step=None).build(_request(spec, ctx, tmp_path / str(n))) for n in (1, 2)]
     finally:
-        shutil.rmtree(store_root / "small-vfs", ignore_errors=True)
+        remove_store(store_root / "small-vfs")
     assert results[0].digest == results[1].digest and results[0].layers == results[1].layers
     assert results[0].to_json()["storage_driver"] == "vfs"

@@ -24,7 +24,8 @@ def _gpubake(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 def test_demo_selftest_passes_in_cpu_mode(tiny_nvfp4_checkpoint: Path, tmp_path: Path):
     report = tmp_path / "gpubake" / "selftest.json"
     proc = _gpubake("selftest", "--json", "--model-dir", str(tiny_nvfp4_checkpoint),
-                    env={"GPUBAKE_IMAGE": "demo", "GPUBAKE_REPORT": str(report), "GPUBAKE_BOOT_EPOCH": "0"})
+                    env={"GPUBAKE_IMAGE": "demo", "GPUBAKE_REPORT": str(report), "GPUBAKE_BOOT_EPOCH": "0",
+                         "GPUBAKE_HOME": str(tmp_path / "home"), "TORCHINDUCTOR_CACHE_DIR": "", "TRITON_CACHE_DIR": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     on_disk = json.loads(report.read_text())
@@ -37,6 +38,15 @@ def test_demo_selftest_passes_in_cpu_mode(tiny_nvfp4_checkpoint: Path, tmp_path:
     assert out["boot_to_verdict_seconds"] > 1e9  # measured from the (fake) boot epoch 0
     assert "self-test PASS: image demo, cpu mode" in proc.stderr
     assert not list(report.parent.glob(".*partial*"))  # atomic writes left nothing behind
+    render = out["stages"][4]["values"]
+    # the checkpoint was read ahead, every file the manifest lists, once each; the compile
+    # caches went to the volume's gpubake folder (start.sh's GPUBAKE_HOME)
+    listed = json.loads((tiny_nvfp4_checkpoint / "gpubake-manifest.json").read_text())["files"]
+    inodes = {(tiny_nvfp4_checkpoint / rel).stat().st_ino: entry["size"] for rel, entry in listed.items()}
+    assert render["prefetch"] == {**render["prefetch"], "files": len(inodes), "bytes_read": sum(inodes.values()),
+                                  "finished": True, "errors": []}
+    cache = tmp_path / "home" / "compile-cache"
+    assert render["compile_cache"] == {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
 
 
 def test_failed_verdict_exits_3_and_writes_report(tmp_path: Path):

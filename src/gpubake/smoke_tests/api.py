@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubake import envs
+from gpubake.provisioning.compile_cache import use_persistent_compile_cache
 from gpubake.provisioning.facts import ImageFacts
 from gpubake.provisioning.pipeline import check_runtime_env
 from gpubake.smoke_tests.expectations import SelfTestError, load_table
@@ -53,6 +54,7 @@ def create_selftest(
     if device is not None and not _DEVICE.match(device):
         raise SelfTestError(f"--device: must be cpu, cuda or cuda:N, got {device!r}")
     check_runtime_env()  # a bad $GPUBAKE_RUNTIME is bad input, not a failed render after the hashing
+    compile_cache = use_persistent_compile_cache()  # before anything compiles
     ctx = Context(
         facts=facts,
         model_dir=Path(model_dir),
@@ -64,6 +66,7 @@ def create_selftest(
         device_override=device,
         kernel_check=kernel_check,
         pipeline_loader=pipeline_loader,
+        compile_cache=compile_cache,
     )
     report = Report(
         image=facts.name,

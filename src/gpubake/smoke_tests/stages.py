@@ -48,6 +48,8 @@ class Context:
     runtime: dict[str, Any] | None = None  # ServingPipeline.runtime(): plan and levers applied
     renders: list[Any] = field(default_factory=list)  # provisioning.render.RenderResult
     warmup: Any = None
+    prefetch: Any = None  # provisioning.prefetch.Prefetch, started with the run
+    compile_cache: dict[str, str] = field(default_factory=dict)  # where inductor and Triton cache
 
     @property
     def model_id(self) -> str:
@@ -266,6 +268,8 @@ def render_stage(ctx: Context) -> StageResult:
         "runs": [r.to_dict() for r in ctx.renders],
         "warmup_seconds": round(ctx.warmup.total_seconds, 3) if ctx.warmup else None,
         "runtime": ctx.runtime,
+        "prefetch": ctx.prefetch.summary() if ctx.prefetch else None,
+        "compile_cache": ctx.compile_cache,
     }
     msg = (f"{first.frames} frames {first.width}x{first.height}, {params.steps} steps ({model.recipe.name}) "
            f"on {ctx.device} -> {first.video.name} + {first.first_frame.name}")

@@ -153,6 +153,7 @@ class BuildahBuilder:
             "buildah", *self.storage.buildah_args(), "bud",
             "--isolation", "chroot",
             "--layers",
+            "--force-rm",  # a failed step's container goes too: no copy of the tree (or a mount) left behind
             "--timestamp", str(req.timestamp),
             "--identity-label=false",
             "--pull=false",
