@@ -135,7 +135,8 @@ _VARS = (
     Var("GPUBAKE_SELFTEST", "Boot self-test: full, quick (sample the weight hashes) or off.", "image",
         default_doc="full (start.sh); quick (RunPod serverless handler)", kind="full | quick | off"),
     Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
-        "from the start (as much as fits in memory), so the loader finds them there.", "image", default="on",
+        "from the start (as much as fits in memory). Off: on an H200 host's local disk it did not shorten the boot "
+        "(the loader, not the disk, is the bound); try it for a slow network volume.", "image", default="off",
         choices=("on", "off")),
     Var("GPUBAKE_COMPILE_CACHE", "Where torch.compile's inductor and Triton caches persist (TORCHINDUCTOR_CACHE_DIR and "
         "TRITON_CACHE_DIR, unless those are set): on the volume, only a volume's first boot compiles.", "image",

@@ -88,6 +88,8 @@ def test_prefetched_files_are_in_the_page_cache(tmp_path):
 
 def test_off_or_nothing_to_read_starts_nothing_and_a_second_start_shares_the_first(tmp_path, monkeypatch):
     sizes = _tree(tmp_path)
+    monkeypatch.delenv("GPUBAKE_PREFETCH", raising=False)  # off by default: it did not win (docs/benchmarks.md)
+    assert prefetch.start_for_checkpoint(tmp_path, sizes) is None
     monkeypatch.setenv("GPUBAKE_PREFETCH", "off")
     assert prefetch.start_for_checkpoint(tmp_path, sizes) is None
     monkeypatch.setenv("GPUBAKE_PREFETCH", "on")

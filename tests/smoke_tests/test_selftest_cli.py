@@ -25,7 +25,8 @@ def test_demo_selftest_passes_in_cpu_mode(tiny_nvfp4_checkpoint: Path, tmp_path:
     report = tmp_path / "gpubake" / "selftest.json"
     proc = _gpubake("selftest", "--json", "--model-dir", str(tiny_nvfp4_checkpoint),
                     env={"GPUBAKE_IMAGE": "demo", "GPUBAKE_REPORT": str(report), "GPUBAKE_BOOT_EPOCH": "0",
-                         "GPUBAKE_HOME": str(tmp_path / "home"), "TORCHINDUCTOR_CACHE_DIR": "", "TRITON_CACHE_DIR": ""})
+                         "GPUBAKE_HOME": str(tmp_path / "home"), "TORCHINDUCTOR_CACHE_DIR": "", "TRITON_CACHE_DIR": "",
+                         "GPUBAKE_PREFETCH": "on"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     on_disk = json.loads(report.read_text())
@@ -45,6 +46,9 @@ def test_demo_selftest_passes_in_cpu_mode(tiny_nvfp4_checkpoint: Path, tmp_path:
     inodes = {(tiny_nvfp4_checkpoint / rel).stat().st_ino: entry["size"] for rel, entry in listed.items()}
     assert render["prefetch"] == {**render["prefetch"], "files": len(inodes), "bytes_read": sum(inodes.values()),
                                   "finished": True, "errors": []}
+    phases = render["runtime"]["load_seconds"]  # where the load's time went, phase by phase
+    assert sorted(phases) == ["apply_runtime", "other_components", "to_device", "transformer", "transformer_2"]
+    assert sum(phases.values()) <= render["load_seconds"] + 0.01
     cache = tmp_path / "home" / "compile-cache"
     assert render["compile_cache"] == {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
 

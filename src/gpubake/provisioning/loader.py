@@ -12,6 +12,7 @@ diffusers' own `from_pretrained`.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,15 +127,32 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
     index = layout.model_index(path)
     if verify:
         verify_tree(path)
-    experts = {e: load_expert(path / e, dtype=dtype, device=device) for e in layout.expert_dirs(index)}
+    seconds: dict[str, float] = {}  # where a load's time goes (the boot's largest part: docs/benchmarks.md)
+    experts = {}
+    for e in layout.expert_dirs(index):
+        t0 = time.perf_counter()
+        experts[e] = load_expert(path / e, dtype=dtype, device=device)
+        seconds[e] = time.perf_counter() - t0
     cls = getattr(diffusers, index["_class_name"])
+    t0 = time.perf_counter()
     try:
         pipe = cls.from_pretrained(str(path), dtype=dtype, **experts)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: diffusers could not load a component ({' '.join(str(exc).split())[:200]})") from None
+    seconds["other_components"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if not host_components:
-        return pipe.to(device)
-    for name, comp in pipe.components.items():
-        if isinstance(comp, torch.nn.Module) and name not in host_components:
-            comp.to(device)
+        pipe = pipe.to(device)
+    else:
+        for name, comp in pipe.components.items():
+            if isinstance(comp, torch.nn.Module) and name not in host_components:
+                comp.to(device)
+    seconds["to_device"] = time.perf_counter() - t0
+    pipe._gpubake_load_seconds = {k: round(v, 3) for k, v in seconds.items()}
     return pipe
+
+
+def load_phases(pipe: Any) -> dict[str, float]:
+    """Seconds per phase of `pipe`'s load (each expert, the other components, the move to
+    the device); {} for a pipeline this module did not load."""
+    return dict(getattr(pipe, "_gpubake_load_seconds", None) or {})

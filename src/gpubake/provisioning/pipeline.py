@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +39,15 @@ class ServingPipeline:
     attention_checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # per expert, {NVFP4 GEMM backend: layers} as bound to its layers (`linear.bound_backends`)
     gemm_backends: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # seconds per phase of the load (loader.load_phases) and of applying the plan
+    load_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def runtime(self) -> dict[str, Any]:
-        """The plan, what was applied, the attention checks and the GEMM backend each expert's
-        NVFP4 layers run, as the self-test report shows them."""
+        """The plan, what was applied, the attention checks, the GEMM backend each expert's
+        NVFP4 layers run and where the load's time went, as the self-test report shows them."""
         return {"plan": dataclasses.asdict(self.plan), "applied": self.applied,
-                "attention_checks": self.attention_checks, "gemm_backends": self.gemm_backends}
+                "attention_checks": self.attention_checks, "gemm_backends": self.gemm_backends,
+                "load_seconds": self.load_seconds}
 
 
 def check_runtime_env() -> None:
@@ -76,11 +80,15 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
 
         def loader(path: Path, dev: str) -> Any:
             return load_pipeline(path, dev, host_components=host, require_manifest=True)
+    from gpubake.provisioning.loader import load_phases
+
     with _LOAD_LOCK:
         pipe = loader(Path(model_dir), device)
+        t0 = time.perf_counter()
         applied = apply_runtime(pipe, plan)
+        phases = {**load_phases(pipe), "apply_runtime": round(time.perf_counter() - t0, 3)}
     log.info("runtime plan on %s: %s; applied %s", device, plan, applied)
-    return ServingPipeline(pipe, plan, applied, attention_checks(device), gemm_backends(pipe))
+    return ServingPipeline(pipe, plan, applied, attention_checks(device), gemm_backends(pipe), phases)
 
 
 def gemm_backends(pipe: Any) -> dict[str, dict[str, int]]:
