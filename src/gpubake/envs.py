@@ -112,9 +112,8 @@ _VARS = (
         default="1.0", kind="number >= 0", parse=_seconds),
     Var("GPUBAKE_TORCH", "torch release scripts/setup.sh installs.", "build", default="2.13.0"),
     # ------------------------------------------------------------------ image side: build steps
-    Var("GPUBAKE_PYTHON", "In-image build steps: the image's Python version (python$GPUBAKE_PYTHON). "
-        "start.sh: the Python command of the RunPod serverless handler and of the PROVISIONING_SCRIPT fetch.", "image",
-        default_doc="the spec's python.version (build steps); python3 (start.sh)", set_by="render (build steps)"),
+    Var("GPUBAKE_PYTHON", "In-image build steps: the image's Python version (python$GPUBAKE_PYTHON).", "image",
+        default_doc="the spec's python.version", set_by="render (build steps)"),
     Var("GPUBAKE_PREFIX", "In-image build steps: where gpubake is installed.", "image", default="/opt/gpubake",
         kind="path", set_by="render (build steps)"),
     Var("GPUBAKE_APT_MIRROR", "In-image build step 10: the only apt mirror it reads (a dated snapshot), on an image base.",
@@ -166,6 +165,8 @@ _VARS = (
     Var("GPUBAKE_DETACH", "start.sh: 1 = start the service in the background and return (Vast.ai's on-start).", "image",
         default="0", kind="0 | 1"),
     Var("GPUBAKE_BIN", "start.sh: the gpubake command.", "image", default="gpubake"),
+    Var("GPUBAKE_PYTHON_BIN", "start.sh: the Python command of the RunPod serverless handler, the boot-time weight "
+        "fetch (model.at = boot) and the PROVISIONING_SCRIPT check.", "image", default="python3"),
     Var("GPUBAKE_ETC", "start.sh: where rp_environment / environment (for SSH sessions) are written.", "image",
         default="/etc", kind="path"),
     Var("GPUBAKE_SSHD_PIDFILE", "start.sh: pid file of a running sshd.", "image", default="/run/sshd.pid", kind="path"),

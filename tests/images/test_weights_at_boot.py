@@ -54,7 +54,7 @@ def test_start_script_bakes_the_weights_into_the_volume_once(tmp_path: Path):
     wrapper.chmod(0o755)
     (tmp_path / "ws").mkdir()
     env = {**os.environ, "GPUBAKE_BIN": str(wrapper), "GPUBAKE_WORKSPACE": str(tmp_path / "ws"), "GPUBAKE_ETC": str(tmp_path / "etc"),
-           "GPUBAKE_PYTHON": sys.executable, "CALLS": str(tmp_path / "calls"), "TRITON_INTERPRET": "1",
+           "GPUBAKE_PYTHON_BIN": sys.executable, "CALLS": str(tmp_path / "calls"), "TRITON_INTERPRET": "1",
            "GPUBAKE_MODEL_DIR": "/opt/gpubake/model"}  # the image's ENV: start.sh points the service elsewhere
     for key in ("PUBLIC_KEY", "SSH_PUBLIC_KEY", "RUNPOD_SSH_PUBLIC_KEY"):
         env.pop(key, None)

@@ -480,7 +480,7 @@ def https_server(tmp_path):
 
 def _https_env(server) -> dict[str, str]:
     # the real Python fetches (the fake python3 on PATH only records), trusting the test CA
-    return {"GPUBAKE_PYTHON": sys.executable, "SSL_CERT_FILE": server["ca"]}
+    return {"GPUBAKE_PYTHON_BIN": sys.executable, "SSL_CERT_FILE": server["ca"]}
 
 
 def test_provisioning_script_from_https_pinned_by_sha256(root, https_server):
