@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from gpubake.kernels import attention_sparse as S
 from gpubake.kernels.attention import set_self_attention_kernel
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,7 +11,6 @@ import pytest
 from gpubake.kernels import attention_sparse as S
 from gpubake.provisioning.runtime import SPARSE_KEEP, RuntimePlan, RuntimePlanError, plan_for, plan_from_env
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
 
 def test_sparse_flex_and_its_keep_ratio_parse():
