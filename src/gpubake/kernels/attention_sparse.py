@@ -150,7 +150,8 @@ def block_mask(r: Route, q_len: int, kv_len: int):
         return keep[batch, head, q_idx // bq, kv_idx // bk]
 
     return BlockMask.from_kv_blocks(torch.zeros_like(counts), torch.zeros_like(r.indices), counts, r.indices,
-                                    BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
+                                    BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
+                                    compute_q_blocks=False)  # forward only: no transposed (backward) index
 
 
 def _kernel_options(r: Route, q: torch.Tensor) -> dict | None:
