@@ -132,7 +132,7 @@ def test_small_cards_shrink_the_text_encoder_and_tile_the_vae(fake_gpu, cap):
 
 def test_bad_attention_choice_is_a_one_line_error():
     with pytest.raises(RuntimePlanError,
-                       match=r"^runtime plan hopper: attention='sage' \(one of default, cudnn, flash, sage-int8, cudnn-fp8, fa3-fp8\)$"):
+                       match=r"^runtime plan hopper: attention='sage' \(one of default, cudnn, flash, sage-int8, cudnn-fp8, fa3-fp8, sparse-flex\)$"):
         RuntimePlan(arch="hopper", gemm_backend="hopper-fp8", attention="sage")
 
 

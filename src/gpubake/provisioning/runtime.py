@@ -9,7 +9,9 @@ Hopper"), and keeps only those that won on that architecture:
 * ``attention``: which kernel runs attention ("default" leaves torch SDPA's own choice,
   "cudnn" forces cuDNN's fused attention, "flash" FlashAttention-2; "sage-int8" and
   "cudnn-fp8" run the long self-attention through 8-bit SageAttention-1 or cuDNN's FP8
-  SDPA, `gpubake.kernels.attention`);
+  SDPA, `gpubake.kernels.attention`); "sparse-flex" runs it block-sparse through
+  FlexAttention, keeping the ``sparse_keep`` fraction of key blocks (LightX2V's router,
+  `gpubake.kernels.attention_sparse`; not measured yet, in no default plan);
 * ``cfg_batch``: both classifier-free-guidance passes in ONE forward of batch 2;
 * ``cache_small_m``: the cross-attention K/V projections (M = 512 text tokens) keep the
   backend's run-time weight instead of re-expressing NVFP4 per call;
@@ -43,7 +45,8 @@ from gpubake.errors import GpubakeError
 from gpubake.kernels import archs
 from gpubake.kernels.backends import BACKENDS, backend_name_for, capability, get_backend, resolve_device
 
-ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8", "fa3-fp8")
+ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8", "fa3-fp8", "sparse-flex")
+SPARSE_KEEP = 0.1  # sparse-flex's default keep ratio: LightX2V's 90 % sparsity (kernels.attention_sparse)
 # "shrink": NVFP4 weight-only linears, BF16 `wo`, host-memory embedding (provisioning.text_encoder)
 TEXT_ENCODER_CHOICES = ("keep", "shrink")
 
@@ -69,6 +72,7 @@ class RuntimePlan:
     text_encoder: str = "keep"
     vae_tiling: bool = False
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
+    sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
     notes: str = ""  # why a lever differs from the architecture's table ("; "-joined; not a lever)
 
     def __post_init__(self) -> None:
@@ -78,10 +82,16 @@ class RuntimePlan:
             par = Parallel.parse(self.parallel)
         except ParallelError as exc:
             raise RuntimePlanError(f"runtime plan {self.arch}: {exc}") from None
-        if par.on and self.attention in ("sage-int8", "cudnn-fp8", "fa3-fp8"):
+        if par.on and self.attention in ("sage-int8", "cudnn-fp8", "fa3-fp8", "sparse-flex"):
             raise RuntimePlanError(
                 f"runtime plan {self.arch}: attention={self.attention} cannot run with parallel={par}: the 8-bit "
-                "kernels are not context-parallel backends (use attention=default, cudnn or flash)")
+                "and sparse kernels are not context-parallel backends (use attention=default, cudnn or flash)")
+        keep = self.sparse_keep
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+            raise RuntimePlanError(f"runtime plan {self.arch}: sparse_keep={self.sparse_keep!r} is not a number in (0, 1]")
+        if self.sparse_keep != SPARSE_KEEP and self.attention != "sparse-flex":
+            raise RuntimePlanError(f"runtime plan {self.arch}: sparse_keep={self.sparse_keep} needs "
+                                   f"attention=sparse-flex (attention={self.attention})")
         if self.attention not in ATTENTION_CHOICES:
             raise RuntimePlanError(
                 f"runtime plan {self.arch}: attention={self.attention!r} (one of {', '.join(ATTENTION_CHOICES)})")
@@ -215,6 +225,11 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
                                    f"{', '.join(sorted(fields))} (or use auto / plain)")
         if isinstance(getattr(base, key), str):  # attention, text_encoder, parallel: the plan checks the value
             changes[key] = val
+        elif isinstance(getattr(base, key), float):  # sparse_keep: the plan checks the range
+            try:
+                changes[key] = float(val)
+            except ValueError:
+                raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {key}={val!r} is not a number") from None
         elif val.lower() in _BOOL:
             changes[key] = _BOOL[val.lower()]
         else:
@@ -259,6 +274,10 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     n = set_self_attention_kernel(model, lowp)  # None: back to torch SDPA
     done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0,
             "lowp_attention_modules": n if lowp else 0}
+    if plan.attention == "sparse-flex":
+        from gpubake.kernels.attention_sparse import set_sparse_self_attention
+
+        done["sparse_attention_modules"] = set_sparse_self_attention(model, plan.sparse_keep)
     if plan.gemm_backend in BACKENDS:  # (a BF16 model's plan may name none)
         from gpubake.kernels.linear import bind_backends
 

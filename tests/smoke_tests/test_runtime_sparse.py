@@ -1,0 +1,69 @@
+"""The runtime plan's block-sparse self-attention (`attention=sparse-flex`, `sparse_keep`):
+parsed and refused as bad input in one line, in no default plan, and rendered end to end by
+the self-test on the CPU (eager FlexAttention over the tiny model's video tokens)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gpubake.kernels import attention_sparse as S
+from gpubake.provisioning.runtime import SPARSE_KEEP, RuntimePlan, RuntimePlanError, plan_for, plan_from_env
+
+
+
+def test_sparse_flex_and_its_keep_ratio_parse():
+    plan = plan_from_env("cpu", "attention=sparse-flex")
+    assert plan.attention == "sparse-flex" and plan.sparse_keep == SPARSE_KEEP == S.DEFAULT_KEEP == 0.1
+    plan = plan_from_env("cpu", "attention=sparse-flex,sparse_keep=0.2")
+    assert plan.sparse_keep == 0.2 and dataclasses.asdict(plan)["sparse_keep"] == 0.2
+    assert plan_from_env("cpu", "attention=sparse-flex, sparse_keep = 1").sparse_keep == 1.0
+
+
+def test_no_default_plan_runs_sparse_attention():
+    for arch in ("hopper", "blackwell", "ada", "cpu"):
+        assert RuntimePlan(arch=arch, gemm_backend="dequant-bf16").attention == "default"
+    assert plan_for("cpu").attention == "default" and plan_from_env("cpu", "auto").attention == "default"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("attention=sparse-flex,sparse_keep=0", "sparse_keep=0.0 is not a number in (0, 1]"),
+    ("attention=sparse-flex,sparse_keep=1.5", "sparse_keep=1.5 is not a number in (0, 1]"),
+    ("attention=sparse-flex,sparse_keep=nan", "sparse_keep=nan is not a number in (0, 1]"),
+    ("attention=sparse-flex,sparse_keep=much", "sparse_keep='much' is not a number"),
+    ("sparse_keep=0.2", "sparse_keep=0.2 needs attention=sparse-flex (attention=default)"),
+    ("attention=sparse-flex,parallel=ulysses:2",
+     "attention=sparse-flex cannot run with parallel=ulysses:2: the 8-bit and sparse kernels are not context-parallel"),
+    ("attention=sparse", "attention='sparse' (one of default, cudnn, flash, sage-int8, cudnn-fp8, fa3-fp8, sparse-flex)"),
+])
+def test_bad_sparse_levers_are_one_line(value, message):
+    with pytest.raises(RuntimePlanError) as exc:
+        plan_from_env("cpu", value)
+    text = str(exc.value)
+    assert "\n" not in text and text.startswith(f"GPUBAKE_RUNTIME={value!r}: ") and message in text
+
+
+def test_render_with_sparse_flex_runs_the_sparse_kernel(run_selftest, demo_spec, no_gpu, monkeypatch):
+    """GPUBAKE_RUNTIME=attention=sparse-flex through the self-test: both experts' self-attention
+    modules are switched, the render passes, and every self-attention call of the clip ran
+    block-sparse (the tiny clip is shorter than MIN_TOKENS, so the test lowers it)."""
+    monkeypatch.setenv("GPUBAKE_RUNTIME", "attention=sparse-flex,sparse_keep=0.5")
+    monkeypatch.setattr(S, "MIN_TOKENS", 16)
+    calls: list[tuple[int, int, float]] = []
+    real = S.flex_sparse_attention
+
+    def counting(q, k, v, keep, scale=None, **kw):
+        calls.append((q.shape[-2], k.shape[-2], keep))
+        return real(q, k, v, keep, scale, **kw)
+
+    monkeypatch.setattr(S, "flex_sparse_attention", counting)
+    report = run_selftest(demo_spec, no_gpu)
+    assert report.verdict == "pass", report.summary()
+    runtime = report.stage("render").values["runtime"]
+    assert runtime["plan"]["attention"] == "sparse-flex" and runtime["plan"]["sparse_keep"] == 0.5
+    for name in ("transformer", "transformer_2"):
+        blocks = len(getattr(report.pipeline, name).blocks)
+        assert runtime["applied"][name]["sparse_attention_modules"] == blocks > 0
+        assert runtime["applied"][name]["lowp_attention_modules"] == 0
+    assert calls and all(q == k >= 16 and keep == 0.5 for q, k, keep in calls)  # self-attention only
