@@ -152,6 +152,9 @@ def render(
     if guidance_scale_2 is not None:  # the low-noise expert's (A14B); diffusers reuses guidance_scale otherwise
         kwargs["guidance_scale_2"] = guidance_scale_2
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    from gpubake.provisioning.step_cache import reset_step_caches
+
+    reset_step_caches(pipe)  # a step cache (runtime plan) starts every clip empty
 
     _sync(device)
     start = time.perf_counter()
