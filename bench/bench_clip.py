@@ -21,6 +21,9 @@ What runs, in this order (docs/benchmarks.md, "Per clip (issue 18)"):
    or --runtime) on the checkpoint.
 5. `cap` (with --mem-cap GIB): the process capped with `set_per_process_memory_fraction`, the
    small-card plan (--cap-runtime), one clip; peak reserved + the CUDA context from NVML.
+4b. `gpubake+LEVER=VALUE` (each --variant, after its gpubake case, on the same pipeline): one
+   issue-18 lever changed (CFG truncation, the step cache; bench/clip_variants.py), with its
+   block counts and its error against the gpubake case's clip.
 Each case renders through `provisioning.render.render` (what the service and the self-test
 call) at the model's (or --recipe's) defaults: a warm-up clip (compile, first weight
 preparation) reported apart, then a timed clip of the same parameters. --steps N keeps the
@@ -99,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--time-bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="also time one BF16 eager guided step at 480p (outside the pipeline, bench_step's protocol)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip cases that would overrun this (whole run)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LEVER=VALUE",
+                    help="after each gpubake case, the same clip with one lever changed: cfg_until=F (CFG truncation) "
+                         "or step_cache=fbc:T (First Block Cache); repeatable")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     check_args(args)
@@ -145,6 +151,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise BenchError(f"--{flag.replace('_', '-')}: {g} is not in [1, 30]")
     if args.budget_s <= 0:
         raise BenchError(f"--budget-s: {args.budget_s} must be positive")
+    from clip_variants import parse_variant
+
+    try:
+        args.variants = list({v.name: v for v in map(parse_variant, args.variant)}.values())
+    except GpubakeError as exc:
+        raise BenchError(f"--variant: {exc}") from None
+    if args.variants and "gpubake" not in args.cases:
+        raise BenchError("--variant: a variant changes the gpubake case, which --cases leaves out")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -426,6 +440,7 @@ def clip_numbers(res: Any, text_encoder_s: float, recipe_steps: int) -> dict[str
         "clip_at_recipe_steps_extrapolated": extrapolated,
         **({"extrapolation": f"text_encoder_s + decode_s + {recipe_steps} x seconds_per_step"} if extrapolated else {}),
         "frames": res.frames, "height": res.height, "width": res.width, "video": str(res.video),
+        "cfg_steps": getattr(res, "cfg_steps", None),
     }
 
 
@@ -454,7 +469,7 @@ def timed_forwards(module: Any, device: Device):
 
 
 def render_clip(pipe: Any, smp: Sampling, size: tuple[int, int], frames: int, out_dir: Path, device: Device,
-                steps: int | None = None) -> dict:
+                steps: int | None = None, extra: dict[str, Any] | None = None) -> dict:
     """One clip through `provisioning.render.render`, with its peaks (reset before it) and what
     dynamo compiled during it (a timed clip should compile nothing)."""
     from gpubake.provisioning.render import render
@@ -463,7 +478,8 @@ def render_clip(pipe: Any, smp: Sampling, size: tuple[int, int], frames: int, ou
     resident = device.allocated_gib()
     before = dynamo_counts()
     with timed_forwards(getattr(pipe, "text_encoder", None), device) as te:
-        res = render(pipe, PROMPT, size[0], size[1], frames, steps or smp.steps, 1234, out_dir, **render_kwargs(smp))
+        res = render(pipe, PROMPT, size[0], size[1], frames, steps or smp.steps, 1234, out_dir,
+                     **{**render_kwargs(smp), **(extra or {})})
     after = dynamo_counts()
     return {**clip_numbers(res, te["s"], smp.recipe_steps), "resident_gib": resident, **device.peaks(),
             **{k: after[k] - before[k] for k in after}}
@@ -642,11 +658,12 @@ def summary_line(row: dict[str, Any]) -> str:
            if t.get("peak_reserved_gib") is not None else "peak n/a (CPU)")
     at = t["clip_at_recipe_steps_s"]
     how = "extrapolated" if t["clip_at_recipe_steps_extrapolated"] else "measured"
+    at_text = f"{at:.1f} s ({how})" if at is not None else "n/a (not extrapolable)"
     err = row.get("rel_err_vs_bf16")
     parts = [f"[{row['case']}] {t['seconds_per_step']:.3f} s/step",
              f"clip {t['clip_s']:.2f} s at {t['steps']} steps (text {t['text_encoder_s']:.2f} + denoise "
              f"{t['denoise_s']:.2f} + decode {t['decode_s']:.2f})",
-             f"{t['recipe_steps']} steps {at:.1f} s ({how})"]
+             f"{t['recipe_steps']} steps {at_text}"]
     if "warmup" in row:
         parts.append(f"warm-up {row['warmup']['total_with_write_s']:.1f} s")
     parts.append(mem)
@@ -654,6 +671,13 @@ def summary_line(row: dict[str, Any]) -> str:
         parts.append(f"+ context {row['context']['context_gib']:.2f} GiB = {row['reserved_plus_context_gib']:.2f}")
     if err is not None:
         parts.append(f"error vs BF16 {err:.4f}")
+    q = row.get("quality_vs_gpubake", {})
+    if "latent_rel_err" in q:
+        parts.append(f"vs gpubake: latents {q['latent_rel_err']:.4f}, video PSNR {q['video_psnr_db']} dB")
+    if row.get("counts", {}).get("blocks_skipped_fraction") is not None:
+        parts.append(f"blocks skipped {100 * row['counts']['blocks_skipped_fraction']:.1f} %")
+    if row.get("speedup_vs_gpubake"):
+        parts.append(f"{row['speedup_vs_gpubake']:.3f}x the gpubake clip")
     if t.get("dynamo_frames_compiled"):
         parts.append(f"COMPILED {t['dynamo_frames_compiled']} frames DURING THE TIMED CLIP (raise --warmup-steps)")
     return ", ".join(parts)
@@ -830,8 +854,10 @@ def peer_cases(run: Run, held: list, ckpt: Path, smp: Sampling, sizes: dict, inp
 
 
 def gpubake_cases(run: Run, ckpt: Path, smp: Sampling, sizes: dict, inputs: dict, refs: dict, clips: Path) -> None:
-    """gpubake's serving pipeline (loader + runtime plan); one case per size."""
+    """gpubake's serving pipeline (loader + runtime plan); one case per size, each followed by
+    its --variant cases on the same pipeline."""
     import torch
+    from clip_variants import captured_decode, run_variant
 
     args, device = run.args, run.device
     state: dict[str, Any] = {}
@@ -848,11 +874,21 @@ def gpubake_cases(run: Run, ckpt: Path, smp: Sampling, sizes: dict, inputs: dict
             def body(row: dict, s: str = s) -> None:
                 sp = state["sp"]
                 row.update(stack="gpubake", runtime=runtime, load_s=load_s)
-                timed_pair(row, sp.pipe, smp, sizes[s], args.frames, clips / f"gpubake-{s}", device)
+                with captured_decode(sp.pipe) if args.variants else contextlib.nullcontext({}) as got:
+                    timed_pair(row, sp.pipe, smp, sizes[s], args.frames, clips / f"gpubake-{s}", device)
+                state[f"captured@{s}"] = got  # the timed clip's (decoded last): what a variant is compared with
                 pred = noise_prediction(sp.pipe.transformer, inputs[s], sp.plan)
                 row["rel_err_vs_bf16"] = round(rel_err(pred, refs[s]), 5)
                 row["finite"] = bool(torch.isfinite(pred).all())
-            run_case(run, f"gpubake@{s}", s, body)
+            base = run_case(run, f"gpubake@{s}", s, body)
+            for v in args.variants if base is not None and "error" not in base else ():
+                def vbody(row: dict, s: str = s, v: Any = v) -> None:
+                    sp = state["sp"]
+                    clip_args = (sp.pipe, smp, sizes[s], args.frames, clips / f"gpubake-{v.name}-{s}", device)
+                    run_variant(row, sp, v, {**base, "captured": state[f"captured@{s}"]}, render_clip, clip_args,
+                                smp.warmup_steps or None)
+                run_case(run, f"gpubake+{v.name}@{s}", s, vbody)
+            state.pop(f"captured@{s}", None)
     finally:
         state.clear()
         device.reset()

@@ -122,6 +122,11 @@ def test_sampling_defaults_are_the_models_and_flags_override(tmp_path):
     (["--frames", "6"], "--frames: 6"),
     (["--peer-levers", "fp8,int4"], "--peer-levers: unknown 'int4'"),
     (["--guidance", "0.5"], "--guidance: 0.5"),
+    (["--variant", "cfg_until=1.5"], "--variant: cfg_until: must be a number in [0, 1]"),
+    (["--variant", "step_cache=fbc:2"], "--variant: step_cache='fbc:2': one of none | fbc:THRESHOLD"),
+    (["--variant", "step_cache=none"], "--variant: 'step_cache=none': the gpubake case itself"),
+    (["--variant", "attention=cudnn"], "--variant: 'attention=cudnn' is not LEVER=VALUE"),
+    (["--variant", "cfg_until=0.5", "--cases", "peer"], "--variant: a variant changes the gpubake case"),
 ])
 def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, argv, flag):
     rc = bench_clip.main(["--out", str(tmp_path / "o"), "--root", str(tmp_path / "r"), *argv])
@@ -169,3 +174,56 @@ def test_budget_skips_a_case_that_would_overrun_it(tmp_path):
     assert run.fits("cap@480p", "480p")  # the cap case is one clip and a load: 40 s
     assert run.result["skipped"] == ["gpubake@480p: expected ~200 s > 150 s left of --budget-s"]
     assert json.loads((tmp_path / "bench_clip.json").read_text())["skipped"] == run.result["skipped"]
+
+
+def test_a_truncated_clip_is_extrapolated_from_its_own_guided_and_unguided_steps():
+    from clip_variants import cfg_clip_at_recipe_steps
+
+    # 4 steps, cfg_until 0.5: steps 1 (the encoder's) and 2 guided, 3 and 4 not
+    timed = {"steps": 4, "step_seconds": [3.0, 1.5, 1.4], "text_encoder_s": 0.5, "decode_s": 2.0}
+    out = cfg_clip_at_recipe_steps(timed, 2, 0.5, 40, base_step_s=2.9)
+    assert (out["guided_step_s"], out["unguided_step_s"], out["cfg_steps_at_recipe_steps"]) == (3.0, 1.45, 20)
+    assert out["clip_at_recipe_steps_s"] == pytest.approx(0.5 + 2.0 + 20 * 3.0 + 20 * 1.45)
+    # one guided step only (the encoder's): the gpubake case's guided median stands in
+    out = cfg_clip_at_recipe_steps(timed, 1, 0.25, 40, base_step_s=2.9)
+    assert out["guided_step_s"] == 2.9 and out["unguided_step_s"] == pytest.approx(1.5)
+    # every measured step guided: no unguided step to extrapolate from
+    out = cfg_clip_at_recipe_steps(timed, 4, 0.5, 40, base_step_s=2.9)
+    assert out["clip_at_recipe_steps_s"] is None and out["extrapolation"].startswith("none")
+
+
+@pytest.fixture(scope="module")
+def variant_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """--small, the gpubake case at the tiny recipe's 4 steps and three variants after it."""
+    tmp = tmp_path_factory.mktemp("bench_clip_variants")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("GPUBAKE_RUNTIME", None)
+    cmd = [sys.executable, str(BENCH / "bench_clip.py"), "--small", "--out", str(tmp / "out"), "--root",
+           str(tmp / "root"), "--cases", "gpubake", "--steps", "4", "--variant", "cfg_until=0.5",
+           "--variant", "step_cache=fbc:0.2", "--variant", "cfg_until=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"data": json.loads((tmp / "out" / "bench_clip.json").read_text()), "stdout": proc.stdout}
+
+
+@pytest.mark.slow
+def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(variant_run):
+    data = variant_run["data"]
+    cases = {c["case"]: c for c in data["cases"]}
+    assert list(cases) == ["gpubake@480p", "gpubake+cfg_until=0.5@480p", "gpubake+step_cache=fbc:0.2@480p",
+                           "gpubake+cfg_until=1@480p"]
+    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 4
+    cut = cases["gpubake+cfg_until=0.5@480p"]
+    # 4 steps, 2 guided: 2 x 2 + 2 forwards; blocks all evaluated
+    assert cut["timed"]["cfg_steps"] == 2 and sum(cut["counts"]["transformer_forwards"].values()) == 6
+    assert cut["counts"]["blocks_skipped_fraction"] == 0.0 and "warmup" not in cut
+    assert 0.0 < cut["quality_vs_gpubake"]["latent_rel_err"] < 0.1
+    fbc = cases["gpubake+step_cache=fbc:0.2@480p"]
+    assert fbc["applied"]["transformer"]["step_cache"] == "fbc:0.2" and "warmup" in fbc
+    assert sum(fbc["counts"]["transformer_forwards"].values()) == 8 and fbc["counts"]["blocks_skipped_fraction"] > 0
+    assert 0.0 < fbc["quality_vs_gpubake"]["latent_rel_err"] < 0.03
+    assert fbc["timed"]["clip_at_recipe_steps_s"] == pytest.approx(fbc["timed"]["clip_s"], abs=1e-3)  # 4 steps: measured
+    # after the step cache was taken off again, cfg_until=1 is the gpubake clip exactly
+    full = cases["gpubake+cfg_until=1@480p"]
+    assert full["quality_vs_gpubake"] == {"latent_rel_err": 0.0, "video_psnr_db": "inf", "video_max_abs": 0.0}
+    assert full["counts"]["blocks_skipped_fraction"] == 0.0 and full["timed"]["cfg_steps"] == 4

@@ -98,3 +98,20 @@ def test_the_cfg_recipe_runs_two_forwards_a_step_unless_a_request_turns_guidance
     with Counted(ready) as c:
         job = _done(ready, {**REQ, "steps": 3, "guidance_scale_2": 2.0})  # the other expert keeps the recipe's
     assert (job["request"]["guidance_scale"], job["request"]["guidance_scale_2"]) == (4.0, 2.0) and len(c.calls) == 6
+
+
+def test_a_request_may_truncate_cfg_and_the_job_says_how(ready, four_step):
+    assert ready.get("/v1/info").json()["defaults"]["recipe"]["cfg_until"] is None  # the recipe's: every step
+    with Counted(ready) as c:
+        job = _done(ready, {**REQ, "steps": 3, "cfg_until": 0.5})  # 0.5 x 3 rounds up: 2 guided steps
+    assert len(c.calls) == 2 * 2 + 1 and job["request"]["cfg_until"] == 0.5 and job["result"]["cfg_steps"] == 2
+    with Counted(ready) as c:
+        job = _done(ready, {**REQ, "steps": 3})
+    assert len(c.calls) == 6 and job["request"]["cfg_until"] is None and job["result"]["cfg_steps"] == 3
+    for bad in (1.5, -0.1, True, "0.5"):
+        r = ready.post("/v1/generate", json={**REQ, "cfg_until": bad})
+        assert r.status_code == 422 and "cfg_until" in r.json()["error"], (bad, r.text)
+    # the 4-step recipe runs no CFG: nothing to truncate, refused rather than ignored
+    r = four_step.post("/v1/generate", json={**REQ, "cfg_until": 0.5})
+    assert r.status_code == 422 and r.json()["field"] == "cfg_until"
+    assert "guidance_scale 1.0 runs none" in r.json()["error"]

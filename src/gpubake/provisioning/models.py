@@ -42,6 +42,7 @@ class Recipe:
     boundary_step: int | None = None  # the first low-noise step, when the recipe says it so
     negative_prompt: str | None = None  # None: the registry's
     about: str = ""
+    cfg_until: float | None = None  # fraction of the steps that keep CFG (`cfg_truncation`); None: all
 
     @property
     def fixed_steps(self) -> bool:
@@ -177,8 +178,14 @@ def _parse_recipe(name: str, entry: dict[str, Any]) -> Recipe:
     ratio, bstep = entry.get("boundary_ratio"), entry.get("boundary_step")
     if ratio is not None and bstep is not None:
         raise _fail(where, "give boundary_ratio or boundary_step, not both")
+    cut = entry.get("cfg_until")
+    if cut is not None:
+        cut = _number(where, "cfg_until", cut, low=0.0, high=1.0)
+        if g1 == 1.0:
+            raise _fail(where, "cfg_until truncates classifier-free guidance, and guidance_scale 1.0 runs none")
     recipe = Recipe(name=name, sampler=sampler, steps=steps, shift=shift, guidance_scale=g1, guidance_scale_2=g2,
-                    timesteps=timesteps, negative_prompt=entry.get("negative_prompt"), about=str(entry.get("about", "")))
+                    timesteps=timesteps, negative_prompt=entry.get("negative_prompt"), about=str(entry.get("about", "")),
+                    cfg_until=cut)
     if ratio is not None:
         recipe = dataclasses.replace(recipe, boundary_ratio=_number(where, "boundary_ratio", ratio, low=0.0, high=1.0))
     elif bstep is not None:

@@ -6,7 +6,9 @@ sampling recipe (`models.Recipe`), when given, is put on the pipeline first
 (`sampling.apply_recipe`: scheduler, shift, fixed timesteps, expert boundary); guidance
 and the negative prompt are the caller's, which takes them from the same recipe.
 Per-step times come from the pipeline's `callback_on_step_end`, with a CUDA sync so
-each timestamp is when the step really ended, not when its kernels were queued.
+each timestamp is when the step really ended, not when its kernels were queued; the same
+callback ends classifier-free guidance after the first `cfg_until` of the steps
+(`cfg_truncation`), when the caller or the recipe asks for it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class RenderResult:
     seed: int = 0
     device: str = "cpu"
     recipe: str | None = None  # the sampling recipe's name, when one was applied
+    cfg_steps: int = 0  # steps that ran both CFG passes (the first ones; `cfg_until`)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,6 +109,7 @@ def render(
     guidance_scale: float | None = None,
     guidance_scale_2: float | None = None,
     recipe: Recipe | None = None,
+    cfg_until: float | None = None,
 ) -> RenderResult:
     """Run the pipeline once and write `out_dir/video.mp4` and `out_dir/frame0.png`.
 
@@ -125,12 +129,19 @@ def render(
             raise RenderError(str(exc)) from None
         if guidance_scale is None:  # the recipe's, unless the caller overrides it
             guidance_scale, guidance_scale_2 = recipe.guidance_scale, recipe.guidance_scale_2
+        if cfg_until is None:
+            cfg_until = recipe.cfg_until
+    guided, end_cfg = _cfg_truncation(guidance_scale, cfg_until, steps)
+    if guided == 0 and (guidance_scale is None or guidance_scale > 1.0):  # cfg_until rounds to no guided step
+        guidance_scale, guidance_scale_2 = 1.0, (1.0 if guidance_scale_2 is not None else None)
     device = _device_of(pipe)
     stamps: list[float] = []
 
     def on_step_end(_pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         _sync(device)
         stamps.append(time.perf_counter())
+        if end_cfg is not None:
+            end_cfg(_pipe, step)
         return callback_kwargs
 
     kwargs: dict[str, Any] = {}
@@ -141,6 +152,9 @@ def render(
     if guidance_scale_2 is not None:  # the low-noise expert's (A14B); diffusers reuses guidance_scale otherwise
         kwargs["guidance_scale_2"] = guidance_scale_2
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    from gpubake.provisioning.step_cache import reset_step_caches
+
+    reset_step_caches(pipe)  # a step cache (runtime plan) starts every clip empty
 
     _sync(device)
     start = time.perf_counter()
@@ -188,7 +202,22 @@ def render(
         seed=int(seed),
         device=str(device),
         recipe=getattr(recipe, "name", None),
+        cfg_steps=guided,
     )
+
+
+def _cfg_truncation(guidance_scale: float | None, cfg_until: float | None, steps: int) -> tuple[int, Any]:
+    """(guided steps, the step callback that ends CFG or None). No CFG (guidance 1.0): 0, None.
+    `guidance_scale` None is the pipeline's own default (5.0: guided)."""
+    from gpubake.provisioning.cfg_truncation import CfgTruncationError, cfg_steps, truncate_after
+
+    if guidance_scale is not None and guidance_scale <= 1.0:
+        return 0, None
+    try:
+        guided = cfg_steps(cfg_until, steps)
+    except CfgTruncationError as exc:
+        raise RenderError(str(exc)) from None
+    return guided, truncate_after(guided, steps)
 
 
 class _Span:

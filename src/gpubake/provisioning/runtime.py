@@ -27,6 +27,9 @@ Hopper"), and keeps only those that won on that architecture:
   (`gpubake.provisioning.parallel`); set from the group's size and the clip's tokens. The
   8-bit attention kernels do not run inside it: with it on, self-attention is BF16 and
   the plan's ``notes`` say so.
+* ``step_cache``: ``none`` or ``fbc:THRESHOLD``, diffusers' First Block Cache on each expert
+  (`gpubake.provisioning.step_cache`): a forward whose first block changed little since the
+  previous step skips the others. An approximation, off until measured (issue 18).
 
 A plan is data, so a new measurement changes a table entry, not code.
 """
@@ -73,6 +76,7 @@ class RuntimePlan:
     vae_tiling: bool = False
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
+    step_cache: str = "none"  # none | fbc:THRESHOLD (`step_cache.StepCache`)
     notes: str = ""  # why a lever differs from the architecture's table ("; "-joined; not a lever)
 
     def __post_init__(self) -> None:
@@ -98,6 +102,18 @@ class RuntimePlan:
         if self.text_encoder not in TEXT_ENCODER_CHOICES:
             raise RuntimePlanError(f"runtime plan {self.arch}: text_encoder={self.text_encoder!r} "
                                    f"(one of {', '.join(TEXT_ENCODER_CHOICES)})")
+        self._check_step_cache(par.on)
+
+    def _check_step_cache(self, parallel: bool) -> None:
+        from gpubake.provisioning.step_cache import StepCache, StepCacheError
+
+        try:
+            cache = StepCache.parse(self.step_cache)
+        except StepCacheError as exc:
+            raise RuntimePlanError(f"runtime plan {self.arch}: {exc}") from None
+        if cache.on and parallel:  # each rank would decide to skip from its own shard: the ranks diverge
+            raise RuntimePlanError(f"runtime plan {self.arch}: step_cache={cache} cannot run with "
+                                   f"parallel={self.parallel} (the skip decision is per rank)")
 
     def with_(self, **changes) -> "RuntimePlan":
         return replace(self, **changes)
@@ -356,6 +372,13 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
     if plan is None:
         plan = plan_for(device)
     done = {n: apply_plan(m, plan) for n, m in experts.items()}
+    from gpubake.provisioning.step_cache import apply_step_cache
+
+    cached: dict[int, dict] = {}
+    for n, m in experts.items():  # a module in both slots gets one cache
+        if id(m) not in cached:
+            cached[id(m)] = apply_step_cache(m, plan.step_cache)
+        done[n].update(cached[id(m)])
     if plan.parallel != "none":
         from gpubake.provisioning.parallel import Parallel, enable_context_parallel
 

@@ -6,7 +6,8 @@ from its sampling recipe in the registry (`provisioning.models`): steps or a fix
 schedule, the flow shift, guidance per expert (A14B: 4.0 for the high-noise expert, 3.0
 for the low-noise one; diffusers would use 5.0 for both) or none (the 4-step distilled
 recipe: one forward a step), the Wan negative prompt, and the boundary between the
-experts. A request may override steps and guidance within bounds (schemas, limits).
+experts. A request may override steps, guidance and `cfg_until` (CFG truncation) within
+bounds (schemas, limits).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Generator:
                 "negative_prompt": m.negative_prompt,
                 "recipe": {"name": r.name, "sampler": r.sampler, "shift": r.shift, "cfg": r.cfg,
                            "timesteps": list(r.timesteps) if r.timesteps is not None else None,
-                           "fixed_steps": r.fixed_steps}}
+                           "fixed_steps": r.fixed_steps, "cfg_until": r.cfg_until}}
 
     def resolve(self, req: GenerateRequest, *, rng: random.Random | None = None) -> ResolvedRequest:
         """Fill defaults and refuse what exceeds this machine's limits (RequestRejected)."""
@@ -80,8 +81,11 @@ class Generator:
         seed = req.seed if req.seed is not None else (rng or random.SystemRandom()).randrange(2**32)
         negative = req.negative_prompt if req.negative_prompt is not None else m.negative_prompt
         g1, g2 = self._guidance(req)
+        if req.cfg_until is not None and g1 <= 1.0:
+            raise RequestRejected("cfg_until", f"truncates classifier-free guidance, and guidance_scale {g1} runs none")
+        cut = req.cfg_until if req.cfg_until is not None else self.recipe.cfg_until
         return ResolvedRequest(prompt=req.prompt, negative_prompt=negative, width=width, height=height, frames=frames,
-                               steps=steps, seed=seed, guidance_scale=g1, guidance_scale_2=g2)
+                               steps=steps, seed=seed, guidance_scale=g1, guidance_scale_2=g2, cfg_until=cut)
 
     def _guidance(self, req: GenerateRequest) -> tuple[float, float | None]:
         """The request's guidance, else the recipe's; `guidance_scale` alone sets both experts."""
@@ -108,5 +112,5 @@ class Generator:
         return render(
             self.pipeline, args.prompt, args.height, args.width, args.frames, args.steps, args.seed, out_dir,
             fps=self.model.fps, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
-            guidance_scale_2=args.guidance_scale_2, recipe=self.recipe,
+            guidance_scale_2=args.guidance_scale_2, recipe=self.recipe, cfg_until=args.cfg_until,
         )

@@ -41,6 +41,10 @@ class GenerateRequest(BaseModel):
         default=None, ge=1.0, le=GUIDANCE_MAX,
         description="the low-noise expert's guidance (two-expert models only); omitted: the recipe's, "
                     "or guidance_scale when that is given")
+    cfg_until: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="the fraction of the steps (the first ones) that keep classifier-free guidance; later steps "
+                    "run one forward; omitted: the recipe's (every step, unless it says otherwise)")
 
     @field_validator("size")
     @classmethod
@@ -91,13 +95,14 @@ class ResolvedRequest(BaseModel):
     seed: int
     guidance_scale: float
     guidance_scale_2: float | None
+    cfg_until: float | None = None  # None: every step guided (a job stored before the field had none)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResolvedRequest:
-        return cls(**{k: d[k] for k in cls.model_fields})
+        return cls(**{k: d[k] for k in cls.model_fields if k in d or cls.model_fields[k].is_required()})
 
 
 class JobBody(BaseModel):

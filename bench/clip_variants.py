@@ -1,0 +1,166 @@
+"""Issue-18 per-clip levers as variants of bench_clip.py's gpubake case (`--variant LEVER=VALUE`).
+
+A variant renders the same clip (prompt, seed, size, frames, steps) on the SAME loaded
+serving pipeline as its gpubake@SIZE case, with one lever changed:
+
+- ``cfg_until=F``: CFG truncation (`provisioning.cfg_truncation`), passed to `render` as a
+  request would pass it; no warm-up of its own (the unguided steps run the shapes the
+  guided steps ran), so a timed clip that compiled says so (`dynamo_frames_compiled`).
+- ``step_cache=fbc:T``: the runtime plan's step cache (`provisioning.step_cache`) put on both
+  experts for the variant and taken off after it; a warm-up clip of its own first (the
+  cache's hooks change what dynamo traces).
+
+Reported per variant: the timed clip (as every case), transformer forwards and full block
+evaluations (forward hooks; `blocks_skipped_fraction`), and its quality against the
+gpubake case's clip: relative error of the final latents and PSNR of the decoded video
+(both captured at `vae.decode`). The 40-step clip from a shorter run: CFG truncation is
+extrapolated as text + decode + k guided steps + (recipe steps - k) unguided steps, each at
+its own median; a step cache's skips depend on the whole schedule, so its clip is given
+only when the run has the recipe's step count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from gpubake.errors import GpubakeError
+
+LEVERS = ("cfg_until", "step_cache")
+
+
+class VariantError(GpubakeError):
+    """A --variant that names no lever or a bad value."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    lever: str
+    value: Any  # float (cfg_until) or step_cache.StepCache
+
+    @property
+    def name(self) -> str:
+        return f"{self.lever}={self.value:g}" if self.lever == "cfg_until" else f"{self.lever}={self.value}"
+
+
+def parse_variant(text: str) -> Variant:
+    """``cfg_until=0.75`` or ``step_cache=fbc:0.05`` (checked as the service and the plan check them)."""
+    from gpubake.provisioning.cfg_truncation import check_cfg_until
+    from gpubake.provisioning.step_cache import StepCache
+
+    lever, sep, value = (x.strip() for x in text.partition("="))
+    if not sep or lever not in LEVERS:
+        raise VariantError(f"{text!r} is not LEVER=VALUE with LEVER one of {', '.join(LEVERS)}")
+    if lever == "cfg_until":
+        try:
+            number: Any = float(value)
+        except ValueError:
+            number = value
+        cut = check_cfg_until(number)
+        return Variant(lever, cut)
+    cache = StepCache.parse(value)
+    if not cache.on:
+        raise VariantError(f"{text!r}: the gpubake case itself is step_cache=none")
+    return Variant(lever, cache)
+
+
+@contextlib.contextmanager
+def captured_decode(pipe: Any) -> Iterator[dict[str, Any]]:
+    """The latents the pipeline last decoded and the decoded video (float16 on the host), via a
+    wrapper around `pipe.vae.decode` (an instance attribute, removed on the way out)."""
+    got: dict[str, Any] = {}
+    vae = pipe.vae
+    decode = vae.decode
+
+    def wrapped(z: Any, *args: Any, **kwargs: Any) -> Any:
+        out = decode(z, *args, **kwargs)
+        video = out[0] if isinstance(out, tuple) else out.sample
+        got["latents"] = z.detach().float().cpu()
+        got["video"] = video.detach().to("cpu").half()
+        return out
+
+    vae.decode = wrapped
+    try:
+        yield got
+    finally:
+        del vae.decode  # back to the class's method
+
+
+def quality(base: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+    """The variant's clip against the base clip: latents' relative L2 error, the decoded
+    video's PSNR (values in [-1, 1]: peak-to-peak 2) and largest absolute difference."""
+    if "latents" not in base or "latents" not in got:
+        return {"error": "no decoded clip captured"}
+    b, g = base["latents"], got["latents"]
+    rel = float((g - b).norm() / b.norm().clamp_min(1e-30))
+    vb, vg = base["video"].float(), got["video"].float()
+    mse = float(((vg - vb) ** 2).mean())
+    psnr = math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+    return {"latent_rel_err": round(rel, 6), "video_psnr_db": round(psnr, 2) if math.isfinite(psnr) else "inf",
+            "video_max_abs": round(float((vg - vb).abs().max()), 5)}
+
+
+def cfg_clip_at_recipe_steps(timed: dict[str, Any], guided: int, cfg_until: float, recipe_steps: int,
+                             base_step_s: float | None) -> dict[str, Any]:
+    """A truncated clip at the recipe's step count from a shorter run: text + decode + k guided
+    + (recipe_steps - k) unguided steps, k = `cfg_steps(cfg_until, recipe_steps)`. Steps 2..k
+    are the guided ones of `step_seconds` (the first step carries the text encoder); with none
+    measured, the gpubake case's guided median (`base_step_s`)."""
+    from gpubake.provisioning.cfg_truncation import cfg_steps
+
+    steps = timed["step_seconds"]
+    g_own, u_own = steps[: max(guided - 1, 0)], steps[max(guided - 1, 0):]
+    g = statistics.median(g_own) if g_own else base_step_s
+    u = statistics.median(u_own) if u_own and guided < timed["steps"] else None
+    k = cfg_steps(cfg_until, recipe_steps)
+    out: dict[str, Any] = {"cfg_steps_at_recipe_steps": k, "guided_step_s": g, "unguided_step_s": u}
+    if (k and g is None) or (k < recipe_steps and u is None):
+        out.update(clip_at_recipe_steps_s=None, extrapolation="none: the run measured no guided or no unguided step")
+        return out
+    at = timed["text_encoder_s"] + timed["decode_s"] + k * (g or 0.0) + (recipe_steps - k) * (u or 0.0)
+    out.update(clip_at_recipe_steps_s=round(at, 3),
+               extrapolation=f"text_encoder_s + decode_s + {k} x guided_step_s + {recipe_steps - k} x unguided_step_s")
+    return out
+
+
+def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, Any], render_clip: Any,
+                clip_args: tuple, warmup_steps: int | None) -> None:
+    """Fill `row` with the variant's clips, counts and quality against `base` (the gpubake
+    case's row, its `captured` decode kept aside by the caller)."""
+    from gpubake.provisioning.step_cache import apply_step_cache, blocks_of, count_blocks
+
+    pipe = sp.pipe
+    experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}
+    row.update(stack="gpubake", variant=variant.name, lever=variant.lever)
+    extra: dict[str, Any] = {}
+    try:
+        if variant.lever == "step_cache":
+            row["applied"] = {n: apply_step_cache(m, variant.value) for n, m in experts.items()}
+            row["warmup"] = render_clip(*clip_args, steps=warmup_steps)
+        else:
+            extra["cfg_until"] = variant.value
+        with count_blocks(pipe) as counts, captured_decode(pipe) as got:
+            row["timed"] = render_clip(*clip_args, extra=extra)
+    finally:
+        if variant.lever == "step_cache":
+            for m in experts.values():  # back to the plan's own
+                apply_step_cache(m, sp.plan.step_cache)
+    timed = row["timed"]
+    row["counts"] = counts.to_dict(blocks_per_forward=len(blocks_of(next(iter(experts.values())))))
+    row["quality_vs_gpubake"] = quality(base.get("captured", {}), got)
+    base_t = base.get("timed", {})
+    if variant.lever == "cfg_until" and timed["clip_at_recipe_steps_extrapolated"]:
+        est = cfg_clip_at_recipe_steps(timed, timed["cfg_steps"], variant.value, timed["recipe_steps"],
+                                       base_t.get("seconds_per_step"))
+        timed.update(est)
+    elif variant.lever == "step_cache" and timed["clip_at_recipe_steps_extrapolated"]:
+        timed.update(clip_at_recipe_steps_s=None,
+                     extrapolation=f"none: a step cache's skips depend on the whole schedule (run --steps "
+                                   f"{timed['recipe_steps']})")
+    at, base_at = timed.get("clip_at_recipe_steps_s"), base_t.get("clip_at_recipe_steps_s")
+    if at and base_at:
+        row["speedup_vs_gpubake"] = round(base_at / at, 3)
