@@ -184,3 +184,32 @@ def test_groups_of_the_visible_gpus(monkeypatch):
         group_devices(4, 3, None, True)
     with pytest.raises(GroupsError, match=r"^--gpus-per-clip 16: torch sees 8 GPU\(s\) here"):
         group_devices(16, "auto", None, True)
+
+
+class _Host:
+    """Four H100s as NVML lists them (the GPU stage's probe seam)."""
+
+    def __init__(self) -> None:
+        from gpubake.smoke_tests.probe import GpuInfo
+
+        self.gpus = [GpuInfo(index=i, name="NVIDIA H100 80GB HBM3", memory_total_bytes=80 * 2**30,
+                             driver_version="580.95.05", compute_capability=(9, 0), uuid=f"GPU-{i:08x}-aaaa")
+                     for i in range(4)]
+
+    def probe(self):
+        from gpubake.smoke_tests.probe import ProbeResult
+
+        return ProbeResult(list(self.gpus), None)
+
+    def throttle_reasons(self, index: int) -> list[str]:
+        return []
+
+
+def test_a_groups_gpu_stage_sees_its_own_gpus_by_uuid():
+    from gpubake.provisioning.serving.groups import GroupProbe
+
+    torch_order = [f"{i:08x}-aaaa" for i in (3, 2, 1, 0)]  # as torch spells them; CUDA's order is not NVML's
+    got = GroupProbe(_Host(), [0, 1], uuids=torch_order).probe()
+    assert [g.index for g in got.gpus] == [2, 3] and got.error is None
+    half = GroupProbe(_Host(), [2, 5], uuids=torch_order).probe()
+    assert [g.index for g in half.gpus] == [1] and half.error == "no GPU of this host is cuda:5"

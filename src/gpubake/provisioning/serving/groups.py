@@ -49,6 +49,7 @@ from gpubake import envs
 from gpubake.errors import GpubakeError
 from gpubake.provisioning.serving.generate import Generator
 from gpubake.provisioning.serving.limits import Limits
+from gpubake.smoke_tests.probe import DeviceProbe, ProbeResult, cuda_index_of, cuda_uuids
 from gpubake.provisioning.serving.service import (
     WORKER_STAGES_SKIPPED,
     GenerationService,
@@ -85,7 +86,7 @@ def group_devices(gpus_per_clip: int, workers: int | str, device: str | None, gp
     ``--device cpu``: `workers` groups (auto: one) of `gpus_per_clip` CPU processes."""
     n = gpus_per_clip
     if not isinstance(n, int) or n < 2:
-        raise GroupsError(f"--gpus-per-clip: a number >= 1, got {n!r}")
+        raise GroupsError(f"--gpus-per-clip: a group needs 2 or more, got {n!r}")
     if workers != "auto" and (not isinstance(workers, int) or workers < 1):
         raise GroupsError(f"--workers: auto or a number >= 1, got {workers!r}")
     if device == "cpu":
@@ -300,10 +301,10 @@ def _leader(spec: RankSpec, conn: Any, ctl: _Ctl) -> None:
         test.on_update = lambda rep: conn.send(("report", rep.to_dict()))
         rep = test.run()
         if rep.verdict == "fail" or not fired:
-            if not fired:
-                ctl.bcast({"op": "abort"})
             bad = next((s for s in rep.stages if s.status == "fail"), None)
+            # the reason first: the peers exit on the abort, and the service reads it before their exits
             conn.send(("failed", f"self-test failed: {bad.name}: {bad.message}" if bad else "self-test failed"))
+            ctl.bcast({"op": "abort"})
             return
         pipeline, runtime = test.ctx.pipeline, test.ctx.runtime
     else:
@@ -416,26 +417,24 @@ def rank_main(spec: RankSpec, conn: Any) -> None:
     os._exit(code)  # no atexit: a peer that is gone must not hold this one in a collective's teardown
 
 
-class GroupProbe:
-    """The GPU stage's view for a group: only the group's GPUs (by CUDA index)."""
+class GroupProbe(DeviceProbe):
+    """The GPU stage's view for a group: the group's GPUs only (by CUDA index, matched by
+    UUID as `DeviceProbe`), so a bad card takes out its group, not the host."""
 
-    def __init__(self, base: Any, cuda_indices: Sequence[int]) -> None:
-        self.base = base
+    def __init__(self, base: Any, cuda_indices: Sequence[int], uuids: list[str | None] | None = None) -> None:
+        super().__init__(base, cuda_indices[0], uuids)
         self.cuda_indices = list(cuda_indices)
 
-    def probe(self) -> Any:
-        from gpubake.smoke_tests.probe import ProbeResult, cuda_index_of, cuda_uuids
-
+    def probe(self) -> ProbeResult:
         found = self.base.probe()
         if not found.gpus:
             return found
-        mapping = cuda_index_of(found.gpus, cuda_uuids() or [None] * len(found.gpus))
+        uuids = self.uuids if self.uuids is not None else cuda_uuids()
+        mapping = cuda_index_of(found.gpus, uuids or [None] * len(found.gpus))
         mine = [g for g in found.gpus if mapping.get(g.index) in self.cuda_indices]
-        want = ", ".join(f"cuda:{i}" for i in self.cuda_indices)
-        return ProbeResult(mine, None if len(mine) == len(self.cuda_indices) else f"not every GPU of {want} found")
-
-    def throttle_reasons(self, index: int) -> list[str]:
-        return self.base.throttle_reasons(index)
+        missing = sorted(set(self.cuda_indices) - {mapping.get(g.index) for g in mine})
+        return ProbeResult(mine, None if not missing else
+                           "no GPU of this host is " + ", ".join(f"cuda:{i}" for i in missing))
 
 
 # ------------------------------------------------------------------------ the service side
