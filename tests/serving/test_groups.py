@@ -9,6 +9,7 @@ service on /health; no rank process outlives the service; bad values are one lin
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -121,6 +122,27 @@ def test_a_rank_that_dies_fails_the_job_in_one_line_and_health_says_so(make_serv
         assert all(_gone(p) for p in pids)  # rank 0 was ended with it
         refused = s.post("/v1/generate", json=REQ)
         assert refused.status_code == 503 and "every group is out of service" in refused.json()["error"]
+
+
+def test_a_group_whose_self_test_fails_serves_nothing_and_leaves_no_process(make_service, serve_service,
+                                                                            tiny_nvfp4_checkpoint, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_nvfp4_checkpoint, model)
+    weights = sorted((model / "transformer").glob("*.safetensors"))[0]
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the model stage's hash fails, the render is skipped
+    weights.write_bytes(bytes(data))
+    service = make_service(device="cpu", gpus_per_clip=2, model_dir=model)
+    with serve_service(service, api_key=API_KEY) as s:
+        assert s.wait_phase("ready", "failed", timeout=600)["status"] == "failed"
+        full = s.get("/health").json()
+        (group,) = full["workers"]
+        assert group["status"] == "failed" and group["reason"].startswith("self-test failed: model: ")
+        assert "sha256 mismatch" in group["reason"] and full["reason"] == group["reason"]  # not a peer's exit
+        rep = Report.from_json(full["selftest"])
+        assert rep.verdict == "fail" and rep.stage("render").status == "skip"
+        assert all(_gone(p) for p in group["pids"])  # rank 0 told its peer to stop, both ended
+        assert s.post("/v1/generate", json=REQ).status_code == 503
 
 
 def _dry(args: list[str], model_dir: Path) -> list[str]:

@@ -659,9 +659,8 @@ class GroupService(GenerationService):
         if self.workers[0].report is not None:
             self._publish()
 
-    def _end_group(self, w: GroupWorker, grace: float = 0.0) -> None:
-        """End the group's processes: `grace` seconds to exit, then SIGKILL; reaped."""
-        deadline = time.monotonic() + grace
+    def _end_group(self, w: GroupWorker, deadline: float = 0.0) -> None:
+        """End the group's processes: until `deadline` (monotonic) to exit, then SIGKILL; reaped."""
         for p in w.procs:
             p.join(max(0.0, deadline - time.monotonic()))
         for p in w.procs:
@@ -677,9 +676,10 @@ class GroupService(GenerationService):
         for w in self.workers:
             if isinstance(w, GroupWorker) and w.procs:
                 self._send(w, ("stop",))
+        deadline = time.monotonic() + STOP_SECONDS  # one grace for all groups: they stop at once
         for w in self.workers:
             if isinstance(w, GroupWorker) and w.procs:
-                self._end_group(w, grace=STOP_SECONDS)
+                self._end_group(w, deadline)
         super().stop(timeout)
 
     # ------------------------------------------------------------ API
