@@ -57,6 +57,13 @@ def _seconds(name: str, raw: str) -> float:
     return value
 
 
+def _count(name: str, raw: str) -> int:
+    text = raw.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise GpubakeError(f"{name}: a whole number >= 1, got {raw!r}")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class Var:
     """One variable: what it means, its default, how its value is read, where it matters."""
@@ -133,6 +140,9 @@ _VARS = (
         "hopper-fp8, dequant-bf16, cpu-reference.", "image", default_doc="by compute capability"),
     Var("GPUBAKE_SELFTEST", "Boot self-test: full, quick (sample the weight hashes) or off.", "image",
         default_doc="full (start.sh); quick (RunPod serverless handler)", kind="full | quick | off"),
+    Var("GPUBAKE_GPUS_PER_CLIP", "`gpubake serve --gpus-per-clip`: GPUs that render ONE clip together (context parallelism, "
+        "one process per GPU); 1 renders one clip per GPU. N must divide the GPUs torch sees.", "image", default="1",
+        kind="number >= 1", parse=_count),
     Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
         "from the start (as much as fits in memory). Off: on an H200 host's local disk it did not shorten the boot "
         "(the loader, not the disk, is the bound); try it for a slow network volume.", "image", default="off",

@@ -3,7 +3,6 @@ RunPod serverless handler): image facts, model dir, report path, data dir, optio
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,8 @@ from gpubake.provisioning.pipeline import (
     check_runtime_env,
     load_serving_pipeline,
 )
-from gpubake.provisioning.serving.service import GenerationService, bind_device
-
-# Stages of a worker other than the first: its own GPU. The model files and the host's
-# GPUs (with the all-reduce) are checked once, by worker 0.
-WORKER_STAGES_SKIPPED = ("gpus", "model")
+from gpubake.provisioning.serving.service import WORKER_STAGES_SKIPPED, GenerationService
+from gpubake.provisioning.serving.service import on_device as _on_device
 
 
 class WorkersError(GpubakeError):
@@ -54,15 +50,6 @@ def worker_devices(workers: int | str, device: str | None, gpu_image: bool) -> l
     return [f"cuda:{i}" for i in range(n)]
 
 
-def _on_device(stage: Any, device: str) -> Any:
-    """`stage` run with `device` current in its thread (the runner gives each stage a thread)."""
-    def run(ctx: Any) -> Any:
-        bind_device(device)
-        return stage.run(ctx)
-
-    return dataclasses.replace(stage, run=run)
-
-
 def default_data_dir(report_path: Path) -> Path:
     """$GPUBAKE_DATA_DIR, else $GPUBAKE_OUTPUT_DIR (its older name, which start.sh sets),
     else beside the report (under /workspace on marketplaces)."""
@@ -88,6 +75,7 @@ def build_service(
     max_pixel_frames: int | None = None,
     pipeline_loader: PipelineLoader | None = None,
     workers: int | str = 1,
+    gpus_per_clip: int = 1,
     **selftest_kwargs: Any,
 ) -> GenerationService:
     """The service; each worker's pipeline is `load_serving_pipeline`'s (weights + runtime
@@ -103,6 +91,22 @@ def build_service(
     mdir = resolve_model_dir(model_dir, image_facts)
     report_path = report_path or default_report_path()
     data = data_dir or default_data_dir(report_path)
+    model = model_for(image_facts.model.id, image_facts.model.recipe)
+    extra: dict[str, Any] = {}
+    if keep_seconds is not None:
+        extra["keep_seconds"] = keep_seconds
+    if keep_bytes is not None:
+        extra["keep_bytes"] = keep_bytes
+    if gpus_per_clip != 1:
+        from gpubake.provisioning.serving.groups import GroupService, check_split, group_devices, model_heads
+
+        groups = group_devices(gpus_per_clip, workers, device, image_facts.cuda != "none")
+        split = check_split(gpus_per_clip, model_heads(mdir))
+        service = GroupService(groups=groups, facts=image_facts, model_dir=mdir, selftest=selftest, quick=quick,
+                               selftest_kwargs=selftest_kwargs, group_pipeline_loader=pipeline_loader,
+                               model=model, data_dir=data, report_path=report_path, max_queue=max_queue,
+                               max_pixel_frames=max_pixel_frames, split=split, **extra)
+        return service
     devices = worker_devices(workers, device, image_facts.cuda != "none")
     tests: list[Any] = []
     loader = None
@@ -129,12 +133,7 @@ def build_service(
             dev = dev or ("cuda" if image_facts.cuda != "none" and torch.cuda.is_available() else "cpu")
             return load_serving_pipeline(mdir, dev, pipeline_loader).pipe, dev
 
-    extra: dict[str, Any] = {}
-    if keep_seconds is not None:
-        extra["keep_seconds"] = keep_seconds
-    if keep_bytes is not None:
-        extra["keep_bytes"] = keep_bytes
-    return GenerationService(model=model_for(image_facts.model.id, image_facts.model.recipe), data_dir=data, report_path=report_path,
+    return GenerationService(model=model, data_dir=data, report_path=report_path,
                              selftests=tests or None, devices=devices, pipeline_loader=loader,
                              model_dir=None if selftest else mdir, max_queue=max_queue,
                              max_pixel_frames=max_pixel_frames, **extra)

@@ -1,4 +1,5 @@
-"""`gpubake serve`: the generation service (self-test first, then one worker per GPU)."""
+"""`gpubake serve`: the generation service (self-test first, then one worker per GPU, or
+one group of GPUs per clip with --gpus-per-clip)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def serve(
     quick: bool = typer.Option(False, "--quick", help="Self-test hashes a sample of the large model files."),
     device: Optional[str] = typer.Option(None, "--device", help="Force cpu, cuda or cuda:N."),
     workers: str = typer.Option("auto", "--workers", help="Workers, each rendering one clip at a time on its own device: auto (one per GPU torch sees, CUDA_VISIBLE_DEVICES honoured; one on a CPU) or a number (with --device cpu: that many CPU workers)."),
+    gpus_per_clip: Optional[str] = typer.Option(None, "--gpus-per-clip", help="GPUs that render ONE clip together (diffusers' context parallelism, one process per GPU; default: $GPUBAKE_GPUS_PER_CLIP, else 1: one clip per GPU). N must divide the GPUs torch sees; with --device cpu, N CPU processes. --workers then counts groups."),
     max_queue: int = typer.Option(16, "--max-queue", help="Jobs waiting at most (>= 1); more get 429."),
     keep_hours: float = typer.Option(24.0, "--keep-hours", help="Finished jobs and their videos are removed after this many hours."),
     keep_gb: float = typer.Option(20.0, "--keep-gb", help="At most this many GB of videos are kept; the oldest go first."),
@@ -79,18 +81,29 @@ def serve(
     resolve_host(host, port)
     if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
         raise GpubakeError(f"--workers: auto or a number >= 1, got {workers!r}")
+    if gpus_per_clip is not None:
+        if not (gpus_per_clip.isdigit() and int(gpus_per_clip) >= 1):
+            raise GpubakeError(f"--gpus-per-clip: a whole number >= 1, got {gpus_per_clip!r}")
+        per_clip = int(gpus_per_clip)
+    else:
+        from gpubake import envs
+
+        per_clip = envs.GPUBAKE_GPUS_PER_CLIP
     key = api_key_from_env()
     service = build_service(facts_path=facts, image=image, spec_path=spec, model_dir=model_dir, report_path=report,
                             data_dir=data_dir, selftest=selftest, quick=quick, device=device,
                             max_queue=max_queue, keep_seconds=keep_hours * 3600, keep_bytes=int(keep_gb * 1e9),
-                            max_pixel_frames=max_pixel_frames, workers=workers if workers == "auto" else int(workers))
+                            max_pixel_frames=max_pixel_frames, workers=workers if workers == "auto" else int(workers), gpus_per_clip=per_clip)
     check_exposure(host, key, insecure_no_auth)
     auth = "API key required" if key else ("OPEN: no API key (--insecure-no-auth)" if insecure_no_auth
                                            else "open: no API key, loopback only")
-    devs = ", ".join(w.device or "auto" for w in service.workers)
+    pool = f"{len(service.workers)} worker(s): " + ", ".join(w.device or "auto" for w in service.workers)
+    if per_clip > 1:  # groups: each renders one clip across its devices
+        pool = (f"{len(service.workers)} group(s) of {per_clip}, one clip split {service.split}: "  # type: ignore[attr-defined]
+                + "; ".join(",".join(w.devices) for w in service.workers))  # type: ignore[attr-defined]
     console.print(f"serving {service.model.id} on http://{host}:{port} (report {service.report_path}, "
                   f"data under {service.data_dir}, self-test {'on' if selftest else 'off'}, {auth}; "
-                  f"{len(service.workers)} worker(s): {devs})", markup=False)
+                  f"{pool})", markup=False)
     if dry_run:
         return
     sock = bind(host, port)

@@ -73,6 +73,20 @@ def bind_device(device: str | None) -> None:
         torch.cuda.set_device(device)
 
 
+# Stages of a worker other than the first: its own GPU. The model files and the host's
+# GPUs (with the all-reduce) are checked once, by worker 0 (or group 0's rank 0).
+WORKER_STAGES_SKIPPED = ("gpus", "model")
+
+
+def on_device(stage: Any, device: str) -> Any:
+    """Self-test `stage` run with `device` current in its thread (the runner gives each stage a thread)."""
+    def run(ctx: Any) -> Any:
+        bind_device(device)
+        return stage.run(ctx)
+
+    return dataclasses.replace(stage, run=run)
+
+
 @dataclass
 class Worker:
     """One device of the service: its self-test, its pipeline, the job it renders."""
@@ -117,6 +131,37 @@ def _min_limits(limits: Sequence[Limits]) -> Limits:
     low = min(limits, key=lambda lim: lim.max_pixel_frames)
     return dataclasses.replace(low, max_pixel_frame_steps=min(lim.max_pixel_frame_steps for lim in limits),
                                max_steps=min(lim.max_steps for lim in limits))
+
+
+def execute_job(store: JobStore, generator: Generator, job: JobRecord, data_dir: Path, min_free_bytes: int,
+                worker: int) -> None:
+    """Render `job` with `generator` into `<data_dir>/jobs/<id>/` and record the outcome in
+    `store`: done with its result, or failed with one line (disk full named as such), no
+    half-written clip left. Shared by the worker threads and a GPU group's rank 0 (`groups`)."""
+    out_dir = data_dir / "jobs" / job.id
+    job.status, job.started_at = "running", job.started_at or time.time()
+    store.update(job)
+    try:
+        free = shutil.disk_usage(data_dir).free
+        if free < min_free_bytes:
+            raise OSError(28, f"{free} bytes free under {data_dir}, need {min_free_bytes}")
+        res = generator.run(ResolvedRequest.from_dict(job.request), out_dir)
+        job.result = {**res.to_dict(), "worker": worker}
+        job.status = "done"
+    except Exception as exc:
+        if is_disk_full(exc):
+            job.error = (f"disk full: no space left under the data directory {data_dir} "
+                         f"({' '.join(str(exc).split())[:200]}); free space or lower --keep-gb")
+            log.error("job %s: %s", job.id, job.error)
+        else:
+            log.exception("job %s failed", job.id)
+            job.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        job.status = "failed"
+        shutil.rmtree(out_dir, ignore_errors=True)  # no half-written clip stays behind
+    finally:
+        job.finished_at = time.time()
+        job.bytes = _tree_bytes(out_dir)
+        store.update(job)
 
 
 class GenerationService:
@@ -378,31 +423,10 @@ class GenerationService:
         first ready worker's pipeline)."""
         w = worker or next((x for x in self.workers if x.phase == "ready"), self.workers[0])
         assert w.generator is not None
-        out_dir = self.jobs_dir / job.id
-        job.status, job.started_at = "running", job.started_at or time.time()
-        self.store.update(job)
         w.job_id = job.id
         try:
-            free = shutil.disk_usage(self.data_dir).free
-            if free < self.min_free_bytes:
-                raise OSError(28, f"{free} bytes free under {self.data_dir}, need {self.min_free_bytes}")
-            res = w.generator.run(ResolvedRequest.from_dict(job.request), out_dir)
-            job.result = {**res.to_dict(), "worker": w.index}
-            job.status = "done"
-        except Exception as exc:
-            if is_disk_full(exc):
-                job.error = (f"disk full: no space left under the data directory {self.data_dir} "
-                             f"({' '.join(str(exc).split())[:200]}); free space or lower --keep-gb")
-                log.error("job %s: %s", job.id, job.error)
-            else:
-                log.exception("job %s failed", job.id)
-                job.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
-            job.status = "failed"
-            shutil.rmtree(out_dir, ignore_errors=True)  # no half-written clip stays behind
+            execute_job(self.store, w.generator, job, self.data_dir, self.min_free_bytes, w.index)
         finally:
-            job.finished_at = time.time()
-            job.bytes = _tree_bytes(out_dir)
-            self.store.update(job)
             w.job_id = None
             w.jobs_done += 1
 
