@@ -241,3 +241,52 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    """The tiny checkpoint's diffusers pipeline on the CPU, one per test module (a module's
+    tests may change its scheduler or hooks; the next module gets a fresh one)."""
+    from gpubake.provisioning.loader import load_pipeline
+
+    p = load_pipeline(tiny_checkpoint, "cpu")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+class ExpertForwards:
+    """Each expert forward of a pipeline: `calls` (expert, timestep), `contexts` (the text
+    context's identity: the prompt's or the negative prompt's) and `outputs` (its result)."""
+
+    def __init__(self, pipe) -> None:
+        import torch
+
+        self.calls: list[tuple[str, float]] = []
+        self.contexts: list[int] = []
+        self.outputs: list[torch.Tensor] = []
+        self.handles = []
+        for name in ("transformer", "transformer_2"):
+            module = getattr(pipe, name)
+            self.handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            self.handles.append(module.register_forward_hook(
+                lambda m, a, kw, out: self.outputs.append(out[0].detach().float().clone()), with_kwargs=True))
+
+    def _pre(self, name: str):
+        def hook(module, args, kwargs):
+            self.calls.append((name, float(kwargs["timestep"][0])))
+            self.contexts.append(id(kwargs["encoder_hidden_states"]))
+        return hook
+
+    def experts(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.fixture
+def forwards(pipe):
+    f = ExpertForwards(pipe)
+    yield f
+    f.close()

@@ -18,36 +18,6 @@ BASE = {"sampler": "unipc", "shift": 3.0, "guidance_scale": 4.0, "guidance_scale
         "steps": 4}
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    from gpubake.provisioning.loader import load_pipeline
-
-    p = load_pipeline(tiny_checkpoint, "cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-class Forwards:
-    """Each expert forward: (expert, timestep, text context's identity) and the latents decoded."""
-
-    def __init__(self, pipe) -> None:
-        self.calls: list[tuple[str, float, int]] = []
-        self.handles = [getattr(pipe, n).register_forward_pre_hook(
-            lambda m, a, kw, n=n: self.calls.append((n, float(kw["timestep"][0]), id(kw["encoder_hidden_states"]))),
-            with_kwargs=True) for n in ("transformer", "transformer_2")]
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-@pytest.fixture
-def forwards(pipe):
-    f = Forwards(pipe)
-    yield f
-    f.close()
-
-
 def _clip(pipe, tmp_path, name, **kw):
     import imageio.v2 as imageio
 
@@ -92,11 +62,11 @@ def test_truncated_cfg_runs_two_forwards_for_the_guided_steps_then_one(pipe, for
     assert len(forwards.calls) == 2 * guided + (steps - guided)
     assert res.cfg_steps == guided
     # the guided steps come first, each a conditional and an unconditional forward at the same t
-    ts = [t for _, t, _ in forwards.calls]
+    ts = [t for _, t in forwards.calls]
     guided_ts, rest = ts[: 2 * guided], ts[2 * guided:]
     assert guided_ts[0::2] == guided_ts[1::2] and len(set(rest)) == len(rest) == steps - guided
     # after the cutoff only the conditional context is fed (the prompt's, the first of each guided pair)
-    contexts = [c for _, _, c in forwards.calls]
+    contexts = forwards.contexts
     cond = contexts[0]
     assert all(c == cond for c in contexts[2 * guided:])
 

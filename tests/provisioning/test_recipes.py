@@ -88,44 +88,6 @@ def test_a_malformed_recipe_is_one_line_naming_it(entry, message):
 # --------------------------------------------------------------------------- on the tiny model
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    from gpubake.provisioning.loader import load_pipeline
-
-    p = load_pipeline(tiny_checkpoint, "cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-class Forwards:
-    """Counts each expert's transformer forwards and the timesteps they saw."""
-
-    def __init__(self, pipe) -> None:
-        self.calls: list[tuple[str, float]] = []
-        self.outputs: list[torch.Tensor] = []
-        self.handles = []
-        for name in ("transformer", "transformer_2"):
-            module = getattr(pipe, name)
-            self.handles.append(module.register_forward_pre_hook(
-                lambda m, a, kw, n=name: self.calls.append((n, float(kw["timestep"][0]))), with_kwargs=True))
-            self.handles.append(module.register_forward_hook(
-                lambda m, a, kw, out: self.outputs.append(out[0].detach().float().clone()), with_kwargs=True))
-
-    def experts(self) -> list[str]:
-        return [n for n, _ in self.calls]
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-@pytest.fixture
-def forwards(pipe):
-    f = Forwards(pipe)
-    yield f
-    f.close()
-
-
 def test_the_4step_recipe_runs_4_forwards_without_cfg_2_per_expert(pipe, forwards, tmp_path):
     res = render(pipe, "a fox in the snow", 64, 64, 5, 4, 1, tmp_path, recipe=get_recipe(FOUR))
     assert forwards.experts() == ["transformer", "transformer", "transformer_2", "transformer_2"]

@@ -228,10 +228,10 @@ class _Host:
 
 
 def test_a_groups_gpu_stage_sees_its_own_gpus_by_uuid():
-    from gpubake.provisioning.serving.groups import GroupProbe
+    from gpubake.smoke_tests.probe import DeviceProbe
 
     torch_order = [f"{i:08x}-aaaa" for i in (3, 2, 1, 0)]  # as torch spells them; CUDA's order is not NVML's
-    got = GroupProbe(_Host(), [0, 1], uuids=torch_order).probe()
+    got = DeviceProbe(_Host(), [0, 1], uuids=torch_order).probe()
     assert [g.index for g in got.gpus] == [2, 3] and got.error is None
-    half = GroupProbe(_Host(), [2, 5], uuids=torch_order).probe()
+    half = DeviceProbe(_Host(), [2, 5], uuids=torch_order).probe()
     assert [g.index for g in half.gpus] == [1] and half.error == "no GPU of this host is cuda:5"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import sys
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -246,12 +246,17 @@ def set_self_attention_kernel(model: torch.nn.Module, kernel: str | None) -> int
     Cross-attention over the 512 text tokens stays on SDPA: it is <2 % of the step."""
     if kernel is not None and kernel not in LOWP_KERNELS:
         raise KernelError(f"8-bit attention: kernel {kernel!r} (one of {', '.join(LOWP_KERNELS)})")
-    name = _register_diffusers_backend(kernel) if kernel else None
+    return route_self_attention(model, _register_diffusers_backend(kernel) if kernel else None)
+
+
+def route_self_attention(model: torch.nn.Module, backend: Any) -> int:
+    """Set diffusers' attention backend of every block's self-attention (`attn1`) processor
+    to `backend` (None: the default dispatch); returns how many modules changed."""
     n = 0
     for mod_name, mod in model.named_modules():
         proc = getattr(mod, "processor", None)
         if mod_name.endswith("attn1") and proc is not None and hasattr(proc, "_attention_backend"):
-            proc._attention_backend = name
+            proc._attention_backend = backend
             n += 1
     return n
 

@@ -237,14 +237,10 @@ def set_sparse_self_attention(model: torch.nn.Module, keep: float = DEFAULT_KEEP
     (model, None)` puts them back on torch SDPA."""
     from diffusers.models import attention_dispatch as ad
 
+    from gpubake.kernels.attention import route_self_attention
+
     fn = backend_fn(keep)
     name = ad.AttentionBackendName(DIFFUSERS_SLOT)
     if ad._AttentionBackendRegistry._backends.get(name) is not fn:
         ad._AttentionBackendRegistry.register(name)(fn)
-    n = 0
-    for mod_name, mod in model.named_modules():
-        proc = getattr(mod, "processor", None)
-        if mod_name.endswith("attn1") and proc is not None and hasattr(proc, "_attention_backend"):
-            proc._attention_backend = name
-            n += 1
-    return n
+    return route_self_attention(model, name)

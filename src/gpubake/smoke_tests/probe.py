@@ -7,6 +7,8 @@ real one, on nvidia-ml-py (the NVML bindings NVIDIA publishes).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -123,15 +125,17 @@ def _nvml_str(value: Any) -> str:
 
 
 class DeviceProbe:
-    """One worker's view of the host: only the GPU torch calls ``cuda:<cuda_index>``, so a
-    worker's GPU stage checks its own card and a bad card takes only its worker out.
+    """One worker's (or one group's) view of the host: only the GPUs torch calls
+    ``cuda:<index>`` for `cuda_index` (an int, or several for a group of ranks), so a
+    worker's GPU stage checks its own cards and a bad card takes only its worker out.
 
     `uuids`: torch's UUID per CUDA index (default `cuda_uuids()`); without them the GPU at
     position `cuda_index` of the probe's list."""
 
-    def __init__(self, base: GpuProbe, cuda_index: int, uuids: list[str | None] | None = None) -> None:
+    def __init__(self, base: GpuProbe, cuda_index: int | Sequence[int], uuids: list[str | None] | None = None) -> None:
         self.base = base
-        self.cuda_index = cuda_index
+        self.cuda_indices = [cuda_index] if isinstance(cuda_index, int) else list(cuda_index)
+        self.cuda_index = self.cuda_indices[0]
         self.uuids = uuids
 
     def probe(self) -> ProbeResult:
@@ -140,8 +144,10 @@ class DeviceProbe:
             return found
         uuids = self.uuids if self.uuids is not None else cuda_uuids()
         mapping = cuda_index_of(found.gpus, uuids or [None] * len(found.gpus))
-        mine = [g for g in found.gpus if mapping.get(g.index) == self.cuda_index]
-        return ProbeResult(mine, None if mine else f"no GPU of this host is cuda:{self.cuda_index}")
+        mine = [g for g in found.gpus if mapping.get(g.index) in self.cuda_indices]
+        missing = sorted(set(self.cuda_indices) - {mapping.get(g.index) for g in mine})
+        return ProbeResult(mine, None if not missing else
+                           "no GPU of this host is " + ", ".join(f"cuda:{i}" for i in missing))
 
     def throttle_reasons(self, index: int) -> list[str]:
         return self.base.throttle_reasons(index)

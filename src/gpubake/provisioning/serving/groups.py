@@ -49,7 +49,7 @@ from gpubake import envs
 from gpubake.errors import GpubakeError
 from gpubake.provisioning.serving.generate import Generator
 from gpubake.provisioning.serving.limits import Limits
-from gpubake.smoke_tests.probe import DeviceProbe, ProbeResult, cuda_index_of, cuda_uuids
+from gpubake.smoke_tests.probe import DeviceProbe
 from gpubake.provisioning.serving.service import (
     WORKER_STAGES_SKIPPED,
     GenerationService,
@@ -277,7 +277,7 @@ def _selftest(spec: RankSpec, out_dir: Path) -> Any:
         from gpubake.smoke_tests.probe import NvmlProbe
 
         base = NvmlProbe()
-    probe = GroupProbe(base, [int(d.split(":")[1]) for d in spec.devices]) if spec.device.startswith("cuda:") else base
+    probe = DeviceProbe(base, [int(d.split(":")[1]) for d in spec.devices]) if spec.device.startswith("cuda:") else base
     return create_selftest(spec.facts, spec.model_dir, out_dir, quick=spec.quick, device=spec.device, probe=probe,
                            pipeline_loader=spec.pipeline_loader, **kw)
 
@@ -415,26 +415,6 @@ def rank_main(spec: RankSpec, conn: Any) -> None:
         for h in logging.getLogger().handlers:
             h.flush()
     os._exit(code)  # no atexit: a peer that is gone must not hold this one in a collective's teardown
-
-
-class GroupProbe(DeviceProbe):
-    """The GPU stage's view for a group: the group's GPUs only (by CUDA index, matched by
-    UUID as `DeviceProbe`), so a bad card takes out its group, not the host."""
-
-    def __init__(self, base: Any, cuda_indices: Sequence[int], uuids: list[str | None] | None = None) -> None:
-        super().__init__(base, cuda_indices[0], uuids)
-        self.cuda_indices = list(cuda_indices)
-
-    def probe(self) -> ProbeResult:
-        found = self.base.probe()
-        if not found.gpus:
-            return found
-        uuids = self.uuids if self.uuids is not None else cuda_uuids()
-        mapping = cuda_index_of(found.gpus, uuids or [None] * len(found.gpus))
-        mine = [g for g in found.gpus if mapping.get(g.index) in self.cuda_indices]
-        missing = sorted(set(self.cuda_indices) - {mapping.get(g.index) for g in mine})
-        return ProbeResult(mine, None if not missing else
-                           "no GPU of this host is " + ", ".join(f"cuda:{i}" for i in missing))
 
 
 # ------------------------------------------------------------------------ the service side
