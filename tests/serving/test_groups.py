@@ -235,3 +235,71 @@ def test_a_groups_gpu_stage_sees_its_own_gpus_by_uuid():
     assert [g.index for g in got.gpus] == [2, 3] and got.error is None
     half = DeviceProbe(_Host(), [2, 5], uuids=torch_order).probe()
     assert [g.index for g in half.gpus] == [1] and half.error == "no GPU of this host is cuda:5"
+
+
+def _dead_or_zombie(pid: int) -> bool:
+    """Gone, or exited and waiting for a reaper (a zombie has no code left to run)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def test_no_rank_outlives_a_killed_service(tiny_nvfp4_checkpoint, tmp_path):
+    """`gpubake serve --gpus-per-clip 2` in its own process, SIGKILLed once its group is up:
+    the ranks die with it (PR_SET_PDEATHSIG), none is left holding the GPUs."""
+    import signal
+    import subprocess
+    import time
+
+    import requests
+    from testutil import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpubake", "serve", "--image", "demo", "--model-dir", str(tiny_nvfp4_checkpoint),
+         "--report", str(tmp_path / "selftest.json"), "--data-dir", str(tmp_path / "data"), "--no-selftest",
+         "--device", "cpu", "--gpus-per-clip", "2", "--host", "127.0.0.1", "--port", str(port),
+         "--max-pixel-frames", "10000000"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GPUBAKE_API_KEY": API_KEY}, cwd=tmp_path)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not pids:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                health = requests.get(f"http://127.0.0.1:{port}/health", timeout=5,
+                                      headers={"Authorization": f"Bearer {API_KEY}"}).json()
+                if health.get("status") == "ready":
+                    pids = health["workers"][0]["pids"]
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        assert len(pids) == 2 and proc.pid not in pids, (tmp_path / "serve.log").read_text()[-3000:]
+        assert not any(_dead_or_zombie(p) for p in pids)
+        # Killed in the middle of a long render (~5 s here): the ranks are computing, not
+        # reading their pipe to the service, so only the kernel's parent-death signal stops
+        # them within the second (without it they rendered on for 4.8 s, then saw the pipe
+        # close: checked by hand with the prctl removed).
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        job = requests.post(f"http://127.0.0.1:{port}/v1/generate", headers=auth, timeout=10,
+                            json={**REQ, "size": "96x96", "frames": 33, "steps": 100}).json()
+        while requests.get(f"http://127.0.0.1:{port}/v1/jobs/{job['id']}", headers=auth,
+                           timeout=10).json()["status"] == "queued":
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        killed = time.monotonic()
+        while time.monotonic() < killed + 1.0 and not all(_dead_or_zombie(p) for p in pids):
+            time.sleep(0.05)
+        assert all(_dead_or_zombie(p) for p in pids), f"rank processes {pids} outlived the killed service"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in pids:
+            if not _dead_or_zombie(p):
+                os.kill(p, signal.SIGKILL)
+        log.close()
