@@ -31,7 +31,7 @@ def test_a_read_only_volume_leaves_torchs_defaults(tmp_path):
 
 def test_inductor_writes_there_even_when_torch_was_imported_first(tmp_path):
     """The self-test imports torch before it compiles: inductor must still read the folder."""
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import torch
         from gpubake.provisioning.compile_cache import use_persistent_compile_cache
         use_persistent_compile_cache()
