@@ -13,8 +13,10 @@
 set -euo pipefail
 OUT="${OUT:-/tmp/boot-a14b-out}"; mkdir -p "$OUT"
 PY="${PY:-python3}"
+ROOT="${ROOT:-/tmp/a14b}"      # the checkpoint (and, with TINY, its spec)
+VOLUME="${VOLUME:-/tmp/volume}" # stands in for /workspace: GPUBAKE_HOME and the compile caches
 if [ -n "${TINY:-}" ]; then
-  write=(--tiny); where=(--spec /tmp/a14b/spec/wan22-t2v-a14b-nvfp4-hopper.toml)
+  write=(--tiny); where=(--spec "$ROOT/spec/wan22-t2v-a14b-nvfp4-hopper.toml")
   python3() { "$PY" "$@"; }
   nvidia-smi() { echo "no GPU (TINY)"; }
 else
@@ -27,11 +29,11 @@ export PYTHONPATH="/tmp/site:$PWD/src:$PWD/bench" PYTHONUNBUFFERED=1
   python3 -c "import sys, torch, triton, diffusers, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
   df -h /tmp | tail -1; nproc; free -g | sed -n 2p
 } | tee "$OUT/versions.txt"
-rm -rf /tmp/a14b /tmp/volume
-timeout "${A14B_TIMEOUT:-300}" "$PY" bench/selftest_a14b_device.py --root /tmp/a14b --out "$OUT/write" --write-only "${write[@]}" 2>&1 \
+rm -rf "$ROOT" "$VOLUME"
+timeout "${A14B_TIMEOUT:-300}" "$PY" bench/selftest_a14b_device.py --root "$ROOT" --out "$OUT/write" --write-only "${write[@]}" 2>&1 \
   | grep -v -e 'Writing model shards' -e torchao | tail -4
 unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
-export GPUBAKE_HOME=/tmp/volume/gpubake; mkdir -p "$GPUBAKE_HOME"
+export GPUBAKE_HOME="$VOLUME/gpubake"; mkdir -p "$GPUBAKE_HOME"
 
 boot() {  # NAME [VAR=VALUE ...]
   local name=$1; shift
@@ -42,7 +44,7 @@ boot() {  # NAME [VAR=VALUE ...]
   local start end rc
   start=$(date +%s.%N)
   set +e
-  env "$@" "$PY" -m gpubake selftest "${where[@]}" --model-dir /tmp/a14b/model \
+  env "$@" "$PY" -m gpubake selftest "${where[@]}" --model-dir "$ROOT/model" \
     --report "$OUT/$name/selftest-a14b.json" --json --quick > "$OUT/$name/selftest.stdout" 2> "$OUT/$name/selftest.stderr"
   rc=$?
   set -e
@@ -69,4 +71,4 @@ PY
 boot first
 boot later
 boot later-noread GPUBAKE_PREFETCH=off
-du -sh /tmp/volume/gpubake/compile-cache/* | tee -a "$OUT/versions.txt"
+du -sh "$VOLUME"/gpubake/compile-cache/* | tee -a "$OUT/versions.txt"
