@@ -5,7 +5,9 @@
 # fresh boot), GPUBAKE_HOME on a "volume" folder as start.sh sets it:
 #   first:       the volume's first boot: compile caches empty, read-ahead on (the default)
 #   later:       a later boot of the same volume: compile caches there, read-ahead on
-#   later-noread: the same with GPUBAKE_PREFETCH=off (the peer of `later`: the lever's effect)
+#   later-threads8: the same with GPUBAKE_LOAD_THREADS=8 (the loader lever; `later` is its peer)
+# (The run of 2026-12-01 12:11 at f030fcd ran a third boot `later-noread`, GPUBAKE_PREFETCH=off,
+# when the read-ahead was on by default; it did not win and is off now.)
 # (Before 2026-12-01 12:30 this script ran a page-cache-warm then a cold boot with torch's
 # default /tmp caches; that run's numbers are in docs/benchmarks.md with its commit.)
 # Usage (device tool, carry .whl/dev): bash bench/boot_a14b_device.sh   (results in $OUT)
@@ -70,5 +72,5 @@ PY
 }
 boot first
 boot later
-boot later-noread GPUBAKE_PREFETCH=off
+boot later-threads8 GPUBAKE_LOAD_THREADS=8
 du -sh "$VOLUME"/gpubake/compile-cache/* | tee -a "$OUT/versions.txt"

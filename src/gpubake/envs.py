@@ -143,6 +143,9 @@ _VARS = (
     Var("GPUBAKE_GPUS_PER_CLIP", "`gpubake serve --gpus-per-clip`: GPUs that render ONE clip together (context parallelism, "
         "one process per GPU); 1 renders one clip per GPU. N must divide the GPUs torch sees.", "image", default="1",
         kind="number >= 1", parse=_count),
+    Var("GPUBAKE_LOAD_THREADS", "Loader: threads that read each expert's tensors onto the device at once (1: one "
+        "tensor at a time, as safetensors' load_file). An A/B lever for the boot's ~30 s load (docs/benchmarks.md); "
+        "not measured yet.", "image", default="1", kind="number >= 1", parse=_count),
     Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
         "from the start (as much as fits in memory). Off: on an H200 host's local disk it did not shorten the boot "
         "(the loader, not the disk, is the bound); try it for a slow network volume.", "image", default="off",

@@ -111,3 +111,42 @@ def _config_only(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TRANSFORMER_CONFIG}))
     return d
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+def test_threaded_read_loads_the_same_tensors(tiny_nvfp4_checkpoint, tmp_path, monkeypatch, threads):
+    """GPUBAKE_LOAD_THREADS: the keys read by several `safe_open` handles at once, over a
+    sharded expert, give the one-thread loader's tensors bit for bit, and so its model."""
+    from gpubake.provisioning import loader
+
+    expert = tmp_path / "transformer"
+    shutil.copytree(tiny_nvfp4_checkpoint / "transformer", expert)
+    whole = load_file(str(expert / W))
+    keys = sorted(whole)
+    (expert / W).unlink()  # two shards, as diffusers writes large experts
+    names = [f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    for name, part in zip(names, halves):
+        save_file({k: whole[k] for k in part}, str(expert / name), metadata={"format": "pt"})
+    import json
+
+    (expert / f"{W.rsplit('.', 1)[0]}.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: names[i] for i, part in enumerate(halves) for k in part}}))
+    shards = [expert / n for n in names]
+    one = dict(loader._read_tensors(shards, "cpu", 1))
+    many = loader._read_tensors(shards, "cpu", threads)
+    assert sorted(k for k, _ in many) == keys  # every key once
+    assert all(torch.equal(t, one[k]) and t.dtype == one[k].dtype for k, t in many)
+    monkeypatch.setenv("GPUBAKE_LOAD_THREADS", str(threads))
+    threaded = load_expert(expert).state_dict()
+    monkeypatch.setenv("GPUBAKE_LOAD_THREADS", "1")
+    single = load_expert(expert).state_dict()
+    assert threaded.keys() == single.keys() and all(torch.equal(threaded[k], single[k]) for k in single)
+
+
+def test_load_threads_must_be_a_count(monkeypatch, tiny_nvfp4_checkpoint):
+    from gpubake.errors import GpubakeError
+
+    monkeypatch.setenv("GPUBAKE_LOAD_THREADS", "0")
+    with pytest.raises(GpubakeError, match="GPUBAKE_LOAD_THREADS"):
+        load_expert(tiny_nvfp4_checkpoint / "transformer")
