@@ -126,15 +126,9 @@ def _read_tensors(shards: list[Path], device: str, threads: int) -> list[tuple[s
         loads[i] += size
 
     def read(run: list[tuple[Path, str]]) -> list[tuple[str, Any]]:
-        got, handles = [], {}
-        try:
-            for shard, key in run:
-                if shard not in handles:
-                    handles[shard] = safe_open(str(shard), framework="pt", device=device)
-                got.append((key, handles[shard].get_tensor(key)))
-        finally:
-            handles.clear()
-        return got
+        # this thread's own handles, one per shard it reads
+        handles = {shard: safe_open(str(shard), framework="pt", device=device) for shard in {s for s, _ in run}}
+        return [(key, handles[shard].get_tensor(key)) for shard, key in run]
 
     from concurrent.futures import ThreadPoolExecutor
 

@@ -150,15 +150,25 @@ _STARTED: dict[Path, Prefetch] = {}  # one read-ahead a checkpoint a process: th
 _STARTED_LOCK = threading.Lock()
 
 
-def start_for_checkpoint(model_dir: Path, rel_paths: Iterable[str]) -> Prefetch | None:
+def start_for_checkpoint(model_dir: Path, rel_paths: Iterable[str] | None = None) -> Prefetch | None:
     """Start reading a checkpoint's files in the background (once a process: a second call
-    for the same directory gets the first one's); None when turned off or nothing to read."""
+    for the same directory gets the first one's); None when turned off or nothing to read.
+
+    `rel_paths` default: the files its manifest lists (none without a readable manifest:
+    that is the model check's to report, not this one's)."""
     if envs.GPUBAKE_PREFETCH == "off":
         return None
     key = model_dir.resolve()
     with _STARTED_LOCK:
         if key in _STARTED:
             return _STARTED[key]
+        if rel_paths is None:
+            from gpubake.provisioning.manifest import ManifestError, read_manifest
+
+            try:
+                rel_paths = read_manifest(model_dir)["files"]
+            except (ManifestError, OSError, ValueError):
+                return None
         available = mem_available()
         files = plan(model_dir, rel_paths, None if available is None else int(available * MEMORY_SHARE))
         if not files:

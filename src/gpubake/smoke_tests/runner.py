@@ -65,7 +65,10 @@ class SelfTest:
     def run(self) -> Report:
         self.on_update(self.report)
         if self.ctx.prefetch is None and any(s.name == "render" for s in self.stages):
-            self.ctx.prefetch = _start_prefetch(self.ctx)
+            from gpubake.provisioning.prefetch import start_for_checkpoint
+
+            # the checkpoint's files into the page cache while the first stages run (when on)
+            self.ctx.prefetch = start_for_checkpoint(self.ctx.model_dir)
         status: dict[str, str] = {}
         for stage in self.stages:
             limit = self._limit(stage)
@@ -85,19 +88,6 @@ class SelfTest:
         self.report.finish()
         self.on_update(self.report)
         return self.report
-
-
-def _start_prefetch(ctx: st.Context):
-    """The checkpoint's files into the page cache while the first stages run; a checkpoint
-    without a readable manifest is the model stage's to report, not this one's."""
-    from gpubake.provisioning.manifest import ManifestError, read_manifest
-    from gpubake.provisioning.prefetch import start_for_checkpoint
-
-    try:
-        files = read_manifest(ctx.model_dir)["files"]
-    except (ManifestError, OSError, ValueError):
-        return None
-    return start_for_checkpoint(ctx.model_dir, files)
 
 
 def _run_limited(stage: Stage, ctx: st.Context, limit: float) -> StageResult:
