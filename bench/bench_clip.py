@@ -53,7 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gpubake.errors import GpubakeError  # noqa: E402  (light: no torch)
+from gpubake.errors import GpubakeError, one_line  # noqa: E402  (light: no torch)
 
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width)
 SMALL_SIZES = {"480p": (32, 48), "720p": (32, 64)}  # --small: the same two cases, tiny
@@ -683,11 +683,6 @@ def summary_line(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
-
-
 def run_case(run: Run, name: str, size: str, body) -> dict | None:
     """A case row: `body(row)` fills it; a failure is a result (recorded), not a crash."""
     if not run.fits(name, size):
@@ -698,7 +693,7 @@ def run_case(run: Run, name: str, size: str, body) -> dict | None:
     try:
         body(row)
     except Exception as exc:  # an out-of-memory under --mem-cap, say: its peaks say how far it got
-        row["error"] = _one_line(exc)
+        row["error"] = one_line(exc)
         if run.device.cuda:
             row["peaks_at_error"] = run.device.peaks()
     row["case_s"] = round(time.monotonic() - t0, 1)
@@ -829,7 +824,7 @@ def peer_cases(run: Run, held: list, ckpt: Path, smp: Sampling, sizes: dict, inp
             levers = apply_peer_levers([pipe.transformer, pipe.transformer_2], args.peer_levers, device)
             del pipe
         except Exception as exc:  # a peer that cannot be built is a result too
-            run.result["cases"].append({"case": "peer", "stack": "peer", "error": f"build: {_one_line(exc)}"})
+            run.result["cases"].append({"case": "peer", "stack": "peer", "error": f"build: {one_line(exc)}"})
             print(summary_line(run.result["cases"][-1]), flush=True)
             return
         finally:
@@ -866,7 +861,7 @@ def gpubake_cases(run: Run, ckpt: Path, smp: Sampling, sizes: dict, inputs: dict
         try:
             state["sp"], runtime = load_gpubake(ckpt, device, args.runtime)
         except Exception as exc:  # the loader refused the checkpoint or the plan: a result
-            run.result["cases"].append({"case": "gpubake", "stack": "gpubake", "error": f"load: {_one_line(exc)}"})
+            run.result["cases"].append({"case": "gpubake", "stack": "gpubake", "error": f"load: {one_line(exc)}"})
             print(summary_line(run.result["cases"][-1]), flush=True)
             return
         load_s = round(time.perf_counter() - t0, 2)
@@ -917,7 +912,7 @@ def cap_case(run: Run, ckpt: Path, smp: Sampling, sizes: dict, clips: Path) -> N
         try:
             sp, runtime = load_gpubake(ckpt, device, args.cap_runtime)
         except Exception as exc:
-            run.result["cases"].append({"case": "cap", "cap": cap, "error": f"load: {_one_line(exc)}"})
+            run.result["cases"].append({"case": "cap", "cap": cap, "error": f"load: {one_line(exc)}"})
             print(summary_line(run.result["cases"][-1]), flush=True)
             return
         load_s = round(time.perf_counter() - t0, 2)

@@ -21,6 +21,13 @@ class GpubakeError(Exception):
             self.exit_code = exit_code
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a report or a job's error: its type and its message,
+    whitespace collapsed, cut at `limit` characters."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
 class SpecError(GpubakeError):
     """An image spec file is missing, malformed, or asks for something impossible."""
 

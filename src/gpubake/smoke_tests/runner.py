@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gpubake.errors import one_line
 from gpubake.smoke_tests import stages as st
 from gpubake.smoke_tests.multigpu import gpus_stage
 from gpubake.smoke_tests.report import Report, StageResult
@@ -98,7 +99,7 @@ def _run_limited(stage: Stage, ctx: st.Context, limit: float) -> StageResult:
             box["result"] = stage.run(ctx)
         except Exception as exc:  # a bug in a stage still yields a verdict, with the trace
             box["result"] = StageResult(
-                stage.name, "fail", f"stage crashed: {st._one_line(exc)}",
+                stage.name, "fail", f"stage crashed: {one_line(exc)}",
                 {"traceback": traceback.format_exc(limit=8).splitlines()[-12:]},
             )
 

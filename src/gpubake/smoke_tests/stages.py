@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpubake.errors import one_line
 from gpubake.provisioning.facts import ImageFacts, arch_runs
 from gpubake.smoke_tests.expectations import RenderParams, ThroughputTable, judge
 from gpubake.smoke_tests.probe import HARMFUL_THROTTLE, GpuInfo, GpuProbe
@@ -156,7 +157,7 @@ def kernels_stage(ctx: Context) -> StageResult:
     try:
         res = dict(check(ctx.device))
     except Exception as exc:
-        return StageResult("kernels", "fail", f"NVFP4 kernel check crashed on {ctx.device}: {_one_line(exc)}")
+        return StageResult("kernels", "fail", f"NVFP4 kernel check crashed on {ctx.device}: {one_line(exc)}")
     backend = res.get("backend", "?")
     if res.get("ok"):
         err = res.get("max_rel_error")
@@ -254,7 +255,7 @@ def render_stage(ctx: Context) -> StageResult:
             ctx.renders.append(render(ctx.pipeline, params.prompt, params.height, params.width,
                                       params.num_frames, params.steps, params.seed, out, **sampling))
     except Exception as exc:
-        return StageResult("render", "fail", f"render failed: {_one_line(exc)}",
+        return StageResult("render", "fail", f"render failed: {one_line(exc)}",
                            {"params": params.model_dump() if params else None, "load_seconds": ctx.load_seconds,
                             "runtime": ctx.runtime})
     first = ctx.renders[0]
@@ -334,6 +335,3 @@ def throughput_stage(ctx: Context) -> StageResult:
     return StageResult("throughput", status, "; ".join(notes), values)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpubake.errors import one_line
 from gpubake.provisioning.serving.generate import Generator
 from gpubake.provisioning.serving.limits import Limits
 from gpubake.provisioning.serving.service import WORKER_STAGES_SKIPPED, execute_job, on_device
@@ -28,6 +29,7 @@ from gpubake.smoke_tests.probe import DeviceProbe
 
 log = logging.getLogger("gpubake.serve")
 IDLE_SECONDS = 0.5  # rank 0 polls the queue (and ticks its peers) this often when idle
+
 
 @dataclass(frozen=True)
 class RankSpec:
@@ -69,11 +71,6 @@ def _die_with_parent(parent_pid: int) -> None:
         pass
     if parent_pid and os.getppid() != parent_pid:  # it died before the prctl
         os._exit(1)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:400]}" if text else type(exc).__name__
 
 
 class _Ctl:
@@ -129,13 +126,13 @@ class LockstepGenerator(Generator):
         try:
             res = super().run(args, out_dir)
         except Exception as exc:
-            err = _one_line(exc)
+            err = one_line(exc, limit=400)
             raise
         finally:
             try:
                 outcomes = self.ctl.gather(err)
             except Exception as exc:  # a peer is gone: not this job's fault, the group's
-                raise GroupBroken(f"the group lost a rank: {_one_line(exc)}") from exc
+                raise GroupBroken(f"the group lost a rank: {one_line(exc, limit=400)}") from exc
         bad = next(((r, e) for r, e in enumerate(outcomes) if r and e), None)
         if bad is not None:
             raise RuntimeError(f"rank {bad[0]} ({self.devices[bad[0]]}): {bad[1]}")
@@ -272,7 +269,7 @@ def _follower(spec: RankSpec, conn: Any, ctl: _Ctl) -> None:
                 gen.run(ResolvedRequest.from_dict(msg["request"]), Path(scratch) / "job")
             except Exception as exc:
                 log.exception("rank %d: job failed", spec.rank)
-                err = _one_line(exc)
+                err = one_line(exc, limit=400)
             shutil.rmtree(Path(scratch) / "job", ignore_errors=True)  # rank 0 writes the clip
             ctl.gather(err)
 
@@ -300,7 +297,7 @@ def rank_main(spec: RankSpec, conn: Any) -> None:
         logging.getLogger("gpubake.serve").exception("rank %d failed", spec.rank)
         code = 1
         try:
-            conn.send(("failed", f"rank {spec.rank} ({spec.device}): {_one_line(exc)}"))
+            conn.send(("failed", f"rank {spec.rank} ({spec.device}): {one_line(exc, limit=400)}"))
         except OSError:
             pass
     finally:
