@@ -8,7 +8,6 @@ real one, on nvidia-ml-py (the NVML bindings NVIDIA publishes).
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -135,7 +134,6 @@ class DeviceProbe:
     def __init__(self, base: GpuProbe, cuda_index: int | Sequence[int], uuids: list[str | None] | None = None) -> None:
         self.base = base
         self.cuda_indices = [cuda_index] if isinstance(cuda_index, int) else list(cuda_index)
-        self.cuda_index = self.cuda_indices[0]
         self.uuids = uuids
 
     def probe(self) -> ProbeResult:

@@ -93,7 +93,6 @@ class BuildResult:
     seconds: float = 0.0
     storage_driver: str = ""  # buildah's store driver: digests are reproducible per driver, not across them
 
-
     def to_json(self) -> dict:
         """The fields `build-image --json` prints."""
         return {
