@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --small runs on the CPU; the full run needs a CUDA GPU", file=sys.stderr)
         return 2
     dev = torch.device("cuda" if cuda else "cpu")
+    # the sparse variants are one lambda (one code object) compiled per keep, block and size:
+    # past dynamo's default limit of 8 it ran them eager, and eager FlexAttention materializes
+    # the whole score matrix (the 2026-12-01 run's 720p rows asked for 852 GiB)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     sizes = SMALL_SIZES if args.small else SIZES
     if args.tokens:
         unknown = [t for t in args.tokens.split(",") if t not in sizes]

@@ -9,6 +9,10 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
 - ``step_cache=fbc:T``: the runtime plan's step cache (`provisioning.step_cache`) put on both
   experts for the variant and taken off after it; a warm-up clip of its own first (the
   cache's hooks change what dynamo traces).
+- ``sparse_keep=K``: both experts' self-attention block-sparse at keep K (the plan's
+  ``attention=sparse-flex``, `kernels.attention_sparse`) for the variant, then back to the
+  plan's own kernel; a warm-up clip of its own first (the blocks recompile for the new
+  attention function).
 
 Reported per variant: the timed clip (as every case), transformer forwards and full block
 evaluations (forward hooks; `blocks_skipped_fraction`), and its quality against the
@@ -30,7 +34,7 @@ from typing import Any
 
 from gpubake.errors import GpubakeError
 
-LEVERS = ("cfg_until", "step_cache")
+LEVERS = ("cfg_until", "step_cache", "sparse_keep")
 
 
 class VariantError(GpubakeError):
@@ -40,15 +44,21 @@ class VariantError(GpubakeError):
 @dataclass(frozen=True)
 class Variant:
     lever: str
-    value: Any  # float (cfg_until) or step_cache.StepCache
+    value: Any  # float (cfg_until, sparse_keep) or step_cache.StepCache
 
     @property
     def name(self) -> str:
-        return f"{self.lever}={self.value:g}" if self.lever == "cfg_until" else f"{self.lever}={self.value}"
+        return f"{self.lever}={self.value:g}" if isinstance(self.value, float) else f"{self.lever}={self.value}"
+
+    @property
+    def warms_up(self) -> bool:
+        """The lever changes what the compiled blocks trace: a warm-up clip of its own first."""
+        return self.lever in ("step_cache", "sparse_keep")
 
 
 def parse_variant(text: str) -> Variant:
-    """``cfg_until=0.75`` or ``step_cache=fbc:0.05`` (checked as the service and the plan check them)."""
+    """``cfg_until=0.75``, ``step_cache=fbc:0.05`` or ``sparse_keep=0.1`` (checked as the service
+    and the plan check them)."""
     from gpubake.provisioning.cfg_truncation import check_cfg_until
     from gpubake.provisioning.step_cache import StepCache
 
@@ -62,6 +72,13 @@ def parse_variant(text: str) -> Variant:
             number = value
         cut = check_cfg_until(number)
         return Variant(lever, cut)
+    if lever == "sparse_keep":
+        from gpubake.kernels.attention_sparse import SparseAttentionError, check_keep
+
+        try:
+            return Variant(lever, float(check_keep(float(value))))
+        except (ValueError, SparseAttentionError) as exc:
+            raise VariantError(f"{text!r}: {exc}") from None
     cache = StepCache.parse(value)
     if not cache.on:
         raise VariantError(f"{text!r}: the gpubake case itself is step_cache=none")
@@ -127,6 +144,17 @@ def cfg_clip_at_recipe_steps(timed: dict[str, Any], guided: int, cfg_until: floa
     return out
 
 
+def restore_self_attention(model: Any, plan: Any) -> None:
+    """The plan's own self-attention kernel back on `model` (as `runtime.apply_plan` set it)."""
+    from gpubake.kernels.attention import LOWP_KERNELS, set_self_attention_kernel
+    from gpubake.kernels.attention_sparse import set_sparse_self_attention
+
+    if plan.attention == "sparse-flex":
+        set_sparse_self_attention(model, plan.sparse_keep)
+    else:
+        set_self_attention_kernel(model, plan.attention if plan.attention in LOWP_KERNELS else None)
+
+
 def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, Any], render_clip: Any,
                 clip_args: tuple, warmup_steps: int | None) -> None:
     """Fill `row` with the variant's clips, counts and quality against `base` (the gpubake
@@ -140,15 +168,23 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     try:
         if variant.lever == "step_cache":
             row["applied"] = {n: apply_step_cache(m, variant.value) for n, m in experts.items()}
-            row["warmup"] = render_clip(*clip_args, steps=warmup_steps)
+        elif variant.lever == "sparse_keep":
+            from gpubake.kernels.attention_sparse import set_sparse_self_attention
+
+            row["applied"] = {n: {"sparse_attention_modules": set_sparse_self_attention(m, variant.value)}
+                              for n, m in experts.items()}
         else:
             extra["cfg_until"] = variant.value
+        if variant.warms_up:
+            row["warmup"] = render_clip(*clip_args, steps=warmup_steps)
         with count_blocks(pipe) as counts, captured_decode(pipe) as got:
             row["timed"] = render_clip(*clip_args, extra=extra)
     finally:
-        if variant.lever == "step_cache":
-            for m in experts.values():  # back to the plan's own
+        for m in experts.values() if variant.warms_up else ():  # back to the plan's own
+            if variant.lever == "step_cache":
                 apply_step_cache(m, sp.plan.step_cache)
+            else:
+                restore_self_attention(m, sp.plan)
     timed = row["timed"]
     row["counts"] = counts.to_dict(blocks_per_forward=len(blocks_of(next(iter(experts.values())))))
     row["quality_vs_gpubake"] = quality(base.get("captured", {}), got)

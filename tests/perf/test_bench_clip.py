@@ -194,13 +194,13 @@ def test_a_truncated_clip_is_extrapolated_from_its_own_guided_and_unguided_steps
 
 @pytest.fixture(scope="module")
 def variant_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """--small, the gpubake case at the tiny recipe's 4 steps and three variants after it."""
+    """--small, the gpubake case at the tiny recipe's 4 steps and four variants after it."""
     tmp = tmp_path_factory.mktemp("bench_clip_variants")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("GPUBAKE_RUNTIME", None)
     cmd = [sys.executable, str(BENCH / "bench_clip.py"), "--small", "--out", str(tmp / "out"), "--root",
            str(tmp / "root"), "--cases", "gpubake", "--steps", "4", "--variant", "cfg_until=0.5",
-           "--variant", "step_cache=fbc:0.2", "--variant", "cfg_until=1"]
+           "--variant", "step_cache=fbc:0.2", "--variant", "sparse_keep=0.5", "--variant", "cfg_until=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"data": json.loads((tmp / "out" / "bench_clip.json").read_text()), "stdout": proc.stdout}
@@ -211,8 +211,8 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     data = variant_run["data"]
     cases = {c["case"]: c for c in data["cases"]}
     assert list(cases) == ["gpubake@480p", "gpubake+cfg_until=0.5@480p", "gpubake+step_cache=fbc:0.2@480p",
-                           "gpubake+cfg_until=1@480p"]
-    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 4
+                           "gpubake+sparse_keep=0.5@480p", "gpubake+cfg_until=1@480p"]
+    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 5
     cut = cases["gpubake+cfg_until=0.5@480p"]
     # 4 steps, 2 guided: 2 x 2 + 2 forwards; blocks all evaluated
     assert cut["timed"]["cfg_steps"] == 2 and sum(cut["counts"]["transformer_forwards"].values()) == 6
@@ -223,7 +223,13 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     assert sum(fbc["counts"]["transformer_forwards"].values()) == 8 and fbc["counts"]["blocks_skipped_fraction"] > 0
     assert 0.0 < fbc["quality_vs_gpubake"]["latent_rel_err"] < 0.03
     assert fbc["timed"]["clip_at_recipe_steps_s"] == pytest.approx(fbc["timed"]["clip_s"], abs=1e-3)  # 4 steps: measured
-    # after the step cache was taken off again, cfg_until=1 is the gpubake clip exactly
+    sparse = cases["gpubake+sparse_keep=0.5@480p"]
+    assert sparse["applied"] == {"transformer": {"sparse_attention_modules": 3},
+                                 "transformer_2": {"sparse_attention_modules": 3}} and "warmup" in sparse
+    assert sum(sparse["counts"]["transformer_forwards"].values()) == 8
+    # the tiny clip's 32 tokens are below attention_sparse.MIN_TOKENS: dense, so the same clip
+    assert sparse["quality_vs_gpubake"]["latent_rel_err"] < 1e-5
+    # after the step cache and the sparse kernel were taken off again, cfg_until=1 is the gpubake clip exactly
     full = cases["gpubake+cfg_until=1@480p"]
     assert full["quality_vs_gpubake"] == {"latent_rel_err": 0.0, "video_psnr_db": "inf", "video_max_abs": 0.0}
     assert full["counts"]["blocks_skipped_fraction"] == 0.0 and full["timed"]["cfg_steps"] == 4
