@@ -144,8 +144,9 @@ _VARS = (
         "one process per GPU); 1 renders one clip per GPU. N must divide the GPUs torch sees.", "image", default="1",
         kind="number >= 1", parse=_count),
     Var("GPUBAKE_LOAD_THREADS", "Loader: threads that read each expert's tensors onto the device at once (1: one "
-        "tensor at a time, as safetensors' load_file). An A/B lever for the boot's ~30 s load (docs/benchmarks.md); "
-        "not measured yet.", "image", default="1", kind="number >= 1", parse=_count),
+        "tensor at a time, as safetensors' load_file). 8: on an H200 a later boot's load took 33.8 s against 37.1 s "
+        "with one thread, the boot 68.3 s against 72.4 (one A/B pair, 2026-12-01, docs/benchmarks.md); the same "
+        "tensors either way.", "image", default="8", kind="number >= 1", parse=_count),
     Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
         "from the start (as much as fits in memory). Off: on an H200 host's local disk it did not shorten the boot "
         "(the loader, not the disk, is the bound); try it for a slow network volume.", "image", default="off",

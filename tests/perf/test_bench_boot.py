@@ -25,10 +25,10 @@ def test_boot_bench_smoke_mode_writes_three_boots(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     boot = json.loads((tmp_path / "out" / "boot.json").read_text())
-    assert list(boot) == ["write", "first", "later", "later-threads8"]
+    assert list(boot) == ["write", "first", "later", "later-threads1"]
     assert boot["write"]["checkpoint_disk_bytes"] > 0
-    assert [boot[b]["env"] for b in ("first", "later", "later-threads8")] == ["", "", "GPUBAKE_LOAD_THREADS=8"]
-    for name in ("first", "later", "later-threads8"):
+    assert [boot[b]["env"] for b in ("first", "later", "later-threads1")] == ["", "", "GPUBAKE_LOAD_THREADS=1"]
+    for name in ("first", "later", "later-threads1"):
         run = boot[name]
         assert run["page_cache"] == "kept (TINY)" and run["wall_s"] > 0
         assert run["exit"] == 3 and run["verdict"] == "fail"  # no GPU here: the GPU image fails its gpu stage

@@ -148,3 +148,17 @@ def test_it_composes_with_the_plans_cpu_levers(tiny_nvfp4_checkpoint, monkeypatc
         apply_step_cache(getattr(sp.pipe, name), "none")
     uncached, full = latents(sp.pipe)
     assert counts.total_blocks() < full.total_blocks() and 0.0 < rel(cached, uncached) < BOUND
+
+
+
+def test_forwards_without_block_evaluations_are_reported_as_not_counted_not_as_all_skipped():
+    """The H200 run of 2026-12-01 printed "blocks skipped 100 %" for clips with no cache at all:
+    its blocks were compiled by inductor before the hooks were added, and no hook fired inside
+    their graphs (with the CPU's eager dynamo backend they do fire, so this is the report alone)."""
+    from gpubake.provisioning.step_cache import BlockCounts
+
+    d = BlockCounts({"transformer": 0, "transformer_2": 0}, {"transformer": 2, "transformer_2": 2}).to_dict(40)
+    assert d["blocks_skipped_fraction"] is None and "compiled blocks" in d["blocks_not_counted"]
+    d = BlockCounts({"transformer": 60, "transformer_2": 80}, {"transformer": 2, "transformer_2": 2}).to_dict(40)
+    assert d["blocks_skipped_fraction"] == 0.125 and "blocks_not_counted" not in d
+    assert BlockCounts({}, {}).to_dict(40)["blocks_skipped_fraction"] is None

@@ -67,3 +67,49 @@ def test_render_with_sparse_flex_runs_the_sparse_kernel(run_selftest, demo_spec,
         assert runtime["applied"][name]["sparse_attention_modules"] == blocks > 0
         assert runtime["applied"][name]["lowp_attention_modules"] == 0
     assert calls and all(q == k >= 16 and keep == 0.5 for q, k, keep in calls)  # self-attention only
+
+
+LX = "wan2.2-t2v-a14b-lightx2v-4step"
+
+
+def test_the_lightx2v_model_declares_sparse_attention_and_the_environment_still_wins():
+    """LightX2V's checkpoint was distilled with 90 % sparse attention: its registry entry says so
+    (`runtime`), over the architecture's plan; $GPUBAKE_RUNTIME overrides it, `plain` drops it."""
+    from gpubake.provisioning.models import get_model
+
+    levers = get_model(LX).runtime
+    assert levers == "attention=sparse-flex,sparse_keep=0.1"
+    plan = plan_from_env("cpu", "auto", model_levers=levers, model_id=LX)
+    assert plan.attention == "sparse-flex" and plan.sparse_keep == 0.1
+    assert plan_from_env("cpu", "vae_tiling=1", model_levers=levers).attention == "sparse-flex"
+    dense = plan_from_env("cpu", "attention=default", model_levers=levers)
+    assert dense.attention == "default" and dense.sparse_keep == SPARSE_KEEP
+    assert plan_from_env("cpu", "plain", model_levers=levers).attention == "default"
+    # one clip across GPUs: the sparse kernel is no context-parallel backend, so dense, and said
+    par = plan_from_env("cpu", "auto", model_levers=levers, model_id=LX, world_size=2)
+    assert par.parallel != "none" and par.attention == "default"
+    assert f"model {LX} runtime: attention=sparse-flex off" in par.notes
+    par = plan_from_env("cpu", "parallel=ulysses:2", model_levers=levers)
+    assert par.attention == "default" and "sparse-flex" in par.notes
+
+
+def test_every_models_own_levers_make_a_plan_and_a_bad_one_is_one_line():
+    from gpubake.provisioning.models import list_models
+
+    for m in list_models():
+        plan_from_env("cpu", "auto", model_levers=m.runtime, model_id=m.id)
+    with pytest.raises(RuntimePlanError) as exc:
+        plan_from_env("cpu", "auto", model_levers="attention=sparse", model_id="x")
+    assert str(exc.value).startswith("model x runtime 'attention=sparse': ") and "\n" not in str(exc.value)
+
+
+def test_the_serving_loader_reads_the_model_from_the_checkpoints_manifest(tmp_path):
+    from gpubake.provisioning.manifest import build_manifest, write_manifest
+    from gpubake.provisioning.pipeline import model_runtime
+
+    assert model_runtime(tmp_path) == (None, "")
+    (tmp_path / "model_index.json").write_text("{}")
+    write_manifest(tmp_path, build_manifest(tmp_path, fmt="nvfp4", model_id=LX))
+    assert model_runtime(tmp_path) == (LX, "attention=sparse-flex,sparse_keep=0.1")
+    write_manifest(tmp_path, build_manifest(tmp_path, fmt="nvfp4", model_id="someone-elses"))
+    assert model_runtime(tmp_path) == ("someone-elses", "")

@@ -38,10 +38,10 @@ from gpubake.errors import KernelError
 
 BLOCK_Q, BLOCK_K = 64, 128  # LightX2V's sage2 blocks on sm_90 (tokens)
 DEFAULT_KEEP = 0.1  # LightX2V's distillation: sparsity_ratio 0.9
-# PLACEHOLDER, not measured: self-attention over fewer tokens runs dense (torch SDPA). At
-# short lengths the router and the block mask cost more than the skipped blocks save; the
-# break-even is for bench/bench_sparse_attention.py to find (the self-test's clip has 7,800
-# tokens, 480x832x81 has 32,760).
+# PLACEHOLDER below 32,760 tokens: self-attention over fewer tokens runs dense (torch SDPA).
+# H200, 2026-12-01: the router costs 0.08 ms and keep 0.1 is 2.4x FA3 FP8 at 32,760 tokens
+# (480x832x81) and 2.5x at 75,600, so the break-even lies lower, but no shorter length was
+# measured (bench/bench_sparse_attention.py --tokens; the self-test's clip has 7,800 tokens).
 MIN_TOKENS = 8192
 
 

@@ -92,6 +92,9 @@ class ModelInfo:
     base: str | None = None  # the diffusers checkpoint an imported source needs (text encoder, VAE, ...)
     import_format: str | None = None  # `gpubake import --format` of `source`, when it is another tool's
     negative_prompt: str = ""  # the recipe's, else the file's top-level negative_prompt
+    # the model's own runtime-plan levers ($GPUBAKE_RUNTIME syntax), over the architecture's
+    # plan and under $GPUBAKE_RUNTIME (`runtime.plan_from_env`): what the checkpoint was made for
+    runtime: str = ""
 
     # The recipe's sampling settings, under the names the rest of gpubake reads.
     @property

@@ -72,7 +72,8 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
     shape pays the compile, which the self-test's warm-up render absorbs."""
     from gpubake.provisioning.runtime import apply_runtime, attention_checks, plan_from_env
 
-    plan = plan_from_env(device)
+    model_id, levers = model_runtime(Path(model_dir))
+    plan = plan_from_env(device, model_levers=levers, model_id=model_id)
     if loader is None:
         from gpubake.provisioning.loader import load_pipeline
 
@@ -89,6 +90,21 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
         phases = {**load_phases(pipe), "apply_runtime": round(time.perf_counter() - t0, 3)}
     log.info("runtime plan on %s: %s; applied %s", device, plan, applied)
     return ServingPipeline(pipe, plan, applied, attention_checks(device), gemm_backends(pipe), phases)
+
+
+def model_runtime(model_dir: Path) -> tuple[str | None, str]:
+    """The checkpoint's model id (its manifest's) and that model's own runtime levers (the
+    registry's ``runtime``; "" for a model the registry does not know)."""
+    from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest
+    from gpubake.provisioning.models import ModelError, get_model
+
+    if not (model_dir / MANIFEST_NAME).is_file():
+        return None, ""
+    mid = read_manifest(model_dir).get("model_id")
+    try:
+        return mid, get_model(mid).runtime if mid else ""
+    except ModelError:
+        return mid, ""
 
 
 def gemm_backends(pipe: Any) -> dict[str, dict[str, int]]:

@@ -11,7 +11,8 @@ Hopper"), and keeps only those that won on that architecture:
   "cudnn-fp8" run the long self-attention through 8-bit SageAttention-1 or cuDNN's FP8
   SDPA, `gpubake.kernels.attention`); "sparse-flex" runs it block-sparse through
   FlexAttention, keeping the ``sparse_keep`` fraction of key blocks (LightX2V's router,
-  `gpubake.kernels.attention_sparse`; not measured yet, in no default plan);
+  `gpubake.kernels.attention_sparse`; in no architecture's plan, a model may declare it:
+  `plan_from_env`'s `model_levers`);
 * ``cfg_batch``: both classifier-free-guidance passes in ONE forward of batch 2;
 * ``cache_small_m``: the cross-attention K/V projections (M = 512 text tokens) keep the
   backend's run-time weight instead of re-expressing NVFP4 per call;
@@ -216,28 +217,54 @@ _BOOL = {"1": True, "true": True, "on": True, "0": False, "false": False, "off":
 
 
 def plan_from_env(device: torch.device | str | None = None, value: str | None = None, *,
-                  gemm_backend: str | None = None, world_size: int | None = None) -> RuntimePlan:
-    """The plan the serving image runs: `plan_for(device)` changed by ``$GPUBAKE_RUNTIME``.
+                  gemm_backend: str | None = None, world_size: int | None = None,
+                  model_levers: str = "", model_id: str | None = None) -> RuntimePlan:
+    """The plan the serving image runs: `plan_for(device)`, changed by the model's own levers
+    (`model_levers`, the registry's ``runtime`` of `model_id`), then by ``$GPUBAKE_RUNTIME``.
 
-    ``auto`` (or unset): the measured plan of this architecture; ``plain``: no lever, only
-    the kernels' GEMM backend; else comma-separated overrides such as
-    ``compile_blocks=0,attention=cudnn`` (booleans 1/0/true/false/on/off). A bad value is a
+    ``auto`` (or unset): the measured plan of this architecture with the model's levers;
+    ``plain``: no lever, only the kernels' GEMM backend; else comma-separated overrides such
+    as ``compile_blocks=0,attention=cudnn`` (booleans 1/0/true/false/on/off). A bad value is a
     one-line error naming the variable, before any weight is loaded. `gemm_backend`,
     `world_size`: as `plan_for`'s."""
     from gpubake import envs
 
     raw = (envs.GPUBAKE_RUNTIME if value is None else value).strip()
     base = plan_for(device, gemm_backend=gemm_backend, world_size=world_size)
-    if raw in ("", "auto"):
-        return base
     if raw == "plain":
         return RuntimePlan(arch=base.arch, gemm_backend=base.gemm_backend)
+    if model_levers.strip():
+        base = _model_plan(base, model_levers, model_id, device)
+    if raw in ("", "auto"):
+        return base
+    return _changed(base, raw, ENV_VAR, device)
+
+
+def _model_plan(base: RuntimePlan, levers: str, model_id: str | None, device) -> RuntimePlan:
+    """`base` with a model's own levers, except an attention kernel that cannot run inside the
+    plan's context parallelism: that one stays the plan's, and the notes say why."""
+    where = f"model {model_id or '?'} runtime"
+    changes = parse_levers(levers, base, where)
+    from gpubake.kernels.attention import LOWP_KERNELS
+
+    if base.parallel != "none" and changes.get("attention") in (*LOWP_KERNELS, "sparse-flex"):
+        dropped = changes.pop("attention")
+        changes.pop("sparse_keep", None)
+        changes["notes"] = "; ".join(filter(None, (base.notes, f"{where}: attention={dropped} off: "
+                                                   f"parallel={base.parallel} runs self-attention through "
+                                                   "diffusers' context-parallel attention")))
+    return _with_changes(base, changes, f"{where} {levers!r}", device)
+
+
+def parse_levers(raw: str, base: RuntimePlan, where: str) -> dict:
+    """``LEVER=VALUE,...`` as changes to `base`'s fields (values typed as the field is); a bad
+    item is a one-line `RuntimePlanError` naming `where`."""
     fields = {f for f in RuntimePlan.__dataclass_fields__ if f not in ("arch", "gemm_backend", "notes")}
     changes: dict = {}
     for item in raw.split(","):
         key, sep, val = (x.strip() for x in item.partition("="))
         if not sep or key not in fields:
-            raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {item.strip()!r} is not LEVER=VALUE with LEVER one of "
+            raise RuntimePlanError(f"{where}={raw!r}: {item.strip()!r} is not LEVER=VALUE with LEVER one of "
                                    f"{', '.join(sorted(fields))} (or use auto / plain)")
         if isinstance(getattr(base, key), str):  # attention, text_encoder, parallel: the plan checks the value
             changes[key] = val
@@ -245,11 +272,17 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
             try:
                 changes[key] = float(val)
             except ValueError:
-                raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {key}={val!r} is not a number") from None
+                raise RuntimePlanError(f"{where}={raw!r}: {key}={val!r} is not a number") from None
         elif val.lower() in _BOOL:
             changes[key] = _BOOL[val.lower()]
         else:
-            raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {key}={val!r} is not a boolean (1/0/true/false/on/off)")
+            raise RuntimePlanError(f"{where}={raw!r}: {key}={val!r} is not a boolean (1/0/true/false/on/off)")
+    return changes
+
+
+def _changed(base: RuntimePlan, raw: str, where: str, device) -> RuntimePlan:
+    """`base` changed by ``$GPUBAKE_RUNTIME``-style overrides `raw`."""
+    changes = parse_levers(raw, base, where)
     from gpubake.kernels.attention import LOWP_KERNELS
 
     if changes.get("parallel", "none") != "none" and "attention" not in changes and base.attention in LOWP_KERNELS:
@@ -257,17 +290,31 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
         # cannot run inside it, so BF16, and the report says why
         changes["attention"] = "default"
         changes["notes"] = "; ".join(filter(None, (base.notes, _cp_note((base.attention,), changes["parallel"]))))
+    if changes.get("parallel", "none") != "none" and "attention" not in changes and base.attention == "sparse-flex":
+        changes["attention"] = "default"  # a model's sparse attention, likewise
+        changes["sparse_keep"] = SPARSE_KEEP
+        changes["notes"] = "; ".join(filter(None, (base.notes, _cp_note(("sparse-flex",), changes["parallel"]))))
+    return _with_changes(base, changes, f"{where}={raw!r}", device)
+
+
+def _with_changes(base: RuntimePlan, changes: dict, where: str, device) -> RuntimePlan:
+    """`base.with_(**changes)`, checked; an 8-bit attention kernel asked for by name gets its
+    boot check on a GPU."""
+    from gpubake.kernels.attention import LOWP_KERNELS
+
+    if changes.get("attention", "sparse-flex") != "sparse-flex" and "sparse_keep" not in changes:
+        changes["sparse_keep"] = SPARSE_KEEP  # another kernel replaces a model's sparse attention
     try:
         plan = base.with_(**changes)
     except RuntimePlanError as exc:
-        raise RuntimePlanError(f"{ENV_VAR}={raw!r}: {exc}") from None
+        raise RuntimePlanError(f"{where}: {exc}") from None
     dev = resolve_device(device)
     if "attention" in changes and plan.attention in LOWP_KERNELS and dev.type == "cuda":
         # an 8-bit kernel asked for by name gets the same boot check as the plan's own choice:
         # a missing wheel or a kernel built for another GPU is bad input, not a crash mid-render
         check = attention_check(plan.attention, dev)
         if not check["ok"]:
-            raise RuntimePlanError(f"{ENV_VAR}={raw!r}: attention={plan.attention} cannot run on "
+            raise RuntimePlanError(f"{where}: attention={plan.attention} cannot run on "
                                    f"{dev}: {check.get('reason', 'failed its check')}")
     return plan
 

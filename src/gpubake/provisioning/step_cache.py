@@ -132,7 +132,13 @@ class BlockCounts:
         d: dict[str, Any] = {"block_evaluations": dict(self.blocks), "transformer_forwards": dict(self.forwards)}
         if blocks_per_forward:
             full = self.total_forwards() * blocks_per_forward
-            d["blocks_skipped_fraction"] = round(1 - self.total_blocks() / full, 4) if full else None
+            if full and not self.total_blocks():
+                # forwards ran but no block hook fired: the blocks are compiled (regional
+                # compile), and hooks added after their graphs were traced are not in them
+                d["blocks_skipped_fraction"] = None
+                d["blocks_not_counted"] = "compiled blocks: the feed-forward hooks do not fire inside their graphs"
+            else:
+                d["blocks_skipped_fraction"] = round(1 - self.total_blocks() / full, 4) if full else None
         return d
 
 
