@@ -74,13 +74,16 @@ LX = "wan2.2-t2v-a14b-lightx2v-4step"
 
 def test_the_lightx2v_model_declares_sparse_attention_and_the_environment_still_wins():
     """LightX2V's checkpoint was distilled with 90 % sparse attention: its registry entry says so
-    (`runtime`), over the architecture's plan; $GPUBAKE_RUNTIME overrides it, `plain` drops it."""
+    (`runtime`) for the families where it ran (Hopper, the CPU), over the architecture's plan;
+    $GPUBAKE_RUNTIME overrides it, `plain` drops it, other families stay dense."""
     from gpubake.provisioning.models import get_model
 
-    levers = get_model(LX).runtime
-    assert levers == "attention=sparse-flex,sparse_keep=0.1"
+    levers = dict(get_model(LX).runtime)
+    assert levers == {"cpu": "attention=sparse-flex,sparse_keep=0.1", "hopper": "attention=sparse-flex,sparse_keep=0.1"}
+    assert get_model(LX).runtime_for("ada") == "" and get_model("wan2.2-t2v-a14b").runtime == ()
     plan = plan_from_env("cpu", "auto", model_levers=levers, model_id=LX)
     assert plan.attention == "sparse-flex" and plan.sparse_keep == 0.1
+    assert plan_from_env("cpu", "auto", model_levers={"hopper": levers["hopper"]}).attention == "default"
     assert plan_from_env("cpu", "vae_tiling=1", model_levers=levers).attention == "sparse-flex"
     dense = plan_from_env("cpu", "attention=default", model_levers=levers)
     assert dense.attention == "default" and dense.sparse_keep == SPARSE_KEEP
@@ -97,19 +100,30 @@ def test_every_models_own_levers_make_a_plan_and_a_bad_one_is_one_line():
     from gpubake.provisioning.models import list_models
 
     for m in list_models():
-        plan_from_env("cpu", "auto", model_levers=m.runtime, model_id=m.id)
+        for family, levers in m.runtime:
+            plan_from_env("cpu", "auto", model_levers={"cpu": levers}, model_id=m.id)
     with pytest.raises(RuntimePlanError) as exc:
-        plan_from_env("cpu", "auto", model_levers="attention=sparse", model_id="x")
+        plan_from_env("cpu", "auto", model_levers={"cpu": "attention=sparse"}, model_id="x")
     assert str(exc.value).startswith("model x runtime 'attention=sparse': ") and "\n" not in str(exc.value)
+
+
+def test_a_runtime_table_naming_no_family_is_one_line(monkeypatch):
+    from gpubake.provisioning import models
+
+    with pytest.raises(models.ModelError, match=r"entry 'm': runtime.volta = 'x': a family \(ada, ampere, blackwell, cpu, hopper, other\) = a lever"):
+        models._parse_runtime("m", {"volta": "x"})
+    with pytest.raises(models.ModelError, match="runtime must be a table"):
+        models._parse_runtime("m", "attention=sparse-flex")
 
 
 def test_the_serving_loader_reads_the_model_from_the_checkpoints_manifest(tmp_path):
     from gpubake.provisioning.manifest import build_manifest, write_manifest
     from gpubake.provisioning.pipeline import model_runtime
 
-    assert model_runtime(tmp_path) == (None, "")
+    assert model_runtime(tmp_path) == (None, {})
     (tmp_path / "model_index.json").write_text("{}")
     write_manifest(tmp_path, build_manifest(tmp_path, fmt="nvfp4", model_id=LX))
-    assert model_runtime(tmp_path) == (LX, "attention=sparse-flex,sparse_keep=0.1")
+    mid, levers = model_runtime(tmp_path)
+    assert mid == LX and levers["hopper"] == "attention=sparse-flex,sparse_keep=0.1" and "ada" not in levers
     write_manifest(tmp_path, build_manifest(tmp_path, fmt="nvfp4", model_id="someone-elses"))
-    assert model_runtime(tmp_path) == ("someone-elses", "")
+    assert model_runtime(tmp_path) == ("someone-elses", {})

@@ -92,9 +92,15 @@ class ModelInfo:
     base: str | None = None  # the diffusers checkpoint an imported source needs (text encoder, VAE, ...)
     import_format: str | None = None  # `gpubake import --format` of `source`, when it is another tool's
     negative_prompt: str = ""  # the recipe's, else the file's top-level negative_prompt
-    # the model's own runtime-plan levers ($GPUBAKE_RUNTIME syntax), over the architecture's
-    # plan and under $GPUBAKE_RUNTIME (`runtime.plan_from_env`): what the checkpoint was made for
-    runtime: str = ""
+    # the model's own runtime-plan levers per architecture family (models.toml's
+    # [models.ID.runtime] table: family -> $GPUBAKE_RUNTIME syntax), over the architecture's
+    # plan and under $GPUBAKE_RUNTIME (`runtime.plan_from_env`): what the checkpoint was made
+    # for, on the families where it was measured
+    runtime: tuple[tuple[str, str], ...] = ()
+
+    def runtime_for(self, family: str) -> str:
+        """The model's own levers on architecture family `family` ("" where it declares none)."""
+        return dict(self.runtime).get(family, "")
 
     # The recipe's sampling settings, under the names the rest of gpubake reads.
     @property
@@ -245,12 +251,30 @@ def _registry() -> tuple[dict[str, ModelInfo], dict[str, Recipe], str]:
                              f"(known: {', '.join(sorted(recipes))})")
         r = recipes[name]
         _check_fit(model_id, int(entry.get("experts", 0)), r)
+        entry["runtime"] = _parse_runtime(model_id, entry.get("runtime", {}))
         neg = r.negative_prompt if r.negative_prompt is not None else negative
         try:
             out[model_id] = ModelInfo(id=model_id, recipe=r, negative_prompt=neg, **entry)
         except TypeError as exc:  # a missing or unknown field in models.toml
             raise ModelError(f"models.toml: entry {model_id!r}: {exc}") from None
     return out, recipes, negative
+
+
+def _parse_runtime(model_id: str, table: Any) -> tuple[tuple[str, str], ...]:
+    """models.toml's [models.ID.runtime]: architecture family -> lever string. The levers
+    themselves are checked where a plan is made (`runtime.plan_from_env`), and by a test for
+    every entry; the families here."""
+    from gpubake.kernels.archs import ARCHS, CPU, OTHER_FAMILY
+
+    families = sorted({a.family for a in ARCHS} | {CPU.family, OTHER_FAMILY})
+    if not isinstance(table, dict):
+        raise ModelError(f"models.toml: entry {model_id!r}: runtime must be a table of architecture "
+                         f"family -> levers ({', '.join(families)})")
+    for family, levers in table.items():
+        if family not in families or not isinstance(levers, str):
+            raise ModelError(f"models.toml: entry {model_id!r}: runtime.{family} = {levers!r}: a family "
+                             f"({', '.join(families)}) = a lever string")
+    return tuple(sorted(table.items()))
 
 
 def list_models() -> list[ModelInfo]:

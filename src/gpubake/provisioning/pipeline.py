@@ -92,19 +92,19 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
     return ServingPipeline(pipe, plan, applied, attention_checks(device), gemm_backends(pipe), phases)
 
 
-def model_runtime(model_dir: Path) -> tuple[str | None, str]:
-    """The checkpoint's model id (its manifest's) and that model's own runtime levers (the
-    registry's ``runtime``; "" for a model the registry does not know)."""
+def model_runtime(model_dir: Path) -> tuple[str | None, dict[str, str]]:
+    """The checkpoint's model id (its manifest's) and that model's own runtime levers per
+    architecture family (the registry's ``runtime``; none for a model it does not know)."""
     from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest
     from gpubake.provisioning.models import ModelError, get_model
 
     if not (model_dir / MANIFEST_NAME).is_file():
-        return None, ""
+        return None, {}
     mid = read_manifest(model_dir).get("model_id")
     try:
-        return mid, get_model(mid).runtime if mid else ""
+        return mid, dict(get_model(mid).runtime) if mid else {}
     except ModelError:
-        return mid, ""
+        return mid, {}
 
 
 def gemm_backends(pipe: Any) -> dict[str, dict[str, int]]:

@@ -218,9 +218,10 @@ _BOOL = {"1": True, "true": True, "on": True, "0": False, "false": False, "off":
 
 def plan_from_env(device: torch.device | str | None = None, value: str | None = None, *,
                   gemm_backend: str | None = None, world_size: int | None = None,
-                  model_levers: str = "", model_id: str | None = None) -> RuntimePlan:
+                  model_levers: dict[str, str] | None = None, model_id: str | None = None) -> RuntimePlan:
     """The plan the serving image runs: `plan_for(device)`, changed by the model's own levers
-    (`model_levers`, the registry's ``runtime`` of `model_id`), then by ``$GPUBAKE_RUNTIME``.
+    for this architecture family (`model_levers`: family -> levers, the registry's ``runtime``
+    of `model_id`), then by ``$GPUBAKE_RUNTIME``.
 
     ``auto`` (or unset): the measured plan of this architecture with the model's levers;
     ``plain``: no lever, only the kernels' GEMM backend; else comma-separated overrides such
@@ -233,8 +234,9 @@ def plan_from_env(device: torch.device | str | None = None, value: str | None = 
     base = plan_for(device, gemm_backend=gemm_backend, world_size=world_size)
     if raw == "plain":
         return RuntimePlan(arch=base.arch, gemm_backend=base.gemm_backend)
-    if model_levers.strip():
-        base = _model_plan(base, model_levers, model_id, device)
+    levers = (model_levers or {}).get(base.arch, "")
+    if levers.strip():
+        base = _model_plan(base, levers, model_id, device)
     if raw in ("", "auto"):
         return base
     return _changed(base, raw, ENV_VAR, device)
