@@ -12,7 +12,8 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
 - ``sparse_keep=K``: both experts' self-attention block-sparse at keep K (the plan's
   ``attention=sparse-flex``, `kernels.attention_sparse`) for the variant, then back to the
   plan's own kernel; a warm-up clip of its own first (the blocks recompile for the new
-  attention function).
+  attention function). ``sparse_block_q=N``: the same at the default keep (0.1) with N-token
+  query blocks (64: LightX2V's, the lever's default; 128: the kernel's own tile).
 
 Reported per variant: the timed clip (as every case), transformer forwards and full block
 evaluations (forward hooks; `blocks_skipped_fraction`), and its quality against the
@@ -34,7 +35,7 @@ from typing import Any
 
 from gpubake.errors import GpubakeError
 
-LEVERS = ("cfg_until", "step_cache", "sparse_keep")
+LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q")
 
 
 class VariantError(GpubakeError):
@@ -44,7 +45,7 @@ class VariantError(GpubakeError):
 @dataclass(frozen=True)
 class Variant:
     lever: str
-    value: Any  # float (cfg_until, sparse_keep) or step_cache.StepCache
+    value: Any  # float (cfg_until, sparse_keep), int (sparse_block_q) or step_cache.StepCache
 
     @property
     def name(self) -> str:
@@ -53,7 +54,7 @@ class Variant:
     @property
     def warms_up(self) -> bool:
         """The lever changes what the compiled blocks trace: a warm-up clip of its own first."""
-        return self.lever in ("step_cache", "sparse_keep")
+        return self.lever in ("step_cache", "sparse_keep", "sparse_block_q")
 
 
 def parse_variant(text: str) -> Variant:
@@ -77,6 +78,13 @@ def parse_variant(text: str) -> Variant:
 
         try:
             return Variant(lever, float(check_keep(float(value))))
+        except (ValueError, SparseAttentionError) as exc:
+            raise VariantError(f"{text!r}: {exc}") from None
+    if lever == "sparse_block_q":
+        from gpubake.kernels.attention_sparse import SparseAttentionError, check_block_q
+
+        try:
+            return Variant(lever, check_block_q(int(value)))
         except (ValueError, SparseAttentionError) as exc:
             raise VariantError(f"{text!r}: {exc}") from None
     cache = StepCache.parse(value)
@@ -150,7 +158,7 @@ def restore_self_attention(model: Any, plan: Any) -> None:
     from gpubake.kernels.attention_sparse import set_sparse_self_attention
 
     if plan.attention == "sparse-flex":
-        set_sparse_self_attention(model, plan.sparse_keep)
+        set_sparse_self_attention(model, plan.sparse_keep, plan.sparse_block_q)
     else:
         set_self_attention_kernel(model, plan.attention if plan.attention in LOWP_KERNELS else None)
 
@@ -168,10 +176,11 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     try:
         if variant.lever == "step_cache":
             row["applied"] = {n: apply_step_cache(m, variant.value) for n, m in experts.items()}
-        elif variant.lever == "sparse_keep":
-            from gpubake.kernels.attention_sparse import set_sparse_self_attention
+        elif variant.lever in ("sparse_keep", "sparse_block_q"):
+            from gpubake.kernels.attention_sparse import BLOCK_Q, DEFAULT_KEEP, set_sparse_self_attention
 
-            row["applied"] = {n: {"sparse_attention_modules": set_sparse_self_attention(m, variant.value)}
+            keep, bq = ((variant.value, BLOCK_Q) if variant.lever == "sparse_keep" else (DEFAULT_KEEP, variant.value))
+            row["applied"] = {n: {"sparse_attention_modules": set_sparse_self_attention(m, keep, bq)}
                               for n, m in experts.items()}
         else:
             extra["cfg_until"] = variant.value

@@ -117,6 +117,7 @@ def test_reference_is_attention_over_the_kept_blocks_alone():
     (256, 256, (64, 128), 0.5, torch.float32, 1e-5),   # block multiples
     (200, 333, (32, 64), 0.25, torch.float32, 1e-5),   # q and kv of different, ragged lengths
     (300, 300, (64, 128), 0.3, torch.bfloat16, 1e-2),
+    (300, 300, (128, 128), 0.3, torch.float32, 1e-5),  # the plan's sparse_block_q=128
 ])
 def test_flex_matches_the_reference(n, m, blocks, keep, dtype, tol):
     q, k, v = qkv(2, 3, n, 32, seed=n + m, dtype=dtype, m=m)

@@ -21,6 +21,30 @@ def test_sparse_flex_and_its_keep_ratio_parse():
     assert plan_from_env("cpu", "attention=sparse-flex, sparse_keep = 1").sparse_keep == 1.0
 
 
+def test_the_query_block_is_a_lever_of_the_sparse_kernel(monkeypatch):
+    plan = plan_from_env("cpu", "attention=sparse-flex,sparse_block_q=128")
+    assert plan.sparse_block_q == 128 and plan_from_env("cpu", "attention=sparse-flex").sparse_block_q == 64
+    for value, message in (("attention=sparse-flex,sparse_block_q=96", "sparse_block_q=96 is not one of 64, 128"),
+                           ("attention=sparse-flex,sparse_block_q=big", "sparse_block_q='big' is not a whole number"),
+                           ("sparse_block_q=128", "sparse_block_q=128 needs attention=sparse-flex")):
+        with pytest.raises(RuntimePlanError) as exc:
+            plan_from_env("cpu", value)
+        assert message in str(exc.value) and "\n" not in str(exc.value)
+    # the plan's block reaches the kernel: each self-attention call routes 128-token query blocks
+    seen = []
+    monkeypatch.setattr(S, "MIN_TOKENS", 16)
+    real = S.flex_sparse_attention
+    monkeypatch.setattr(S, "flex_sparse_attention", lambda q, k, v, keep, scale=None, block_q=64, block_k=128:
+                        seen.append((keep, block_q)) or real(q, k, v, keep, scale, block_q, block_k))
+    import torch
+
+    q = torch.randn(1, 2, 300, 16)
+    fn = S.backend_fn(0.2, 128)
+    assert fn is S.backend_fn(0.2, 128) and fn is not S.backend_fn(0.2)
+    fn(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2))
+    assert seen == [(0.2, 128)]
+
+
 def test_no_default_plan_runs_sparse_attention():
     for arch in ("hopper", "blackwell", "ada", "cpu"):
         assert RuntimePlan(arch=arch, gemm_backend="dequant-bf16").attention == "default"

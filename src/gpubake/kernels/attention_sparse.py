@@ -37,6 +37,9 @@ import torch.nn.functional as F
 from gpubake.errors import KernelError
 
 BLOCK_Q, BLOCK_K = 64, 128  # LightX2V's sage2 blocks on sm_90 (tokens)
+# query-block sizes the runtime plan offers (`sparse_block_q`): LightX2V's 64, and 128, the
+# Triton kernel's own tile (H200, 2026-12-01: 6.1 ms against 9.6 ms a 480p call at keep 0.1)
+BLOCKS_Q = (64, 128)
 DEFAULT_KEEP = 0.1  # LightX2V's distillation: sparsity_ratio 0.9
 # PLACEHOLDER below 32,760 tokens: self-attention over fewer tokens runs dense (torch SDPA).
 # H200, 2026-12-01: the router costs 0.08 ms and keep 0.1 is 2.4x FA3 FP8 at 32,760 tokens
@@ -191,7 +194,8 @@ def compiled():
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: float = DEFAULT_KEEP,
-                     scale: float | None = None, min_tokens: int | None = None) -> torch.Tensor:
+                     scale: float | None = None, min_tokens: int | None = None,
+                     block_q: int = BLOCK_Q) -> torch.Tensor:
     """Block-sparse self-attention where it pays, torch SDPA where it does not ([B, H, N, D]).
 
     Dense below `min_tokens` (default `MIN_TOKENS`, read at call time) query or key tokens.
@@ -201,20 +205,29 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: fl
     if q.shape[-2] < min_tokens or k.shape[-2] < min_tokens:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     fn = compiled() if q.is_cuda and not torch.compiler.is_compiling() else flex_sparse_attention
-    return fn(q, k, v, keep, scale)
+    return fn(q, k, v, keep, scale, block_q=block_q)
 
 
 # The diffusers attention-backend slot sparse self-attention fills (diffusers==0.42.1): the
-# slot of FlexAttention, whose stock entry runs it with no mask. One function per keep ratio,
-# so the slot's entry is the same object while a plan is in use (dynamo guards on it).
+# slot of FlexAttention, whose stock entry runs it with no mask. One function per keep ratio
+# and query block, so the slot's entry is the same object while a plan is in use (dynamo
+# guards on it).
 DIFFUSERS_SLOT = "flex"
-_BACKEND_FNS: dict[float, object] = {}
+_BACKEND_FNS: dict[tuple[float, int], object] = {}
 
 
-def backend_fn(keep: float):
-    """diffusers' attention-backend function for block-sparse self-attention at `keep`."""
-    keep = check_keep(keep)
-    if keep not in _BACKEND_FNS:
+def check_block_q(block_q: int) -> int:
+    if isinstance(block_q, bool) or block_q not in BLOCKS_Q:
+        raise SparseAttentionError(f"sparse attention: query block {block_q!r} is not one of "
+                                   f"{', '.join(map(str, BLOCKS_Q))}")
+    return block_q
+
+
+def backend_fn(keep: float, block_q: int = BLOCK_Q):
+    """diffusers' attention-backend function for block-sparse self-attention at `keep`, with
+    `block_q`-token query blocks."""
+    keep, block_q = check_keep(keep), check_block_q(block_q)
+    if (keep, block_q) not in _BACKEND_FNS:
         def fn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
                is_causal: bool = False, scale: float | None = None, return_lse: bool = False,
                _parallel_config=None) -> torch.Tensor:
@@ -223,14 +236,14 @@ def backend_fn(keep: float):
                 raise KernelError("sparse-flex attention: no mask, causal, LSE or context parallelism "
                                   "(self-attention only)")
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-            return sparse_attention(q, k, v, keep, scale).transpose(1, 2)
+            return sparse_attention(q, k, v, keep, scale, block_q=block_q).transpose(1, 2)
 
-        fn.__name__ = f"gpubake_sparse_flex_{keep:g}_attention".replace(".", "_")
-        _BACKEND_FNS[keep] = fn
-    return _BACKEND_FNS[keep]
+        fn.__name__ = f"gpubake_sparse_flex_{keep:g}_q{block_q}_attention".replace(".", "_")
+        _BACKEND_FNS[(keep, block_q)] = fn
+    return _BACKEND_FNS[(keep, block_q)]
 
 
-def set_sparse_self_attention(model: torch.nn.Module, keep: float = DEFAULT_KEEP) -> int:
+def set_sparse_self_attention(model: torch.nn.Module, keep: float = DEFAULT_KEEP, block_q: int = BLOCK_Q) -> int:
     """Route the self-attention (`attn1`) of every block of a diffusers DiT through
     block-sparse FlexAttention at `keep`; returns how many attention modules changed.
     Cross-attention (`attn2`, 512 text tokens) stays dense. `attention.set_self_attention_kernel
@@ -239,7 +252,7 @@ def set_sparse_self_attention(model: torch.nn.Module, keep: float = DEFAULT_KEEP
 
     from gpubake.kernels.attention import route_self_attention
 
-    fn = backend_fn(keep)
+    fn = backend_fn(keep, block_q)
     name = ad.AttentionBackendName(DIFFUSERS_SLOT)
     if ad._AttentionBackendRegistry._backends.get(name) is not fn:
         ad._AttentionBackendRegistry.register(name)(fn)

@@ -10,7 +10,8 @@ Hopper"), and keeps only those that won on that architecture:
   "cudnn" forces cuDNN's fused attention, "flash" FlashAttention-2; "sage-int8" and
   "cudnn-fp8" run the long self-attention through 8-bit SageAttention-1 or cuDNN's FP8
   SDPA, `gpubake.kernels.attention`); "sparse-flex" runs it block-sparse through
-  FlexAttention, keeping the ``sparse_keep`` fraction of key blocks (LightX2V's router,
+  FlexAttention, keeping the ``sparse_keep`` fraction of key blocks for each query block of
+  ``sparse_block_q`` tokens (LightX2V's router,
   `gpubake.kernels.attention_sparse`; in no architecture's plan, a model may declare it:
   `plan_from_env`'s `model_levers`);
 * ``cfg_batch``: both classifier-free-guidance passes in ONE forward of batch 2;
@@ -51,6 +52,7 @@ from gpubake.kernels.backends import BACKENDS, backend_name_for, capability, get
 
 ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8", "fa3-fp8", "sparse-flex")
 SPARSE_KEEP = 0.1  # sparse-flex's default keep ratio: LightX2V's 90 % sparsity (kernels.attention_sparse)
+SPARSE_BLOCK_Q = 64  # sparse-flex's default query block: LightX2V's on sm_90 (attention_sparse.BLOCK_Q)
 # "shrink": NVFP4 weight-only linears, BF16 `wo`, host-memory embedding (provisioning.text_encoder)
 TEXT_ENCODER_CHOICES = ("keep", "shrink")
 
@@ -77,6 +79,7 @@ class RuntimePlan:
     vae_tiling: bool = False
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
+    sparse_block_q: int = SPARSE_BLOCK_Q  # attention=sparse-flex: query-block tokens (64: LightX2V's; 128)
     step_cache: str = "none"  # none | fbc:THRESHOLD (`step_cache.StepCache`)
     notes: str = ""  # why a lever differs from the architecture's table ("; "-joined; not a lever)
 
@@ -96,6 +99,15 @@ class RuntimePlan:
             raise RuntimePlanError(f"runtime plan {self.arch}: sparse_keep={self.sparse_keep!r} is not a number in (0, 1]")
         if self.sparse_keep != SPARSE_KEEP and self.attention != "sparse-flex":
             raise RuntimePlanError(f"runtime plan {self.arch}: sparse_keep={self.sparse_keep} needs "
+                                   f"attention=sparse-flex (attention={self.attention})")
+        from gpubake.kernels.attention_sparse import BLOCKS_Q
+
+        bq = self.sparse_block_q
+        if isinstance(bq, bool) or bq not in BLOCKS_Q:
+            raise RuntimePlanError(f"runtime plan {self.arch}: sparse_block_q={bq!r} is not one of "
+                                   f"{', '.join(map(str, BLOCKS_Q))}")
+        if bq != SPARSE_BLOCK_Q and self.attention != "sparse-flex":
+            raise RuntimePlanError(f"runtime plan {self.arch}: sparse_block_q={bq} needs "
                                    f"attention=sparse-flex (attention={self.attention})")
         if self.attention not in ATTENTION_CHOICES:
             raise RuntimePlanError(
@@ -252,6 +264,7 @@ def _model_plan(base: RuntimePlan, levers: str, model_id: str | None, device) ->
     if base.parallel != "none" and changes.get("attention") in (*LOWP_KERNELS, "sparse-flex"):
         dropped = changes.pop("attention")
         changes.pop("sparse_keep", None)
+        changes.pop("sparse_block_q", None)
         changes["notes"] = "; ".join(filter(None, (base.notes, f"{where}: attention={dropped} off: "
                                                    f"parallel={base.parallel} runs self-attention through "
                                                    "diffusers' context-parallel attention")))
@@ -275,6 +288,11 @@ def parse_levers(raw: str, base: RuntimePlan, where: str) -> dict:
                 changes[key] = float(val)
             except ValueError:
                 raise RuntimePlanError(f"{where}={raw!r}: {key}={val!r} is not a number") from None
+        elif type(getattr(base, key)) is int:  # sparse_block_q: the plan checks the value
+            try:
+                changes[key] = int(val)
+            except ValueError:
+                raise RuntimePlanError(f"{where}={raw!r}: {key}={val!r} is not a whole number") from None
         elif val.lower() in _BOOL:
             changes[key] = _BOOL[val.lower()]
         else:
@@ -294,7 +312,7 @@ def _changed(base: RuntimePlan, raw: str, where: str, device) -> RuntimePlan:
         changes["notes"] = "; ".join(filter(None, (base.notes, _cp_note((base.attention,), changes["parallel"]))))
     if changes.get("parallel", "none") != "none" and "attention" not in changes and base.attention == "sparse-flex":
         changes["attention"] = "default"  # a model's sparse attention, likewise
-        changes["sparse_keep"] = SPARSE_KEEP
+        changes["sparse_keep"], changes["sparse_block_q"] = SPARSE_KEEP, SPARSE_BLOCK_Q
         changes["notes"] = "; ".join(filter(None, (base.notes, _cp_note(("sparse-flex",), changes["parallel"]))))
     return _with_changes(base, changes, f"{where}={raw!r}", device)
 
@@ -304,8 +322,9 @@ def _with_changes(base: RuntimePlan, changes: dict, where: str, device) -> Runti
     boot check on a GPU."""
     from gpubake.kernels.attention import LOWP_KERNELS
 
-    if changes.get("attention", "sparse-flex") != "sparse-flex" and "sparse_keep" not in changes:
-        changes["sparse_keep"] = SPARSE_KEEP  # another kernel replaces a model's sparse attention
+    if changes.get("attention", "sparse-flex") != "sparse-flex":  # another kernel replaces a model's sparse one
+        changes.setdefault("sparse_keep", SPARSE_KEEP)
+        changes.setdefault("sparse_block_q", SPARSE_BLOCK_Q)
     try:
         plan = base.with_(**changes)
     except RuntimePlanError as exc:
@@ -342,7 +361,7 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     if plan.attention == "sparse-flex":
         from gpubake.kernels.attention_sparse import set_sparse_self_attention
 
-        done["sparse_attention_modules"] = set_sparse_self_attention(model, plan.sparse_keep)
+        done["sparse_attention_modules"] = set_sparse_self_attention(model, plan.sparse_keep, plan.sparse_block_q)
     if plan.gemm_backend in BACKENDS:  # (a BF16 model's plan may name none)
         from gpubake.kernels.linear import bind_backends
 
