@@ -614,6 +614,8 @@ class Run:
     t0: float = field(default_factory=time.monotonic)
     cost: dict[str, float] = field(default_factory=dict)  # size -> measured s of a case (load + warm-up + timed)
     clip_cost: dict[str, float] = field(default_factory=dict)  # size -> load + one warm clip (the cap case)
+    timed_clip: dict[str, float] = field(default_factory=dict)  # size -> one timed clip (a --variant's cost)
+    warmup_clip: dict[str, float] = field(default_factory=dict)  # size -> one warm-up clip, compile included
 
     @property
     def json_path(self) -> Path:
@@ -635,9 +637,15 @@ class Run:
         compile_s, clip_s, step_s = FIRST_CASE_GUESS[size]
         return compile_s + clips * (clip_s + steps * step_s)
 
-    def fits(self, name: str, size: str) -> bool:
+    def fits(self, name: str, size: str, warms_up: bool | None = None) -> bool:
+        """Whether case `name` fits what is left of --budget-s. `warms_up` not None: a case that
+        renders on a pipeline already loaded (a --variant), costed as its size's timed clip plus,
+        if it warms up, the size's warm-up clip (the 2026-12-01 run skipped a 25 s variant
+        costed as a whole 125 s case)."""
         steps = self.result["sampling"]["steps"]
-        if name.startswith("cap"):
+        if warms_up is not None and size in self.timed_clip:
+            est = self.timed_clip[size] + (self.warmup_clip.get(size, self.timed_clip[size]) if warms_up else 0.0)
+        elif name.startswith("cap"):
             est = self.clip_cost.get(size, self.guess(size, 1, steps))
         else:
             est = self.cost.get(size, self.guess(size, 2, steps))
@@ -683,9 +691,10 @@ def summary_line(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def run_case(run: Run, name: str, size: str, body) -> dict | None:
-    """A case row: `body(row)` fills it; a failure is a result (recorded), not a crash."""
-    if not run.fits(name, size):
+def run_case(run: Run, name: str, size: str, body, warms_up: bool | None = None) -> dict | None:
+    """A case row: `body(row)` fills it; a failure is a result (recorded), not a crash.
+    `warms_up`: as `Run.fits`."""
+    if not run.fits(name, size, warms_up):
         return None
     row: dict[str, Any] = {"case": name, "size": size}
     run.result["cases"].append(row)
@@ -701,6 +710,9 @@ def run_case(run: Run, name: str, size: str, body) -> dict | None:
         run.cost[size] = max(run.cost.get(size, 0.0), row["case_s"] + row.get("load_s", 0.0))  # the next stack loads too
         clip = row["timed"]["total_with_write_s"] + row.get("load_s", 0.0)
         run.clip_cost[size] = max(run.clip_cost.get(size, 0.0), clip)
+        run.timed_clip[size] = max(run.timed_clip.get(size, 0.0), row["timed"]["total_with_write_s"])
+        if isinstance(row.get("warmup"), dict):
+            run.warmup_clip[size] = max(run.warmup_clip.get(size, 0.0), row["warmup"]["total_with_write_s"])
     print(summary_line(row), flush=True)
     run.write()
     return row
@@ -882,7 +894,7 @@ def gpubake_cases(run: Run, ckpt: Path, smp: Sampling, sizes: dict, inputs: dict
                     clip_args = (sp.pipe, smp, sizes[s], args.frames, clips / f"gpubake-{v.name}-{s}", device)
                     run_variant(row, sp, v, {**base, "captured": state[f"captured@{s}"]}, render_clip, clip_args,
                                 smp.warmup_steps or None)
-                run_case(run, f"gpubake+{v.name}@{s}", s, vbody)
+                run_case(run, f"gpubake+{v.name}@{s}", s, vbody, warms_up=v.warms_up)
             state.pop(f"captured@{s}", None)
     finally:
         state.clear()

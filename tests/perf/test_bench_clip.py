@@ -174,6 +174,11 @@ def test_budget_skips_a_case_that_would_overrun_it(tmp_path):
     assert run.fits("cap@480p", "480p")  # the cap case is one clip and a load: 40 s
     assert run.result["skipped"] == ["gpubake@480p: expected ~200 s > 150 s left of --budget-s"]
     assert json.loads((tmp_path / "bench_clip.json").read_text())["skipped"] == run.result["skipped"]
+    # a variant renders on the loaded pipeline: its timed clip, plus a warm-up clip if it has one
+    run.timed_clip["480p"], run.warmup_clip["480p"] = 25.0, 130.0
+    assert run.fits("gpubake+cfg_until=0.25@480p", "480p", warms_up=False)  # 25 s, not the 200 s case
+    assert not run.fits("gpubake+sparse_keep=0.1@480p", "480p", warms_up=True)  # 155 s
+    assert run.result["skipped"][-1] == "gpubake+sparse_keep=0.1@480p: expected ~155 s > 150 s left of --budget-s"
 
 
 def test_a_truncated_clip_is_extrapolated_from_its_own_guided_and_unguided_steps():
