@@ -115,7 +115,7 @@ def test_the_lightx2v_model_declares_sparse_attention_and_the_environment_still_
     # one clip across GPUs: the sparse kernel is no context-parallel backend, so dense, and said
     par = plan_from_env("cpu", "auto", model_levers=levers, model_id=LX, world_size=2)
     assert par.parallel != "none" and par.attention == "default"
-    assert f"model {LX} runtime: attention=sparse-flex off" in par.notes
+    assert f"model {LX} runtime: sparse attention (sparse-flex) off: parallel=" in par.notes
     par = plan_from_env("cpu", "parallel=ulysses:2", model_levers=levers)
     assert par.attention == "default" and "sparse-flex" in par.notes
 
@@ -128,7 +128,7 @@ def test_every_models_own_levers_make_a_plan_and_a_bad_one_is_one_line():
             plan_from_env("cpu", "auto", model_levers={"cpu": levers}, model_id=m.id)
     with pytest.raises(RuntimePlanError) as exc:
         plan_from_env("cpu", "auto", model_levers={"cpu": "attention=sparse"}, model_id="x")
-    assert str(exc.value).startswith("model x runtime 'attention=sparse': ") and "\n" not in str(exc.value)
+    assert str(exc.value).startswith("model x runtime='attention=sparse': ") and "\n" not in str(exc.value)
 
 
 def test_a_runtime_table_naming_no_family_is_one_line(monkeypatch):

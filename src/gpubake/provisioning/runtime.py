@@ -159,8 +159,9 @@ _SMALL_CARD = {"text_encoder": "shrink", "vae_tiling": True}
 
 
 def _cp_note(attention: tuple[str, ...], par: str) -> str:
-    return (f"8-bit attention ({', '.join(attention)}) off: parallel={par} runs self-attention through "
-            "diffusers' context-parallel attention, which the 8-bit kernels are not (BF16 instead)")
+    kind = "sparse" if attention == ("sparse-flex",) else "8-bit"
+    return (f"{kind} attention ({', '.join(attention)}) off: parallel={par} runs self-attention through "
+            f"diffusers' context-parallel attention, which the {kind} kernels are not (BF16 instead)")
 
 
 def plan_for(device: torch.device | str | None = None, *, gemm_backend: str | None = None,
@@ -265,10 +266,8 @@ def _model_plan(base: RuntimePlan, levers: str, model_id: str | None, device) ->
         dropped = changes.pop("attention")
         changes.pop("sparse_keep", None)
         changes.pop("sparse_block_q", None)
-        changes["notes"] = "; ".join(filter(None, (base.notes, f"{where}: attention={dropped} off: "
-                                                   f"parallel={base.parallel} runs self-attention through "
-                                                   "diffusers' context-parallel attention")))
-    return _with_changes(base, changes, f"{where} {levers!r}", device)
+        changes["notes"] = "; ".join(filter(None, (base.notes, f"{where}: {_cp_note((dropped,), base.parallel)}")))
+    return _with_changes(base, changes, f"{where}={levers!r}", device)
 
 
 def parse_levers(raw: str, base: RuntimePlan, where: str) -> dict:
@@ -305,15 +304,12 @@ def _changed(base: RuntimePlan, raw: str, where: str, device) -> RuntimePlan:
     changes = parse_levers(raw, base, where)
     from gpubake.kernels.attention import LOWP_KERNELS
 
-    if changes.get("parallel", "none") != "none" and "attention" not in changes and base.attention in LOWP_KERNELS:
-        # asked for one clip across GPUs, not for an attention kernel: the plan's 8-bit one
-        # cannot run inside it, so BF16, and the report says why
+    if (changes.get("parallel", "none") != "none" and "attention" not in changes
+            and base.attention in (*LOWP_KERNELS, "sparse-flex")):
+        # asked for one clip across GPUs, not for an attention kernel: the plan's 8-bit one (or
+        # a model's sparse one) cannot run inside it, so BF16, and the report says why
         changes["attention"] = "default"
         changes["notes"] = "; ".join(filter(None, (base.notes, _cp_note((base.attention,), changes["parallel"]))))
-    if changes.get("parallel", "none") != "none" and "attention" not in changes and base.attention == "sparse-flex":
-        changes["attention"] = "default"  # a model's sparse attention, likewise
-        changes["sparse_keep"], changes["sparse_block_q"] = SPARSE_KEEP, SPARSE_BLOCK_Q
-        changes["notes"] = "; ".join(filter(None, (base.notes, _cp_note(("sparse-flex",), changes["parallel"]))))
     return _with_changes(base, changes, f"{where}={raw!r}", device)
 
 
