@@ -738,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    from gpubake.provisioning.allocator import use_expandable_segments
+
+    use_expandable_segments()  # as the self-test and the service run (before CUDA allocates)
     device = Device("cpu" if args.small else "cuda")
     import diffusers
     import torch

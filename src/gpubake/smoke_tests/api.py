@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubake import envs
+from gpubake.provisioning.allocator import use_expandable_segments
 from gpubake.provisioning.compile_cache import use_persistent_compile_cache
 from gpubake.provisioning.facts import ImageFacts
 from gpubake.provisioning.pipeline import check_runtime_env
@@ -55,6 +56,7 @@ def create_selftest(
         raise SelfTestError(f"--device: must be cpu, cuda or cuda:N, got {device!r}")
     check_runtime_env()  # a bad $GPUBAKE_RUNTIME is bad input, not a failed render after the hashing
     compile_cache = use_persistent_compile_cache()  # before anything compiles
+    use_expandable_segments()  # before the first CUDA allocation (the kernel check's)
     ctx = Context(
         facts=facts,
         model_dir=Path(model_dir),

@@ -6,6 +6,7 @@ Order and dependencies live in `runner.py`; what each stage decides lives here.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -271,6 +272,7 @@ def render_stage(ctx: Context) -> StageResult:
         "runtime": ctx.runtime,
         "prefetch": ctx.prefetch.summary() if ctx.prefetch else None,
         "compile_cache": ctx.compile_cache,
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # provisioning.allocator
     }
     msg = (f"{first.frames} frames {first.width}x{first.height}, {params.steps} steps ({model.recipe.name}) "
            f"on {ctx.device} -> {first.video.name} + {first.first_frame.name}")

@@ -87,6 +87,9 @@ def build_service(
     from gpubake.smoke_tests.probe import DeviceProbe, NvmlProbe
     from gpubake.smoke_tests.report import default_report_path
 
+    from gpubake.provisioning.allocator import use_expandable_segments
+
+    use_expandable_segments()  # before any worker allocates on a GPU (with or without a self-test)
     image_facts = facts or resolve(facts_path, image=image, spec=spec_path)
     mdir = resolve_model_dir(model_dir, image_facts)
     report_path = report_path or default_report_path()
