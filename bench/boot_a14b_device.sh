@@ -8,6 +8,8 @@
 #   later-threads1: the same with GPUBAKE_LOAD_THREADS=1 (one-tensor-at-a-time loading: the peer of
 #                the default 8 threads; the run of 2026-12-01 14:55 at 419499a, when 1 was the default,
 #                ran `later-threads8` instead: 68.3 s against 72.4)
+#   later-direct: the same with GPUBAKE_LOAD_DIRECT=on (encoder and VAE placed on the GPU by
+#                diffusers' device_map; `later` is its peer)
 # (The run of 2026-12-01 12:11 at f030fcd ran a third boot `later-noread`, GPUBAKE_PREFETCH=off,
 # when the read-ahead was on by default; it did not win and is off now.)
 # (Before 2026-12-01 12:30 this script ran a page-cache-warm then a cold boot with torch's
@@ -76,4 +78,5 @@ PY
 boot first
 boot later
 boot later-threads1 GPUBAKE_LOAD_THREADS=1
+boot later-direct GPUBAKE_LOAD_DIRECT=on
 du -sh "$VOLUME"/gpubake/compile-cache/* | tee -a "$OUT/versions.txt"

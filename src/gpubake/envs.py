@@ -147,6 +147,11 @@ _VARS = (
         "tensor at a time, as safetensors' load_file). 8: on an H200 a later boot's load took 33.8 s against 37.1 s "
         "with one thread, the boot 68.3 s against 72.4 (one A/B pair, 2026-12-01, docs/benchmarks.md); the same "
         "tensors either way.", "image", default="8", kind="number >= 1", parse=_count),
+    Var("GPUBAKE_LOAD_DIRECT", "Loader: diffusers' from_pretrained puts the text encoder and the VAE straight on the "
+        "GPU (device_map) instead of loading them on the host and moving them (the 6.5 s `to_device` phase of an "
+        "A14B boot on an H200). On `cuda` / `cuda:0` only (diffusers takes no other index) and not with "
+        "text_encoder=shrink. An A/B lever for the boot, not measured yet.", "image", default="off",
+        choices=("on", "off")),
     Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
         "from the start (as much as fits in memory). Off: on an H200 host's local disk it did not shorten the boot "
         "(the loader, not the disk, is the bound); try it for a slow network volume.", "image", default="off",

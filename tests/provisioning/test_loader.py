@@ -150,3 +150,22 @@ def test_load_threads_must_be_a_count(monkeypatch, tiny_nvfp4_checkpoint):
     monkeypatch.setenv("GPUBAKE_LOAD_THREADS", "0")
     with pytest.raises(GpubakeError, match="GPUBAKE_LOAD_THREADS"):
         load_expert(tiny_nvfp4_checkpoint / "transformer")
+
+
+def test_direct_placement_loads_the_same_pipeline(tiny_nvfp4_checkpoint, monkeypatch):
+    """GPUBAKE_LOAD_DIRECT=on: diffusers places the encoder and the VAE itself (device_map);
+    the frames are the host-then-move loader's, bit for bit (on the CPU, device_map="cpu")."""
+    from gpubake.provisioning.loader import direct_device_map, load_phases
+
+    monkeypatch.setenv("GPUBAKE_LOAD_DIRECT", "off")
+    moved = load_pipeline(tiny_nvfp4_checkpoint)
+    monkeypatch.setenv("GPUBAKE_LOAD_DIRECT", "on")
+    placed = load_pipeline(tiny_nvfp4_checkpoint)
+    assert getattr(placed, "hf_device_map", None) == "cpu" and getattr(moved, "hf_device_map", None) is None
+    assert np.array_equal(_frames(placed), _frames(moved))
+    assert set(load_phases(placed)) == set(load_phases(moved))
+    # where diffusers cannot place it, the loader moves it as before
+    assert [direct_device_map(d) for d in ("cpu", "cuda", "cuda:0", "cuda:1")] == ["cpu", "cuda", "cuda", None]
+    assert direct_device_map("cuda", host_components=("text_encoder",)) is None
+    monkeypatch.setenv("GPUBAKE_LOAD_DIRECT", "off")
+    assert direct_device_map("cuda") is None

@@ -169,8 +169,9 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
         seconds[e] = time.perf_counter() - t0
     cls = getattr(diffusers, index["_class_name"])
     t0 = time.perf_counter()
+    placed = direct_device_map(device, host_components)
     try:
-        pipe = cls.from_pretrained(str(path), dtype=dtype, **experts)
+        pipe = cls.from_pretrained(str(path), dtype=dtype, **({"device_map": placed} if placed else {}), **experts)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: diffusers could not load a component ({' '.join(str(exc).split())[:200]})") from None
     seconds["other_components"] = time.perf_counter() - t0
@@ -184,6 +185,20 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
     seconds["to_device"] = time.perf_counter() - t0
     pipe._gpubake_load_seconds = {k: round(v, 3) for k, v in seconds.items()}
     return pipe
+
+
+def direct_device_map(device: str, host_components: tuple[str, ...] = ()) -> str | None:
+    """`from_pretrained`'s device_map when $GPUBAKE_LOAD_DIRECT is on and diffusers can place
+    every component on `device` itself: "cuda" for cuda / cuda:0 (diffusers 0.42 takes the
+    device type, not an index), "cpu" for the CPU; else None (load on the host, then move)."""
+    import torch
+
+    if envs.GPUBAKE_LOAD_DIRECT != "on" or host_components:
+        return None
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return "cpu"
+    return "cuda" if dev.type == "cuda" and dev.index in (None, 0) else None
 
 
 def load_phases(pipe: Any) -> dict[str, float]:
