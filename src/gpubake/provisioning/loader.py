@@ -165,7 +165,7 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
     experts = {}
     for e in layout.expert_dirs(index):
         t0 = time.perf_counter()
-        experts[e] = load_expert(path / e, dtype=dtype, device=device)
+        experts[e] = load_expert(path / e, dtype=dtype, device="cpu" if e in host_components else device)
         seconds[e] = time.perf_counter() - t0
     cls = getattr(diffusers, index["_class_name"])
     t0 = time.perf_counter()

@@ -77,7 +77,8 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
     if loader is None:
         from gpubake.provisioning.loader import load_pipeline
 
-        host = ("text_encoder",) if plan.text_encoder == "shrink" else ()
+        host = (("text_encoder",) if plan.text_encoder == "shrink" else ()) + \
+            (("transformer", "transformer_2") if plan.expert_offload else ())
 
         def loader(path: Path, dev: str) -> Any:
             return load_pipeline(path, dev, host_components=host, require_manifest=True)
@@ -86,7 +87,7 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
     with _LOAD_LOCK:
         pipe = loader(Path(model_dir), device)
         t0 = time.perf_counter()
-        applied = apply_runtime(pipe, plan)
+        applied = apply_runtime(pipe, plan, device=device)
         phases = {**load_phases(pipe), "apply_runtime": round(time.perf_counter() - t0, 3)}
     log.info("runtime plan on %s: %s; applied %s", device, plan, applied)
     return ServingPipeline(pipe, plan, applied, attention_checks(device), gemm_backends(pipe), phases)

@@ -24,6 +24,9 @@ Hopper"), and keeps only those that won on that architecture:
   (`gpubake.provisioning.text_encoder`), a memory lever, not a speed one;
 * ``vae_tiling``: the VAE decodes in spatial tiles (diffusers' `enable_tiling`), which
   bounds the decode's working memory, the largest peak of a clip otherwise;
+* ``expert_offload``: only the A14B expert that denoises sits on the GPU, the other in
+  (pinned) host memory, swapped by a forward pre-hook (`provisioning.expert_offload`): ~7.8
+  GiB less resident for two host-to-device copies a clip; a memory lever, not measured yet;
 * ``parallel``: one clip across the GPUs of a torch.distributed group (one process per
   GPU): ``none``, ``ulysses:N`` or ``ring:N``, diffusers' context parallelism
   (`gpubake.provisioning.parallel`); set from the group's size and the clip's tokens. The
@@ -77,6 +80,7 @@ class RuntimePlan:
     fuse_act_quant: bool = False
     text_encoder: str = "keep"
     vae_tiling: bool = False
+    expert_offload: bool = False  # one A14B expert on the GPU at a time (`expert_offload`); not measured yet
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
     sparse_block_q: int = SPARSE_BLOCK_Q  # attention=sparse-flex: query-block tokens (64: LightX2V's; 128)
@@ -420,19 +424,22 @@ def cfg_forward(model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
     return c, u
 
 
-def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | None = None) -> dict:
+def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | None = None,
+                  device: torch.device | str | None = None) -> dict:
     """Apply `plan` (default: `plan_for` the pipeline's device) to every expert of a
     loaded Wan pipeline (`transformer`, and `transformer_2` for A14B); returns, per expert,
     what was done. Meant for the serving image right after `load_pipeline`: diffusers'
     pipeline loop runs the two CFG passes itself, so only the model-side levers apply.
     With ``parallel`` on, each expert is split across the process group
     (`parallel.enable_context_parallel`; `clip_tokens`: the one clip size it will render,
-    None for any) and ``done["parallel"]`` says how, with the plan's notes."""
+    None for any) and ``done["parallel"]`` says how, with the plan's notes. `device`: where
+    the pipeline runs (default: its first expert's device; give it when the experts wait in
+    host memory for ``expert_offload``)."""
     experts = {n: getattr(pipe, n, None) for n in ("transformer", "transformer_2")}
     experts = {n: m for n, m in experts.items() if m is not None}
     if not experts:
         raise RuntimePlanError(f"apply_runtime: {type(pipe).__name__} has no transformer")
-    device = next(next(iter(experts.values())).parameters()).device
+    device = torch.device(device) if device is not None else next(next(iter(experts.values())).parameters()).device
     if plan is None:
         plan = plan_for(device)
     done = {n: apply_plan(m, plan) for n, m in experts.items()}
@@ -464,4 +471,9 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
     if vae is not None and hasattr(vae, "enable_tiling"):
         vae.enable_tiling() if plan.vae_tiling else vae.disable_tiling()
         done["vae"] = {"tiling": int(plan.vae_tiling)}
+    from gpubake.provisioning.expert_offload import apply_expert_offload
+
+    offload = apply_expert_offload(pipe, plan.expert_offload, device)
+    if offload:
+        done["experts"] = offload
     return done
