@@ -69,27 +69,35 @@ class ExpertOffload:
 
 
 def _host_copies(model: nn.Module, pin: bool) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of `model` by name, in host memory (pinned if `pin`)."""
+    """Every parameter and buffer of `model` by name, in host memory (pinned if `pin`), each
+    put in place as soon as it is made, so the host holds one expert's unpinned and pinned
+    copies together one tensor at a time, not whole."""
     out: dict[str, torch.Tensor] = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h = t.detach().to("cpu")
         out[name] = h.pin_memory() if pin else h
+        _set(model, name, out[name])
     return out
 
 
+def _set(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Parameter `name` now holds `t` (the same Parameter object: dynamo's guards see the same
+    modules), or buffer `name` is `t`."""
+    owner, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(owner)
+    if leaf in mod._parameters and mod._parameters[leaf] is not None:
+        mod._parameters[leaf].data = t
+    else:
+        mod._buffers[leaf] = t
+
+
 def _point_at(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Make `model`'s parameters and buffers these tensors (same Parameter objects: dynamo's
-    guards and the optimizer-free inference path see the same modules), and drop any
-    backend weight prepared from the old ones."""
+    """Make `model`'s parameters and buffers these tensors, and drop any backend weight
+    prepared from the old ones."""
     from gpubake.kernels.linear import NVFP4Linear
 
-    params = dict(model.named_parameters())
     for name, t in tensors.items():
-        if name in params:
-            params[name].data = t
-        else:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = t
+        _set(model, name, t)
     for m in model.modules():
         if isinstance(m, NVFP4Linear):
             m._prepared = None
