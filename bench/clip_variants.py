@@ -14,6 +14,8 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
   plan's own kernel; a warm-up clip of its own first (the blocks recompile for the new
   attention function). ``sparse_block_q=N``: the same at the default keep (0.1) with N-token
   query blocks (64: LightX2V's, the lever's default; 128: the kernel's own tile).
+- ``vae_channels_last=1``: the VAE's 3-D conv weights in NDHWC (the plan's lever) for the
+  variant, then back; no warm-up of its own (it changes only the decode, which compiles nothing).
 
 Reported per variant: the timed clip (as every case), transformer forwards and full block
 evaluations (forward hooks; `blocks_skipped_fraction`), and its quality against the
@@ -35,7 +37,7 @@ from typing import Any
 
 from gpubake.errors import GpubakeError
 
-LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q")
+LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last")
 
 
 class VariantError(GpubakeError):
@@ -80,6 +82,10 @@ def parse_variant(text: str) -> Variant:
             return Variant(lever, float(check_keep(float(value))))
         except (ValueError, SparseAttentionError) as exc:
             raise VariantError(f"{text!r}: {exc}") from None
+    if lever == "vae_channels_last":
+        if value != "1":
+            raise VariantError(f"{text!r}: vae_channels_last=1 (the gpubake case itself is 0)")
+        return Variant(lever, 1)
     if lever == "sparse_block_q":
         from gpubake.kernels.attention_sparse import SparseAttentionError, check_block_q
 
@@ -182,6 +188,10 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             keep, bq = ((variant.value, BLOCK_Q) if variant.lever == "sparse_keep" else (DEFAULT_KEEP, variant.value))
             row["applied"] = {n: {"sparse_attention_modules": set_sparse_self_attention(m, keep, bq)}
                               for n, m in experts.items()}
+        elif variant.lever == "vae_channels_last":
+            from gpubake.provisioning.runtime import set_vae_layout
+
+            row["applied"] = {"vae": {"channels_last_conv3d": set_vae_layout(pipe.vae, True)}}
         else:
             extra["cfg_until"] = variant.value
         if variant.warms_up:
@@ -189,6 +199,10 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
         with count_blocks(pipe) as counts, captured_decode(pipe) as got:
             row["timed"] = render_clip(*clip_args, extra=extra)
     finally:
+        if variant.lever == "vae_channels_last":
+            from gpubake.provisioning.runtime import set_vae_layout
+
+            set_vae_layout(pipe.vae, sp.plan.vae_channels_last)
         for m in experts.values() if variant.warms_up else ():  # back to the plan's own
             if variant.lever == "step_cache":
                 apply_step_cache(m, sp.plan.step_cache)

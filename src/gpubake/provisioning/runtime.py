@@ -24,6 +24,9 @@ Hopper"), and keeps only those that won on that architecture:
   (`gpubake.provisioning.text_encoder`), a memory lever, not a speed one;
 * ``vae_tiling``: the VAE decodes in spatial tiles (diffusers' `enable_tiling`), which
   bounds the decode's working memory, the largest peak of a clip otherwise;
+* ``vae_channels_last``: the VAE's 3-D convolution weights in ``channels_last_3d`` (NDHWC),
+  so cuDNN runs its convolutions in the layout its tensor-core kernels take instead of
+  transposing around each (the decode is a third of a sparse 4-step 480p clip); not measured yet;
 * ``expert_offload``: only the A14B expert that denoises sits on the GPU, the other in
   (pinned) host memory, swapped by a forward pre-hook (`provisioning.expert_offload`): ~7.8
   GiB less resident for two host-to-device copies a clip; a memory lever, not measured yet;
@@ -80,6 +83,7 @@ class RuntimePlan:
     fuse_act_quant: bool = False
     text_encoder: str = "keep"
     vae_tiling: bool = False
+    vae_channels_last: bool = False  # the VAE's conv weights NDHWC (cuDNN's tensor-core layout); not measured yet
     expert_offload: bool = False  # one A14B expert on the GPU at a time (`expert_offload`); not measured yet
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
@@ -390,6 +394,16 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     return done
 
 
+def set_vae_layout(vae: nn.Module, channels_last: bool) -> int:
+    """The VAE's 3-D convolution weights in ``channels_last_3d`` (or back to contiguous); its
+    Conv2d weights are 4-D and stay. Returns how many weights."""
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    convs = [m for m in vae.modules() if isinstance(m, nn.Conv3d)]
+    for conv in convs:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+    return len(convs)
+
+
 @contextlib.contextmanager
 def attention_context(plan: RuntimePlan) -> Iterator[None]:
     """SDPA kernel choice of `plan` for the code inside (diffusers calls torch SDPA)."""
@@ -470,7 +484,8 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
     vae = getattr(pipe, "vae", None)
     if vae is not None and hasattr(vae, "enable_tiling"):
         vae.enable_tiling() if plan.vae_tiling else vae.disable_tiling()
-        done["vae"] = {"tiling": int(plan.vae_tiling)}
+        set_vae_layout(vae, plan.vae_channels_last)
+        done["vae"] = {"tiling": int(plan.vae_tiling), "channels_last": int(plan.vae_channels_last)}
     from gpubake.provisioning.expert_offload import apply_expert_offload
 
     offload = apply_expert_offload(pipe, plan.expert_offload, device)
