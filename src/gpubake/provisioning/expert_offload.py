@@ -28,14 +28,14 @@ class ExpertOffload:
 
     def __init__(self, experts: dict[str, nn.Module], device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self.experts = {n: m for n, m in experts.items()}
+        self.experts = dict(experts)
         unique: dict[int, nn.Module] = {}
         for m in self.experts.values():  # a module in both slots (one expert stored twice) counts once
             unique.setdefault(id(m), m)
         self.host = {key: _host_copies(m, pin=self.device.type == "cuda") for key, m in unique.items()}
         self.active: int | None = None
         self.swaps = 0
-        for m in unique.values():
+        for m in unique.values():  # (already on their host copies: drops what their layers had prepared)
             _point_at(m, self.host[id(m)])
         self.handles = [m.register_forward_pre_hook(self._before_forward) for m in unique.values()]
 
