@@ -27,7 +27,11 @@ if [ -n "${TINY:-}" ]; then
   nvidia-smi() { echo "no GPU (TINY)"; }
 else
   write=(); where=(--image wan22-t2v-a14b-nvfp4-hopper)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl/dev}/*.whl
+  # the image's packages only: torchao (carried for bench_clip's peer stack) is not in the GPU
+  # images' lock, and diffusers and transformers import it at startup when it is installed (the
+  # boots of 2026-12-01 ran with it: their imports include it)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    $(ls ${WHEELS:-.whl/dev}/*.whl | grep -v '/torchao-')
 fi
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD/bench" PYTHONUNBUFFERED=1
 { date -u +%FT%TZ; git log -1 --format=%h 2>/dev/null || true
