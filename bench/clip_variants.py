@@ -158,21 +158,11 @@ def cfg_clip_at_recipe_steps(timed: dict[str, Any], guided: int, cfg_until: floa
     return out
 
 
-def restore_self_attention(model: Any, plan: Any) -> None:
-    """The plan's own self-attention kernel back on `model` (as `runtime.apply_plan` set it)."""
-    from gpubake.kernels.attention import LOWP_KERNELS, set_self_attention_kernel
-    from gpubake.kernels.attention_sparse import set_sparse_self_attention
-
-    if plan.attention == "sparse-flex":
-        set_sparse_self_attention(model, plan.sparse_keep, plan.sparse_block_q)
-    else:
-        set_self_attention_kernel(model, plan.attention if plan.attention in LOWP_KERNELS else None)
-
-
 def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, Any], render_clip: Any,
                 clip_args: tuple, warmup_steps: int | None) -> None:
     """Fill `row` with the variant's clips, counts and quality against `base` (the gpubake
     case's row, its `captured` decode kept aside by the caller)."""
+    from gpubake.provisioning.runtime import apply_attention, set_vae_layout
     from gpubake.provisioning.step_cache import apply_step_cache, blocks_of, count_blocks
 
     pipe = sp.pipe
@@ -189,8 +179,6 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             row["applied"] = {n: {"sparse_attention_modules": set_sparse_self_attention(m, keep, bq)}
                               for n, m in experts.items()}
         elif variant.lever == "vae_channels_last":
-            from gpubake.provisioning.runtime import set_vae_layout
-
             row["applied"] = {"vae": {"channels_last_conv3d": set_vae_layout(pipe.vae, True)}}
         else:
             extra["cfg_until"] = variant.value
@@ -200,14 +188,12 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             row["timed"] = render_clip(*clip_args, extra=extra)
     finally:
         if variant.lever == "vae_channels_last":
-            from gpubake.provisioning.runtime import set_vae_layout
-
             set_vae_layout(pipe.vae, sp.plan.vae_channels_last)
         for m in experts.values() if variant.warms_up else ():  # back to the plan's own
             if variant.lever == "step_cache":
                 apply_step_cache(m, sp.plan.step_cache)
             else:
-                restore_self_attention(m, sp.plan)
+                apply_attention(m, sp.plan)
     timed = row["timed"]
     row["counts"] = counts.to_dict(blocks_per_forward=len(blocks_of(next(iter(experts.values())))))
     row["quality_vs_gpubake"] = quality(base.get("captured", {}), got)

@@ -151,3 +151,10 @@ def test_the_serving_loader_reads_the_model_from_the_checkpoints_manifest(tmp_pa
     assert mid == LX and levers["hopper"] == "attention=sparse-flex,sparse_keep=0.1" and "ada" not in levers
     write_manifest(tmp_path, build_manifest(tmp_path, fmt="nvfp4", model_id="someone-elses"))
     assert model_runtime(tmp_path) == ("someone-elses", {})
+
+
+def test_the_kernels_refused_under_context_parallelism_are_the_8bit_ones_and_the_sparse_one():
+    from gpubake.kernels.attention import LOWP_KERNELS
+    from gpubake.provisioning.runtime import NOT_CONTEXT_PARALLEL
+
+    assert NOT_CONTEXT_PARALLEL == (*LOWP_KERNELS, "sparse-flex")

@@ -59,6 +59,9 @@ from gpubake.kernels.backends import BACKENDS, backend_name_for, capability, get
 ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8", "fa3-fp8", "sparse-flex")
 SPARSE_KEEP = 0.1  # sparse-flex's default keep ratio: LightX2V's 90 % sparsity (kernels.attention_sparse)
 SPARSE_BLOCK_Q = 64  # sparse-flex's default query block: LightX2V's on sm_90 (attention_sparse.BLOCK_Q)
+# self-attention kernels that are no context-parallel backend: the 8-bit ones
+# (kernels.attention.LOWP_KERNELS, checked equal by a test) and the sparse one
+NOT_CONTEXT_PARALLEL = ("sage-int8", "cudnn-fp8", "fa3-fp8", "sparse-flex")
 # "shrink": NVFP4 weight-only linears, BF16 `wo`, host-memory embedding (provisioning.text_encoder)
 TEXT_ENCODER_CHOICES = ("keep", "shrink")
 
@@ -98,7 +101,7 @@ class RuntimePlan:
             par = Parallel.parse(self.parallel)
         except ParallelError as exc:
             raise RuntimePlanError(f"runtime plan {self.arch}: {exc}") from None
-        if par.on and self.attention in ("sage-int8", "cudnn-fp8", "fa3-fp8", "sparse-flex"):
+        if par.on and self.attention in NOT_CONTEXT_PARALLEL:
             raise RuntimePlanError(
                 f"runtime plan {self.arch}: attention={self.attention} cannot run with parallel={par}: the 8-bit "
                 "and sparse kernels are not context-parallel backends (use attention=default, cudnn or flash)")
@@ -268,9 +271,7 @@ def _model_plan(base: RuntimePlan, levers: str, model_id: str | None, device) ->
     plan's context parallelism: that one stays the plan's, and the notes say why."""
     where = f"model {model_id or '?'} runtime"
     changes = parse_levers(levers, base, where)
-    from gpubake.kernels.attention import LOWP_KERNELS
-
-    if base.parallel != "none" and changes.get("attention") in (*LOWP_KERNELS, "sparse-flex"):
+    if base.parallel != "none" and changes.get("attention") in NOT_CONTEXT_PARALLEL:
         dropped = changes.pop("attention")
         changes.pop("sparse_keep", None)
         changes.pop("sparse_block_q", None)
@@ -310,10 +311,8 @@ def parse_levers(raw: str, base: RuntimePlan, where: str) -> dict:
 def _changed(base: RuntimePlan, raw: str, where: str, device) -> RuntimePlan:
     """`base` changed by ``$GPUBAKE_RUNTIME``-style overrides `raw`."""
     changes = parse_levers(raw, base, where)
-    from gpubake.kernels.attention import LOWP_KERNELS
-
     if (changes.get("parallel", "none") != "none" and "attention" not in changes
-            and base.attention in (*LOWP_KERNELS, "sparse-flex")):
+            and base.attention in NOT_CONTEXT_PARALLEL):
         # asked for one clip across GPUs, not for an attention kernel: the plan's 8-bit one (or
         # a model's sparse one) cannot run inside it, so BF16, and the report says why
         changes["attention"] = "default"
@@ -356,16 +355,8 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     names = small_m_layers(model)
     for n in names:
         model.get_submodule(n).set_keep_runtime_weight(plan.cache_small_m)
-    from gpubake.kernels.attention import LOWP_KERNELS, set_self_attention_kernel
-
-    lowp = plan.attention if plan.attention in LOWP_KERNELS else None
-    n = set_self_attention_kernel(model, lowp)  # None: back to torch SDPA
     done = {"cached_small_m_layers": len(names) if plan.cache_small_m else 0, "compiled_blocks": 0,
-            "lowp_attention_modules": n if lowp else 0}
-    if plan.attention == "sparse-flex":
-        from gpubake.kernels.attention_sparse import set_sparse_self_attention
-
-        done["sparse_attention_modules"] = set_sparse_self_attention(model, plan.sparse_keep, plan.sparse_block_q)
+            **apply_attention(model, plan)}
     if plan.gemm_backend in BACKENDS:  # (a BF16 model's plan may name none)
         from gpubake.kernels.linear import bind_backends
 
@@ -391,6 +382,21 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     else:
         for b in blocks:
             b._compiled_call_impl = None  # what nn.Module.compile set: back to eager
+    return done
+
+
+def apply_attention(model: nn.Module, plan: RuntimePlan) -> dict:
+    """The self-attention kernel of `plan` on every block of `model` (torch SDPA for the
+    plan's dense choices); returns what was done."""
+    from gpubake.kernels.attention import LOWP_KERNELS, set_self_attention_kernel
+
+    lowp = plan.attention if plan.attention in LOWP_KERNELS else None
+    n = set_self_attention_kernel(model, lowp)  # None: back to torch SDPA
+    done = {"lowp_attention_modules": n if lowp else 0}
+    if plan.attention == "sparse-flex":
+        from gpubake.kernels.attention_sparse import set_sparse_self_attention
+
+        done["sparse_attention_modules"] = set_sparse_self_attention(model, plan.sparse_keep, plan.sparse_block_q)
     return done
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from gpubake import envs
 from gpubake.errors import GpubakeError
+from gpubake.provisioning.allocator import use_expandable_segments
 from gpubake.provisioning.facts import ImageFacts, resolve
 from gpubake.provisioning.pipeline import (
     PipelineLoader,
@@ -86,8 +87,6 @@ def build_service(
     from gpubake.smoke_tests.api import create_selftest, resolve_model_dir
     from gpubake.smoke_tests.probe import DeviceProbe, NvmlProbe
     from gpubake.smoke_tests.report import default_report_path
-
-    from gpubake.provisioning.allocator import use_expandable_segments
 
     use_expandable_segments()  # before any worker allocates on a GPU (with or without a self-test)
     image_facts = facts or resolve(facts_path, image=image, spec=spec_path)
