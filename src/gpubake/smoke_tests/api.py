@@ -56,7 +56,7 @@ def create_selftest(
         raise SelfTestError(f"--device: must be cpu, cuda or cuda:N, got {device!r}")
     check_runtime_env()  # a bad $GPUBAKE_RUNTIME is bad input, not a failed render after the hashing
     compile_cache = use_persistent_compile_cache()  # before anything compiles
-    use_expandable_segments()  # before the first CUDA allocation (the kernel check's)
+    alloc_conf = use_expandable_segments()  # before the first CUDA allocation (the kernel check's)
     ctx = Context(
         facts=facts,
         model_dir=Path(model_dir),
@@ -69,6 +69,7 @@ def create_selftest(
         kernel_check=kernel_check,
         pipeline_loader=pipeline_loader,
         compile_cache=compile_cache,
+        cuda_alloc_conf=alloc_conf,
     )
     report = Report(
         image=facts.name,

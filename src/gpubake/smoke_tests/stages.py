@@ -6,7 +6,6 @@ Order and dependencies live in `runner.py`; what each stage decides lives here.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ class Context:
     warmup: Any = None
     prefetch: Any = None  # provisioning.prefetch.Prefetch, started with the run
     compile_cache: dict[str, str] = field(default_factory=dict)  # where inductor and Triton cache
+    cuda_alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF as the self-test set it (provisioning.allocator)
 
     @property
     def model_id(self) -> str:
@@ -272,7 +272,7 @@ def render_stage(ctx: Context) -> StageResult:
         "runtime": ctx.runtime,
         "prefetch": ctx.prefetch.summary() if ctx.prefetch else None,
         "compile_cache": ctx.compile_cache,
-        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # provisioning.allocator
+        "cuda_alloc_conf": ctx.cuda_alloc_conf,
     }
     msg = (f"{first.frames} frames {first.width}x{first.height}, {params.steps} steps ({model.recipe.name}) "
            f"on {ctx.device} -> {first.video.name} + {first.first_frame.name}")
