@@ -29,42 +29,38 @@ class ExpertOffload:
     def __init__(self, experts: dict[str, nn.Module], device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.experts = dict(experts)
-        unique: dict[int, nn.Module] = {}
-        for m in self.experts.values():  # a module in both slots (one expert stored twice) counts once
-            unique.setdefault(id(m), m)
-        self.host = {key: _host_copies(m, pin=self.device.type == "cuda") for key, m in unique.items()}
-        self.active: int | None = None
+        # a module in both slots (one expert stored twice) counts once
+        self.modules = {id(m): m for m in self.experts.values()}
+        self.host = {key: _host_copies(m, pin=self.device.type == "cuda") for key, m in self.modules.items()}
+        self.active: nn.Module | None = None
         self.swaps = 0
-        for m in unique.values():  # (already on their host copies: drops what their layers had prepared)
-            _point_at(m, self.host[id(m)])
-        self.handles = [m.register_forward_pre_hook(self._before_forward) for m in unique.values()]
+        for key, m in self.modules.items():  # (already on their host copies: drops what their layers had prepared)
+            _point_at(m, self.host[key])
+        self.handles = [m.register_forward_pre_hook(self._before_forward) for m in self.modules.values()]
 
     def _before_forward(self, module: nn.Module, _args: Any) -> None:
         self.activate(module)
 
     def activate(self, module: nn.Module) -> None:
         """`module` on the device, the one there before back on its host copies."""
-        if self.active == id(module):
+        if self.active is module:
             return
         if self.active is not None:
-            old = next(m for m in self.experts.values() if id(m) == self.active)
-            _point_at(old, self.host[self.active])
-        copies = {name: t.to(self.device, non_blocking=True) for name, t in self.host[id(module)].items()}
-        _point_at(module, copies)
-        self.active = id(module)
+            _point_at(self.active, self.host[id(self.active)])
+        _point_at(module, {name: t.to(self.device, non_blocking=True) for name, t in self.host[id(module)].items()})
+        self.active = module
         self.swaps += 1
 
     def on_device(self) -> list[str]:
         """The slots whose expert is on the device now (both names for one module in both)."""
-        return [n for n, m in self.experts.items() if id(m) == self.active]
+        return [n for n, m in self.experts.items() if m is self.active]
 
     def remove(self) -> None:
         """Hooks off; every expert back on the device, as a plan without offload has them."""
         for h in self.handles:
             h.remove()
-        for key, tensors in self.host.items():
-            module = next(m for m in self.experts.values() if id(m) == key)
-            _point_at(module, {n: t.to(self.device) for n, t in tensors.items()})
+        for key, module in self.modules.items():
+            _point_at(module, {n: t.to(self.device) for n, t in self.host[key].items()})
         self.active = None
 
 
