@@ -16,6 +16,10 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
   query blocks (64: LightX2V's, the lever's default; 128: the kernel's own tile).
 - ``vae_channels_last=1``: the VAE's 3-D conv weights in NDHWC (the plan's lever) for the
   variant, then back; no warm-up of its own (it changes only the decode, which compiles nothing).
+- ``cudnn_benchmark=1``: ``torch.backends.cudnn.benchmark`` on for the variant, then back: cuDNN
+  times its convolution algorithms for each new input shape and keeps the fastest, instead of
+  its heuristic's pick (the VAE decode is a chain of 3-D convolutions, a third of a sparse
+  4-step 480p clip); a warm-up clip of its own first (the timing runs on each shape's first call).
 
 Reported per variant: the timed clip (as every case), transformer forwards and full block
 evaluations (forward hooks; `blocks_skipped_fraction`), and its quality against the
@@ -37,7 +41,7 @@ from typing import Any
 
 from gpubake.errors import GpubakeError
 
-LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last")
+LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last", "cudnn_benchmark")
 
 
 class VariantError(GpubakeError):
@@ -56,7 +60,7 @@ class Variant:
     @property
     def warms_up(self) -> bool:
         """The lever changes what the compiled blocks trace: a warm-up clip of its own first."""
-        return self.lever in ("step_cache", "sparse_keep", "sparse_block_q")
+        return self.lever in ("step_cache", "sparse_keep", "sparse_block_q", "cudnn_benchmark")
 
 
 def parse_variant(text: str) -> Variant:
@@ -82,9 +86,9 @@ def parse_variant(text: str) -> Variant:
             return Variant(lever, float(check_keep(float(value))))
         except (ValueError, SparseAttentionError) as exc:
             raise VariantError(f"{text!r}: {exc}") from None
-    if lever == "vae_channels_last":
+    if lever in ("vae_channels_last", "cudnn_benchmark"):
         if value != "1":
-            raise VariantError(f"{text!r}: vae_channels_last=1 (the gpubake case itself is 0)")
+            raise VariantError(f"{text!r}: {lever}=1 (the gpubake case itself is 0)")
         return Variant(lever, 1)
     if lever == "sparse_block_q":
         from gpubake.kernels.attention_sparse import SparseAttentionError, check_block_q
@@ -169,6 +173,9 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}
     row.update(stack="gpubake", variant=variant.name, lever=variant.lever)
     extra: dict[str, Any] = {}
+    import torch
+
+    benchmark = torch.backends.cudnn.benchmark
     try:
         if variant.lever == "step_cache":
             row["applied"] = {n: apply_step_cache(m, variant.value) for n, m in experts.items()}
@@ -180,6 +187,9 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
                               for n, m in experts.items()}
         elif variant.lever == "vae_channels_last":
             row["applied"] = {"vae": {"channels_last_conv3d": set_vae_layout(pipe.vae, True)}}
+        elif variant.lever == "cudnn_benchmark":
+            torch.backends.cudnn.benchmark = True
+            row["applied"] = {"cudnn": {"benchmark": True}}
         else:
             extra["cfg_until"] = variant.value
         if variant.warms_up:
@@ -187,9 +197,10 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
         with count_blocks(pipe) as counts, captured_decode(pipe) as got:
             row["timed"] = render_clip(*clip_args, extra=extra)
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         if variant.lever == "vae_channels_last":
             set_vae_layout(pipe.vae, sp.plan.vae_channels_last)
-        for m in experts.values() if variant.warms_up else ():  # back to the plan's own
+        for m in experts.values() if variant.warms_up and variant.lever != "cudnn_benchmark" else ():  # back to the plan's own
             if variant.lever == "step_cache":
                 apply_step_cache(m, sp.plan.step_cache)
             else:

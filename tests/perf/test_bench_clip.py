@@ -127,6 +127,7 @@ def test_sampling_defaults_are_the_models_and_flags_override(tmp_path):
     (["--variant", "step_cache=none"], "--variant: 'step_cache=none': the gpubake case itself"),
     (["--variant", "attention=cudnn"], "--variant: 'attention=cudnn' is not LEVER=VALUE"),
     (["--variant", "vae_channels_last=0"], "--variant: 'vae_channels_last=0': vae_channels_last=1"),
+    (["--variant", "cudnn_benchmark=on"], "--variant: 'cudnn_benchmark=on': cudnn_benchmark=1"),
     (["--variant", "sparse_block_q=96"], "--variant: 'sparse_block_q=96': sparse attention: query block 96"),
     (["--variant", "cfg_until=0.5", "--cases", "peer"], "--variant: a variant changes the gpubake case"),
 ])
@@ -208,7 +209,7 @@ def variant_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cmd = [sys.executable, str(BENCH / "bench_clip.py"), "--small", "--out", str(tmp / "out"), "--root",
            str(tmp / "root"), "--cases", "gpubake", "--steps", "4", "--variant", "cfg_until=0.5",
            "--variant", "step_cache=fbc:0.2", "--variant", "sparse_keep=0.5", "--variant", "vae_channels_last=1", "--variant",
-           "cfg_until=1"]
+           "cudnn_benchmark=1", "--variant", "cfg_until=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"data": json.loads((tmp / "out" / "bench_clip.json").read_text()), "stdout": proc.stdout}
@@ -219,8 +220,9 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     data = variant_run["data"]
     cases = {c["case"]: c for c in data["cases"]}
     assert list(cases) == ["gpubake@480p", "gpubake+cfg_until=0.5@480p", "gpubake+step_cache=fbc:0.2@480p",
-                           "gpubake+sparse_keep=0.5@480p", "gpubake+vae_channels_last=1@480p", "gpubake+cfg_until=1@480p"]
-    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 6
+                           "gpubake+sparse_keep=0.5@480p", "gpubake+vae_channels_last=1@480p",
+                           "gpubake+cudnn_benchmark=1@480p", "gpubake+cfg_until=1@480p"]
+    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 7
     cut = cases["gpubake+cfg_until=0.5@480p"]
     # 4 steps, 2 guided: 2 x 2 + 2 forwards; blocks all evaluated
     assert cut["timed"]["cfg_steps"] == 2 and sum(cut["counts"]["transformer_forwards"].values()) == 6
@@ -240,7 +242,10 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     nhwc = cases["gpubake+vae_channels_last=1@480p"]
     assert nhwc["applied"]["vae"]["channels_last_conv3d"] > 0 and "warmup" not in nhwc
     assert nhwc["quality_vs_gpubake"]["latent_rel_err"] == 0.0  # the same latents; only the decode's layout
-    # after the step cache, the sparse kernel and the VAE layout were put back, cfg_until=1 is the gpubake clip exactly
+    bench = cases["gpubake+cudnn_benchmark=1@480p"]
+    assert bench["applied"] == {"cudnn": {"benchmark": True}} and "warmup" in bench
+    assert bench["quality_vs_gpubake"]["latent_rel_err"] < 1e-3  # the CPU has no cuDNN: the same kernels
+    # after the step cache, the sparse kernel, the VAE layout and cuDNN's setting were put back, cfg_until=1 is the gpubake clip exactly
     full = cases["gpubake+cfg_until=1@480p"]
     assert full["quality_vs_gpubake"] == {"latent_rel_err": 0.0, "video_psnr_db": "inf", "video_max_abs": 0.0}
     assert full["counts"]["blocks_skipped_fraction"] == 0.0 and full["timed"]["cfg_steps"] == 4
