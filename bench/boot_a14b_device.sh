@@ -5,11 +5,14 @@
 # fresh boot), GPUBAKE_HOME on a "volume" folder as start.sh sets it:
 #   first:       the volume's first boot: compile caches empty, read-ahead on (the default)
 #   later:       a later boot of the same volume: compile caches there, read-ahead on
-#   later-threads1: the same with GPUBAKE_LOAD_THREADS=1 (one-tensor-at-a-time loading: the peer of
-#                the default 8 threads; the run of 2026-12-01 14:55 at 419499a, when 1 was the default,
-#                ran `later-threads8` instead: 68.3 s against 72.4)
+#   later-overlap: the same with GPUBAKE_LOAD_OVERLAP=on (the experts load in a thread while diffusers
+#                loads and moves the rest; `later` is its peer)
 #   later-direct: the same with GPUBAKE_LOAD_DIRECT=on (encoder and VAE placed on the GPU by
 #                diffusers' device_map; `later` is its peer)
+#   later-all:   the three boot levers at once: GPUBAKE_LOAD_OVERLAP=on GPUBAKE_LOAD_DIRECT=on
+#                GPUBAKE_PREIMPORT=on (the render stage's imports in a thread from the self-test's start)
+# (The run of 2026-12-01 14:55 at 419499a ran `later-threads8`, GPUBAKE_LOAD_THREADS=8 when 1 was
+# the default: 68.3 s against 72.4; 8 is the default since.)
 # (The run of 2026-12-01 12:11 at f030fcd ran a third boot `later-noread`, GPUBAKE_PREFETCH=off,
 # when the read-ahead was on by default; it did not win and is off now.)
 # (Before 2026-12-01 12:30 this script ran a page-cache-warm then a cold boot with torch's
@@ -74,13 +77,14 @@ summary[name] = {"wall_s": round(end - start, 2), "exit": rc, "page_cache": cach
                  "load_seconds": render.get("load_seconds"), "warmup_seconds": render.get("warmup_seconds"),
                  "load_phases": (render.get("runtime") or {}).get("load_seconds"),
                  "clip_seconds": (render.get("runs") or [{}])[0].get("total_seconds"),
-                 "prefetch": render.get("prefetch"), "compile_cache": render.get("compile_cache")}
+                 "prefetch": render.get("prefetch"), "preimport": render.get("preimport"), "compile_cache": render.get("compile_cache")}
 path.write_text(json.dumps(summary, indent=2))
 print(name, json.dumps(summary[name]))
 PY
 }
 boot first
 boot later
-boot later-threads1 GPUBAKE_LOAD_THREADS=1
+boot later-overlap GPUBAKE_LOAD_OVERLAP=on
 boot later-direct GPUBAKE_LOAD_DIRECT=on
+boot later-all GPUBAKE_LOAD_OVERLAP=on GPUBAKE_LOAD_DIRECT=on GPUBAKE_PREIMPORT=on
 du -sh "$VOLUME"/gpubake/compile-cache/* | tee -a "$OUT/versions.txt"

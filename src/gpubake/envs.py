@@ -152,6 +152,13 @@ _VARS = (
         "A14B boot on an H200). On `cuda` / `cuda:0` only (diffusers takes no other index) and not with "
         "text_encoder=shrink. An A/B lever for the boot, not measured yet.", "image", default="off",
         choices=("on", "off")),
+    Var("GPUBAKE_LOAD_OVERLAP", "Loader: the experts load in a thread while diffusers loads the text encoder, VAE, "
+        "tokenizer and scheduler and moves them to the GPU (one after the other when off: ~10 s of experts, then "
+        "~9 s of the rest, on an A14B boot on an H200). An A/B lever for the boot, not measured yet; the same "
+        "tensors either way.", "image", default="off", choices=("on", "off")),
+    Var("GPUBAKE_PREIMPORT", "Self-test: import the render stage's libraries (diffusers' Wan pipeline, transformers' "
+        "UMT5, torch's compiler) in a background thread while the model files hash (hashlib releases the GIL); the "
+        "render stage waits for it before its own imports. An A/B lever for the boot, not measured yet.", "image", default="off", choices=("on", "off")),
     Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
         "from the start (as much as fits in memory). Off: on an H200 host's local disk it did not shorten the boot "
         "(the loader, not the disk, is the bound); try it for a slow network volume.", "image", default="off",

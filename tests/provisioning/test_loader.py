@@ -169,3 +169,43 @@ def test_direct_placement_loads_the_same_pipeline(tiny_nvfp4_checkpoint, monkeyp
     assert direct_device_map("cuda", host_components=("text_encoder",)) is None
     monkeypatch.setenv("GPUBAKE_LOAD_DIRECT", "off")
     assert direct_device_map("cuda") is None
+
+
+def test_overlapped_load_gives_the_same_pipeline(tiny_nvfp4_checkpoint, monkeypatch):
+    """GPUBAKE_LOAD_OVERLAP=on: the experts load in a thread while diffusers loads the rest;
+    the pipeline (both experts registered, every tensor) and its frames are the sequential
+    loader's, and the phases say how long the main thread waited for the experts."""
+    from gpubake.provisioning.loader import load_phases
+
+    monkeypatch.setenv("GPUBAKE_LOAD_OVERLAP", "off")
+    one_by_one = load_pipeline(tiny_nvfp4_checkpoint)
+    monkeypatch.setenv("GPUBAKE_LOAD_OVERLAP", "on")
+    overlapped = load_pipeline(tiny_nvfp4_checkpoint)
+    for name in ("transformer", "transformer_2"):
+        a, b = getattr(one_by_one, name).state_dict(), getattr(overlapped, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert overlapped.config[name] == one_by_one.config[name] == ("diffusers", "WanTransformer3DModel")
+    assert np.array_equal(_frames(overlapped), _frames(one_by_one))
+    # the main thread builds and assigns the experts; only the reads overlap diffusers' load
+    assert set(load_phases(overlapped)) == set(load_phases(one_by_one)) | {"experts_build", "experts_wait",
+                                                                          "experts_assign"}
+
+
+def test_overlapped_load_raises_the_readers_error_and_leaves_no_thread(tiny_nvfp4_checkpoint, tmp_path, monkeypatch):
+    """A shard that fails in the reading thread (truncated: its header is whole, so the
+    checks before the read pass) fails the load as the sequential loader fails it."""
+    import threading
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_nvfp4_checkpoint, broken)
+    path = broken / "transformer_2" / W
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 64])
+    errors = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("GPUBAKE_LOAD_OVERLAP", mode)
+        with pytest.raises(Exception) as got:
+            load_pipeline(broken)
+        errors[mode] = (type(got.value), str(got.value))
+    assert errors["on"] == errors["off"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("gpubake-experts")]

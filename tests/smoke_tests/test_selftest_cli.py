@@ -26,7 +26,7 @@ def test_demo_selftest_passes_in_cpu_mode(tiny_nvfp4_checkpoint: Path, tmp_path:
     proc = _gpubake("selftest", "--json", "--model-dir", str(tiny_nvfp4_checkpoint),
                     env={"GPUBAKE_IMAGE": "demo", "GPUBAKE_REPORT": str(report), "GPUBAKE_BOOT_EPOCH": "0",
                          "GPUBAKE_HOME": str(tmp_path / "home"), "TORCHINDUCTOR_CACHE_DIR": "", "TRITON_CACHE_DIR": "",
-                         "GPUBAKE_PREFETCH": "on", "PYTORCH_CUDA_ALLOC_CONF": ""})
+                         "GPUBAKE_PREFETCH": "on", "GPUBAKE_PREIMPORT": "on", "PYTORCH_CUDA_ALLOC_CONF": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     on_disk = json.loads(report.read_text())
@@ -47,8 +47,11 @@ def test_demo_selftest_passes_in_cpu_mode(tiny_nvfp4_checkpoint: Path, tmp_path:
     assert render["prefetch"] == {**render["prefetch"], "files": len(inodes), "bytes_read": sum(inodes.values()),
                                   "finished": True, "errors": []}
     phases = render["runtime"]["load_seconds"]  # where the load's time went, phase by phase
-    assert sorted(phases) == ["apply_runtime", "other_components", "to_device", "transformer", "transformer_2"]
+    assert sorted(phases) == ["apply_runtime", "other_components", "pipeline_class", "to_device", "transformer",
+                              "transformer_2"]
     assert sum(phases.values()) <= render["load_seconds"] + 0.01
+    # the render stage's libraries were imported in the background from the start
+    assert render["preimport"]["finished"] and render["preimport"]["errors"] == []
     cache = tmp_path / "home" / "compile-cache"
     assert render["compile_cache"] == {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
     assert render["cuda_alloc_conf"] == "expandable_segments:True"  # provisioning.allocator, the user set none

@@ -11,9 +11,11 @@ diffusers' own `from_pretrained`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,36 +72,68 @@ def swap_linears(model: Any, modules: set[str], static: set[str] = frozenset()) 
 
 def load_expert(expert: Path, dtype: Any = None, device: str = "cpu") -> Any:
     """One WanTransformer3DModel (BF16 or NVFP4 linears) from a component directory."""
-    import torch
+    empty = EmptyExpert.build(expert, dtype)
+    return empty.finish(empty.read(device), device)
 
-    dtype = _torch_dtype(dtype or torch.bfloat16)
-    cfg = layout.transformer_config(expert)
-    shards = layout.shard_files(expert)
-    actual = layout.tensor_shapes(shards)
-    model = layout.empty_transformer(cfg)
-    quantized = layout.quantized_modules(actual)
-    if quantized:
-        swap_linears(model, quantized, layout.static_scale_modules(actual))
-    expected, _ = layout.expected_shapes(model)
-    layout.check_tensors(actual, expected, str(expert))
 
-    fp32_names = set(model._keep_in_fp32_modules or ())
-    state: dict[str, Any] = {}
-    for key, t in _read_tensors(shards, device, envs.GPUBAKE_LOAD_THREADS):
-        module = key.rpartition(".")[0]
-        if module in quantized or not t.is_floating_point():
-            state[key] = t
-        elif fp32_names.intersection(key.split(".")) and dtype != torch.float32:
-            state[key] = t.to(torch.float32)
-        else:
-            state[key] = t.to(dtype)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except KernelError as exc:  # a bad static activation scale, named by its key
-        raise CheckpointError(f"{expert}: {exc}") from None
-    model.to(device)
-    model.eval()
-    return model
+@dataclasses.dataclass
+class EmptyExpert:
+    """An expert's model with meta parameters, checked against its checkpoint's keys and
+    shapes, and where its tensors are: built, then `read` (tensor copies only, safe in a
+    thread), then `finish` (assigns them).
+
+    Why the split: building a model (accelerate's `init_empty_weights`) and assigning
+    parameters (`register_parameter`) go through process-wide patches that diffusers'
+    `from_pretrained` also installs while it loads, so those two run on the loading thread;
+    only the reads, the load's long part, may overlap it ($GPUBAKE_LOAD_OVERLAP)."""
+
+    path: Path
+    model: Any
+    shards: list[Path]
+    quantized: set[str]
+    dtype: Any
+
+    @classmethod
+    def build(cls, expert: Path, dtype: Any = None) -> EmptyExpert:
+        import torch
+
+        dtype = _torch_dtype(dtype or torch.bfloat16)
+        cfg = layout.transformer_config(expert)
+        shards = layout.shard_files(expert)
+        actual = layout.tensor_shapes(shards)
+        model = layout.empty_transformer(cfg)
+        quantized = layout.quantized_modules(actual)
+        if quantized:
+            swap_linears(model, quantized, layout.static_scale_modules(actual))
+        expected, _ = layout.expected_shapes(model)
+        layout.check_tensors(actual, expected, str(expert))
+        return cls(expert, model, shards, quantized, dtype)
+
+    def read(self, device: str) -> dict[str, Any]:
+        """The state dict on `device`: NVFP4 tensors as stored, the rest in the model's dtype
+        (fp32 where the model keeps modules in fp32)."""
+        import torch
+
+        fp32_names = set(self.model._keep_in_fp32_modules or ())
+        state: dict[str, Any] = {}
+        for key, t in _read_tensors(self.shards, device, envs.GPUBAKE_LOAD_THREADS):
+            module = key.rpartition(".")[0]
+            if module in self.quantized or not t.is_floating_point():
+                state[key] = t
+            elif fp32_names.intersection(key.split(".")) and self.dtype != torch.float32:
+                state[key] = t.to(torch.float32)
+            else:
+                state[key] = t.to(self.dtype)
+        return state
+
+    def finish(self, state: dict[str, Any], device: str) -> Any:
+        try:
+            self.model.load_state_dict(state, strict=True, assign=True)
+        except KernelError as exc:  # a bad static activation scale, named by its key
+            raise CheckpointError(f"{self.path}: {exc}") from None
+        self.model.to(device)
+        self.model.eval()
+        return self.model
 
 
 def _read_tensors(shards: list[Path], device: str, threads: int) -> list[tuple[str, Any]]:
@@ -130,8 +164,6 @@ def _read_tensors(shards: list[Path], device: str, threads: int) -> list[tuple[s
         handles = {shard: safe_open(str(shard), framework="pt", device=device) for shard in {s for s, _ in run}}
         return [(key, handles[shard].get_tensor(key)) for shard, key in run]
 
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpubake-load") as pool:
         return [item for got in pool.map(read, [r for r in runs if r]) for item in got]
 
@@ -151,7 +183,6 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
     the GPU, so its BF16 weights never sit there whole).
     """
     import torch
-    import diffusers
 
     path = Path(path)
     dtype = _torch_dtype(dtype or torch.bfloat16)
@@ -162,12 +193,56 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
     if verify:
         verify_tree(path)
     seconds: dict[str, float] = {}  # where a load's time goes (the boot's largest part: docs/benchmarks.md)
-    experts = {}
-    for e in layout.expert_dirs(index):
+    names = layout.expert_dirs(index)
+    where = {e: "cpu" if e in host_components else device for e in names}
+    overlap = envs.GPUBAKE_LOAD_OVERLAP == "on"
+    if not overlap:
+        experts = {}
+        for e in names:
+            t0 = time.perf_counter()
+            experts[e] = load_expert(path / e, dtype=dtype, device=where[e])
+            seconds[e] = time.perf_counter() - t0
+        pipe = _other_components(path, index, dtype, device, host_components, experts, seconds)
+    else:
+        # $GPUBAKE_LOAD_OVERLAP: the experts' tensors are read in a thread while diffusers loads
+        # and moves the other components (copies and page faults run outside the GIL)
         t0 = time.perf_counter()
-        experts[e] = load_expert(path / e, dtype=dtype, device="cpu" if e in host_components else device)
-        seconds[e] = time.perf_counter() - t0
-    cls = getattr(diffusers, index["_class_name"])
+        empty = {e: EmptyExpert.build(path / e, dtype) for e in names}
+        seconds["experts_build"] = time.perf_counter() - t0
+
+        def read_all() -> dict[str, tuple[dict[str, Any], float]]:
+            out = {}
+            for e in names:
+                t1 = time.perf_counter()
+                out[e] = (empty[e].read(where[e]), time.perf_counter() - t1)
+            return out
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubake-experts") as pool:
+            pending = pool.submit(read_all)  # a failed load below still waits for it (the with's exit)
+            # WanPipeline's experts are optional: from_pretrained leaves them out
+            pipe = _other_components(path, index, dtype, device, host_components, dict.fromkeys(names), seconds)
+            t0 = time.perf_counter()
+            states = pending.result()
+            seconds["experts_wait"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for e in names:
+            seconds[e] = states[e][1]
+        pipe.register_modules(**{e: empty[e].finish(states[e][0], where[e]) for e in names})
+        seconds["experts_assign"] = time.perf_counter() - t0
+    pipe._gpubake_load_seconds = {k: round(v, 3) for k, v in seconds.items()}
+    return pipe
+
+
+def _other_components(path: Path, index: dict[str, Any], dtype: Any, device: str, host_components: tuple[str, ...],
+                      experts: dict[str, Any], seconds: dict[str, float]) -> Any:
+    """The pipeline through diffusers' `from_pretrained` with `experts` (models, or None to
+    leave them out), its other modules on `device` (those in `host_components` stay)."""
+    import torch
+    import diffusers
+
+    t0 = time.perf_counter()
+    cls = getattr(diffusers, index["_class_name"])  # diffusers imports a pipeline's module on first use
+    seconds["pipeline_class"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     placed = direct_device_map(device, host_components)
     try:
@@ -183,7 +258,6 @@ def load_pipeline(path: str | os.PathLike[str], device: str = "cpu", dtype: Any 
             if isinstance(comp, torch.nn.Module) and name not in host_components:
                 comp.to(device)
     seconds["to_device"] = time.perf_counter() - t0
-    pipe._gpubake_load_seconds = {k: round(v, 3) for k, v in seconds.items()}
     return pipe
 
 

@@ -72,6 +72,13 @@ class SelfTest:
             self.ctx.prefetch = start_for_checkpoint(self.ctx.model_dir)
         status: dict[str, str] = {}
         for stage in self.stages:
+            if stage.name == "model" and self.ctx.preimport is None and any(s.name == "render" for s in self.stages):
+                from gpubake.provisioning.preimport import start_if_on
+
+                # the render stage's libraries imported while the model files hash (when on); not
+                # earlier: torch and triton are whole by now (the kernel stage imported them), so
+                # no import here races one of the stages' own
+                self.ctx.preimport = start_if_on()
             limit = self._limit(stage)
             blocked = [n for n in stage.needs if status.get(n) in ("fail", "skip")]
             if blocked:

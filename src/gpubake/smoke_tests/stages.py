@@ -50,6 +50,7 @@ class Context:
     renders: list[Any] = field(default_factory=list)  # provisioning.render.RenderResult
     warmup: Any = None
     prefetch: Any = None  # provisioning.prefetch.Prefetch, started with the run
+    preimport: Any = None  # provisioning.preimport.Preimport, started with the run ($GPUBAKE_PREIMPORT)
     compile_cache: dict[str, str] = field(default_factory=dict)  # where inductor and Triton cache
     cuda_alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF as the self-test set it (provisioning.allocator)
 
@@ -216,6 +217,10 @@ def render_params(ctx: Context) -> RenderParams:
 
 def _load(ctx: Context) -> Any:
     """The service's pipeline (weights, then the runtime plan of `ctx.device`)."""
+    if ctx.preimport is not None:
+        # its imports finish before this stage's own: two threads importing one package's
+        # circular imports at once can see a partly initialised module
+        ctx.preimport.join()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -271,6 +276,7 @@ def render_stage(ctx: Context) -> StageResult:
         "warmup_seconds": round(ctx.warmup.total_seconds, 3) if ctx.warmup else None,
         "runtime": ctx.runtime,
         "prefetch": ctx.prefetch.summary() if ctx.prefetch else None,
+        "preimport": ctx.preimport.summary() if ctx.preimport else None,
         "compile_cache": ctx.compile_cache,
         "cuda_alloc_conf": ctx.cuda_alloc_conf,
     }
