@@ -20,6 +20,9 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
   times its convolution algorithms for each new input shape and keeps the fastest, instead of
   its heuristic's pick (the VAE decode is a chain of 3-D convolutions, a third of a sparse
   4-step 480p clip); a warm-up clip of its own first (the timing runs on each shape's first call).
+- ``vae_compile=1``: the VAE's decoder under ``torch.compile`` (the plan's lever,
+  `runtime.set_vae_compile`) for the variant, then eager again; a warm-up clip of its own first
+  (the decoder's graphs compile there).
 
 Reported per variant: the timed clip (as every case), transformer forwards and full block
 evaluations (forward hooks; `blocks_skipped_fraction`), and its quality against the
@@ -41,7 +44,9 @@ from typing import Any
 
 from gpubake.errors import GpubakeError
 
-LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last", "cudnn_benchmark")
+LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last", "cudnn_benchmark",
+          "vae_compile")
+EXPERT_LEVERS = ("step_cache", "sparse_keep", "sparse_block_q")  # change what the experts' compiled blocks trace
 
 
 class VariantError(GpubakeError):
@@ -60,7 +65,7 @@ class Variant:
     @property
     def warms_up(self) -> bool:
         """The lever changes what the compiled blocks trace: a warm-up clip of its own first."""
-        return self.lever in ("step_cache", "sparse_keep", "sparse_block_q", "cudnn_benchmark")
+        return self.lever in (*EXPERT_LEVERS, "cudnn_benchmark", "vae_compile")
 
 
 def parse_variant(text: str) -> Variant:
@@ -86,7 +91,7 @@ def parse_variant(text: str) -> Variant:
             return Variant(lever, float(check_keep(float(value))))
         except (ValueError, SparseAttentionError) as exc:
             raise VariantError(f"{text!r}: {exc}") from None
-    if lever in ("vae_channels_last", "cudnn_benchmark"):
+    if lever in ("vae_channels_last", "cudnn_benchmark", "vae_compile"):
         if value != "1":
             raise VariantError(f"{text!r}: {lever}=1 (the gpubake case itself is 0)")
         return Variant(lever, 1)
@@ -166,7 +171,7 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
                 clip_args: tuple, warmup_steps: int | None) -> None:
     """Fill `row` with the variant's clips, counts and quality against `base` (the gpubake
     case's row, its `captured` decode kept aside by the caller)."""
-    from gpubake.provisioning.runtime import apply_attention, set_vae_layout
+    from gpubake.provisioning.runtime import apply_attention, set_vae_compile, set_vae_layout
     from gpubake.provisioning.step_cache import apply_step_cache, blocks_of, count_blocks
 
     pipe = sp.pipe
@@ -187,6 +192,8 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
                               for n, m in experts.items()}
         elif variant.lever == "vae_channels_last":
             row["applied"] = {"vae": {"channels_last_conv3d": set_vae_layout(pipe.vae, True)}}
+        elif variant.lever == "vae_compile":
+            row["applied"] = {"vae": {"compiled_decoder": int(set_vae_compile(pipe.vae, True))}}
         elif variant.lever == "cudnn_benchmark":
             torch.backends.cudnn.benchmark = True
             row["applied"] = {"cudnn": {"benchmark": True}}
@@ -200,7 +207,9 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
         torch.backends.cudnn.benchmark = benchmark
         if variant.lever == "vae_channels_last":
             set_vae_layout(pipe.vae, sp.plan.vae_channels_last)
-        for m in experts.values() if variant.warms_up and variant.lever != "cudnn_benchmark" else ():  # back to the plan's own
+        if variant.lever == "vae_compile":
+            set_vae_compile(pipe.vae, sp.plan.vae_compile)
+        for m in experts.values() if variant.lever in EXPERT_LEVERS else ():  # back to the plan's own
             if variant.lever == "step_cache":
                 apply_step_cache(m, sp.plan.step_cache)
             else:
