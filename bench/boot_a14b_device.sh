@@ -3,14 +3,14 @@
 # (random weights, bench/selftest_a14b_device.py) on local disk, `--quick` hashing, each
 # boot after `sync; echo 3 > /proc/sys/vm/drop_caches` (the weights come from disk, as on a
 # fresh boot), GPUBAKE_HOME on a "volume" folder as start.sh sets it:
-#   first:       the volume's first boot: compile caches empty, read-ahead on (the default)
-#   later:       a later boot of the same volume: compile caches there, read-ahead on
-#   later-overlap: the same with GPUBAKE_LOAD_OVERLAP=on (the experts load in a thread while diffusers
-#                loads and moves the rest; `later` is its peer)
-#   later-direct: the same with GPUBAKE_LOAD_DIRECT=on (encoder and VAE placed on the GPU by
-#                diffusers' device_map; `later` is its peer)
-#   later-all:   the three boot levers at once: GPUBAKE_LOAD_OVERLAP=on GPUBAKE_LOAD_DIRECT=on
-#                GPUBAKE_PREIMPORT=on (the render stage's imports in a thread from the self-test's start)
+#   first:       the volume's first boot: compile caches empty, the defaults (read-ahead off)
+#   later:       a later boot of the same volume: compile caches there, the defaults
+#   later-old:   the same with the three boot levers off (GPUBAKE_LOAD_OVERLAP=off GPUBAKE_LOAD_DIRECT=off
+#                GPUBAKE_PREIMPORT=off): the loader before 2026-12-01 17:40, the peer of `later`
+#   later-nopreimport: the same with only GPUBAKE_PREIMPORT=off (the one lever the run of
+#                2026-12-01 17:22 measured only together with the others)
+# (The run of 2026-12-01 17:22 at 274264e ran later-overlap, later-direct and later-all, the levers
+# then off by default: 57.9, 55.1 and 53.4 s against 59.8; all three are on by default since.)
 # (The run of 2026-12-01 14:55 at 419499a ran `later-threads8`, GPUBAKE_LOAD_THREADS=8 when 1 was
 # the default: 68.3 s against 72.4; 8 is the default since.)
 # (The run of 2026-12-01 12:11 at f030fcd ran a third boot `later-noread`, GPUBAKE_PREFETCH=off,
@@ -84,7 +84,6 @@ PY
 }
 boot first
 boot later
-boot later-overlap GPUBAKE_LOAD_OVERLAP=on
-boot later-direct GPUBAKE_LOAD_DIRECT=on
-boot later-all GPUBAKE_LOAD_OVERLAP=on GPUBAKE_LOAD_DIRECT=on GPUBAKE_PREIMPORT=on
+boot later-old GPUBAKE_LOAD_OVERLAP=off GPUBAKE_LOAD_DIRECT=off GPUBAKE_PREIMPORT=off
+boot later-nopreimport GPUBAKE_PREIMPORT=off
 du -sh "$VOLUME"/gpubake/compile-cache/* | tee -a "$OUT/versions.txt"

@@ -148,17 +148,20 @@ _VARS = (
         "with one thread, the boot 68.3 s against 72.4 (one A/B pair, 2026-12-01, docs/benchmarks.md); the same "
         "tensors either way.", "image", default="8", kind="number >= 1", parse=_count),
     Var("GPUBAKE_LOAD_DIRECT", "Loader: diffusers' from_pretrained puts the text encoder and the VAE straight on the "
-        "GPU (device_map) instead of loading them on the host and moving them (the 6.5 s `to_device` phase of an "
-        "A14B boot on an H200). On `cuda` / `cuda:0` only (diffusers takes no other index) and not with "
-        "text_encoder=shrink. An A/B lever for the boot, not measured yet.", "image", default="off",
-        choices=("on", "off")),
-    Var("GPUBAKE_LOAD_OVERLAP", "Loader: the experts load in a thread while diffusers loads the text encoder, VAE, "
-        "tokenizer and scheduler and moves them to the GPU (one after the other when off: ~10 s of experts, then "
-        "~9 s of the rest, on an A14B boot on an H200). An A/B lever for the boot, not measured yet; the same "
-        "tensors either way.", "image", default="off", choices=("on", "off")),
+        "GPU (device_map) instead of loading them on the host and moving them. On `cuda` / `cuda:0` only (diffusers "
+        "takes no other index) and not with text_encoder=shrink or expert_offload. On: on an H200 a later boot of "
+        "the A14B took 55.1 s against 59.8 s with it off (one A/B pair, 2026-12-01, docs/benchmarks.md).", "image",
+        default="on", choices=("on", "off")),
+    Var("GPUBAKE_LOAD_OVERLAP", "Loader: the experts' tensors are read in a thread while diffusers loads the text "
+        "encoder, VAE, tokenizer and scheduler and moves them to the GPU (one after the other when off). On: on an "
+        "H200 a later boot of the A14B took 57.9 s against 59.8 s alone, and with the two other boot levers the "
+        "load 17.3 s against 26.8 s with direct placement alone (2026-12-01, docs/benchmarks.md); the same tensors "
+        "either way.", "image", default="on", choices=("on", "off")),
     Var("GPUBAKE_PREIMPORT", "Self-test: import the render stage's libraries (diffusers' Wan pipeline, transformers' "
         "UMT5, torch's compiler) in a background thread while the model files hash (hashlib releases the GIL); the "
-        "render stage waits for it before its own imports. An A/B lever for the boot, not measured yet.", "image", default="off", choices=("on", "off")),
+        "render stage waits for it before its own imports. On: with the two loader levers, a later boot of the "
+        "A14B on an H200 took 53.4 s against 55.1 s without it and the overlap (2026-12-01, docs/benchmarks.md).",
+        "image", default="on", choices=("on", "off")),
     Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
         "from the start (as much as fits in memory). Off: on an H200 host's local disk it did not shorten the boot "
         "(the loader, not the disk, is the bound); try it for a slow network volume.", "image", default="off",

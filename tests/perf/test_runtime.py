@@ -124,10 +124,14 @@ def test_attention_check_without_the_wheel_runs_nothing(fake_gpu, monkeypatch):
 def test_small_cards_shrink_the_text_encoder_and_tile_the_vae(fake_gpu, cap):
     fake_gpu(cap, gib=23.6, wheel=True)  # a 24 GB card as torch reports it
     plan = plan_for("cuda")
-    assert (plan.text_encoder, plan.vae_tiling) == ("shrink", True)
+    assert (plan.text_encoder, plan.vae_tiling, plan.expert_offload) == ("shrink", True, True)
     assert plan.compile_blocks == (cap == (9, 0))  # the architecture's levers still apply
+    fake_gpu(cap, gib=31.4, wheel=True)  # a 32 GB card: both experts fit beside the shrunk encoder
+    plan = plan_for("cuda")
+    assert (plan.text_encoder, plan.vae_tiling, plan.expert_offload) == ("shrink", True, False)
     fake_gpu(cap, gib=runtime.SMALL_CARD_GIB)
-    assert plan_for("cuda").text_encoder == "keep"
+    plan = plan_for("cuda")
+    assert (plan.text_encoder, plan.expert_offload) == ("keep", False)
 
 
 def test_bad_attention_choice_is_a_one_line_error():

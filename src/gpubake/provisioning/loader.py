@@ -6,7 +6,10 @@ quantized `nn.Linear` is swapped for a meta `NVFP4Linear`, the checkpoint's keys
 shapes are checked against that model (one-line error naming the first missing, extra
 or mis-shaped key), and the tensors are then *assigned* (not copied). The remaining
 components (VAE, UMT5, tokenizer, scheduler) and the boundary ratio go through
-diffusers' own `from_pretrained`.
+diffusers' own `from_pretrained`, which places them on the GPU itself ($GPUBAKE_LOAD_DIRECT),
+while a thread reads the experts' tensors ($GPUBAKE_LOAD_OVERLAP): on an H200 the A14B's load
+at boot fell from 27.8 s to 17.3 s with both and the self-test's pre-import
+(docs/benchmarks.md). `load_phases` says where a load's time went.
 """
 
 from __future__ import annotations

@@ -30,10 +30,14 @@ Hopper"), and keeps only those that won on that architecture:
   an H200, the decode 7-9 % faster, the clip 1.5-1.8 %, under the 2 % rule: off;
 * ``vae_compile``: ``torch.compile`` of the VAE's decoder (each latent frame's call; about three
   graphs a size: the first frame, the second, the rest), so inductor fuses the norms, SiLUs,
-  causal-padding copies and residual adds around cuDNN's convolutions; not measured yet;
+  causal-padding copies and residual adds around cuDNN's convolutions; measured on an H200
+  it recompiled call after call (0.26x the eager decode; on the CPU it settles at 4 graphs):
+  off until the failing guard is found;
 * ``expert_offload``: only the A14B expert that denoises sits on the GPU, the other in
   (pinned) host memory, swapped by a forward pre-hook (`provisioning.expert_offload`): ~7.8
-  GiB less resident for two host-to-device copies a clip; a memory lever, not measured yet;
+  GiB less resident for two host-to-device copies a clip; on for cards under 28 GiB, where
+  it was measured (H200 capped to 23.5 GiB: 16.5 / 20.3 GiB reserved with the context at
+  480p / 720p);
 * ``parallel``: one clip across the GPUs of a torch.distributed group (one process per
   GPU): ``none``, ``ulysses:N`` or ``ring:N``, diffusers' context parallelism
   (`gpubake.provisioning.parallel`); set from the group's size and the clip's tokens. The
@@ -91,8 +95,8 @@ class RuntimePlan:
     text_encoder: str = "keep"
     vae_tiling: bool = False
     vae_channels_last: bool = False  # the VAE's conv weights NDHWC (cuDNN's tensor-core layout); < 2 % a clip
-    vae_compile: bool = False  # torch.compile of the VAE's decoder; not measured yet
-    expert_offload: bool = False  # one A14B expert on the GPU at a time (`expert_offload`); not measured yet
+    vae_compile: bool = False  # torch.compile of the VAE's decoder; 0.26x on an H200 (it recompiled): off
+    expert_offload: bool = False  # one A14B expert on the GPU at a time (`expert_offload`); cards < 28 GiB
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
     sparse_block_q: int = SPARSE_BLOCK_Q  # attention=sparse-flex: query-block tokens (64: LightX2V's; 128)
@@ -172,6 +176,11 @@ _MEASURED: dict[str, dict] = {
 # encoder's FP8 weights) and decode time (tiles), so cards with room keep the full model.
 SMALL_CARD_GIB = 44
 _SMALL_CARD = {"text_encoder": "shrink", "vae_tiling": True}
+# Under 28 GiB (a 24 GB card) that is not enough: one expert on the GPU at a time as well.
+# Measured on an H200 capped to 23.5 GiB (2026-12-01): 16.5 GiB reserved + context at 480p,
+# 20.3 at 720p, against an out-of-memory without it.
+OFFLOAD_CARD_GIB = 28
+_OFFLOAD_CARD = {"expert_offload": True}
 
 
 def _cp_note(attention: tuple[str, ...], par: str) -> str:
@@ -194,8 +203,10 @@ def plan_for(device: torch.device | str | None = None, *, gemm_backend: str | No
     dev = resolve_device(device)
     cap = capability(dev)
     arch = archs.arch_for(cap)
-    small = cap is not None and torch.cuda.get_device_properties(dev).total_memory < SMALL_CARD_GIB * 2**30
-    levers = {**(_SMALL_CARD if small else {}), **_MEASURED.get(arch.family, {})}
+    memory = torch.cuda.get_device_properties(dev).total_memory if cap is not None else None
+    small = memory is not None and memory < SMALL_CARD_GIB * 2**30
+    offload = memory is not None and memory < OFFLOAD_CARD_GIB * 2**30
+    levers = {**(_SMALL_CARD if small else {}), **(_OFFLOAD_CARD if offload else {}), **_MEASURED.get(arch.family, {})}
     par, _ = parallel_for(group_size() if world_size is None else world_size, heads=heads, tokens=clip_tokens)
     if par.on:
         levers["parallel"] = str(par)
