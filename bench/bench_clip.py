@@ -907,8 +907,9 @@ def gpubake_cases(run: Run, ckpt: Path, smp: Sampling, sizes: dict, inputs: dict
 
 
 def cap_case(run: Run, ckpt: Path, smp: Sampling, sizes: dict, clips: Path) -> None:
-    """--mem-cap: the process capped to GIB, the small-card plan, one clip per size (no warm-up
-    of its own: compiled code from the gpubake case is reused where its guards hold)."""
+    """--mem-cap: the process capped to GIB, the small-card plan, one timed clip per size, after
+    a warm-up clip unless the gpubake case of that size ran before in this process (its
+    compiled code is reused where its guards hold)."""
     args, device = run.args, run.device
     if not run.fits(f"cap@{args.sizes[0]}", args.sizes[0]):  # before minutes of loading
         return
@@ -934,10 +935,12 @@ def cap_case(run: Run, ckpt: Path, smp: Sampling, sizes: dict, clips: Path) -> N
         load_peaks = device.peaks()
         for s in args.sizes:
             def body(row: dict, s: str = s) -> None:
-                warm = any(c.get("case") == f"gpubake@{s}" and "error" not in c for c in run.result["cases"])
+                compiled = any(c.get("case") == f"gpubake@{s}" and "error" not in c for c in run.result["cases"])
                 row.update(stack="gpubake", cap=cap, runtime=runtime, load_s=load_s, load_peaks=load_peaks,
-                           compiled_by_an_earlier_case=warm)
-                timed_pair(row, sp.pipe, smp, sizes[s], args.frames, clips / f"cap-{s}", device, warm=False)
+                           compiled_by_an_earlier_case=compiled)
+                # a warm-up clip of its own unless the gpubake case compiled this size's blocks
+                # (the 2026-12-01 cap runs had none: their timed clips compiled, no speed measure)
+                timed_pair(row, sp.pipe, smp, sizes[s], args.frames, clips / f"cap-{s}", device, warm=not compiled)
                 if device.cuda:
                     row["context"] = device.context_bytes()
                     ctx = row["context"].get("context_gib")

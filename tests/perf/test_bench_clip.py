@@ -79,6 +79,7 @@ def test_small_run_says_what_it_skipped_and_which_plan_ran(small_run):
     assert cases["gpubake@480p"]["runtime"]["gemm_backends"]["transformer_2"]["cpu-reference"] > 0
     cap = cases["cap@480p"]
     assert cap["runtime"]["plan"]["text_encoder"] == "shrink" and cap["runtime"]["plan"]["vae_tiling"] is True
+    assert cap["runtime"]["plan"]["expert_offload"] is True  # the 24 GB card's plan (runtime.OFFLOAD_CARD_GIB)
     assert cap["runtime"]["applied"]["text_encoder"]["fp8_linears"] > 0
     assert cap["cap"]["fraction"].startswith("skipped: CPU")
 
@@ -198,6 +199,20 @@ def test_a_truncated_clip_is_extrapolated_from_its_own_guided_and_unguided_steps
     # every measured step guided: no unguided step to extrapolate from
     out = cfg_clip_at_recipe_steps(timed, 4, 0.5, 40, base_step_s=2.9)
     assert out["clip_at_recipe_steps_s"] is None and out["extrapolation"].startswith("none")
+
+
+@pytest.mark.slow
+def test_cap_case_alone_warms_up_before_its_timed_clip(tmp_path):
+    """With no gpubake case compiled before it in the process, the cap case renders a warm-up
+    clip of its own, so its timed clip is a speed measure (none compiled in it)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(BENCH / "bench_clip.py"), "--small", "--out", str(tmp_path / "out"), "--root",
+           str(tmp_path / "root"), "--cases", "cap", "--steps", "2", "--mem-cap", "23.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (cap,) = json.loads((tmp_path / "out" / "bench_clip.json").read_text())["cases"]
+    assert cap["case"] == "cap@480p" and cap["compiled_by_an_earlier_case"] is False
+    assert "warmup" in cap and cap["timed"]["dynamo_frames_compiled"] == 0
 
 
 @pytest.fixture(scope="module")
