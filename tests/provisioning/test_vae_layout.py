@@ -39,7 +39,7 @@ def test_compiled_decoder_decodes_the_same_and_goes_back_to_eager(pipe):
     import copy
 
     vae = pipe.vae
-    z = torch.randn(1, vae.config.z_dim, 3, 8, 8, generator=torch.Generator().manual_seed(4)).to(vae.dtype)
+    z = torch.randn(1, vae.config.z_dim, 6, 8, 8, generator=torch.Generator().manual_seed(4)).to(vae.dtype)
     with torch.inference_mode():
         base = vae.decode(z).sample.float()
         fp32 = copy.deepcopy(vae).float().decode(z.float()).sample  # what both bf16 decodes approximate
@@ -56,9 +56,11 @@ def test_compiled_decoder_decodes_the_same_and_goes_back_to_eager(pipe):
         keys = set(vae.state_dict())
         with torch.inference_mode():
             got = vae.decode(z).sample.float()
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
             again = vae.decode(z).sample.float()
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
-        assert 1 <= graphs <= 4  # the first latent frame, the second, the rest: not one a frame
+        # the first latent frame, the second, the rest: no graph for a cache entry's strides
+        # (4 without the dense cache), and none more for the next clip
+        assert graphs == 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 3
         # inductor's fused ops round otherwise than eager's op-by-op bf16: no further from fp32
         assert err(got) <= 1.25 * err(base) and float((got - base).norm() / base.norm()) < 5e-2
         assert torch.equal(got, again) and set(vae.state_dict()) == keys  # the module's keys unchanged

@@ -31,8 +31,9 @@ Hopper"), and keeps only those that won on that architecture:
 * ``vae_compile``: ``torch.compile`` of the VAE's decoder (each latent frame's call; about three
   graphs a size: the first frame, the second, the rest), so inductor fuses the norms, SiLUs,
   causal-padding copies and residual adds around cuDNN's convolutions; measured on an H200
-  it recompiled call after call (0.26x the eager decode; on the CPU it settles at 4 graphs):
-  off until the failing guard is found;
+  it recompiled call after call (0.26x the eager decode); since, the causal cache is made
+  dense before each call (a stride guard on it failed on the CPU too), 3 graphs on the CPU,
+  stable; off until a GPU run measures that;
 * ``expert_offload``: only the A14B expert that denoises sits on the GPU, the other in
   (pinned) host memory, swapped by a forward pre-hook (`provisioning.expert_offload`): ~7.8
   GiB less resident for two host-to-device copies a clip; on for cards under 28 GiB, where
@@ -95,7 +96,7 @@ class RuntimePlan:
     text_encoder: str = "keep"
     vae_tiling: bool = False
     vae_channels_last: bool = False  # the VAE's conv weights NDHWC (cuDNN's tensor-core layout); < 2 % a clip
-    vae_compile: bool = False  # torch.compile of the VAE's decoder; 0.26x on an H200 (it recompiled): off
+    vae_compile: bool = False  # torch.compile of the VAE's decoder; 0.26x on an H200 before the dense cache: off
     expert_offload: bool = False  # one A14B expert on the GPU at a time (`expert_offload`); cards < 28 GiB
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
@@ -427,17 +428,34 @@ def set_vae_layout(vae: nn.Module, channels_last: bool) -> int:
 
 
 def set_vae_compile(vae: nn.Module, on: bool) -> bool:
-    """The VAE's decoder compiled (``nn.Module.compile``: the module, its keys and weights stay
-    as they are) or back to eager; returns whether it is compiled. `dynamic=False`: a clip
-    size decodes in a few fixed shapes, each its own graph, rather than dynamic-shape code."""
+    """The VAE's decoder compiled (its module, keys and weights stay as they are) or back to
+    eager; returns whether it is compiled. `dynamic=False`: a clip size decodes in a few fixed
+    shapes, each its own graph, rather than dynamic-shape code. The causal cache the decoder
+    reads and refills each latent frame is made dense before each call: a compiled graph may
+    leave views or another layout in it, and a cache entry's strides are guarded, so without
+    this a later frame can miss every graph compiled so far (the H200 run recompiled call
+    after call; on the CPU one recompile of the four is a stride mismatch of that cache)."""
     decoder = getattr(vae, "decoder", None)
     if decoder is None:
         return False
     if on and getattr(decoder, "_compiled_call_impl", None) is None:
-        decoder.compile(dynamic=False)
+        decoder._compiled_call_impl = _dense_cache(torch.compile(decoder._call_impl, dynamic=False))
     elif not on:
-        decoder._compiled_call_impl = None  # what nn.Module.compile set; eager again
+        decoder._compiled_call_impl = None  # nn.Module's hook for a compiled call: eager again
     return on
+
+
+def _dense_cache(call):
+    """`call` with its ``feat_cache`` entries made contiguous first (in place in the list)."""
+
+    def dense_cache_call(*args, **kwargs):
+        cache = kwargs.get("feat_cache")
+        for i, entry in enumerate(cache or ()):
+            if isinstance(entry, torch.Tensor) and not entry.is_contiguous():
+                cache[i] = entry.contiguous()
+        return call(*args, **kwargs)
+
+    return dense_cache_call
 
 
 @contextlib.contextmanager
