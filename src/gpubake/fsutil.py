@@ -79,10 +79,17 @@ def write_json_atomic(dest: str | os.PathLike[str], obj: Any) -> None:
         fh.write("\n")
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed (weights and image layers are many GB)."""
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 16 << 20) -> str:
+    """Hex sha256 of a file, streamed (weights and image layers are many GB).
+
+    16 MiB chunks read into one reused buffer: each chunk takes the GIL twice (the read, the
+    update), and the boot's model check hashes on four threads beside an import thread that
+    may hold the GIL for the 5 ms switch interval at each of those points. With 1 MiB chunks
+    that check took 10.1 s beside the pre-import against ~4.5 s without it (H200, 2026-12-01)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            h.update(chunk)
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
