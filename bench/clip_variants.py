@@ -64,7 +64,8 @@ class Variant:
 
     @property
     def warms_up(self) -> bool:
-        """The lever changes what the compiled blocks trace: a warm-up clip of its own first."""
+        """A warm-up clip of its own first: the lever changes what the compiled blocks trace, what
+        compiles (the decoder) or what cuDNN times on each shape's first call."""
         return self.lever in (*EXPERT_LEVERS, "cudnn_benchmark", "vae_compile")
 
 
@@ -171,6 +172,8 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
                 clip_args: tuple, warmup_steps: int | None) -> None:
     """Fill `row` with the variant's clips, counts and quality against `base` (the gpubake
     case's row, its `captured` decode kept aside by the caller)."""
+    import torch
+
     from gpubake.provisioning.runtime import apply_attention, set_vae_compile, set_vae_layout
     from gpubake.provisioning.step_cache import apply_step_cache, blocks_of, count_blocks
 
@@ -178,9 +181,7 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}
     row.update(stack="gpubake", variant=variant.name, lever=variant.lever)
     extra: dict[str, Any] = {}
-    import torch
-
-    benchmark = torch.backends.cudnn.benchmark
+    benchmark = torch.backends.cudnn.benchmark  # restored below, whatever the variant
     try:
         if variant.lever == "step_cache":
             row["applied"] = {n: apply_step_cache(m, variant.value) for n, m in experts.items()}

@@ -65,14 +65,15 @@ class SelfTest:
 
     def run(self) -> Report:
         self.on_update(self.report)
-        if self.ctx.prefetch is None and any(s.name == "render" for s in self.stages):
+        renders = any(s.name == "render" for s in self.stages)
+        if self.ctx.prefetch is None and renders:
             from gpubake.provisioning.prefetch import start_for_checkpoint
 
             # the checkpoint's files into the page cache while the first stages run (when on)
             self.ctx.prefetch = start_for_checkpoint(self.ctx.model_dir)
         status: dict[str, str] = {}
         for stage in self.stages:
-            if stage.name == "model" and self.ctx.preimport is None and any(s.name == "render" for s in self.stages):
+            if stage.name == "model" and self.ctx.preimport is None and renders:
                 from gpubake.provisioning.preimport import start_if_on
 
                 # the render stage's libraries imported while the model files hash (when on); not

@@ -50,7 +50,7 @@ class Context:
     renders: list[Any] = field(default_factory=list)  # provisioning.render.RenderResult
     warmup: Any = None
     prefetch: Any = None  # provisioning.prefetch.Prefetch, started with the run
-    preimport: Any = None  # provisioning.preimport.Preimport, started with the run ($GPUBAKE_PREIMPORT)
+    preimport: Any = None  # provisioning.preimport.Preimport, started before the model stage ($GPUBAKE_PREIMPORT)
     compile_cache: dict[str, str] = field(default_factory=dict)  # where inductor and Triton cache
     cuda_alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF as the self-test set it (provisioning.allocator)
 
