@@ -20,6 +20,11 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
   times its convolution algorithms for each new input shape and keeps the fastest, instead of
   its heuristic's pick (the VAE decode is a chain of 3-D convolutions, a third of a sparse
   4-step 480p clip); a warm-up clip of its own first (the timing runs on each shape's first call).
+- ``vae_conv_pad=0|1``: the decoder's 96-filter convolutions padded to 128 filters (the plan's
+  lever, on for Hopper: so ``=0`` is the comparison there), then back to the plan's; no
+  warm-up of its own (eager decode).
+- ``vae_fused_norm=0|1``: the decoder's RMS norms + SiLUs as one Triton pass each (the plan's
+  lever), then back; a warm-up clip of its own first (Triton compiles the kernel per channel count).
 - ``vae_compile=1``: the VAE's decoder under ``torch.compile`` (the plan's lever,
   `runtime.set_vae_compile`) for the variant, then eager again; a warm-up clip of its own first
   (the decoder's graphs compile there).
@@ -45,7 +50,7 @@ from typing import Any
 from gpubake.errors import GpubakeError
 
 LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last", "cudnn_benchmark",
-          "vae_compile")
+          "vae_compile", "vae_conv_pad", "vae_fused_norm")
 EXPERT_LEVERS = ("step_cache", "sparse_keep", "sparse_block_q")  # change what the experts' compiled blocks trace
 
 
@@ -66,7 +71,7 @@ class Variant:
     def warms_up(self) -> bool:
         """A warm-up clip of its own first: the lever changes what the compiled blocks trace, what
         compiles (the decoder) or what cuDNN times on each shape's first call."""
-        return self.lever in (*EXPERT_LEVERS, "cudnn_benchmark", "vae_compile")
+        return self.lever in (*EXPERT_LEVERS, "cudnn_benchmark", "vae_compile", "vae_fused_norm")
 
 
 def parse_variant(text: str) -> Variant:
@@ -92,6 +97,10 @@ def parse_variant(text: str) -> Variant:
             return Variant(lever, float(check_keep(float(value))))
         except (ValueError, SparseAttentionError) as exc:
             raise VariantError(f"{text!r}: {exc}") from None
+    if lever in ("vae_conv_pad", "vae_fused_norm"):
+        if value not in ("0", "1"):
+            raise VariantError(f"{text!r}: {lever}=0 or {lever}=1")
+        return Variant(lever, int(value))
     if lever in ("vae_channels_last", "cudnn_benchmark", "vae_compile"):
         if value != "1":
             raise VariantError(f"{text!r}: {lever}=1 (the gpubake case itself is 0)")
@@ -174,7 +183,8 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     case's row, its `captured` decode kept aside by the caller)."""
     import torch
 
-    from gpubake.provisioning.runtime import apply_attention, set_vae_compile, set_vae_layout
+    from gpubake.provisioning.runtime import (apply_attention, set_vae_compile, set_vae_conv_padding,
+                                              set_vae_fused_norm, set_vae_layout)
     from gpubake.provisioning.step_cache import apply_step_cache, blocks_of, count_blocks
 
     pipe = sp.pipe
@@ -195,6 +205,12 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             row["applied"] = {"vae": {"channels_last_conv3d": set_vae_layout(pipe.vae, True)}}
         elif variant.lever == "vae_compile":
             row["applied"] = {"vae": {"compiled_decoder": int(set_vae_compile(pipe.vae, True))}}
+        elif variant.lever == "vae_fused_norm":
+            row["applied"] = {"vae": {"fused_blocks": set_vae_fused_norm(pipe.vae, bool(variant.value)),
+                                      "fused_norm": variant.value}}
+        elif variant.lever == "vae_conv_pad":
+            row["applied"] = {"vae": {"padded_convs": set_vae_conv_padding(pipe.vae, bool(variant.value)),
+                                      "conv_pad": variant.value}}
         elif variant.lever == "cudnn_benchmark":
             torch.backends.cudnn.benchmark = True
             row["applied"] = {"cudnn": {"benchmark": True}}
@@ -210,6 +226,10 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             set_vae_layout(pipe.vae, sp.plan.vae_channels_last)
         if variant.lever == "vae_compile":
             set_vae_compile(pipe.vae, sp.plan.vae_compile)
+        if variant.lever == "vae_conv_pad":
+            set_vae_conv_padding(pipe.vae, sp.plan.vae_conv_pad)
+        if variant.lever == "vae_fused_norm":
+            set_vae_fused_norm(pipe.vae, sp.plan.vae_fused_norm)
         for m in experts.values() if variant.lever in EXPERT_LEVERS else ():  # back to the plan's own
             if variant.lever == "step_cache":
                 apply_step_cache(m, sp.plan.step_cache)

@@ -162,6 +162,11 @@ _VARS = (
         "render stage waits for it before its own imports. On: with the two loader levers, a later boot of the "
         "A14B on an H200 took 53.4 s against 55.1 s without it and the overlap (2026-12-01, docs/benchmarks.md).",
         "image", default="on", choices=("on", "off")),
+    Var("GPUBAKE_X264_PRESET", "Self-test and service: the x264 preset each clip's MP4 is written with (the same "
+        "CRF). veryfast: on 81 video-like frames 2.1x / 2.3x faster than x264's default medium at 480p / 720p, the "
+        "file the same size, 0.2-0.3 dB lower PSNR (bench/bench_video_write.py, 2026-12-01, docs/benchmarks.md).",
+        "image", default="veryfast",
+        choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")),
     Var("GPUBAKE_PREFETCH", "Self-test and service: read the checkpoint's files into the page cache in the background "
         "from the start (as much as fits in memory). Off: on an H200 host's local disk it did not shorten the boot "
         "(the loader, not the disk, is the bound); try it for a slow network volume.", "image", default="off",

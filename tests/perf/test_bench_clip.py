@@ -129,6 +129,7 @@ def test_sampling_defaults_are_the_models_and_flags_override(tmp_path):
     (["--variant", "attention=cudnn"], "--variant: 'attention=cudnn' is not LEVER=VALUE"),
     (["--variant", "vae_channels_last=0"], "--variant: 'vae_channels_last=0': vae_channels_last=1"),
     (["--variant", "cudnn_benchmark=on"], "--variant: 'cudnn_benchmark=on': cudnn_benchmark=1"),
+    (["--variant", "vae_conv_pad=yes"], "--variant: 'vae_conv_pad=yes': vae_conv_pad=0 or vae_conv_pad=1"),
     (["--variant", "sparse_block_q=96"], "--variant: 'sparse_block_q=96': sparse attention: query block 96"),
     (["--variant", "cfg_until=0.5", "--cases", "peer"], "--variant: a variant changes the gpubake case"),
 ])

@@ -142,7 +142,7 @@ def test_it_composes_with_the_plans_cpu_levers(tiny_nvfp4_checkpoint, monkeypatc
     assert rt["plan"]["step_cache"] == "fbc:0.2" and rt["plan"]["vae_tiling"] and rt["plan"]["cache_small_m"]
     applied = rt["applied"]
     assert applied["transformer"]["step_cache"] == "fbc:0.2" and applied["transformer"]["cached_small_m_layers"] > 0
-    assert applied["vae"] == {"tiling": 1, "channels_last": 0, "compiled_decoder": 0} and "text_encoder" in applied
+    assert applied["vae"] == {"tiling": 1, "channels_last": 0, "conv_pad": 0, "fused_norm": 0, "compiled_decoder": 0} and "text_encoder" in applied
     cached, counts = latents(sp.pipe)
     for name in ("transformer", "transformer_2"):
         apply_step_cache(getattr(sp.pipe, name), "none")

@@ -105,7 +105,7 @@ def test_full_disk_fails_the_job_and_the_service_stays_up(make_service, serve_se
         # 2. ENOSPC while the clip is written (what a disk filling mid-job raises)
         import gpubake.provisioning.render as render_mod
 
-        def no_space(frames, dest, *, fps=16):
+        def no_space(frames, dest, *, fps=16, preset="medium"):
             dest.parent.mkdir(parents=True, exist_ok=True)
             (dest.parent / ".video.partial.mp4").write_bytes(b"half")
             raise OSError(errno.ENOSPC, "No space left on device", str(dest))

@@ -28,12 +28,21 @@ Hopper"), and keeps only those that won on that architecture:
   so cuDNN runs its convolutions in the layout its tensor-core kernels take instead of
   transposing around each (the decode is a third of a sparse 4-step 480p clip): measured on
   an H200, the decode 7-9 % faster, the clip 1.5-1.8 %, under the 2 % rule: off;
-* ``vae_compile``: ``torch.compile`` of the VAE's decoder (each latent frame's call; about three
+* ``vae_compile``: ``torch.compile`` of the VAE's decoder (each latent frame's call; three
   graphs a size: the first frame, the second, the rest), so inductor fuses the norms, SiLUs,
-  causal-padding copies and residual adds around cuDNN's convolutions; measured on an H200
-  it recompiled call after call (0.26x the eager decode); since, the causal cache is made
-  dense before each call (a stride guard on it failed on the CPU too), 3 graphs on the CPU,
-  stable; off until a GPU run measures that;
+  causal-padding copies and residual adds around cuDNN's convolutions
+  (`gpubake.provisioning.vae_decode`: two workarounds keep the decoder in those graphs on
+  torch 2.10/2.11): on an H200 the decode 1.49x / 1.44x faster at 480p / 720p, a 4-step clip
+  1.11x / 1.08x, for ~55-77 s of compile per clip size: off (the first clip of each size, the
+  boot's among them, would pay it); a long-running service's lever;
+* ``vae_conv_pad``: the decoder's 96-filter causal convolutions (full resolution, the decode's
+  largest cost) run with zero filters up to 128 in NDHWC, so cuDNN picks its wide-tile kernel
+  (1.65x a call on an H200), the real filters sliced back out: the eager decode 10 % faster;
+  on for Hopper, where it was measured;
+* ``vae_fused_norm``: the decoder's residual blocks run each RMS norm and the SiLU after it as
+  one Triton pass (`gpubake.kernels.vae_norm`, bit for bit diffusers' bf16 arithmetic on the
+  CPU) instead of six to eight passes of eager torch: for the eager decode what the compiled
+  decoder gets from inductor, without its compile; built, not yet measured on a GPU: off;
 * ``expert_offload``: only the A14B expert that denoises sits on the GPU, the other in
   (pinned) host memory, swapped by a forward pre-hook (`provisioning.expert_offload`): ~7.8
   GiB less resident for two host-to-device copies a clip; on for cards under 28 GiB, where
@@ -64,6 +73,8 @@ from torch import nn
 from gpubake.errors import GpubakeError
 from gpubake.kernels import archs
 from gpubake.kernels.backends import BACKENDS, backend_name_for, capability, get_backend, resolve_device
+from gpubake.provisioning.vae_decode import (  # noqa: F401 (the plan's VAE levers, bench/clip_variants.py's too)
+    set_vae_compile, set_vae_conv_padding, set_vae_fused_norm, set_vae_layout)
 
 ATTENTION_CHOICES = ("default", "cudnn", "flash", "sage-int8", "cudnn-fp8", "fa3-fp8", "sparse-flex")
 SPARSE_KEEP = 0.1  # sparse-flex's default keep ratio: LightX2V's 90 % sparsity (kernels.attention_sparse)
@@ -96,7 +107,9 @@ class RuntimePlan:
     text_encoder: str = "keep"
     vae_tiling: bool = False
     vae_channels_last: bool = False  # the VAE's conv weights NDHWC (cuDNN's tensor-core layout); < 2 % a clip
-    vae_compile: bool = False  # torch.compile of the VAE's decoder; 0.26x on an H200 before the dense cache: off
+    vae_compile: bool = False  # torch.compile of the VAE's decoder: 1.08-1.11x a 4-step clip, ~60 s compile a size: off
+    vae_conv_pad: bool = False  # the decoder's 96-filter convs padded to 128 (cuDNN's wide tile); Hopper
+    vae_fused_norm: bool = False  # the decoder's RMS norm + SiLU as one Triton pass (eager); not yet measured: off
     expert_offload: bool = False  # one A14B expert on the GPU at a time (`expert_offload`); cards < 28 GiB
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
@@ -167,8 +180,10 @@ class RuntimePlan:
 # The attention kernels by preference are a column of the architecture table
 # (`archs.Arch.attention`): the first whose wheel imports and that passes its boot check on
 # this GPU (`attention_check`) is used.
+# 2026-12-01 (H200): the VAE decoder's 96-filter convolutions padded to 128 filters, 10.3 % off
+# the eager decode at 480p and 720p (0.19 / 0.43 s: 2.9 / 2.5 % of a 4-step clip).
 _MEASURED: dict[str, dict] = {
-    "hopper": {"compile_blocks": True},
+    "hopper": {"compile_blocks": True, "vae_conv_pad": True},
 }
 # Memory levers, by the card's memory rather than its architecture (they change where
 # weights live, not kernels). Measured on the H100 at 480x832x81 (docs/benchmarks.md):
@@ -417,47 +432,6 @@ def apply_attention(model: nn.Module, plan: RuntimePlan) -> dict:
     return done
 
 
-def set_vae_layout(vae: nn.Module, channels_last: bool) -> int:
-    """The VAE's 3-D convolution weights in ``channels_last_3d`` (or back to contiguous); its
-    Conv2d weights are 4-D and stay. Returns how many weights."""
-    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-    convs = [m for m in vae.modules() if isinstance(m, nn.Conv3d)]
-    for conv in convs:
-        conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
-    return len(convs)
-
-
-def set_vae_compile(vae: nn.Module, on: bool) -> bool:
-    """The VAE's decoder compiled (its module, keys and weights stay as they are) or back to
-    eager; returns whether it is compiled. `dynamic=False`: a clip size decodes in a few fixed
-    shapes, each its own graph, rather than dynamic-shape code. The causal cache the decoder
-    reads and refills each latent frame is made dense before each call: a compiled graph may
-    leave views or another layout in it, and a cache entry's strides are guarded, so without
-    this a later frame can miss every graph compiled so far (the H200 run recompiled call
-    after call; on the CPU one recompile of the four is a stride mismatch of that cache)."""
-    decoder = getattr(vae, "decoder", None)
-    if decoder is None:
-        return False
-    if on and getattr(decoder, "_compiled_call_impl", None) is None:
-        decoder._compiled_call_impl = _dense_cache(torch.compile(decoder._call_impl, dynamic=False))
-    elif not on:
-        decoder._compiled_call_impl = None  # nn.Module's hook for a compiled call: eager again
-    return on
-
-
-def _dense_cache(call):
-    """`call` with its ``feat_cache`` entries made contiguous first (in place in the list)."""
-
-    def dense_cache_call(*args, **kwargs):
-        cache = kwargs.get("feat_cache")
-        for i, entry in enumerate(cache or ()):
-            if isinstance(entry, torch.Tensor) and not entry.is_contiguous():
-                cache[i] = entry.contiguous()
-        return call(*args, **kwargs)
-
-    return dense_cache_call
-
-
 @contextlib.contextmanager
 def attention_context(plan: RuntimePlan) -> Iterator[None]:
     """SDPA kernel choice of `plan` for the code inside (diffusers calls torch SDPA)."""
@@ -538,8 +512,12 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
     vae = getattr(pipe, "vae", None)
     if vae is not None and hasattr(vae, "enable_tiling"):
         vae.enable_tiling() if plan.vae_tiling else vae.disable_tiling()
-        set_vae_layout(vae, plan.vae_channels_last)
+        set_vae_layout(vae, plan.vae_channels_last)  # layouts first: a compiled graph asserts its weights' strides
+        padded = set_vae_conv_padding(vae, plan.vae_conv_pad)
+        fused = set_vae_fused_norm(vae, plan.vae_fused_norm)
         done["vae"] = {"tiling": int(plan.vae_tiling), "channels_last": int(plan.vae_channels_last),
+                       "conv_pad": int(plan.vae_conv_pad and padded > 0),
+                       "fused_norm": int(plan.vae_fused_norm and fused > 0),
                        "compiled_decoder": int(set_vae_compile(vae, plan.vae_compile))}
     from gpubake.provisioning.expert_offload import apply_expert_offload
 
