@@ -12,7 +12,7 @@ from gpubake.provisioning.render import RenderError, _to_uint8
 
 def _frames(dtype: torch.dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(5, 3, 6, 7, generator=g)
+    x = torch.rand(21, 3, 6, 7, generator=g)  # more frames than one copy (FRAMES_PER_COPY)
     x[0, 0, 0, :] = (torch.arange(7) + 0.5) / 255.0  # rounding ties
     x[0, 1, 0, :4] = torch.tensor([0.0, 1.0, 1.0 - 1e-7, 1e-7])
     return x.to(dtype)
@@ -23,13 +23,13 @@ def test_tensor_frames_convert_as_diffusers_arrays_do(dtype):
     pt = _frames(dtype)
     as_np = pt.permute(0, 2, 3, 1).float().numpy()  # diffusers' pt_to_numpy, output_type="np"
     got, want = _to_uint8(pt), _to_uint8(as_np)
-    assert got.dtype == np.uint8 and got.shape == (5, 6, 7, 3) and got.flags.c_contiguous
+    assert got.dtype == np.uint8 and got.shape == (21, 6, 7, 3) and got.flags.c_contiguous
     assert np.array_equal(got, want)
 
 
 def test_non_finite_or_misshapen_tensor_frames_are_refused():
     bad = _frames(torch.float32)
-    bad[2, 1, 3, 3] = float("nan")
+    bad[18, 1, 3, 3] = float("nan")  # in the second copy
     with pytest.raises(RenderError, match="NaN"):
         _to_uint8(bad)
     with pytest.raises(RenderError, match="shape"):
