@@ -23,6 +23,8 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
 - ``vae_conv_pad=0|1``: the decoder's 96-filter convolutions padded to 128 filters (the plan's
   lever, on for Hopper: so ``=0`` is the comparison there), then back to the plan's; no
   warm-up of its own (eager decode).
+- ``fuse_qkv=0|1``: each self-attention's Q, K, V as one GEMM (the plan's lever) on both
+  experts, then back; a warm-up clip of its own first (the blocks recompile).
 - ``vae_fused_norm=0|1``: the decoder's RMS norms + SiLUs as one Triton pass each (the plan's
   lever), then back; a warm-up clip of its own first (Triton compiles the kernel per channel count).
 - ``vae_compile=1``: the VAE's decoder under ``torch.compile`` (the plan's lever,
@@ -50,8 +52,8 @@ from typing import Any
 from gpubake.errors import GpubakeError
 
 LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last", "cudnn_benchmark",
-          "vae_compile", "vae_conv_pad", "vae_fused_norm")
-EXPERT_LEVERS = ("step_cache", "sparse_keep", "sparse_block_q")  # change what the experts' compiled blocks trace
+          "vae_compile", "vae_conv_pad", "vae_fused_norm", "fuse_qkv")
+EXPERT_LEVERS = ("step_cache", "sparse_keep", "sparse_block_q", "fuse_qkv")  # change what the experts' compiled blocks trace
 
 
 class VariantError(GpubakeError):
@@ -97,7 +99,7 @@ def parse_variant(text: str) -> Variant:
             return Variant(lever, float(check_keep(float(value))))
         except (ValueError, SparseAttentionError) as exc:
             raise VariantError(f"{text!r}: {exc}") from None
-    if lever in ("vae_conv_pad", "vae_fused_norm"):
+    if lever in ("vae_conv_pad", "vae_fused_norm", "fuse_qkv"):
         if value not in ("0", "1"):
             raise VariantError(f"{text!r}: {lever}=0 or {lever}=1")
         return Variant(lever, int(value))
@@ -205,6 +207,10 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             row["applied"] = {"vae": {"channels_last_conv3d": set_vae_layout(pipe.vae, True)}}
         elif variant.lever == "vae_compile":
             row["applied"] = {"vae": {"compiled_decoder": int(set_vae_compile(pipe.vae, True))}}
+        elif variant.lever == "fuse_qkv":
+            from gpubake.provisioning.runtime import set_fused_qkv
+
+            row["applied"] = {n: {"fused_qkv_modules": set_fused_qkv(m, bool(variant.value))} for n, m in experts.items()}
         elif variant.lever == "vae_fused_norm":
             row["applied"] = {"vae": {"fused_blocks": set_vae_fused_norm(pipe.vae, bool(variant.value)),
                                       "fused_norm": variant.value}}
@@ -233,6 +239,10 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
         for m in experts.values() if variant.lever in EXPERT_LEVERS else ():  # back to the plan's own
             if variant.lever == "step_cache":
                 apply_step_cache(m, sp.plan.step_cache)
+            elif variant.lever == "fuse_qkv":
+                from gpubake.provisioning.runtime import set_fused_qkv
+
+                set_fused_qkv(m, sp.plan.fuse_qkv)
             else:
                 apply_attention(m, sp.plan)
     timed = row["timed"]

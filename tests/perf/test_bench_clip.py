@@ -225,7 +225,8 @@ def variant_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cmd = [sys.executable, str(BENCH / "bench_clip.py"), "--small", "--out", str(tmp / "out"), "--root",
            str(tmp / "root"), "--cases", "gpubake", "--steps", "4", "--variant", "cfg_until=0.5",
            "--variant", "step_cache=fbc:0.2", "--variant", "sparse_keep=0.5", "--variant", "vae_channels_last=1", "--variant",
-           "cudnn_benchmark=1", "--variant", "vae_compile=1", "--variant", "cfg_until=1"]
+           "cudnn_benchmark=1", "--variant", "vae_compile=1", "--variant", "fuse_qkv=1", "--variant", "vae_fused_norm=1",
+           "--variant", "cfg_until=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"data": json.loads((tmp / "out" / "bench_clip.json").read_text()), "stdout": proc.stdout}
@@ -237,8 +238,9 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     cases = {c["case"]: c for c in data["cases"]}
     assert list(cases) == ["gpubake@480p", "gpubake+cfg_until=0.5@480p", "gpubake+step_cache=fbc:0.2@480p",
                            "gpubake+sparse_keep=0.5@480p", "gpubake+vae_channels_last=1@480p",
-                           "gpubake+cudnn_benchmark=1@480p", "gpubake+vae_compile=1@480p", "gpubake+cfg_until=1@480p"]
-    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 8
+                           "gpubake+cudnn_benchmark=1@480p", "gpubake+vae_compile=1@480p", "gpubake+fuse_qkv=1@480p",
+                           "gpubake+vae_fused_norm=1@480p", "gpubake+cfg_until=1@480p"]
+    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 10
     cut = cases["gpubake+cfg_until=0.5@480p"]
     # 4 steps, 2 guided: 2 x 2 + 2 forwards; blocks all evaluated
     assert cut["timed"]["cfg_steps"] == 2 and sum(cut["counts"]["transformer_forwards"].values()) == 6
@@ -264,7 +266,13 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     compiled = cases["gpubake+vae_compile=1@480p"]
     assert compiled["applied"] == {"vae": {"compiled_decoder": 1}} and "warmup" in compiled
     assert compiled["quality_vs_gpubake"]["latent_rel_err"] == 0.0  # the same latents; only the decode compiled
-    # after the step cache, the sparse kernel, the VAE layout, cuDNN's setting and the compiled decoder were put back, cfg_until=1 is the gpubake clip exactly
+    qkv = cases["gpubake+fuse_qkv=1@480p"]
+    assert qkv["applied"] == {"transformer": {"fused_qkv_modules": 3}, "transformer_2": {"fused_qkv_modules": 3}}
+    assert "warmup" in qkv and qkv["quality_vs_gpubake"]["latent_rel_err"] == 0.0  # cpu-reference: the parts in turn
+    norm = cases["gpubake+vae_fused_norm=1@480p"]
+    assert norm["applied"]["vae"]["fused_blocks"] > 0 and norm["quality_vs_gpubake"]["latent_rel_err"] == 0.0
+    # after the step cache, the sparse kernel, the VAE layout, cuDNN's setting, the compiled decoder, the fused
+    # projections and the fused norms were put back, cfg_until=1 is the gpubake clip exactly
     full = cases["gpubake+cfg_until=1@480p"]
     assert full["quality_vs_gpubake"] == {"latent_rel_err": 0.0, "video_psnr_db": "inf", "video_max_abs": 0.0}
     assert full["counts"]["blocks_skipped_fraction"] == 0.0 and full["timed"]["cfg_steps"] == 4

@@ -259,7 +259,7 @@ def test_apply_runtime_covers_both_experts(tiny_nvfp4_checkpoint):
     from gpubake.provisioning.loader import load_pipeline
 
     pipe = load_pipeline(tiny_nvfp4_checkpoint, device="cpu")
-    nothing = {"cached_small_m_layers": 0, "compiled_blocks": 0, "lowp_attention_modules": 0}
+    nothing = {"cached_small_m_layers": 0, "compiled_blocks": 0, "lowp_attention_modules": 0, "fused_qkv_modules": 0}
     experts = ("transformer", "transformer_2")
     done = apply_runtime(pipe)  # CPU plan
     assert {e: done[e] for e in experts} == {e: nothing for e in experts} and "text_encoder" not in done
@@ -398,3 +398,31 @@ def test_plan_records_and_binds_the_backend_the_environment_names(fake_gpu, monk
     assert bound_backends(tiny_nvfp4_model) == {"dequant-bf16": n}
     apply_plan(tiny_nvfp4_model, RuntimePlan(arch="cpu", gemm_backend="cpu-reference"))  # back, uncompiled
     assert bound_backends(tiny_nvfp4_model) == {"cpu-reference": n}
+
+
+def test_fuse_qkv_gives_the_same_prediction_and_the_same_keys(tiny_nvfp4_model, inputs):
+    """fuse_qkv on the tiny NVFP4 expert (cpu-reference: the parts one after another, so the
+    same prediction bit for bit): every self-attention fused, no cross-attention, the state
+    dict's keys unchanged, and back to three projections when off."""
+    from gpubake.kernels.linear import FusedNVFP4Projection
+
+    plain = plan_for("cpu")
+    keys = set(tiny_nvfp4_model.state_dict())
+    with torch.inference_mode():
+        ref = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+        done = apply_plan(tiny_nvfp4_model, plain.with_(fuse_qkv=True))
+        fused = [m for m in tiny_nvfp4_model.modules() if isinstance(getattr(m, "to_qkv", None), FusedNVFP4Projection)]
+        assert set(tiny_nvfp4_model.state_dict()) == keys
+        assert all(not m.is_cross_attention and m.fused_projections for m in fused)
+        calls = []
+        hooks = [m.to_qkv.register_forward_hook(lambda *_: calls.append(1)) for m in fused]
+        out = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+        for h in hooks:
+            h.remove()
+        assert len(calls) == 2 * len(fused)  # diffusers' processor ran each fused projection (two CFG passes)
+        again = apply_plan(tiny_nvfp4_model, plain)
+    n = TRANSFORMER_CONFIG["num_layers"]
+    assert done["fused_qkv_modules"] == n == len(fused) and again["fused_qkv_modules"] == 0
+    assert not any(hasattr(m, "to_qkv") or getattr(m, "fused_projections", False) for m in fused)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)

@@ -243,6 +243,43 @@ class HopperFp8(GemmBackend):
                              use_fast_accum=self.fast_accum)
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
+    def apply_fused(self, x: torch.Tensor, pws: list[PreparedWeight],
+                    biases: list[torch.Tensor | None]) -> torch.Tensor:
+        """``cat([apply(x, pw, b) ...], -1)`` as one GEMM: x quantized once, each weight
+        re-expressed into its rows of one scratch (or its cached FP8 copied there), the
+        per-row scales side by side (each already holds its part's global scale)."""
+        from gpubake.kernels.convert_triton import fp8_rowwise, nvfp4_to_fp8
+
+        for pw in pws:
+            self.check(x, pw)
+        K = pws[0].in_features
+        N = sum(pw.out_features for pw in pws)
+        x2 = x.reshape(-1, K)
+        if self.fuse_act_quant_when_compiling and torch.compiler.is_compiling():
+            from gpubake.kernels.fp8_ref import fp8_rowwise_ref
+            xq, xs = fp8_rowwise_ref(x2)
+        else:
+            xq, xs = fp8_rowwise(x2)
+        wq = self.scratch.get((N, K), torch.float8_e4m3fn, x.device)
+        scales, row = [], 0
+        for pw in pws:
+            rows = wq[row:row + pw.out_features]
+            cached = pw.extras.get("fp8_weight")
+            if cached is not None:
+                rows.copy_(cached[0])
+                scales.append(cached[1])
+            else:
+                scales.append(nvfp4_to_fp8(pw.weight, rows, pw.extras["fp8_factors"])[1])
+            row += pw.out_features
+        out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([(b if b is not None else torch.zeros(pw.out_features, device=x.device)).to(out_dtype)
+                              for b, pw in zip(biases, pws)])
+        y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=torch.cat(scales).view(1, N), out_dtype=out_dtype,
+                             bias=bias, use_fast_accum=self.fast_accum)
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
 
 class BlackwellNative(GemmBackend):
     """W4A4 on FP4 tensor cores: activations NVFP4-quantized on the fly (Triton, scales

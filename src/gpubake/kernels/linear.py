@@ -141,14 +141,18 @@ class NVFP4Linear(nn.Module):
         self.keep_runtime_weight = keep
         self._prepared = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._prepared is None or self._prepared[0] != x.device:
-            b = self.backend(x.device)
+    def prepared(self, device: torch.device) -> tuple[GemmBackend, PreparedWeight]:
+        """The backend a forward on `device` runs and its run-time weight (built once)."""
+        if self._prepared is None or self._prepared[0] != device:
+            b = self.backend(device)
             pw = b.prepare(self.nvfp4_weight(), self._buffers[INPUT_GLOBAL_SCALE_KEY])
             if self.keep_runtime_weight:
                 b.cache_weight(pw)
-            self._prepared = (x.device, b, pw)
-        _, b, pw = self._prepared
+            self._prepared = (device, b, pw)
+        return self._prepared[1], self._prepared[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, pw = self.prepared(x.device)
         return b.apply(x, pw, self.bias)
 
     _FIXED_DTYPE = (SCALE_KEY, GLOBAL_SCALE_KEY, INPUT_GLOBAL_SCALE_KEY)
@@ -183,6 +187,33 @@ class NVFP4Linear(nn.Module):
         static = ", static_input_scale=True" if self._buffers[INPUT_GLOBAL_SCALE_KEY] is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format=nvfp4{static}")
+
+
+class FusedNVFP4Projection(nn.Module):
+    """Several `NVFP4Linear`s of one input as ONE GEMM: ``cat([p(x) for p in parts], -1)``.
+
+    The parts keep their own weights, names and state-dict keys (they are not submodules of
+    this one, which holds no tensor); a backend with `apply_fused` (hopper-fp8: one activation
+    quantization, the parts' FP8 weights side by side, one cuBLAS call) computes them together,
+    any other backend one after another. diffusers' Wan attention takes it as ``to_qkv``."""
+
+    def __init__(self, parts: list[NVFP4Linear]) -> None:
+        super().__init__()
+        if len(parts) < 2 or len({p.in_features for p in parts}) != 1:
+            raise KernelError("FusedNVFP4Projection: needs two or more NVFP4Linear of one input size")
+        self.__dict__["parts"] = tuple(parts)  # not registered: no second copy of their keys
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        got = [p.prepared(x.device) for p in self.parts]
+        backend = got[0][0]
+        if all(b is backend for b, _ in got) and hasattr(backend, "apply_fused"):
+            return backend.apply_fused(x, [pw for _, pw in got], [p.bias for p in self.parts])
+        return torch.cat([b.apply(x, pw, p.bias) for (b, pw), p in zip(got, self.parts)], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"parts={len(self.parts)}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 def bind_backends(model: nn.Module, backend: GemmBackend | str) -> int:

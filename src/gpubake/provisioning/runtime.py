@@ -18,6 +18,9 @@ Hopper"), and keeps only those that won on that architecture:
 * ``cache_small_m``: the cross-attention K/V projections (M = 512 text tokens) keep the
   backend's run-time weight instead of re-expressing NVFP4 per call;
 * ``compile_blocks``: regional ``torch.compile`` of the repeated transformer block;
+* ``fuse_qkv``: each self-attention's Q, K and V projections as one GEMM
+  (`kernels.linear.FusedNVFP4Projection`; on `hopper-fp8` one activation quantization and one
+  cuBLAS call instead of three of each); built and tested on the CPU, not measured: off;
 * ``fuse_act_quant``: under that compile, the FP8 activation quantization of the
   `hopper-fp8` backend is left to inductor (fused into the op before it);
 * ``text_encoder``: "shrink" puts the UMT5 encoder in ~4.4 GiB instead of ~12.5
@@ -103,6 +106,7 @@ class RuntimePlan:
     cfg_batch: bool = False
     cache_small_m: bool = False
     compile_blocks: bool = False
+    fuse_qkv: bool = False  # self-attention's Q, K, V as one GEMM (hopper-fp8: one activation quantization); not measured
     fuse_act_quant: bool = False
     text_encoder: str = "keep"
     vae_tiling: bool = False
@@ -396,6 +400,7 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
         bind_backends(model, backend)  # once, here: the layers' forwards choose nothing
         if hasattr(backend, "fuse_act_quant_when_compiling"):
             backend.fuse_act_quant_when_compiling = plan.fuse_act_quant
+    done["fused_qkv_modules"] = set_fused_qkv(model, plan.fuse_qkv)
     blocks = [m for m in model.modules() if type(m).__name__ in getattr(model, "_repeated_blocks", ())]
     if plan.compile_blocks:
         if not blocks:
@@ -415,6 +420,29 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
         for b in blocks:
             b._compiled_call_impl = None  # what nn.Module.compile set: back to eager
     return done
+
+
+def set_fused_qkv(model: nn.Module, on: bool) -> int:
+    """Each self-attention whose to_q, to_k and to_v are NVFP4 gets them as one projection
+    (`kernels.linear.FusedNVFP4Projection`, diffusers' ``to_qkv`` with ``fused_projections``,
+    which its Wan attention processor reads); off: back to three. The weights and the state
+    dict stay the parts'. Returns how many attention modules are fused."""
+    from gpubake.kernels.linear import FusedNVFP4Projection, NVFP4Linear
+
+    n = 0
+    for attn in model.modules():
+        parts = [getattr(attn, a, None) for a in ("to_q", "to_k", "to_v")]
+        if getattr(attn, "is_cross_attention", True) or not all(isinstance(p, NVFP4Linear) for p in parts):
+            continue
+        fused = isinstance(getattr(attn, "to_qkv", None), FusedNVFP4Projection)
+        if on and not getattr(attn, "fused_projections", False):
+            attn.to_qkv = FusedNVFP4Projection(parts)
+            attn.fused_projections = True
+        elif not on and fused:
+            del attn.to_qkv
+            attn.fused_projections = False
+        n += int(on)
+    return n
 
 
 def apply_attention(model: nn.Module, plan: RuntimePlan) -> dict:
