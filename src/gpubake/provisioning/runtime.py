@@ -43,9 +43,10 @@ Hopper"), and keeps only those that won on that architecture:
   (1.65x a call on an H200), the real filters sliced back out: the eager decode 10 % faster;
   on for Hopper, where it was measured;
 * ``vae_fused_norm``: the decoder's residual blocks run each RMS norm and the SiLU after it as
-  one Triton pass (`gpubake.kernels.vae_norm`, bit for bit diffusers' bf16 arithmetic on the
-  CPU) instead of six to eight passes of eager torch: for the eager decode what the compiled
-  decoder gets from inductor, without its compile; built, not yet measured on a GPU: off;
+  one Triton pass (`gpubake.kernels.vae_norm`, diffusers' bf16 arithmetic up to the sum of
+  squares' order: within two bf16 ulps on a few values, CPU-tested) instead of six to eight
+  passes of eager torch: for the eager decode what the compiled decoder gets from inductor,
+  without its compile; built, not yet measured on a GPU: off;
 * ``expert_offload``: only the A14B expert that denoises sits on the GPU, the other in
   (pinned) host memory, swapped by a forward pre-hook (`provisioning.expert_offload`): ~7.8
   GiB less resident for two host-to-device copies a clip; on for cards under 28 GiB, where
