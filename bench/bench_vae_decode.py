@@ -107,9 +107,9 @@ def set_variant(vae: Any, name: str) -> None:
 
 
 def frames_compiled() -> int:
-    from torch._dynamo.utils import counters
+    from bench_clip import dynamo_counts
 
-    return int(counters["frames"]["total"])
+    return dynamo_counts()["dynamo_frames_compiled"]
 
 
 def graph_breaks() -> dict[str, int]:

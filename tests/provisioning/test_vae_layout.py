@@ -132,6 +132,11 @@ def test_padded_convolutions_decode_the_same_and_leave_the_state_dict():
         base = vae.decode(z).sample
         assert set_vae_conv_padding(vae, True) == 6
         got = vae.decode(z).sample
+        padded = next(m for m in vae.modules() if "_gpubake_padded_weight" in m._buffers)
+        padded._gpubake_padded_weight[0].add_(1.0)  # a real filter of the padded copy: the decode must see it
+        assert not torch.equal(vae.decode(z).sample, got)
+        set_vae_conv_padding(vae, True)  # rebuilt from the module's own weights
+        assert torch.equal(vae.decode(z).sample, got)
         assert set_vae_conv_padding(vae, False) == 6
         again = vae.decode(z).sample
     assert float((got - base).norm() / base.norm()) < 1e-5  # fp32 on the CPU: another blocking at most

@@ -223,17 +223,22 @@ class HopperFp8(GemmBackend):
 
         pw.extras["fp8_weight"] = nvfp4_to_fp8(pw.weight, None, pw.extras["fp8_factors"])
 
+    def _quantize_activations(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x2 [M, K] -> (E4M3, per-token scale): the Triton kernel, or under torch.compile with
+        `fuse_act_quant_when_compiling` its plain-torch twin for inductor to fuse."""
+        if self.fuse_act_quant_when_compiling and torch.compiler.is_compiling():
+            from gpubake.kernels.fp8_ref import fp8_rowwise_ref
+            return fp8_rowwise_ref(x2)
+        from gpubake.kernels.convert_triton import fp8_rowwise
+
+        return fp8_rowwise(x2)
+
     def apply(self, x, pw, bias=None):
-        from gpubake.kernels.convert_triton import fp8_rowwise, nvfp4_to_fp8
+        from gpubake.kernels.convert_triton import nvfp4_to_fp8
 
         self.check(x, pw)
         N, K = pw.out_features, pw.in_features
-        x2 = x.reshape(-1, K)
-        if self.fuse_act_quant_when_compiling and torch.compiler.is_compiling():
-            from gpubake.kernels.fp8_ref import fp8_rowwise_ref
-            xq, xs = fp8_rowwise_ref(x2)
-        else:
-            xq, xs = fp8_rowwise(x2)
+        xq, xs = self._quantize_activations(x.reshape(-1, K))
         cached = pw.extras.get("fp8_weight")
         wq, ws = cached if cached is not None else nvfp4_to_fp8(
             pw.weight, self.scratch.get((N, K), torch.float8_e4m3fn, x.device), pw.extras["fp8_factors"])
@@ -248,18 +253,13 @@ class HopperFp8(GemmBackend):
         """``cat([apply(x, pw, b) ...], -1)`` as one GEMM: x quantized once, each weight
         re-expressed into its rows of one scratch (or its cached FP8 copied there), the
         per-row scales side by side (each already holds its part's global scale)."""
-        from gpubake.kernels.convert_triton import fp8_rowwise, nvfp4_to_fp8
+        from gpubake.kernels.convert_triton import nvfp4_to_fp8
 
         for pw in pws:
             self.check(x, pw)
         K = pws[0].in_features
         N = sum(pw.out_features for pw in pws)
-        x2 = x.reshape(-1, K)
-        if self.fuse_act_quant_when_compiling and torch.compiler.is_compiling():
-            from gpubake.kernels.fp8_ref import fp8_rowwise_ref
-            xq, xs = fp8_rowwise_ref(x2)
-        else:
-            xq, xs = fp8_rowwise(x2)
+        xq, xs = self._quantize_activations(x.reshape(-1, K))
         wq = self.scratch.get((N, K), torch.float8_e4m3fn, x.device)
         scales, row = [], 0
         for pw in pws:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from gpubake.errors import KernelError
-from gpubake.kernels.quantize_triton import check_device, interpreting  # noqa: F401 (vae_decode asks)
+from gpubake.kernels.quantize_triton import check_device
 
 EPS = 1e-12  # F.normalize's default
 BLOCK_C = 32  # channels a sweep step loads (divides the Wan VAE's 96, 192 and 384)

@@ -254,6 +254,7 @@ def _timed(module: Any, device: Any) -> Iterator[_Span]:
             h.remove()
 
 
+NON_FINITE = "pipeline produced NaN/inf pixels (numerically broken kernels or a faulty GPU)"
 FRAMES_PER_COPY = 16  # frames converted on the device per copy to the host (~0.2 GB of float32 at 720p)
 
 
@@ -275,13 +276,13 @@ def _to_uint8(frames: Any) -> Any:
         for i in range(0, n, FRAMES_PER_COPY):  # float32 of a few frames at a time: no clip-sized copy
             x = frames[i:i + FRAMES_PER_COPY].float()
             if not bool(torch.isfinite(x).all()):
-                raise RenderError("pipeline produced NaN/inf pixels (numerically broken kernels or a faulty GPU)")
+                raise RenderError(NON_FINITE)
             q = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
             out[i:i + FRAMES_PER_COPY] = q.cpu().numpy()
         return out
     arr = np.asarray(frames)
     if arr.dtype != np.uint8 and not np.isfinite(arr).all():
-        raise RenderError("pipeline produced NaN/inf pixels (numerically broken kernels or a faulty GPU)")
+        raise RenderError(NON_FINITE)
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     if arr.ndim != 4 or arr.shape[-1] != 3:

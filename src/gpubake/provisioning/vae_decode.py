@@ -66,10 +66,12 @@ PAD_MIN_FILTERS = 96  # pad only where the extra work is at most a third (not th
 
 def set_vae_conv_padding(vae: nn.Module, on: bool) -> int:
     """The decoder's causal Conv3d with 96 to 127 filters (the Wan VAE's 96-filter convolutions
-    at full resolution, the decode's largest cost) run with zero filters added up to 128, in ``channels_last_3d``, and the real
-    filters sliced back out: the same outputs (the added filters are never read) from cuDNN's
-    wide-tile kernel (H200: 2.36 against 3.90 ms a call, bench/bench_vae_conv.py). The padded
-    weight is a non-persistent buffer (the state dict is unchanged). Returns how many convs."""
+    at full resolution, the decode's largest cost) run with zero filters added up to 128, in
+    ``channels_last_3d``, and the real filters sliced back out: the same outputs (the added
+    filters are never read) from cuDNN's wide-tile kernel (H200: 2.36 against 3.90 ms a call,
+    bench/bench_vae_conv.py). diffusers' causal padding and cache stay its own: only the
+    convolution (`nn.Conv3d._conv_forward`) is replaced. The padded weight is a non-persistent
+    buffer (the state dict is unchanged). Returns how many convs."""
     decoder = getattr(vae, "decoder", None)
     n = 0
     for m in (decoder.modules() if decoder is not None else ()):
@@ -83,28 +85,23 @@ def set_vae_conv_padding(vae: nn.Module, on: bool) -> int:
             bpad = None if m.bias is None else torch.cat([m.bias.detach(), m.bias.new_zeros(extra)])
             m.register_buffer("_gpubake_padded_weight", wpad, persistent=False)
             m.register_buffer("_gpubake_padded_bias", bpad, persistent=False)
-            m.forward = types.MethodType(padded_causal_conv_forward, m)
+            m._conv_forward = types.MethodType(padded_conv_forward, m)
         else:
-            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_conv_forward", None)
             for name in ("_gpubake_padded_weight", "_gpubake_padded_bias"):
                 m._buffers.pop(name, None)
         n += 1
     return n
 
 
-def padded_causal_conv_forward(self: Any, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    """diffusers' ``WanCausalConv3d.forward`` (causal padding, the cache's frames in front), the
-    convolution run with the padded filters of `set_vae_conv_padding`, the real ones sliced out."""
+def padded_conv_forward(self: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``nn.Conv3d._conv_forward`` with the padded filters of `set_vae_conv_padding` (diffusers'
+    causal conv has padded `x` itself: its own padding is 0), the real filters sliced out."""
     import torch.nn.functional as F
 
-    padding = list(self._padding)
-    if cache_x is not None and self._padding[4] > 0:
-        x = torch.cat([cache_x.to(x.device), x], dim=2)
-        padding[4] -= cache_x.shape[2]
-    x = F.pad(x, padding)
     w, b = self._gpubake_padded_weight, self._gpubake_padded_bias
-    return F.conv3d(x, w.to(x.dtype), None if b is None else b.to(x.dtype), self.stride, 0, self.dilation,
-                    self.groups)[:, :self.out_channels]
+    return F.conv3d(x, w.to(x.dtype), None if b is None else b.to(x.dtype), self.stride, self.padding,
+                    self.dilation, self.groups)[:, :self.out_channels]
 
 
 def set_vae_fused_norm(vae: nn.Module, on: bool) -> int:
@@ -116,19 +113,22 @@ def set_vae_fused_norm(vae: nn.Module, on: bool) -> int:
     blocks = [m for m in (decoder.modules() if decoder is not None else ())
               if all(hasattr(m, a) for a in ("norm1", "norm2", "nonlinearity", "conv1", "conv2"))
               and all(_plain_norm(n) for n in (m.norm1, m.norm2))
-              and isinstance(m.__dict__.get("_gpubake_saved", {}).get("nonlinearity", m.nonlinearity), nn.SiLU)]
+              and (isinstance(m.nonlinearity, nn.SiLU) or _fused(m.norm1))]
     for block in blocks:
-        saved = block.__dict__.setdefault("_gpubake_saved", {})
-        if on and "nonlinearity" not in saved:
-            saved["nonlinearity"] = block.nonlinearity
+        if on and not _fused(block.norm1):
             for norm in (block.norm1, block.norm2):
                 norm.forward = types.MethodType(fused_norm_silu_forward, norm)
             block.nonlinearity = nn.Identity()
-        elif not on and "nonlinearity" in saved:
-            block.nonlinearity = saved.pop("nonlinearity")
+        elif not on and _fused(block.norm1):
+            block.nonlinearity = nn.SiLU()  # what diffusers' get_activation("silu") builds (no state)
             for norm in (block.norm1, block.norm2):
                 norm.__dict__.pop("forward", None)
     return len(blocks)
+
+
+def _fused(norm: Any) -> bool:
+    """Whether `set_vae_fused_norm` put its forward on `norm`."""
+    return getattr(norm.__dict__.get("forward"), "__func__", None) is fused_norm_silu_forward
 
 
 def _plain_norm(norm: Any) -> bool:
@@ -140,8 +140,9 @@ def _plain_norm(norm: Any) -> bool:
 def fused_norm_silu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """A residual block's ``WanRMS_norm`` (channels first, no bias) and the SiLU after it."""
     from gpubake.kernels import vae_norm
+    from gpubake.kernels.quantize_triton import interpreting
 
-    if torch.compiler.is_compiling() or not (x.is_cuda or vae_norm.interpreting()) \
+    if torch.compiler.is_compiling() or not (x.is_cuda or interpreting()) \
             or x.dtype not in (torch.bfloat16, torch.float32):
         return torch.nn.functional.silu(vae_norm.rms_norm_silu_reference(x, self.gamma, self.scale, silu=False))
     return vae_norm.rms_norm_silu(x, self.gamma, self.scale)
