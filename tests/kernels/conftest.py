@@ -61,6 +61,19 @@ class EmulatedBlackwell(BlackwellNative):
             y = y + bias.double()
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
+    def apply_fused(self, x, pws, biases):
+        """`apply_fused`'s algebra the same way, from its real `operands_fused()`."""
+        K, N = pws[0].in_features, sum(pw.out_features for pw in pws)
+        x2 = x.reshape(-1, K)
+        op = self.operands_fused(x2, pws)
+        a = decode_operand(op["a"], op["scale_a"], x2.shape[0], K).double()
+        b = decode_operand(op["b"], op["scale_b"], N, K).double()
+        y = (a @ b.t()) * op["alpha"].double()
+        if any(bias is not None for bias in biases):
+            y = y + torch.cat([bias if bias is not None else torch.zeros(pw.out_features)
+                               for bias, pw in zip(biases, pws)]).double()
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
 
 def decode_operand(data: torch.Tensor, blocked: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     """An FP4 operand of `_scaled_mm` as it defines it: e2m1 * block scale (no global scale)."""

@@ -1,6 +1,7 @@
 """Q, K and V as one GEMM (`FusedNVFP4Projection`) give what the three layers give: on the
-CPU reference (one after another) and through hopper-fp8's `apply_fused` (its Triton
-kernels in the interpreter, torch's CPU `_scaled_mm`), cached FP8 weights included."""
+CPU reference (one after another), through hopper-fp8's `apply_fused` (its Triton kernels in
+the interpreter, torch's CPU `_scaled_mm`), cached FP8 weights included, and through
+blackwell-native's (its real `operands_fused`, the FP4 GEMM's algebra emulated in float64)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from gpubake.errors import KernelError
 from gpubake.kernels.backends import CpuReference, HopperFp8
+from gpubake.kernels.format import BLOCK, unswizzle_scales
 from gpubake.kernels.linear import FusedNVFP4Projection, NVFP4Linear
 
 
@@ -60,3 +62,48 @@ def test_parts_of_different_inputs_are_refused(gen):
         FusedNVFP4Projection([a, b])
     with pytest.raises(KernelError, match="two or more"):
         FusedNVFP4Projection([a])
+
+
+def test_blackwell_fused_equals_the_parts(gen, emulated_blackwell):
+    """Per-call activation scale: one quantization of x, alpha per part's columns."""
+    parts = _parts(gen, outs=(48, 144, 32))  # rows not a multiple of the swizzle's 128
+    parts[2].bias = None
+    for p in parts:
+        p.bind_backend(emulated_blackwell)
+    fused = FusedNVFP4Projection(parts)
+    x = torch.randn(3, 29, 64, generator=gen).to(torch.bfloat16)
+    assert emulated_blackwell.can_fuse([p.prepared(x.device)[1] for p in parts])
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_blackwell_fused_operands_are_the_parts_side_by_side(gen, emulated_blackwell):
+    parts = _parts(gen)
+    pws = [emulated_blackwell.prepare(p.nvfp4_weight()) for p in parts]
+    x2 = torch.randn(37, 64, generator=gen).to(torch.bfloat16)
+    fused = emulated_blackwell.operands_fused(x2, pws)
+    each = [emulated_blackwell.operands(x2, pw) for pw in pws]
+    assert torch.equal(fused["a"], each[0]["a"]) and torch.equal(fused["scale_a"], each[0]["scale_a"])
+    assert torch.equal(fused["b"], torch.cat([op["b"] for op in each]))
+    scales = [unswizzle_scales(op["scale_b"], pw.out_features, 64 // BLOCK).view(torch.uint8) for op, pw in zip(each, pws)]
+    assert torch.equal(unswizzle_scales(fused["scale_b"], 128, 64 // BLOCK).view(torch.uint8), torch.cat(scales))
+    want_alpha = torch.cat([op["alpha"].reshape(1).expand(pw.out_features) for op, pw in zip(each, pws)])
+    assert torch.equal(fused["alpha"], want_alpha)
+    assert len(set(pw.weight.global_scale.item() for pw in pws)) == 3  # the parts' own global scales
+
+
+def test_blackwell_fuses_static_scales_only_when_they_agree(gen, emulated_blackwell):
+    parts = _parts(gen)
+    x = torch.randn(2, 11, 64, generator=gen).to(torch.bfloat16)
+    for p in parts:
+        p.bind_backend(emulated_blackwell)
+        p.set_input_global_scale(float(x.abs().amax()) / (448 * 6))
+    fused = FusedNVFP4Projection(parts)
+    pws = lambda: [p.prepared(x.device)[1] for p in parts]  # noqa: E731
+    assert emulated_blackwell.can_fuse(pws())
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    parts[1].set_input_global_scale(2 * float(x.abs().amax()) / (448 * 6))  # K calibrated apart
+    assert not emulated_blackwell.can_fuse(pws())
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))  # the parts in turn
+    parts[1].set_input_global_scale(None)  # one part dynamic, the others static
+    assert not emulated_blackwell.can_fuse(pws())
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))

@@ -129,6 +129,25 @@ class GemmBackend:
     def apply(self, x: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def can_fuse(self, pws: list[PreparedWeight]) -> bool:
+        """Whether `apply_fused` computes these parts of one input as one GEMM with the
+        result of running them in turn (`linear.FusedNVFP4Projection` asks once per binding)."""
+        return False
+
+    def apply_fused(self, x: torch.Tensor, pws: list[PreparedWeight],
+                    biases: list[torch.Tensor | None]) -> torch.Tensor:
+        """``cat([apply(x, pw, b) ...], -1)`` as one GEMM, where `can_fuse` says so."""
+        raise NotImplementedError
+
+
+def _fused_bias(pws: list[PreparedWeight], biases: list[torch.Tensor | None],
+                dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The parts' biases side by side (zeros for a part without one); None if no part has one."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([(b if b is not None else torch.zeros(pw.out_features, device=device)).to(dtype)
+                      for b, pw in zip(biases, pws)])
+
 
 class CpuReference(GemmBackend):
     """dequantize_ref(W) in float32, then a float32 matmul: the definition of the result."""
@@ -248,6 +267,9 @@ class HopperFp8(GemmBackend):
                              use_fast_accum=self.fast_accum)
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
+    def can_fuse(self, pws):
+        return True  # activations FP8 per token: the same for every part of one input
+
     def apply_fused(self, x: torch.Tensor, pws: list[PreparedWeight],
                     biases: list[torch.Tensor | None]) -> torch.Tensor:
         """``cat([apply(x, pw, b) ...], -1)`` as one GEMM: x quantized once, each weight
@@ -272,12 +294,8 @@ class HopperFp8(GemmBackend):
                 scales.append(nvfp4_to_fp8(pw.weight, rows, pw.extras["fp8_factors"])[1])
             row += pw.out_features
         out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([(b if b is not None else torch.zeros(pw.out_features, device=x.device)).to(out_dtype)
-                              for b, pw in zip(biases, pws)])
         y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=torch.cat(scales).view(1, N), out_dtype=out_dtype,
-                             bias=bias, use_fast_accum=self.fast_accum)
+                             bias=_fused_bias(pws, biases, out_dtype, x.device), use_fast_accum=self.fast_accum)
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
@@ -329,6 +347,50 @@ class BlackwellNative(GemmBackend):
         y = y * op["alpha"].to(out_dtype)
         if bias is not None:
             y = y + bias.to(out_dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    def can_fuse(self, pws):
+        """One NVFP4 quantization of x serves every part only if each part would quantize x
+        alike: all with a per-call scale, or all with one static scale (compared here, once
+        per binding: a device sync, not one per call)."""
+        gs = [pw.input_global_scale for pw in pws]
+        if all(g is None for g in gs):
+            return True
+        if any(g is None for g in gs):
+            return False
+        return all(bool(torch.equal(g, gs[0])) for g in gs[1:])
+
+    def operands_fused(self, x2d: torch.Tensor, pws: list[PreparedWeight]) -> dict[str, torch.Tensor]:
+        """`operands` of the parts side by side: x quantized once, the FP4 weights' rows and
+        their block scales concatenated (then swizzled as one [sum N, K/16] matrix), and alpha
+        a vector, each part's g_a * g_w over its columns (the FP4 GEMM itself takes no alpha,
+        so the parts' different weight global scales cost nothing)."""
+        from gpubake.kernels.quantize_triton import quantize
+
+        g = pws[0].input_global_scale
+        qa = quantize(x2d, None if g is None else g.to(x2d.device), swizzled=True)
+        return {
+            "a": qa.data, "b": torch.cat([pw.weight.data for pw in pws]),
+            "scale_a": qa.block_scale,
+            "scale_b": swizzle_scales(torch.cat([pw.weight.block_scale for pw in pws])),
+            "alpha": torch.cat([(qa.global_scale * pw.weight.global_scale).reshape(1).expand(pw.out_features)
+                                for pw in pws]),
+        }
+
+    def apply_fused(self, x, pws, biases):
+        for pw in pws:
+            self.check(x, pw)
+        K = pws[0].in_features
+        N = sum(pw.out_features for pw in pws)
+        op = self.operands_fused(x.reshape(-1, K), pws)
+        out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
+        y = torch._scaled_mm(op["a"].view(torch.float4_e2m1fn_x2),
+                             op["b"].view(torch.float4_e2m1fn_x2).t(),
+                             op["scale_a"], op["scale_b"], out_dtype=out_dtype)
+        y = y * op["alpha"].to(out_dtype)
+        bias = _fused_bias(pws, biases, out_dtype, x.device)
+        if bias is not None:
+            y = y + bias
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 

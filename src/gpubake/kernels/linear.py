@@ -26,6 +26,8 @@ never reads the environment.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -193,9 +195,11 @@ class FusedNVFP4Projection(nn.Module):
     """Several `NVFP4Linear`s of one input as ONE GEMM: ``cat([p(x) for p in parts], -1)``.
 
     The parts keep their own weights, names and state-dict keys (they are not submodules of
-    this one, which holds no tensor); a backend with `apply_fused` (hopper-fp8: one activation
-    quantization, the parts' FP8 weights side by side, one cuBLAS call) computes them together,
-    any other backend one after another. diffusers' Wan attention takes it as ``to_qkv``."""
+    this one, which holds no tensor); a backend whose `can_fuse` says yes computes them with
+    `apply_fused` (hopper-fp8: one FP8 quantization of x, the parts' FP8 weights side by side,
+    one cuBLAS call; blackwell-native: one NVFP4 quantization of x, the parts' FP4 weights side
+    by side, one FP4 GEMM, alpha per part), any other one after another. diffusers' Wan
+    attention takes it as ``to_qkv``."""
 
     def __init__(self, parts: list[NVFP4Linear]) -> None:
         super().__init__()
@@ -204,12 +208,19 @@ class FusedNVFP4Projection(nn.Module):
         self.__dict__["parts"] = tuple(parts)  # not registered: no second copy of their keys
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
+        # (weak references to the parts' run-time weights, whether their backend fuses them):
+        # asked once per binding; weak, so that a stale run-time weight is not kept alive
+        self._fusable: tuple[tuple[weakref.ref, ...], bool] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         got = [p.prepared(x.device) for p in self.parts]
-        backend = got[0][0]
-        if all(b is backend for b, _ in got) and hasattr(backend, "apply_fused"):
-            return backend.apply_fused(x, [pw for _, pw in got], [p.bias for p in self.parts])
+        backend, pws = got[0][0], [pw for _, pw in got]
+        known = self._fusable
+        if known is None or len(known[0]) != len(pws) or any(r() is not pw for r, pw in zip(known[0], pws)):
+            fuse = all(b is backend for b, _ in got) and backend.can_fuse(pws)
+            self._fusable = known = (tuple(weakref.ref(pw) for pw in pws), fuse)
+        if known[1]:
+            return backend.apply_fused(x, pws, [p.bias for p in self.parts])
         return torch.cat([b.apply(x, pw, p.bias) for (b, pw), p in zip(got, self.parts)], dim=-1)
 
     def extra_repr(self) -> str:

@@ -19,8 +19,9 @@ Hopper"), and keeps only those that won on that architecture:
   backend's run-time weight instead of re-expressing NVFP4 per call;
 * ``compile_blocks``: regional ``torch.compile`` of the repeated transformer block;
 * ``fuse_qkv``: each self-attention's Q, K and V projections as one GEMM
-  (`kernels.linear.FusedNVFP4Projection`; on `hopper-fp8` one activation quantization and one
-  cuBLAS call instead of three of each); built and tested on the CPU, not measured: off;
+  (`kernels.linear.FusedNVFP4Projection`; on `hopper-fp8` one FP8 activation quantization and
+  one cuBLAS call instead of three of each, on `blackwell-native` one NVFP4 quantization and
+  one FP4 GEMM with alpha per part); built and tested on the CPU, not measured: off;
 * ``fuse_act_quant``: under that compile, the FP8 activation quantization of the
   `hopper-fp8` backend is left to inductor (fused into the op before it);
 * ``text_encoder``: "shrink" puts the UMT5 encoder in ~4.4 GiB instead of ~12.5
@@ -107,7 +108,7 @@ class RuntimePlan:
     cfg_batch: bool = False
     cache_small_m: bool = False
     compile_blocks: bool = False
-    fuse_qkv: bool = False  # self-attention's Q, K, V as one GEMM (hopper-fp8: one activation quantization); not measured
+    fuse_qkv: bool = False  # self-attention's Q, K, V as one GEMM (one activation quantization); not measured
     fuse_act_quant: bool = False
     text_encoder: str = "keep"
     vae_tiling: bool = False
