@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from gpubake.errors import KernelError
-from gpubake.kernels.backends import CpuReference, HopperFp8
-from gpubake.kernels.format import BLOCK, unswizzle_scales
+from gpubake.kernels.backends import BlackwellNative, CpuReference, HopperFp8
+from gpubake.kernels.format import BLOCK, e2m1_decode, unpack_fp4, unswizzle_scales
 from gpubake.kernels.linear import FusedNVFP4Projection, NVFP4Linear
 
 
@@ -107,3 +107,33 @@ def test_blackwell_fuses_static_scales_only_when_they_agree(gen, emulated_blackw
     parts[1].set_input_global_scale(None)  # one part dynamic, the others static
     assert not emulated_blackwell.can_fuse(pws())
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def _fp4_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+    """`torch._scaled_mm` on FP4 operands as it defines them (the CPU cannot run it): each
+    operand e2m1 x its un-swizzled block scale, the product in float64, rounded to out_dtype."""
+    def decode(data, blocked, rows, k):
+        v = e2m1_decode(unpack_fp4(data.view(torch.uint8)))
+        s = unswizzle_scales(blocked, rows, k // BLOCK).float()
+        return (v.reshape(rows, -1, BLOCK) * s.unsqueeze(-1)).reshape(rows, k).double()
+    b = b.t()  # [N, K/2] as stored
+    k = a.shape[1] * 2
+    return (decode(a, scale_a, a.shape[0], k) @ decode(b, scale_b, b.shape[0], k).t()).to(out_dtype)
+
+
+def test_blackwell_gemm_glue_fused_equals_the_parts(gen, monkeypatch, emulated_blackwell):
+    """blackwell-native's own `apply` and `apply_fused` (alpha, bias, shapes), only the FP4
+    tensor-core call stood in for: the fused projection gives the parts' output bit for bit,
+    and it agrees with the float64 emulation to bf16 rounding."""
+    monkeypatch.setattr(torch, "_scaled_mm", _fp4_scaled_mm)
+    cpu_blackwell = type("CpuBlackwell", (BlackwellNative,), {"needs_cuda": False})()
+    parts = _parts(gen, outs=(48, 144, 32))
+    parts[0].bias = None
+    for p in parts:
+        p.bind_backend(cpu_blackwell)
+    x = torch.randn(2, 19, 64, generator=gen).to(torch.bfloat16)
+    want = torch.cat([p(x) for p in parts], dim=-1)
+    got = FusedNVFP4Projection(parts)(x)
+    assert got.shape == (2, 19, 224) and torch.equal(got, want)
+    emulated = torch.cat([emulated_blackwell.apply(x, p.prepared(x.device)[1], p.bias) for p in parts], dim=-1)
+    assert torch.allclose(got.float(), emulated.float(), rtol=2**-6, atol=1e-3 * float(emulated.abs().max()))

@@ -336,10 +336,10 @@ class BlackwellNative(GemmBackend):
             "alpha": qa.global_scale * pw.weight.global_scale,
         }
 
-    def apply(self, x, pw, bias=None):
-        self.check(x, pw)
-        N, K = pw.out_features, pw.in_features
-        op = self.operands(x.reshape(-1, K), pw)
+    @staticmethod
+    def _gemm(x: torch.Tensor, op: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        """The FP4 GEMM of `operands` (or `operands_fused`): ``_scaled_mm * alpha + bias``,
+        shaped as x with the weight's N columns."""
         out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
         y = torch._scaled_mm(op["a"].view(torch.float4_e2m1fn_x2),
                              op["b"].view(torch.float4_e2m1fn_x2).t(),
@@ -347,7 +347,11 @@ class BlackwellNative(GemmBackend):
         y = y * op["alpha"].to(out_dtype)
         if bias is not None:
             y = y + bias.to(out_dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+    def apply(self, x, pw, bias=None):
+        self.check(x, pw)
+        return self._gemm(x, self.operands(x.reshape(-1, pw.in_features), pw), bias)
 
     def can_fuse(self, pws):
         """One NVFP4 quantization of x serves every part only if each part would quantize x
@@ -380,18 +384,9 @@ class BlackwellNative(GemmBackend):
     def apply_fused(self, x, pws, biases):
         for pw in pws:
             self.check(x, pw)
-        K = pws[0].in_features
-        N = sum(pw.out_features for pw in pws)
-        op = self.operands_fused(x.reshape(-1, K), pws)
+        op = self.operands_fused(x.reshape(-1, pws[0].in_features), pws)
         out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
-        y = torch._scaled_mm(op["a"].view(torch.float4_e2m1fn_x2),
-                             op["b"].view(torch.float4_e2m1fn_x2).t(),
-                             op["scale_a"], op["scale_b"], out_dtype=out_dtype)
-        y = y * op["alpha"].to(out_dtype)
-        bias = _fused_bias(pws, biases, out_dtype, x.device)
-        if bias is not None:
-            y = y + bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+        return self._gemm(x, op, _fused_bias(pws, biases, out_dtype, x.device))
 
 
 BACKENDS: dict[str, type[GemmBackend]] = {
