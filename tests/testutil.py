@@ -75,3 +75,15 @@ def remove_store(root) -> None:
         if subprocess.run(["umount", point], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", point], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def decode_operand(data, blocked, rows: int, k: int):
+    """An FP4 operand of `torch._scaled_mm` as it defines it: e2m1 x its un-swizzled block
+    scale (no global scale); `data` packed bytes (uint8 or float4_e2m1fn_x2) [rows, k/2]."""
+    import torch
+
+    from gpubake.kernels.format import BLOCK, e2m1_decode, unpack_fp4, unswizzle_scales
+
+    v = e2m1_decode(unpack_fp4(data.view(torch.uint8)))
+    s = unswizzle_scales(blocked, rows, k // BLOCK).float()
+    return (v.reshape(rows, -1, BLOCK) * s.unsqueeze(-1)).reshape(rows, k)

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from gpubake.kernels.backends import BlackwellNative  # noqa: E402
-from gpubake.kernels.format import BLOCK, e2m1_decode, unpack_fp4, unswizzle_scales  # noqa: E402
+from testutil import decode_operand  # noqa: E402
 
 
 @pytest.fixture
@@ -43,43 +43,22 @@ def _spiky(shape, gen, dtype=torch.float32, specials=True):
 
 
 class EmulatedBlackwell(BlackwellNative):
-    """`blackwell-native` on the CPU: its real `operands()` (the Triton quantizer under the
-    interpreter) and, in place of the FP4 tensor cores, `torch._scaled_mm`'s NVFP4 algebra
-    in float64: decode A and B with their (un-swizzled) block scales, multiply, times alpha."""
+    """`blackwell-native` on the CPU: its real `apply`/`apply_fused` and `operands()` (the
+    Triton quantizer under the interpreter) and, in place of the FP4 tensor cores (`_gemm`),
+    `torch._scaled_mm`'s NVFP4 algebra in float64: decode A and B with their (un-swizzled)
+    block scales, multiply, times alpha, plus the bias, rounded once."""
 
     needs_cuda = False
 
-    def apply(self, x, pw, bias=None):
-        self.check(x, pw)
-        N, K = pw.out_features, pw.in_features
+    def _gemm(self, x, op, bias):
+        K, N = x.shape[-1], op["b"].shape[0]
         x2 = x.reshape(-1, K)
-        op = self.operands(x2, pw)
         a = decode_operand(op["a"], op["scale_a"], x2.shape[0], K).double()
         b = decode_operand(op["b"], op["scale_b"], N, K).double()
         y = (a @ b.t()) * op["alpha"].double()
         if bias is not None:
             y = y + bias.double()
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
-
-    def apply_fused(self, x, pws, biases):
-        """`apply_fused`'s algebra the same way, from its real `operands_fused()`."""
-        K, N = pws[0].in_features, sum(pw.out_features for pw in pws)
-        x2 = x.reshape(-1, K)
-        op = self.operands_fused(x2, pws)
-        a = decode_operand(op["a"], op["scale_a"], x2.shape[0], K).double()
-        b = decode_operand(op["b"], op["scale_b"], N, K).double()
-        y = (a @ b.t()) * op["alpha"].double()
-        if any(bias is not None for bias in biases):
-            y = y + torch.cat([bias if bias is not None else torch.zeros(pw.out_features)
-                               for bias, pw in zip(biases, pws)]).double()
-        return y.to(x.dtype).reshape(*x.shape[:-1], N)
-
-
-def decode_operand(data: torch.Tensor, blocked: torch.Tensor, rows: int, k: int) -> torch.Tensor:
-    """An FP4 operand of `_scaled_mm` as it defines it: e2m1 * block scale (no global scale)."""
-    v = e2m1_decode(unpack_fp4(data))
-    s = unswizzle_scales(blocked, rows, k // BLOCK).float()
-    return (v.reshape(rows, -1, BLOCK) * s.unsqueeze(-1)).reshape(rows, k)
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ from torch import nn
 
 from gpubake.errors import KernelError
 from gpubake.kernels.backends import BlackwellNative, CpuReference, HopperFp8
-from gpubake.kernels.format import BLOCK, e2m1_decode, unpack_fp4, unswizzle_scales
+from gpubake.kernels.format import BLOCK, unswizzle_scales
 from gpubake.kernels.linear import FusedNVFP4Projection, NVFP4Linear
+from testutil import decode_operand
 
 
 class CpuHopperFp8(HopperFp8):
@@ -110,15 +111,12 @@ def test_blackwell_fuses_static_scales_only_when_they_agree(gen, emulated_blackw
 
 
 def _fp4_scaled_mm(a, b, scale_a, scale_b, out_dtype):
-    """`torch._scaled_mm` on FP4 operands as it defines them (the CPU cannot run it): each
-    operand e2m1 x its un-swizzled block scale, the product in float64, rounded to out_dtype."""
-    def decode(data, blocked, rows, k):
-        v = e2m1_decode(unpack_fp4(data.view(torch.uint8)))
-        s = unswizzle_scales(blocked, rows, k // BLOCK).float()
-        return (v.reshape(rows, -1, BLOCK) * s.unsqueeze(-1)).reshape(rows, k).double()
-    b = b.t()  # [N, K/2] as stored
+    """`torch._scaled_mm` on FP4 operands as it defines them (the CPU cannot run it): the
+    decoded operands' product in float64, rounded to out_dtype."""
     k = a.shape[1] * 2
-    return (decode(a, scale_a, a.shape[0], k) @ decode(b, scale_b, b.shape[0], k).t()).to(out_dtype)
+    b = b.t()  # [N, K/2] as stored
+    return (decode_operand(a, scale_a, a.shape[0], k).double()
+            @ decode_operand(b, scale_b, b.shape[0], k).double().t()).to(out_dtype)
 
 
 def test_blackwell_gemm_glue_fused_equals_the_parts(gen, monkeypatch, emulated_blackwell):

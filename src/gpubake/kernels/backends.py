@@ -140,13 +140,13 @@ class GemmBackend:
         raise NotImplementedError
 
 
-def _fused_bias(pws: list[PreparedWeight], biases: list[torch.Tensor | None],
-                dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """The parts' biases side by side (zeros for a part without one); None if no part has one."""
-    if all(b is None for b in biases):
+def _fused_bias(pws: list[PreparedWeight], biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The parts' biases side by side (zeros for a part without one), in their own dtype (the
+    GEMM casts it, as `apply` casts each); None if no part has one."""
+    present = [b for b in biases if b is not None]
+    if not present:
         return None
-    return torch.cat([(b if b is not None else torch.zeros(pw.out_features, device=device)).to(dtype)
-                      for b, pw in zip(biases, pws)])
+    return torch.cat([b if b is not None else present[0].new_zeros(pw.out_features) for b, pw in zip(biases, pws)])
 
 
 class CpuReference(GemmBackend):
@@ -294,8 +294,9 @@ class HopperFp8(GemmBackend):
                 scales.append(nvfp4_to_fp8(pw.weight, rows, pw.extras["fp8_factors"])[1])
             row += pw.out_features
         out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
+        bias = _fused_bias(pws, biases)
         y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=torch.cat(scales).view(1, N), out_dtype=out_dtype,
-                             bias=_fused_bias(pws, biases, out_dtype, x.device), use_fast_accum=self.fast_accum)
+                             bias=None if bias is None else bias.to(out_dtype), use_fast_accum=self.fast_accum)
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
@@ -384,9 +385,7 @@ class BlackwellNative(GemmBackend):
     def apply_fused(self, x, pws, biases):
         for pw in pws:
             self.check(x, pw)
-        op = self.operands_fused(x.reshape(-1, pws[0].in_features), pws)
-        out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
-        return self._gemm(x, op, _fused_bias(pws, biases, out_dtype, x.device))
+        return self._gemm(x, self.operands_fused(x.reshape(-1, pws[0].in_features), pws), _fused_bias(pws, biases))
 
 
 BACKENDS: dict[str, type[GemmBackend]] = {

@@ -216,7 +216,7 @@ class FusedNVFP4Projection(nn.Module):
         got = [p.prepared(x.device) for p in self.parts]
         backend, pws = got[0][0], [pw for _, pw in got]
         known = self._fusable
-        if known is None or len(known[0]) != len(pws) or any(r() is not pw for r, pw in zip(known[0], pws)):
+        if known is None or any(r() is not pw for r, pw in zip(known[0], pws)):
             fuse = all(b is backend for b, _ in got) and backend.can_fuse(pws)
             self._fusable = known = (tuple(weakref.ref(pw) for pw in pws), fuse)
         if known[1]:
