@@ -80,6 +80,8 @@ def test_plan_follows_the_kernels_dispatch(fake_gpu, cap, arch, backend, compile
     plan = plan_for("cpu" if cap is None else "cuda")
     assert (plan.arch, plan.gemm_backend, plan.compile_blocks) == (arch, backend, compiled)
     assert plan.vae_conv_pad is compiled  # measured on Hopper only (cuDNN's kernel choice is per architecture)
+    assert plan.vae_fused_norm is compiled  # measured on Hopper only (10 % of the eager decode)
+    assert not plan.fuse_qkv  # measured on Hopper: no gain
     assert not plan.vae_compile  # its compile per clip size is not worth a clip's second by default
     # levers measured as no gain on Hopper stay off everywhere
     assert not plan.cfg_batch and not plan.cache_small_m and not plan.fuse_act_quant

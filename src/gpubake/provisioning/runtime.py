@@ -21,7 +21,8 @@ Hopper"), and keeps only those that won on that architecture:
 * ``fuse_qkv``: each self-attention's Q, K and V projections as one GEMM
   (`kernels.linear.FusedNVFP4Projection`; on `hopper-fp8` one FP8 activation quantization and
   one cuBLAS call instead of three of each, on `blackwell-native` one NVFP4 quantization and
-  one FP4 GEMM with alpha per part); built and tested on the CPU, not measured: off;
+  one FP4 GEMM with alpha per part); on an H200 (2026-12-03, compiled blocks) no gain: 1.848
+  against 1.843 s a 480p step (inductor already fuses around the three); not run on Blackwell: off;
 * ``fuse_act_quant``: under that compile, the FP8 activation quantization of the
   `hopper-fp8` backend is left to inductor (fused into the op before it);
 * ``text_encoder``: "shrink" puts the UMT5 encoder in ~4.4 GiB instead of ~12.5
@@ -47,7 +48,8 @@ Hopper"), and keeps only those that won on that architecture:
   one Triton pass (`gpubake.kernels.vae_norm`, diffusers' bf16 arithmetic up to the sum of
   squares' order: within two bf16 ulps on a few values, CPU-tested) instead of six to eight
   passes of eager torch: for the eager decode what the compiled decoder gets from inductor,
-  without its compile; built, not yet measured on a GPU: off;
+  without its compile; on an H200 (2026-12-03) the eager padded decode 11 % / 9.5 % faster at
+  480p / 720p (1.647 -> 1.465 s, 3.759 -> 3.402 s), a 4-step clip 1.4 %: on for Hopper;
 * ``expert_offload``: only the A14B expert that denoises sits on the GPU, the other in
   (pinned) host memory, swapped by a forward pre-hook (`provisioning.expert_offload`): ~7.8
   GiB less resident for two host-to-device copies a clip; on for cards under 28 GiB, where
@@ -108,14 +110,14 @@ class RuntimePlan:
     cfg_batch: bool = False
     cache_small_m: bool = False
     compile_blocks: bool = False
-    fuse_qkv: bool = False  # self-attention's Q, K, V as one GEMM (one activation quantization); not measured
+    fuse_qkv: bool = False  # self-attention's Q, K, V as one GEMM (one activation quantization); no gain on an H200
     fuse_act_quant: bool = False
     text_encoder: str = "keep"
     vae_tiling: bool = False
     vae_channels_last: bool = False  # the VAE's conv weights NDHWC (cuDNN's tensor-core layout); < 2 % a clip
     vae_compile: bool = False  # torch.compile of the VAE's decoder: 1.08-1.11x a 4-step clip, ~60 s compile a size: off
     vae_conv_pad: bool = False  # the decoder's 96-filter convs padded to 128 (cuDNN's wide tile); Hopper
-    vae_fused_norm: bool = False  # the decoder's RMS norm + SiLU as one Triton pass (eager); not yet measured: off
+    vae_fused_norm: bool = False  # the decoder's RMS norm + SiLU as one Triton pass (eager); Hopper
     expert_offload: bool = False  # one A14B expert on the GPU at a time (`expert_offload`); cards < 28 GiB
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
@@ -188,8 +190,12 @@ class RuntimePlan:
 # this GPU (`attention_check`) is used.
 # 2026-12-01 (H200): the VAE decoder's 96-filter convolutions padded to 128 filters, 10.3 % off
 # the eager decode at 480p and 720p (0.19 / 0.43 s: 2.9 / 2.5 % of a 4-step clip).
+# 2026-12-03 (H200): the decoder's RMS norm + SiLU as one Triton pass on top of the padding,
+# 11 % / 9.5 % off the eager decode (0.18 / 0.36 s), 1.4 % of a 4-step 480p clip; kept with
+# the padding as one decode plan. Q/K/V as one GEMM (`fuse_qkv`): 1.848 against 1.843 s a
+# step, no gain: off.
 _MEASURED: dict[str, dict] = {
-    "hopper": {"compile_blocks": True, "vae_conv_pad": True},
+    "hopper": {"compile_blocks": True, "vae_conv_pad": True, "vae_fused_norm": True},
 }
 # Memory levers, by the card's memory rather than its architecture (they change where
 # weights live, not kernels). Measured on the H100 at 480x832x81 (docs/benchmarks.md):
