@@ -19,6 +19,9 @@ What runs, in this order (docs/benchmarks.md, "Per clip (issue 18)"):
    (W8A8) on the blocks' linears, gpubake's FA3 FP8 self-attention, `compile_repeated_blocks`.
 4. `gpubake`: `load_serving_pipeline` (the service's loader and runtime plan, $GPUBAKE_RUNTIME
    or --runtime) on the checkpoint.
+4c. `fp8`: the same plan on the FP8-weight checkpoint of the same E (--root/model-fp8,
+   `quantize --format fp8`'s layout: E4M3 weights, one scale per row; W8A8 `scaled-mm` on
+   FP8 tensor cores, the peer's recipe in gpubake's own kernels), its error measured alike.
 5. `cap` (with --mem-cap GIB): the process capped with `set_per_process_memory_fraction`, the
    small-card plan (--cap-runtime), one clip; peak reserved + the CUDA context from NVML.
 4b. `gpubake+LEVER=VALUE` (each --variant, after its gpubake case, on the same pipeline): one
@@ -60,7 +63,7 @@ SMALL_SIZES = {"480p": (32, 48), "720p": (32, 64)}  # --small: the same two case
 FRAMES, SMALL_FRAMES = 81, 5
 TEXT_LEN = 512  # Wan pads every prompt to 512 tokens
 PROMPT = "a red fox running through fresh snow, golden hour"
-CASES = ("peer", "gpubake", "cap")
+CASES = ("peer", "gpubake", "fp8", "cap")
 PEER_LEVERS = ("fp8", "fa3", "compile")  # torchao W8A8 rowwise, FA3 FP8 self-attention, regional compile
 SMALL_CARD_RUNTIME = "text_encoder=shrink,vae_tiling=1,expert_offload=1"  # runtime.py's levers for cards under 28 GiB (24 GB)
 GIB = 2**30
@@ -356,16 +359,18 @@ def keep_fp32_as_loaded(model: Any) -> int:
 FINGERPRINT_KEY = "patch_embedding.weight"  # stored as BF16, never quantized
 
 
-def ensure_checkpoint(root: Path, small: bool, dev: str, seed: int, expert: Any, phases: dict) -> tuple[Path, bool]:
-    """ROOT/model: reused when its manifest exists and it holds `expert`'s weights, else written
-    by the self-test's writer from a copy of `expert`. Returns (path, reused)."""
+def ensure_checkpoint(root: Path, small: bool, dev: str, seed: int, expert: Any, phases: dict,
+                      fmt: str = "nvfp4") -> tuple[Path, bool]:
+    """ROOT/model (`fmt` fp8: ROOT/model-fp8): reused when its manifest exists and it holds
+    `expert`'s weights, else written by the self-test's writer from a copy of `expert`.
+    Returns (path, reused)."""
     import torch
     from safetensors import safe_open
 
     from gpubake.provisioning import layout
     from gpubake.provisioning.manifest import MANIFEST_NAME
 
-    ckpt = root / "model"
+    ckpt = root / ("model" if fmt == "nvfp4" else f"model-{fmt}")
     if (ckpt / MANIFEST_NAME).is_file():
         want = expert.state_dict()[FINGERPRINT_KEY].detach().cpu()
         for shard in layout.shard_files(ckpt / "transformer"):
@@ -382,7 +387,7 @@ def ensure_checkpoint(root: Path, small: bool, dev: str, seed: int, expert: Any,
 
     model_id = "tiny-wan2.2" if small else "wan2.2-t2v-a14b"
     with contextlib.redirect_stdout(sys.stderr):  # its phase lines: stdout is the cases' summaries
-        build_checkpoint(ckpt, small, model_id, dev, seed, phases, expert=expert)
+        build_checkpoint(ckpt, small, model_id, dev, seed, phases, expert=expert, fmt=fmt)
     return ckpt, False
 
 
@@ -765,7 +770,8 @@ def bench(args: argparse.Namespace) -> int:
         "frames": args.frames, "sizes": {s: list(sizes[s]) for s in args.sizes},
         "weights": "random: one expert stored as both experts; UMT5-XXL and the Wan 2.1 VAE at their real "
                    "configs (tiny configs with --small); the tokenizer is make-tiny's offline one",
-        "env": {k: os.environ.get(k) for k in ("GPUBAKE_RUNTIME", "GPUBAKE_NVFP4_BACKEND", "PYTORCH_CUDA_ALLOC_CONF")},
+        "env": {k: os.environ.get(k) for k in ("GPUBAKE_RUNTIME", "GPUBAKE_NVFP4_BACKEND", "GPUBAKE_FP8_BACKEND",
+                                                "PYTORCH_CUDA_ALLOC_CONF")},
         "phases": {}, "bf16_reference": {}, "cases": [], "skipped": [],
     }
     run = Run(args, device, result)
@@ -783,6 +789,11 @@ def bench(args: argparse.Namespace) -> int:
     ckpt, reused = ensure_checkpoint(args.root, args.small, dev, args.seed, expert, result["phases"])
     result["phases"]["checkpoint_s"] = round(time.perf_counter() - t0, 2)
     result["checkpoint"] = {"path": str(ckpt), "reused": reused}
+    if "fp8" in args.cases:  # from the BF16 expert, before the peer takes its weights
+        t0 = time.perf_counter()
+        fp8_ckpt, reused = ensure_checkpoint(args.root, args.small, dev, args.seed, expert, result["phases"], "fp8")
+        result["phases"]["checkpoint_fp8_s"] = round(time.perf_counter() - t0, 2)
+        result["checkpoint_fp8"] = {"path": str(fp8_ckpt), "reused": reused}
     result["phases"]["bf16_upcast_keep_fp32_params"] = keep_fp32_as_loaded(expert)
     inputs = {s: make_inputs(cfg, *sizes[s], args.frames, device.dev) for s in args.sizes}
     refs = {}
@@ -810,6 +821,8 @@ def bench(args: argparse.Namespace) -> int:
     device.reset()
     if "gpubake" in args.cases:
         gpubake_cases(run, ckpt, smp, sizes, inputs, refs, clips)
+    if "fp8" in args.cases:
+        gpubake_cases(run, fp8_ckpt, smp, sizes, inputs, refs, clips, name="fp8")
 
     # 5. the small-card plan under a memory cap
     if "cap" in args.cases:
@@ -863,35 +876,38 @@ def peer_cases(run: Run, held: list, ckpt: Path, smp: Sampling, sizes: dict, inp
         run.write()
 
 
-def gpubake_cases(run: Run, ckpt: Path, smp: Sampling, sizes: dict, inputs: dict, refs: dict, clips: Path) -> None:
-    """gpubake's serving pipeline (loader + runtime plan); one case per size, each followed by
-    its --variant cases on the same pipeline."""
+def gpubake_cases(run: Run, ckpt: Path, smp: Sampling, sizes: dict, inputs: dict, refs: dict, clips: Path,
+                  name: str = "gpubake") -> None:
+    """gpubake's serving pipeline (loader + runtime plan) on `ckpt`; one case per size, each
+    followed by its --variant cases on the same pipeline (the NVFP4 case's only). `name`:
+    the case, "gpubake" (NVFP4) or "fp8" (the FP8-weight checkpoint, same plan)."""
     import torch
     from clip_variants import captured_decode, run_variant
 
     args, device = run.args, run.device
+    variants = args.variants if name == "gpubake" else []
     state: dict[str, Any] = {}
     try:
         t0 = time.perf_counter()
         try:
             state["sp"], runtime = load_gpubake(ckpt, device, args.runtime)
         except Exception as exc:  # the loader refused the checkpoint or the plan: a result
-            run.result["cases"].append({"case": "gpubake", "stack": "gpubake", "error": f"load: {one_line(exc)}"})
+            run.result["cases"].append({"case": name, "stack": name, "error": f"load: {one_line(exc)}"})
             print(summary_line(run.result["cases"][-1]), flush=True)
             return
         load_s = round(time.perf_counter() - t0, 2)
         for s in args.sizes:
             def body(row: dict, s: str = s) -> None:
                 sp = state["sp"]
-                row.update(stack="gpubake", runtime=runtime, load_s=load_s)
-                with captured_decode(sp.pipe) if args.variants else contextlib.nullcontext({}) as got:
-                    timed_pair(row, sp.pipe, smp, sizes[s], args.frames, clips / f"gpubake-{s}", device)
+                row.update(stack=name, runtime=runtime, load_s=load_s)
+                with captured_decode(sp.pipe) if variants else contextlib.nullcontext({}) as got:
+                    timed_pair(row, sp.pipe, smp, sizes[s], args.frames, clips / f"{name}-{s}", device)
                 state[f"captured@{s}"] = got  # the timed clip's (decoded last): what a variant is compared with
                 pred = noise_prediction(sp.pipe.transformer, inputs[s], sp.plan)
                 row["rel_err_vs_bf16"] = round(rel_err(pred, refs[s]), 5)
                 row["finite"] = bool(torch.isfinite(pred).all())
-            base = run_case(run, f"gpubake@{s}", s, body)
-            for v in args.variants if base is not None and "error" not in base else ():
+            base = run_case(run, f"{name}@{s}", s, body)
+            for v in variants if base is not None and "error" not in base else ():
                 def vbody(row: dict, s: str = s, v: Any = v) -> None:
                     sp = state["sp"]
                     clip_args = (sp.pipe, smp, sizes[s], args.frames, clips / f"gpubake-{v.name}-{s}", device)
@@ -902,7 +918,7 @@ def gpubake_cases(run: Run, ckpt: Path, smp: Sampling, sizes: dict, inputs: dict
     finally:
         state.clear()
         device.reset()
-        run.result["phases"]["allocated_after_gpubake_gib"] = device.allocated_gib()
+        run.result["phases"][f"allocated_after_{name}_gib"] = device.allocated_gib()
         run.write()
 
 

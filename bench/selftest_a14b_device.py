@@ -64,9 +64,10 @@ def save_sharded(state: dict, dest: Path) -> int:
 
 
 def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int, phases: dict,
-                     expert: Any = None) -> None:
+                     expert: Any = None, fmt: str = "nvfp4") -> None:
     """`expert`: a BF16 expert to store instead of building one (a copy is quantized; the
-    caller keeps its BF16 weights: bench_clip.py's peer stack and baseline)."""
+    caller keeps its BF16 weights: bench_clip.py's peer stack and baseline). `fmt`: nvfp4, or
+    fp8 (E4M3 weights with a per-row scale, `gpubake quantize --format fp8`'s layout)."""
     import copy
 
     import torch
@@ -85,7 +86,7 @@ def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int,
         write_manifest,
     )
     from gpubake.provisioning.policy import get_policy
-    from gpubake.provisioning.quantize import quantize_model_inplace
+    from gpubake.provisioning.quantize import _FP8_LAYOUT, _NVFP4_LAYOUT, quantize_model_inplace
 
     def mark(name: str, t0: float) -> None:
         if dev.startswith("cuda"):
@@ -113,8 +114,8 @@ def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int,
     phases["expert_parameters"] = sum(p.numel() for p in expert.parameters())
 
     t0 = time.perf_counter()
-    sqnr = quantize_model_inplace(expert, "default")
-    mark("expert_quantize_nvfp4", t0)
+    sqnr = quantize_model_inplace(expert, "default", fmt=fmt)
+    mark(f"expert_quantize_{fmt}", t0)
 
     t0 = time.perf_counter()
     first = root / "transformer"
@@ -156,13 +157,13 @@ def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int,
     pol = get_policy("default")
     sq = [v for v in sqnr.values() if v is not None]
     quant = {
-        "format": "nvfp4", "block_size": 16, "scale_dtype": "float8_e4m3fn", "scale_layout": "row-major",
+        "format": fmt, **(_NVFP4_LAYOUT if fmt == "nvfp4" else _FP8_LAYOUT),
         "policy": pol.to_json(), "experts": ["transformer", "transformer_2"],
         "summary": {"quantized_layers": 2 * len(sqnr), "sqnr_db_min": min(sq) if sq else None,
                     "sqnr_db_mean": round(sum(sq) / len(sq), 4) if sq else None},
         "note": "random weights; one expert stored twice (bench/selftest_a14b_device.py)",
     }
-    write_manifest(root, build_manifest(root, fmt="nvfp4", model_id=model_id, quantization=quant))
+    write_manifest(root, build_manifest(root, fmt=fmt, model_id=model_id, quantization=quant))
     mark("vae_scheduler_manifest", t0)
 
 
@@ -174,6 +175,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="pass --quick to the self-test (sampled hashes)")
     ap.add_argument("--write-only", action="store_true", help="write the checkpoint and phases.json, run no self-test")
+    ap.add_argument("--format", dest="fmt", choices=("nvfp4", "fp8"), default="nvfp4",
+                    help="checkpoint format (fp8: E4M3 weights, one scale per row; the spec's quantization follows)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model_id = "tiny-wan2.2" if args.tiny else "wan2.2-t2v-a14b"
@@ -181,7 +184,7 @@ def main() -> None:
     phases: dict = {}
     t_all = time.perf_counter()
     ckpt = args.root / "model"
-    build_checkpoint(ckpt, args.tiny, model_id, dev, args.seed, phases)
+    build_checkpoint(ckpt, args.tiny, model_id, dev, args.seed, phases, fmt=args.fmt)
     phases["checkpoint_total"] = round(time.perf_counter() - t_all, 2)
     phases["checkpoint_disk_bytes"] = int(subprocess.run(["du", "-sb", str(ckpt)], capture_output=True, text=True,
                                                          check=True).stdout.split()[0])
@@ -190,6 +193,8 @@ def main() -> None:
     spec_text = (catalog / "wan22-t2v-a14b-nvfp4-hopper.toml").read_text()
     if args.tiny:
         spec_text = spec_text.replace('id = "wan2.2-t2v-a14b"', 'id = "tiny-wan2.2"')
+    if args.fmt != "nvfp4":  # the image's facts name the checkpoint's format (the model stage checks it)
+        spec_text = spec_text.replace('quantization = "nvfp4"', f'quantization = "{args.fmt}"')
     (args.root / "spec").mkdir(exist_ok=True)
     (args.root / "spec" / "locks").mkdir(exist_ok=True)
     for lock in (catalog / "locks").iterdir():

@@ -37,6 +37,16 @@ def tiny_nvfp4_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
     return dest
 
 
+@pytest.fixture(scope="session")
+def tiny_fp8_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_checkpoint` quantized to FP8 weights (`--format fp8`) with the default policy."""
+    from gpubake.provisioning.quantize import quantize_checkpoint
+
+    dest = tmp_path_factory.mktemp("ckpt") / "tiny-fp8"
+    quantize_checkpoint(tiny_checkpoint, dest, policy="default", progress=False, fmt="fp8")
+    return dest
+
+
 @dataclass
 class S3:
     endpoint: str

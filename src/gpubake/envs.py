@@ -138,6 +138,9 @@ _VARS = (
         default="auto"),
     Var("GPUBAKE_NVFP4_BACKEND", "NVFP4 GEMM backend instead of the one chosen by compute capability: blackwell-native, "
         "hopper-fp8, dequant-bf16, cpu-reference.", "image", default_doc="by compute capability"),
+    Var("GPUBAKE_FP8_BACKEND", "FP8-weight checkpoint (format fp8) GEMM path instead of the one chosen by compute "
+        "capability: scaled-mm (W8A8, FP8 tensor cores), dequant-bf16, reference.", "image",
+        default_doc="by compute capability"),
     Var("GPUBAKE_SELFTEST", "Boot self-test: full, quick (sample the weight hashes) or off.", "image",
         default_doc="full (start.sh); quick (RunPod serverless handler)", kind="full | quick | off"),
     Var("GPUBAKE_GPUS_PER_CLIP", "`gpubake serve --gpus-per-clip`: GPUs that render ONE clip together (context parallelism, "

@@ -26,7 +26,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("GPUBAKE_RUNTIME", None)
     cmd = [sys.executable, str(BENCH / "bench_clip.py"), "--small", "--out", str(tmp / "out"),
-           "--root", str(tmp / "root"), "--720p", "--steps", "2", "--mem-cap", "23.5"]
+           "--root", str(tmp / "root"), "--720p", "--steps", "2", "--mem-cap", "23.5", "--cases", "peer,gpubake,fp8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp / "out" / "bench_clip.json").read_text())
@@ -37,12 +37,14 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_small_run_measures_every_case_once_per_size(small_run):
     data, stdout = small_run["data"], small_run["stdout"]
     names = [c["case"] for c in data["cases"]]
-    assert names == ["peer@480p", "peer@720p", "gpubake@480p", "gpubake@720p", "cap@480p", "cap@720p"]
+    assert names == ["peer@480p", "peer@720p", "gpubake@480p", "gpubake@720p", "fp8@480p", "fp8@720p",
+                     "cap@480p", "cap@720p"]
     assert not data["skipped"] and all("error" not in c for c in data["cases"]), data["cases"]
     lines = stdout.splitlines()  # one summary line per case, nothing else on stdout
     assert [ln.split("]")[0] + "]" for ln in lines] == [f"[{n}]" for n in names]
     assert data["sizes"] == {"480p": [32, 48], "720p": [32, 64]} and data["frames"] == 5
-    assert data["checkpoint"]["reused"] is False
+    assert data["checkpoint"]["reused"] is False and data["checkpoint_fp8"]["reused"] is False
+    assert data["checkpoint_fp8"]["path"].endswith("model-fp8")
     assert all(r["finite"] for r in data["bf16_reference"].values())
     for case in data["cases"]:
         t = case["timed"]
@@ -67,6 +69,9 @@ def test_small_run_errors_against_the_bf16_baseline(small_run):
         # gpubake's NVFP4 checkpoint of the same weights: close to it, not equal
         assert 0.0 < cases[f"gpubake@{size}"]["rel_err_vs_bf16"] < 0.2
         assert cases[f"gpubake@{size}"]["finite"] and cases[f"peer@{size}"]["finite"]
+        # the FP8-weight checkpoint of the same weights: closer to BF16 than NVFP4 (8 bits, not 4)
+        fp8 = cases[f"fp8@{size}"]
+        assert fp8["finite"] and 0.0 < fp8["rel_err_vs_bf16"] < cases[f"gpubake@{size}"]["rel_err_vs_bf16"]
 
 
 @pytest.mark.slow
@@ -77,6 +82,9 @@ def test_small_run_says_what_it_skipped_and_which_plan_ran(small_run):
     plan = cases["gpubake@480p"]["runtime"]["plan"]
     assert plan["gemm_backend"] == "cpu-reference" and plan["text_encoder"] == "keep"
     assert cases["gpubake@480p"]["runtime"]["gemm_backends"]["transformer_2"]["cpu-reference"] > 0
+    # the fp8 case: the same plan, its FP8 layers bound to the CPU's FP8 path (no NVFP4 layer)
+    assert cases["fp8@480p"]["runtime"]["gemm_backends"] == {e: {"fp8:reference": 30}
+                                                             for e in ("transformer", "transformer_2")}
     cap = cases["cap@480p"]
     assert cap["runtime"]["plan"]["text_encoder"] == "shrink" and cap["runtime"]["plan"]["vae_tiling"] is True
     assert cap["runtime"]["plan"]["expert_offload"] is True  # the 24 GB card's plan (runtime.OFFLOAD_CARD_GIB)

@@ -31,6 +31,6 @@ def test_report_and_contact_sheet(tiny_checkpoint, tiny_nvfp4_checkpoint, tmp_pa
 
 
 def test_arguments_in_the_wrong_order(tiny_checkpoint, tiny_nvfp4_checkpoint, tmp_path):
-    with pytest.raises(GpubakeError, match="not an NVFP4 checkpoint"):
+    with pytest.raises(GpubakeError, match="not an NVFP4 or FP8 checkpoint"):
         run_fidelity(tiny_nvfp4_checkpoint, tiny_checkpoint, tmp_path, prompts=["x"], seeds=[0], progress=False)
     assert not (tmp_path / "fidelity.json").exists()

@@ -26,6 +26,9 @@ class Arch:
     nvfp4_backend: str  # the GEMM backend without $GPUBAKE_NVFP4_BACKEND (`kernels.backends`)
     # 8-bit attention kernels by preference: the plan takes the first that passes its boot check
     attention: tuple[str, ...] = ()
+    # the FP8-weight (W8A8) GEMM path without $GPUBAKE_FP8_BACKEND (`kernels.fp8_linear`):
+    # scaled-mm where torch's row-wise scaled FP8 `_scaled_mm` runs (FP8 tensor cores)
+    fp8_backend: str = "dequant-bf16"
 
     @property
     def sm(self) -> str:
@@ -33,15 +36,15 @@ class Arch:
         return sm_name(self.capability)
 
 
-CPU = Arch(None, "cpu", "cpu-reference")
+CPU = Arch(None, "cpu", "cpu-reference", fp8_backend="reference")
 ARCHS: tuple[Arch, ...] = (
     Arch((8, 0), "ampere", "dequant-bf16"),  # A100
     Arch((8, 6), "ampere", "dequant-bf16"),  # A10, A40, RTX A6000, RTX 30xx
-    Arch((8, 9), "ada", "hopper-fp8"),  # L4, L40S, RTX 6000 Ada, RTX 40xx: FP8 tensor cores
-    Arch((9, 0), "hopper", "hopper-fp8", ("fa3-fp8", "cudnn-fp8")),  # H100, H200 (FA3 is sm_90 code)
-    Arch((10, 0), "blackwell", "blackwell-native"),  # B200, GB200: FP4 tensor cores
+    Arch((8, 9), "ada", "hopper-fp8", fp8_backend="scaled-mm"),  # L4, L40S, RTX 6000 Ada, RTX 40xx: FP8 tensor cores
+    Arch((9, 0), "hopper", "hopper-fp8", ("fa3-fp8", "cudnn-fp8"), "scaled-mm"),  # H100, H200 (FA3 is sm_90 code)
+    Arch((10, 0), "blackwell", "blackwell-native", fp8_backend="scaled-mm"),  # B200, GB200: FP4 tensor cores
     Arch((10, 3), "blackwell", "blackwell-native"),  # B300, GB300
-    Arch((12, 0), "blackwell", "blackwell-native"),  # RTX PRO 6000, RTX 50xx
+    Arch((12, 0), "blackwell", "blackwell-native", fp8_backend="scaled-mm"),  # RTX PRO 6000, RTX 50xx
     Arch((12, 1), "blackwell", "blackwell-native"),  # DGX Spark (GB10)
 )
 # A GPU not in the table (older, or newer than this table): any-CUDA-GPU kernels, no measured lever.
@@ -76,3 +79,8 @@ def arch_for(cap: Capability | None) -> Arch:
 def capabilities_defaulting_to(backend: str) -> tuple[Capability, ...]:
     """The architectures whose default NVFP4 backend is `backend` (where it is built to run)."""
     return tuple(a.capability for a in ARCHS if a.nvfp4_backend == backend and a.capability is not None)
+
+
+def capabilities_defaulting_to_fp8(backend: str) -> tuple[Capability, ...]:
+    """The architectures whose default FP8-weight path is `backend` (where it is known to run)."""
+    return tuple(a.capability for a in ARCHS if a.fp8_backend == backend and a.capability is not None)

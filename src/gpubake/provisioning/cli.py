@@ -84,26 +84,29 @@ def make_tiny_cmd(
 
 def quantize_cmd(
     src: Path = typer.Argument(..., help="BF16 diffusers Wan 2.2 checkpoint directory."),
-    dest: Path = typer.Argument(..., help="Directory to create for the NVFP4 checkpoint."),
+    dest: Path = typer.Argument(..., help="Directory to create for the quantized checkpoint."),
     policy: str = typer.Option("default", "--policy", help="Quantization policy (policies.toml): default, keep-first-last, ffn-only."),
+    fmt: str = typer.Option("nvfp4", "--format", help="nvfp4 (4-bit, any GPU) or fp8 (E4M3 weights, one scale per row: W8A8 on FP8 tensor cores, twice the weight memory)."),
     device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu (reference) or cuda (Triton)."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Registry id recorded in the manifest."),
     trust_source: bool = typer.Option(False, "--trust-source", help="Do not verify SRC against its gpubake-manifest.json (needed for a source without one); its files are hashed as they are. Symlinks out of SRC are refused all the same."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
 ) -> None:
-    """Quantize the transformer experts to NVFP4 (streams shard by shard) and write the manifest.
+    """Quantize the transformer experts to NVFP4 or FP8 (streams shard by shard) and write the manifest.
 
     SRC is first verified against its own manifest (written by `fetch` or `make-tiny`):
     a file it does not list, a wrong size or sha256, or a symlink out of SRC is refused."""
     check_device("--device", device)
     from gpubake.provisioning.models import get_model
-    from gpubake.provisioning.quantize import quantize_checkpoint
+    from gpubake.provisioning.quantize import check_format, quantize_checkpoint
 
+    check_format(fmt)
     if model_id:
         get_model(model_id)
     result = quantize_checkpoint(src, dest, policy, device=device, progress=not json_out, model_id=model_id,
-                                 trust_source=trust_source)
-    _report(result, json_out, f"quantized {result['quantized_layers']} layers into {dest} (SQNR mean {result['sqnr_db_mean']} dB)")
+                                 trust_source=trust_source, fmt=fmt)
+    _report(result, json_out, f"quantized {result['quantized_layers']} layers to {fmt} into {dest} "
+                              f"(SQNR mean {result['sqnr_db_mean']} dB)")
 
 
 def import_cmd(

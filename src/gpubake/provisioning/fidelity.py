@@ -190,16 +190,17 @@ def summarize(results: list[dict[str, Any]], sqnr: dict[str, float | None]) -> d
 
 
 def _bind_backend(pipe: Any, device: str) -> None:
-    """Bind every NVFP4 layer of the experts to the backend `device` runs (the arch
-    table's default, or ``$GPUBAKE_NVFP4_BACKEND``), once, as the runtime plan does."""
+    """Bind every NVFP4 (FP8) layer of the experts to the backend `device` runs (the arch
+    table's default, or ``$GPUBAKE_NVFP4_BACKEND`` / ``$GPUBAKE_FP8_BACKEND``), once, as the runtime plan does."""
     from gpubake.kernels.backends import select_backend
     from gpubake.kernels.linear import bind_backends
+    from gpubake.provisioning.runtime import bind_fp8
 
     backend = select_backend(device)
-    for name in ("transformer", "transformer_2"):
-        model = getattr(pipe, name, None)
-        if model is not None:
-            bind_backends(model, backend)
+    experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}
+    for model in experts.values():
+        bind_backends(model, backend)
+    bind_fp8(experts, device)  # an FP8 checkpoint's layers: the path this device runs
 
 
 def run_fidelity(
@@ -226,8 +227,9 @@ def run_fidelity(
     from gpubake.provisioning.loader import checkpoint_format, load_pipeline
 
     bf16, nvfp4, out = Path(bf16), Path(nvfp4), Path(out)
-    if checkpoint_format(nvfp4) != "nvfp4":
-        raise GpubakeError(f"{nvfp4}: not an NVFP4 checkpoint (run `gpubake quantize` first)")
+    fmt = checkpoint_format(nvfp4)
+    if fmt not in ("nvfp4", "fp8"):
+        raise GpubakeError(f"{nvfp4}: not an NVFP4 or FP8 checkpoint (run `gpubake quantize` first)")
     if checkpoint_format(bf16) != "bf16":
         raise GpubakeError(f"{bf16}: expected the BF16 checkpoint as the first argument")
     s, model_id = settings_for(nvfp4, height=height, width=width, num_frames=num_frames, steps=steps)
@@ -251,6 +253,7 @@ def run_fidelity(
         "model_id": model_id,
         "bf16": str(bf16),
         "nvfp4": str(nvfp4),
+        "format": fmt,  # of the quantized checkpoint (the "nvfp4" slot holds an fp8 one too)
         "settings": s.__dict__,
         "device": device,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},

@@ -139,6 +139,22 @@ def quantized_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
     return {k[: -len(suffix)] for k in actual if k.endswith(suffix)}
 
 
+def fp8_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
+    """Modules stored as FP8 weights (`fp8_linear.FP8Linear`): a `.weight_scale` of shape
+    [out, 1] and no `.weight_packed`. (An NVFP4 layer of in_features 16 also has a [out, 1]
+    `.weight_scale`, its block scales: `.weight_packed` tells them apart.)"""
+    from gpubake.kernels.format import PACKED_KEY
+    from gpubake.kernels.fp8_linear import FP8_SCALE_KEY
+
+    suffix = "." + FP8_SCALE_KEY
+    out = set()
+    for key, shape in actual.items():
+        module = key[: -len(suffix)]
+        if key.endswith(suffix) and len(shape) == 2 and shape[1] == 1 and f"{module}.{PACKED_KEY}" not in actual:
+            out.add(module)
+    return out
+
+
 def static_scale_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
     """Modules whose checkpoint holds the optional static activation scale
     (`.input_global_scale`, `format.INPUT_GLOBAL_SCALE_KEY`: published W4A4 checkpoints)."""

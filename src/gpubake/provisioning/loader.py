@@ -1,8 +1,9 @@
-"""`load_pipeline(path)`: a diffusers Wan pipeline from a BF16 or NVFP4 gpubake checkpoint.
+"""`load_pipeline(path)`: a diffusers Wan pipeline from a BF16, NVFP4 or FP8 gpubake checkpoint.
 
 NVFP4 experts are built without ever materialising BF16 weights for the quantized
 linears: the transformer is constructed with parameters on the meta device, each
-quantized `nn.Linear` is swapped for a meta `NVFP4Linear`, the checkpoint's keys and
+quantized `nn.Linear` is swapped for a meta `NVFP4Linear` (an FP8 one for a meta
+`FP8Linear`, `layout.fp8_modules`), the checkpoint's keys and
 shapes are checked against that model (one-line error naming the first missing, extra
 or mis-shaped key), and the tensors are then *assigned* (not copied). The remaining
 components (VAE, UMT5, tokenizer, scheduler) and the boundary ratio go through
@@ -41,35 +42,47 @@ def _torch_dtype(dtype: Any) -> Any:
         raise CheckpointError(f"unknown dtype {dtype!r} (bf16, fp16 or fp32)") from None
 
 
+QUANTIZED_FORMATS = ("nvfp4", "fp8")
+
+
 def checkpoint_format(path: Path) -> str:
-    """'nvfp4' or 'bf16' (from the manifest, else from the tensors present)."""
+    """'nvfp4', 'fp8' or 'bf16' (from the manifest, else from the tensors present)."""
     trust.guard_checkpoint(path)  # the shard headers read below are listed ones
     if (path / MANIFEST_NAME).is_file():
         fmt = read_manifest(path).get("format")
-        if fmt == "nvfp4":
-            return "nvfp4"
+        if fmt in QUANTIZED_FORMATS:
+            return fmt
     for e in layout.expert_dirs(layout.model_index(path)):
-        if layout.quantized_modules(layout.tensor_shapes(layout.shard_files(path / e))):
+        actual = layout.tensor_shapes(layout.shard_files(path / e))
+        if layout.quantized_modules(actual):
             return "nvfp4"
+        if layout.fp8_modules(actual):
+            return "fp8"
     return "bf16"
 
 
-def swap_linears(model: Any, modules: set[str], static: set[str] = frozenset()) -> None:
-    """Replace each named nn.Linear of `model` with an NVFP4Linear of the same shape (meta);
-    those in `static` expect the optional static activation scale (`layout.static_scale_modules`)."""
+def swap_linears(model: Any, modules: set[str], static: set[str] = frozenset(), fp8: set[str] = frozenset()) -> None:
+    """Replace each named nn.Linear of `model` with an NVFP4Linear of the same shape (meta),
+    or an FP8Linear for those in `fp8`; those in `static` expect the optional static
+    activation scale (`layout.static_scale_modules`)."""
     import torch
 
+    from gpubake.kernels.fp8_linear import FP8Linear
     from gpubake.kernels.linear import NVFP4Linear
 
-    for name in sorted(modules):
+    for name in sorted(set(modules) | set(fp8)):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child, None)
         if not isinstance(old, torch.nn.Linear):
-            raise CheckpointError(f"{name}: stored as NVFP4 but is not a Linear in WanTransformer3DModel")
+            kind = "FP8" if name in fp8 else "NVFP4"
+            raise CheckpointError(f"{name}: stored as {kind} but is not a Linear in WanTransformer3DModel")
         with torch.device("meta"):
-            new = NVFP4Linear(old.in_features, old.out_features, bias=old.bias is not None,
-                              static_input_scale=name in static)
+            if name in fp8:
+                new = FP8Linear(old.in_features, old.out_features, bias=old.bias is not None)
+            else:
+                new = NVFP4Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                                  static_input_scale=name in static)
         setattr(parent, child, new)
 
 
@@ -105,15 +118,17 @@ class EmptyExpert:
         shards = layout.shard_files(expert)
         actual = layout.tensor_shapes(shards)
         model = layout.empty_transformer(cfg)
-        quantized = layout.quantized_modules(actual)
+        nvfp4, fp8 = layout.quantized_modules(actual), layout.fp8_modules(actual)
+        quantized = nvfp4 | fp8
         if quantized:
-            swap_linears(model, quantized, layout.static_scale_modules(actual))
+            swap_linears(model, nvfp4, layout.static_scale_modules(actual), fp8)
         expected, _ = layout.expected_shapes(model)
         layout.check_tensors(actual, expected, str(expert))
         return cls(expert, model, shards, quantized, dtype)
 
     def read(self, device: str) -> dict[str, Any]:
-        """The state dict on `device`: NVFP4 tensors as stored, the rest in the model's dtype
+        """The state dict on `device`: NVFP4 and FP8 tensors as stored (float8 weights, float32
+        scales; their biases too), the rest in the model's dtype
         (fp32 where the model keeps modules in fp32)."""
         import torch
 

@@ -54,12 +54,14 @@ def check_runtime_env() -> None:
     """Parse $GPUBAKE_RUNTIME now, so a typo fails at startup in one line rather than
     after minutes of hashing weights. Parsing does not depend on the device (only the
     base plan does), so the CPU is used: no CUDA initialisation here. A
-    $GPUBAKE_NVFP4_BACKEND naming no backend fails here too; whether the GPU can run the
+    $GPUBAKE_NVFP4_BACKEND (or $GPUBAKE_FP8_BACKEND) naming no backend fails here too; whether the GPU can run the
     one it names, the plan of the real device says (`load_serving_pipeline`)."""
     from gpubake.kernels.backends import default_backend_name, override_name
+    from gpubake.kernels.fp8_linear import select_fp8_backend
     from gpubake.provisioning.runtime import plan_from_env
 
     override_name()
+    select_fp8_backend("cpu")  # every path runs on the CPU: this checks the $GPUBAKE_FP8_BACKEND name only
     plan_from_env("cpu", gemm_backend=default_backend_name(None))
 
 
@@ -108,9 +110,15 @@ def model_runtime(model_dir: Path) -> tuple[str | None, dict[str, str]]:
         return mid, {}
 
 
+FP8_PREFIX = "fp8:"  # FP8-weight paths in `gemm_backends` ("dequant-bf16" is a name of both kinds)
+
+
 def gemm_backends(pipe: Any) -> dict[str, dict[str, int]]:
-    """Per expert of `pipe`, {backend name: NVFP4 layers bound to it} ({} for a BF16 expert)."""
+    """Per expert of `pipe`, {backend name: NVFP4 layers bound to it} and {"fp8:<path>": FP8
+    layers bound to it} ({} for a BF16 expert)."""
+    from gpubake.kernels.fp8_linear import bound_fp8_backends
     from gpubake.kernels.linear import bound_backends
 
     experts = {n: getattr(pipe, n, None) for n in ("transformer", "transformer_2")}
-    return {n: bound_backends(m) for n, m in experts.items() if m is not None}
+    return {n: {**bound_backends(m), **{FP8_PREFIX + k: v for k, v in bound_fp8_backends(m).items()}}
+            for n, m in experts.items() if m is not None}

@@ -1,4 +1,5 @@
-"""`gpubake quantize SRC DEST`: a BF16 Wan 2.2 diffusers checkpoint -> NVFP4 experts.
+"""`gpubake quantize SRC DEST [--format nvfp4|fp8]`: a BF16 Wan 2.2 diffusers checkpoint -> NVFP4
+(default) or FP8-weight experts.
 
 Streams: each shard is opened with safetensors `safe_open` (memory-mapped) and read
 one tensor at a time; the quantized shard is written before the next is opened, so
@@ -8,7 +9,11 @@ size (bench/bench_quantize.py measures it on a full-size A14B expert).
 Per quantized linear `P` the output holds `P.weight_packed` (uint8 [out, in/2]),
 `P.weight_scale` (float8_e4m3fn [out, in/16], row-major), `P.weight_global_scale`
 (float32 []) and `P.bias` (unchanged): the state-dict layout of
-`gpubake.kernels.linear.NVFP4Linear`. Everything else is copied: other transformer
+`gpubake.kernels.linear.NVFP4Linear`. With ``--format fp8`` it holds `P.weight`
+(float8_e4m3fn [out, in]), `P.weight_scale` (float32 [out, 1], one scale per output row)
+and `P.bias`: `gpubake.kernels.fp8_linear.FP8Linear`'s (W8A8 on FP8 tensor cores, for
+cards with the memory for 1 byte a weight). The same policy picks the linears either way.
+Everything else is copied: other transformer
 tensors (kept in BF16, or fp32 for the modules diffusers keeps in fp32), and the VAE,
 text encoder, tokenizer, scheduler and model_index byte for byte. The source is
 verified against its own manifest before anything is written (`trust.verify_source`:
@@ -41,6 +46,9 @@ from gpubake.provisioning.manifest import (
 from gpubake.provisioning.policy import Policy, get_policy
 
 FORMAT = "nvfp4"
+FP8_FORMAT = "fp8"
+FORMATS = (FORMAT, FP8_FORMAT)  # what `--format` takes; the manifest's "format"
+QUANTIZED_FORMATS = frozenset(FORMATS)  # a source in any of these is refused
 
 
 ROWS_PER_CHUNK = 1024  # bounds the float32 temporaries of one layer to ~ROWS x in_features
@@ -78,6 +86,37 @@ def quantize_weight(w: Any, device: str = "cpu", out_device: str = "cpu") -> tup
     return q, s
 
 
+def quantize_weight_fp8(w: Any, device: str = "cpu", out_device: str = "cpu") -> tuple[Any, Any, float | None]:
+    """FP8 (E4M3, one float32 scale per output row: `fp8_linear.quantize_fp8_rowwise`) of one
+    [out, in] weight on `device`, and its SQNR in dB (None when the error is exactly zero).
+    Rows are independent, so they go in chunks: the float32 temporaries stay small."""
+    import torch
+
+    from gpubake.kernels.fp8_linear import dequantize_fp8, quantize_fp8_rowwise
+
+    x = w.to(device)
+    qs, scales = [], []
+    sig = err = 0.0
+    for i in range(0, x.shape[0], ROWS_PER_CHUNK):
+        xi = x[i : i + ROWS_PER_CHUNK]
+        q, s = quantize_fp8_rowwise(xi)
+        ref = xi.float()
+        sig += float(ref.pow(2).sum(dtype=torch.float64))
+        err += float((ref - dequantize_fp8(q, s)).pow(2).sum(dtype=torch.float64))
+        qs.append(q.to(out_device))
+        scales.append(s.to(out_device))
+        del q, s, ref
+    db = round(10.0 * math.log10(sig / err), 4) if err > 0 and sig > 0 else None
+    return torch.cat(qs), torch.cat(scales), db
+
+
+def check_format(fmt: str) -> str:
+    """`--format`: nvfp4 or fp8 (one line naming the flag otherwise)."""
+    if fmt not in FORMATS:
+        raise GpubakeError(f"--format: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    return fmt
+
+
 def default_device() -> str:
     """Where a build quantizes: `cuda` when torch sees a GPU (seconds an expert), else `cpu`
     (the reference quantizer, on every core: `cpu_threads`)."""
@@ -95,8 +134,10 @@ def cpu_threads() -> int:
 
 
 def _refuse_quantized_source(src: Path) -> None:
-    if (src / MANIFEST_NAME).is_file() and read_manifest(src).get("format") == FORMAT:
-        raise CheckpointError(f"{src}: already quantized ({FORMAT}); quantize a BF16 checkpoint")
+    """A source its manifest calls quantized, in any format, is not requantized."""
+    fmt = read_manifest(src).get("format") if (src / MANIFEST_NAME).is_file() else None
+    if fmt in QUANTIZED_FORMATS:
+        raise CheckpointError(f"{src}: already quantized ({fmt}); quantize a BF16 checkpoint")
 
 
 def quantize_checkpoint(
@@ -108,13 +149,16 @@ def quantize_checkpoint(
     progress: bool = True,
     model_id: str | None = None,
     trust_source: bool = False,
+    fmt: str = FORMAT,
 ) -> dict[str, Any]:
-    """Quantize `src` (BF16 diffusers Wan checkpoint) into `dest`; returns a summary.
+    """Quantize `src` (BF16 diffusers Wan checkpoint) into `dest` as `fmt` (nvfp4 or fp8);
+    returns a summary.
 
     `src` is verified against its own manifest first (`trust.verify_source`); only the
     files it lists are read. `trust_source` hashes an unverifiable source as it is."""
     t_start = time.monotonic()
     src, dest = Path(src), Path(dest)
+    check_format(fmt)
     pol = get_policy(policy)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
@@ -128,8 +172,9 @@ def quantize_checkpoint(
     # Validate every expert before writing anything: a bad source fails in seconds.
     for e in experts:
         actual = layout.tensor_shapes(layout.shard_files(src / e))
-        if layout.quantized_modules(actual):
-            raise CheckpointError(f"{src / e}: already quantized ({FORMAT}); quantize a BF16 checkpoint")
+        for found, modules in ((FORMAT, layout.quantized_modules(actual)), (FP8_FORMAT, layout.fp8_modules(actual))):
+            if modules:
+                raise CheckpointError(f"{src / e}: already quantized ({found}); quantize a BF16 checkpoint")
         exp, _ = layout.expected_shapes(layout.empty_transformer(configs[e]))
         layout.check_tensors(actual, exp, f"{src / e}")
     _refuse_quantized_source(src)
@@ -143,7 +188,7 @@ def quantize_checkpoint(
         with atomic_path(dest) as tmp, _ShardProgress(progress, device) as bar:
             tmp.mkdir()
             for e in experts:
-                _quantize_expert(src / e, tmp / e, pol, configs[e], device, layers, stats, bar)
+                _quantize_expert(src / e, tmp / e, pol, configs[e], device, layers, stats, bar, fmt)
             # Everything else the source's record lists, byte for byte (never an
             # unlisted file, nor DEST's own staging directory when DEST is inside SRC).
             copied = [rel for rel in sorted(source["files"]) if rel.split("/", 1)[0] not in experts]
@@ -153,10 +198,8 @@ def quantize_checkpoint(
             normalise_modes(tmp)
             sq = [v["sqnr_db"] for v in layers.values() if v["sqnr_db"] is not None]
             quant = {
-                "format": FORMAT,
-                "block_size": 16,
-                "scale_dtype": "float8_e4m3fn",
-                "scale_layout": "row-major",
+                "format": fmt,
+                **(_NVFP4_LAYOUT if fmt == FORMAT else _FP8_LAYOUT),
                 "policy": pol.to_json(),
                 "experts": experts,
                 "layers": layers,
@@ -168,7 +211,7 @@ def quantize_checkpoint(
                 },
             }
             src_model = read_manifest(src).get("model_id") if (src / MANIFEST_NAME).is_file() else None
-            out_manifest = build_manifest(tmp, fmt=FORMAT, model_id=model_id or src_model, source=source, quantization=quant)
+            out_manifest = build_manifest(tmp, fmt=fmt, model_id=model_id or src_model, source=source, quantization=quant)
             trust.check_copies(out_manifest["files"], source["files"], copied + [f"{e}/config.json" for e in experts])
             write_manifest(tmp, out_manifest)
     except Exception as exc:
@@ -182,6 +225,7 @@ def quantize_checkpoint(
     total_secs = time.monotonic() - t_start
     return {
         "dest": str(dest),
+        "format": fmt,
         "policy": pol.name,
         "experts": experts,
         "quantized_layers": stats["quantized"],
@@ -195,6 +239,11 @@ def quantize_checkpoint(
         "quantize_seconds": round(secs, 3),  # read, quantize, write (after validation and source hashing)
         "validate_hash_seconds": round(hash_secs, 3),
     }
+
+
+# what the manifest's quantization record says of each format's tensors
+_NVFP4_LAYOUT = {"block_size": 16, "scale_dtype": "float8_e4m3fn", "scale_layout": "row-major"}
+_FP8_LAYOUT = {"weight_dtype": "float8_e4m3fn", "scale_dtype": "float32", "scale_layout": "per-output-row [out, 1]"}
 
 
 def _keep_fp32_names() -> tuple[str, ...]:
@@ -279,11 +328,13 @@ def _quantize_expert(
     layers: dict[str, Any],
     stats: dict[str, int],
     bar: _ShardProgress,
+    fmt: str = FORMAT,
 ) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from gpubake.kernels.format import weight_tensors
+    from gpubake.kernels.fp8_linear import FP8_SCALE_KEY, FP8_WEIGHT_KEY
 
     dest.mkdir(parents=True)
     num_layers = int(config.get("num_layers", 0))
@@ -306,8 +357,13 @@ def _quantize_expert(
                 if leaf == "weight" and module in linears and pol.quantizes(module, num_layers):
                     if t.shape[-1] % 16:
                         raise CheckpointError(f"{shard}: {key} has in_features {t.shape[-1]}, not a multiple of 16")
-                    q, s = quantize_weight(t, device)
-                    out.update({f"{module}.{k}": v.contiguous() for k, v in weight_tensors(q).items()})
+                    if fmt == FP8_FORMAT:
+                        wq, scale, s = quantize_weight_fp8(t, device)
+                        out.update({f"{module}.{FP8_WEIGHT_KEY}": wq.contiguous(),
+                                    f"{module}.{FP8_SCALE_KEY}": scale.contiguous()})
+                    else:
+                        q, s = quantize_weight(t, device)
+                        out.update({f"{module}.{k}": v.contiguous() for k, v in weight_tensors(q).items()})
                     layers[f"{src.name}/{module}"] = {"shape": list(t.shape), "sqnr_db": s}
                     stats["quantized"] += 1
                 else:
@@ -327,16 +383,19 @@ def _quantize_expert(
         write_json_atomic(dest / layout.INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def quantize_model_inplace(model: Any, policy: str = "default", device: str | None = None) -> dict[str, float | None]:
+def quantize_model_inplace(model: Any, policy: str = "default", device: str | None = None,
+                           fmt: str = FORMAT) -> dict[str, float | None]:
     """Swap the policy's nn.Linear modules of an in-memory WanTransformer3DModel for
-    NVFP4Linear, one at a time (each BF16 weight is freed as soon as it is replaced);
-    returns {module: SQNR dB}. The same math as `quantize_checkpoint`, for benchmarks
-    that build full-size random models without writing them to disk.
+    NVFP4Linear (`fmt` fp8: FP8Linear), one at a time (each BF16 weight is freed as soon as
+    it is replaced); returns {module: SQNR dB}. The same math as `quantize_checkpoint`, for
+    benchmarks that build full-size random models without writing them to disk.
     """
     import torch
 
+    from gpubake.kernels.fp8_linear import FP8Linear
     from gpubake.kernels.linear import NVFP4Linear
 
+    check_format(fmt)
     pol = get_policy(policy)
     num_layers = int(model.config.num_layers)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pol.quantizes(n, num_layers)]
@@ -346,10 +405,15 @@ def quantize_model_inplace(model: Any, policy: str = "default", device: str | No
         parent = model.get_submodule(parent_name)
         lin = getattr(parent, child)
         dev = device or str(lin.weight.device)
-        q, s = quantize_weight(lin.weight.detach(), dev, out_device=dev)
-        new = NVFP4Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=dev,
-                          dtype=lin.bias.dtype if lin.bias is not None else torch.bfloat16)
-        new.load_nvfp4(q)
+        kind = FP8Linear if fmt == FP8_FORMAT else NVFP4Linear
+        new = kind(lin.in_features, lin.out_features, bias=lin.bias is not None, device=dev,
+                   dtype=lin.bias.dtype if lin.bias is not None else torch.bfloat16)
+        if fmt == FP8_FORMAT:
+            wq, scale, s = quantize_weight_fp8(lin.weight.detach(), dev, out_device=dev)
+            new.load_fp8(wq, scale)
+        else:
+            q, s = quantize_weight(lin.weight.detach(), dev, out_device=dev)
+            new.load_nvfp4(q)
         if lin.bias is not None:
             new.bias.copy_(lin.bias.detach())
         setattr(parent, child, new)

@@ -430,11 +430,26 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     return done
 
 
+def bind_fp8(experts: dict[str, nn.Module], device: torch.device | str) -> dict[str, int]:
+    """Bind the FP8-weight path `device` runs (``$GPUBAKE_FP8_BACKEND``, else the arch table's
+    `fp8_backend`), chosen once here, to every `FP8Linear` of the experts; {expert: layers},
+    only for experts that have any (an NVFP4 or BF16 checkpoint: {} and nothing chosen)."""
+    from gpubake.kernels.fp8_linear import FP8Linear, bind_fp8_backends, select_fp8_backend
+
+    if not any(isinstance(m, FP8Linear) for e in experts.values() for m in e.modules()):
+        return {}
+    name = select_fp8_backend(device)
+    return {n: bind_fp8_backends(m, name) for n, m in experts.items()}
+
+
 def set_fused_qkv(model: nn.Module, on: bool) -> int:
     """Each self-attention whose to_q, to_k and to_v are NVFP4 gets them as one projection
     (`kernels.linear.FusedNVFP4Projection`, diffusers' ``to_qkv`` with ``fused_projections``,
     which its Wan attention processor reads); off: back to three. The weights and the state
-    dict stay the parts'. Returns how many attention modules are fused."""
+    dict stay the parts'. Returns how many attention modules are fused. FP8-weight
+    projections (`kernels.fp8_linear.FP8Linear`) are not fused yet: such an attention is left
+    as three GEMMs and not counted (fusing them is one scaled-mm over the rows side by side,
+    the per-row scales concatenated; not built in this slice)."""
     from gpubake.kernels.linear import FusedNVFP4Projection, NVFP4Linear
 
     n = 0
@@ -521,6 +536,8 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
     if plan is None:
         plan = plan_for(device)
     done = {n: apply_plan(m, plan) for n, m in experts.items()}
+    for n, count in bind_fp8(experts, device).items():
+        done[n]["fp8_layers"] = count
     from gpubake.provisioning.step_cache import apply_step_cache
 
     cached: dict[int, dict] = {}

@@ -152,14 +152,30 @@ def _torch_cuda_error() -> str | None:
 # ------------------------------------------------------------------------- 2. kernels
 
 
+def fp8_kernel_check(device: str) -> dict[str, Any]:
+    """The boot check of an FP8-weight image: the path this device runs (``$GPUBAKE_FP8_BACKEND``
+    or the arch table's), against the float32 reference (`selfcheck.fp8_selfcheck`)."""
+    from gpubake.kernels.fp8_linear import select_fp8_backend
+    from gpubake.kernels.selfcheck import fp8_selfcheck
+
+    return fp8_selfcheck(select_fp8_backend(device), device)
+
+
 def kernels_stage(ctx: Context) -> StageResult:
+    """The GEMM kernels of the image's checkpoint format: NVFP4's (`selfcheck`), or for an
+    image whose model is quantized to fp8 the FP8-weight path's (`fp8_kernel_check`)."""
+    fp8 = ctx.facts.model.quantization == "fp8"
     check = ctx.kernel_check
     if check is None:
-        from gpubake.kernels.selfcheck import selfcheck as check
+        if fp8:
+            check = fp8_kernel_check
+        else:
+            from gpubake.kernels.selfcheck import selfcheck as check
+    kind = "FP8" if fp8 else "NVFP4"
     try:
         res = dict(check(ctx.device))
     except Exception as exc:
-        return StageResult("kernels", "fail", f"NVFP4 kernel check crashed on {ctx.device}: {one_line(exc)}")
+        return StageResult("kernels", "fail", f"{kind} kernel check crashed on {ctx.device}: {one_line(exc)}")
     backend = res.get("backend", "?")
     if res.get("ok"):
         err = res.get("max_rel_error")
