@@ -37,7 +37,7 @@ def test_facts_read_back_as_written(demo_file: Path):
         (lambda d: d.pop("cuda"), "cuda: Field required"),
         (lambda d: d.update(gpu_arch=["sm_90"]), "gpu_arch: Extra inputs are not permitted"),
         (lambda d: d.update(target="lambda"), "target: Input should be 'runpod' or 'vastai'"),
-        (lambda d: d["model"].update(quantization="int4"), "model.quantization: Input should be 'nvfp4' or 'bf16'"),
+        (lambda d: d["model"].update(quantization="int4"), "model.quantization: Input should be 'nvfp4', 'fp8' or 'bf16'"),
         (lambda d: d.update(cuda="12.8", min_driver=None), "min_driver: must be set exactly when cuda is not 'none'"),
     ],
 )

@@ -89,7 +89,7 @@ class ModelFacts(_Facts):
     """The checkpoint baked into the image."""
 
     id: str
-    quantization: Literal["nvfp4", "bf16"]
+    quantization: Literal["nvfp4", "fp8", "bf16"]
     policy: str  # the quantization recipe (provisioning/policies.toml)
     source: str
     sha256: str | None = None
