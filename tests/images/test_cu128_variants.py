@@ -32,7 +32,7 @@ def test_every_cuda13_image_has_a_cuda128_variant_differing_only_in_its_stack():
         assert (variant.cuda, variant.torch, variant.python.lock) == ("12.8", "2.10.0", "locks/wan22-cu128.txt")
         assert variant.base.image_tag.startswith("12.8.1-base-ubuntu24.04")
         assert variant.runtime.env == {**parent.runtime.env, "GPUBAKE_IMAGE": variant.name}
-        same = ("targets", "gpu_archs", "cpu_ok", "model")
+        same = ("targets", "gpu_archs", "min_gpu_memory_gb", "cpu_ok", "model")
         assert {k: getattr(variant, k) for k in same} == {k: getattr(parent, k) for k in same}
         assert variant.runtime.model_dump(exclude={"env"}) == parent.runtime.model_dump(exclude={"env"})
         # torch 2.10+cu128 still runs every architecture the parent runs
@@ -47,7 +47,7 @@ def test_variants_need_driver_570_and_launch_rents_only_such_hosts():
         policy = OfferPolicy.for_spec(variant, gpu, max_price=None, min_reliability=0.9)
         assert policy.query()["driver_version"] == {"gte": 570124006}  # Vast.ai's integer driver filter
         base = {"id": 1, "gpu_name": gpu.market_id, "num_gpus": 1, "dph_total": 1.0, "reliability2": 0.99,
-                "compute_cap": int(gpu.arch[3:]) * 10, "disk_space": 500}
+                "compute_cap": int(gpu.arch[3:]) * 10, "disk_space": 500, "gpu_ram": 81559}  # an 80 GB card's MB
         on_575 = {**base, "driver_version": "575.57.08", "cuda_max_good": 12.9}
         on_565 = {**base, "driver_version": "565.57.01", "cuda_max_good": 12.7}
         assert policy.rejects(on_575) is None  # a host the CUDA 13 image cannot use

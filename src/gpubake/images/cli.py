@@ -267,6 +267,7 @@ def _bootstrap_layout(spec: Any, timestamp: int, dest: Path) -> dict[str, Any] |
 def _left_out(spec: Any, target: str, dest: Path, image: str) -> dict[str, Any]:
     """What a context without weights lacks (`model/`), and the commands that fill it."""
     from gpubake.images import model_layer
+    from gpubake.images.spec import QUANTIZED
 
     m = spec.model
     layers = model_layer.read_plan(dest)
@@ -276,9 +277,10 @@ def _left_out(spec: Any, target: str, dest: Path, image: str) -> dict[str, Any]:
     steps = ([f"gpubake make-tiny {shlex.quote(str(work))}.src"] if m.source == "generate:tiny"
              else [f"gpubake fetch {shlex.quote(m.source)} {shlex.quote(str(work))}.src"
                    + (f" --sha256 {m.sha256}" if m.sha256 else "")])
-    if m.quantization == "nvfp4":
-        steps.append(f"gpubake quantize {shlex.quote(str(work))}.src {shlex.quote(str(work))} --policy {m.policy} "
-                     f"--model-id {m.id} --device cuda   # or --device cpu")
+    if m.quantization in QUANTIZED:
+        steps.append(f"gpubake quantize {shlex.quote(str(work))}.src {shlex.quote(str(work))}"
+                     + (f" --format {m.quantization}" if m.quantization != "nvfp4" else "")  # NVFP4: quantize's default
+                     + f" --policy {m.policy} --model-id {m.id} --device cuda   # or --device cpu")
     base_note = (f" (--with-model also builds the bootstrap base that FROM names, and says how to load it)"
                  if spec.base.bootstrap is not None else "")
     message = (
@@ -343,7 +345,7 @@ def _push(archive: Path, dest: str, log_path: Path) -> dict[str, str]:
 
 
 def images(json_out: bool = typer.Option(False, "--json", help="Print the catalog as JSON.")) -> None:
-    """List the shipped images: GPU architectures, CUDA, torch, minimum host driver."""
+    """List the shipped images: GPU architectures and memory, CUDA, torch, minimum host driver."""
     from gpubake.images import catalog, compat
 
     rows = []
@@ -354,6 +356,7 @@ def images(json_out: bool = typer.Option(False, "--json", help="Print the catalo
                 "name": spec.name,
                 "targets": list(spec.targets),
                 "gpu_archs": list(spec.gpu_archs),
+                "min_gpu_memory_gb": spec.min_gpu_memory_gb,
                 "cpu_ok": spec.cpu_ok,
                 "cuda": spec.cuda,
                 "torch": spec.torch,
@@ -367,9 +370,11 @@ def images(json_out: bool = typer.Option(False, "--json", help="Print the catalo
         return
     from rich.table import Table
 
-    table = Table("image", "GPU archs", "CUDA", "torch", "min driver", "model")
+    table = Table("image", "GPU archs", "GPU memory", "CUDA", "torch", "min driver", "model")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["gpu_archs"]) or "cpu", r["cuda"], r["torch"], r["min_driver"] or "-", f"{r['model']} ({r['quantization']})")
+        memory = f">= {r['min_gpu_memory_gb']} GB" if r["min_gpu_memory_gb"] else "-"
+        table.add_row(r["name"], ", ".join(r["gpu_archs"]) or "cpu", memory, r["cuda"], r["torch"], r["min_driver"] or "-",
+                      f"{r['model']} ({r['quantization']})")
     console.print(table)
 
 

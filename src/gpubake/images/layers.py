@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from gpubake.errors import BuildError
+from gpubake.images.spec import QUANTIZED
 from gpubake.provisioning.bake import MANIFEST_NAME, read_manifest
 
 __all__ = [
-    "LAYER_LIMIT", "META", "WeightLayer", "assign", "component_of", "estimate", "estimated_layers", "plan_checkpoint",
+    "LAYER_LIMIT", "META", "WeightLayer", "assign", "component_bytes", "component_of", "estimate", "estimated_layers", "plan_checkpoint",
     "plan_files", "size_table", "stage",
 ]
 
@@ -235,9 +236,18 @@ def component_sources(spec: Any) -> dict[str, str]:
     table = size_table()["models"].get(m.id, {}).get("components", {})
     out = {META: f"{origin}: configs, tokenizer, scheduler; gpubake-manifest.json"}
     for name, comp in table.items():
-        how = f"quantized to NVFP4 ({m.policy})" if comp["kind"] == "expert" and m.quantization == "nvfp4" else "as stored"
+        how = (f"quantized to {QUANTIZED[m.quantization]} ({m.policy})" if comp["kind"] == "expert" and m.quantization in QUANTIZED
+               else "as stored")
         out[name] = f"{origin}: {name}/ {how}"
     return out
+
+
+def component_bytes(comp: Mapping[str, Any], quantization: str) -> int:
+    """A component's bytes in the image: an expert in the spec's quantized format (`<format>_bytes`
+    of the size table), anything else (and a BF16 image's experts) as the source stores it."""
+    if comp["kind"] == "expert" and quantization in QUANTIZED:
+        return int(comp[f"{quantization}_bytes"])
+    return int(comp["source_bytes"])
 
 
 def _estimated_sizes(spec: Any) -> dict[str, int] | None:
@@ -247,7 +257,7 @@ def _estimated_sizes(spec: Any) -> dict[str, int] | None:
         return None
     sizes: dict[str, int] = {}
     for name, comp in entry["components"].items():
-        total = comp["nvfp4_bytes"] if comp["kind"] == "expert" and spec.model.quantization == "nvfp4" else comp["source_bytes"]
+        total = component_bytes(comp, spec.model.quantization)
         shards = max(1, int(comp["shards"]))
         for i in range(shards):
             sizes[f"{name}/shard-{i + 1:05d}-of-{shards:05d}.safetensors"] = total // shards + (1 if i < total % shards else 0)
@@ -330,7 +340,7 @@ def estimate(spec: Any, *, cached: Path | None = None, gpu: bool | None = None, 
     source_bytes = sum(c["source_bytes"] for c in comps) + int(entry["meta_bytes"])
     download = 0 if generated else source_bytes
     experts = [c for c in comps if c["kind"] == "expert"]
-    quantizing = m.quantization == "nvfp4"
+    quantizing = m.quantization in QUANTIZED
     params = sum(c["quantized_params"] for c in experts) if quantizing else 0
     rate = rates["quantize_params_per_s_gpu"] if gpu else rates["quantize_params_per_s_per_cpu_core"] * cores
     weights = sum(layer.bytes for layer in layers)

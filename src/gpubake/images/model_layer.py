@@ -7,9 +7,10 @@ checkpoint part's API for the build side, `gpubake.provisioning.bake`: `generate
 `make_tiny(seed=0)`; `model.format` (another tool's NVFP4 checkpoint, e.g.
 LightX2V's) -> `import_checkpoint` of `model.source` (its `model.files`) with `model.base`
 (the diffusers checkpoint giving the text encoder, VAE, tokenizer and configs), both pinned
-by revision; other sources -> `fetch`; `quantization = "nvfp4"` on a BF16/fp32
-checkpoint -> `quantize_checkpoint`, on this machine's GPU when torch sees one (seconds an
-expert), else on every CPU core, with a progress bar and an ETA per shard. Results are
+by revision; other sources -> `fetch`; a quantized `quantization` (`spec.QUANTIZED`: "nvfp4",
+"fp8") on a BF16/fp32 checkpoint -> `quantize_checkpoint` in that format, on this machine's
+GPU when torch sees one (seconds an expert), else on every CPU core, with a progress bar and
+an ETA per shard; a source already quantized in another format is refused (`needs_quantizing`). Results are
 cached under ~/.cache/gpubake/models/<key>, the key hashing the spec's model table
 (source with its pinned revision, quantization, policy), gpubake's version and the source
 of the code that makes or quantizes the bytes (`bake.code_identity()`), for every source:
@@ -21,6 +22,7 @@ manifest. Which file goes in which layer: `gpubake.images.layers`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -31,12 +33,12 @@ from gpubake.errors import BuildError, GpubakeError
 from gpubake.fsutil import atomic_path
 from gpubake.images import layers as weight_layers
 from gpubake.images.builders.storage import cache_root
-from gpubake.images.spec import ImageSpec, check_pinned
+from gpubake.images.spec import QUANTIZED, ImageSpec, check_pinned
 from gpubake.provisioning import bake
 from gpubake.provisioning.bake import MANIFEST_NAME, manifest_sha256
 
-__all__ = ["MODEL_DIR", "PLAN_FILE", "cached_model", "cached_path", "describe", "model_key", "plan_for_build",
-           "prepare_model", "read_plan", "weights_plan"]
+__all__ = ["MODEL_DIR", "PLAN_FILE", "cached_model", "cached_path", "describe", "model_key", "needs_quantizing",
+           "plan_for_build", "prepare_model", "read_plan", "weights_plan"]
 
 MODEL_DIR = "model"  # the weights' folder inside a build context: one sub-folder per layer
 PLAN_FILE = "weights.json"  # the context's layer plan (written by render, read when the weights are staged)
@@ -59,7 +61,8 @@ def describe(spec: ImageSpec) -> dict[str, object]:
     out: dict[str, object] = {"model": m.id, "quantization": m.quantization, "source": m.source}
     if m.format is None:
         made = "generate" if m.source == "generate:tiny" else "fetch"
-        out["how"] = made + (f", quantize a BF16 checkpoint ({m.policy} policy)" if m.quantization == "nvfp4" else "")
+        out["how"] = made + (f", quantize a BF16 checkpoint to {QUANTIZED[m.quantization]} ({m.policy} policy)"
+                             if m.quantization in QUANTIZED else "")
         out["detail"] = f"{m.id} from {m.source} ({m.quantization})"
         return out
     files = ", ".join(m.files) if m.files else "all files"
@@ -90,13 +93,37 @@ def _make(spec: ImageSpec, dest: Path) -> None:
         else:
             bake.fetch(spec.model.source, raw, sha256=spec.model.sha256, progress=True)
         fmt = bake.read_manifest(raw).get("format") if (raw / MANIFEST_NAME).is_file() else "bf16"
-        if spec.model.quantization == "nvfp4" and fmt != "nvfp4":
-            bake.quantize_checkpoint(raw, dest, spec.model.policy, device=bake.quantize_device(), progress=True,
-                                     model_id=spec.model.id)
+        if needs_quantizing(spec, str(fmt)):
+            _quantize(spec, raw, dest)
         else:
             os.replace(raw, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def needs_quantizing(spec: ImageSpec, fmt: str) -> bool:
+    """Whether a source whose manifest says `fmt` must be quantized to the spec's format.
+
+    A source already quantized in another format is refused (one line): requantizing an
+    NVFP4 checkpoint to FP8 would bake the 4-bit rounding into 8-bit weights, and baking it
+    as it is would ship a format the spec (and image.json) does not say."""
+    want = spec.model.quantization
+    if fmt in QUANTIZED and fmt != want:
+        raise BuildError(f"model.source: {spec.model.source} is already quantized ({QUANTIZED[fmt]}), but "
+                         f'model.quantization = "{want}": give a BF16 source, or set quantization = "{fmt}"')
+    return want in QUANTIZED and fmt != want
+
+
+def _quantize(spec: ImageSpec, raw: Path, dest: Path) -> None:
+    """`gpubake quantize RAW DEST --format Q` through the checkpoint code's API; NVFP4 is its default."""
+    m = spec.model
+    extra: dict[str, str] = {}
+    if m.quantization != "nvfp4":
+        if "fmt" not in inspect.signature(bake.quantize_checkpoint).parameters:  # an older checkpoint half
+            raise BuildError(f'model.quantization: "{m.quantization}": this gpubake\'s quantizer writes NVFP4 only '
+                             f"(no `gpubake quantize --format {m.quantization}`)")
+        extra["fmt"] = m.quantization
+    bake.quantize_checkpoint(raw, dest, m.policy, device=bake.quantize_device(), progress=True, model_id=m.id, **extra)
 
 
 def cached_model(spec: ImageSpec) -> Path:

@@ -36,7 +36,7 @@ from gpubake.errors import GpubakeError
 from gpubake.fsutil import atomic_path, sha256_file
 from gpubake.images import compat
 from gpubake.images.app_wheel import AppWheel, place_app_wheel
-from gpubake.images.spec import ImageSpec, contained_lock
+from gpubake.images.spec import QUANTIZED, ImageSpec, contained_lock
 from gpubake.provisioning.facts import FACTS_FILE, INSTALL_PREFIX, DriverRequirement, ImageFacts, ModelFacts
 
 CONTAINERFILE_TEMPLATE = "Containerfile.j2"
@@ -335,6 +335,7 @@ def template_context(spec: ImageSpec, target: str, options: RenderOptions, wheel
         "changes": changes,
         "model": spec.model.model_dump(),
         "model_at": spec.model.at,
+        "quantized": QUANTIZED,  # quantized formats -> display names (start.sh quantizes to any of them)
         "weight_layers": [{"name": layer.name, "component": layer.component, "bytes": layer.bytes} for layer in layers],
         "weight_plan": [{k: v for k, v in layer.to_json().items() if k != "files"} for layer in layers],
         "repository": repository,

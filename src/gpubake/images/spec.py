@@ -41,12 +41,15 @@ from gpubake.provisioning.facts import GPU_ARCHS, TARGETS, GpuArch, Target, vers
 from gpubake.secrets import is_secret_name
 
 __all__ = [  # TARGETS, GPU_ARCHS and their types are the image facts' (one definition), re-exported
-    "CATALOG_DIR", "GPU_ARCHS", "SCHEMA_FILE", "SCHEMA_VERSION", "TARGETS", "Base", "Bootstrap", "GpuArch", "ImageSpec",
+    "CATALOG_DIR", "GPU_ARCHS", "QUANTIZED", "SCHEMA_FILE", "SCHEMA_VERSION", "TARGETS", "Base", "Bootstrap", "GpuArch", "ImageSpec",
     "Model", "Port", "Python", "Runtime", "Target", "check_compat", "check_lock", "display_path", "json_schema",
     "json_schema_text", "load_spec", "load_toml", "parse_spec", "validate_spec",
 ]
 
 SCHEMA_VERSION = 1
+# The quantized formats gpubake bakes (model.quantization) -> their display names; "bf16" is
+# the unquantized checkpoint as stored. One table, so a new format is one line here.
+QUANTIZED = {"nvfp4": "NVFP4", "fp8": "FP8"}
 CATALOG_DIR = Path(__file__).parent / "catalog"  # the shipped specs (`gpubake.images.catalog`)
 
 # An OCI reference pinned by digest: [registry/]repo[:tag]@sha256:<64 hex>.
@@ -160,7 +163,11 @@ class Model(_Strict):
     """The checkpoint baked into the image's last layer(s)."""
 
     id: Annotated[str, StringConstraints(pattern=ID_PATTERN)] = Field(description="key of the provisioning model registry")
-    quantization: Literal["nvfp4", "bf16"]
+    quantization: Literal["nvfp4", "fp8", "bf16"] = Field(
+        description="nvfp4: 4-bit weights (NVFP4 blocks of 16, FP8 scales); fp8: FP8 E4M3 weights with one fp32 scale "
+        "per output row, run W8A8 on FP8 tensor cores, the peer stack's precision: about 2x the NVFP4 bytes, for "
+        ">= 80 GB cards (set min_gpu_memory_gb); bf16: the checkpoint as stored",
+    )
     policy: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]*$")] = "default"
     source: str = Field(
         description="generate:tiny | hf://org/repo@rev | s3://bucket/prefix | https://... (no credentials)",
@@ -219,7 +226,7 @@ class Model(_Strict):
             if self.base is not None or self.files is not None:
                 raise ValueError("base and files go with format (an imported checkpoint)")
             return self
-        if self.quantization != "nvfp4" or self.base is None:
+        if self.quantization != "nvfp4" or self.base is None:  # importers convert NVFP4 checkpoints only
             raise ValueError(f'format = "{self.format}" imports an NVFP4 checkpoint: set quantization = "nvfp4" '
                              "and base (its diffusers checkpoint)")
         for name, uri in (("source", self.source), ("base", self.base)):
@@ -298,6 +305,11 @@ class ImageSpec(_Strict):
     description: Annotated[str, StringConstraints(pattern=TEXT_PATTERN, min_length=1, max_length=500)]
     targets: list[Target] = Field(min_length=1)
     gpu_archs: list[GpuArch] = Field(default_factory=list)
+    min_gpu_memory_gb: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="the smallest GPU memory (GB, as marketplaces list it) the image is offered on and launched on: "
+        "publish and launch refuse a smaller GPU, and offer searches filter by it",
+    )
     cpu_ok: bool = False
     cuda: Annotated[str, StringConstraints(pattern=r"^(none|[0-9]{2}\.[0-9])$")] = Field(
         description='CUDA runtime of the image and of its torch wheel ("12.8" -> cu128); "none" for CPU-only'
@@ -322,6 +334,8 @@ class ImageSpec(_Strict):
     def _some_device(self) -> ImageSpec:
         if not self.gpu_archs and not self.cpu_ok:
             raise ValueError("gpu_archs is empty and cpu_ok is false: the image could run nowhere")
+        if self.min_gpu_memory_gb is not None and self.cuda == "none":
+            raise ValueError('min_gpu_memory_gb: a CPU-only image (cuda = "none") runs on no GPU')
         return self
 
     @property

@@ -30,6 +30,7 @@ from gpubake.images.marketplace.offers import (
     DEFAULT_MIN_RELIABILITY,
     OfferPolicy,
     check_gpu_for_spec,
+    check_gpu_memory,
     resolve_gpu,
 )
 from gpubake.images.marketplace.payload import (
@@ -130,6 +131,7 @@ def publish(
     gpus = [resolve_gpu(name, "runpod") for name in (serverless.gpus if serverless else [])]
     for gpu in gpus:
         check_gpu_for_spec(gpu, spec)
+        check_gpu_memory(spec, gpu)
     client = mconfig.make_client(t, dry_run=dry_run, config=cfg, extra_secrets=secrets)
     mk = market(client, target)
     gpu_block = mk.serverless_gpus(spec, gpus) if isinstance(mk, RunPod) and serverless else None  # read before any write
@@ -293,6 +295,7 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
     api_key, generated = service_key()
     gpu = resolve_gpu(opts.gpu, target)
     check_gpu_for_spec(gpu, spec)
+    check_gpu_memory(spec, gpu)  # gpubake's table; the marketplace's own figure is checked again below
     client = mconfig.make_client(t, dry_run=opts.dry_run, config=cfg, extra_secrets=[api_key])
     mk = market(client, target)
     tpl = _template(mk, spec, target, opts.dry_run)
@@ -308,6 +311,8 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
     # unique per launch: the name is how an ambiguous create is found again
     label = f"gpubake-{spec.name}-{int(time.time())}-{secrets.token_hex(3)}"
     result: dict[str, Any] = {"target": target, "image": spec.name, "gpu": gpu.market_id, "label": label, "dry_run": opts.dry_run}
+    if spec.min_gpu_memory_gb is not None:
+        result["min_gpu_memory_gb"] = spec.min_gpu_memory_gb
     if secret:
         result["api_key_secret"] = secret  # the name, never the value
 
@@ -324,7 +329,7 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
                 if not opts.dry_run:
                     _teardown_or_tell(mk, target, instance_id, opts.destroy_on_fail)
                 raise
-        result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "geolocation") if k in offer}
+        result["offer"] = {k: offer.get(k) for k in ("id", "dph_total", "driver_version", "cuda_max_good", "reliability2", "gpu_ram", "geolocation") if k in offer}
         created_at = time.monotonic()  # the instance exists from here (rent searched, then created)
         info: dict[str, Any] = {"cost_per_hr": offer.get("dph_total")}
     else:

@@ -9,7 +9,10 @@ Vast.ai's search (`POST /bundles/`, vendored document `tests/contracts/openapi/v
 compares `driver_version` as the integer its own CLI encodes (570.124.06 -> 570124006:
 vast-cli `vastai/api/query.py` `numeric_version`), and prices every offer for
 `allocated_storage` GB of disk ("Default is 8GB"): both are sent, so the server filters
-and orders (cheapest first) on the machine gpubake actually rents.
+and orders (cheapest first) on the machine gpubake actually rents. An image's
+`min_gpu_memory_gb` is checked against gpubake's GPU table before anything is rented
+(`check_gpu_memory`) and sent as `gpu_ram` (MB in the REST API, "GB in CLI": the document's
+"Key Quirks"), then re-checked on every offer: one `gpu_name` may cover several memory sizes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from gpubake.errors import GpubakeError
-from gpubake.images.marketplace.payload import RUNPOD_CUDA_VERSIONS, compute_caps, runpod_cuda_versions  # noqa: F401
+from gpubake.images.marketplace.payload import (  # noqa: F401
+    RUNPOD_CUDA_VERSIONS,
+    compute_caps,
+    runpod_cuda_versions,
+    vast_gpu_ram_mb,
+)
 
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
@@ -47,6 +55,7 @@ class Gpu:
     name: str  # canonical name, or what the user typed when unknown
     market_id: str  # RunPod gpuTypeId / Vast.ai gpu_name
     arch: str | None  # None when the GPU is not in our table
+    memory_gb: int | None = None  # the GPU's memory (gpus.json), None when not in our table
 
 
 def resolve_gpu(typed: str, target: str) -> Gpu:
@@ -59,10 +68,10 @@ def resolve_gpu(typed: str, target: str) -> Gpu:
     aliases = {_norm(k): v for k, v in table["aliases"].items()}
     for name, row in gpus.items():
         if wanted in {_norm(name), _norm(row["runpod"]), _norm(row["vastai"])}:
-            return Gpu(name, row[target], row["arch"])
+            return Gpu(name, row[target], row["arch"], row.get("memory_gb"))
     if wanted in aliases:
         row = gpus[aliases[wanted]]
-        return Gpu(aliases[wanted], row[target], row["arch"])
+        return Gpu(aliases[wanted], row[target], row["arch"], row.get("memory_gb"))
     return Gpu(typed.strip(), typed.strip(), None)
 
 
@@ -74,6 +83,19 @@ def check_gpu_for_spec(gpu: Gpu, spec: ImageSpec) -> None:
         raise GpubakeError(
             f"--gpu: {gpu.name} is {gpu.arch}, but image {spec.name!r} is built for {', '.join(spec.gpu_archs)} (gpu_archs)"
         )
+
+
+def check_gpu_memory(spec: ImageSpec, gpu: Gpu, *, memory_gb: int | None = None, where: str = "gpubake's GPU table") -> None:
+    """Refuse (one line, before anything is rented or published) a GPU with less memory than
+    the image's `min_gpu_memory_gb`. `memory_gb`: the marketplace's own figure for it (RunPod's
+    catalog), else the table's; a GPU of unknown memory passes here and is checked by the
+    marketplace's own filter (Vast.ai's gpu_ram, RunPod's catalog)."""
+    floor = spec.min_gpu_memory_gb
+    have = gpu.memory_gb if memory_gb is None else memory_gb
+    if floor is None or have is None or have >= floor:
+        return
+    raise GpubakeError(f"--gpu: {gpu.name} has {have} GB of memory ({where}), but image {spec.name!r} needs "
+                       f">= {floor} GB (min_gpu_memory_gb)")
 
 
 def _vkey(version: str) -> tuple[int, ...]:
@@ -138,6 +160,7 @@ class OfferPolicy:
     min_disk_gb: int = 0  # the instance's disk, also sent as `allocated_storage`
     min_direct_ports: int = 0
     known_gpu: bool = True  # False: a name not in gpubake's table, sent as typed
+    min_gpu_ram_mb: int | None = None  # Vast.ai's gpu_ram floor (the image's min_gpu_memory_gb)
 
     @classmethod
     def for_spec(cls, spec: ImageSpec, gpu: Gpu, *, max_price: float | None, min_reliability: float) -> OfferPolicy:
@@ -155,6 +178,7 @@ class OfferPolicy:
             min_disk_gb=vast_disk_gb(spec),
             min_direct_ports=len(spec.runtime.ports),
             known_gpu=gpu.arch is not None,
+            min_gpu_ram_mb=vast_gpu_ram_mb(spec),
         )
 
     def query(self, limit: int = 64, *, cheapest: float | None = None) -> dict[str, Any]:
@@ -184,6 +208,8 @@ class OfferPolicy:
             q["driver_version"] = {"gte": vast_driver_number(self.min_driver)}
         if self.compute_caps:
             q["compute_cap"] = {"in": self.compute_caps}
+        if self.min_gpu_ram_mb is not None:
+            q["gpu_ram"] = {"gte": self.min_gpu_ram_mb}
         price: dict[str, float] = {}
         if self.max_price is not None:
             price["lte"] = self.max_price
@@ -219,6 +245,10 @@ class OfferPolicy:
             return f"compute capability {offer['compute_cap']}"
         if float(offer.get("disk_space") or 0) < self.min_disk_gb:
             return f"disk {offer.get('disk_space')} GB < {self.min_disk_gb} GB"
+        if self.min_gpu_ram_mb is not None:
+            ram = offer.get("gpu_ram")
+            if not isinstance(ram, (int, float)) or isinstance(ram, bool) or ram < self.min_gpu_ram_mb:
+                return f"GPU memory {ram} MB < {self.min_gpu_ram_mb} MB"
         return None
 
     def pick(self, offers: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[int, str]]]:
@@ -236,8 +266,9 @@ class OfferPolicy:
             price = f" at most ${self.max_price}/h" if self.max_price is not None else ""
             unknown = "" if self.known_gpu else (
                 f"; {self.gpu.name!r} is not in gpubake's GPU table (marketplace/data/gpus.json), so it was sent as typed")
+            memory = f", GPU memory >= {self.min_gpu_ram_mb} MB" if self.min_gpu_ram_mb is not None else ""
             raise GpubakeError(
-                f"--gpu: no Vast.ai offer for {self.gpu.name}{price} with driver >= {self.min_driver or 'any'} "
+                f"--gpu: no Vast.ai offer for {self.gpu.name}{price} with driver >= {self.min_driver or 'any'}{memory} "
                 f"and reliability >= {self.min_reliability}{detail}{unknown}"
             )
         good.sort(key=lambda o: (float(o.get("dph_total") or 0), -float(o.get("reliability2", o.get("reliability", 0)) or 0)))

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 _DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 TEMPLATE_PREFIX = "gpubake-"
+VAST_GPU_RAM_TOLERANCE = 0.95  # of the GB a card is sold as (see vast_gpu_ram_mb)
 
 
 def template_name(spec: ImageSpec) -> str:
@@ -230,7 +231,17 @@ def _vast_filters(spec: ImageSpec) -> dict[str, Any]:
     filters: dict[str, Any] = {"cuda_max_good": {"gte": float(spec.cuda)}}
     if spec.gpu_archs:
         filters["compute_cap"] = {"in": compute_caps(spec)}
+    if spec.min_gpu_memory_gb is not None:  # the template's offer list shows only GPUs with enough memory
+        filters["gpu_ram"] = {"gte": vast_gpu_ram_mb(spec)}
     return filters
+
+
+def vast_gpu_ram_mb(spec: ImageSpec) -> int | None:
+    """The image's `min_gpu_memory_gb` as Vast.ai's `gpu_ram` floor: MB in the REST API (the
+    document's "Key Quirks"), 95% of GB x 1000 so that marketing rounding (an 80 GB card
+    reports ~81559 MB, a 24 GB one 24564) never drops a card of the size asked for."""
+    floor = spec.min_gpu_memory_gb
+    return None if floor is None else int(VAST_GPU_RAM_TOLERANCE * floor * 1000)
 
 
 def template_payload(spec: ImageSpec, target: str, image_ref: str, *, registry_auth: str | None = None,

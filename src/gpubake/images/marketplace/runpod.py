@@ -10,7 +10,10 @@ request sent here against it. Operations used (operationId):
   name filter: matched here), `DELETE /pods/{id}` (deletePod, 204);
 - serverless: `GET /serverless` (listEndpoints), `POST /serverless` (createEndpoint),
   `PATCH /serverless/{id}` (updateEndpoint);
-- `GET /catalog/gpus` (listGpuTypes): GPU type ids, serverless pools, list prices, stock.
+- `GET /catalog/gpus` (listGpuTypes): GPU type ids, serverless pools, list prices, stock,
+  and each type's `memory` ("VRAM in GB"): RunPod's API takes no memory floor (neither a pod's
+  `gpu` nor an endpoint's), so an image's `min_gpu_memory_gb` is applied here, to the GPU a
+  pod is created on and to the types a serverless endpoint may place workers on.
 
 Why v2's `status` and not v1's `desiredStatus`: the latter is the *desired* state, RUNNING
 from the moment of creation, so a pod still pulling its image looked running. v2 reports
@@ -36,7 +39,7 @@ from gpubake.console import console
 from gpubake.errors import GpubakeError
 from gpubake.images.marketplace.http import AmbiguousError, ApiClient, MarketplaceError
 from gpubake.images.marketplace.instance import Instance
-from gpubake.images.marketplace.offers import Gpu
+from gpubake.images.marketplace.offers import Gpu, check_gpu_memory
 
 if TYPE_CHECKING:
     from gpubake.images.spec import ImageSpec
@@ -83,10 +86,18 @@ def _norm(name: str) -> str:
     return re.sub(r"[\s_-]+", "", name).lower()
 
 
-def table_gpus(archs: list[str]) -> list[str]:
-    """RunPod GPU type ids of gpubake's GPU table (marketplace/data/gpus.json) with these archs."""
+def table_gpus(archs: list[str], min_memory_gb: int | None = None) -> list[str]:
+    """RunPod GPU type ids of gpubake's GPU table (marketplace/data/gpus.json) with these archs
+    and at least `min_memory_gb` of memory."""
     text = resources.files("gpubake.images.marketplace").joinpath("data", "gpus.json").read_text(encoding="utf-8")
-    return [row["runpod"] for row in json.loads(text)["gpus"].values() if row["arch"] in archs]
+    return [row["runpod"] for row in json.loads(text)["gpus"].values()
+            if row["arch"] in archs and (min_memory_gb is None or row["memory_gb"] >= min_memory_gb)]
+
+
+def _memory(row: dict[str, Any]) -> int | None:
+    """A catalog GpuType's `memory` (GB), None when absent or not a number."""
+    value = row.get("memory")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class RunPod:
@@ -128,6 +139,7 @@ class RunPod:
             known = ", ".join(sorted(str(g.get("id")) for g in types)[:6])
             raise GpubakeError(f"--gpu: RunPod has no GPU type {gpu.name!r} (its catalog lists e.g. {known})")
         gid = str(row["id"])
+        check_gpu_memory(spec, gpu, memory_gb=_memory(row), where="RunPod's catalog")
         if not row.get(cloud.lower(), True):
             other = next(c for c in CLOUDS if c != cloud)
             raise GpubakeError(f"--cloud: RunPod offers {gid} on {other} cloud only, not {cloud}")
@@ -138,7 +150,7 @@ class RunPod:
         if row.get("availability") == "NONE":
             cuda = f" with CUDA >= {spec.cuda}" if spec.cuda != "none" else ""
             raise GpubakeError(f"--gpu: RunPod has no {gid} free on {cloud} cloud{cuda} right now; try another --gpu or --cloud")
-        return Gpu(gpu.name, gid, gpu.arch)
+        return Gpu(gpu.name, gid, gpu.arch, _memory(row) or gpu.memory_gb)
 
     # ------------------------------------------------------------ templates
     def find_template(self, name: str) -> dict[str, Any] | None:
@@ -258,8 +270,11 @@ class RunPod:
     # ------------------------------------------------------------ serverless
     def serverless_gpus(self, spec: ImageSpec, gpus: list[Gpu]) -> dict[str, Any]:
         """The endpoint's `gpu` block: the serverless pools holding these GPU types, minus the
-        other types in those pools (`excludedTypes`), one GPU per worker, the CUDA floor."""
-        wanted = [g.market_id for g in gpus] or table_gpus(spec.gpu_archs)
+        other types in those pools (`excludedTypes`), one GPU per worker, the CUDA floor. With
+        `min_gpu_memory_gb`, a named type below it is refused and every smaller type of the
+        catalog is left out (so excluded from its pool)."""
+        floor = spec.min_gpu_memory_gb
+        wanted = [g.market_id for g in gpus] or table_gpus(spec.gpu_archs, floor)
         block: dict[str, Any] = {"count": 1}
         if spec.cuda != "none":
             block["minCudaVersion"] = spec.cuda
@@ -268,10 +283,16 @@ class RunPod:
             return {"pools": ["<pools of GET /v2/catalog/gpus>"], **block}
         by_id = {_norm(str(g.get("id"))): g for g in types}
         chosen = [by_id[_norm(w)] for w in wanted if _norm(w) in by_id]
+        for gpu in gpus:  # a GPU the user named: refused when RunPod lists it below the floor
+            if (row := by_id.get(_norm(gpu.market_id))) is not None:
+                check_gpu_memory(spec, gpu, memory_gb=_memory(row), where="RunPod's catalog")
+        if floor is not None:  # a type of unknown memory is not trusted to have enough
+            chosen = [g for g in chosen if (_memory(g) or 0) >= floor]
         pools = sorted({str(g["pool"]) for g in chosen if g.get("pool")})
         if not pools:
             names = ", ".join(wanted) or "(none: gpu_archs is empty)"
-            raise GpubakeError(f"--gpu: none of {names} is in a RunPod serverless pool")
+            memory = f" with >= {floor} GB of memory (min_gpu_memory_gb)" if floor is not None else ""
+            raise GpubakeError(f"--gpu: none of {names} is in a RunPod serverless pool{memory}")
         keep = {str(g["id"]) for g in chosen}
         excluded = sorted(str(g["id"]) for g in types if g.get("pool") in pools and str(g["id"]) not in keep)
         out: dict[str, Any] = {"pools": pools, **block}
