@@ -204,18 +204,6 @@ def test_an_nvfp4_source_for_an_fp8_image_is_refused_before_quantizing(tmp_path,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()  # nothing half-written
 
 
-def test_a_quantizer_without_fp8_is_one_line(tmp_path, monkeypatch):
-    def nvfp4_only(src, dest, policy="default", *, device="cpu", progress=True, model_id=None):
-        pytest.fail("called without the format")
-
-    monkeypatch.setattr(bake, "fetch", lambda uri, dest, **kw: _fake_source(Path(dest), "unknown"))
-    monkeypatch.setattr(bake, "quantize_checkpoint", nvfp4_only)
-    with pytest.raises(BuildError) as info:
-        model_layer._make(catalog.find(FP8), tmp_path / "out")
-    assert str(info.value) == ('model.quantization: "fp8": this gpubake\'s quantizer writes NVFP4 only '
-                               "(no `gpubake quantize --format fp8`)")
-
-
 def test_describe_and_the_cache_key_name_the_format():
     fp8, nvfp4 = catalog.find(FP8), catalog.find("wan22-t2v-a14b-nvfp4-hopper")
     assert model_layer.describe(fp8)["how"] == "fetch, quantize a BF16 checkpoint to FP8 (default policy)"
@@ -237,7 +225,7 @@ def test_start_script_quantizes_an_fp8_image_at_boot_with_format_fp8():
     assert 'if [ "$fmt" != fp8 ]; then' in text and 'log "model: quantizing to "FP8" (' in text
     assert "    nvfp4) log \"model: \"" in text and "is already quantized (\"NVFP4\"), the image wants \"fp8; return 1 ;;" in text
     nvfp4 = _start_script(_with(catalog.find("wan22-t2v-a14b-nvfp4-hopper"), at="boot"))
-    assert '--format' not in nvfp4.split("fetch_model()")[1].split("\n}\n")[0]  # NVFP4: quantize's default
+    assert '"$GPUBAKE_BIN" quantize "$src" "$dest" --format nvfp4 --policy' in nvfp4
     assert "    fp8) log" in nvfp4 and 'if [ "$fmt" != nvfp4 ]; then' in nvfp4
 
 

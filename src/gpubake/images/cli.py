@@ -279,8 +279,7 @@ def _left_out(spec: Any, target: str, dest: Path, image: str) -> dict[str, Any]:
                    + (f" --sha256 {m.sha256}" if m.sha256 else "")])
     if m.quantization in QUANTIZED:
         steps.append(f"gpubake quantize {shlex.quote(str(work))}.src {shlex.quote(str(work))}"
-                     + (f" --format {m.quantization}" if m.quantization != "nvfp4" else "")  # NVFP4: quantize's default
-                     + f" --policy {m.policy} --model-id {m.id} --device cuda   # or --device cpu")
+                     + f" --format {m.quantization} --policy {m.policy} --model-id {m.id} --device cuda   # or --device cpu")
     base_note = (f" (--with-model also builds the bootstrap base that FROM names, and says how to load it)"
                  if spec.base.bootstrap is not None else "")
     message = (

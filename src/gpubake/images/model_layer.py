@@ -22,7 +22,6 @@ manifest. Which file goes in which layer: `gpubake.images.layers`.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -115,15 +114,10 @@ def needs_quantizing(spec: ImageSpec, fmt: str) -> bool:
 
 
 def _quantize(spec: ImageSpec, raw: Path, dest: Path) -> None:
-    """`gpubake quantize RAW DEST --format Q` through the checkpoint code's API; NVFP4 is its default."""
+    """`gpubake quantize RAW DEST --format Q` through the checkpoint code's API."""
     m = spec.model
-    extra: dict[str, str] = {}
-    if m.quantization != "nvfp4":
-        if "fmt" not in inspect.signature(bake.quantize_checkpoint).parameters:  # an older checkpoint half
-            raise BuildError(f'model.quantization: "{m.quantization}": this gpubake\'s quantizer writes NVFP4 only '
-                             f"(no `gpubake quantize --format {m.quantization}`)")
-        extra["fmt"] = m.quantization
-    bake.quantize_checkpoint(raw, dest, m.policy, device=bake.quantize_device(), progress=True, model_id=m.id, **extra)
+    bake.quantize_checkpoint(raw, dest, m.policy, device=bake.quantize_device(), progress=True, model_id=m.id,
+                             fmt=m.quantization)
 
 
 def cached_model(spec: ImageSpec) -> Path:
