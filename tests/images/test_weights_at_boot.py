@@ -36,7 +36,7 @@ def test_an_hf_source_is_fetched_with_its_pinned_revision_and_quantized():
     spec = _at_boot("wan22-t2v-a14b-nvfp4-hopper")
     text = _start_script(spec)
     assert f"fetch {spec.model.source} \"$src\"" in text and "@5be7df9619b54f4e2667b2755bc6a756675b5cd7" in text
-    assert "quantize \"$src\" \"$dest\" --policy default --model-id wan2.2-t2v-a14b" in text
+    assert "quantize \"$src\" \"$dest\" --format nvfp4 --policy default --model-id wan2.2-t2v-a14b" in text
     assert f'dest="$models/"wan2.2-t2v-a14b-{model_layer.model_key(spec)[:16]}' in text
     assert "fetch_model || log" in text
     built = _start_script(catalog.find("wan22-t2v-a14b-nvfp4-hopper"))
