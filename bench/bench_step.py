@@ -101,6 +101,18 @@ PREDICTIONS = {
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
 # name -> (GEMM weights, runtime-plan changes, resolution); BF16 variants run before the
 # in-place NVFP4 conversion. Runs 1-3 used the first block, run 4 the session-9 block.
+# written 2026-12-03 before the run: the FP8-weight checkpoint format (kernels/fp8_linear.py)
+# against the peer's torchao W8A8 and gpubake's NVFP4 on hopper-fp8, all eager with FA3 FP8
+PREDICTIONS.update({
+    "fp8w+fa3fp8": "the peer's GEMMs (E4M3 weights stored, activations per token, cuBLAS row-wise): "
+                   "within 3 % of peer+fa3fp8, a little faster than nvfp4+fa3fp8 (no per-call "
+                   "re-expression); error vs BF16 ~0.022 (the peer's)",
+    "peer+fa3fp8": "torchao Float8DynamicActivationFloat8WeightConfig(PerRow) on blocks.* linears, eager: "
+                   "the reference W8A8; error ~0.022",
+    "nvfp4+fa3fp8": "the per-call NVFP4 -> E4M3 re-expression on top of the same GEMMs: 0-3 % slower "
+                    "than fp8w; error ~0.045 (NVFP4's rounding)",
+})
+
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "bf16": ("bf16", {}, "480p"),
     "bf16+cudnn-sdpa": ("bf16", {"attention": "cudnn"}, "480p"),
@@ -124,6 +136,11 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "bf16+fa3fp8": ("bf16", {"attention": "fa3-fp8"}, "480p"),
     "nvfp4+compile+fa3fp8": ("nvfp4", {"compile_blocks": True, "attention": "fa3-fp8"}, "480p"),
     "nvfp4+compile+fa3fp8@720p": ("nvfp4", {"compile_blocks": True, "attention": "fa3-fp8"}, "720p"),
+    # the FP8-weight format (swapped in from the BF16 weights, swapped back after) and the peer's
+    # torchao W8A8 (on a copy), both before the in-place NVFP4 conversion
+    "fp8w+fa3fp8": ("fp8", {"attention": "fa3-fp8"}, "480p"),
+    "peer+fa3fp8": ("peer", {"attention": "fa3-fp8"}, "480p"),
+    "nvfp4+fa3fp8": ("nvfp4", {"attention": "fa3-fp8"}, "480p"),
 }
 DEFAULT_VARIANTS = "bf16,bf16+sage,bf16@720p,nvfp4+sage,nvfp4+compile,nvfp4+compile+sage,nvfp4+compile+sage@720p"
 
@@ -318,6 +335,50 @@ def to_nvfp4(model, num_layers: int) -> dict:
     return {"backend": backend.name, "linears": n, "convert_s": round(time.perf_counter() - t0, 2)}
 
 
+def to_fp8(model, num_layers: int) -> tuple[dict, dict]:
+    """Swap every policy-quantized block linear for an FP8Linear (`quantize --format fp8`'s
+    weights), the device's FP8 path bound; returns (facts, {name: the BF16 linear}) so that
+    `restore_linears` puts the BF16 model back."""
+    import torch
+
+    from gpubake.kernels.fp8_linear import FP8Linear, bind_fp8_backends, select_fp8_backend
+    from gpubake.provisioning.policy import get_policy
+
+    policy = get_policy("default")
+    t0 = time.perf_counter()
+    dev = next(model.parameters()).device
+    kept = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and policy.quantizes(name, num_layers):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FP8Linear.from_linear(mod))
+            kept[name] = mod
+    path = select_fp8_backend(dev)
+    bind_fp8_backends(model, path)
+    sync(dev)
+    return {"path": path, "linears": len(kept), "convert_s": round(time.perf_counter() - t0, 2)}, kept
+
+
+def restore_linears(model, kept: dict) -> None:
+    for name, mod in kept.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, mod)
+
+
+def peer_copy(model):
+    """The peer's weights: a copy of the BF16 expert with torchao's float8 rowwise dynamic
+    quantization (W8A8) on the blocks' linears, as bench_clip's peer stack."""
+    import copy
+
+    import torch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    peer = copy.deepcopy(model)
+    quantize_(peer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith("blocks."))
+    return peer
+
+
 def make_inputs(dev, frames: int, height: int, width: int, text_len: int, seed: int = 0):
     import torch
 
@@ -394,9 +455,37 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     inputs_by_res = {"480p": inputs}
-    ordered = sorted((v for v in VARIANTS if v in wanted and v != "bf16"), key=lambda v: VARIANTS[v][0] != "bf16")
+    stage = {"bf16": 0, "fp8": 1, "peer": 2, "nvfp4": 3}
+    ordered = sorted((v for v in VARIANTS if v in wanted and v != "bf16"), key=lambda v: stage[VARIANTS[v][0]])
+    kept: dict | None = None
     for name in ["bf16"] + ordered:  # table order, BF16-weight variants before the in-place conversion
         gemm, changes, res = VARIANTS[name]
+        if gemm == "fp8" and kept is None:
+            result["fp8_convert"], kept = to_fp8(model, cfg["num_layers"])
+        if gemm != "fp8" and kept:
+            restore_linears(model, kept)
+            kept = {}
+        bench.model = model
+        if gemm == "peer":
+            if "peer_convert" not in result:
+                t0 = time.perf_counter()
+                try:
+                    bench.peer = peer_copy(model)
+                except Exception as exc:  # torchao's float8 needs an sm_89+ GPU: a result on the CPU
+                    bench.peer = None
+                    result["peer_convert"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                else:
+                    result["peer_convert"] = {"torchao": "Float8DynamicActivationFloat8WeightConfig(PerRow) on blocks.*",
+                                              "convert_s": round(time.perf_counter() - t0, 2)}
+            if getattr(bench, "peer", None) is None:
+                result.setdefault("not_run", []).append(f"{name}: {result['peer_convert'].get('error')}")
+                continue
+            bench.model = bench.peer
+        elif getattr(bench, "peer", None) is not None:
+            bench.peer = None  # its memory back before the NVFP4 conversion
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         if gemm == "nvfp4" and "nvfp4_convert" not in result:
             result["nvfp4_convert"] = to_nvfp4(model, cfg["num_layers"])
         if gemm == "bf16" and "nvfp4_convert" in result:
