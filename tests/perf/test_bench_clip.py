@@ -181,11 +181,18 @@ def test_budget_skips_a_case_that_would_overrun_it(tmp_path):
     run = bench_clip.Run(args, SimpleNamespace(cuda=True), {"sampling": {"steps": 4}, "skipped": []})
     # nothing measured: the first 480p case is guessed (compile + two clips of 4 steps), and fits
     assert run.guess("480p", 2, 4) < 300 and run.fits("peer@480p", "480p")
-    run.cost["480p"], run.clip_cost["480p"] = 200.0, 40.0
+    run.cost[("gpubake", "480p")], run.clip_cost["480p"] = 200.0, 40.0
     run.t0 -= 150  # 150 s spent: 150 left
     assert not run.fits("gpubake@480p", "480p")  # a 200 s case
     assert run.fits("cap@480p", "480p")  # the cap case is one clip and a load: 40 s
     assert run.result["skipped"] == ["gpubake@480p: expected ~200 s > 150 s left of --budget-s"]
+    # another stack is not costed as this one (the peer's 210 s compile skipped fp8 on 2026-12-03):
+    # the guessed compile (90 s) and two of the clips measured so far
+    run.timed_clip["480p"] = 25.0
+    assert run.fits("fp8@480p", "480p")  # 90 + 2 x 25 = 140 s
+    run.timed_clip["480p"] = 35.0
+    assert not run.fits("fp8@480p", "480p")  # 160 s
+    assert run.result["skipped"][-1] == "fp8@480p: expected ~160 s > 150 s left of --budget-s"
     assert json.loads((tmp_path / "bench_clip.json").read_text())["skipped"] == run.result["skipped"]
     # a variant renders on the loaded pipeline: its timed clip, plus a warm-up clip if it has one
     run.timed_clip["480p"], run.warmup_clip["480p"] = 25.0, 130.0

@@ -45,6 +45,17 @@ class GpuExpectation(BaseModel):
     # basis says how it was derived); an estimate never fails a machine (`judge`)
     source: Literal["measured", "estimate"]
     basis: str
+    # the checkpoint format a measured row was measured with; an image of another format
+    # (the FP8-weight variant against NVFP4 rows) is judged against it as an estimate
+    quantization: Literal["nvfp4", "fp8", "bf16"] | None = None
+
+    def for_quantization(self, quantization: str) -> "GpuExpectation":
+        """This row as the image of `quantization` may be judged by it: a row measured with
+        another format is only an estimate of this one (it degrades at most, `judge`)."""
+        if self.source == "measured" and self.quantization not in (None, quantization):
+            return self.model_copy(update={"source": "estimate", "basis": f"measured with {self.quantization}, "
+                                           f"not {quantization}: {self.basis}"})
+        return self
 
 
 class ModelExpectations(BaseModel):

@@ -331,6 +331,8 @@ def throughput_stage(ctx: Context) -> StageResult:
     notes: list[str] = []
     status = "pass"
     row = ctx.table.lookup(ctx.table_key, ctx.gpu_name)
+    if row is not None:
+        row = row.for_quantization(ctx.facts.model.quantization)
     if ctx.gpu_name is None:
         notes.append(f"{measured} on {ctx.device} (no reference for CPU: reported, not compared)")
     elif row is None:
