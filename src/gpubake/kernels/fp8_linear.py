@@ -38,6 +38,7 @@ from gpubake import envs
 from gpubake.errors import KernelError
 from gpubake.kernels import archs
 from gpubake.kernels.fp8_ref import fp8_rowwise_ref
+from gpubake.kernels.layers_common import apply_keeping_dtypes, bind_all, count_bound
 
 FP8_WEIGHT_KEY = "weight"
 FP8_SCALE_KEY = "weight_scale"
@@ -263,13 +264,7 @@ class FP8Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half(): buffers move, and the format's float8 weight and float32
         scale keep their dtypes on a model-wide dtype cast (the bias follows it)."""
-        keep = {n: self._buffers[n] for n in self._FIXED_DTYPE}
-        out = super()._apply(fn, recurse)
-        for n, old in keep.items():
-            new = self._buffers[n]
-            if new.dtype != old.dtype:
-                self._buffers[n] = old.to(device=new.device)
-        return out
+        return apply_keeping_dtypes(self, self._FIXED_DTYPE, lambda: super(FP8Linear, self)._apply(fn, recurse))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -278,17 +273,9 @@ class FP8Linear(nn.Module):
 
 def bind_fp8_backends(model: nn.Module, backend: FP8Backend | str) -> int:
     """Bind `backend` to every `FP8Linear` of `model`; returns how many layers."""
-    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
-    for m in layers:
-        m.bind_backend(backend)
-    return len(layers)
+    return bind_all(model, FP8Linear, backend)
 
 
 def bound_fp8_backends(model: nn.Module) -> dict[str, int]:
     """{path name: number of layers} of the `FP8Linear`s of `model` ("default" for unbound)."""
-    out: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, FP8Linear):
-            key = m.backend_name or "default"
-            out[key] = out.get(key, 0) + 1
-    return out
+    return count_bound(model, FP8Linear)

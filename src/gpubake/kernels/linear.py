@@ -43,6 +43,7 @@ from gpubake.kernels.format import (
     check_static_scale,
     weight_tensors,
 )
+from gpubake.kernels.layers_common import apply_keeping_dtypes, bind_all, count_bound
 from gpubake.kernels.quantizer import quantize
 
 
@@ -161,17 +162,10 @@ class NVFP4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half(): buffers move, the prepared cache dies, and the
-        format's own dtypes survive a model-wide dtype cast (float8 scales and the
-        float32 global scales are floating point, so `.to(torch.bfloat16)` would
-        otherwise convert them; the bias does follow the cast)."""
+        format's own dtypes (float8 scales, float32 global scales) survive a model-wide dtype
+        cast (`layers_common.apply_keeping_dtypes`; the bias does follow the cast)."""
         self._prepared = None
-        keep = {n: self._buffers[n] for n in self._FIXED_DTYPE if self._buffers[n] is not None}
-        out = super()._apply(fn, recurse)
-        for n, old in keep.items():
-            new = self._buffers[n]
-            if new.dtype != old.dtype:
-                self._buffers[n] = old.to(device=new.device)
-        return out
+        return apply_keeping_dtypes(self, self._FIXED_DTYPE, lambda: super(NVFP4Linear, self)._apply(fn, recurse))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """The optional static activation scale is loaded when the state dict holds it
@@ -229,18 +223,10 @@ class FusedNVFP4Projection(nn.Module):
 
 def bind_backends(model: nn.Module, backend: GemmBackend | str) -> int:
     """Bind `backend` to every `NVFP4Linear` of `model`; returns how many layers."""
-    layers = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
-    for m in layers:
-        m.bind_backend(backend)
-    return len(layers)
+    return bind_all(model, NVFP4Linear, backend)
 
 
 def bound_backends(model: nn.Module) -> dict[str, int]:
     """{backend name: number of layers} of the `NVFP4Linear`s of `model` ("default" for
     unbound layers): what the self-test reports as the backend that runs."""
-    out: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, NVFP4Linear):
-            key = m.backend_name or "default"
-            out[key] = out.get(key, 0) + 1
-    return out
+    return count_bound(model, NVFP4Linear)

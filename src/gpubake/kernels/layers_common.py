@@ -1,0 +1,43 @@
+"""What the quantized layers (`linear.NVFP4Linear`, `fp8_linear.FP8Linear`) share: binding a
+backend to every layer of a kind, counting what is bound, and keeping the format's own
+dtypes through a model-wide dtype cast. One definition, so both formats behave alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def bind_all(model: nn.Module, kind: type, backend: Any) -> int:
+    """`layer.bind_backend(backend)` on every `kind` layer of `model`; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, kind)]
+    for m in layers:
+        m.bind_backend(backend)
+    return len(layers)
+
+
+def count_bound(model: nn.Module, kind: type) -> dict[str, int]:
+    """{backend name: number of `kind` layers of `model` bound to it} ("default" for unbound)."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, kind):
+            key = m.backend_name or "default"
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def apply_keeping_dtypes(module: nn.Module, names: Iterable[str], apply: Callable[[], nn.Module]) -> nn.Module:
+    """Run `apply` (the module's `nn.Module._apply`) so that buffers move with it but the
+    buffers `names` keep their dtypes: float8 and float32 format tensors are floating point,
+    so `.to(torch.bfloat16)` would otherwise convert them (the bias does follow the cast)."""
+    buffers: dict[str, torch.Tensor | None] = module._buffers  # type: ignore[assignment]
+    keep = {n: buffers[n] for n in names if buffers.get(n) is not None}
+    out = apply()
+    for n, old in keep.items():
+        new = buffers[n]
+        if new is not None and new.dtype != old.dtype:
+            buffers[n] = old.to(device=new.device)
+    return out
