@@ -291,3 +291,21 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     full = cases["gpubake+cfg_until=1@480p"]
     assert full["quality_vs_gpubake"] == {"latent_rel_err": 0.0, "video_psnr_db": "inf", "video_max_abs": 0.0}
     assert full["counts"]["blocks_skipped_fraction"] == 0.0 and full["timed"]["cfg_steps"] == 4
+
+
+@pytest.mark.slow
+def test_peer_against_fp8_writes_the_fp8_checkpoint_only(tmp_path):
+    """`--cases peer,fp8` (the FP8 variant against the peer, one device call): the NVFP4
+    checkpoint is not written (~40 s of a call on the device), the peer takes its encoder and
+    VAE from the FP8 one, and both cases run."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("GPUBAKE_RUNTIME", None)
+    cmd = [sys.executable, str(BENCH / "bench_clip.py"), "--small", "--out", str(tmp_path / "out"),
+           "--root", str(tmp_path / "root"), "--steps", "2", "--cases", "peer,fp8", "--no-time-bf16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "bench_clip.json").read_text())
+    assert "checkpoint" not in data and data["checkpoint_fp8"]["path"] == str(tmp_path / "root" / "model-fp8")
+    assert not (tmp_path / "root" / "model").exists()
+    assert [c["case"] for c in data["cases"]] == ["peer@480p", "fp8@480p"]
+    assert all("error" not in c for c in data["cases"]), data["cases"]
