@@ -296,3 +296,20 @@ def test_render_only_says_how_to_quantize_to_fp8(tmp_path: Path):
     assert weights["quantization"] == "fp8" and sum(x["bytes"] for x in weights["layers"]) > 40 * GB
     payload = json.loads((out / "marketplace" / "vastai.json").read_text())  # the template publish sends
     assert payload["extra_filters"]["gpu_ram"] == {"gte": 76000}  # MB: 95% of 80 GB x 1000
+
+
+def test_the_tiny_model_of_an_fp8_image_is_fp8_and_quantized_so(tmp_path):
+    """`build-image --tiny-model` keeps the image's format: the FP8 image's tiny model is made
+    and quantized with `--format fp8` (so its CPU self-test runs the FP8 path its image.json
+    names), an NVFP4 image's is NVFP4, and a BF16 image's stays the NVFP4 demo model."""
+    from gpubake.images.cli import with_tiny_model
+    from gpubake.provisioning.manifest import read_manifest
+
+    tiny = with_tiny_model(catalog.find(FP8))
+    assert (tiny.model.id, tiny.model.quantization, tiny.model.source, tiny.cpu_ok) == (
+        "tiny-wan2.2", "fp8", "generate:tiny", True)
+    assert with_tiny_model(catalog.find("wan22-t2v-a14b-nvfp4-hopper")).model.quantization == "nvfp4"
+    assert render.image_facts(tiny, "runpod").model.quantization == "fp8"
+    model_layer._make(tiny, tmp_path / "tiny")  # make-tiny, then the real quantizer
+    manifest = read_manifest(tmp_path / "tiny")
+    assert manifest["format"] == "fp8" and manifest["quantization"]["weight_dtype"] == "float8_e4m3fn"

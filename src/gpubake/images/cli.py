@@ -64,11 +64,14 @@ def _request(spec: Any, target: str, *, dist: Path, archive: Path, log_path: Pat
 
 
 def with_tiny_model(spec: Any) -> Any:
-    """`spec` with the tiny generated model (NVFP4, default policy) baked instead of its own, and
-    `cpu_ok` (the tiny model renders on a CPU, so the image's self-test runs without a GPU)."""
-    from gpubake.images.spec import Model
+    """`spec` with the tiny generated model (default policy) baked instead of its own, in the
+    spec's quantized format (an FP8 image's tiny model is FP8, so its self-test runs the FP8
+    path; NVFP4 otherwise), and `cpu_ok` (the tiny model renders on a CPU, so the image's
+    self-test runs without a GPU)."""
+    from gpubake.images.spec import QUANTIZED, Model
 
-    tiny = Model(id="tiny-wan2.2", quantization="nvfp4", policy="default", source="generate:tiny")
+    fmt = spec.model.quantization if spec.model.quantization in QUANTIZED else "nvfp4"
+    tiny = Model(id="tiny-wan2.2", quantization=fmt, policy="default", source="generate:tiny")
     return spec.model_copy(update={"model": tiny, "cpu_ok": True})
 
 
