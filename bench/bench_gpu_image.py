@@ -28,6 +28,7 @@ reachable from this project's machines); pass it to use another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -251,10 +252,9 @@ def main() -> int:
 
     tspec = tiny(spec)
     ctx = out / "code-change" / "context"
-    render_context(tspec, "runpod", ctx, RenderOptions(timestamp=EPOCH, weights=plan_for_build(tspec)))
+    with code_only_change():  # gpubake's wheel built with one line appended to gpubake/__init__.py
+        render_context(tspec, "runpod", ctx, RenderOptions(timestamp=EPOCH, weights=plan_for_build(tspec)))
     prepare_model(tspec, ctx)
-    init = ctx / "app" / "gpubake" / "__init__.py"
-    init.write_text(init.read_text() + "\n# a code-only change\n")
     t = time.monotonic()
     changed = BuildahBuilder(storage, on_step=None).build(BuildRequest(
         spec=tspec, target="runpod", context_dir=ctx, tag=tag + "-changed", archive=out / "dist" / "changed.oci.tar",
@@ -284,6 +284,35 @@ def main() -> int:
         for p in (out / "store", out / "dist", out / "registry", out / "code-change"):
             shutil.rmtree(p, ignore_errors=True)
     return 0
+
+
+@contextlib.contextmanager
+def code_only_change():
+    """The image's app is gpubake's wheel, built from the checkout's tracked files
+    (`images.app_wheel`): while this holds, the export gets one line appended to
+    src/gpubake/__init__.py, so the wheel, and only the app layer, differ; the checkout is
+    not touched."""
+    import dataclasses
+
+    from gpubake.images import app_wheel
+
+    real = app_wheel.export_files
+
+    def changed(pkg=None):
+        files, origin, left_out = real(pkg)
+        out = []
+        for f in files:
+            if f.rel == "src/gpubake/__init__.py":
+                text = f.text if f.text is not None else f.source.read_text(encoding="utf-8")
+                f = dataclasses.replace(f, source=None, text=text + "\n# a code-only change\n")
+            out.append(f)
+        return out, origin, left_out
+
+    app_wheel.export_files = changed
+    try:
+        yield
+    finally:
+        app_wheel.export_files = real
 
 
 if __name__ == "__main__":
