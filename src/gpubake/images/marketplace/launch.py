@@ -30,7 +30,6 @@ from gpubake.images.marketplace.offers import (
     DEFAULT_MIN_RELIABILITY,
     OfferPolicy,
     check_gpu_for_spec,
-    check_gpu_memory,
     resolve_gpu,
 )
 from gpubake.images.marketplace.payload import (
@@ -130,8 +129,7 @@ def publish(
             secrets.append(envs.raw("GPUBAKE_API_KEY", env))
     gpus = [resolve_gpu(name, "runpod") for name in (serverless.gpus if serverless else [])]
     for gpu in gpus:
-        check_gpu_for_spec(gpu, spec)
-        check_gpu_memory(spec, gpu)
+        check_gpu_for_spec(gpu, spec)  # its architecture and memory
     client = mconfig.make_client(t, dry_run=dry_run, config=cfg, extra_secrets=secrets)
     mk = market(client, target)
     gpu_block = mk.serverless_gpus(spec, gpus) if isinstance(mk, RunPod) and serverless else None  # read before any write
@@ -294,8 +292,7 @@ def launch(spec: ImageSpec, target: str, opts: LaunchOptions, *, cfg: dict[str, 
     api_key: str | None
     api_key, generated = service_key()
     gpu = resolve_gpu(opts.gpu, target)
-    check_gpu_for_spec(gpu, spec)
-    check_gpu_memory(spec, gpu)  # gpubake's table; the marketplace's own figure is checked again below
+    check_gpu_for_spec(gpu, spec)  # its architecture and memory (gpubake's table; the marketplace's own figure below)
     client = mconfig.make_client(t, dry_run=opts.dry_run, config=cfg, extra_secrets=[api_key])
     mk = market(client, target)
     tpl = _template(mk, spec, target, opts.dry_run)

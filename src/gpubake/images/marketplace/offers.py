@@ -76,13 +76,14 @@ def resolve_gpu(typed: str, target: str) -> Gpu:
 
 
 def check_gpu_for_spec(gpu: Gpu, spec: ImageSpec) -> None:
-    """Refuse to rent a GPU whose architecture the image was not built for."""
-    if gpu.arch is None or spec.cuda == "none":
-        return
-    if gpu.arch not in spec.gpu_archs:
+    """Refuse to rent a GPU the image was not built for: another architecture (`gpu_archs`), or
+    less memory than its `min_gpu_memory_gb` by gpubake's table (`check_gpu_memory`; a
+    marketplace's own figure is checked again where it gives one)."""
+    if gpu.arch is not None and spec.cuda != "none" and gpu.arch not in spec.gpu_archs:
         raise GpubakeError(
             f"--gpu: {gpu.name} is {gpu.arch}, but image {spec.name!r} is built for {', '.join(spec.gpu_archs)} (gpu_archs)"
         )
+    check_gpu_memory(spec, gpu)
 
 
 def check_gpu_memory(spec: ImageSpec, gpu: Gpu, *, memory_gb: int | None = None, where: str = "gpubake's GPU table") -> None:
