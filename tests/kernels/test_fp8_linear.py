@@ -201,6 +201,18 @@ def test_forward_reads_no_environment(monkeypatch):
     assert torch.equal(layer(x), before)  # unbound: the CPU's default (reference) still runs
 
 
+def test_a_new_binding_after_a_forward_runs_from_the_next_forward():
+    """The path is resolved once per device (not on every forward), and a binding replaces it."""
+    layer = FP8Linear.from_linear(_linear())
+    x = torch.randn(4, 96).bfloat16()
+    w, scale, bias = layer.weight, layer.weight_scale, layer.bias
+    assert torch.equal(layer(x), FP8_BACKENDS["reference"].apply(x, w, scale, bias))
+    layer.bind_backend("dequant-bf16")
+    assert torch.equal(layer(x), FP8_BACKENDS["dequant-bf16"].apply(x, w, scale, bias))
+    assert not torch.equal(FP8_BACKENDS["dequant-bf16"].apply(x, w, scale, bias),
+                           FP8_BACKENDS["reference"].apply(x, w, scale, bias))  # the two paths differ here
+
+
 # ------------------------------------------------------------------ the boot check
 
 

@@ -215,6 +215,9 @@ class FP8Linear(nn.Module):
         else:
             self.register_buffer("bias", None)
         self._backend: FP8Backend | None = get_fp8_backend(backend) if backend else None
+        # (device, the path a forward there runs): resolved on the first forward on a device,
+        # not on every one (as NVFP4Linear's prepared weight)
+        self._resolved: tuple[torch.device, FP8Backend] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str | None = None) -> FP8Linear:
@@ -244,6 +247,7 @@ class FP8Linear(nn.Module):
     def bind_backend(self, backend: FP8Backend | str) -> None:
         """Run this layer on `backend` (a name or an instance) from the next forward on."""
         self._backend = get_fp8_backend(backend) if isinstance(backend, str) else backend
+        self._resolved = None
 
     @property
     def backend_name(self) -> str | None:
@@ -258,12 +262,15 @@ class FP8Linear(nn.Module):
         return b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend(x.device).apply(x, self._buffers[FP8_WEIGHT_KEY], self._buffers[FP8_SCALE_KEY],
-                                            self.bias)
+        resolved = self._resolved
+        if resolved is None or resolved[0] != x.device:
+            resolved = self._resolved = (x.device, self.backend(x.device))
+        return resolved[1].apply(x, self._buffers[FP8_WEIGHT_KEY], self._buffers[FP8_SCALE_KEY], self.bias)
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half(): buffers move, and the format's float8 weight and float32
         scale keep their dtypes on a model-wide dtype cast (the bias follows it)."""
+        self._resolved = None
         return apply_keeping_dtypes(self, self._FIXED_DTYPE, lambda: super(FP8Linear, self)._apply(fn, recurse))
 
     def extra_repr(self) -> str:

@@ -155,6 +155,19 @@ def fp8_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
     return out
 
 
+QUANTIZED_FORMATS = ("nvfp4", "fp8")  # the checkpoint formats gpubake quantizes to (a manifest's "format")
+
+
+def stored_format(actual: dict[str, tuple[int, ...]]) -> str | None:
+    """The quantized format an expert's tensors are stored in ("nvfp4", "fp8"), None: none
+    quantized (from the keys and shapes alone: `quantized_modules`, `fp8_modules`)."""
+    if quantized_modules(actual):
+        return "nvfp4"
+    if fp8_modules(actual):
+        return "fp8"
+    return None
+
+
 def static_scale_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
     """Modules whose checkpoint holds the optional static activation scale
     (`.input_global_scale`, `format.INPUT_GLOBAL_SCALE_KEY`: published W4A4 checkpoints)."""

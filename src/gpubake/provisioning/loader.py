@@ -42,22 +42,17 @@ def _torch_dtype(dtype: Any) -> Any:
         raise CheckpointError(f"unknown dtype {dtype!r} (bf16, fp16 or fp32)") from None
 
 
-QUANTIZED_FORMATS = ("nvfp4", "fp8")
-
-
 def checkpoint_format(path: Path) -> str:
     """'nvfp4', 'fp8' or 'bf16' (from the manifest, else from the tensors present)."""
     trust.guard_checkpoint(path)  # the shard headers read below are listed ones
     if (path / MANIFEST_NAME).is_file():
         fmt = read_manifest(path).get("format")
-        if fmt in QUANTIZED_FORMATS:
+        if fmt in layout.QUANTIZED_FORMATS:
             return fmt
     for e in layout.expert_dirs(layout.model_index(path)):
-        actual = layout.tensor_shapes(layout.shard_files(path / e))
-        if layout.quantized_modules(actual):
-            return "nvfp4"
-        if layout.fp8_modules(actual):
-            return "fp8"
+        found = layout.stored_format(layout.tensor_shapes(layout.shard_files(path / e)))
+        if found is not None:
+            return found
     return "bf16"
 
 

@@ -47,8 +47,7 @@ from gpubake.provisioning.policy import Policy, get_policy
 
 FORMAT = "nvfp4"
 FP8_FORMAT = "fp8"
-FORMATS = (FORMAT, FP8_FORMAT)  # what `--format` takes; the manifest's "format"
-QUANTIZED_FORMATS = frozenset(FORMATS)  # a source in any of these is refused
+FORMATS = layout.QUANTIZED_FORMATS  # what `--format` takes, the manifest's "format"; a source in any is refused
 
 
 ROWS_PER_CHUNK = 1024  # bounds the float32 temporaries of one layer to ~ROWS x in_features
@@ -82,8 +81,7 @@ def quantize_weight(w: Any, device: str = "cpu", out_device: str = "cpu") -> tup
         scales.append(qi.block_scale.to(out_device))
         del qi, ref
     q = NVFP4Tensor(torch.cat(data), torch.cat(scales), g.reshape(()).float().to(out_device), torch.Size(x.shape))
-    s = round(10.0 * math.log10(sig / err), 4) if err > 0 and sig > 0 else None
-    return q, s
+    return q, sqnr_db(sig, err)
 
 
 def quantize_weight_fp8(w: Any, device: str = "cpu", out_device: str = "cpu") -> tuple[Any, Any, float | None]:
@@ -106,8 +104,12 @@ def quantize_weight_fp8(w: Any, device: str = "cpu", out_device: str = "cpu") ->
         qs.append(q.to(out_device))
         scales.append(s.to(out_device))
         del q, s, ref
-    db = round(10.0 * math.log10(sig / err), 4) if err > 0 and sig > 0 else None
-    return torch.cat(qs), torch.cat(scales), db
+    return torch.cat(qs), torch.cat(scales), sqnr_db(sig, err)
+
+
+def sqnr_db(signal: float, error: float) -> float | None:
+    """10 log10(signal / error) in dB, to 4 places; None when the error (or signal) is zero."""
+    return round(10.0 * math.log10(signal / error), 4) if error > 0 and signal > 0 else None
 
 
 def check_format(fmt: str) -> str:
@@ -136,7 +138,7 @@ def cpu_threads() -> int:
 def _refuse_quantized_source(src: Path) -> None:
     """A source its manifest calls quantized, in any format, is not requantized."""
     fmt = read_manifest(src).get("format") if (src / MANIFEST_NAME).is_file() else None
-    if fmt in QUANTIZED_FORMATS:
+    if fmt in FORMATS:
         raise CheckpointError(f"{src}: already quantized ({fmt}); quantize a BF16 checkpoint")
 
 
@@ -172,9 +174,9 @@ def quantize_checkpoint(
     # Validate every expert before writing anything: a bad source fails in seconds.
     for e in experts:
         actual = layout.tensor_shapes(layout.shard_files(src / e))
-        for found, modules in ((FORMAT, layout.quantized_modules(actual)), (FP8_FORMAT, layout.fp8_modules(actual))):
-            if modules:
-                raise CheckpointError(f"{src / e}: already quantized ({found}); quantize a BF16 checkpoint")
+        found = layout.stored_format(actual)
+        if found is not None:
+            raise CheckpointError(f"{src / e}: already quantized ({found}); quantize a BF16 checkpoint")
         exp, _ = layout.expected_shapes(layout.empty_transformer(configs[e]))
         layout.check_tensors(actual, exp, f"{src / e}")
     _refuse_quantized_source(src)
