@@ -55,6 +55,21 @@ PREDICTIONS = {
     "sparse-flex-0.1-b128": "within 20 % of sparse-flex-0.1 (128-row query tiles: the kernel's default)",
     "router-0.1": "0.3-1.0 ms / 0.7-2 ms (two mean-pools of 0.3-0.8 GB, a sort of 40 x 512 x 256 scores)",
 }
+# FlexAttention's Triton tiles, swept on the sparse variants (`-k<name>` suffixes): torch 2.11's
+# sm_90 default for BF16 at head dim 128 is BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps
+# (template_heuristics, h100_default_flex_config). Predictions, written before the first run:
+# 128-key tiles halve the inner loop's trips (each 128-key block is one tile, not two): 5-15 %;
+# TMA loads on sm_90: 0-10 %; 4 warps instead of 8 at BLOCK_M 128: slower (-10 %); every variant
+# within 1e-3 of the untuned one (the same blocks, another summation order).
+KERNEL_OPTIONS = {
+    "n128s2": {"BLOCK_N": 128, "num_stages": 2},
+    "tma": {"USE_TMA": True},
+    "n128s2tma": {"BLOCK_N": 128, "num_stages": 2, "USE_TMA": True},
+    "w4": {"num_warps": 4},
+    "s4": {"num_stages": 4},
+    "safe": {"ROWS_GUARANTEED_SAFE": True},
+}
+PREDICTIONS_KERNEL_OPTIONS = "n128s2: 5-15 % faster; tma: 0-10 %; n128s2tma: 10-20 %; w4: ~10 % slower; s4, safe: within 3 %"
 SIZES = {"32760": (21, 30, 52), "75600": (21, 45, 80)}  # latent frames x rows x columns after 1x2x2 patches
 SMALL_SIZES = {"300": (3, 10, 10), "520": (2, 13, 20)}  # ragged for every block size used
 
@@ -122,8 +137,8 @@ def variants(cuda: bool) -> tuple[dict, dict]:
 
     compile_ = torch.compile if cuda else (lambda fn, **kw: fn)  # CPU: eager FlexAttention
 
-    def sparse(keep: float, bq: int = S.BLOCK_Q, bk: int = S.BLOCK_K):
-        return compile_(lambda q, k, v: S.flex_sparse_attention(q, k, v, keep, None, bq, bk), dynamic=False)
+    def sparse(keep: float, bq: int = S.BLOCK_Q, bk: int = S.BLOCK_K, opts: dict | None = None):
+        return compile_(lambda q, k, v: S.flex_sparse_attention(q, k, v, keep, None, bq, bk, opts), dynamic=False)
 
     def router(q, k, v):
         r = S.route(q, k, 0.1)
@@ -139,6 +154,9 @@ def variants(cuda: bool) -> tuple[dict, dict]:
         skipped["fa3-fp8"] = "the fa3-fwd wheel does not import"
     fns.update({"flex-dense": sparse(1.0), "sparse-flex-0.1": sparse(0.1), "sparse-flex-0.2": sparse(0.2),
                 "sparse-flex-0.1-b128": sparse(0.1, 128, 128), "router-0.1": compile_(router, dynamic=False)})
+    for tag, opts in KERNEL_OPTIONS.items():  # (on the CPU eager FlexAttention ignores them)
+        fns[f"sparse-flex-0.1-k{tag}"] = sparse(0.1, opts=opts)
+        fns[f"sparse-flex-0.1-b128-k{tag}"] = sparse(0.1, 128, 128, opts)
     return fns, skipped
 
 
@@ -197,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"error: --variants {','.join(unknown)}: not one of {', '.join([*fns, *skipped])}", file=sys.stderr)
             return 2
+        wanted += [w.split("-k")[0] for w in wanted if "-k" in w]  # a tuned variant's untuned twin
         fns = {n: f for n, f in fns.items() if n in wanted or n == "sdpa-bf16"}  # the errors' baseline
         skipped = {n: why for n, why in skipped.items() if n in wanted}
     result: dict = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
                     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "small": args.small,
                     "versions": {"torch": torch.__version__}, "compiled": cuda, "heads": heads, "head_dim": d,
-                    "predictions": PREDICTIONS, "skipped": skipped, "sizes": {}}
+                    "predictions": {**PREDICTIONS, "kernel_options": PREDICTIONS_KERNEL_OPTIONS},
+                    "kernel_options": KERNEL_OPTIONS, "skipped": skipped, "sizes": {}}
     result["kernel_check"] = kernel_check(fns, dev, args.small)
     print("kernel_check", json.dumps(result["kernel_check"]), flush=True)
     for n, grid in sizes.items():
@@ -210,16 +230,22 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             data = {kind: inputs(grid, heads, d, dev, seed=int(n), local=kind == "local") for kind in ("gaussian", "local")}
             base = {kind: fns["sdpa-bf16"](*qkv) for kind, qkv in data.items()}
+            outs: dict = {}  # the untuned sparse variants' outputs, for their tuned twins
             for name, fn in fns.items():
                 try:
                     ms, first = time_ms(fn, *data["gaussian"], cuda=cuda, calls=1 if args.small else 5,
                                         rounds=1 if args.small else 3)
                     row = {"ms": round(ms, 3), "first_call_s": round(first, 3)}
+                    untuned = name.split("-k")[0] if "-k" in name else None
                     if not name.startswith("router"):
                         row["tflops_dense_equivalent"] = round(4 * int(n) ** 2 * d * heads / (ms * 1e-3) / 1e12, 2)
                         for kind, qkv in data.items():
                             o = fn(*qkv)
                             row[f"rel_err_vs_bf16_{kind}"] = round(rel_err(o, base[kind]), 5)
+                            if untuned in outs.get(kind, {}):
+                                row[f"rel_err_vs_untuned_{kind}"] = round(rel_err(o, outs[kind][untuned]), 6)
+                            elif name in {n.split("-k")[0] for n in fns if "-k" in n}:
+                                outs.setdefault(kind, {})[name] = o
                             row.setdefault("finite", True)
                             row["finite"] = row["finite"] and bool(torch.isfinite(o).all())
                 except Exception as exc:  # one variant failing (a kernel, an OOM) must not lose the others
@@ -232,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["speedup_vs_fa3_fp8"] = round(ref_ms / r["ms"], 3)
         result["sizes"][n] = rows
         write_json_atomic(args.json_out, result)  # after each size: a killed run keeps what it measured
-        del data, base
+        del data, base, outs
         if cuda:
             torch.cuda.empty_cache()
     write_json_atomic(args.json_out, result)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpubake.kernels import attention_sparse as S
+from gpubake.errors import KernelError
 from gpubake.kernels.attention import set_self_attention_kernel
 
 
@@ -203,3 +204,19 @@ def test_set_sparse_self_attention_changes_only_self_attention(monkeypatch):
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-4)
     set_self_attention_kernel(model, None)
     assert torch.equal(forward(), ref)
+
+
+class _CudaLike:
+    """What `_kernel_options` reads of q (device kind, dtype) without a GPU."""
+    is_cuda = True
+    dtype = torch.bfloat16
+
+
+def test_kernel_options_divide_the_blocks_and_take_a_sweep_over_them():
+    r64 = S.route(*(torch.randn(1, 1, 256, 16) for _ in range(2)), 0.5, 64, 128)
+    assert S._kernel_options(r64, _CudaLike()) == {"BLOCK_M": 64}  # 64-token query blocks: 64-row tiles
+    assert S._kernel_options(r64, _CudaLike(), {"BLOCK_N": 128, "num_stages": 2}) == {
+        "BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 2}
+    with pytest.raises(KernelError, match="BLOCK_M=128 does not divide the 64-token blocks"):
+        S._kernel_options(r64, _CudaLike(), {"BLOCK_M": 128})
+    assert S._kernel_options(r64, torch.zeros(1), {"BLOCK_N": 128}) is None  # the CPU: eager, no tiles

@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCH))
 import bench_sparse_attention as B  # noqa: E402
 
 NAMES = ["sdpa-bf16", "fa3-fp8", "flex-dense", "sparse-flex-0.1", "sparse-flex-0.2", "sparse-flex-0.1-b128", "router-0.1"]
+TUNED = [f"sparse-flex-0.1{b}-k{tag}" for tag in B.KERNEL_OPTIONS for b in ("", "-b128")]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,9 @@ def test_small_run_measures_every_variant_at_both_sizes(small):
     assert small["small"] is True and small["compiled"] is False and not small["skipped"]
     assert sorted(small["sizes"]) == ["300", "520"] and set(B.PREDICTIONS) == set(NAMES)
     for rows in small["sizes"].values():
-        assert sorted(rows) == sorted(NAMES)  # (the JSON is written with sorted keys)
+        assert sorted(rows) == sorted(NAMES + TUNED)  # (the JSON is written with sorted keys)
+        for name in TUNED:  # compared with its untuned twin (on the CPU the options are not used: equal)
+            assert rows[name]["rel_err_vs_untuned_local"] == 0.0 and rows[name]["finite"], name
         assert all("error" not in r and r["ms"] > 0 for r in rows.values()), rows
         for name in NAMES[:-1]:
             assert rows[name]["finite"] and {"rel_err_vs_bf16_gaussian", "rel_err_vs_bf16_local"} <= set(rows[name])
@@ -64,3 +67,11 @@ def test_a_chosen_variant_runs_with_its_baseline(tmp_path):
     assert B.main(["--small", "--json-out", str(out), "--tokens", "300", "--variants", "router-0.1"]) == 0
     data = json.loads(out.read_text())
     assert sorted(data["sizes"]["300"]) == ["router-0.1", "sdpa-bf16"]
+
+
+def test_a_tuned_variant_runs_with_its_untuned_twin(tmp_path):
+    out = tmp_path / "x.json"
+    assert B.main(["--small", "--json-out", str(out), "--tokens", "300", "--variants", "sparse-flex-0.1-b128-ktma"]) == 0
+    rows = json.loads(out.read_text())["sizes"]["300"]
+    assert sorted(rows) == ["sdpa-bf16", "sparse-flex-0.1-b128", "sparse-flex-0.1-b128-ktma"]
+    assert "rel_err_vs_untuned_gaussian" in rows["sparse-flex-0.1-b128-ktma"]

@@ -157,9 +157,10 @@ def block_mask(r: Route, q_len: int, kv_len: int):
                                     compute_q_blocks=False)  # forward only: no transposed (backward) index
 
 
-def _kernel_options(r: Route, q: torch.Tensor) -> dict | None:
+def _kernel_options(r: Route, q: torch.Tensor, extra: dict | None = None) -> dict | None:
     """Triton tiles that divide the mask's blocks (diffusers' `_native_flex_attention` does
-    the same): torch's defaults are 128 query x 64 key rows for 16-bit inputs."""
+    the same): torch's defaults are 128 query x 64 key rows for 16-bit inputs. `extra`
+    (a bench's sweep) goes over them; tiles it names must divide the blocks too."""
     if not q.is_cuda:
         return None
     opts = {}
@@ -167,11 +168,16 @@ def _kernel_options(r: Route, q: torch.Tensor) -> dict | None:
         opts["BLOCK_M"] = math.gcd(r.block_q, 128)
     if r.block_k % 64:
         opts["BLOCK_N"] = math.gcd(r.block_k, 64)
+    opts.update(extra or {})
+    for tile, block in (("BLOCK_M", r.block_q), ("BLOCK_N", r.block_k)):
+        if tile in opts and block % opts[tile]:
+            raise KernelError(f"sparse-flex: kernel option {tile}={opts[tile]} does not divide the {block}-token blocks")
     return opts or None
 
 
 def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: float = DEFAULT_KEEP,
-                          scale: float | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> torch.Tensor:
+                          scale: float | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                          kernel_options: dict | None = None) -> torch.Tensor:
     """Route, then FlexAttention over the kept blocks ([B, H, N, D] in, q's dtype out).
 
     Eager here: under torch.compile (a regionally compiled block, or `compiled`) the router,
@@ -180,7 +186,7 @@ def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
 
     r = route(q, k, keep, block_q, block_k)
     bm = block_mask(r, q.shape[-2], k.shape[-2])
-    return flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=_kernel_options(r, q))
+    return flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=_kernel_options(r, q, kernel_options))
 
 
 _COMPILED: list = []
