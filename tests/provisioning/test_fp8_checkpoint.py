@@ -184,3 +184,26 @@ def test_expert_offload_moves_fp8_buffers(fp8_pipe, monkeypatch):
         assert q.weight is host["blocks.0.attn1.to_q.weight"] and q.weight_scale is host["blocks.0.attn1.to_q.weight_scale"]
     finally:
         apply_expert_offload(pipe, False, "cpu")
+
+
+def test_fuse_act_quant_reaches_the_fp8_path_and_traces_into_the_block(tiny_fp8_checkpoint, monkeypatch):
+    """The plan's `fuse_act_quant` is set on the bound FP8 path (as on hopper-fp8), and with it
+    a compiled block holds the activation quantization in its graph (fullgraph: no break)."""
+    from gpubake.kernels.fp8_linear import get_fp8_backend
+    from gpubake.provisioning.runtime import apply_runtime, plan_from_env
+
+    monkeypatch.delenv("GPUBAKE_RUNTIME", raising=False)
+    monkeypatch.setenv("GPUBAKE_FP8_BACKEND", "scaled-mm")
+    path = get_fp8_backend("scaled-mm")
+    monkeypatch.setattr(path, "fuse_act_quant_when_compiling", False)
+    pipe = load_pipeline(tiny_fp8_checkpoint, "cpu")
+    apply_runtime(pipe, plan_from_env("cpu").with_(fuse_act_quant=True), device="cpu")
+    assert path.fuse_act_quant_when_compiling
+    layer = pipe.transformer.blocks[0].attn1.to_q
+    x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.inference_mode():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(compiled, eager)  # the same torch ops, traced
+    apply_runtime(pipe, plan_from_env("cpu"), device="cpu")
+    assert not path.fuse_act_quant_when_compiling

@@ -245,12 +245,9 @@ class HopperFp8(GemmBackend):
     def _quantize_activations(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x2 [M, K] -> (E4M3, per-token scale): the Triton kernel, or under torch.compile with
         `fuse_act_quant_when_compiling` its plain-torch twin for inductor to fuse."""
-        if self.fuse_act_quant_when_compiling and torch.compiler.is_compiling():
-            from gpubake.kernels.fp8_ref import fp8_rowwise_ref
-            return fp8_rowwise_ref(x2)
-        from gpubake.kernels.convert_triton import fp8_rowwise
+        from gpubake.kernels.fp8_linear import quantize_activations_rowwise
 
-        return fp8_rowwise(x2)
+        return quantize_activations_rowwise(x2, self.fuse_act_quant_when_compiling)
 
     def apply(self, x, pw, bias=None):
         from gpubake.kernels.convert_triton import nvfp4_to_fp8

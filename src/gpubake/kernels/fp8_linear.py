@@ -97,6 +97,20 @@ class FP8Backend:
         raise NotImplementedError
 
 
+def quantize_activations_rowwise(x2: torch.Tensor, fuse_when_compiling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (E4M3, float32 per-token scale [M, 1]): the Triton kernel on CUDA, its
+    plain-torch twin (bit-identical) on the CPU, and under torch.compile with
+    `fuse_when_compiling` the twin too, so that inductor fuses the quantization into the norm
+    and modulation that produced x instead of a separate pass over it (the peer's torchao
+    quantization is torch ops, fused that way). Shared by both FP8-GEMM paths (`ScaledMm`
+    here, `backends.HopperFp8`)."""
+    if x2.device.type != "cuda" or (fuse_when_compiling and torch.compiler.is_compiling()):
+        return fp8_rowwise_ref(x2.contiguous())
+    from gpubake.kernels.convert_triton import fp8_rowwise
+
+    return fp8_rowwise(x2)
+
+
 class ScaledMm(FP8Backend):
     """W8A8 on FP8 tensor cores: activations E4M3 per token (Triton on CUDA, its plain-torch
     twin elsewhere, bit-identical), then torch's row-wise scaled `_scaled_mm` (as
@@ -105,6 +119,8 @@ class ScaledMm(FP8Backend):
 
     name = "scaled-mm"
     caps = archs.capabilities_defaulting_to_fp8("scaled-mm")
+    # the runtime plan's `fuse_act_quant`, set where it binds (`runtime.bind_fp8`)
+    fuse_act_quant_when_compiling = False
 
     def supports_capability(self, cap):
         return cap is None or cap in (self.caps or ())
@@ -114,13 +130,7 @@ class ScaledMm(FP8Backend):
         N, K = weight.shape
         if N % 16 or K % 16:
             raise KernelError(f"fp8 scaled-mm: weight [{N}, {K}]: torch._scaled_mm needs both multiples of 16")
-        x2 = x.reshape(-1, K)
-        if x2.device.type == "cuda":
-            from gpubake.kernels.convert_triton import fp8_rowwise
-
-            xq, xs = fp8_rowwise(x2)
-        else:
-            xq, xs = fp8_rowwise_ref(x2.contiguous())
+        xq, xs = quantize_activations_rowwise(x.reshape(-1, K), self.fuse_act_quant_when_compiling)
         out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, N), out_dtype=out_dtype,
                              bias=None if bias is None else bias.to(out_dtype), use_fast_accum=True)

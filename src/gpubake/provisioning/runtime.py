@@ -430,16 +430,20 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     return done
 
 
-def bind_fp8(experts: dict[str, nn.Module], device: torch.device | str) -> dict[str, int]:
+def bind_fp8(experts: dict[str, nn.Module], device: torch.device | str,
+             fuse_act_quant: bool = False) -> dict[str, int]:
     """Bind the FP8-weight path `device` runs (``$GPUBAKE_FP8_BACKEND``, else the arch table's
     `fp8_backend`), chosen once here, to every `FP8Linear` of the experts; {expert: layers},
-    only for experts that have any (an NVFP4 or BF16 checkpoint: {} and nothing chosen)."""
-    from gpubake.kernels.fp8_linear import FP8Linear, bind_fp8_backends, select_fp8_backend
+    only for experts that have any (an NVFP4 or BF16 checkpoint: {} and nothing chosen).
+    `fuse_act_quant`: the plan's lever, for a path that quantizes activations."""
+    from gpubake.kernels.fp8_linear import FP8Linear, bind_fp8_backends, get_fp8_backend, select_fp8_backend
 
     if not any(isinstance(m, FP8Linear) for e in experts.values() for m in e.modules()):
         return {}
-    name = select_fp8_backend(device)
-    return {n: bind_fp8_backends(m, name) for n, m in experts.items()}
+    backend = get_fp8_backend(select_fp8_backend(device))
+    if hasattr(backend, "fuse_act_quant_when_compiling"):
+        backend.fuse_act_quant_when_compiling = fuse_act_quant
+    return {n: bind_fp8_backends(m, backend) for n, m in experts.items()}
 
 
 def set_fused_qkv(model: nn.Module, on: bool) -> int:
@@ -536,7 +540,7 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
     if plan is None:
         plan = plan_for(device)
     done = {n: apply_plan(m, plan) for n, m in experts.items()}
-    for n, count in bind_fp8(experts, device).items():
+    for n, count in bind_fp8(experts, device, plan.fuse_act_quant).items():
         done[n]["fp8_layers"] = count
     from gpubake.provisioning.step_cache import apply_step_cache
 
