@@ -210,9 +210,11 @@ class _CudaLike:
     """What `_kernel_options` reads of q (device kind, dtype) without a GPU."""
     is_cuda = True
     dtype = torch.bfloat16
+    device = "cuda:0"
 
 
-def test_kernel_options_divide_the_blocks_and_take_a_sweep_over_them():
+def test_kernel_options_divide_the_blocks_and_take_a_sweep_over_them(monkeypatch):
+    monkeypatch.setattr(S, "_capability", lambda q: (8, 9))  # a GPU with no measured options
     r64 = S.route(*(torch.randn(1, 1, 256, 16) for _ in range(2)), 0.5, 64, 128)
     assert S._kernel_options(r64, _CudaLike()) == {"BLOCK_M": 64}  # 64-token query blocks: 64-row tiles
     assert S._kernel_options(r64, _CudaLike(), {"BLOCK_N": 128, "num_stages": 2}) == {
@@ -220,3 +222,13 @@ def test_kernel_options_divide_the_blocks_and_take_a_sweep_over_them():
     with pytest.raises(KernelError, match="BLOCK_M=128 does not divide the 64-token blocks"):
         S._kernel_options(r64, _CudaLike(), {"BLOCK_M": 128})
     assert S._kernel_options(r64, torch.zeros(1), {"BLOCK_N": 128}) is None  # the CPU: eager, no tiles
+
+
+def test_the_measured_options_apply_on_their_gpu_and_query_block_only(monkeypatch):
+    route = {bq: S.route(*(torch.randn(1, 1, 256, 16) for _ in range(2)), 0.5, bq, 128) for bq in (64, 128)}
+    monkeypatch.setattr(S, "_capability", lambda q: (9, 0))
+    assert S._kernel_options(route[64], _CudaLike()) == {"BLOCK_M": 64, "num_warps": 4}
+    assert S._kernel_options(route[128], _CudaLike()) == {"USE_TMA": True}
+    assert S._kernel_options(route[64], _CudaLike(), {"num_warps": 8}) == {"BLOCK_M": 64, "num_warps": 8}  # a sweep wins
+    monkeypatch.setattr(S, "_capability", lambda q: (10, 0))  # Blackwell: not measured, torch's defaults
+    assert S._kernel_options(route[128], _CudaLike()) is None

@@ -46,6 +46,16 @@ DEFAULT_KEEP = 0.1  # LightX2V's distillation: sparsity_ratio 0.9
 # (480x832x81) and 2.5x at 75,600, so the break-even lies lower, but no shorter length was
 # measured (bench/bench_sparse_attention.py --tokens; the self-test's clip has 7,800 tokens).
 MIN_TOKENS = 8192
+# FlexAttention's Triton options per GPU and query block, measured (`bench/bench_sparse_attention.py`
+# -k variants; H200, 2026-12-03, docs/benchmarks.md "FlexAttention's tiles"): torch 2.11's sm_90
+# default for BF16 at head dim 128 is 8 warps, which at 64-row tiles leaves each warp 8 rows:
+# 4 warps make the 64-token call 1.52x / 1.46x faster (720p 50.1 -> 32.9 ms, 480p 9.49 -> 6.50);
+# at 128-row tiles 4 warps are slower and TMA loads take 4-6 % (720p 29.9 -> 28.5 ms, 480p
+# 6.05 -> 5.66). Output: the same bits (w4, TMA) as the untuned kernel. GPUs not listed keep
+# torch's defaults (not measured there).
+TUNED_KERNEL_OPTIONS: dict[tuple[int, int], dict[int, dict]] = {
+    (9, 0): {64: {"num_warps": 4}, 128: {"USE_TMA": True}},
+}
 
 
 class SparseAttentionError(KernelError):
@@ -157,10 +167,15 @@ def block_mask(r: Route, q_len: int, kv_len: int):
                                     compute_q_blocks=False)  # forward only: no transposed (backward) index
 
 
+def _capability(q: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(q.device)
+
+
 def _kernel_options(r: Route, q: torch.Tensor, extra: dict | None = None) -> dict | None:
     """Triton tiles that divide the mask's blocks (diffusers' `_native_flex_attention` does
-    the same): torch's defaults are 128 query x 64 key rows for 16-bit inputs. `extra`
-    (a bench's sweep) goes over them; tiles it names must divide the blocks too."""
+    the same; torch's defaults are 128 query x 64 key rows for 16-bit inputs), then the
+    options measured for this GPU and query block (`TUNED_KERNEL_OPTIONS`). `extra` (a
+    bench's sweep) goes over them; tiles it names must divide the blocks too."""
     if not q.is_cuda:
         return None
     opts = {}
@@ -168,6 +183,8 @@ def _kernel_options(r: Route, q: torch.Tensor, extra: dict | None = None) -> dic
         opts["BLOCK_M"] = math.gcd(r.block_q, 128)
     if r.block_k % 64:
         opts["BLOCK_N"] = math.gcd(r.block_k, 64)
+    if q.dtype != torch.float32:  # (measured in BF16)
+        opts.update(TUNED_KERNEL_OPTIONS.get(_capability(q), {}).get(r.block_q, {}))
     opts.update(extra or {})
     for tile, block in (("BLOCK_M", r.block_q), ("BLOCK_N", r.block_k)):
         if tile in opts and block % opts[tile]:
