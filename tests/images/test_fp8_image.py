@@ -56,8 +56,11 @@ def test_the_fp8_image_validates_with_its_memory_floor():
         (lambda d: d.update(min_gpu_memory_gb="80"), "custom.toml: min_gpu_memory_gb: Input should be a valid integer"),
         (lambda d: d.update(min_gpu_memory_gb=80.5), "custom.toml: min_gpu_memory_gb: Input should be a valid integer"),
         (lambda d: d["model"].update(quantization="fp4"), "custom.toml: model.quantization: must be one of 'nvfp4', 'fp8' or 'bf16'"),
-        (lambda d: d["model"].update(format="lightx2v", base=d["model"]["source"]),
-         'custom.toml: model: format = "lightx2v" imports an NVFP4 checkpoint: set quantization = "nvfp4"'),
+        (lambda d: d["model"].update(format="modelopt", base=d["model"]["source"]),
+         'custom.toml: model: format = "modelopt" imports a quantized checkpoint: set quantization = "nvfp4" (its '
+         'precision)'),
+        (lambda d: d["model"].update(format="comfy", quantization="bf16", base=d["model"]["source"]),
+         'custom.toml: model: format = "comfy" imports a quantized checkpoint: set quantization = "nvfp4" or "fp8"'),
     ],
 )
 def test_bad_fp8_fields_are_one_line(edit, expected):

@@ -135,7 +135,7 @@ def test_unknown_and_unquantized_sources(tiny_checkpoint, tmp_path, capsys):
     shutil.copyfile(tiny_checkpoint / "transformer_2" / W, src / "low.safetensors")
     dest = tmp_path / "model"
     err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
-    assert f"{src / 'high.safetensors'}: no NVFP4 tensors" in err and "gpubake quantize" in err
+    assert f"{src / 'high.safetensors'}: no NVFP4 or FP8 tensors" in err and "gpubake quantize" in err
     err = _refused([str(src), str(dest), "--format", "gguf"], dest, capsys)
     assert "--format: unknown format 'gguf' (auto, lightx2v, modelopt, comfy)" in err
 
