@@ -28,6 +28,7 @@ import io
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,24 @@ def float_bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
 
-def assert_cpu_selftest_passes(model_dir: Path, report: Path) -> None:
+def assert_cpu_selftest_passes(model_dir: Path, report: Path, quantization: str = "nvfp4") -> None:
     """`gpubake selftest --device cpu` on an imported checkpoint passes every stage (the
-    `gpus` stage skips: one CPU has no all-reduce to run)."""
+    `gpus` stage skips: one CPU has no all-reduce to run), as the demo image, or its spec
+    with another `model.quantization` (an FP8 checkpoint's image says fp8)."""
     from gpubake.cli import _run
 
-    rc = _run(["selftest", "--device", "cpu", "--model-dir", str(model_dir), "--image", "demo", "--report", str(report)])
+    image = ["--image", "demo"]
+    if quantization != "nvfp4":
+        from gpubake.images import catalog
+
+        (report.parent / quantization).mkdir(exist_ok=True)
+        spec = report.parent / quantization / "demo.toml"  # a spec's name is its file's stem
+        text = (catalog.CATALOG_DIR / "demo.toml").read_text(encoding="utf-8")
+        assert text.count('quantization = "nvfp4"') == 1
+        spec.write_text(text.replace('quantization = "nvfp4"', f'quantization = "{quantization}"'), encoding="utf-8")
+        shutil.copytree(catalog.CATALOG_DIR / "locks", spec.parent / "locks", dirs_exist_ok=True)  # its python.lock
+        image = ["--spec", str(spec)]
+    rc = _run(["selftest", "--device", "cpu", "--model-dir", str(model_dir), *image, "--report", str(report)])
     data = json.loads(report.read_text())
     assert rc == 0, data["summary"]
     stages = {s["name"]: s["status"] for s in data["stages"]}

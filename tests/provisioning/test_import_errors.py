@@ -167,7 +167,7 @@ def test_layout_errors(comfy_src, lx_src, tiny_checkpoint, tmp_path, capsys):
     shutil.copyfile(comfy_src / HIGH, mixed / HIGH)
     shutil.copyfile(lx_src / "low_nvfp4.safetensors", mixed / "low_nvfp4.safetensors")
     err = _refused([str(mixed), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
-    assert "the experts are in different formats (comfy, lightx2v)" in err
+    assert "the experts are in different formats (comfy NVFP4, lightx2v NVFP4)" in err
     junk = tmp_path / "junk"
     shutil.copytree(comfy_src, junk)
     (junk / LOW).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
