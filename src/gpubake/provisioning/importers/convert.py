@@ -144,7 +144,7 @@ def import_checkpoint(
             raise SourceError(f"{src_root}: the experts are in different formats ({', '.join(sorted(formats))})")
         (prec,) = {p.producer.precision for p in plans.values()}
         if precision is not None and prec != precision:
-            raise SourceError(f"{src_root}: holds an {prec.upper()} checkpoint, but {precision} was asked for "
+            raise SourceError(f"{src}: holds an {prec.upper()} checkpoint, but {precision} was asked for "
                               f"(the image's model.quantization)")
         mid = model_id or _manifest_model_id(base_root) or _manifest_model_id(src_root)
         t_check = time.monotonic() - t0
