@@ -207,6 +207,23 @@ def test_an_nvfp4_source_for_an_fp8_image_is_refused_before_quantizing(tmp_path,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()  # nothing half-written
 
 
+def test_an_fp8_import_spec_validates_and_the_build_asks_the_importer_for_fp8(tmp_path, monkeypatch):
+    """`format = "lightx2v"` (or comfy) with `quantization = "fp8"`: another tool's FP8 checkpoint,
+    imported with the spec's quantization as the precision the importer must find."""
+    lx = catalog.find("wan22-t2v-a14b-lightx2v-nvfp4-hopper")
+    data = _spec_dict("wan22-t2v-a14b-lightx2v-nvfp4-hopper")
+    data["model"]["quantization"] = "fp8"
+    spec = parse_spec(data, source="custom.toml")
+    assert (spec.model.format, spec.model.quantization) == ("lightx2v", "fp8")
+    assert "configs) (fp8)" in model_layer.describe(spec)["detail"]
+    assert model_layer.model_key(spec) != model_layer.model_key(lx)
+    calls = []
+    monkeypatch.setattr(bake, "import_checkpoint", lambda *a, **k: calls.append(k["precision"]))
+    model_layer._make(spec, tmp_path / "out")
+    model_layer._make(lx, tmp_path / "out2")
+    assert calls == ["fp8", "nvfp4"]
+
+
 def test_describe_and_the_cache_key_name_the_format():
     fp8, nvfp4 = catalog.find(FP8), catalog.find("wan22-t2v-a14b-nvfp4-hopper")
     assert model_layer.describe(fp8)["how"] == "fetch, quantize a BF16 checkpoint to FP8 (default policy)"
