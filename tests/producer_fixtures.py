@@ -1,4 +1,4 @@
-"""Tiny Wan 2.2 NVFP4 checkpoints in the producers' own formats, for the import tests.
+"""Tiny Wan 2.2 NVFP4 and FP8 checkpoints in the producers' own formats, for the import tests.
 
 Each starts from `make-tiny`'s BF16 diffusers checkpoint (both experts) and is written
 at test time (seconds, on the CPU):
@@ -11,6 +11,10 @@ at test time (seconds, on the CPU):
   {"format": "nvfp4"} as uint8), Wan's original names, one file per expert;
 - LightX2V (not on PyPI, and its quantizer is a CUDA kernel): written here from its
   source, github.com/ModelTC/LightX2V at f8aee98b, as cited at each step.
+- FP8: ComfyUI's by comfy-kitchen (`QuantizedTensor.from_float(w, "TensorCoreFP8Layout")`,
+  marked {"format": "float8_e4m3fn"}); LightX2V's (`QuantWeightFP8.load_fp8_weight`, both
+  its own per-row form and its `--comfyui_mode`, ComfyUI's legacy scaled-fp8 layout) from
+  its source, as cited.
 
 `calibrate` records each linear's input amax on one forward of fixed inputs: the static
 activation scales ModelOpt calibrates itself, and the ones written for ComfyUI and
@@ -24,6 +28,7 @@ import io
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +50,24 @@ def float_bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
 
-def assert_cpu_selftest_passes(model_dir: Path, report: Path) -> None:
+def assert_cpu_selftest_passes(model_dir: Path, report: Path, quantization: str = "nvfp4") -> None:
     """`gpubake selftest --device cpu` on an imported checkpoint passes every stage (the
-    `gpus` stage skips: one CPU has no all-reduce to run)."""
+    `gpus` stage skips: one CPU has no all-reduce to run), as the demo image, or its spec
+    with another `model.quantization` (an FP8 checkpoint's image says fp8)."""
     from gpubake.cli import _run
 
-    rc = _run(["selftest", "--device", "cpu", "--model-dir", str(model_dir), "--image", "demo", "--report", str(report)])
+    image = ["--image", "demo"]
+    if quantization != "nvfp4":
+        from gpubake.images import catalog
+
+        (report.parent / quantization).mkdir(exist_ok=True)
+        spec = report.parent / quantization / "demo.toml"  # a spec's name is its file's stem
+        text = (catalog.CATALOG_DIR / "demo.toml").read_text(encoding="utf-8")
+        assert text.count('quantization = "nvfp4"') == 1
+        spec.write_text(text.replace('quantization = "nvfp4"', f'quantization = "{quantization}"'), encoding="utf-8")
+        shutil.copytree(catalog.CATALOG_DIR / "locks", spec.parent / "locks", dirs_exist_ok=True)  # its python.lock
+        image = ["--spec", str(spec)]
+    rc = _run(["selftest", "--device", "cpu", "--model-dir", str(model_dir), *image, "--report", str(report)])
     data = json.loads(report.read_text())
     assert rc == 0, data["summary"]
     stages = {s["name"]: s["status"] for s in data["stages"]}
@@ -322,6 +339,103 @@ def lightx2v_weight(sd: dict[str, torch.Tensor], module: str, out_f: int, in_f: 
         g = 1.0 / sd[f"{module}.weight_global_scale"].to(torch.bfloat16).to(torch.float32).double()
     w = codes.reshape(out_f, in_f // 16, 16) * (sf * g).unsqueeze(-1)
     return w.reshape(out_f, in_f).to(torch.float32)
+
+
+# --------------------------------------------------------------------------- FP8 (LightX2V, ComfyUI)
+
+FP8_FILES = {"lightx2v": ("wan2.2_t2v_A14b_high_noise_scaled_fp8_e4m3_lightx2v_4step.safetensors",
+                          "wan2.2_t2v_A14b_low_noise_scaled_fp8_e4m3_lightx2v_4step.safetensors"),
+             "comfy": ("wan2.2_t2v_tiny_high_noise_fp8_scaled.safetensors",
+                       "wan2.2_t2v_tiny_low_noise_fp8_scaled.safetensors")}
+
+
+def lightx2v_fp8_quant(w: torch.Tensor, comfyui_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tools/convert/quant/quant.py`, `QuantWeightFP8.load_fp8_weight`, in the weight's dtype:
+    (E4M3 weight [out, in], scales [out, 1], or a 0-dim scale with `comfyui_mode`). LightX2V
+    rounds with qtorch's `float_quantize(x.float(), 4, 3, rounding="nearest")` (not installed
+    here); torch's cast of the clipped value rounds to nearest E4M3 too. The importer copies
+    the bytes, so how they were rounded does not change what is checked."""
+    if not comfyui_mode:
+        max_val = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+    else:
+        max_val = w.abs().max()
+    finfo = torch.finfo(torch.float8_e4m3fn)
+    scales = max_val / finfo.max
+    scaled = torch.clip(w / scales, finfo.min, finfo.max)
+    w_q = scaled.float().to(torch.float8_e4m3fn)
+    if not comfyui_mode:
+        scales = scales.view(w.shape[0], -1)
+    return w_q, scales
+
+
+def write_lightx2v_fp8(tiny: Path, dest: Path, *, comfyui_mode: bool = False,
+                       scale_dtype: torch.dtype | None = None) -> Path:
+    """LightX2V's FP8 checkpoint of the tiny model, one file per expert named as
+    `lightx2v/Wan2.2-Distill-Models` names its files: per block linear `P.weight` (E4M3) and
+    `P.weight_scale` (`converter.py` quantize_model: key + "_scale"); with `comfyui_mode`,
+    `P.scale_weight` (key.replace(".weight", ".scale_weight")) and the `scaled_fp8` marker
+    zeros(2, float8_e4m3fn). Non-quantized tensors in `--non_linear_dtype torch.bfloat16`.
+    `scale_dtype` stores the per-row scales in another dtype (what a float32 source would give)."""
+    dest.mkdir(parents=True)
+    for expert, fname in zip(EXPERTS, FP8_FILES["lightx2v"]):
+        sd = load_file(str(tiny / expert / W))
+        out: dict[str, torch.Tensor] = {}
+        quantized = set(block_linears())
+        for name, t in sd.items():
+            module = name.rpartition(".")[0]
+            if module in quantized and name.endswith(".weight"):
+                w = t.to(torch.bfloat16)
+                w_q, scales = lightx2v_fp8_quant(w, comfyui_mode)
+                out[name] = w_q
+                if comfyui_mode:
+                    out[f"{module}.scale_weight"] = scales
+                else:
+                    out[f"{module}.weight_scale"] = scales if scale_dtype is None else (
+                        w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / 448.0).to(scale_dtype)
+            else:
+                out[name] = t.to(torch.bfloat16)
+        named = {orig: out[name].contiguous() for orig, name in to_original(list(out)).items()}
+        if comfyui_mode:
+            named["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+        save_file(named, str(dest / fname))
+    return dest
+
+
+def lightx2v_fp8_weight(sd: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """The weight LightX2V's `fp8-vllm` GEMM multiplies by: weight.float() * weight_scale, the
+    scale as its loader leaves it (`base_model.py` _load_quant_ckpt: .to(GET_DTYPE()) = BF16;
+    `mm_weight.py` post_process, scale_force_fp32: .to(torch.float32))."""
+    scale = sd[f"{module}.weight_scale"].to(torch.bfloat16).to(torch.float32)
+    return sd[f"{module}.weight"].float() * scale.reshape(-1, 1)
+
+
+def write_comfy_fp8(tiny: Path, dest: Path, *, input_scales: tuple[str, ...] = ("attn1", "attn2"),
+                    prefix: str = "") -> Path:
+    """ComfyUI's FP8 checkpoint of the tiny model, by comfy-kitchen: each block linear
+    `QuantizedTensor.from_float(w, "TensorCoreFP8Layout").state_dict(P.weight)` (`P.weight`,
+    `P.weight_scale`), marked `comfy_quant` {"format": "float8_e4m3fn"} as `comfy/ops.py`
+    `Linear.state_dict` marks it; layers named in `input_scales` get a static `input_scale`
+    (amax / 448). Wan's original names, one file per expert."""
+    from comfy_kitchen.tensor.base import QuantizedTensor
+
+    dest.mkdir(parents=True)
+    for expert, fname in zip(EXPERTS, FP8_FILES["comfy"]):
+        sd = load_file(str(tiny / expert / W))
+        amax = calibrate(tiny, expert)
+        out: dict[str, torch.Tensor] = {}
+        quantized = set(block_linears())
+        for name, t in sd.items():
+            module = name.rpartition(".")[0]
+            if module in quantized and name.endswith(".weight"):
+                out.update(QuantizedTensor.from_float(t, "TensorCoreFP8Layout").state_dict(f"{module}.weight"))
+                out[f"{module}.comfy_quant"] = comfy_marker("float8_e4m3fn")
+                if any(s in module for s in input_scales):
+                    out[f"{module}.input_scale"] = torch.tensor(amax[module] / 448.0, dtype=torch.float32)
+            else:
+                out[name] = t
+        names = to_original(list(out))
+        save_file({prefix + orig: out[name].contiguous() for orig, name in names.items()}, str(dest / fname))
+    return dest
 
 
 # --------------------------------------------------------------------------- ModelOpt

@@ -56,8 +56,11 @@ def test_the_fp8_image_validates_with_its_memory_floor():
         (lambda d: d.update(min_gpu_memory_gb="80"), "custom.toml: min_gpu_memory_gb: Input should be a valid integer"),
         (lambda d: d.update(min_gpu_memory_gb=80.5), "custom.toml: min_gpu_memory_gb: Input should be a valid integer"),
         (lambda d: d["model"].update(quantization="fp4"), "custom.toml: model.quantization: must be one of 'nvfp4', 'fp8' or 'bf16'"),
-        (lambda d: d["model"].update(format="lightx2v", base=d["model"]["source"]),
-         'custom.toml: model: format = "lightx2v" imports an NVFP4 checkpoint: set quantization = "nvfp4"'),
+        (lambda d: d["model"].update(format="modelopt", base=d["model"]["source"]),
+         'custom.toml: model: format = "modelopt" imports a quantized checkpoint: set quantization = "nvfp4" (its '
+         'precision)'),
+        (lambda d: d["model"].update(format="comfy", quantization="bf16", base=d["model"]["source"]),
+         'custom.toml: model: format = "comfy" imports a quantized checkpoint: set quantization = "nvfp4" or "fp8"'),
     ],
 )
 def test_bad_fp8_fields_are_one_line(edit, expected):
@@ -202,6 +205,23 @@ def test_an_nvfp4_source_for_an_fp8_image_is_refused_before_quantizing(tmp_path,
     with pytest.raises(BuildError, match=r"is already quantized \(NVFP4\), but model.quantization = \"fp8\""):
         model_layer._make(catalog.find(FP8), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()  # nothing half-written
+
+
+def test_an_fp8_import_spec_validates_and_the_build_asks_the_importer_for_fp8(tmp_path, monkeypatch):
+    """`format = "lightx2v"` (or comfy) with `quantization = "fp8"`: another tool's FP8 checkpoint,
+    imported with the spec's quantization as the precision the importer must find."""
+    lx = catalog.find("wan22-t2v-a14b-lightx2v-nvfp4-hopper")
+    data = _spec_dict("wan22-t2v-a14b-lightx2v-nvfp4-hopper")
+    data["model"]["quantization"] = "fp8"
+    spec = parse_spec(data, source="custom.toml")
+    assert (spec.model.format, spec.model.quantization) == ("lightx2v", "fp8")
+    assert "configs) (fp8)" in model_layer.describe(spec)["detail"]
+    assert model_layer.model_key(spec) != model_layer.model_key(lx)
+    calls = []
+    monkeypatch.setattr(bake, "import_checkpoint", lambda *a, **k: calls.append(k["precision"]))
+    model_layer._make(spec, tmp_path / "out")
+    model_layer._make(lx, tmp_path / "out2")
+    assert calls == ["fp8", "nvfp4"]
 
 
 def test_describe_and_the_cache_key_name_the_format():

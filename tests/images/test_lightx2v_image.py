@@ -73,8 +73,9 @@ def test_the_dry_run_names_both_sources(name, tmp_path):
 
 
 @pytest.mark.parametrize(("edits", "expected"), [
-    ([(r'^base = .*$', "")], 'model: format = "lightx2v" imports an NVFP4 checkpoint: set quantization = "nvfp4" and base'),
-    ([(r'^quantization = "nvfp4"', 'quantization = "bf16"')], "imports an NVFP4 checkpoint"),
+    ([(r'^base = .*$', "")], 'model: format = "lightx2v" imports a quantized checkpoint: set quantization = "nvfp4" '
+     'or "fp8" (its precision) and base'),
+    ([(r'^quantization = "nvfp4"', 'quantization = "bf16"')], "imports a quantized checkpoint"),
     ([(r'^format = .*$', "")], "model: base and files go with format"),
     ([(r'^format = .*$', 'format = "gguf"')], "model.format: must be one of"),
     ([(r'^base = .*$', 'base = "hf://Wan-AI/Wan2.2-T2V-A14B-Diffusers"')],

@@ -5,12 +5,13 @@ local fake Hub): the LightX2V repo (only the selected expert files) and the diff
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from producer_fixtures import write_lightx2v
+from producer_fixtures import FP8_FILES, write_lightx2v, write_lightx2v_fp8
 
 from gpubake.errors import GpubakeError, SpecError
 from gpubake.images import model_layer
@@ -46,14 +47,20 @@ def hub(fake_hub, tiny_checkpoint, tmp_path):
     return fake_hub
 
 
-def _spec(tmp_path: Path, hub, *, source_rev: str | None = None, base_rev: str | None = None) -> Path:
+def _spec(tmp_path: Path, hub, *, source_rev: str | None = None, base_rev: str | None = None,
+          quantization: str = "nvfp4", files: list[str] | None = None) -> Path:
     """The catalog's Hopper LightX2V spec (its `files` select the T2V pair) on the fake Hub's repos."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return write_spec(tmp_path, based_on="wan22-t2v-a14b-lightx2v-nvfp4-hopper", edits=[
+    edits = [
         (r'^id = .*$', 'id = "tiny-wan2.2"'),
         (r'^source = .*$', f'source = "hf://{LX_REPO}@{source_rev or hub.commit}"'),
         (r'^base = .*$', f'base = "hf://{BASE_REPO}@{base_rev or hub.commit}"'),
-    ])
+    ]
+    if quantization != "nvfp4":
+        edits.append((r'^quantization = .*$', f'quantization = "{quantization}"'))
+    if files is not None:
+        edits.append((r'^files = .*$', f"files = {json.dumps(files)}"))
+    return write_spec(tmp_path, based_on="wan22-t2v-a14b-lightx2v-nvfp4-hopper", edits=edits)
 
 
 def test_prepare_model_imports_from_both_pinned_sources(hub, tmp_path, monkeypatch):
@@ -75,6 +82,25 @@ def test_prepare_model_imports_from_both_pinned_sources(hub, tmp_path, monkeypat
     # the pinned revisions are in the cache key: another base revision is another checkpoint
     other = load_spec(_spec(tmp_path / "other", hub, base_rev="f" * 40))
     assert model_layer.model_key(other) != model_layer.model_key(spec)
+
+
+def test_an_fp8_spec_imports_an_fp8_source_and_refuses_an_nvfp4_one(hub, tiny_checkpoint, tmp_path, monkeypatch):
+    """`quantization = "fp8"` with `format = "lightx2v"` bakes LightX2V's FP8 files as a gpubake fp8
+    checkpoint; pointed at the NVFP4 pair it is refused before anything is written."""
+    monkeypatch.setenv("GPUBAKE_CACHE", str(tmp_path / "cache"))
+    fp8 = write_lightx2v_fp8(tiny_checkpoint, tmp_path / "fp8-written")
+    for name in FP8_FILES["lightx2v"]:
+        (fp8 / name).rename(hub.root / name)
+    spec = load_spec(_spec(tmp_path / "fp8", hub, quantization="fp8", files=list(FP8_FILES["lightx2v"])))
+    manifest = read_manifest(model_layer.cached_model(spec))
+    assert (manifest["format"], manifest["source"]["format"], manifest["quantization"]["summary"]["exact_layers"]) == \
+        ("fp8", "lightx2v", 60)
+    wrong = load_spec(_spec(tmp_path / "nv", hub, quantization="fp8"))  # the NVFP4 pair under an FP8 spec
+    with pytest.raises(GpubakeError, match=rf"hf://{LX_REPO}@{hub.commit}: holds an NVFP4 checkpoint, but fp8 "
+                       "was asked for") as exc:
+        model_layer.cached_model(wrong)
+    assert "\n" not in str(exc.value) and ".partial" not in str(exc.value)
+    assert model_layer.model_key(wrong) != model_layer.model_key(spec)
 
 
 def test_a_placeholder_revision_builds_and_publishes_nothing(hub, tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ def test_unknown_and_unquantized_sources(tiny_checkpoint, tmp_path, capsys):
     shutil.copyfile(tiny_checkpoint / "transformer_2" / W, src / "low.safetensors")
     dest = tmp_path / "model"
     err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
-    assert f"{src / 'high.safetensors'}: no NVFP4 tensors" in err and "gpubake quantize" in err
+    assert f"{src / 'high.safetensors'}: no NVFP4 or FP8 tensors" in err and "gpubake quantize" in err
     err = _refused([str(src), str(dest), "--format", "gguf"], dest, capsys)
     assert "--format: unknown format 'gguf' (auto, lightx2v, modelopt, comfy)" in err
 
@@ -167,7 +167,7 @@ def test_layout_errors(comfy_src, lx_src, tiny_checkpoint, tmp_path, capsys):
     shutil.copyfile(comfy_src / HIGH, mixed / HIGH)
     shutil.copyfile(lx_src / "low_nvfp4.safetensors", mixed / "low_nvfp4.safetensors")
     err = _refused([str(mixed), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
-    assert "the experts are in different formats (comfy, lightx2v)" in err
+    assert "the experts are in different formats (comfy NVFP4, lightx2v NVFP4)" in err
     junk = tmp_path / "junk"
     shutil.copytree(comfy_src, junk)
     (junk / LOW).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

@@ -4,7 +4,7 @@ Why on the host: the Containerfile COPYs each folder `model/<layer>/` as one lay
 layer's digest depends only on its checkpoint bytes (a code change never re-pushes
 weights), and the build itself needs no network or GPU. The checkpoint comes from the
 checkpoint part's API for the build side, `gpubake.provisioning.bake`: `generate:tiny` ->
-`make_tiny(seed=0)`; `model.format` (another tool's NVFP4 checkpoint, e.g.
+`make_tiny(seed=0)`; `model.format` (another tool's NVFP4 or FP8 checkpoint, e.g.
 LightX2V's) -> `import_checkpoint` of `model.source` (its `model.files`) with `model.base`
 (the diffusers checkpoint giving the text encoder, VAE, tokenizer and configs), both pinned
 by revision; other sources -> `fetch`; a quantized `quantization` (`spec.QUANTIZED`: "nvfp4",
@@ -80,7 +80,7 @@ def _make(spec: ImageSpec, dest: Path) -> None:
         m = spec.model
         assert m.base is not None  # the spec requires it with a format
         bake.import_checkpoint(m.source, dest, m.format, base=m.base, files=list(m.files) if m.files else None,
-                               model_id=m.id, progress=False)
+                               model_id=m.id, progress=False, precision=m.quantization)
         return
     work = dest.parent / (dest.name + ".work")
     shutil.rmtree(work, ignore_errors=True)

@@ -50,6 +50,9 @@ SCHEMA_VERSION = 1
 # The quantized formats gpubake bakes (model.quantization) -> their display names; "bf16" is
 # the unquantized checkpoint as stored. One table, so a new format is one line here.
 QUANTIZED = {"nvfp4": "NVFP4", "fp8": "FP8"}
+# model.format (another tool's checkpoint) -> the precisions `gpubake import` reads of it
+# (provisioning.importers.detect.PRODUCERS, kept equal by tests/images/test_spec.py)
+IMPORTED = {"lightx2v": ("nvfp4", "fp8"), "modelopt": ("nvfp4",), "comfy": ("nvfp4", "fp8")}
 CATALOG_DIR = Path(__file__).parent / "catalog"  # the shipped specs (`gpubake.images.catalog`)
 
 # An OCI reference pinned by digest: [registry/]repo[:tag]@sha256:<64 hex>.
@@ -175,7 +178,8 @@ class Model(_Strict):
     )
     sha256: Sha256 | None = Field(default=None, description="sha256 of the checkpoint manifest")
     format: Literal["lightx2v", "modelopt", "comfy"] | None = Field(
-        default=None, description="source is another tool's NVFP4 checkpoint: baked with `gpubake import --format`")
+        default=None, description="source is another tool's NVFP4 (lightx2v, modelopt, comfy) or FP8 (lightx2v, comfy) "
+        "checkpoint, baked with `gpubake import --format`; quantization names its precision (nvfp4 | fp8)")
     base: str | None = Field(default=None, description="with format: the diffusers checkpoint giving the text "
                              "encoder, VAE, tokenizer and configs, hf://org/repo@<40-hex revision>")
     files: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.*?/\[\]-]+$")]] | None = Field(
@@ -226,9 +230,10 @@ class Model(_Strict):
             if self.base is not None or self.files is not None:
                 raise ValueError("base and files go with format (an imported checkpoint)")
             return self
-        if self.quantization != "nvfp4" or self.base is None:  # importers convert NVFP4 checkpoints only
-            raise ValueError(f'format = "{self.format}" imports an NVFP4 checkpoint: set quantization = "nvfp4" '
-                             "and base (its diffusers checkpoint)")
+        if self.quantization not in IMPORTED.get(self.format, ()) or self.base is None:
+            want = " or ".join(f'"{q}"' for q in IMPORTED[self.format])
+            raise ValueError(f'format = "{self.format}" imports a quantized checkpoint: set quantization = {want} '
+                             "(its precision) and base (its diffusers checkpoint)")
         for name, uri in (("source", self.source), ("base", self.base)):
             if not uri.startswith("hf://"):  # the field's own check pinned it (`_HF_COMMIT`)
                 raise ValueError(f"{name}: an imported checkpoint's sources are pinned by revision "

@@ -46,13 +46,14 @@ BASE_FILES = ("model_index.json", "scheduler/*", "text_encoder/*", "tokenizer/*"
 
 def import_checkpoint(source: str, dest: str | os.PathLike[str], fmt: str, *, base: str,
                       files: list[str] | None = None, model_id: str | None = None,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, precision: str | None = None) -> dict[str, Any]:
     """`gpubake import SOURCE DEST --format FMT --base BASE`, fetching only what it reads:
     `files` of SOURCE (all when None) and, of an hf:// BASE, `BASE_FILES`. The manifest
-    records both URIs and every file's sha256 (`importers.convert`)."""
+    records both URIs and every file's sha256 (`importers.convert`). `precision` (the spec's
+    `model.quantization`, nvfp4 | fp8): a source of another precision is refused before writing."""
     base_files = list(BASE_FILES) if base.startswith("hf://") else None
     return _convert(source, dest, fmt, base=base, model_id=model_id, progress=progress, files=files,
-                    base_files=base_files)
+                    base_files=base_files, precision=precision)
 _DATA_SUFFIXES = (".toml", ".json")  # package data read beside the code (e.g. policies.toml)
 
 

@@ -110,20 +110,22 @@ def quantize_cmd(
 
 
 def import_cmd(
-    src: str = typer.Argument(..., help="The NVFP4 checkpoint: a local file or folder, or any fetch source (hf://, s3://, https://)."),
-    dest: Path = typer.Argument(..., help="Directory to create for the gpubake NVFP4 checkpoint."),
-    fmt: str = typer.Option("auto", "--format", help="Producer: auto (from names and metadata), lightx2v, modelopt or comfy."),
+    src: str = typer.Argument(..., help="The NVFP4 or FP8 checkpoint: a local file or folder, or any fetch source (hf://, s3://, https://)."),
+    dest: Path = typer.Argument(..., help="Directory to create for the gpubake checkpoint (nvfp4 or fp8, as the source)."),
+    fmt: str = typer.Option("auto", "--format", help="Producer: auto (from names and metadata), lightx2v, modelopt or comfy; the precision (NVFP4 or FP8) is read from the weights' dtype."),
     base: Optional[str] = typer.Option(None, "--base", help="The matching diffusers checkpoint, for what SRC lacks (text encoder, VAE, tokenizer, scheduler, configs)."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Registry id recorded in the manifest (default: --base's)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
 ) -> None:
-    """Convert another tool's NVFP4 Wan 2.2 checkpoint (LightX2V, ModelOpt, ComfyUI) exactly into gpubake's layout."""
+    """Convert another tool's NVFP4 (LightX2V, ModelOpt, ComfyUI) or FP8 (LightX2V, ComfyUI) Wan 2.2 checkpoint exactly into gpubake's layout."""
     from gpubake.provisioning.importers.convert import import_checkpoint
 
     result = import_checkpoint(src, dest, fmt, base=base, model_id=model_id, progress=not json_out)
     inexact = f", {result['inexact_layers']} with a rounded global scale" if result["inexact_layers"] else ""
-    _report(result, json_out, f"imported {result['quantized_layers']} {result['format']} NVFP4 layers into {dest} "
-                              f"({result['exact_layers']} exact{inexact}; {result['activation_scales']} static activation scales)")
+    used = " (recorded, unused)" if result["checkpoint_format"] == "fp8" else ""
+    _report(result, json_out, f"imported {result['quantized_layers']} {result['format']} "
+                              f"{result['checkpoint_format'].upper()} layers into {dest} ({result['exact_layers']} "
+                              f"exact{inexact}; {result['activation_scales']} static activation scales{used})")
 
 
 def fidelity_cmd(

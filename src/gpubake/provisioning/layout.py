@@ -156,6 +156,11 @@ def fp8_modules(actual: dict[str, tuple[int, ...]]) -> set[str]:
 
 
 QUANTIZED_FORMATS = ("nvfp4", "fp8")  # the checkpoint formats gpubake quantizes to (a manifest's "format")
+# what a manifest's quantization record says of each format's tensors (quantize and import alike)
+QUANT_RECORDS = {
+    "nvfp4": {"block_size": 16, "scale_dtype": "float8_e4m3fn", "scale_layout": "row-major"},
+    "fp8": {"weight_dtype": "float8_e4m3fn", "scale_dtype": "float32", "scale_layout": "per-output-row [out, 1]"},
+}
 
 
 def stored_format(actual: dict[str, tuple[int, ...]]) -> str | None:

@@ -201,7 +201,7 @@ def quantize_checkpoint(
             sq = [v["sqnr_db"] for v in layers.values() if v["sqnr_db"] is not None]
             quant = {
                 "format": fmt,
-                **(_NVFP4_LAYOUT if fmt == FORMAT else _FP8_LAYOUT),
+                **layout.QUANT_RECORDS[fmt],
                 "policy": pol.to_json(),
                 "experts": experts,
                 "layers": layers,
@@ -241,11 +241,6 @@ def quantize_checkpoint(
         "quantize_seconds": round(secs, 3),  # read, quantize, write (after validation and source hashing)
         "validate_hash_seconds": round(hash_secs, 3),
     }
-
-
-# what the manifest's quantization record says of each format's tensors
-_NVFP4_LAYOUT = {"block_size": 16, "scale_dtype": "float8_e4m3fn", "scale_layout": "row-major"}
-_FP8_LAYOUT = {"weight_dtype": "float8_e4m3fn", "scale_dtype": "float32", "scale_layout": "per-output-row [out, 1]"}
 
 
 def _keep_fp32_names() -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""`gpubake import SRC DEST`: another tool's NVFP4 Wan checkpoint -> a gpubake checkpoint.
+"""`gpubake import SRC DEST`: another tool's NVFP4 or FP8 Wan checkpoint -> a gpubake checkpoint.
 
 Everything is checked before anything is written: the source's layout, each expert's
 tensor names (Wan's original names mapped to diffusers' by diffusers' own conversion),
@@ -9,9 +9,10 @@ files' sha256 (against the source's gpubake manifest when it has one, as `fetch`
 leaves). Then DEST is assembled in a temporary folder beside it and renamed into place:
 a failure leaves nothing at DEST.
 
-What is written: the quantized linears in gpubake's layout (`target.py`), converted
-exactly (nibble order, scale layout, global and activation scales: see each producer's
-module); every other transformer tensor copied unchanged; the expert configs (the
+What is written: the quantized linears in gpubake's layout of the source's precision
+(`target.py`: an NVFP4 source gives an `nvfp4` checkpoint, an FP8 one an `fp8` checkpoint
+as `gpubake quantize --format fp8` writes it), converted exactly (nibble order, scale
+layout, global and activation scales: see each producer's module); every other transformer tensor copied unchanged; the expert configs (the
 source's, without its `quantization_config`, else `--base`'s); the other pipeline
 components (text encoder, VAE, tokenizer, scheduler, model_index) copied byte for
 byte from the source when it has them, else from `--base`; and the manifest, with the
@@ -34,7 +35,7 @@ from gpubake.errors import GpubakeError
 from gpubake.fsutil import atomic_path, sha256_file, write_json_atomic
 from gpubake.provisioning import layout
 from gpubake.provisioning.importers import target, wan_names
-from gpubake.provisioning.importers.detect import FORMATS, detect, producer
+from gpubake.provisioning.importers.detect import FORMATS, PRECISIONS, detect, precision, producer
 from gpubake.provisioning.importers.producer import Producer
 from gpubake.provisioning.importers.source import Expert, Source, SourceError, TensorInfo, discover, read_headers
 from gpubake.provisioning.manifest import (
@@ -46,12 +47,11 @@ from gpubake.provisioning.manifest import (
     write_manifest,
 )
 
-FORMAT = "nvfp4"
 SHARD_BYTES = 4 << 30  # output shards of at most ~4 GiB, whatever the source's sharding
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 DROPPED_CONFIG_KEYS = ("quantization_config",)
 # WanTimeTextImageEmbedding.forward: next(iter(self.time_embedder.parameters())).dtype;
-# an NVFP4Linear holds buffers only, so a quantized time embedder has no parameters
+# NVFP4Linear and FP8Linear hold buffers only, so a quantized time embedder has no parameters
 UNSUPPORTED_QUANTIZED = "condition_embedder.time_embedder."
 
 
@@ -72,6 +72,7 @@ class ExpertPlan:
     naming: str = "diffusers"                   # the source's: original | diffusers
     kept: dict[str, TensorInfo] = field(default_factory=dict)
     quantized: dict[str, QLayer] = field(default_factory=dict)
+    dummies: dict[str, TensorInfo] = field(default_factory=dict)  # no-op scales beside unquantized weights (1.0, dropped)
 
 
 class Reader:
@@ -102,15 +103,19 @@ def import_checkpoint(
     progress: bool = True,
     files: list[str] | None = None,
     base_files: list[str] | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Import `src` (local path or any `fetch` source) into `dest`; returns a summary.
-    `files` / `base_files`: fetch only these files (globs) of an hf:// SRC / --base."""
+    `files` / `base_files`: fetch only these files (globs) of an hf:// SRC / --base;
+    `precision` (nvfp4 | fp8): refuse, before writing, a source of another precision."""
     t0 = time.monotonic()
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise GpubakeError(f"{dest}: already exists and is not empty (remove it or choose another DEST)")
     if fmt not in FORMATS:
         raise SourceError(f"--format: unknown format {fmt!r} ({', '.join(FORMATS)})")
+    if precision is not None and precision not in PRECISIONS:
+        raise SourceError(f"precision: unknown {precision!r} ({', '.join(PRECISIONS)})")
     if model_id:
         from gpubake.provisioning.models import get_model
 
@@ -134,13 +139,18 @@ def import_checkpoint(
         src_record = _hashes(src_root, src_files)
         base_record = _hashes(base_root, base_files) if base_root is not None and base_files else None
         plans = {e: _plan_expert(source.experts[e], fmt, base_root) for e in experts}
-        formats = {p.producer.name for p in plans.values()}
+        formats = {f"{p.producer.name} {p.producer.precision.upper()}" for p in plans.values()}
         if len(formats) > 1:
             raise SourceError(f"{src_root}: the experts are in different formats ({', '.join(sorted(formats))})")
+        (prec,) = {p.producer.precision for p in plans.values()}
+        if precision is not None and prec != precision:
+            raise SourceError(f"{src}: holds an {prec.upper()} checkpoint, but {precision} was asked for "
+                              f"(the image's model.quantization)")
         mid = model_id or _manifest_model_id(base_root) or _manifest_model_id(src_root)
         t_check = time.monotonic() - t0
         result = _write(dest, plans, components, index_root, mid, progress, source, str(src),
-                        None if base is None else str(base), src_record, base_record, formats.pop())
+                        None if base is None else str(base), src_record, base_record,
+                        next(iter(plans.values())).producer)
     result["validate_hash_seconds"] = round(t_check, 3)
     result["seconds"] = round(time.monotonic() - t0, 3)
     return result
@@ -184,8 +194,11 @@ def _plan_expert(expert: Expert, fmt: str, base_root: Path | None) -> ExpertPlan
         naming = wan_names.naming([wan_names.strip_prefix(k) for k in expert.tensors])
     except wan_names.NamingError as exc:
         raise SourceError(f"{where}: {exc}") from None
-    prod = producer(detect(expert, naming) if fmt == "auto" else fmt)
+    prec = precision(expert)
+    prod = producer(detect(expert, naming, prec) if fmt == "auto" else fmt, prec)
     prod.prepare(expert, names)
+    for marker in prod.markers:  # file-level format markers: read by the producer, not tensors of the model
+        names.pop(marker, None)
     cfg_path = _config_path(expert, base_root)
     config = {k: v for k, v in layout.transformer_config(cfg_path.parent).items() if k not in DROPPED_CONFIG_KEYS}
     plan = ExpertPlan(expert, prod, cfg_path, config, names, naming)
@@ -211,6 +224,10 @@ def _plan_expert(expert: Expert, fmt: str, base_root: Path | None) -> ExpertPlan
     read = Reader()
     for module, q in plan.quantized.items():  # the scales' values, before anything is written
         prod.scalars(module, lambda s, q=q: read(q.parts[s]), lambda s, q=q: q.parts[s].where(), set(q.parts))
+    for info in plan.dummies.values():
+        if info.shape not in ((), (1,)) or float(read(info).float().reshape(-1)[0]) != 1.0:
+            raise SourceError(f"{info.where()}: beside an unquantized weight, a scale must be a scalar 1.0 "
+                              f"(a no-op); this one is {list(info.shape)} {read(info).float().reshape(-1)[:1].tolist()}")
     return plan
 
 
@@ -261,26 +278,28 @@ def _plan_linear(plan: ExpertPlan, module: str, parts: dict[str, TensorInfo],
         raise SourceError(f"{where}: missing tensor {stored_as}.weight (its {', '.join(sorted(parts))} are here)")
     if not prod.is_quantized(module, parts):
         for suffix, info in parts.items():
-            if suffix != "weight":
+            if suffix != "weight" and prod.dummy(module, suffix):
+                plan.dummies[f"{module}.{suffix}"] = info
+            elif suffix != "weight":
                 raise SourceError(f"{info.where()}: unexpected tensor beside an unquantized weight")
         _check_kept(parts["weight"], (out_f, in_f))
         plan.kept[f"{module}.weight"] = parts["weight"]
         return
-    if in_f % target.BLOCK:
+    if prod.precision == "nvfp4" and in_f % target.BLOCK:
         raise SourceError(f"{parts['weight'].where()}: in_features {in_f} is not a multiple of {target.BLOCK}")
     if module.startswith(UNSUPPORTED_QUANTIZED):
-        raise SourceError(f"{parts['weight'].where()}: an NVFP4 time embedder cannot run here (diffusers reads "
+        raise SourceError(f"{parts['weight'].where()}: an {prod.precision.upper()} time embedder cannot run here (diffusers reads "
                           "its dtype from its parameters); quantize it with ModelOpt's Wan recipe, which keeps "
                           "condition_embedder unquantized")
     required, optional = prod.wants(module, out_f, in_f, set(parts))
     for suffix in required:
         if suffix not in parts:
             stored_as = (parts.get("weight") or next(iter(parts.values()))).key.rpartition(".")[0]
-            raise SourceError(f"{where}: missing tensor {stored_as}.{suffix} of a {prod.name} NVFP4 layer")
+            raise SourceError(f"{where}: missing tensor {stored_as}.{suffix} of a {prod.name} {prod.precision.upper()} layer")
     for suffix, info in parts.items():
         want = required.get(suffix) or optional.get(suffix)
         if want is None:
-            raise SourceError(f"{info.where()}: unexpected tensor for a {prod.name} NVFP4 layer "
+            raise SourceError(f"{info.where()}: unexpected tensor for a {prod.name} {prod.precision.upper()} layer "
                               f"(expected {', '.join(sorted({*required, *optional}))})")
         want.check(info)
     plan.quantized[module] = QLayer(out_f, in_f, parts)
@@ -358,9 +377,11 @@ def _hashes(root: Path, files: list[Path]) -> dict[str, Any]:
 
 def _write(dest: Path, plans: dict[str, ExpertPlan], components: dict[str, Path], index_root: Path,
            model_id: str | None, progress: bool, source: Source, src: str, base: str | None,
-           src_record: dict[str, Any], base_record: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
+           src_record: dict[str, Any], base_record: dict[str, Any] | None, prod: Producer) -> dict[str, Any]:
+    fmt, out_format = prod.name, prod.precision
     layers: dict[str, Any] = {}
-    stats = {"quantized": 0, "kept": 0, "bytes_in": 0, "bytes_out": 0}
+    stats = {"quantized": 0, "kept": 0, "bytes_in": 0, "bytes_out": 0,
+             "dummies": sum(len(p.dummies) for p in plans.values())}
     try:
         with atomic_path(dest) as tmp:
             tmp.mkdir()
@@ -372,18 +393,20 @@ def _write(dest: Path, plans: dict[str, ExpertPlan], components: dict[str, Path]
                 _write_expert(plan, tmp / name, layers, stats, progress)
             normalise_modes(tmp)
             exact = [k for k, v in layers.items() if v["exact"]]
+            input_key = "input_global_scale" if out_format == "nvfp4" else "input_scale"
             quant = {
-                "format": FORMAT, "block_size": target.BLOCK, "scale_dtype": "float8_e4m3fn",
-                "scale_layout": "row-major", "imported_from": fmt, "experts": list(plans), "layers": layers,
+                "format": out_format, **layout.QUANT_RECORDS[out_format], "imported_from": fmt,
+                "experts": list(plans), "layers": layers,
                 "summary": {"quantized_layers": stats["quantized"], "kept_tensors": stats["kept"],
                             "exact_layers": len(exact), "inexact_layers": len(layers) - len(exact),
-                            "activation_scales": sum(1 for v in layers.values() if v["input_global_scale"] is not None),
+                            "activation_scales": sum(1 for v in layers.values() if v[input_key] is not None),
+                            "dropped_dummy_scales": stats["dummies"],
                             "sqnr_db_min": None, "sqnr_db_mean": None},
             }
             record = {"format": fmt, "uri": src, "layout": source.layout,
                       "experts": {n: sorted(_src_rel(f, source.root) for f in p.expert.files) for n, p in plans.items()},
                       **src_record}
-            write_manifest(tmp, build_manifest(tmp, fmt=FORMAT, model_id=model_id, source=record,
+            write_manifest(tmp, build_manifest(tmp, fmt=out_format, model_id=model_id, source=record,
                                                base=None if base is None else {"uri": base, **(base_record or {})},
                                                quantization=quant))
     except Exception as exc:
@@ -391,7 +414,8 @@ def _write(dest: Path, plans: dict[str, ExpertPlan], components: dict[str, Path]
             raise GpubakeError(f"{dest}: no space left on device while writing the imported checkpoint") from None
         raise
     return {
-        "dest": str(dest), "format": fmt, "experts": list(plans), "quantized_layers": stats["quantized"],
+        "dest": str(dest), "format": fmt, "checkpoint_format": out_format, "experts": list(plans),
+        "quantized_layers": stats["quantized"],
         "kept_tensors": stats["kept"], "exact_layers": quant["summary"]["exact_layers"],
         "inexact_layers": quant["summary"]["inexact_layers"],
         "activation_scales": quant["summary"]["activation_scales"], "model_id": model_id,
@@ -455,7 +479,8 @@ def _write_expert(plan: ExpertPlan, dest: Path, layers: dict[str, Any], stats: d
                     layer = plan.producer.convert(module, q.out_f, q.in_f, lambda s, q=q: read(q.parts[s]),
                                                   lambda s, q=q: q.parts[s].where(), set(q.parts))
                     out = layer.tensors(module)
-                    layers[f"{dest.name}/{module}"] = _layer_stats(layer, q)
+                    layers[f"{dest.name}/{module}"] = (_layer_stats(layer, q) if isinstance(layer, target.Layer)
+                                                       else _fp8_layer_stats(layer, q))
                     stats["quantized"] += 1
                 for k, t in out.items():
                     buf[k] = t
@@ -505,6 +530,32 @@ def _layer_stats(layer: target.Layer, q: QLayer) -> dict[str, Any]:
         "input_global_scale": None if layer.input_scale is None else float(layer.input_scale),
         "amax": float(peak) if math.isfinite(float(peak)) else None,
         "nan_blocks": int(nan.sum()),
+        "exact": layer.exact,
+    }
+    if layer.note:
+        out["note"] = layer.note
+    if layer.extra:
+        out["source_values"] = layer.extra
+    return out
+
+
+def _fp8_layer_stats(layer: target.FP8Layer, q: QLayer) -> dict[str, Any]:
+    """What the manifest records of one imported FP8 layer (as `quantize --format fp8` does, and
+    the import's own: the scales' range, NaN weights, the unused static activation scale)."""
+    import math
+
+    import torch
+
+    w = layer.weight.float()
+    nan = torch.isnan(w)
+    peak = float((torch.where(nan, torch.zeros(()), w.abs()) * layer.scale).amax())
+    out: dict[str, Any] = {
+        "shape": [q.out_f, q.in_f],
+        "sqnr_db": None,  # no BF16 original to measure against
+        "weight_scale_min": float(layer.scale.min()), "weight_scale_max": float(layer.scale.max()),
+        "input_scale": layer.input_scale,  # recorded, not used: FP8Linear quantizes activations per token
+        "amax": peak if math.isfinite(peak) else None,
+        "nan_weights": int(nan.sum()),
         "exact": layer.exact,
     }
     if layer.note:

@@ -1,9 +1,11 @@
 """What every producer module provides, and the checks they share.
 
-A producer stores, per quantized linear `P`, `P.weight` as uint8 and a few more
-`P.<suffix>` tensors. Its module says which suffixes (dtype and shape for a layer of
-[out, in]), checks the scalars (one line naming the file and key), and converts one
-layer into gpubake's layout (`target.Layer`), exactly.
+A producer stores, per quantized linear `P`, `P.weight` (uint8 for NVFP4, float8_e4m3fn
+for FP8) and a few more `P.<suffix>` tensors. Its module says which suffixes (dtype and
+shape for a layer of [out, in]), checks the scales (one line naming the file and key), and
+converts one layer into gpubake's layout (`target.Layer` / `target.FP8Layer`), exactly.
+A producer class handles one precision (`precision`): the producer's name says whose
+conventions the keys follow, the weights' dtype which precision (`detect.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from gpubake.provisioning.importers.source import Expert, SourceError, TensorInf
 from gpubake.provisioning.importers.target import Layer
 
 FLOATS = ("float32", "bfloat16", "float16")
+FP8_DTYPE = "float8_e4m3fn"
 SCALE_DTYPES = ("float8_e4m3fn", "uint8")  # E4M3 bytes, typed or raw
 
 Read = Callable[[str], Any]          # suffix -> tensor (CPU)
@@ -27,6 +30,7 @@ class Want:
     dtypes: tuple[str, ...]
     shape: tuple[int, ...] | None  # None: a scalar, stored as [] or [1]
     vector: bool = False           # any 1-D length (a byte string)
+    also: tuple[tuple[int, ...], ...] = ()  # other accepted shapes (e.g. [out] beside [out, 1])
 
     def check(self, info: TensorInfo) -> None:
         if info.dtype not in self.dtypes:
@@ -37,8 +41,9 @@ class Want:
         elif self.shape is None:
             if info.shape not in ((), (1,)):
                 raise SourceError(f"{info.where()}: shape {list(info.shape)}, expected a scalar ([] or [1])")
-        elif tuple(info.shape) != self.shape:
-            raise SourceError(f"{info.where()}: shape {list(info.shape)}, expected {list(self.shape)}")
+        elif tuple(info.shape) != self.shape and tuple(info.shape) not in self.also:
+            shapes = " or ".join(str(list(s)) for s in (self.shape, *self.also))
+            raise SourceError(f"{info.where()}: shape {list(info.shape)}, expected {shapes}")
 
 
 def scalar() -> Want:
@@ -55,13 +60,20 @@ class Producer:
     """Base class; subclasses set `name` and implement `wants` and `convert`."""
 
     name = "?"
+    precision = "nvfp4"            # the checkpoint format it converts to: nvfp4 | fp8
+    markers: tuple[str, ...] = ()  # file-level tensors that only mark the format (read, not copied)
 
     def prepare(self, expert: Expert, names: dict[str, str]) -> None:
         """Called once per expert before any layer (header metadata, name map)."""
 
     def is_quantized(self, module: str, parts: dict[str, TensorInfo]) -> bool:
         w = parts.get("weight")
-        return w is not None and w.dtype == "uint8"
+        return w is not None and w.dtype == ("uint8" if self.precision == "nvfp4" else FP8_DTYPE)
+
+    def dummy(self, module: str, suffix: str) -> bool:
+        """Whether `suffix` beside an unquantized weight is a no-op the producer allows
+        (checked to be 1.0, then dropped)."""
+        return False
 
     def wants(self, module: str, out_f: int, in_f: int, present: set[str]) -> tuple[dict[str, Want], dict[str, Want]]:
         """(required, optional) suffixes of a quantized layer, `bias` excluded."""
@@ -121,3 +133,22 @@ def unswizzle(t: Any, out_f: int, in_f: int) -> Any:
     from gpubake.kernels.format import unswizzle_scales
 
     return unswizzle_scales(e4m3(t), out_f, in_f // 16)
+
+
+def check_scales(t: Any, where: str) -> None:
+    """Every element of a per-row scale positive and finite (one line naming the first row that is not)."""
+    import torch
+
+    v = t.reshape(-1).to(torch.float64)
+    bad = ~(torch.isfinite(v) & (v > 0))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise SourceError(f"{where}: row {row}: {float(v[row])!r} is not a positive finite scale")
+
+
+def row_scale(t: Any, out_f: int) -> Any:
+    """A stored per-row scale ([out, 1] or [out]) as gpubake's float32 [out, 1] (exact
+    from float32, bf16 and fp16)."""
+    import torch
+
+    return t.reshape(out_f, 1).to(torch.float32)
