@@ -15,7 +15,10 @@ tokens) and 720x1280x81 (75,600), per variant:
   90 % sparsity) and 0.2, blocks 64 x 128 (LightX2V's sm_90 blocks), router + mask + kernel
   under one torch.compile;
 * ``sparse-flex-0.1-b128``: keep 0.1 with 128 x 128 blocks (the Triton kernel's own tile);
-* ``router-0.1``: the router and the BlockMask alone (the sparse path's overhead).
+* ``router-0.1``: the router and the BlockMask alone (the sparse path's overhead);
+* ``sparse-flex-0.1[-b128]-k<name>``: the same call with FlexAttention's Triton options
+  `KERNEL_OPTIONS[name]` over the plan's own (`attention_sparse.TUNED_KERNEL_OPTIONS`, which
+  the untuned twin runs), its output compared with the twin's (``rel_err_vs_untuned_*``).
 
 Time: CUDA events around 5 calls after 2 warm-ups, median of 3 rounds (the first call, with
 its compile, is reported apart as ``first_call_s``). Error: relative Frobenius error of the
