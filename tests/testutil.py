@@ -87,3 +87,17 @@ def decode_operand(data, blocked, rows: int, k: int):
     v = e2m1_decode(unpack_fp4(data.view(torch.uint8)))
     s = unswizzle_scales(blocked, rows, k // BLOCK).float()
     return (v.reshape(rows, -1, BLOCK) * s.unsqueeze(-1)).reshape(rows, k)
+
+
+def tiny_forward(model, seed: int = 0):
+    """One seeded forward of a tiny Wan expert (1 latent frame of 8 x 8, 16 text tokens, t=500),
+    float32 out: what the checkpoint tests compare formats with."""
+    import torch
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, cfg.in_channels, 1, 8, 8, generator=g).bfloat16()
+    ctx = torch.randn(1, 16, cfg.text_dim, generator=g).bfloat16()
+    with torch.inference_mode():
+        return model(hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=ctx,
+                     return_dict=False)[0].float()

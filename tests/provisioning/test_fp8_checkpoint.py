@@ -16,16 +16,7 @@ from gpubake.provisioning import layout
 from gpubake.provisioning.loader import checkpoint_format, load_pipeline
 from gpubake.provisioning.manifest import read_manifest
 from gpubake.provisioning.quantize import quantize_checkpoint
-
-
-def _forward(model, seed: int = 0) -> torch.Tensor:
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, cfg.in_channels, 1, 8, 8, generator=g).bfloat16()
-    ctx = torch.randn(1, 16, cfg.text_dim, generator=g).bfloat16()
-    with torch.inference_mode():
-        return model(hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=ctx,
-                     return_dict=False)[0].float()
+from testutil import tiny_forward
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +68,7 @@ def test_load_pipeline_gives_fp8_layers_close_to_bf16(fp8_pipe, tiny_checkpoint)
         assert (q.weight.dtype, q.weight_scale.dtype, q.bias.dtype) == (torch.float8_e4m3fn, torch.float32,
                                                                          torch.bfloat16)
         assert model.proj_out.weight.dtype == torch.bfloat16
-        y, ref = _forward(model), _forward(getattr(bf16, name))
+        y, ref = tiny_forward(model), tiny_forward(getattr(bf16, name))
         assert torch.isfinite(y).all()
         assert float((y - ref).norm() / ref.norm()) < 0.03  # measured 0.009
 
@@ -89,11 +80,11 @@ def test_runtime_binds_the_devices_fp8_path_and_reports_it(tiny_fp8_checkpoint, 
     monkeypatch.delenv("GPUBAKE_RUNTIME", raising=False)
     monkeypatch.setenv("GPUBAKE_FP8_BACKEND", "scaled-mm")
     pipe = load_pipeline(tiny_fp8_checkpoint, "cpu")
-    before = _forward(pipe.transformer)
+    before = tiny_forward(pipe.transformer)
     done = apply_runtime(pipe, plan_from_env("cpu").with_(fuse_qkv=True), device="cpu")
     assert done["transformer"]["fp8_layers"] == 30 and done["transformer"]["fused_qkv_modules"] == 0
     assert gemm_backends(pipe) == {"transformer": {"fp8:scaled-mm": 30}, "transformer_2": {"fp8:scaled-mm": 30}}
-    after = _forward(pipe.transformer)
+    after = tiny_forward(pipe.transformer)
     assert not torch.equal(after, before)  # the W8A8 path ran, not the reference
     assert float((after - before).norm() / before.norm()) < 0.05
 
@@ -161,7 +152,7 @@ def test_expert_offload_moves_fp8_buffers(fp8_pipe, monkeypatch):
     from gpubake.provisioning.expert_offload import apply_expert_offload
 
     pipe = fp8_pipe
-    base = _forward(pipe.transformer_2)
+    base = tiny_forward(pipe.transformer_2)
     moves: list[tuple[int, dict[str, torch.dtype]]] = []
     real = expert_offload._point_at
     monkeypatch.setattr(expert_offload, "_point_at", lambda m, ts: (
@@ -172,14 +163,14 @@ def test_expert_offload_moves_fp8_buffers(fp8_pipe, monkeypatch):
         host = off.host[id(pipe.transformer_2)]
         assert host["blocks.0.attn1.to_q.weight"].dtype == torch.float8_e4m3fn
         del moves[:]
-        assert _forward(pipe.transformer_2).equal(base)  # swapped in: the same output
+        assert tiny_forward(pipe.transformer_2).equal(base)  # swapped in: the same output
         (who, moved), = moves
         assert who == id(pipe.transformer_2)
         fp8 = {n: m for n, m in pipe.transformer_2.named_modules() if isinstance(m, FP8Linear)}
         for name in fp8:
             assert (moved[f"{name}.weight"], moved[f"{name}.weight_scale"], moved[f"{name}.bias"]) == \
                 (torch.float8_e4m3fn, torch.float32, torch.bfloat16)
-        _forward(pipe.transformer)  # the high-noise expert in, the low-noise one let go
+        tiny_forward(pipe.transformer)  # the high-noise expert in, the low-noise one let go
         q = pipe.transformer_2.blocks[0].attn1.to_q
         assert q.weight is host["blocks.0.attn1.to_q.weight"] and q.weight_scale is host["blocks.0.attn1.to_q.weight_scale"]
     finally:

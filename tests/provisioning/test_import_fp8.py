@@ -39,6 +39,7 @@ from gpubake.provisioning.importers.source import SourceError
 from gpubake.provisioning.importers.wan_names import to_original
 from gpubake.provisioning.loader import checkpoint_format, load_pipeline
 from gpubake.provisioning.manifest import read_manifest, verify_tree
+from testutil import tiny_forward
 
 W = "diffusion_pytorch_model.safetensors"
 EXPERTS = ("transformer", "transformer_2")
@@ -49,16 +50,6 @@ CF_HIGH, CF_LOW = FP8_FILES["comfy"]
 def _orig(module: str) -> str:
     (o,) = to_original([f"{module}.weight"])
     return o[: -len(".weight")]
-
-
-def _forward(model, seed: int = 0) -> torch.Tensor:
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, cfg.in_channels, 1, 8, 8, generator=g).bfloat16()
-    ctx = torch.randn(1, 16, cfg.text_dim, generator=g).bfloat16()
-    with torch.inference_mode():
-        return model(hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=ctx,
-                     return_dict=False)[0].float()
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +173,7 @@ def test_load_pipeline_gives_fp8_layers_close_to_bf16(which, lx_out, comfy_out, 
     for name in EXPERTS:
         model = getattr(pipe, name)
         assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 30
-        y, ref = _forward(model), _forward(getattr(bf16, name))
+        y, ref = tiny_forward(model), tiny_forward(getattr(bf16, name))
         assert torch.isfinite(y).all()
         assert float((y - ref).norm() / ref.norm()) < 0.03  # quantize --format fp8's bound
 

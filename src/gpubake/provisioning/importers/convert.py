@@ -532,6 +532,11 @@ def _layer_stats(layer: target.Layer, q: QLayer) -> dict[str, Any]:
         "nan_blocks": int(nan.sum()),
         "exact": layer.exact,
     }
+    return _with_notes(out, layer)
+
+
+def _with_notes(out: dict[str, Any], layer: target.Layer | target.FP8Layer) -> dict[str, Any]:
+    """A layer's record plus why it is not exact and the source's own values, where it has them."""
     if layer.note:
         out["note"] = layer.note
     if layer.extra:
@@ -558,8 +563,4 @@ def _fp8_layer_stats(layer: target.FP8Layer, q: QLayer) -> dict[str, Any]:
         "nan_weights": int(nan.sum()),
         "exact": layer.exact,
     }
-    if layer.note:
-        out["note"] = layer.note
-    if layer.extra:
-        out["source_values"] = layer.extra
-    return out
+    return _with_notes(out, layer)
