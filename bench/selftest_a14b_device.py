@@ -86,7 +86,8 @@ def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int,
         write_manifest,
     )
     from gpubake.provisioning.policy import get_policy
-    from gpubake.provisioning.quantize import _FP8_LAYOUT, _NVFP4_LAYOUT, quantize_model_inplace
+    from gpubake.provisioning import layout
+    from gpubake.provisioning.quantize import quantize_model_inplace
 
     def mark(name: str, t0: float) -> None:
         if dev.startswith("cuda"):
@@ -157,7 +158,7 @@ def build_checkpoint(root: Path, tiny: bool, model_id: str, dev: str, seed: int,
     pol = get_policy("default")
     sq = [v for v in sqnr.values() if v is not None]
     quant = {
-        "format": fmt, **(_NVFP4_LAYOUT if fmt == "nvfp4" else _FP8_LAYOUT),
+        "format": fmt, **layout.QUANT_RECORDS[fmt],
         "policy": pol.to_json(), "experts": ["transformer", "transformer_2"],
         "summary": {"quantized_layers": 2 * len(sqnr), "sqnr_db_min": min(sq) if sq else None,
                     "sqnr_db_mean": round(sum(sq) / len(sq), 4) if sq else None},
