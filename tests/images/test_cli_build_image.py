@@ -105,6 +105,13 @@ def test_spec_schema_and_images_commands(tmp_path: Path) -> None:
     proc = run("images", "--json", script="gpubake")
     rows = {r["name"]: r for r in json.loads(proc.stdout)["images"]}
     assert rows["wan22-t2v-a14b-nvfp4"]["min_driver"] == "580.95.05" and rows["demo"]["min_driver"] is None
+    for columns in ("80", "250"):  # a narrow terminal lists, a wide one tabulates: no name is ever cut
+        proc = run("images", script="gpubake", env={"COLUMNS": columns})
+        assert proc.returncode == 0, proc.stderr
+        words = set(proc.stderr.replace("│", " ").split())  # (the human view, on the console's stderr)
+        assert set(rows) <= words, (columns, set(rows) - words)
+        assert ("┃" in proc.stderr) == (columns == "250")
+    assert "  GPU sm_90, >= 80 GB; CUDA 13.0" in run("images", script="gpubake", env={"COLUMNS": "80"}).stderr
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:

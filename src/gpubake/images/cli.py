@@ -372,12 +372,24 @@ def images(json_out: bool = typer.Option(False, "--json", help="Print the catalo
         return
     from rich.table import Table
 
+    cells = [[r["name"], ", ".join(r["gpu_archs"]) or "cpu",
+              f">= {r['min_gpu_memory_gb']} GB" if r["min_gpu_memory_gb"] else "-", r["cuda"], r["torch"],
+              r["min_driver"] or "-", f"{r['model']} ({r['quantization']})"] for r in rows]
     table = Table("image", "GPU archs", "GPU memory", "CUDA", "torch", "min driver", "model")
-    for r in rows:
-        memory = f">= {r['min_gpu_memory_gb']} GB" if r["min_gpu_memory_gb"] else "-"
-        table.add_row(r["name"], ", ".join(r["gpu_archs"]) or "cpu", memory, r["cuda"], r["torch"], r["min_driver"] or "-",
-                      f"{r['model']} ({r['quantization']})")
-    console.print(table)
+    for c in cells:
+        table.add_row(*c)
+    heads = [c.header for c in table.columns]
+    natural = sum(max(len(str(h)), *(len(c[i]) for c in cells)) + 3 for i, h in enumerate(heads)) + 1  # pad, border
+    if natural <= console.width:
+        console.print(table)
+        return
+    # a narrow terminal would cut the names, which is what a user copies into --image: a
+    # name a line, its facts indented below
+    for c in cells:
+        gpu = c[1] + ("" if c[2] == "-" else f", {c[2]}")
+        driver = "" if c[5] == "-" else f", driver >= {c[5]}"
+        console.print(c[0], style="bold", soft_wrap=True)
+        console.print(f"  GPU {gpu}; CUDA {c[3]}, torch {c[4]}{driver}; model {c[6]}", soft_wrap=True, highlight=False)
 
 
 def spec_schema(output: Path | None = typer.Option(None, "--output", "-o", help="Write to FILE instead of stdout.")) -> None:
