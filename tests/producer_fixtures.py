@@ -469,3 +469,21 @@ def write_modelopt(tiny: Path, dest: Path, *, max_shard_size: str = "10GB", reci
                 mtq.disable_quantizer(getattr(pipe, expert), lambda name: WAN_RECIPE_KEEP.match(name) is not None)
         export_hf_checkpoint(pipe, export_dir=str(dest), max_shard_size=max_shard_size)
     return dest
+
+
+def with_header_metadata(src, dst, fmt: str) -> None:
+    """One ComfyUI file rewritten the older way: its `comfy_quant` marker tensors dropped and
+    the layers listed in the header's `_quantization_metadata` instead, under ComfyUI's
+    `model.diffusion_model.` prefix (both ways must import to the same checkpoint)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    layers = {k[: -len(".comfy_quant")]: {"format": fmt} for k in sd if k.endswith(".comfy_quant")}
+    sd = {f"model.diffusion_model.{k}": v for k, v in sd.items() if not k.endswith(".comfy_quant")}
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
+        f"model.diffusion_model.{k}": v for k, v in layers.items()}})}
+    save_file(sd, str(dst), metadata=meta)

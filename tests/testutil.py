@@ -101,3 +101,26 @@ def tiny_forward(model, seed: int = 0):
     with torch.inference_mode():
         return model(hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=ctx,
                      return_dict=False)[0].float()
+
+
+def edit_safetensors(path, fn) -> None:
+    """Rewrite a safetensors file after `fn` changed its state dict in place (a broken fixture)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path))
+    fn(sd)
+    save_file(sd, str(path))
+
+
+def import_refused(capsys, args: list[str], dest) -> str:
+    """`gpubake import ARGS` refused as the CLI must refuse: exit 2, one `error:` line, no
+    traceback, nothing at DEST and no temporary folder beside it; the line, whitespace-joined."""
+    from gpubake.cli import _run
+
+    rc = _run(["import", *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert not dest.exists()
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}")]  # no temp left
+    return " ".join(err.split())

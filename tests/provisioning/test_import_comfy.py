@@ -13,8 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from producer_fixtures import assert_cpu_selftest_passes, block_linears, comfy_marker, float_bits, write_comfy
-from safetensors import safe_open
+from producer_fixtures import (
+    assert_cpu_selftest_passes,
+    block_linears,
+    comfy_marker,
+    float_bits,
+    with_header_metadata,
+    write_comfy,
+)
 from safetensors.torch import load_file, save_file
 
 from gpubake.cli import _run
@@ -90,13 +96,7 @@ def test_header_metadata_and_prefix_variant_gives_the_same_checkpoint(comfy_sour
     src = tmp_path / "src"
     src.mkdir()
     for fname in FILES.values():
-        with safe_open(str(comfy_source / fname), framework="pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        layers = {k[: -len(".comfy_quant")]: {"format": "nvfp4"} for k in sd if k.endswith(".comfy_quant")}
-        sd = {f"model.diffusion_model.{k}": v for k, v in sd.items() if not k.endswith(".comfy_quant")}
-        meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
-            f"model.diffusion_model.{k}": v for k, v in layers.items()}})}
-        save_file(sd, str(src / fname), metadata=meta)
+        with_header_metadata(comfy_source / fname, src / fname, "nvfp4")
     dest = tmp_path / "out"
     import_checkpoint(src, dest, base=tiny_checkpoint, progress=False)
     for expert in FILES:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from producer_fixtures import write_comfy, write_lightx2v
-from safetensors.torch import load_file, save_file
 
 from gpubake.cli import _run
 from gpubake.provisioning.manifest import build_manifest, read_manifest, write_manifest
+from testutil import edit_safetensors, import_refused
 
 W = "diffusion_pytorch_model.safetensors"
 HIGH = "wan2.2_t2v_tiny_high_noise_nvfp4.safetensors"
@@ -29,22 +28,6 @@ def comfy_src(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lx_src(tiny_checkpoint, tmp_path_factory) -> Path:
     return write_lightx2v(tiny_checkpoint, tmp_path_factory.mktemp("err") / "lx")
-
-
-def _edit(path: Path, fn: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    sd = load_file(str(path))
-    fn(sd)
-    save_file(sd, str(path))
-
-
-def _refused(args: list[str], dest: Path, capsys) -> str:
-    rc = _run(["import", *args])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
-    assert not dest.exists()
-    assert not [p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}")]  # no temp left
-    return " ".join(err.split())
 
 
 def _put(sd, key, value):
@@ -82,28 +65,28 @@ def test_bad_comfy_tensor_is_named(case, comfy_src, tiny_checkpoint, tmp_path, c
     src = tmp_path / "src"
     shutil.copytree(comfy_src, src)
     fn, needle = CASES[case]
-    _edit(src / LOW, fn)
+    edit_safetensors(src / LOW, fn)
     dest = tmp_path / "out" / "model"
     dest.parent.mkdir()
-    err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert needle.format(f=src / LOW) in err
 
 
 def test_negative_alpha_is_named(lx_src, tiny_checkpoint, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(lx_src, src)
-    _edit(src / "high_nvfp4.safetensors", lambda sd: sd["blocks.0.ffn.0.alpha"].neg_())
+    edit_safetensors(src / "high_nvfp4.safetensors", lambda sd: sd["blocks.0.ffn.0.alpha"].neg_())
     dest = tmp_path / "model"
-    err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert f"{src / 'high_nvfp4.safetensors'}: blocks.0.ffn.0.alpha: -" in err and "not a positive finite scale" in err
 
 
 def test_lightx2v_without_its_scalars_is_named(lx_src, tiny_checkpoint, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(lx_src, src)
-    _edit(src / "high_nvfp4.safetensors", lambda sd: sd.pop("blocks.1.cross_attn.k.input_global_scale"))
+    edit_safetensors(src / "high_nvfp4.safetensors", lambda sd: sd.pop("blocks.1.cross_attn.k.input_global_scale"))
     dest = tmp_path / "model"
-    err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert f"{src / 'high_nvfp4.safetensors'}: missing tensor blocks.1.cross_attn.k.input_global_scale of a lightx2v" in err
 
 
@@ -115,7 +98,7 @@ def test_source_failing_its_manifest_is_refused(comfy_src, tiny_checkpoint, tmp_
     data[-10] ^= 0x01  # a flipped bit in tensor data: the header still parses
     (src / HIGH).write_bytes(bytes(data))
     dest = tmp_path / "model"
-    err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert f"{src / HIGH}: sha256" in err and "does not match" in err
 
 
@@ -124,7 +107,7 @@ def test_base_failing_its_manifest_is_refused(comfy_src, tiny_checkpoint, tmp_pa
     shutil.copytree(tiny_checkpoint, base)
     (base / "vae" / "config.json").write_text((base / "vae" / "config.json").read_text() + " ")
     dest = tmp_path / "model"
-    err = _refused([str(comfy_src), str(dest), "--base", str(base)], dest, capsys)
+    err = import_refused(capsys, [str(comfy_src), str(dest), "--base", str(base)], dest)
     assert f"{base / 'vae' / 'config.json'}: sha256" in err
 
 
@@ -134,44 +117,44 @@ def test_unknown_and_unquantized_sources(tiny_checkpoint, tmp_path, capsys):
     shutil.copyfile(tiny_checkpoint / "transformer" / W, src / "high.safetensors")
     shutil.copyfile(tiny_checkpoint / "transformer_2" / W, src / "low.safetensors")
     dest = tmp_path / "model"
-    err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert f"{src / 'high.safetensors'}: no NVFP4 or FP8 tensors" in err and "gpubake quantize" in err
-    err = _refused([str(src), str(dest), "--format", "gguf"], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--format", "gguf"], dest)
     assert "--format: unknown format 'gguf' (auto, lightx2v, modelopt, comfy)" in err
 
 
 def test_forced_format_that_does_not_match(comfy_src, tiny_checkpoint, tmp_path, capsys):
     dest = tmp_path / "model"
-    err = _refused([str(comfy_src), str(dest), "--format", "modelopt", "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(comfy_src), str(dest), "--format", "modelopt", "--base", str(tiny_checkpoint)], dest)
     assert "blocks.0.self_attn.k.comfy_quant: unexpected tensor for a modelopt NVFP4 layer" in err
 
 
 def test_layout_errors(comfy_src, lx_src, tiny_checkpoint, tmp_path, capsys):
     dest = tmp_path / "model"
-    err = _refused([str(tmp_path / "absent"), str(dest)], dest, capsys)
+    err = import_refused(capsys, [str(tmp_path / "absent"), str(dest)], dest)
     assert f"SRC {tmp_path / 'absent'}: no such file or folder" in err
-    err = _refused([str(lx_src), str(dest)], dest, capsys)
+    err = import_refused(capsys, [str(lx_src), str(dest)], dest)
     assert f"{lx_src}: holds only the transformer weights; pass --base" in err
     odd = tmp_path / "odd"
     shutil.copytree(comfy_src, odd)
     shutil.copyfile(odd / HIGH, odd / "wan2.2_extra.safetensors")
-    err = _refused([str(odd), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(odd), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert f"{odd / 'wan2.2_extra.safetensors'}: cannot tell which expert" in err
     one = tmp_path / "one"
     one.mkdir()
     shutil.copyfile(comfy_src / HIGH, one / HIGH)
-    err = _refused([str(one), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(one), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert "holds 1 expert (transformer), but" in err and "has 2 experts (transformer, transformer_2)" in err
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     shutil.copyfile(comfy_src / HIGH, mixed / HIGH)
     shutil.copyfile(lx_src / "low_nvfp4.safetensors", mixed / "low_nvfp4.safetensors")
-    err = _refused([str(mixed), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(mixed), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert "the experts are in different formats (comfy NVFP4, lightx2v NVFP4)" in err
     junk = tmp_path / "junk"
     shutil.copytree(comfy_src, junk)
     (junk / LOW).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    err = _refused([str(junk), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(junk), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert f"{junk / LOW}: unreadable safetensors" in err
 
 
@@ -197,5 +180,5 @@ def test_https_source_is_fetched_verified_and_imported(comfy_src, tiny_checkpoin
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model")]  # the fetched copy is gone
     http_server.faults.flip.add(HIGH)  # the server now sends corrupt bytes: fetch refuses them
     dest2 = tmp_path / "model2"
-    err = _refused([http_server.url, str(dest2), "--base", str(tiny_checkpoint)], dest2, capsys)
+    err = import_refused(capsys, [http_server.url, str(dest2), "--base", str(tiny_checkpoint)], dest2)
     assert HIGH in err and "sha256" in err

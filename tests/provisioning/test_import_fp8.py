@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from producer_fixtures import (
     comfy_marker,
     float_bits,
     lightx2v_fp8_weight,
+    with_header_metadata,
     write_comfy_fp8,
     write_lightx2v,
     write_lightx2v_fp8,
@@ -39,7 +39,7 @@ from gpubake.provisioning.importers.source import SourceError
 from gpubake.provisioning.importers.wan_names import to_original
 from gpubake.provisioning.loader import checkpoint_format, load_pipeline
 from gpubake.provisioning.manifest import read_manifest, verify_tree
-from testutil import tiny_forward
+from testutil import edit_safetensors, import_refused, tiny_forward
 
 W = "diffusion_pytorch_model.safetensors"
 EXPERTS = ("transformer", "transformer_2")
@@ -224,13 +224,7 @@ def test_header_metadata_and_prefix_variant_gives_the_same_checkpoint(comfy_src,
     src = tmp_path / "src"
     src.mkdir()
     for fname in (CF_HIGH, CF_LOW):
-        with safe_open(str(comfy_src / fname), framework="pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        layers = {k[: -len(".comfy_quant")]: {"format": "float8_e4m3fn"} for k in sd if k.endswith(".comfy_quant")}
-        sd = {f"model.diffusion_model.{k}": v for k, v in sd.items() if not k.endswith(".comfy_quant")}
-        meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
-            f"model.diffusion_model.{k}": v for k, v in layers.items()}})}
-        save_file(sd, str(src / fname), metadata=meta)
+        with_header_metadata(comfy_src / fname, src / fname, "float8_e4m3fn")
     dest = tmp_path / "out"
     import_checkpoint(src, dest, base=tiny_checkpoint, progress=False)
     for expert in EXPERTS:
@@ -242,35 +236,19 @@ def test_a_no_op_scale_beside_a_bf16_weight_is_dropped_and_any_other_refused(tin
     """Legacy files may leave `scale_weight` = 1.0 beside an unquantized weight (ComfyUI's
     convert_old_quants would then cast it to FP8); gpubake keeps the BF16 weight, drops the 1.0."""
     src = write_lightx2v_fp8(tiny_checkpoint, tmp_path / "src", comfyui_mode=True)
-    _edit(src / LX_HIGH, lambda sd: sd.__setitem__("head.head.scale_weight", torch.tensor(1.0)))
+    edit_safetensors(src / LX_HIGH, lambda sd: sd.__setitem__("head.head.scale_weight", torch.tensor(1.0)))
     dest = tmp_path / "ok"
     res = import_checkpoint(src, dest, base=tiny_checkpoint, progress=False)
     out = load_file(str(dest / "transformer" / W))
     assert out["proj_out.weight"].dtype == torch.bfloat16 and "proj_out.scale_weight" not in out
     assert read_manifest(dest)["quantization"]["summary"]["dropped_dummy_scales"] == 1 and res["quantized_layers"] == 60
-    _edit(src / LX_HIGH, lambda sd: sd.__setitem__("head.head.scale_weight", torch.tensor(0.5)))
+    edit_safetensors(src / LX_HIGH, lambda sd: sd.__setitem__("head.head.scale_weight", torch.tensor(0.5)))
     dest = tmp_path / "bad"
-    err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert f"{src / LX_HIGH}: head.head.scale_weight: beside an unquantized weight, a scale must be a scalar 1.0" in err
 
 
 # --------------------------------------------------------------------------- refusals
-
-
-def _edit(path: Path, fn: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    sd = load_file(str(path))
-    fn(sd)
-    save_file(sd, str(path))
-
-
-def _refused(args: list[str], dest: Path, capsys) -> str:
-    rc = _run(["import", *args])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
-    assert not dest.exists()
-    assert not [p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}")]
-    return " ".join(err.split())
 
 
 def _nan_row(sd):
@@ -303,9 +281,9 @@ def test_bad_lightx2v_fp8_tensor_is_named(case, lx_src, tiny_checkpoint, tmp_pat
     src = tmp_path / "src"
     shutil.copytree(lx_src, src)
     fn, needle = LX_CASES[case]
-    _edit(src / LX_LOW, fn)
+    edit_safetensors(src / LX_LOW, fn)
     dest = tmp_path / "model"
-    err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert needle.format(f=src / LX_LOW) in err, err
 
 
@@ -329,9 +307,9 @@ def test_bad_comfy_fp8_tensor_is_named(case, comfy_src, tiny_checkpoint, tmp_pat
     src = tmp_path / "src"
     shutil.copytree(comfy_src, src)
     fn, needle = COMFY_CASES[case]
-    _edit(src / CF_HIGH, fn)
+    edit_safetensors(src / CF_HIGH, fn)
     dest = tmp_path / "model"
-    err = _refused([str(src), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert needle.format(f=src / CF_HIGH) in err, err
 
 
@@ -342,13 +320,13 @@ def test_experts_in_different_precisions_are_refused(lx_src, tiny_checkpoint, tm
     nvfp4 = write_lightx2v(tiny_checkpoint, tmp_path / "nvfp4")
     shutil.copyfile(nvfp4 / "low_nvfp4.safetensors", mixed / "low_nvfp4.safetensors")
     dest = tmp_path / "model"
-    err = _refused([str(mixed), str(dest), "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(mixed), str(dest), "--base", str(tiny_checkpoint)], dest)
     assert f"{mixed}: the experts are in different formats (lightx2v FP8, lightx2v NVFP4)" in err
 
 
 def test_a_producer_without_fp8_and_a_precision_mismatch_are_refused(lx_src, tiny_checkpoint, tmp_path, capsys):
     dest = tmp_path / "model"
-    err = _refused([str(lx_src), str(dest), "--format", "modelopt", "--base", str(tiny_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(lx_src), str(dest), "--format", "modelopt", "--base", str(tiny_checkpoint)], dest)
     assert "--format modelopt: modelopt's FP8 checkpoints are not supported (FP8 imports: lightx2v, comfy)" in err
     with pytest.raises(SourceError, match=r"holds an FP8 checkpoint, but nvfp4 was asked for"):
         import_checkpoint(lx_src, dest, base=tiny_checkpoint, progress=False, precision="nvfp4")
@@ -362,7 +340,7 @@ def test_fp8_in_diffusers_names_is_an_unknown_fp8_format(tiny_fp8_checkpoint, tm
     for expert, word in zip(EXPERTS, ("high", "low")):
         shutil.copyfile(tiny_fp8_checkpoint / expert / W, src / f"{word}.safetensors")
     dest = tmp_path / "model"
-    err = _refused([str(src), str(dest), "--base", str(tiny_fp8_checkpoint)], dest, capsys)
+    err = import_refused(capsys, [str(src), str(dest), "--base", str(tiny_fp8_checkpoint)], dest)
     assert f"{src / 'high.safetensors'}: unknown FP8 format (not LightX2V's or ComfyUI's)" in err
 
 
