@@ -115,10 +115,19 @@ def write_comfy(tiny: Path, dest: Path, *, input_scales: tuple[str, ...] = ("att
     """Two files, `..._high_noise_...` and `..._low_noise_...`, in ComfyUI's layout. Layers
     whose name contains one of `input_scales` also get a static `input_scale` (amax / (448 * 6),
     the per-tensor scale `from_float(input, scale=input_scale)` expects)."""
+    files = [f"wan2.2_t2v_tiny_{word}_noise_nvfp4.safetensors" for word in ("high", "low")]
+    return _write_comfy_layout(tiny, dest, "TensorCoreNVFP4Layout", "nvfp4", 448.0 * 6.0, files, input_scales, prefix)
+
+
+def _write_comfy_layout(tiny: Path, dest: Path, layout: str, fmt: str, input_max: float, files: list[str],
+                        input_scales: tuple[str, ...], prefix: str) -> Path:
+    """comfy-kitchen's `QuantizedTensor.from_float(w, layout).state_dict(P.weight)` for every block
+    linear, its `comfy_quant` marker `fmt`, static input scales amax / `input_max` for the layers
+    named in `input_scales`, Wan's original names (after `prefix`), one file per expert."""
     from comfy_kitchen.tensor.base import QuantizedTensor
 
     dest.mkdir(parents=True)
-    for expert, word in zip(EXPERTS, ("high", "low")):
+    for expert, fname in zip(EXPERTS, files):
         sd = load_file(str(tiny / expert / W))
         amax = calibrate(tiny, expert)
         out: dict[str, torch.Tensor] = {}
@@ -126,15 +135,14 @@ def write_comfy(tiny: Path, dest: Path, *, input_scales: tuple[str, ...] = ("att
         for name, t in sd.items():
             module = name.rpartition(".")[0]
             if module in quantized and name.endswith(".weight"):
-                out.update(QuantizedTensor.from_float(t, "TensorCoreNVFP4Layout").state_dict(f"{module}.weight"))
-                out[f"{module}.comfy_quant"] = comfy_marker()
+                out.update(QuantizedTensor.from_float(t, layout).state_dict(f"{module}.weight"))
+                out[f"{module}.comfy_quant"] = comfy_marker(fmt)
                 if any(s in module for s in input_scales):
-                    out[f"{module}.input_scale"] = torch.tensor(amax[module] / (448.0 * 6.0), dtype=torch.float32)
+                    out[f"{module}.input_scale"] = torch.tensor(amax[module] / input_max, dtype=torch.float32)
             else:
                 out[name] = t
-        names = to_original([k for k in out])
-        save_file({prefix + orig: out[name].contiguous() for orig, name in names.items()},
-                  str(dest / f"wan2.2_t2v_tiny_{word}_noise_nvfp4.safetensors"))
+        names = to_original(list(out))
+        save_file({prefix + orig: out[name].contiguous() for orig, name in names.items()}, str(dest / fname))
     return dest
 
 
@@ -416,26 +424,8 @@ def write_comfy_fp8(tiny: Path, dest: Path, *, input_scales: tuple[str, ...] = (
     `P.weight_scale`), marked `comfy_quant` {"format": "float8_e4m3fn"} as `comfy/ops.py`
     `Linear.state_dict` marks it; layers named in `input_scales` get a static `input_scale`
     (amax / 448). Wan's original names, one file per expert."""
-    from comfy_kitchen.tensor.base import QuantizedTensor
-
-    dest.mkdir(parents=True)
-    for expert, fname in zip(EXPERTS, FP8_FILES["comfy"]):
-        sd = load_file(str(tiny / expert / W))
-        amax = calibrate(tiny, expert)
-        out: dict[str, torch.Tensor] = {}
-        quantized = set(block_linears())
-        for name, t in sd.items():
-            module = name.rpartition(".")[0]
-            if module in quantized and name.endswith(".weight"):
-                out.update(QuantizedTensor.from_float(t, "TensorCoreFP8Layout").state_dict(f"{module}.weight"))
-                out[f"{module}.comfy_quant"] = comfy_marker("float8_e4m3fn")
-                if any(s in module for s in input_scales):
-                    out[f"{module}.input_scale"] = torch.tensor(amax[module] / 448.0, dtype=torch.float32)
-            else:
-                out[name] = t
-        names = to_original(list(out))
-        save_file({prefix + orig: out[name].contiguous() for orig, name in names.items()}, str(dest / fname))
-    return dest
+    return _write_comfy_layout(tiny, dest, "TensorCoreFP8Layout", "float8_e4m3fn", 448.0, list(FP8_FILES["comfy"]),
+                               input_scales, prefix)
 
 
 # --------------------------------------------------------------------------- ModelOpt
