@@ -50,9 +50,6 @@ SCHEMA_VERSION = 1
 # The quantized formats gpubake bakes (model.quantization) -> their display names; "bf16" is
 # the unquantized checkpoint as stored. One table, so a new format is one line here.
 QUANTIZED = {"nvfp4": "NVFP4", "fp8": "FP8"}
-# model.format (another tool's checkpoint) -> the precisions `gpubake import` reads of it
-# (provisioning.importers.detect.PRODUCERS, kept equal by tests/images/test_spec.py)
-IMPORTED = {"lightx2v": ("nvfp4", "fp8"), "modelopt": ("nvfp4",), "comfy": ("nvfp4", "fp8")}
 CATALOG_DIR = Path(__file__).parent / "catalog"  # the shipped specs (`gpubake.images.catalog`)
 
 # An OCI reference pinned by digest: [registry/]repo[:tag]@sha256:<64 hex>.
@@ -162,6 +159,14 @@ class Python(_Strict):
         return value
 
 
+def imported_precisions(fmt: str) -> tuple[str, ...]:
+    """The precisions `gpubake import` reads of another tool's checkpoint (`model.format`):
+    its producer table (`provisioning.importers.detect.PRODUCERS`; data, no heavy imports)."""
+    from gpubake.provisioning.importers.detect import PRODUCERS
+
+    return tuple(p for (name, p) in PRODUCERS if name == fmt)
+
+
 class Model(_Strict):
     """The checkpoint baked into the image's last layer(s)."""
 
@@ -230,8 +235,9 @@ class Model(_Strict):
             if self.base is not None or self.files is not None:
                 raise ValueError("base and files go with format (an imported checkpoint)")
             return self
-        if self.quantization not in IMPORTED.get(self.format, ()) or self.base is None:
-            want = " or ".join(f'"{q}"' for q in IMPORTED[self.format])
+        imported = imported_precisions(self.format)
+        if self.quantization not in imported or self.base is None:
+            want = " or ".join(f'"{q}"' for q in imported)
             raise ValueError(f'format = "{self.format}" imports a quantized checkpoint: set quantization = {want} '
                              "(its precision) and base (its diffusers checkpoint)")
         for name, uri in (("source", self.source), ("base", self.base)):
