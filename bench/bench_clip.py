@@ -563,14 +563,11 @@ def apply_peer_levers(experts: list[Any], levers: list[str], device: Device) -> 
         if not device.cuda:
             done["fp8"] = "skipped: CPU (torchao's float8 GEMM needs an sm_89+ GPU)"
         else:
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-            def blocks_linear(mod: Any, fqn: str) -> bool:  # the BF16 block linears; fp32 embedders stay
-                return isinstance(mod, torch.nn.Linear) and fqn.startswith("blocks.")
+            from peer_stack import PEER_FP8, quantize_peer_fp8
 
             for e in experts:
-                quantize_(e, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=blocks_linear)
-            done["fp8"] = "torchao Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) on blocks.* linears"
+                quantize_peer_fp8(e)
+            done["fp8"] = PEER_FP8
     if "fa3" in levers:
         if not device.cuda:
             done["fa3"] = "skipped: CPU (FA3 is an sm_90 kernel)"

@@ -370,12 +370,10 @@ def peer_copy(model):
     quantization (W8A8) on the blocks' linears, as bench_clip's peer stack."""
     import copy
 
-    import torch
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from peer_stack import quantize_peer_fp8
 
     peer = copy.deepcopy(model)
-    quantize_(peer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith("blocks."))
+    quantize_peer_fp8(peer)
     return peer
 
 
@@ -475,7 +473,9 @@ def main() -> None:
                     bench.peer = None
                     result["peer_convert"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 else:
-                    result["peer_convert"] = {"torchao": "Float8DynamicActivationFloat8WeightConfig(PerRow) on blocks.*",
+                    from peer_stack import PEER_FP8
+
+                    result["peer_convert"] = {"torchao": PEER_FP8,
                                               "convert_s": round(time.perf_counter() - t0, 2)}
             if getattr(bench, "peer", None) is None:
                 result.setdefault("not_run", []).append(f"{name}: {result['peer_convert'].get('error')}")
