@@ -347,8 +347,9 @@ def test_fp8_in_diffusers_names_is_an_unknown_fp8_format(tiny_fp8_checkpoint, tm
 def test_producer_table_and_spec_agree():
     from typing import get_args
 
-    from gpubake.images.spec import Model, imported_precisions
+    from gpubake.images.spec import Model
+    from gpubake.provisioning.bake import import_precisions
 
     assert get_args(Model.model_fields["format"].annotation)[0].__args__ == detect.NAMES  # the schema's choices
-    assert {n: imported_precisions(n) for n in detect.NAMES} == {
+    assert {n: import_precisions(n) for n in detect.NAMES} == {
         "lightx2v": ("nvfp4", "fp8"), "modelopt": ("nvfp4",), "comfy": ("nvfp4", "fp8")}

@@ -159,14 +159,6 @@ class Python(_Strict):
         return value
 
 
-def imported_precisions(fmt: str) -> tuple[str, ...]:
-    """The precisions `gpubake import` reads of another tool's checkpoint (`model.format`):
-    its producer table (`provisioning.importers.detect.PRODUCERS`; data, no heavy imports)."""
-    from gpubake.provisioning.importers.detect import PRODUCERS
-
-    return tuple(p for (name, p) in PRODUCERS if name == fmt)
-
-
 class Model(_Strict):
     """The checkpoint baked into the image's last layer(s)."""
 
@@ -235,7 +227,9 @@ class Model(_Strict):
             if self.base is not None or self.files is not None:
                 raise ValueError("base and files go with format (an imported checkpoint)")
             return self
-        imported = imported_precisions(self.format)
+        from gpubake.provisioning.bake import import_precisions  # the importers' own table
+
+        imported = import_precisions(self.format)
         if self.quantization not in imported or self.base is None:
             want = " or ".join(f'"{q}"' for q in imported)
             raise ValueError(f'format = "{self.format}" imports a quantized checkpoint: set quantization = {want} '

@@ -54,6 +54,16 @@ def import_checkpoint(source: str, dest: str | os.PathLike[str], fmt: str, *, ba
     base_files = list(BASE_FILES) if base.startswith("hf://") else None
     return _convert(source, dest, fmt, base=base, model_id=model_id, progress=progress, files=files,
                     base_files=base_files, precision=precision)
+
+
+def import_precisions(fmt: str) -> tuple[str, ...]:
+    """The precisions ("nvfp4", "fp8") `gpubake import` reads of producer `fmt`'s checkpoints
+    (an image spec's `model.format`): the importers' producer table, `importers.detect.PRODUCERS`."""
+    from gpubake.provisioning.importers.detect import PRODUCERS
+
+    return tuple(p for (name, p) in PRODUCERS if name == fmt)
+
+
 _DATA_SUFFIXES = (".toml", ".json")  # package data read beside the code (e.g. policies.toml)
 
 
