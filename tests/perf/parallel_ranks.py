@@ -51,7 +51,21 @@ def clip(ckpt: Path, parallel: str) -> tuple[torch.Tensor, dict[str, Any]]:
     return torch.from_numpy(frames), done
 
 
+def fused_forward(parallel: Any = None) -> torch.Tensor:
+    """The BF16 forward with the self-attention's fused Q/K norm + RoPE (Triton's interpreter),
+    in one process or (`parallel`) split across the group."""
+    from gpubake.kernels.qk_norm_rope import set_fused_qk_norm_rope
+    from gpubake.provisioning.parallel import enable_context_parallel
+
+    model = transformer(torch.bfloat16)
+    assert set_fused_qk_norm_rope(model, True) == 3
+    if parallel is not None:
+        enable_context_parallel(model, parallel, tokens=LATENT_SHAPE[2] * 16)
+    return forward(model, torch.bfloat16)
+
+
 def rank_main(rank: int, world: int, port: int, ckpt: str, results: Any) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined: the fused pass runs on the CPU
     import torch.distributed as dist
 
     from gpubake.provisioning.parallel import Parallel, enable_context_parallel
@@ -67,7 +81,9 @@ def rank_main(rank: int, world: int, port: int, ckpt: str, results: Any) -> None
                 info = enable_context_parallel(model, Parallel(kind, world), tokens=LATENT_SHAPE[2] * 16)
                 out[f"{kind}/{dtype}"] = forward(model, dtype)
                 out[f"{kind}/info"] = info
+            out[f"{kind}/fused"] = fused_forward(Parallel(kind, world))
             out[f"{kind}/clip"], out[f"{kind}/clip_done"] = clip(Path(ckpt), f"{kind}:{world}")
+        out["fused"] = fused_forward()  # the same model in this one process
         dist.destroy_process_group()
     except Exception as exc:
         import traceback

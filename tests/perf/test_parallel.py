@@ -96,6 +96,18 @@ def test_ring_forward_within_its_bound(ranks, single, dtype):
     assert ranks[0]["ring/info"]["self_attention_backend"] == "_native_flash"  # an LSE-returning backend
 
 
+def test_the_fused_qk_norm_rope_splits_as_diffusers_own(ranks, single):
+    """The fused pass works token by token, on each rank's shard of tokens and rotary rows:
+    Ulysses gives the one-process fused forward bit for bit, ring within its bound; and the
+    fused forward is diffusers' own up to the sum of squares' order."""
+    for r in ranks:
+        assert torch.equal(r["ulysses/fused"], r["fused"])
+        ref = r["fused"].float()
+        assert (r["ring/fused"].float() - ref).abs().max().item() <= RING_BOUND[torch.bfloat16] * ref.abs().max().item()
+    plain = single[str(torch.bfloat16)].float()
+    assert ((ranks[0]["fused"].float() - plain).norm() / plain.norm()).item() < 1e-2
+
+
 def test_ulysses_clip_is_bit_exact(ranks, single):
     assert single["clip"].shape == (9, 32, 32, 3)
     assert torch.equal(ranks[0]["ulysses/clip"], single["clip"]) and torch.equal(ranks[1]["ulysses/clip"],

@@ -82,6 +82,7 @@ def test_plan_follows_the_kernels_dispatch(fake_gpu, cap, arch, backend, compile
     assert plan.vae_conv_pad is compiled  # measured on Hopper only (cuDNN's kernel choice is per architecture)
     assert plan.vae_fused_norm is compiled  # measured on Hopper only (10 % of the eager decode)
     assert not plan.fuse_qkv  # measured on Hopper: no gain
+    assert plan.fuse_qk_rope is compiled  # measured on Hopper only (2 % a forward)
     assert not plan.vae_compile  # its compile per clip size is not worth a clip's second by default
     # levers measured as no gain on Hopper stay off everywhere
     assert not plan.cfg_batch and not plan.cache_small_m and not plan.fuse_act_quant
@@ -261,7 +262,8 @@ def test_apply_runtime_covers_both_experts(tiny_nvfp4_checkpoint):
     from gpubake.provisioning.loader import load_pipeline
 
     pipe = load_pipeline(tiny_nvfp4_checkpoint, device="cpu")
-    nothing = {"cached_small_m_layers": 0, "compiled_blocks": 0, "lowp_attention_modules": 0, "fused_qkv_modules": 0}
+    nothing = {"cached_small_m_layers": 0, "compiled_blocks": 0, "lowp_attention_modules": 0, "fused_qkv_modules": 0,
+               "fused_qk_rope_modules": 0}
     experts = ("transformer", "transformer_2")
     done = apply_runtime(pipe)  # CPU plan
     assert {e: done[e] for e in experts} == {e: nothing for e in experts} and "text_encoder" not in done
@@ -428,3 +430,21 @@ def test_fuse_qkv_gives_the_same_prediction_and_the_same_keys(tiny_nvfp4_model, 
     assert not any(hasattr(m, "to_qkv") or getattr(m, "fused_projections", False) for m in fused)
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
+
+
+def test_fuse_qk_rope_on_a_cpu_without_the_interpreter_is_one_line(tiny_nvfp4_model, monkeypatch):
+    """The fused Q/K norm + RoPE is a Triton kernel: asked for where none runs, the plan says so
+    when applied, before a forward, and leaves the processors as they were."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    plain = RuntimePlan(arch="cpu", gemm_backend="cpu-reference")
+    with pytest.raises(RuntimePlanError, match=r"^fuse_qk_rope=1: .* needs a CUDA device \(the model is on cpu;"):
+        apply_plan(tiny_nvfp4_model, plain.with_(fuse_qk_rope=True))
+    assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in tiny_nvfp4_model.blocks)
+    assert apply_plan(tiny_nvfp4_model, plain)["fused_qk_rope_modules"] == 0
+
+
+def test_fuse_qk_rope_is_a_runtime_lever():
+    assert runtime.plan_from_env("cpu", "fuse_qk_rope=1").fuse_qk_rope is True
+    assert runtime.plan_from_env("cpu").fuse_qk_rope is False  # measured on Hopper only
+    with pytest.raises(RuntimePlanError, match="fuse_qk_rope='2' is not a boolean"):
+        runtime.plan_from_env("cpu", "fuse_qk_rope=2")

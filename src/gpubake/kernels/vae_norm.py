@@ -25,6 +25,7 @@ import triton.language as tl
 
 from gpubake.errors import KernelError
 from gpubake.kernels.quantize_triton import check_device
+from gpubake.kernels.triton_rounding import round_to_dtype
 
 EPS = 1e-12  # F.normalize's default
 BLOCK_C = 32  # channels a sweep step loads (divides the Wan VAE's 96, 192 and 384)
@@ -36,17 +37,6 @@ def rms_norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, scale: float, 
     normalized = torch.nn.functional.normalize(x.float(), dim=1, eps=EPS).to(x.dtype)
     y = normalized * scale * gamma
     return torch.nn.functional.silu(y) if silu else y
-
-
-@triton.jit
-def _to_dtype(v, BF16: tl.constexpr):
-    """float32 -> the output dtype's nearest value (ties to even), still as float32. Done on the
-    bits: Triton's own bf16 cast truncates under TRITON_INTERPRET=1, where the GPU rounds."""
-    if BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        v = tl.where(v == v, rounded, v)  # NaN stays NaN
-    return v
 
 
 @triton.jit
@@ -71,12 +61,12 @@ def _rms_norm_silu_kernel(x_ptr, g_ptr, y_ptr, C, V, sxb, sxc, sxv, syb, syc, sy
         c = c0 + tl.arange(0, BLOCK_C)[:, None]
         mask = (c < C) & vmask
         x = tl.load(x_ptr + b * sxb + c * sxc + v * sxv, mask=mask, other=0.0).to(tl.float32)
-        n = _to_dtype(tl.math.div_rn(x, denom), BF16)
-        n = _to_dtype(n * scale, BF16)
+        n = round_to_dtype(tl.math.div_rn(x, denom), BF16)
+        n = round_to_dtype(n * scale, BF16)
         g = tl.load(g_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-        y = _to_dtype(n * g, BF16)
+        y = round_to_dtype(n * g, BF16)
         if SILU:
-            y = _to_dtype(tl.math.div_rn(y, 1.0 + tl.exp(-y)), BF16)
+            y = round_to_dtype(tl.math.div_rn(y, 1.0 + tl.exp(-y)), BF16)
         tl.store(y_ptr + b * syb + c * syc + v * syv, y.to(out_ty), mask=mask)
 
 
