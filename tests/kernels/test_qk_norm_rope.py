@@ -178,3 +178,17 @@ def test_bf16_rotary_tables_keep_diffusers_path(tiny_bf16_expert):
     want = tiny_forward(model)
     set_fused_qk_norm_rope(model, True)
     assert torch.equal(tiny_forward(model), want)
+
+
+def test_the_boot_check_passes_here_and_fails_a_wrong_kernel(monkeypatch):
+    """`selfcheck.qk_norm_rope_selfcheck`, which the Hopper plan runs before it turns the lever on."""
+    from gpubake.kernels import qk_norm_rope as module
+    from gpubake.kernels.selfcheck import qk_norm_rope_selfcheck
+
+    good = qk_norm_rope_selfcheck("cpu")
+    assert good["ok"] and good["bit_equal_fraction"] >= 0.99, good
+    real = module.qk_norm_rope
+    # a kernel that reads the rotary tables the wrong way round
+    monkeypatch.setattr(module, "qk_norm_rope", lambda q, k, nq, nk, cos, sin, heads: real(q, k, nq, nk, sin, cos, heads))
+    bad = qk_norm_rope_selfcheck("cpu")
+    assert not bad["ok"] and "bit-equal" in bad["reason"]

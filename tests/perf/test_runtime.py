@@ -64,6 +64,7 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(runtime, "_ATTENTION_CHECKS", {})  # checks are cached per process
         # no GPU here to run the kernel: the check of an installed kernel passes unless a test says not
         monkeypatch.setattr(runtime, "_attention_selfcheck", lambda kernel, dev: {"kernel": kernel, "ok": True})
+        monkeypatch.setattr(runtime, "_qk_rope_selfcheck", lambda dev: {"kernel": "qk-norm-rope", "ok": True})
 
     return fake
 
@@ -113,8 +114,8 @@ def test_hopper_plan_skips_a_kernel_that_fails_its_check_on_this_gpu(fake_gpu, m
     assert plan_for("cuda").attention == "cudnn-fp8"
     assert plan_for("cuda").attention == "cudnn-fp8"
     assert calls == [("fa3-fp8", "cuda"), ("cudnn-fp8", "cuda")]  # once per process and device
-    checks = runtime.attention_checks("cuda")
-    assert [(c["kernel"], c["ok"]) for c in checks] == [("fa3-fp8", False), ("cudnn-fp8", True)]
+    checks = runtime.attention_checks("cuda")  # the attention kernels', then the fused Q/K norm + RoPE's
+    assert [(c["kernel"], c["ok"]) for c in checks] == [("fa3-fp8", False), ("cudnn-fp8", True), ("qk-norm-rope", True)]
     assert runtime.attention_checks("cpu") == []
 
 
@@ -122,7 +123,7 @@ def test_attention_check_without_the_wheel_runs_nothing(fake_gpu, monkeypatch):
     fake_gpu((9, 0), wheel=False, fa3=False)
     monkeypatch.setattr(runtime, "_attention_selfcheck", lambda k, d: pytest.fail("ran a kernel with no wheel"))
     assert plan_for("cuda").attention == "default"
-    assert [c["reason"] for c in runtime.attention_checks("cuda")] == ["wheel not installed"] * 2
+    assert [c.get("reason") for c in runtime.attention_checks("cuda")] == ["wheel not installed"] * 2 + [None]
 
 
 @pytest.mark.parametrize("cap", [(9, 0), (8, 9), (12, 0)])
@@ -448,3 +449,18 @@ def test_fuse_qk_rope_is_a_runtime_lever():
     assert runtime.plan_from_env("cpu").fuse_qk_rope is False  # measured on Hopper only
     with pytest.raises(RuntimePlanError, match="fuse_qk_rope='2' is not a boolean"):
         runtime.plan_from_env("cpu", "fuse_qk_rope=2")
+
+
+def test_a_gpu_where_the_fused_qk_rope_disagrees_gets_diffusers_path(fake_gpu, monkeypatch):
+    """The Hopper plan's fuse_qk_rope is a Triton kernel: checked on the GPU first (once), and off
+    with the reason in the plan's notes where it disagrees with its reference."""
+    fake_gpu((9, 0))
+    calls = []
+    monkeypatch.setattr(runtime, "_qk_rope_selfcheck", lambda dev: calls.append(dev) or {
+        "ok": False, "reason": "12.5% of the values bit-equal (want >= 99%)"})
+    plan = plan_for("cuda")
+    assert plan.fuse_qk_rope is False and plan.compile_blocks  # the rest of the Hopper plan stands
+    assert "fuse_qk_rope off: the fused Q/K norm + RoPE disagrees with its reference on this GPU (12.5%" in plan.notes
+    plan_for("cuda")
+    assert len(calls) == 1  # once per process and device
+    assert [(c["kernel"], c["ok"]) for c in runtime.attention_checks("cuda")][-1:] == [("qk-norm-rope", False)]

@@ -45,6 +45,23 @@ def test_attention_kernel_failing_its_check_is_a_warning_and_the_next_one_runs(r
     assert [(c["kernel"], c["ok"]) for c in runtime_values["attention_checks"]] == [("fa3-fp8", False), ("cudnn-fp8", True)]
 
 
+def test_the_fused_qk_rope_failing_its_check_is_a_warning(run_selftest, demo_spec, no_gpu, monkeypatch):
+    """A GPU where the fused Q/K norm + RoPE disagrees with its reference (planted: the CPU plan
+    does not use it) renders through diffusers' path, and the render stage says so."""
+    from gpubake.provisioning import runtime
+
+    monkeypatch.delenv("GPUBAKE_RUNTIME", raising=False)
+    monkeypatch.setattr(runtime, "_ATTENTION_CHECKS", {
+        ("qk-norm-rope", "cpu"): {"kernel": "qk-norm-rope", "ok": False, "installed": True,
+                                  "reason": "12.5% of the values bit-equal (want >= 99%)"}})
+    report = run_selftest(demo_spec, no_gpu)
+    render = report.stage("render")
+    assert render.status == "warn" and report.verdict != "pass"
+    assert render.message.endswith("; the fused Q/K norm + RoPE failed its check (12.5% of the values bit-equal "
+                                   "(want >= 99%)), ran diffusers' own")
+    assert render.values["runtime"]["plan"]["fuse_qk_rope"] is False
+
+
 def test_override_reaches_both_experts(run_selftest, demo_spec, no_gpu, monkeypatch):
     monkeypatch.setenv("GPUBAKE_RUNTIME", "cache_small_m=1")
     report = run_selftest(demo_spec, no_gpu)

@@ -1,6 +1,7 @@
 """`selfcheck(device)`: does the NVFP4 path compute the right thing on THIS machine?
 `fp8_selfcheck(backend, device)`: the same for an FP8-weight checkpoint's GEMM path.
 `attention_selfcheck(kernel, device)`: the same question for an 8-bit attention kernel.
+`qk_norm_rope_selfcheck(device)`: and for the fused Q/K norm + RoPE (`kernels.qk_norm_rope`).
 
 Used by the boot self-test and, for attention, by the runtime plan before it picks a
 kernel. The NVFP4 check is two checks on seeded random data (Gaussian with outliers):
@@ -185,3 +186,49 @@ def attention_selfcheck(kernel: str, device: torch.device | str) -> dict:
             "bound": bound, "seconds": round(time.perf_counter() - t0, 3),
             **({} if ok else {"reason": f"relative error {err:.3g} against exact attention > {bound:.3g} "
                                         f"({ATTENTION_FACTOR:g}x its reference's)"})}
+
+
+# The fused Q/K norm + RoPE (`kernels.qk_norm_rope`): diffusers' arithmetic up to the sum of
+# squares' order, so on this data (bf16, 3 heads: a ragged last block of tokens) nearly every
+# value is bit-equal (on an H200 99.999 %, on the CPU all) and none is more than one bf16 step
+# of the values' size off; the bounds are loose enough for another GPU's summation order and
+# tight enough that a wrong table, eps or pairing fails (each changes most of the values).
+QK_ROPE_SHAPE = (1, 100, 3 * 128)  # [B, S, H*D]
+QK_ROPE_MIN_EQUAL = 0.99
+
+
+def qk_norm_rope_selfcheck(device: torch.device | str) -> dict:
+    """Run the fused Q/K norm + RoPE on `device` against its reference on the CPU; a JSON-ready
+    dict, ``ok`` False with ``reason`` instead of raising."""
+    from gpubake.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(2468)
+    batch, tokens, dim = QK_ROPE_SHAPE
+    q = (_data(QK_ROPE_SHAPE, gen) * 2).bfloat16()
+    k = (_data(QK_ROPE_SHAPE, gen) + torch.randn(dim, generator=gen)).bfloat16()
+    angles = torch.rand(1, tokens, 1, 64, generator=gen) * 6.3
+    cos, sin = (f(angles).repeat_interleave(2, dim=-1) for f in (torch.cos, torch.sin))  # Wan's table layout
+    norms = [torch.nn.RMSNorm(dim, eps=1e-6).bfloat16() for _ in range(2)]
+    with torch.no_grad():
+        for n in norms:
+            n.weight.copy_(1 + 0.2 * torch.randn(dim, generator=gen))
+    out: dict = {"kernel": "qk-norm-rope", "device": str(dev)}
+    with torch.inference_mode():
+        want = torch.cat([t.flatten().float() for t in qk_norm_rope_reference(q, k, *norms, cos, sin, 3)])
+        try:
+            on_dev = [n.to(dev) for n in norms]
+            got = qk_norm_rope(q.to(dev), k.to(dev), *on_dev, cos.to(dev), sin.to(dev), 3)
+        except Exception as exc:
+            return {**out, "ok": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+        got = torch.cat([t.flatten().float().cpu() for t in got])
+    diff = (got - want).abs()
+    equal = float((diff == 0).float().mean())
+    bound = 2.0 ** -7 * (1 + float(want.abs().max()))
+    worst = float(diff.max()) if torch.isfinite(got).all() else float("inf")
+    ok = equal >= QK_ROPE_MIN_EQUAL and worst <= bound
+    return {**out, "ok": ok, "bit_equal_fraction": round(equal, 6), "max_abs_diff": worst, "bound": bound,
+            "seconds": round(time.perf_counter() - t0, 3),
+            **({} if ok else {"reason": f"{equal:.4%} of the values bit-equal (want >= {QK_ROPE_MIN_EQUAL:.0%}), "
+                                        f"largest difference {worst:.3g} (bound {bound:.3g})"})}
