@@ -116,9 +116,14 @@ def main() -> None:
     ap.add_argument("--runtime", action="append", default=[],
                     help="a GPUBAKE_RUNTIME string on top of the measured plan (repeatable; default: auto)")
     ap.add_argument("--repeats", type=int, default=3, help="timed and profiled forwards per variant")
+    ap.add_argument("--rowwise-one-pass-max-k", type=int, default=None,
+                    help="activation rows up to this width through the one-pass FP8 quantizer "
+                         "(convert_triton.ROWWISE_ONE_PASS_MAX_K; default: the module's, 0 = off)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     height, width = parse_size(args.size)
+    if args.rowwise_one_pass_max_k is not None and not 0 <= args.rowwise_one_pass_max_k <= 16384:
+        refuse(f"--rowwise-one-pass-max-k: {args.rowwise_one_pass_max_k} is not in 0..16384 (the row in registers)")
 
     import torch
 
@@ -126,8 +131,11 @@ def main() -> None:
     from bench_fidelity import random_expert
     from bench_quantize import expert_config
     from bench_step import make_inputs, sync, to_fp8, to_nvfp4
+    from gpubake.kernels import convert_triton
     from gpubake.provisioning.runtime import RuntimePlanError, apply_plan, bind_fp8, plan_from_env
 
+    if args.rowwise_one_pass_max_k is not None:
+        convert_triton.ROWWISE_ONE_PASS_MAX_K = args.rowwise_one_pass_max_k
     dev = torch.device(args.device)
     cfg = {k: v for k, v in expert_config(args.model, args.layers).items() if not k.startswith("_")}
     if args.heads:
@@ -138,6 +146,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda},
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "argv": sys.argv[1:],
         "layers": cfg["num_layers"], "tokens": tokens, "weights": args.weights, "classes": dict(CLASSES),
+        "rowwise_one_pass_max_k": convert_triton.ROWWISE_ONE_PASS_MAX_K,
         "variants": [],
     }
     try:  # every plan checked before the minutes of building and compiling

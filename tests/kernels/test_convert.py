@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gpubake.kernels.convert_triton import fp8_rowwise, nvfp4_to_bf16, nvfp4_to_fp8
@@ -24,6 +25,22 @@ def test_fp8_rowwise_matches_torch_cast_including_subnormals_and_ties(gen):
     assert torch.equal(_bytes(a), _bytes(b)) and torch.equal(sa, sb)
     assert torch.equal(_bytes(a[0, 1:9]), _bytes(canonical_nan_e4m3(v[0, 1:9].to(torch.float8_e4m3fn))))
     assert float(a[2, 4].float()) == 448 and float(a[3, 5].float()) == -448 and torch.isnan(a[1, 3].float())
+
+
+@pytest.mark.parametrize("k", [512, 1000, 5120])
+def test_fp8_rowwise_one_pass_gives_the_two_pass_kernels_bytes(gen, monkeypatch, k):
+    """The one-pass kernel (the row in registers; K not a power of two: masked) against the
+    two-pass one and the reference: the same bytes and scales, NaN and inf rows included."""
+    from gpubake.kernels import convert_triton
+
+    v = (torch.randn(6, k, generator=gen) * torch.exp(torch.randn(6, k, generator=gen) * 3)).bfloat16()
+    v[1, 3], v[2, 4], v[3, :] = float("nan"), float("inf"), 0.0
+    two = fp8_rowwise(v)
+    monkeypatch.setattr(convert_triton, "ROWWISE_ONE_PASS_MAX_K", 16384)
+    one = fp8_rowwise(v)
+    ref = fp8_rowwise_ref(v)
+    assert torch.equal(_bytes(one[0]), _bytes(two[0])) and torch.equal(one[1], two[1])
+    assert torch.equal(_bytes(one[0]), _bytes(ref[0])) and torch.equal(one[1], ref[1])
 
 
 def test_nvfp4_to_fp8_and_bf16(gen, spiky):

@@ -41,10 +41,12 @@ def test_the_h200_profiles_kernels_fall_in_their_classes(name, cls):
 def test_profile_runs_each_plan_and_sums_the_kernels(tmp_path):
     out = tmp_path / "p.json"
     r = _run("profile_forward.py", "--device", "cpu", "--layers", "2", "--heads", "2", "--frames", "5", "--size", "32x32",
-             "--text-len", "16", "--repeats", "1", "--json-out", str(out), "--runtime", "auto", "--runtime", "fuse_qk_rope=1")
+             "--text-len", "16", "--repeats", "1", "--json-out", str(out), "--runtime", "auto", "--runtime", "fuse_qk_rope=1",
+             "--rowwise-one-pass-max-k", "16384")
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(out.read_text())
     assert got["layers"] == 2 and got["tokens"] == 2 * 2 * 2  # 2 latent frames of 2 x 2 patches
+    assert got["rowwise_one_pass_max_k"] == 16384  # (the CPU's layers quantize no activations: recorded only)
     plain, fused = got["variants"]
     assert plain["applied"]["fused_qk_rope_modules"] == 0 and fused["applied"]["fused_qk_rope_modules"] == 2
     for v in (plain, fused):
@@ -54,11 +56,13 @@ def test_profile_runs_each_plan_and_sums_the_kernels(tmp_path):
         assert v["top_kernels"] and all(k["calls_per_forward"] > 0 for k in v["top_kernels"])
 
 
-def test_profile_refuses_a_bad_plan_in_one_line_before_building(tmp_path):
-    r = _run("profile_forward.py", "--device", "cpu", "--layers", "1", "--json-out", str(tmp_path / "p.json"),
-             "--runtime", "fuse_qk_rope=maybe")
-    assert r.returncode == 2 and "--runtime" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "p.json").exists()
+@pytest.mark.parametrize("bad, flag", [(["--runtime", "fuse_qk_rope=maybe"], "--runtime"),
+                                       (["--rowwise-one-pass-max-k", "99999"], "--rowwise-one-pass-max-k"),
+                                       (["--size", "720"], "--size")])
+def test_profile_refuses_bad_input_in_one_line_before_building(tmp_path, bad, flag):
+    r = _run("profile_forward.py", "--device", "cpu", "--layers", "1", "--json-out", str(tmp_path / "p.json"), *bad)
+    assert r.returncode == 2 and r.stderr.strip().startswith(flag) and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
 
 
 def test_qk_bench_times_each_variant_against_the_reference(tmp_path):
