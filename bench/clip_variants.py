@@ -27,6 +27,8 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
   experts, then back; a warm-up clip of its own first (the blocks recompile).
 - ``fuse_qk_rope=0|1``: each self-attention's Q/K norm and rotary embedding as one Triton pass
   (the plan's lever) on both experts, then back; a warm-up clip of its own first (the blocks recompile).
+- ``fuse_ffn_gelu=0|1``: each FFN's GELU inside its down-projection's activation quantization (the
+  plan's lever) on both experts, then back; a warm-up clip of its own first (the blocks recompile).
 - ``vae_fused_norm=0|1``: the decoder's RMS norms + SiLUs as one Triton pass each (the plan's
   lever), then back; a warm-up clip of its own first (Triton compiles the kernel per channel count).
 - ``vae_compile=1``: the VAE's decoder under ``torch.compile`` (the plan's lever,
@@ -54,8 +56,8 @@ from typing import Any
 from gpubake.errors import GpubakeError
 
 LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last", "cudnn_benchmark",
-          "vae_compile", "vae_conv_pad", "vae_fused_norm", "fuse_qkv", "fuse_qk_rope")
-EXPERT_LEVERS = ("step_cache", "sparse_keep", "sparse_block_q", "fuse_qkv", "fuse_qk_rope")  # change what the experts' compiled blocks trace
+          "vae_compile", "vae_conv_pad", "vae_fused_norm", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu")
+EXPERT_LEVERS = ("step_cache", "sparse_keep", "sparse_block_q", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu")  # change what the experts' compiled blocks trace
 
 
 class VariantError(GpubakeError):
@@ -101,7 +103,7 @@ def parse_variant(text: str) -> Variant:
             return Variant(lever, float(check_keep(float(value))))
         except (ValueError, SparseAttentionError) as exc:
             raise VariantError(f"{text!r}: {exc}") from None
-    if lever in ("vae_conv_pad", "vae_fused_norm", "fuse_qkv", "fuse_qk_rope"):
+    if lever in ("vae_conv_pad", "vae_fused_norm", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu"):
         if value not in ("0", "1"):
             raise VariantError(f"{text!r}: {lever}=0 or {lever}=1")
         return Variant(lever, int(value))
@@ -187,12 +189,13 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     case's row, its `captured` decode kept aside by the caller)."""
     import torch
 
-    from gpubake.provisioning.runtime import (apply_attention, set_fused_qk_rope, set_fused_qkv, set_vae_compile,
-                                              set_vae_conv_padding, set_vae_fused_norm, set_vae_layout)
+    from gpubake.provisioning.runtime import (apply_attention, set_fused_ffn_gelu, set_fused_qk_rope, set_fused_qkv,
+                                              set_vae_compile, set_vae_conv_padding, set_vae_fused_norm, set_vae_layout)
     from gpubake.provisioning.step_cache import apply_step_cache, blocks_of, count_blocks
 
     # lever -> (the plan's setter on one expert, the key its count is reported under)
-    FUSERS = {"fuse_qkv": (set_fused_qkv, "fused_qkv_modules"), "fuse_qk_rope": (set_fused_qk_rope, "fused_qk_rope_modules")}
+    FUSERS = {"fuse_qkv": (set_fused_qkv, "fused_qkv_modules"), "fuse_qk_rope": (set_fused_qk_rope, "fused_qk_rope_modules"),
+              "fuse_ffn_gelu": (set_fused_ffn_gelu, "fused_ffn_gelu_modules")}
 
     pipe = sp.pipe
     experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}
@@ -212,7 +215,7 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             row["applied"] = {"vae": {"channels_last_conv3d": set_vae_layout(pipe.vae, True)}}
         elif variant.lever == "vae_compile":
             row["applied"] = {"vae": {"compiled_decoder": int(set_vae_compile(pipe.vae, True))}}
-        elif variant.lever in ("fuse_qkv", "fuse_qk_rope"):
+        elif variant.lever in FUSERS:
             fuse, key = FUSERS[variant.lever]
             row["applied"] = {n: {key: fuse(m, bool(variant.value))} for n, m in experts.items()}
         elif variant.lever == "vae_fused_norm":

@@ -43,6 +43,27 @@ def test_fp8_rowwise_one_pass_gives_the_two_pass_kernels_bytes(gen, monkeypatch,
     assert torch.equal(_bytes(one[0]), _bytes(ref[0])) and torch.equal(one[1], ref[1])
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_fp8_rowwise_with_the_ffn_gelu_is_the_quantization_of_torchs_gelu(gen, monkeypatch, one_pass):
+    """`gelu=True` quantizes diffusers' FFN GELU (tanh) of the input, computed on the way as
+    x / (1 + exp(-2u)): a GELU value one bf16 ulp off torch's on a few inputs, which the E4M3
+    rounding hides nearly always; the row scales (from the rows' maxima) are the same."""
+    from gpubake.kernels import convert_triton
+
+    monkeypatch.setattr(convert_triton, "ROWWISE_ONE_PASS_MAX_K", 16384 if one_pass else 0)
+    x = (torch.randn(48, 1000, generator=gen) * 2.5).bfloat16()
+    x[0, :6] = torch.tensor([0.0, -0.0, 30.0, -30.0, 1e-4, -200.0])
+    got_q, got_s = fp8_rowwise(x, gelu=True)
+    want_q, want_s = fp8_rowwise_ref(torch.nn.functional.gelu(x, approximate="tanh"))
+    assert torch.equal(got_s, want_s)
+    same = _bytes(got_q) == _bytes(want_q)
+    assert float(same.float().mean()) >= 0.999
+    codes_apart = (_bytes(got_q).int() - _bytes(want_q).int()).abs()
+    assert not (~same).any() or int(codes_apart[~same].max()) <= 1  # where they differ: the next E4M3 value
+    plain_q, _ = fp8_rowwise(x)
+    assert float((_bytes(plain_q) == _bytes(got_q)).float().mean()) < 0.9  # the GELU was applied
+
+
 def test_nvfp4_to_fp8_and_bf16(gen, spiky):
     x = spiky((40, 320), gen, dtype=torch.bfloat16)
     w = quantize_ref(x)

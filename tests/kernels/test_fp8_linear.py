@@ -121,6 +121,18 @@ def test_scaled_mm_uses_the_reference_activation_quantization():
     assert torch.equal(layer(x), want)
 
 
+@pytest.mark.parametrize("backend", ["scaled-mm", "dequant-bf16", "reference"])
+def test_an_input_gelu_is_the_layer_of_the_gelu(backend):
+    """`input_activation`: what the FFN's GELU module did before the layer, inside the layer (in
+    scaled-mm's activation quantization, else just before the GEMM): the same output on the CPU."""
+    layer = FP8Linear.from_linear(_linear(k=96), backend=backend)
+    x = (torch.randn(7, 96) * 2).bfloat16()
+    want = layer(torch.nn.functional.gelu(x, approximate="tanh"))
+    layer.input_activation = "gelu_tanh"
+    assert torch.equal(layer(x), want)
+    assert layer.backend(x.device).fuses_input_gelu == (backend == "scaled-mm")
+
+
 def test_bad_shapes_and_dtypes_are_kernel_errors():
     layer = FP8Linear(96, 64)
     with pytest.raises(KernelError, match=r"activations shape \(2, 95\)"):

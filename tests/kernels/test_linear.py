@@ -231,3 +231,27 @@ def test_selfcheck_checks_the_static_scale_on_the_native_backend(monkeypatch, em
     bad = sc.selfcheck("cpu")
     assert bad["ok"] is False and bad["static_scale_max_rel_error"] > 0.5
     assert bad["max_rel_error"] == r["max_rel_error"]
+
+
+@pytest.mark.parametrize("backend", ["cpu-reference", "dequant-bf16", "hopper-fp8"])
+def test_an_input_gelu_is_the_layer_of_the_gelu(backend, monkeypatch):
+    """`input_activation` (the runtime plan's `fuse_ffn_gelu`): what diffusers' FFN GELU did
+    before the layer, inside it: hopper-fp8 computes it in its activation quantization (its CUDA
+    check lifted: the quantization's CPU twin, the re-expression under the interpreter), the
+    others just before their GEMM; on the CPU the same output bit for bit."""
+    from gpubake.kernels import backends
+
+    for cls in (backends.DequantBf16, backends.HopperFp8):
+        monkeypatch.setattr(cls, "needs_cuda", False)
+    torch.manual_seed(3)
+    m = NVFP4Linear.from_linear(nn.Linear(64, 48).bfloat16(), backend=backend)
+    x = (torch.randn(3, 5, 64) * 2).bfloat16()
+    calls = []
+    real_apply = m.backend(x.device).apply
+    monkeypatch.setattr(m.backend(x.device), "apply", lambda *a, **kw: calls.append(kw) or real_apply(*a, **kw))
+    with torch.no_grad():
+        want = m(torch.nn.functional.gelu(x, approximate="tanh"))
+        m.input_activation = "gelu_tanh"
+        got = m(x)
+    assert torch.equal(got, want)
+    assert calls[-1] == ({"input_gelu": True} if backend == "hopper-fp8" else {})  # fused only where the backend does

@@ -264,7 +264,7 @@ def test_apply_runtime_covers_both_experts(tiny_nvfp4_checkpoint):
 
     pipe = load_pipeline(tiny_nvfp4_checkpoint, device="cpu")
     nothing = {"cached_small_m_layers": 0, "compiled_blocks": 0, "lowp_attention_modules": 0, "fused_qkv_modules": 0,
-               "fused_qk_rope_modules": 0}
+               "fused_qk_rope_modules": 0, "fused_ffn_gelu_modules": 0}
     experts = ("transformer", "transformer_2")
     done = apply_runtime(pipe)  # CPU plan
     assert {e: done[e] for e in experts} == {e: nothing for e in experts} and "text_encoder" not in done
@@ -464,3 +464,24 @@ def test_a_gpu_where_the_fused_qk_rope_disagrees_gets_diffusers_path(fake_gpu, m
     plan_for("cuda")
     assert len(calls) == 1  # once per process and device
     assert [(c["kernel"], c["ok"]) for c in runtime.attention_checks("cuda")][-1:] == [("qk-norm-rope", False)]
+
+
+def test_fuse_ffn_gelu_moves_the_gelu_and_keeps_the_prediction(tiny_nvfp4_model, inputs):
+    """The FFN's GELU in the down-projection (here the CPU reference's: before its GEMM; a fusing
+    backend's: tests/kernels/test_linear.py): the same prediction bit for bit, the same state dict;
+    off puts the GELU back in the FFN."""
+    plain = RuntimePlan(arch="cpu", gemm_backend="cpu-reference")
+    apply_plan(tiny_nvfp4_model, plain)
+    keys = list(tiny_nvfp4_model.state_dict())
+    with torch.inference_mode():
+        want = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+    done = apply_plan(tiny_nvfp4_model, plain.with_(fuse_ffn_gelu=True))
+    blocks = tiny_nvfp4_model.blocks
+    assert done["fused_ffn_gelu_modules"] == len(blocks)
+    assert all(b.ffn.net[2].input_activation == "gelu_tanh" and "gelu" in b.ffn.net[0].__dict__ for b in blocks)
+    with torch.inference_mode():
+        got = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert list(tiny_nvfp4_model.state_dict()) == keys
+    assert apply_plan(tiny_nvfp4_model, plain)["fused_ffn_gelu_modules"] == 0
+    assert all(b.ffn.net[2].input_activation is None and "gelu" not in b.ffn.net[0].__dict__ for b in blocks)

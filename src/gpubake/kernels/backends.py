@@ -77,6 +77,8 @@ class GemmBackend:
     caps: ClassVar[tuple[tuple[int, int], ...] | None] = None  # None: any CUDA GPU
     # whether `apply` quantizes activations with `PreparedWeight.input_global_scale`
     uses_static_input_scale: ClassVar[bool] = False
+    # whether `apply` takes ``input_gelu=True`` (the FFN's GELU computed in its activation quantization)
+    fuses_input_gelu: ClassVar[bool] = False
 
     def supports(self, device: torch.device) -> bool:
         return self.supports_capability(capability(device))
@@ -242,19 +244,21 @@ class HopperFp8(GemmBackend):
 
         pw.extras["fp8_weight"] = nvfp4_to_fp8(pw.weight, None, pw.extras["fp8_factors"])
 
-    def _quantize_activations(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x2 [M, K] -> (E4M3, per-token scale): the Triton kernel, or under torch.compile with
-        `fuse_act_quant_when_compiling` its plain-torch twin for inductor to fuse."""
+    def _quantize_activations(self, x2: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x2 [M, K] (with `gelu`: its FFN GELU) -> (E4M3, per-token scale): the Triton kernel, or
+        under torch.compile with `fuse_act_quant_when_compiling` its plain-torch twin for inductor to fuse."""
         from gpubake.kernels.fp8_linear import quantize_activations_rowwise
 
-        return quantize_activations_rowwise(x2, self.fuse_act_quant_when_compiling)
+        return quantize_activations_rowwise(x2, self.fuse_act_quant_when_compiling, gelu)
 
-    def apply(self, x, pw, bias=None):
+    fuses_input_gelu = True
+
+    def apply(self, x, pw, bias=None, input_gelu: bool = False):
         from gpubake.kernels.convert_triton import nvfp4_to_fp8
 
         self.check(x, pw)
         N, K = pw.out_features, pw.in_features
-        xq, xs = self._quantize_activations(x.reshape(-1, K))
+        xq, xs = self._quantize_activations(x.reshape(-1, K), input_gelu)
         cached = pw.extras.get("fp8_weight")
         wq, ws = cached if cached is not None else nvfp4_to_fp8(
             pw.weight, self.scratch.get((N, K), torch.float8_e4m3fn, x.device), pw.extras["fp8_factors"])

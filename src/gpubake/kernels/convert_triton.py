@@ -29,6 +29,7 @@ import triton.language as tl
 from gpubake.errors import KernelError
 from gpubake.kernels.format import BLOCK, NVFP4Tensor
 from gpubake.kernels.quantize_triton import check_device, interpreting
+from gpubake.kernels.triton_rounding import round_to_dtype
 
 
 @triton.jit
@@ -115,21 +116,36 @@ def _nvfp4_blocks_kernel(
 
 
 @triton.jit
+def _input_of(x, GELU: tl.constexpr, BF16: tl.constexpr):
+    """The value the GEMM sees: `x` itself, or with `GELU` the FFN's tanh-approximate GELU of it
+    rounded to the input's dtype (the down-projection's input as diffusers makes it, one pass
+    fewer): 0.5 x (1 + tanh(u)) written as x / (1 + exp(-2u)), the same function (Triton has no
+    portable tanh), u = sqrt(2 / pi) (x + 0.044715 x^3)."""
+    if GELU:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        # exp(80) keeps 1 + e finite: there x / (1 + e) is ~0, as torch's 0.5 x (1 + tanh(u)) is
+        x = round_to_dtype(tl.math.div_rn(x, 1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0))), BF16)
+    return x
+
+
+@triton.jit
 def _fp8_rowwise_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
-                        HW_CAST: tl.constexpr, BLOCK_K: tl.constexpr):
+                        HW_CAST: tl.constexpr, BLOCK_K: tl.constexpr, GELU: tl.constexpr = False,
+                        BF16: tl.constexpr = False):
     """One program per token: a pass for the row's amax, a pass to encode (the row is
     re-read from L2)."""
     m = tl.program_id(0).to(tl.int64)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        a = tl.abs(tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32))
+        x = _input_of(tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32), GELU, BF16)
+        a = tl.abs(x)
         amax = tl.maximum(amax, tl.where(a < float("inf"), a, 0.0))
     s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 7.52316384526264e-37)  # 2**-120
     tl.store(scale_ptr + m, s)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = _input_of(tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32), GELU, BF16)
         y = tl.math.div_rn(x, s)
         y = tl.where(y == y, tl.minimum(tl.maximum(y, -448.0), 448.0), y)
         if HW_CAST:
@@ -140,12 +156,13 @@ def _fp8_rowwise_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
 
 @triton.jit
 def _fp8_rowwise_onepass_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
-                                HW_CAST: tl.constexpr, BLOCK_K: tl.constexpr):
+                                HW_CAST: tl.constexpr, BLOCK_K: tl.constexpr, GELU: tl.constexpr = False,
+                                BF16: tl.constexpr = False):
     """`_fp8_rowwise_kernel` with the whole row in registers (BLOCK_K >= K): the row is read
     once instead of twice, the same arithmetic (a max is exact in any order), so the same bytes."""
     m = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+    x = _input_of(tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32), GELU, BF16)
     a = tl.abs(x)
     s = tl.maximum(tl.math.div_rn(tl.max(tl.where(a < float("inf"), a, 0.0), axis=0), 448.0), 7.52316384526264e-37)
     tl.store(scale_ptr + m, s)
@@ -223,8 +240,9 @@ def nvfp4_to_bf16(w: NVFP4Tensor, out: torch.Tensor | None = None) -> torch.Tens
 
 
 def fp8_rowwise(x2d: torch.Tensor, out: torch.Tensor | None = None,
-                scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [M, K] -> (E4M3 [M, K], float32 scale [M, 1]), one scale per token."""
+                scale: torch.Tensor | None = None, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (E4M3 [M, K], float32 scale [M, 1]), one scale per token; with
+    `gelu` of F.gelu(x, approximate="tanh") instead, computed on the way (`_input_of`)."""
     check_device(x2d, "activations")
     M, K = x2d.shape
     if x2d.stride(-1) != 1:
@@ -236,8 +254,10 @@ def fp8_rowwise(x2d: torch.Tensor, out: torch.Tensor | None = None,
     if M and K <= ROWWISE_ONE_PASS_MAX_K:
         block_k = triton.next_power_of_2(K)
         _fp8_rowwise_onepass_kernel[(M,)](x2d, _raw(out), scale, K, x2d.stride(0), HW_CAST=not interpreting(),
-                                          BLOCK_K=block_k, num_warps=max(1, min(16, block_k // 1024)))
+                                          BLOCK_K=block_k, GELU=gelu, BF16=x2d.dtype == torch.bfloat16,
+                                          num_warps=max(1, min(16, block_k // 1024)))
     elif M:
         _fp8_rowwise_kernel[(M,)](x2d, _raw(out), scale, K, x2d.stride(0), HW_CAST=not interpreting(),
-                                  BLOCK_K=ROWWISE_BLOCK_K, num_warps=ROWWISE_WARPS)
+                                  BLOCK_K=ROWWISE_BLOCK_K, GELU=gelu, BF16=x2d.dtype == torch.bfloat16,
+                                  num_warps=ROWWISE_WARPS)
     return out, scale

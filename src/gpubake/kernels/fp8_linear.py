@@ -38,7 +38,7 @@ from gpubake import envs
 from gpubake.errors import KernelError
 from gpubake.kernels import archs
 from gpubake.kernels.fp8_ref import fp8_rowwise_ref
-from gpubake.kernels.layers_common import apply_keeping_dtypes, bind_all, count_bound
+from gpubake.kernels.layers_common import apply_input_activation, apply_keeping_dtypes, bind_all, count_bound
 
 FP8_WEIGHT_KEY = "weight"
 FP8_SCALE_KEY = "weight_scale"
@@ -75,6 +75,8 @@ class FP8Backend:
     name: ClassVar[str] = ""
     needs_cuda: ClassVar[bool] = True
     caps: ClassVar[tuple[tuple[int, int], ...] | None] = None  # None: any CUDA GPU
+    # whether `apply` takes ``input_gelu=True`` (the FFN's GELU computed in its activation quantization)
+    fuses_input_gelu: ClassVar[bool] = False
 
     def supports_capability(self, cap: tuple[int, int] | None) -> bool:
         """Whether a device of this capability (None: the CPU) runs this path."""
@@ -97,18 +99,20 @@ class FP8Backend:
         raise NotImplementedError
 
 
-def quantize_activations_rowwise(x2: torch.Tensor, fuse_when_compiling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_rowwise(x2: torch.Tensor, fuse_when_compiling: bool = False,
+                                 gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (E4M3, float32 per-token scale [M, 1]): the Triton kernel on CUDA, its
     plain-torch twin (bit-identical) on the CPU, and under torch.compile with
     `fuse_when_compiling` the twin too, so that inductor fuses the quantization into the norm
     and modulation that produced x instead of a separate pass over it (the peer's torchao
     quantization is torch ops, fused that way). Shared by both FP8-GEMM paths (`ScaledMm`
-    here, `backends.HopperFp8`)."""
+    here, `backends.HopperFp8`). `gelu`: of diffusers' FFN GELU of x2 (tanh approximation), which
+    the kernel computes on the way (within one bf16 ulp of torch's on a few values)."""
     if x2.device.type != "cuda" or (fuse_when_compiling and torch.compiler.is_compiling()):
-        return fp8_rowwise_ref(x2.contiguous())
+        return fp8_rowwise_ref(apply_input_activation(x2, "gelu_tanh" if gelu else None).contiguous())
     from gpubake.kernels.convert_triton import fp8_rowwise
 
-    return fp8_rowwise(x2)
+    return fp8_rowwise(x2, gelu=gelu)
 
 
 class ScaledMm(FP8Backend):
@@ -121,16 +125,17 @@ class ScaledMm(FP8Backend):
     caps = archs.capabilities_defaulting_to_fp8("scaled-mm")
     # the runtime plan's `fuse_act_quant`, set where it binds (`runtime.bind_fp8`)
     fuse_act_quant_when_compiling = False
+    fuses_input_gelu = True
 
     def supports_capability(self, cap):
         return cap is None or cap in (self.caps or ())
 
-    def apply(self, x, weight, scale, bias):
+    def apply(self, x, weight, scale, bias, input_gelu: bool = False):
         self.check(x, weight, scale)
         N, K = weight.shape
         if N % 16 or K % 16:
             raise KernelError(f"fp8 scaled-mm: weight [{N}, {K}]: torch._scaled_mm needs both multiples of 16")
-        xq, xs = quantize_activations_rowwise(x.reshape(-1, K), self.fuse_act_quant_when_compiling)
+        xq, xs = quantize_activations_rowwise(x.reshape(-1, K), self.fuse_act_quant_when_compiling, input_gelu)
         out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, N), out_dtype=out_dtype,
                              bias=None if bias is None else bias.to(out_dtype), use_fast_accum=True)
@@ -225,6 +230,7 @@ class FP8Linear(nn.Module):
         else:
             self.register_buffer("bias", None)
         self._backend: FP8Backend | None = get_fp8_backend(backend) if backend else None
+        self.input_activation: str | None = None  # as NVFP4Linear's (`fuse_ffn_gelu`)
         # (device, the path a forward there runs): resolved on the first forward on a device,
         # not on every one (as NVFP4Linear's prepared weight)
         self._resolved: tuple[torch.device, FP8Backend] | None = None
@@ -275,7 +281,10 @@ class FP8Linear(nn.Module):
         resolved = self._resolved
         if resolved is None or resolved[0] != x.device:
             resolved = self._resolved = (x.device, self.backend(x.device))
-        return resolved[1].apply(x, self._buffers[FP8_WEIGHT_KEY], self._buffers[FP8_SCALE_KEY], self.bias)
+        path, w, scale = resolved[1], self._buffers[FP8_WEIGHT_KEY], self._buffers[FP8_SCALE_KEY]
+        if self.input_activation is not None and path.fuses_input_gelu:
+            return path.apply(x, w, scale, self.bias, input_gelu=True)
+        return path.apply(apply_input_activation(x, self.input_activation), w, scale, self.bias)
 
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .half(): buffers move, and the format's float8 weight and float32

@@ -43,7 +43,7 @@ from gpubake.kernels.format import (
     check_static_scale,
     weight_tensors,
 )
-from gpubake.kernels.layers_common import apply_keeping_dtypes, bind_all, count_bound
+from gpubake.kernels.layers_common import apply_input_activation, apply_keeping_dtypes, bind_all, count_bound
 from gpubake.kernels.quantizer import quantize
 
 
@@ -71,6 +71,9 @@ class NVFP4Linear(nn.Module):
         self.register_buffer(INPUT_GLOBAL_SCALE_KEY, torch.ones((), dtype=torch.float32, device=device)
                              if static_input_scale else None)
         self._backend: GemmBackend | None = get_backend(backend) if backend else None
+        # an activation applied to the input first (`layers_common.INPUT_ACTIVATIONS`; the
+        # runtime plan's `fuse_ffn_gelu`), inside the backend's quantization where it can
+        self.input_activation: str | None = None
         # keep the backend's run-time weight (GemmBackend.cache_weight): set by the
         # runtime for small-M layers, where the per-call re-expression dominates
         self.keep_runtime_weight = False
@@ -156,7 +159,9 @@ class NVFP4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, pw = self.prepared(x.device)
-        return b.apply(x, pw, self.bias)
+        if self.input_activation is not None and b.fuses_input_gelu:
+            return b.apply(x, pw, self.bias, input_gelu=True)
+        return b.apply(apply_input_activation(x, self.input_activation), pw, self.bias)
 
     _FIXED_DTYPE = (SCALE_KEY, GLOBAL_SCALE_KEY, INPUT_GLOBAL_SCALE_KEY)
 

@@ -27,6 +27,10 @@ Hopper"), and keeps only those that won on that architecture:
   as one Triton pass (`kernels.qk_norm_rope`, diffusers' arithmetic up to the sum of squares'
   order) instead of inductor's reduction kernel, which a 720p profile measured at 3.28 ms a
   block, five times the pass's memory traffic (`bench/profile_forward.py`);
+* ``fuse_ffn_gelu``: the FFN's tanh GELU moved into the down-projection, whose FP8 activation
+  quantization (`hopper-fp8`, `scaled-mm`) computes it on the way: one pass over the
+  13,824-wide activation instead of a GELU kernel's read and write and the quantizer's; the
+  same state dict; built from the 720p profile, not measured: off;
 * ``fuse_act_quant``: under that compile, the FP8 activation quantization of the
   `hopper-fp8` backend is left to inductor (fused into the op before it);
 * ``text_encoder``: "shrink" puts the UMT5 encoder in ~4.4 GiB instead of ~12.5
@@ -117,6 +121,7 @@ class RuntimePlan:
     fuse_qkv: bool = False  # self-attention's Q, K, V as one GEMM (one activation quantization); no gain on an H200
     fuse_act_quant: bool = False
     fuse_qk_rope: bool = False  # self-attention's Q/K RMS norm + RoPE as one Triton pass (`kernels.qk_norm_rope`)
+    fuse_ffn_gelu: bool = False  # the FFN's GELU inside the down-projection's activation quantization; not measured
     text_encoder: str = "keep"
     vae_tiling: bool = False
     vae_channels_last: bool = False  # the VAE's conv weights NDHWC (cuDNN's tensor-core layout); < 2 % a clip
@@ -444,6 +449,7 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
             backend.fuse_act_quant_when_compiling = plan.fuse_act_quant
     done["fused_qkv_modules"] = set_fused_qkv(model, plan.fuse_qkv)
     done["fused_qk_rope_modules"] = set_fused_qk_rope(model, plan.fuse_qk_rope)
+    done["fused_ffn_gelu_modules"] = set_fused_ffn_gelu(model, plan.fuse_ffn_gelu)
     blocks = [m for m in model.modules() if type(m).__name__ in getattr(model, "_repeated_blocks", ())]
     if plan.compile_blocks:
         if not blocks:
@@ -503,6 +509,39 @@ def set_fused_qkv(model: nn.Module, on: bool) -> int:
         elif not on and fused:
             del attn.to_qkv
             attn.fused_projections = False
+        n += int(on)
+    return n
+
+
+def _skip_gelu(gate: torch.Tensor) -> torch.Tensor:
+    return gate
+
+
+def set_fused_ffn_gelu(model: nn.Module, on: bool) -> int:
+    """Each diffusers FFN whose activation is the tanh GELU (Wan's ``gelu-approximate``) and
+    whose down-projection is a quantized layer gets the GELU moved into that layer (on: its
+    ``input_activation``, computed inside the activation quantization by a backend that
+    `fuses_input_gelu`, else just before its GEMM), or back in the FFN (off). The weights and
+    state dict do not change; returns how many FFNs run it moved."""
+    from diffusers.models.activations import GELU
+
+    from gpubake.kernels.fp8_linear import FP8Linear
+    from gpubake.kernels.linear import NVFP4Linear
+
+    n = 0
+    for ff in model.modules():
+        net = getattr(ff, "net", None)
+        if type(ff).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) < 3:
+            continue
+        act, down = net[0], net[2]
+        if type(act) is not GELU or act.approximate != "tanh" or not isinstance(down, (NVFP4Linear, FP8Linear)):
+            continue
+        if on:
+            act.gelu = _skip_gelu  # an instance attribute over GELU.gelu: the module projects only
+            down.input_activation = "gelu_tanh"
+        else:
+            act.__dict__.pop("gelu", None)
+            down.input_activation = None
         n += int(on)
     return n
 
