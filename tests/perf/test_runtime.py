@@ -485,3 +485,23 @@ def test_fuse_ffn_gelu_moves_the_gelu_and_keeps_the_prediction(tiny_nvfp4_model,
     assert list(tiny_nvfp4_model.state_dict()) == keys
     assert apply_plan(tiny_nvfp4_model, plain)["fused_ffn_gelu_modules"] == 0
     assert all(b.ffn.net[2].input_activation is None and "gelu" not in b.ffn.net[0].__dict__ for b in blocks)
+
+
+def test_fuse_ffn_gelu_compiles_with_the_blocks(tiny_nvfp4_model, inputs):
+    """Under regional compile dynamo traces the GELU module's instance attribute (the skipped
+    GELU) and the layer's input activation: the compiled prediction is the eager one."""
+    import torch._dynamo
+
+    plain = RuntimePlan(arch="cpu", gemm_backend="cpu-reference")
+    apply_plan(tiny_nvfp4_model, plain.with_(fuse_ffn_gelu=True))
+    with torch.inference_mode():
+        want = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+    try:
+        apply_plan(tiny_nvfp4_model, plain.with_(fuse_ffn_gelu=True, compile_blocks=True))
+        with torch.inference_mode():
+            got = cfg_forward(tiny_nvfp4_model, *inputs, batched=False)
+    finally:
+        apply_plan(tiny_nvfp4_model, plain)
+        torch._dynamo.reset()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
