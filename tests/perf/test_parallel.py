@@ -158,7 +158,7 @@ def test_plan_with_a_process_group_turns_fp8_attention_off_and_says_so(monkeypat
     monkeypatch.setattr(runtime, "capability", lambda dev: (9, 0))
     monkeypatch.setattr(runtime.torch.cuda, "get_device_properties", lambda dev: type("P", (), {"total_memory": 80 * 2**30}))
     monkeypatch.setattr(runtime, "attention_check", lambda k, dev: {"kernel": k, "ok": True})
-    monkeypatch.setattr(runtime, "qk_rope_check", lambda dev: {"kernel": "qk-norm-rope", "ok": True})
+    monkeypatch.setattr(runtime, "fused_check", lambda lever, dev: {"ok": True})
     monkeypatch.setattr(runtime, "backend_name_for", lambda cap, dev: "hopper-fp8")
     alone = plan_for("cpu", world_size=1)
     assert alone.attention == "fa3-fp8" and alone.parallel == "none" and alone.notes == ""

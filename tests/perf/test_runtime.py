@@ -64,7 +64,7 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(runtime, "_ATTENTION_CHECKS", {})  # checks are cached per process
         # no GPU here to run the kernel: the check of an installed kernel passes unless a test says not
         monkeypatch.setattr(runtime, "_attention_selfcheck", lambda kernel, dev: {"kernel": kernel, "ok": True})
-        monkeypatch.setattr(runtime, "_qk_rope_selfcheck", lambda dev: {"kernel": "qk-norm-rope", "ok": True})
+        monkeypatch.setattr(runtime, "_fused_selfcheck", lambda lever, dev: {"ok": True})
 
     return fake
 
@@ -114,8 +114,9 @@ def test_hopper_plan_skips_a_kernel_that_fails_its_check_on_this_gpu(fake_gpu, m
     assert plan_for("cuda").attention == "cudnn-fp8"
     assert plan_for("cuda").attention == "cudnn-fp8"
     assert calls == [("fa3-fp8", "cuda"), ("cudnn-fp8", "cuda")]  # once per process and device
-    checks = runtime.attention_checks("cuda")  # the attention kernels', then the fused Q/K norm + RoPE's
-    assert [(c["kernel"], c["ok"]) for c in checks] == [("fa3-fp8", False), ("cudnn-fp8", True), ("qk-norm-rope", True)]
+    checks = runtime.attention_checks("cuda")  # the attention kernels', then the fused passes'
+    assert [(c["kernel"], c["ok"]) for c in checks] == [("fa3-fp8", False), ("cudnn-fp8", True),
+                                                        ("qk-norm-rope", True), ("vae-rms-norm-silu", True)]
     assert runtime.attention_checks("cpu") == []
 
 
@@ -123,7 +124,7 @@ def test_attention_check_without_the_wheel_runs_nothing(fake_gpu, monkeypatch):
     fake_gpu((9, 0), wheel=False, fa3=False)
     monkeypatch.setattr(runtime, "_attention_selfcheck", lambda k, d: pytest.fail("ran a kernel with no wheel"))
     assert plan_for("cuda").attention == "default"
-    assert [c.get("reason") for c in runtime.attention_checks("cuda")] == ["wheel not installed"] * 2 + [None]
+    assert [c.get("reason") for c in runtime.attention_checks("cuda")] == ["wheel not installed"] * 2 + [None] * 2
 
 
 @pytest.mark.parametrize("cap", [(9, 0), (8, 9), (12, 0)])
@@ -451,19 +452,26 @@ def test_fuse_qk_rope_is_a_runtime_lever():
         runtime.plan_from_env("cpu", "fuse_qk_rope=2")
 
 
-def test_a_gpu_where_the_fused_qk_rope_disagrees_gets_diffusers_path(fake_gpu, monkeypatch):
-    """The Hopper plan's fuse_qk_rope is a Triton kernel: checked on the GPU first (once), and off
-    with the reason in the plan's notes where it disagrees with its reference."""
+def test_a_gpu_where_a_fused_pass_disagrees_gets_diffusers_path(fake_gpu, monkeypatch):
+    """The Hopper plan's fusion levers run Triton passes: each is checked on the GPU first (once),
+    and off with the reason in the plan's notes where it disagrees with its reference."""
     fake_gpu((9, 0))
     calls = []
-    monkeypatch.setattr(runtime, "_qk_rope_selfcheck", lambda dev: calls.append(dev) or {
-        "ok": False, "reason": "12.5% of the values bit-equal (want >= 99%)"})
+
+    def check(lever, dev):
+        calls.append(lever)
+        return {"ok": lever != "fuse_qk_rope", **({"reason": "12.5% of the values bit-equal (want >= 99%)"}
+                                                   if lever == "fuse_qk_rope" else {})}
+
+    monkeypatch.setattr(runtime, "_fused_selfcheck", check)
     plan = plan_for("cuda")
-    assert plan.fuse_qk_rope is False and plan.compile_blocks  # the rest of the Hopper plan stands
+    assert plan.fuse_qk_rope is False and plan.vae_fused_norm is True and plan.compile_blocks  # the rest stands
     assert "fuse_qk_rope off: the fused Q/K norm + RoPE disagrees with its reference on this GPU (12.5%" in plan.notes
     plan_for("cuda")
-    assert len(calls) == 1  # once per process and device
-    assert [(c["kernel"], c["ok"]) for c in runtime.attention_checks("cuda")][-1:] == [("qk-norm-rope", False)]
+    assert sorted(calls) == ["fuse_qk_rope", "vae_fused_norm"]  # the levers the plan has, once per process
+    checks = {c["kernel"]: c for c in runtime.attention_checks("cuda")}
+    assert checks["qk-norm-rope"]["ok"] is False and checks["qk-norm-rope"]["lever"] == "fuse_qk_rope"
+    assert checks["vae-rms-norm-silu"]["ok"] is True
 
 
 def test_fuse_ffn_gelu_moves_the_gelu_and_keeps_the_prediction(tiny_nvfp4_model, inputs):

@@ -52,12 +52,12 @@ def test_the_fused_qk_rope_failing_its_check_is_a_warning(run_selftest, demo_spe
 
     monkeypatch.delenv("GPUBAKE_RUNTIME", raising=False)
     monkeypatch.setattr(runtime, "_ATTENTION_CHECKS", {
-        ("qk-norm-rope", "cpu"): {"kernel": "qk-norm-rope", "ok": False, "installed": True,
+        ("qk-norm-rope", "cpu"): {"kernel": "qk-norm-rope", "ok": False, "installed": True, "lever": "fuse_qk_rope",
                                   "reason": "12.5% of the values bit-equal (want >= 99%)"}})
     report = run_selftest(demo_spec, no_gpu)
     render = report.stage("render")
     assert render.status == "warn" and report.verdict != "pass"
-    assert render.message.endswith("; the fused Q/K norm + RoPE failed its check (12.5% of the values bit-equal "
+    assert render.message.endswith("; qk-norm-rope (fuse_qk_rope) failed its check (12.5% of the values bit-equal "
                                    "(want >= 99%)), ran diffusers' own")
     assert render.values["runtime"]["plan"]["fuse_qk_rope"] is False
 

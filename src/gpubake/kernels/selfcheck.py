@@ -1,7 +1,8 @@
 """`selfcheck(device)`: does the NVFP4 path compute the right thing on THIS machine?
 `fp8_selfcheck(backend, device)`: the same for an FP8-weight checkpoint's GEMM path.
 `attention_selfcheck(kernel, device)`: the same question for an 8-bit attention kernel.
-`qk_norm_rope_selfcheck(device)`: and for the fused Q/K norm + RoPE (`kernels.qk_norm_rope`).
+`qk_norm_rope_selfcheck`, `vae_norm_selfcheck`, `ffn_gelu_quant_selfcheck` (device): and for the
+Triton passes the runtime plan's fusion levers turn on (`fused_selfcheck(lever, device)`).
 
 Used by the boot self-test and, for attention, by the runtime plan before it picks a
 kernel. The NVFP4 check is two checks on seeded random data (Gaussian with outliers):
@@ -223,12 +224,75 @@ def qk_norm_rope_selfcheck(device: torch.device | str) -> dict:
         except Exception as exc:
             return {**out, "ok": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
         got = torch.cat([t.flatten().float().cpu() for t in got])
-    diff = (got - want).abs()
+    return _compare(out, got, want, t0, QK_ROPE_MIN_EQUAL, 2.0 ** -7 * (1 + float(want.abs().max())))
+
+
+def _compare(out: dict, got: torch.Tensor, want: torch.Tensor, t0: float, min_equal: float, bound: float) -> dict:
+    """`ok` when at least `min_equal` of the values are bit-equal and none is more than `bound` off."""
+    diff = (got.float() - want.float()).abs()
     equal = float((diff == 0).float().mean())
-    bound = 2.0 ** -7 * (1 + float(want.abs().max()))
-    worst = float(diff.max()) if torch.isfinite(got).all() else float("inf")
-    ok = equal >= QK_ROPE_MIN_EQUAL and worst <= bound
+    worst = float(diff.max()) if torch.isfinite(got.float()).all() else float("inf")
+    ok = equal >= min_equal and worst <= bound
     return {**out, "ok": ok, "bit_equal_fraction": round(equal, 6), "max_abs_diff": worst, "bound": bound,
             "seconds": round(time.perf_counter() - t0, 3),
-            **({} if ok else {"reason": f"{equal:.4%} of the values bit-equal (want >= {QK_ROPE_MIN_EQUAL:.0%}), "
+            **({} if ok else {"reason": f"{equal:.4%} of the values bit-equal (want >= {min_equal:.0%}), "
                                         f"largest difference {worst:.3g} (bound {bound:.3g})"})}
+
+
+# The VAE decoder's RMS norm + SiLU (`kernels.vae_norm`): diffusers' bf16 arithmetic up to the sum
+# of squares' order, at most two bf16 ulps on a few values (tests/kernels/test_vae_norm.py).
+VAE_NORM_SHAPE = (1, 96, 2, 9, 11)  # [B, C, T, H, W]: the decoder's widest 96-channel blocks
+
+
+def vae_norm_selfcheck(device: torch.device | str) -> dict:
+    """The fused VAE norm on `device` against its reference on the CPU (JSON-ready, never raises)."""
+    from gpubake.kernels.vae_norm import rms_norm_silu, rms_norm_silu_reference
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(1357)
+    x = (_data(VAE_NORM_SHAPE, gen) * 3).bfloat16()
+    gamma = (1 + 0.1 * torch.randn(VAE_NORM_SHAPE[1], 1, 1, 1, generator=gen)).bfloat16()
+    scale = VAE_NORM_SHAPE[1] ** 0.5
+    out: dict = {"kernel": "vae-rms-norm-silu", "device": str(dev)}
+    want = rms_norm_silu_reference(x, gamma, scale)
+    try:
+        got = rms_norm_silu(x.to(dev), gamma.to(dev), scale).cpu()
+    except Exception as exc:
+        return {**out, "ok": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    return _compare(out, got, want, t0, 0.99, 2.0 ** -6 * (1 + float(want.float().abs().max())))
+
+
+# The FFN's GELU inside the FP8 activation quantization (`convert_triton.fp8_rowwise(gelu=True)`):
+# the E4M3 codes of torch's GELU's on nearly every value (99.98 % on the CPU), the next code on the
+# rest; compared as the codes' values times the row scales.
+FFN_GELU_SHAPE = (64, 1000)  # [tokens, channels]: a ragged last tile
+
+
+def ffn_gelu_quant_selfcheck(device: torch.device | str) -> dict:
+    """The GELU-quantizing kernel on `device` against torch's GELU then the reference quantization."""
+    from gpubake.kernels.convert_triton import fp8_rowwise
+    from gpubake.kernels.fp8_ref import fp8_rowwise_ref
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(9753)
+    x = (_data(FFN_GELU_SHAPE, gen) * 2.5).bfloat16()
+    out: dict = {"kernel": "ffn-gelu-fp8-quant", "device": str(dev)}
+    wq, ws = fp8_rowwise_ref(torch.nn.functional.gelu(x, approximate="tanh"))
+    try:
+        gq, gs = (t.cpu() for t in fp8_rowwise(x.to(dev), gelu=True))
+    except Exception as exc:
+        return {**out, "ok": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    want, got = wq.float() * ws, gq.float() * gs
+    return _compare(out, got, want, t0, 0.99, 2.0 ** -3 * float(want.abs().max()))
+
+
+FUSED_SELFCHECKS = {"fuse_qk_rope": qk_norm_rope_selfcheck, "vae_fused_norm": vae_norm_selfcheck,
+                    "fuse_ffn_gelu": ffn_gelu_quant_selfcheck}
+
+
+def fused_selfcheck(lever: str, device: torch.device | str) -> dict:
+    """The GPU check of the Triton pass that the runtime plan's `lever` turns on."""
+    return FUSED_SELFCHECKS[lever](device)
+

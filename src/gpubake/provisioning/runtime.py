@@ -258,32 +258,38 @@ def plan_for(device: torch.device | str | None = None, *, gemm_backend: str | No
         # a kernel whose wheel is missing or that disagrees with its reference on this GPU:
         # the next one, then BF16 attention; the report shows the checks (`attention_checks`)
         levers["attention"] = next((k for k in arch.attention if attention_check(k, dev)["ok"]), "default")
-    if levers.get("fuse_qk_rope") and cap is not None:
-        check = qk_rope_check(dev)  # a Triton kernel this GPU may compile differently: checked first
-        if not check["ok"]:
-            levers["fuse_qk_rope"] = False
-            levers["notes"] = "; ".join(filter(None, (levers.get("notes", ""), "fuse_qk_rope off: the fused Q/K norm "
-                                                      f"+ RoPE disagrees with its reference on this GPU ({check.get('reason')})")))
+    for lever, (kernel, what) in FUSED_KERNELS.items():  # Triton passes this GPU may compile differently
+        if levers.get(lever) and cap is not None and not (check := fused_check(lever, dev))["ok"]:
+            levers[lever] = False
+            levers["notes"] = "; ".join(filter(None, (levers.get("notes", ""), f"{lever} off: {what} disagrees with "
+                                                      f"its reference on this GPU ({check.get('reason')})")))
     backend = gemm_backend if gemm_backend is not None else backend_name_for(cap, dev)
     return RuntimePlan(arch=arch.family, gemm_backend=backend, **levers)
 
 
-QK_ROPE_KERNEL = "qk-norm-rope"  # its check's name among the attention checks (the self-attention's path)
+# fusion levers that run a Triton pass of gpubake's: the plan checks each on the GPU before it takes
+# the lever (`selfcheck.fused_selfcheck`): lever -> (the check's kernel name, what the pass is)
+FUSED_KERNELS = {
+    "fuse_qk_rope": ("qk-norm-rope", "the fused Q/K norm + RoPE"),
+    "vae_fused_norm": ("vae-rms-norm-silu", "the VAE's fused RMS norm + SiLU"),
+    "fuse_ffn_gelu": ("ffn-gelu-fp8-quant", "the FFN's GELU inside the FP8 quantization"),
+}
 
 
-def _qk_rope_selfcheck(dev: torch.device) -> dict:
-    from gpubake.kernels.selfcheck import qk_norm_rope_selfcheck
+def _fused_selfcheck(lever: str, dev: torch.device) -> dict:
+    from gpubake.kernels.selfcheck import fused_selfcheck
 
-    return qk_norm_rope_selfcheck(dev)
+    return fused_selfcheck(lever, dev)
 
 
-def qk_rope_check(dev: torch.device) -> dict:
-    """Whether the fused Q/K norm + RoPE may run on `dev` (`selfcheck.qk_norm_rope_selfcheck`),
-    once per process and device; kept with the attention checks, so the report shows it."""
-    key = (QK_ROPE_KERNEL, str(dev))
+def fused_check(lever: str, dev: torch.device) -> dict:
+    """Whether the Triton pass of fusion `lever` may run on `dev`, once per process and device;
+    kept with the attention checks (`attention_checks`), so the report shows it."""
+    kernel = FUSED_KERNELS[lever][0]
+    key = (kernel, str(dev))
     if key not in _ATTENTION_CHECKS:
-        _ATTENTION_CHECKS[key] = {**_qk_rope_selfcheck(dev), "kernel": QK_ROPE_KERNEL, "device": str(dev),
-                                  "installed": True}
+        _ATTENTION_CHECKS[key] = {**_fused_selfcheck(lever, dev), "kernel": kernel, "device": str(dev),
+                                  "installed": True, "lever": lever}
     return _ATTENTION_CHECKS[key]
 
 

@@ -302,14 +302,14 @@ def render_stage(ctx: Context) -> StageResult:
     # plan ran the next one, and the machine's owner should know
     checks = (ctx.runtime or {}).get("attention_checks", [])
     broken = [c for c in checks if c.get("installed", True) and not c.get("ok")]
-    fused = [c for c in broken if c.get("kernel") == "qk-norm-rope"]  # runtime.QK_ROPE_KERNEL
+    fused = [c for c in broken if c.get("lever")]  # a fusion lever's Triton pass (runtime.FUSED_KERNELS)
     broken = [c for c in broken if c not in fused]
     if broken:
         ran = (ctx.runtime or {}).get("plan", {}).get("attention", "?")
         msg += "; " + ", ".join(f"{c['kernel']} attention failed its check ({c.get('reason')})" for c in broken)
         msg += f", ran {ran}"
     for c in fused:
-        msg += f"; the fused Q/K norm + RoPE failed its check ({c.get('reason')}), ran diffusers' own"
+        msg += f"; {c['kernel']} ({c['lever']}) failed its check ({c.get('reason')}), ran diffusers' own"
     return StageResult("render", "warn" if broken or fused else "pass", msg, values)
 
 
