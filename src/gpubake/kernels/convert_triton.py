@@ -129,6 +129,18 @@ def _input_of(x, GELU: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
+def _store_e4m3(ptrs, x, s, mask, HW_CAST: tl.constexpr):
+    """x / s, saturated to +-448 (NaN stays NaN), stored as E4M3: the GPU's cast, or the bits
+    by hand under the interpreter."""
+    y = tl.math.div_rn(x, s)
+    y = tl.where(y == y, tl.minimum(tl.maximum(y, -448.0), 448.0), y)
+    if HW_CAST:
+        tl.store(ptrs, y.to(tl.float8e4nv), mask=mask)
+    else:
+        tl.store(ptrs, _encode_e4m3(y).to(tl.uint8), mask=mask)
+
+
+@triton.jit
 def _fp8_rowwise_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
                         HW_CAST: tl.constexpr, BLOCK_K: tl.constexpr, GELU: tl.constexpr = False,
                         BF16: tl.constexpr = False):
@@ -146,12 +158,7 @@ def _fp8_rowwise_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = _input_of(tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32), GELU, BF16)
-        y = tl.math.div_rn(x, s)
-        y = tl.where(y == y, tl.minimum(tl.maximum(y, -448.0), 448.0), y)
-        if HW_CAST:
-            tl.store(out_ptr + m * K + cols, y.to(tl.float8e4nv), mask=cols < K)
-        else:
-            tl.store(out_ptr + m * K + cols, _encode_e4m3(y).to(tl.uint8), mask=cols < K)
+        _store_e4m3(out_ptr + m * K + cols, x, s, cols < K, HW_CAST)
 
 
 @triton.jit
@@ -166,12 +173,7 @@ def _fp8_rowwise_onepass_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
     a = tl.abs(x)
     s = tl.maximum(tl.math.div_rn(tl.max(tl.where(a < float("inf"), a, 0.0), axis=0), 448.0), 7.52316384526264e-37)
     tl.store(scale_ptr + m, s)
-    y = tl.math.div_rn(x, s)
-    y = tl.where(y == y, tl.minimum(tl.maximum(y, -448.0), 448.0), y)
-    if HW_CAST:
-        tl.store(out_ptr + m * K + cols, y.to(tl.float8e4nv), mask=cols < K)
-    else:
-        tl.store(out_ptr + m * K + cols, _encode_e4m3(y).to(tl.uint8), mask=cols < K)
+    _store_e4m3(out_ptr + m * K + cols, x, s, cols < K, HW_CAST)
 
 
 def _check_weight(w: NVFP4Tensor) -> tuple[int, int]:
