@@ -19,6 +19,8 @@ bf16 ulp off on a few values (tested: at most one, on under 0.5 % of the values)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -136,7 +138,8 @@ def qk_norm_rope(query: torch.Tensor, key: torch.Tensor, norm_q: torch.nn.Module
     return oq, ok
 
 
-def _processor_class() -> type:
+@functools.cache
+def fused_processor_class() -> type:
     """diffusers' Wan processor with the self-attention's norm and rotation in `qk_norm_rope`
     (made on first use: diffusers is imported only where a model is)."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -144,8 +147,9 @@ def _processor_class() -> type:
 
     class FusedQKNormRopeProcessor(WanAttnProcessor):
         """Self-attention (no text context, float32 rotary tables as `from_pretrained` keeps
-        them) through `qk_norm_rope`; every other call is diffusers' own. The rest of the self-attention path is diffusers'
-        processor line for line (projections, dispatch, output), kept in step with 0.42.1."""
+        them) through `qk_norm_rope`; every other call is diffusers' own. The rest of the
+        self-attention path is diffusers' processor line for line (projections, dispatch,
+        output), kept in step with 0.42.1."""
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
             if (encoder_hidden_states is not None or rotary_emb is None or attn.add_k_proj is not None
@@ -160,16 +164,6 @@ def _processor_class() -> type:
             return attn.to_out[1](attn.to_out[0](out))
 
     return FusedQKNormRopeProcessor
-
-
-_PROCESSOR: type | None = None
-
-
-def fused_processor_class() -> type:
-    global _PROCESSOR
-    if _PROCESSOR is None:
-        _PROCESSOR = _processor_class()
-    return _PROCESSOR
 
 
 def set_fused_qk_norm_rope(model: torch.nn.Module, on: bool) -> int:
