@@ -55,7 +55,9 @@ def wan_like(n: int, heads: int, d: int, dev, seed: int):
     return (q * 3.0).bfloat16(), (k * 3.0).bfloat16(), v.bfloat16()
 
 
-def time_ms(fn, *args) -> float:
+def time_ms(fn, *args, calls: int = 5) -> float:
+    """ms a call of fn(*args): 2 warm-ups, then the median of 3 rounds of `calls` calls between
+    CUDA events."""
     import torch
 
     for _ in range(2):
@@ -64,11 +66,11 @@ def time_ms(fn, *args) -> float:
     for _ in range(3):
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         ev[0].record()
-        for _ in range(5):
+        for _ in range(calls):
             fn(*args)
         ev[1].record()
         torch.cuda.synchronize()
-        rounds.append(ev[0].elapsed_time(ev[1]) / 5)
+        rounds.append(ev[0].elapsed_time(ev[1]) / calls)
     return statistics.median(rounds)
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 PREDICTION = ("written 2026-12-03 14:40 UTC before the run: the compiled reference ~3.3 ms at 720p "
               "(the 720p profile's 3.28 ms), ~1.4 ms at 480p; the fused pass reads Q and K twice (the "
               "second from L2) and writes them once: ~0.8-1.1 ms at 720p, ~0.35-0.5 ms at 480p, "
@@ -43,25 +45,17 @@ def ulps(a, b):
     return (a.float() - b32).abs() / torch.exp2(exp - 7)
 
 
-def time_ms(fn, dev, rounds: int = 3, calls: int = 10) -> float:
-    import torch
-
-    fn()
+def time_ms(fn, dev, calls: int = 10) -> float:
+    """ms a call: `bench_attention.time_ms` (median of 3 rounds of CUDA events) on a GPU, one
+    timed call on the CPU (the smoke run)."""
     if dev.type != "cuda":
+        fn()
         t0 = time.perf_counter()
         fn()
         return round((time.perf_counter() - t0) * 1e3, 3)
-    out = []
-    for _ in range(rounds):
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        torch.cuda.synchronize(dev)
-        ev[0].record()
-        for _ in range(calls):
-            fn()
-        ev[1].record()
-        torch.cuda.synchronize(dev)
-        out.append(ev[0].elapsed_time(ev[1]) / calls)
-    return round(sorted(out)[len(out) // 2], 4)
+    from bench_attention import time_ms as cuda_time_ms
+
+    return round(cuda_time_ms(fn, calls=calls), 4)
 
 
 def main() -> None:

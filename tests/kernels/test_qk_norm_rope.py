@@ -196,10 +196,9 @@ def test_the_boot_check_passes_here_and_fails_a_wrong_kernel(monkeypatch):
 
 @pytest.mark.parametrize("lever", ["fuse_qk_rope", "vae_fused_norm", "fuse_ffn_gelu"])
 def test_each_fused_pass_passes_its_boot_check_here(lever):
-    """`selfcheck.fused_selfcheck`: the check the plan runs on the GPU before it takes each fusion
+    """`runtime.fused_selfcheck`: the check the plan runs on the GPU before it takes each fusion
     lever (runtime.FUSED_KERNELS) passes for the kernels as they are (here: the interpreter)."""
-    from gpubake.kernels.selfcheck import fused_selfcheck
-    from gpubake.provisioning.runtime import FUSED_KERNELS
+    from gpubake.provisioning.runtime import FUSED_KERNELS, fused_selfcheck
 
     assert lever in FUSED_KERNELS
     got = fused_selfcheck(lever, "cpu")
@@ -209,7 +208,7 @@ def test_each_fused_pass_passes_its_boot_check_here(lever):
 def test_the_boot_checks_fail_a_pass_that_computes_something_else(monkeypatch):
     """A VAE norm that forgets its SiLU, a GELU-quantizer that forgets the GELU: each check says no."""
     from gpubake.kernels import convert_triton, vae_norm
-    from gpubake.kernels.selfcheck import fused_selfcheck
+    from gpubake.provisioning.runtime import fused_selfcheck
 
     real_norm, real_quant = vae_norm.rms_norm_silu, convert_triton.fp8_rowwise
     monkeypatch.setattr(vae_norm, "rms_norm_silu", lambda x, g, s, silu=True: real_norm(x, g, s, silu=False))

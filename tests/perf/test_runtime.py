@@ -64,7 +64,7 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(runtime, "_ATTENTION_CHECKS", {})  # checks are cached per process
         # no GPU here to run the kernel: the check of an installed kernel passes unless a test says not
         monkeypatch.setattr(runtime, "_attention_selfcheck", lambda kernel, dev: {"kernel": kernel, "ok": True})
-        monkeypatch.setattr(runtime, "_fused_selfcheck", lambda lever, dev: {"ok": True})
+        monkeypatch.setattr(runtime, "fused_selfcheck", lambda lever, dev: {"ok": True})
 
     return fake
 
@@ -463,7 +463,7 @@ def test_a_gpu_where_a_fused_pass_disagrees_gets_diffusers_path(fake_gpu, monkey
         return {"ok": lever != "fuse_qk_rope", **({"reason": "12.5% of the values bit-equal (want >= 99%)"}
                                                    if lever == "fuse_qk_rope" else {})}
 
-    monkeypatch.setattr(runtime, "_fused_selfcheck", check)
+    monkeypatch.setattr(runtime, "fused_selfcheck", check)
     plan = plan_for("cuda")
     assert plan.fuse_qk_rope is False and plan.vae_fused_norm is True and plan.compile_blocks  # the rest stands
     assert "fuse_qk_rope off: the fused Q/K norm + RoPE disagrees with its reference on this GPU (12.5%" in plan.notes

@@ -43,14 +43,11 @@ def apply_keeping_dtypes(module: nn.Module, names: Iterable[str], apply: Callabl
     return out
 
 
-# what a quantized layer may apply to its input before the GEMM (`input_activation`): the Wan
-# FFN's tanh-approximate GELU, moved from the up-projection's module into the down-projection
-# so that a backend that quantizes activations computes it in that pass (`fuses_input_gelu`)
-INPUT_ACTIVATIONS = ("gelu_tanh",)
-
-
 def apply_input_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """The activation a layer's backend does not fuse, as diffusers' FFN computes it."""
+    """What a quantized layer applies to its input before the GEMM (`input_activation`) where
+    its backend does not fuse it: None, or "gelu_tanh", the Wan FFN's tanh-approximate GELU
+    moved from the up-projection's module into the down-projection (the runtime plan's
+    `fuse_ffn_gelu`), as diffusers' FFN computes it."""
     if activation is None:
         return x
     return torch.nn.functional.gelu(x, approximate="tanh")

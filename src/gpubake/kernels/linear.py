@@ -71,7 +71,7 @@ class NVFP4Linear(nn.Module):
         self.register_buffer(INPUT_GLOBAL_SCALE_KEY, torch.ones((), dtype=torch.float32, device=device)
                              if static_input_scale else None)
         self._backend: GemmBackend | None = get_backend(backend) if backend else None
-        # an activation applied to the input first (`layers_common.INPUT_ACTIVATIONS`; the
+        # an activation applied to the input first (`layers_common.apply_input_activation`; the
         # runtime plan's `fuse_ffn_gelu`), inside the backend's quantization where it can
         self.input_activation: str | None = None
         # keep the backend's run-time weight (GemmBackend.cache_weight): set by the

@@ -2,7 +2,7 @@
 `fp8_selfcheck(backend, device)`: the same for an FP8-weight checkpoint's GEMM path.
 `attention_selfcheck(kernel, device)`: the same question for an 8-bit attention kernel.
 `qk_norm_rope_selfcheck`, `vae_norm_selfcheck`, `ffn_gelu_quant_selfcheck` (device): and for the
-Triton passes the runtime plan's fusion levers turn on (`fused_selfcheck(lever, device)`).
+Triton passes the runtime plan's fusion levers turn on (`runtime.FUSED_KERNELS` names them).
 
 Used by the boot self-test and, for attention, by the runtime plan before it picks a
 kernel. The NVFP4 check is two checks on seeded random data (Gaussian with outliers):
@@ -215,7 +215,7 @@ def qk_norm_rope_selfcheck(device: torch.device | str) -> dict:
     with torch.no_grad():
         for n in norms:
             n.weight.copy_(1 + 0.2 * torch.randn(dim, generator=gen))
-    out: dict = {"kernel": "qk-norm-rope", "device": str(dev)}
+    out: dict = {"device": str(dev)}  # the plan names the kernel (runtime.FUSED_KERNELS)
     with torch.inference_mode():
         want = torch.cat([t.flatten().float() for t in qk_norm_rope_reference(q, k, *norms, cos, sin, 3)])
         try:
@@ -254,7 +254,7 @@ def vae_norm_selfcheck(device: torch.device | str) -> dict:
     x = (_data(VAE_NORM_SHAPE, gen) * 3).bfloat16()
     gamma = (1 + 0.1 * torch.randn(VAE_NORM_SHAPE[1], 1, 1, 1, generator=gen)).bfloat16()
     scale = VAE_NORM_SHAPE[1] ** 0.5
-    out: dict = {"kernel": "vae-rms-norm-silu", "device": str(dev)}
+    out: dict = {"device": str(dev)}  # the plan names the kernel (runtime.FUSED_KERNELS)
     want = rms_norm_silu_reference(x, gamma, scale)
     try:
         got = rms_norm_silu(x.to(dev), gamma.to(dev), scale).cpu()
@@ -278,7 +278,7 @@ def ffn_gelu_quant_selfcheck(device: torch.device | str) -> dict:
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(9753)
     x = (_data(FFN_GELU_SHAPE, gen) * 2.5).bfloat16()
-    out: dict = {"kernel": "ffn-gelu-fp8-quant", "device": str(dev)}
+    out: dict = {"device": str(dev)}  # the plan names the kernel (runtime.FUSED_KERNELS)
     wq, ws = fp8_rowwise_ref(torch.nn.functional.gelu(x, approximate="tanh"))
     try:
         gq, gs = (t.cpu() for t in fp8_rowwise(x.to(dev), gelu=True))
@@ -286,13 +286,3 @@ def ffn_gelu_quant_selfcheck(device: torch.device | str) -> dict:
         return {**out, "ok": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
     want, got = wq.float() * ws, gq.float() * gs
     return _compare(out, got, want, t0, 0.99, 2.0 ** -3 * float(want.abs().max()))
-
-
-FUSED_SELFCHECKS = {"fuse_qk_rope": qk_norm_rope_selfcheck, "vae_fused_norm": vae_norm_selfcheck,
-                    "fuse_ffn_gelu": ffn_gelu_quant_selfcheck}
-
-
-def fused_selfcheck(lever: str, device: torch.device | str) -> dict:
-    """The GPU check of the Triton pass that the runtime plan's `lever` turns on."""
-    return FUSED_SELFCHECKS[lever](device)
-

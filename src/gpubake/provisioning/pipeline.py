@@ -35,8 +35,8 @@ class ServingPipeline:
     pipe: Any
     plan: RuntimePlan
     applied: dict[str, dict[str, int]]  # per expert, what `apply_runtime` did
-    # the 8-bit attention kernels the plan tried on this device, and the fused Q/K norm + RoPE's
-    # check where the plan has it (runtime.attention_checks)
+    # the 8-bit attention kernels the plan tried on this device, and the checks of the fused
+    # passes its levers turn on (runtime.attention_checks, runtime.FUSED_KERNELS)
     attention_checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # per expert, {NVFP4 GEMM backend: layers} as bound to its layers (`linear.bound_backends`)
     gemm_backends: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)

@@ -258,7 +258,7 @@ def plan_for(device: torch.device | str | None = None, *, gemm_backend: str | No
         # a kernel whose wheel is missing or that disagrees with its reference on this GPU:
         # the next one, then BF16 attention; the report shows the checks (`attention_checks`)
         levers["attention"] = next((k for k in arch.attention if attention_check(k, dev)["ok"]), "default")
-    for lever, (kernel, what) in FUSED_KERNELS.items():  # Triton passes this GPU may compile differently
+    for lever, (_, what, _) in FUSED_KERNELS.items():  # Triton passes this GPU may compile differently
         if levers.get(lever) and cap is not None and not (check := fused_check(lever, dev))["ok"]:
             levers[lever] = False
             levers["notes"] = "; ".join(filter(None, (levers.get("notes", ""), f"{lever} off: {what} disagrees with "
@@ -268,18 +268,20 @@ def plan_for(device: torch.device | str | None = None, *, gemm_backend: str | No
 
 
 # fusion levers that run a Triton pass of gpubake's: the plan checks each on the GPU before it takes
-# the lever (`selfcheck.fused_selfcheck`): lever -> (the check's kernel name, what the pass is)
+# the lever: lever -> (the check's kernel name in the report, what the pass is, its check in
+# `kernels.selfcheck`)
 FUSED_KERNELS = {
-    "fuse_qk_rope": ("qk-norm-rope", "the fused Q/K norm + RoPE"),
-    "vae_fused_norm": ("vae-rms-norm-silu", "the VAE's fused RMS norm + SiLU"),
-    "fuse_ffn_gelu": ("ffn-gelu-fp8-quant", "the FFN's GELU inside the FP8 quantization"),
+    "fuse_qk_rope": ("qk-norm-rope", "the fused Q/K norm + RoPE", "qk_norm_rope_selfcheck"),
+    "vae_fused_norm": ("vae-rms-norm-silu", "the VAE's fused RMS norm + SiLU", "vae_norm_selfcheck"),
+    "fuse_ffn_gelu": ("ffn-gelu-fp8-quant", "the FFN's GELU inside the FP8 quantization", "ffn_gelu_quant_selfcheck"),
 }
 
 
-def _fused_selfcheck(lever: str, dev: torch.device) -> dict:
-    from gpubake.kernels.selfcheck import fused_selfcheck
+def fused_selfcheck(lever: str, dev: torch.device | str) -> dict:
+    """Run the GPU check of fusion `lever`'s Triton pass (JSON-ready, never raises)."""
+    from gpubake.kernels import selfcheck
 
-    return fused_selfcheck(lever, dev)
+    return getattr(selfcheck, FUSED_KERNELS[lever][2])(dev)
 
 
 def fused_check(lever: str, dev: torch.device) -> dict:
@@ -288,7 +290,7 @@ def fused_check(lever: str, dev: torch.device) -> dict:
     kernel = FUSED_KERNELS[lever][0]
     key = (kernel, str(dev))
     if key not in _ATTENTION_CHECKS:
-        _ATTENTION_CHECKS[key] = {**_fused_selfcheck(lever, dev), "kernel": kernel, "device": str(dev),
+        _ATTENTION_CHECKS[key] = {**fused_selfcheck(lever, dev), "kernel": kernel, "device": str(dev),
                                   "installed": True, "lever": lever}
     return _ATTENTION_CHECKS[key]
 
