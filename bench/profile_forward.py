@@ -49,6 +49,22 @@ PREDICTIONS = {
     "720p:attention=sparse-flex,sparse_block_q=128,fuse_act_quant=1": "inductor folds the activation "
         "quantization into the norm / modulation before q/k/v and the FFN: the quantization class shrinks "
         "by about half, the forward 1-3 % faster",
+    # written 2026-12-04 20:15 UTC, before the first device run of either lever. GELU moved into the
+    # down-projection's FP8 quantization: the inductor GELU kernel (1.40 ms a 720p block) goes, the
+    # quantizer reads the same bytes and does a few more flops a value, so ~+0.1 ms there
+    "720p:attention=sparse-flex,sparse_block_q=128,fuse_ffn_gelu=1": "GELU class gone from the fused "
+        "elementwise kernels (-1.4 ms a block), quantization +0.1 ms: the forward ~1.5 % faster",
+    "480p:attention=sparse-flex,fuse_ffn_gelu=1": "as at 720p, scaled by tokens (32,760 vs 75,600): "
+        "-0.6 ms a block, the forward ~1.7 % faster (more of a 480p block is GEMMs' fixed cost)",
+    # the one-pass quantizer reads the row once (5 -> 3 bytes a value): the quantization class
+    # (4.6 ms a 720p block, 10 calls) -35 %
+    "720p:attention=sparse-flex,sparse_block_q=128|one-pass<=16384": "activation quantization "
+        "-1.6 ms a block (4.6 -> 3.0), the forward ~2 % faster",
+    "720p:attention=sparse-flex,sparse_block_q=128,fuse_ffn_gelu=1|one-pass<=16384": "both levers: "
+        "the forward ~3.5 % faster than the plain plan (the two touch different kernels)",
+    "480p:attention=sparse-flex|one-pass<=16384": "quantization -0.7 ms a block, the forward ~2 % faster",
+    "480p:attention=sparse-flex,fuse_ffn_gelu=1|one-pass<=16384": "both levers: the forward ~3.5-4 % "
+        "faster than the plain plan; with both the 480p 4-step clip drops from 6.09 s to ~5.9 s",
 }
 
 
@@ -165,7 +181,8 @@ def main() -> None:
             return model(hidden_states=lat, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
 
     for raw, plan in plans:
-        name = f"{args.size}:{raw}"
+        name = f"{args.size}:{raw}" + (f"|one-pass<={args.rowwise_one_pass_max_k}"
+                                       if args.rowwise_one_pass_max_k else "")
         row: dict = {"variant": name, "prediction": PREDICTIONS.get(name, ""), "plan": plan.__dict__.copy()}
         result["variants"].append(row)
         row["applied"] = apply_plan(model, plan)

@@ -48,6 +48,7 @@ def test_profile_runs_each_plan_and_sums_the_kernels(tmp_path):
     assert got["layers"] == 2 and got["tokens"] == 2 * 2 * 2  # 2 latent frames of 2 x 2 patches
     assert got["rowwise_one_pass_max_k"] == 16384  # (the CPU's layers quantize no activations: recorded only)
     plain, fused = got["variants"]
+    assert plain["variant"] == "32x32:auto|one-pass<=16384"  # the quantizer named, so no prediction is matched to the wrong run
     assert plain["applied"]["fused_qk_rope_modules"] == 0 and fused["applied"]["fused_qk_rope_modules"] == 2
     for v in (plain, fused):
         assert v["forward_ms"] > 0 and v["kernels_ms_per_forward"] > 0
