@@ -15,7 +15,12 @@ tokens) and 720x1280x81 (75,600), per variant:
   90 % sparsity) and 0.2, blocks 64 x 128 (LightX2V's sm_90 blocks), router + mask + kernel
   under one torch.compile;
 * ``sparse-flex-0.1-b128``: keep 0.1 with 128 x 128 blocks (the Triton kernel's own tile);
-* ``router-0.1``: the router and the BlockMask alone (the sparse path's overhead);
+* ``router-0.1`` / ``router-0.1-b128``: the router and the BlockMask alone (the sparse path's
+  overhead), 64- and 128-token query blocks; ``...-legacy``: the router as it was until
+  2026-12-04 (`legacy_route`: K read twice for its smoothing, a stable sort of every row), the
+  peer of the current one (its chosen blocks checked equal, ``route_equal_*``). Until
+  2026-12-04 the router row returned the mask's partial-block indices, which do not depend on
+  the route, so inductor dropped the route and the row timed nothing (0.08 ms);
 * ``sparse-flex-0.1[-b128]-k<name>``: the same call with FlexAttention's Triton options
   `KERNEL_OPTIONS[name]` over the plan's own (`attention_sparse.TUNED_KERNEL_OPTIONS`, which
   the untuned twin runs), its output compared with the twin's (``rel_err_vs_untuned_*``).
@@ -57,6 +62,13 @@ PREDICTIONS = {
     "sparse-flex-0.2": "13-20 ms / 70-105 ms; error below keep 0.1's on both inputs",
     "sparse-flex-0.1-b128": "within 20 % of sparse-flex-0.1 (128-row query tiles: the kernel's default)",
     "router-0.1": "0.3-1.0 ms / 0.7-2 ms (two mean-pools of 0.3-0.8 GB, a sort of 40 x 512 x 256 scores)",
+    # written 2026-12-04 20:50 UTC before the run, from the 12-03 profile of a 480p / 720p block
+    # (router kernels ~0.93 ms at 64-token blocks / ~1.5 ms at 128, with the sort 0.35 / 0.78):
+    "router-0.1-legacy": "0.8-1.0 ms at 480p (64-token blocks), 1.3-1.6 ms at 720p (128)",
+    "router-0.1 vs legacy": "the K mean pass (0.13 / 0.28 ms) gone, topk over int64 keys 2-4x faster "
+                            "than the full sort: the router 0.3-0.5 ms less at 480p, 0.5-0.8 ms at 720p",
+    "sparse-flex-0.1-kw4tma": "TMA loads on top of 4 warps at 64-row tiles: 0-7 % faster (TMA gave 5-7 % at "
+                              "128-row tiles, 1-2 % at 64 with 8 warps)",
 }
 # FlexAttention's Triton tiles, swept on the sparse variants (`-k<name>` suffixes): torch 2.11's
 # sm_90 default for BF16 at head dim 128 is BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps
@@ -71,6 +83,9 @@ KERNEL_OPTIONS = {
     "w4": {"num_warps": 4},
     "s4": {"num_stages": 4},
     "safe": {"ROWS_GUARANTEED_SAFE": True},
+    "w4tma": {"num_warps": 4, "USE_TMA": True},
+    "w4s2": {"num_warps": 4, "num_stages": 2},
+    "w4s4": {"num_warps": 4, "num_stages": 4},
 }
 PREDICTIONS_KERNEL_OPTIONS = "n128s2: 5-15 % faster; tma: 0-10 %; n128s2tma: 10-20 %; w4: ~10 % slower; s4, safe: within 3 %"
 SIZES = {"32760": (21, 30, 52), "75600": (21, 45, 80)}  # latent frames x rows x columns after 1x2x2 patches
@@ -143,9 +158,12 @@ def variants(cuda: bool) -> tuple[dict, dict]:
     def sparse(keep: float, bq: int = S.BLOCK_Q, bk: int = S.BLOCK_K, opts: dict | None = None):
         return compile_(lambda q, k, v: S.flex_sparse_attention(q, k, v, keep, None, bq, bk, opts), dynamic=False)
 
-    def router(q, k, v):
-        r = S.route(q, k, 0.1)
-        return S.block_mask(r, q.shape[-2], k.shape[-2]).kv_indices
+    def router(route_fn, bq: int):
+        def fn(q, k, v):  # what the kernel reads of the route: the full blocks' indices, and the map
+            r = route_fn(q, k, 0.1, bq, S.BLOCK_K)
+            bm = S.block_mask(r, q.shape[-2], k.shape[-2])
+            return bm.full_kv_indices, r.keep
+        return compile_(fn, dynamic=False)
 
     fns = {"sdpa-bf16": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
     skipped = {}
@@ -156,11 +174,39 @@ def variants(cuda: bool) -> tuple[dict, dict]:
     else:
         skipped["fa3-fp8"] = "the fa3-fwd wheel does not import"
     fns.update({"flex-dense": sparse(1.0), "sparse-flex-0.1": sparse(0.1), "sparse-flex-0.2": sparse(0.2),
-                "sparse-flex-0.1-b128": sparse(0.1, 128, 128), "router-0.1": compile_(router, dynamic=False)})
+                "sparse-flex-0.1-b128": sparse(0.1, 128, 128)})
+    for bq, tag in ((S.BLOCK_Q, ""), (128, "-b128")):
+        fns[f"router-0.1{tag}"] = router(S.route, bq)
+        fns[f"router-0.1{tag}-legacy"] = router(legacy_route, bq)
     for tag, opts in KERNEL_OPTIONS.items():  # (on the CPU eager FlexAttention ignores them)
         fns[f"sparse-flex-0.1-k{tag}"] = sparse(0.1, opts=opts)
         fns[f"sparse-flex-0.1-b128-k{tag}"] = sparse(0.1, 128, 128, opts)
     return fns, skipped
+
+
+def legacy_route(q, k, keep: float, block_q: int, block_k: int):
+    """The router until 2026-12-04 (the peer of `attention_sparse.route`): K's mean subtracted
+    before its pooling (K read twice), every row's scores sorted (stable, descending)."""
+    import torch
+
+    from gpubake.kernels import attention_sparse as S
+
+    k_smooth = k.float() - k.float().mean(dim=-2, keepdim=True)
+    scores = S.block_mean(q, block_q) @ S.block_mean(k_smooth, block_k).transpose(-1, -2)
+    kept = S.kept_blocks(scores.shape[-1], keep)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    chosen = torch.sort(order[..., :kept], dim=-1).values
+    keep_map = torch.zeros(scores.shape, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
+    return S.Route(chosen.to(torch.int32), keep_map, kept, block_q, block_k)
+
+
+def route_agreement(q, k, bq: int) -> float:
+    """Share of (head, query block) rows whose chosen key blocks are the same under both routers
+    (the smoothing's order of fp32 operations differs, so a near-tie can flip)."""
+    from gpubake.kernels import attention_sparse as S
+
+    a, b = S.route(q, k, 0.1, bq, S.BLOCK_K), legacy_route(q, k, 0.1, bq, S.BLOCK_K)
+    return (a.keep == b.keep).all(dim=-1).float().mean().item()
 
 
 def kernel_check(fns: dict, dev, small: bool) -> dict:
@@ -193,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gpubake.fsutil import write_json_atomic
+    from gpubake.kernels import attention_sparse as S
 
     cuda = not args.small
     if cuda and not torch.cuda.is_available():
@@ -240,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                                         rounds=1 if args.small else 3)
                     row = {"ms": round(ms, 3), "first_call_s": round(first, 3)}
                     untuned = name.split("-k")[0] if "-k" in name else None
+                    if name.startswith("router") and name.endswith("-legacy"):
+                        for kind, qkv in data.items():
+                            row[f"route_equal_{kind}"] = round(route_agreement(*qkv[:2], 128 if "b128" in name
+                                                                               else S.BLOCK_Q), 6)
                     if not name.startswith("router"):
                         row["tflops_dense_equivalent"] = round(4 * int(n) ** 2 * d * heads / (ms * 1e-3) / 1e12, 2)
                         for kind, qkv in data.items():

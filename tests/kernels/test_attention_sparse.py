@@ -46,12 +46,11 @@ def hand_built() -> tuple[torch.Tensor, torch.Tensor]:
 def test_router_keeps_the_best_block_of_the_hand_built_case():
     q, k = hand_built()
     r = S.route(q, k, keep=0.25, block_q=2, block_k=2)  # int(0.25 * 4) = 1 key block per query block
-    assert r.kept == 1 and r.indices.shape == (1, 1, 4, 4) and r.indices.dtype == torch.int32
+    assert r.kept == 1 and r.indices.shape == (1, 1, 4, 1) and r.indices.dtype == torch.int32
     # q1 keeps the lone last token's block (3 > 2: its mean is the token, not half of it);
     # q2 and q3 tie two blocks at the top: the lower index wins
     assert r.indices[0, 0, :, 0].tolist() == [0, 3, 0, 1]
     assert r.keep[0, 0].int().tolist() == [[1, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]]
-    assert [sorted(row) for row in r.indices[0, 0].tolist()] == [[0, 1, 2, 3]] * 4  # the rest follow
     shifted = S.route(q, k + torch.tensor([10.0, -4.0]), keep=0.25, block_q=2, block_k=2)  # K's mean: smoothed away
     assert torch.equal(shifted.keep, r.keep)
 
@@ -71,9 +70,30 @@ def test_router_is_the_same_for_a_key_offset_and_per_head():
     q, k, _ = qkv(2, 3, 300, 16, seed=1)
     r = S.route(q, k, 0.3, 64, 128)
     assert torch.equal(S.route(q, k + 50.0, 0.3, 64, 128).indices[..., :r.kept], r.indices[..., :r.kept])
-    assert r.indices.shape == (2, 3, 5, 3) and r.kept == 1  # 300 tokens: 5 query, 3 key blocks; int(0.9) -> 1
+    assert r.indices.shape == (2, 3, 5, 1) and r.keep.shape == (2, 3, 5, 3) and r.kept == 1  # 300 tokens: 5 query,
+    # 3 key blocks; int(0.9) -> 1
     alone = S.route(q[1:, 2:], k[1:, 2:], 0.3, 64, 128)
     assert torch.equal(alone.keep[0, 0], r.keep[1, 2])
+
+
+def _stable_sort_selection(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """The router's former selection, the oracle of `top_blocks`: a stable descending sort's
+    first `kept`, ascending."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :kept], dim=-1).values
+
+
+def test_top_blocks_selects_what_a_stable_sort_does_ties_and_signs_included():
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(3, 4, 64, 256, generator=g)
+    coarse = (scores * 2).round() / 2  # many exact ties, both signs, zeros
+    signed_zeros = torch.where(torch.rand(scores.shape, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
+    extremes = torch.tensor([[float("inf"), -float("inf"), 3.0, -3.0, 1e-45, -1e-45, 3.4e38, -3.4e38]]).repeat(5, 1)
+    for s, kept in ((scores, 25), (coarse, 25), (coarse, 1), (coarse, 256), (signed_zeros, 7), (extremes, 3),
+                    (extremes, 6)):
+        got = S.top_blocks(s, kept)
+        assert got.dtype == torch.int64 and got.shape == (*s.shape[:-1], kept)
+        assert torch.equal(got, _stable_sort_selection(s, kept)), kept
 
 
 @pytest.mark.parametrize(("blocks", "keep", "kept"), [

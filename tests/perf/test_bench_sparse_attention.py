@@ -15,7 +15,8 @@ sys.path.insert(0, str(BENCH))
 
 import bench_sparse_attention as B  # noqa: E402
 
-NAMES = ["sdpa-bf16", "fa3-fp8", "flex-dense", "sparse-flex-0.1", "sparse-flex-0.2", "sparse-flex-0.1-b128", "router-0.1"]
+NAMES = ["sdpa-bf16", "fa3-fp8", "flex-dense", "sparse-flex-0.1", "sparse-flex-0.2", "sparse-flex-0.1-b128"]
+ROUTERS = ["router-0.1", "router-0.1-legacy", "router-0.1-b128", "router-0.1-b128-legacy"]
 TUNED = [f"sparse-flex-0.1{b}-k{tag}" for tag in B.KERNEL_OPTIONS for b in ("", "-b128")]
 
 
@@ -28,13 +29,16 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_small_run_measures_every_variant_at_both_sizes(small):
     assert small["small"] is True and small["compiled"] is False and not small["skipped"]
-    assert sorted(small["sizes"]) == ["300", "520"] and set(B.PREDICTIONS) == set(NAMES)
+    assert sorted(small["sizes"]) == ["300", "520"] and set(NAMES) | {"router-0.1"} <= set(B.PREDICTIONS)
+    assert set(B.PREDICTIONS) <= set(NAMES + ROUTERS + TUNED) | {"router-0.1 vs legacy"}  # no prediction of nothing
     for rows in small["sizes"].values():
-        assert sorted(rows) == sorted(NAMES + TUNED)  # (the JSON is written with sorted keys)
+        assert sorted(rows) == sorted(NAMES + ROUTERS + TUNED)  # (the JSON is written with sorted keys)
         for name in TUNED:  # compared with its untuned twin (on the CPU the options are not used: equal)
             assert rows[name]["rel_err_vs_untuned_local"] == 0.0 and rows[name]["finite"], name
         assert all("error" not in r and r["ms"] > 0 for r in rows.values()), rows
-        for name in NAMES[:-1]:
+        for name in ROUTERS[1::2]:  # the former router chooses what the current one does (fp32 order aside)
+            assert 0.9 <= rows[name]["route_equal_local"] <= 1.0 and 0.9 <= rows[name]["route_equal_gaussian"] <= 1.0
+        for name in NAMES:
             assert rows[name]["finite"] and {"rel_err_vs_bf16_gaussian", "rel_err_vs_bf16_local"} <= set(rows[name])
         assert rows["sdpa-bf16"]["rel_err_vs_bf16_gaussian"] == 0.0  # the baseline itself
         assert rows["flex-dense"]["rel_err_vs_bf16_local"] < 1e-2  # keep 1.0: dense, to BF16 rounding

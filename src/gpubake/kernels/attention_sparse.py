@@ -17,9 +17,12 @@ from ModelTC/LightX2V (read, not copied):
   blocks to the kernel as *full* blocks (no per-element mask), as `block_mask` does here.
 
 Differences, on purpose: the pooling and scores are fp32 (LightX2V rounds the pooled blocks
-to the input dtype), and ties are broken towards the lower key-block index (a stable sort;
-LightX2V's ``torch.topk(sorted=False)`` leaves ties to the device), so the route is the same
-on every device. LightX2V's kernel is SageAttention-2 (INT8/FP8, CUDA builds, no wheel);
+to the input dtype), and ties are broken towards the lower key-block index (LightX2V's
+``torch.topk(sorted=False)`` leaves ties to the device), so the route is the same on every
+device. The smoothing is taken after the pooling (a block's mean of ``k - mean(k)`` is its mean
+of ``k`` less ``mean(k)``, the same up to fp32 rounding), so K is read once; the selection is a
+``topk`` over int64 keys that order by score, then by lower index (`top_blocks`), which selects
+what a stable descending sort's first ``kept`` would, without sorting every row. LightX2V's kernel is SageAttention-2 (INT8/FP8, CUDA builds, no wheel);
 ours is PyTorch's FlexAttention (Triton on Hopper, C++ or eager on the CPU) in BF16.
 
 Layout as in `gpubake.kernels.attention`: the functions take [B, H, N, D] (SDPA's layout,
@@ -42,9 +45,11 @@ BLOCK_Q, BLOCK_K = 64, 128  # LightX2V's sage2 blocks on sm_90 (tokens)
 BLOCKS_Q = (64, 128)
 DEFAULT_KEEP = 0.1  # LightX2V's distillation: sparsity_ratio 0.9
 # PLACEHOLDER below 32,760 tokens: self-attention over fewer tokens runs dense (torch SDPA).
-# H200, 2026-12-01: the router costs 0.08 ms and keep 0.1 is 2.4x FA3 FP8 at 32,760 tokens
-# (480x832x81) and 2.5x at 75,600, so the break-even lies lower, but no shorter length was
-# measured (bench/bench_sparse_attention.py --tokens; the self-test's clip has 7,800 tokens).
+# H200, 2026-12-01: keep 0.1 is 2.4x FA3 FP8 at 32,760 tokens (480x832x81) and 2.5x at 75,600,
+# so the break-even lies lower, but no shorter length was measured (bench/bench_sparse_attention.py
+# --tokens; the self-test's clip has 7,800 tokens). (That run's 0.08 ms for the router timed
+# nothing: its row returned what does not depend on the route; in a compiled 480p block the
+# router's kernels took ~0.9 ms, 2026-12-03 profile.)
 MIN_TOKENS = 8192
 # FlexAttention's Triton options per GPU and query block, measured (`bench/bench_sparse_attention.py`
 # -k variants; H200, 2026-12-03, docs/benchmarks.md "FlexAttention's tiles"): torch 2.11's sm_90
@@ -65,9 +70,10 @@ class SparseAttentionError(KernelError):
 class Route(NamedTuple):
     """Which key blocks each query block attends to.
 
-    `indices`: int32 [B, H, Q blocks, K blocks]; per query block the `kept` selected key
-    blocks in ascending order first, then the others (FlexAttention reads only the first
-    `kept`). `keep`: bool [B, H, Q blocks, K blocks], the same selection as a map."""
+    `indices`: int32 [B, H, Q blocks, kept]; per query block its `kept` key blocks in
+    ascending order (FlexAttention reads a row's first `kept` entries; the rest of a row would
+    be unread, so there is none). `keep`: bool [B, H, Q blocks, K blocks], the same selection
+    as a map."""
 
     indices: torch.Tensor
     keep: torch.Tensor
@@ -93,21 +99,49 @@ def kept_blocks(num_k_blocks: int, keep: float) -> int:
     return max(1, min(num_k_blocks, int(check_keep(keep) * num_k_blocks)))
 
 
-def block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[B, H, N, D] -> fp32 [B, H, ceil(N / block), D]: the mean of each block's tokens (a
-    partial last block: of the tokens it has)."""
+def block_sums(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, N, D] -> (fp32 [B, H, ceil(N / block), D] sums of each block's tokens, fp32
+    [ceil(N / block)] token counts: a partial last block counts the tokens it has)."""
     b, h, n, d = x.shape
     nb = -(-n // block)
     sums = F.pad(x.float(), (0, 0, 0, nb * block - n)).reshape(b, h, nb, block, d).sum(dim=-2)
     counts = torch.full((nb,), float(block), device=x.device)
     counts[-1] = n - (nb - 1) * block
+    return sums, counts
+
+
+def block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, N, D] -> fp32 [B, H, ceil(N / block), D]: the mean of each block's tokens (a
+    partial last block: of the tokens it has)."""
+    sums, counts = block_sums(x, block)
     return sums / counts[:, None]
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> torch.Tensor:
-    """fp32 [B, H, Q blocks, K blocks]: pooled Q blocks against pooled, mean-smoothed K blocks."""
-    k_smooth = k.float() - k.float().mean(dim=-2, keepdim=True)
-    return block_mean(q, block_q) @ block_mean(k_smooth, block_k).transpose(-1, -2)
+    """fp32 [B, H, Q blocks, K blocks]: pooled Q blocks against pooled, mean-smoothed K blocks.
+    The smoothing comes after K's pooling (K's mean is its block sums' sum over N): one pass
+    over K instead of two."""
+    k_sums, k_counts = block_sums(k, block_k)
+    k_mean = k_sums.sum(dim=-2, keepdim=True) / k.shape[-2]
+    return block_mean(q, block_q) @ (k_sums / k_counts[:, None] - k_mean).transpose(-1, -2)
+
+
+_KEY_SHIFT = 1 << 32  # the score's order bits above, the reversed block index below
+
+
+def top_blocks(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """int64 [..., kept]: per row the `kept` highest scores' indices, ascending; ties to the
+    lower index (what a stable descending sort's first `kept` select). The fp32 score's bits
+    become a signed integer in the floats' order (negative floats' magnitude bits flipped; -0
+    is made +0 first, so equal floats give equal keys), shifted above the reversed index, and
+    one `topk` takes the largest keys: no sort of the whole row (K blocks long)."""
+    bits = (scores + 0.0).view(torch.int32)  # (+ 0.0: -0.0 becomes +0.0)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    n = scores.shape[-1]
+    reversed_index = torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    keys = ordered * _KEY_SHIFT + reversed_index
+    chosen = torch.topk(keys, kept, dim=-1, sorted=False).indices
+    return torch.sort(chosen, dim=-1).values  # ascending: the kernel walks keys in order
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> None:
@@ -121,15 +155,13 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) 
 def route(q: torch.Tensor, k: torch.Tensor, keep: float = DEFAULT_KEEP, block_q: int = BLOCK_Q,
           block_k: int = BLOCK_K) -> Route:
     """The router: per (batch, head, query block), the `kept_blocks` best-scoring key blocks
-    (`block_scores`), ties to the lower key-block index."""
+    (`block_scores`, `top_blocks`), ties to the lower key-block index."""
     _check_shapes(q, k, block_q, block_k)
     scores = block_scores(q, k, block_q, block_k)
     kept = kept_blocks(scores.shape[-1], keep)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    chosen = torch.sort(order[..., :kept], dim=-1).values  # ascending: the kernel walks keys in order
-    indices = torch.cat([chosen, order[..., kept:]], dim=-1).to(torch.int32)
+    chosen = top_blocks(scores, kept)
     keep_map = torch.zeros(scores.shape, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
-    return Route(indices, keep_map, kept, block_q, block_k)
+    return Route(chosen.to(torch.int32), keep_map, kept, block_q, block_k)
 
 
 def token_mask(r: Route, q_len: int, kv_len: int) -> torch.Tensor:
