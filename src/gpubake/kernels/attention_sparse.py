@@ -20,9 +20,7 @@ Differences, on purpose: the pooling and scores are fp32 (LightX2V rounds the po
 to the input dtype), and ties are broken towards the lower key-block index (LightX2V's
 ``torch.topk(sorted=False)`` leaves ties to the device), so the route is the same on every
 device. The smoothing is taken after the pooling (a block's mean of ``k - mean(k)`` is its mean
-of ``k`` less ``mean(k)``, the same up to fp32 rounding), so K is read once; the selection is a
-``topk`` over int64 keys that order by score, then by lower index (`top_blocks`), which selects
-what a stable descending sort's first ``kept`` would, without sorting every row. LightX2V's kernel is SageAttention-2 (INT8/FP8, CUDA builds, no wheel);
+of ``k`` less ``mean(k)``, the same up to fp32 rounding), so K is read once. LightX2V's kernel is SageAttention-2 (INT8/FP8, CUDA builds, no wheel);
 ours is PyTorch's FlexAttention (Triton on Hopper, C++ or eager on the CPU) in BF16.
 
 Layout as in `gpubake.kernels.attention`: the functions take [B, H, N, D] (SDPA's layout,
@@ -126,22 +124,14 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int = BLOCK_Q, block
     return block_mean(q, block_q) @ (k_sums / k_counts[:, None] - k_mean).transpose(-1, -2)
 
 
-_KEY_SHIFT = 1 << 32  # the score's order bits above, the reversed block index below
-
-
 def top_blocks(scores: torch.Tensor, kept: int) -> torch.Tensor:
     """int64 [..., kept]: per row the `kept` highest scores' indices, ascending; ties to the
-    lower index (what a stable descending sort's first `kept` select). The fp32 score's bits
-    become a signed integer in the floats' order (negative floats' magnitude bits flipped; -0
-    is made +0 first, so equal floats give equal keys), shifted above the reversed index, and
-    one `topk` takes the largest keys: no sort of the whole row (K blocks long)."""
-    bits = (scores + 0.0).view(torch.int32)  # (+ 0.0: -0.0 becomes +0.0)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    n = scores.shape[-1]
-    reversed_index = torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.int64)
-    keys = ordered * _KEY_SHIFT + reversed_index
-    chosen = torch.topk(keys, kept, dim=-1, sorted=False).indices
-    return torch.sort(chosen, dim=-1).values  # ascending: the kernel walks keys in order
+    lower index (a stable descending sort's first `kept`). A `topk` over int64 keys that order
+    by score, then by index, selects the same without sorting the row, but on an H200
+    (2026-12-04, 720p: 40 heads x 591 x 591 scores) its radix passes took 1.27 ms a block
+    against the sort's 0.78: the sort stays."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :kept], dim=-1).values  # ascending: the kernel walks keys in order
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> None:
