@@ -255,23 +255,6 @@ def sweep(M, K):
         rows.append(("fp8_rowwise", bk, nw, t, 3 * n / t / 1e9))
     ct.CONVERT_BLOCK_B, ct.CONVERT_WARPS = 256, 4
     ct.ROWWISE_BLOCK_K, ct.ROWWISE_WARPS = 1024, 4
-    # written 2026-12-03 before a run: the one-pass kernel (the row in registers) reads the row once
-    # instead of twice: 5 -> 3 bytes a value, ~1.3-1.6x the two-pass kernel at K = 5120 and 13824
-    wide = data((M, 13824), 7)
-    for xx in (x, wide):
-        two = fp8_rowwise(xx)
-        t2 = bench(lambda: fp8_rowwise(xx))
-        ct.ROWWISE_ONE_PASS_MAX_K = 16384
-        one = fp8_rowwise(xx)
-        t1 = bench(lambda: fp8_rowwise(xx))
-        ct.ROWWISE_ONE_PASS_MAX_K = 0
-        check(f"fp8_rowwise one-pass bit-exact {tuple(xx.shape)}",
-              torch.equal(one[0].view(torch.uint8), two[0].view(torch.uint8)) and torch.equal(one[1], two[1]))
-        k = xx.shape[1]
-        rows.append(("fp8_rowwise two-pass", k, 4, t2, 3 * xx.numel() / t2 / 1e9))
-        rows.append(("fp8_rowwise one-pass", k, max(1, min(16, triton.next_power_of_2(k) // 1024)), t1,
-                     3 * xx.numel() / t1 / 1e9))
-    del wide
     for r in rows:
         print(f"  sweep {r[0]:14s} block={r[1]:5d} warps={r[2]} {r[3]:.4f} ms {r[4]:.2f} TB/s", flush=True)
     RESULTS["sweep"] = rows

@@ -51,6 +51,11 @@ PREDICTIONS = {
     "eager+fused": "eager less 0.4-0.6 s at 480p (the norms' and SiLUs' share of eager's ~1.0 s outside the "
                    "convolutions), within 20 % of compiled",
     "eager+pad+fused": "eager+fused less ~0.19 s: the fastest decode without a compile",
+    # written 2026-12-04 before its first run: under compile the fused norm's forward is diffusers'
+    # arithmetic (rms_norm_silu_reference), so inductor gets the same graph with the SiLU moved
+    "compiled+pad+fused": "within 3 % of compiled+pad (the 4-step clips' compiled decode went 1.31 -> 1.74 s "
+                          "between 12-01 and 12-04 with this lever on since 12-03: if this row is the slow one, "
+                          "the lever is why)",
     "profile": "convolutions 50-70 % of eager's CUDA time; RMS norms (fp32 passes), SiLUs, cats and "
                "pads most of the rest",
 }
@@ -59,7 +64,7 @@ LATENT_FRAMES = 21  # 81 frames (4x temporal compression, the first frame alone)
 SMALL_SIZES = {"480p": (4, 6), "720p": (4, 8)}
 SMALL_LATENT_FRAMES = 3
 VARIANTS = ("eager", "eager+cl", "compiled", "compiled+cl", "eager+pad", "compiled+pad", "eager+fused",
-            "eager+pad+fused")
+            "eager+pad+fused", "compiled+pad+fused")
 
 # kernel-name fragments per kind; the raw top kernels are reported beside the sums
 KINDS = (

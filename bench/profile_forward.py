@@ -56,15 +56,6 @@ PREDICTIONS = {
         "elementwise kernels (-1.4 ms a block), quantization +0.1 ms: the forward ~1.5 % faster",
     "480p:attention=sparse-flex,fuse_ffn_gelu=1": "as at 720p, scaled by tokens (32,760 vs 75,600): "
         "-0.6 ms a block, the forward ~1.7 % faster (more of a 480p block is GEMMs' fixed cost)",
-    # the one-pass quantizer reads the row once (5 -> 3 bytes a value): the quantization class
-    # (4.6 ms a 720p block, 10 calls) -35 %
-    "720p:attention=sparse-flex,sparse_block_q=128|one-pass<=16384": "activation quantization "
-        "-1.6 ms a block (4.6 -> 3.0), the forward ~2 % faster",
-    "720p:attention=sparse-flex,sparse_block_q=128,fuse_ffn_gelu=1|one-pass<=16384": "both levers: "
-        "the forward ~3.5 % faster than the plain plan (the two touch different kernels)",
-    "480p:attention=sparse-flex|one-pass<=16384": "quantization -0.7 ms a block, the forward ~2 % faster",
-    "480p:attention=sparse-flex,fuse_ffn_gelu=1|one-pass<=16384": "both levers: the forward ~3.5-4 % "
-        "faster than the plain plan; with both the 480p 4-step clip drops from 6.09 s to ~5.9 s",
 }
 
 
@@ -132,14 +123,9 @@ def main() -> None:
     ap.add_argument("--runtime", action="append", default=[],
                     help="a GPUBAKE_RUNTIME string on top of the measured plan (repeatable; default: auto)")
     ap.add_argument("--repeats", type=int, default=3, help="timed and profiled forwards per variant")
-    ap.add_argument("--rowwise-one-pass-max-k", type=int, default=None,
-                    help="activation rows up to this width through the one-pass FP8 quantizer "
-                         "(convert_triton.ROWWISE_ONE_PASS_MAX_K; default: the module's, 0 = off)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     height, width = parse_size(args.size)
-    if args.rowwise_one_pass_max_k is not None and not 0 <= args.rowwise_one_pass_max_k <= 16384:
-        refuse(f"--rowwise-one-pass-max-k: {args.rowwise_one_pass_max_k} is not in 0..16384 (the row in registers)")
 
     import torch
 
@@ -147,11 +133,8 @@ def main() -> None:
     from bench_fidelity import random_expert
     from bench_quantize import expert_config
     from bench_step import make_inputs, sync, to_fp8, to_nvfp4
-    from gpubake.kernels import convert_triton
     from gpubake.provisioning.runtime import RuntimePlanError, apply_plan, bind_fp8, plan_from_env
 
-    if args.rowwise_one_pass_max_k is not None:
-        convert_triton.ROWWISE_ONE_PASS_MAX_K = args.rowwise_one_pass_max_k
     dev = torch.device(args.device)
     cfg = {k: v for k, v in expert_config(args.model, args.layers).items() if not k.startswith("_")}
     if args.heads:
@@ -162,7 +145,6 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda},
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "argv": sys.argv[1:],
         "layers": cfg["num_layers"], "tokens": tokens, "weights": args.weights, "classes": dict(CLASSES),
-        "rowwise_one_pass_max_k": convert_triton.ROWWISE_ONE_PASS_MAX_K,
         "variants": [],
     }
     try:  # every plan checked before the minutes of building and compiling
@@ -181,8 +163,7 @@ def main() -> None:
             return model(hidden_states=lat, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
 
     for raw, plan in plans:
-        name = f"{args.size}:{raw}" + (f"|one-pass<={args.rowwise_one_pass_max_k}"
-                                       if args.rowwise_one_pass_max_k else "")
+        name = f"{args.size}:{raw}"
         row: dict = {"variant": name, "prediction": PREDICTIONS.get(name, ""), "plan": plan.__dict__.copy()}
         result["variants"].append(row)
         row["applied"] = apply_plan(model, plan)

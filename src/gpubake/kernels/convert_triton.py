@@ -161,21 +161,6 @@ def _fp8_rowwise_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
         _store_e4m3(out_ptr + m * K + cols, x, s, cols < K, HW_CAST)
 
 
-@triton.jit
-def _fp8_rowwise_onepass_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
-                                HW_CAST: tl.constexpr, BLOCK_K: tl.constexpr, GELU: tl.constexpr = False,
-                                BF16: tl.constexpr = False):
-    """`_fp8_rowwise_kernel` with the whole row in registers (BLOCK_K >= K): the row is read
-    once instead of twice, the same arithmetic (a max is exact in any order), so the same bytes."""
-    m = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    x = _input_of(tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32), GELU, BF16)
-    a = tl.abs(x)
-    s = tl.maximum(tl.math.div_rn(tl.max(tl.where(a < float("inf"), a, 0.0), axis=0), 448.0), 7.52316384526264e-37)
-    tl.store(scale_ptr + m, s)
-    _store_e4m3(out_ptr + m * K + cols, x, s, cols < K, HW_CAST)
-
-
 def _check_weight(w: NVFP4Tensor) -> tuple[int, int]:
     if len(w.shape) != 2:
         raise KernelError(f"weight: expected a 2-D NVFP4 tensor, got shape {tuple(w.shape)}")
@@ -203,10 +188,9 @@ def _raw(out: torch.Tensor) -> torch.Tensor:
 #: launch configuration (bench/bench_kernels.py measures it)
 CONVERT_BLOCK_B, CONVERT_WARPS = 256, 4
 ROWWISE_BLOCK_K, ROWWISE_WARPS = 1024, 4
-#: rows up to this many values go through the one-pass kernel (the row in registers, 32 values a
-#: thread); 0: never. Built 2026-12-03 from the 720p profile (the two-pass kernel at ~1.9x its
-#: memory traffic in the block), not measured yet: off until `bench_kernels.py --sweep` says.
-ROWWISE_ONE_PASS_MAX_K = 0
+# (A one-pass variant with the row in registers, built 2026-12-03, was half as fast on an H200
+# on 2026-12-04, 0.344 against 0.177 ms at 32,760 x 5,120: the second pass re-reads its row from
+# L2, so this kernel already reads HBM once; docs/benchmarks.md "Two per-forward levers".)
 
 
 def _launch(w: NVFP4Tensor, out: torch.Tensor, p: torch.Tensor | None, to_fp8: bool) -> None:
@@ -253,12 +237,7 @@ def fp8_rowwise(x2d: torch.Tensor, out: torch.Tensor | None = None,
         out = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x2d.device)
     if scale is None:
         scale = torch.empty((M, 1), dtype=torch.float32, device=x2d.device)
-    if M and K <= ROWWISE_ONE_PASS_MAX_K:
-        block_k = triton.next_power_of_2(K)
-        _fp8_rowwise_onepass_kernel[(M,)](x2d, _raw(out), scale, K, x2d.stride(0), HW_CAST=not interpreting(),
-                                          BLOCK_K=block_k, GELU=gelu, BF16=x2d.dtype == torch.bfloat16,
-                                          num_warps=max(1, min(16, block_k // 1024)))
-    elif M:
+    if M:
         _fp8_rowwise_kernel[(M,)](x2d, _raw(out), scale, K, x2d.stride(0), HW_CAST=not interpreting(),
                                   BLOCK_K=ROWWISE_BLOCK_K, GELU=gelu, BF16=x2d.dtype == torch.bfloat16,
                                   num_warps=ROWWISE_WARPS)
