@@ -53,6 +53,7 @@ PREDICTIONS = {
     "eager+pad+fused": "eager+fused less ~0.19 s: the fastest decode without a compile",
     # written 2026-12-04 before its first run: under compile the fused norm's forward is diffusers'
     # arithmetic (rms_norm_silu_reference), so inductor gets the same graph with the SiLU moved
+    # (on the CPU: the same graphs, the same video bit for bit)
     "compiled+pad+fused": "within 3 % of compiled+pad (the 4-step clips' compiled decode went 1.31 -> 1.74 s "
                           "between 12-01 and 12-04 with this lever on since 12-03: if this row is the slow one, "
                           "the lever is why)",
