@@ -141,6 +141,13 @@ def _store_e4m3(ptrs, x, s, mask, HW_CAST: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_row_scale(amax):
+    """A row's E4M3 scale from its finite values' running |max| (a vector): max / 448, at
+    least 2**-120 (`fp8_ref.fp8_rowwise_ref`'s)."""
+    return tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 7.52316384526264e-37)  # 2**-120
+
+
+@triton.jit
 def _fp8_rowwise_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
                         HW_CAST: tl.constexpr, BLOCK_K: tl.constexpr, GELU: tl.constexpr = False,
                         BF16: tl.constexpr = False):
@@ -153,7 +160,7 @@ def _fp8_rowwise_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm,
         x = _input_of(tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32), GELU, BF16)
         a = tl.abs(x)
         amax = tl.maximum(amax, tl.where(a < float("inf"), a, 0.0))
-    s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 7.52316384526264e-37)  # 2**-120
+    s = _e4m3_row_scale(amax)
     tl.store(scale_ptr + m, s)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
