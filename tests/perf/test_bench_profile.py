@@ -75,3 +75,22 @@ def test_qk_bench_times_each_variant_against_the_reference(tmp_path):
     for name in list(rows)[1:]:
         assert "error" not in rows[name] and rows[name]["ms"] > 0
         assert rows[name]["bit_equal_fraction"] >= 0.99 and rows[name]["max_abs_diff"] <= 2 ** -6
+
+
+def test_norm_quant_bench_times_the_plan_and_the_fused_pass_per_norm(tmp_path):
+    out = tmp_path / "n.json"
+    r = _run("bench_norm_quant.py", "--device", "cpu", "--tokens", "24", "--dim", "256", "--json-out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (size,) = json.loads(out.read_text())["sizes"]
+    rows = {n["norm"]: n for n in size["norms"]}
+    assert list(rows) == ["norm1", "norm2", "norm3"] and rows["norm1"]["consumers"] == 3
+    for row in rows.values():
+        assert "error" not in row and row["plan_ms"] > 0 and row["fused_ms"] > 0 and row["residual_equal"]
+        assert row["codes_equal_fraction"] >= 0.999 and row["max_code_distance"] <= 1
+    assert size["saved_ms_a_block"] == pytest.approx(sum(r["saved_ms"] for r in rows.values()), abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [["--tokens", "24,x"], ["--dim", "0"]])
+def test_norm_quant_bench_refuses_bad_input_in_one_line(tmp_path, bad):
+    r = _run("bench_norm_quant.py", "--device", "cpu", "--json-out", str(tmp_path / "n.json"), *bad)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "n.json").exists()
