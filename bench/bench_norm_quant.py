@@ -35,8 +35,9 @@ from bench_qk_norm_rope import time_ms  # noqa: E402
 PREDICTION = ("written 2026-12-04 21:00 UTC before any run, from the 2026-12-03 480p profile (the block's three "
               "norm kernels 0.42-0.53 ms, each fused with the residual before it, at ~3 TB/s; fp8_rowwise "
               "0.177 ms a call at 32,760 x 5,120): at 480p plan 1.0 / 0.6 / 0.7 ms (norm1 / norm2 / norm3), "
-              "fused 0.45-0.55 each (a residual kernel ~0.25 ms, the fused pass ~0.25): ~1.0 ms a block less "
-              "(3.5 %), ~2.3 ms at 720p (2.9 %); codes equal on >= 99.9 % of the values")
+              "fused ~0.5 each (the residual kernel, 6 bytes a value, ~0.35 ms; the fused pass, 3 bytes, "
+              "~0.17): 0.7-1.0 ms a block less (2.5-3.5 %), 1.6-2.3 ms at 720p (2-3 %); codes equal on "
+              ">= 99.9 % of the values")
 NORMS = {  # name -> (modulated, affine, consumers)
     "norm1": (True, False, 3),
     "norm2": (False, True, 1),

@@ -29,6 +29,8 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
   (the plan's lever) on both experts, then back; a warm-up clip of its own first (the blocks recompile).
 - ``fuse_ffn_gelu=0|1``: each FFN's GELU inside its down-projection's activation quantization (the
   plan's lever) on both experts, then back; a warm-up clip of its own first (the blocks recompile).
+- ``fuse_norm_quant=0|1``: each block's norms quantizing for their linears (`kernels.norm_quant`,
+  the plan's lever) on both experts, then back; a warm-up clip of its own first (the blocks recompile).
 - ``vae_fused_norm=0|1``: the decoder's RMS norms + SiLUs as one Triton pass each (the plan's
   lever), then back; a warm-up clip of its own first (Triton compiles the kernel per channel count).
 - ``vae_compile=1``: the VAE's decoder under ``torch.compile`` (the plan's lever,
@@ -56,8 +58,10 @@ from typing import Any
 from gpubake.errors import GpubakeError
 
 LEVERS = ("cfg_until", "step_cache", "sparse_keep", "sparse_block_q", "vae_channels_last", "cudnn_benchmark",
-          "vae_compile", "vae_conv_pad", "vae_fused_norm", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu")
-EXPERT_LEVERS = ("step_cache", "sparse_keep", "sparse_block_q", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu")  # change what the experts' compiled blocks trace
+          "vae_compile", "vae_conv_pad", "vae_fused_norm", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu",
+          "fuse_norm_quant")
+EXPERT_LEVERS = ("step_cache", "sparse_keep", "sparse_block_q", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu",
+                 "fuse_norm_quant")  # change what the experts' compiled blocks trace
 
 
 class VariantError(GpubakeError):
@@ -103,7 +107,7 @@ def parse_variant(text: str) -> Variant:
             return Variant(lever, float(check_keep(float(value))))
         except (ValueError, SparseAttentionError) as exc:
             raise VariantError(f"{text!r}: {exc}") from None
-    if lever in ("vae_conv_pad", "vae_fused_norm", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu"):
+    if lever in ("vae_conv_pad", "vae_fused_norm", "fuse_qkv", "fuse_qk_rope", "fuse_ffn_gelu", "fuse_norm_quant"):
         if value not in ("0", "1"):
             raise VariantError(f"{text!r}: {lever}=0 or {lever}=1")
         return Variant(lever, int(value))
@@ -189,13 +193,15 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     case's row, its `captured` decode kept aside by the caller)."""
     import torch
 
-    from gpubake.provisioning.runtime import (apply_attention, set_fused_ffn_gelu, set_fused_qk_rope, set_fused_qkv,
-                                              set_vae_compile, set_vae_conv_padding, set_vae_fused_norm, set_vae_layout)
+    from gpubake.provisioning.runtime import (apply_attention, set_fused_ffn_gelu, set_fused_norm_quant,
+                                              set_fused_qk_rope, set_fused_qkv, set_vae_compile, set_vae_conv_padding,
+                                              set_vae_fused_norm, set_vae_layout)
     from gpubake.provisioning.step_cache import apply_step_cache, blocks_of, count_blocks
 
     # lever -> (the plan's setter on one expert, the key its count is reported under)
     FUSERS = {"fuse_qkv": (set_fused_qkv, "fused_qkv_modules"), "fuse_qk_rope": (set_fused_qk_rope, "fused_qk_rope_modules"),
-              "fuse_ffn_gelu": (set_fused_ffn_gelu, "fused_ffn_gelu_modules")}
+              "fuse_ffn_gelu": (set_fused_ffn_gelu, "fused_ffn_gelu_modules"),
+              "fuse_norm_quant": (set_fused_norm_quant, "fused_norm_quant_blocks")}
 
     pipe = sp.pipe
     experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}

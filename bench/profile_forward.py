@@ -56,6 +56,13 @@ PREDICTIONS = {
         "elementwise kernels (-1.4 ms a block), quantization +0.1 ms: the forward ~1.5 % faster",
     "480p:attention=sparse-flex,fuse_ffn_gelu=1": "as at 720p, scaled by tokens (32,760 vs 75,600): "
         "-0.6 ms a block, the forward ~1.7 % faster (more of a 480p block is GEMMs' fixed cost)",
+    # written 2026-12-04 21:05 UTC, before any device run of fuse_norm_quant (bench_norm_quant's bytes):
+    # the three norm kernels (with their residual) and five of the block's ten quantizations become
+    # three residual kernels and three fused passes
+    "720p:attention=sparse-flex,sparse_block_q=128,fuse_norm_quant=1": "fused elementwise -3.1 + 2.4 ms a "
+        "block (the LN kernels become residual kernels), quantization -2.05 + 1.2 (five calls become three "
+        "fused passes, in the same class): the forward 2-3 % faster",
+    "480p:attention=sparse-flex,fuse_norm_quant=1": "0.7-1.0 ms a block less, the forward 2.5-3.5 % faster",
 }
 
 

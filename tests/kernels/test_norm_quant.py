@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gpubake.errors import KernelError
+from gpubake.kernels.backends import HopperFp8
 from gpubake.kernels.fp8_ref import fp8_rowwise_ref
 from gpubake.kernels.norm_quant import layer_norm_fp8, layer_norm_fp8_reference
 
@@ -94,3 +95,69 @@ def test_bad_arguments_are_one_line_kernel_errors(bad, match):
     kw = {"x": torch.zeros(1, 4, 8, dtype=torch.bfloat16), **bad}
     with pytest.raises(KernelError, match=match):
         layer_norm_fp8(kw.pop("x"), 1e-6, **kw)
+
+
+class CpuHopperFp8(HopperFp8):
+    """hopper-fp8's arithmetic on the CPU (torch's CPU `_scaled_mm` takes row-wise E4M3, the
+    Triton kernels run in the interpreter)."""
+
+    needs_cuda = False
+    caps = None
+
+
+@pytest.fixture
+def tiny_nvfp4_expert():
+    """The tiny Wan expert in bf16, every block linear NVFP4 on hopper-fp8's arithmetic, norm2's
+    affine away from its init (so that a weight or bias mix-up shows)."""
+    from diffusers import WanTransformer3DModel
+
+    from gpubake.kernels.linear import NVFP4Linear, bind_backends
+    from gpubake.provisioning.tiny import TRANSFORMER_CONFIG
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**TRANSFORMER_CONFIG).to(torch.bfloat16).eval()
+    model.rope.float()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.norm2.weight.normal_(1.0, 0.2)
+            block.norm2.bias.normal_(0.0, 0.1)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.startswith("blocks."):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NVFP4Linear.from_linear(mod))
+    bind_backends(model, CpuHopperFp8())
+    return model
+
+
+def test_fused_blocks_give_the_models_prediction_and_go_back(tiny_nvfp4_expert, monkeypatch):
+    from gpubake.kernels import norm_quant as module
+    from testutil import tiny_forward
+
+    model = tiny_nvfp4_expert
+    calls = []
+    monkeypatch.setattr(module, "layer_norm_fp8", lambda *a, **kw: calls.append(1) or layer_norm_fp8(*a, **kw))
+    want = tiny_forward(model)
+    assert module.set_fused_norm_quant(model, True) == model.config.num_layers
+    got = tiny_forward(model)
+    assert len(calls) == 3 * model.config.num_layers  # each block's three norms, once each
+    assert float((got - want).norm() / want.norm()) < 1e-2  # the same codes but for a few last-code roundings
+    assert module.set_fused_norm_quant(model, False) == 0
+    assert all("forward" not in b.__dict__ for b in model.blocks)
+    assert torch.equal(tiny_forward(model), want)
+
+
+def test_blocks_whose_linears_quantize_their_own_input_stay_as_they_are(tiny_nvfp4_expert):
+    from gpubake.kernels import norm_quant as module
+    from gpubake.kernels.backends import CpuReference
+    from gpubake.kernels.linear import bind_backends
+    from testutil import tiny_forward
+
+    model = tiny_nvfp4_expert
+    model.blocks[0].ffn.net[0].proj.bind_backend(CpuReference())  # one reader of block 0 that takes no rows
+    assert module.set_fused_norm_quant(model, True) == model.config.num_layers - 1
+    assert "forward" not in model.blocks[0].__dict__ and "forward" in model.blocks[1].__dict__
+    bind_backends(model, CpuReference())  # bound after the plan applied the lever: refused in one line
+    with pytest.raises(KernelError, match="activations arrive quantized .*apply the runtime plan again"):
+        tiny_forward(model)
+    assert module.set_fused_norm_quant(model, True) == 0  # applied again: nothing fuses, the forward runs
+    tiny_forward(model)

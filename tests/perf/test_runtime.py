@@ -265,7 +265,8 @@ def test_apply_runtime_covers_both_experts(tiny_nvfp4_checkpoint):
 
     pipe = load_pipeline(tiny_nvfp4_checkpoint, device="cpu")
     nothing = {"cached_small_m_layers": 0, "compiled_blocks": 0, "lowp_attention_modules": 0, "fused_qkv_modules": 0,
-               "fused_qk_rope_modules": 0, "fused_ffn_gelu_modules": 0}
+               "fused_qk_rope_modules": 0, "fused_ffn_gelu_modules": 0,
+               "fused_norm_quant_blocks": 0}
     experts = ("transformer", "transformer_2")
     done = apply_runtime(pipe)  # CPU plan
     assert {e: done[e] for e in experts} == {e: nothing for e in experts} and "text_encoder" not in done

@@ -79,6 +79,9 @@ class GemmBackend:
     uses_static_input_scale: ClassVar[bool] = False
     # whether `apply` takes ``input_gelu=True`` (the FFN's GELU computed in its activation quantization)
     fuses_input_gelu: ClassVar[bool] = False
+    # whether `apply` / `apply_fused` take `layers_common.QuantizedRows` (activations quantized
+    # per token to E4M3 by their producer, as this backend would quantize them)
+    takes_quantized_rows: ClassVar[bool] = False
 
     def supports(self, device: torch.device) -> bool:
         return self.supports_capability(capability(device))
@@ -244,21 +247,23 @@ class HopperFp8(GemmBackend):
 
         pw.extras["fp8_weight"] = nvfp4_to_fp8(pw.weight, None, pw.extras["fp8_factors"])
 
-    def _quantize_activations(self, x2: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """x2 [M, K] (with `gelu`: its FFN GELU) -> (E4M3, per-token scale): the Triton kernel, or
-        under torch.compile with `fuse_act_quant_when_compiling` its plain-torch twin for inductor to fuse."""
+    def _quantize_activations(self, x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., K] (with `gelu`: its FFN GELU) -> (E4M3 [M, K], per-token scale): rows already
+        quantized as they are, else the Triton kernel, or under torch.compile with
+        `fuse_act_quant_when_compiling` its plain-torch twin for inductor to fuse."""
         from gpubake.kernels.fp8_linear import quantize_activations_rowwise
 
-        return quantize_activations_rowwise(x2, self.fuse_act_quant_when_compiling, gelu)
+        return quantize_activations_rowwise(x, self.fuse_act_quant_when_compiling, gelu)
 
     fuses_input_gelu = True
+    takes_quantized_rows = True
 
     def apply(self, x, pw, bias=None, input_gelu: bool = False):
         from gpubake.kernels.convert_triton import nvfp4_to_fp8
 
         self.check(x, pw)
         N, K = pw.out_features, pw.in_features
-        xq, xs = self._quantize_activations(x.reshape(-1, K), input_gelu)
+        xq, xs = self._quantize_activations(x, input_gelu)
         cached = pw.extras.get("fp8_weight")
         wq, ws = cached if cached is not None else nvfp4_to_fp8(
             pw.weight, self.scratch.get((N, K), torch.float8_e4m3fn, x.device), pw.extras["fp8_factors"])
@@ -282,7 +287,7 @@ class HopperFp8(GemmBackend):
             self.check(x, pw)
         K = pws[0].in_features
         N = sum(pw.out_features for pw in pws)
-        xq, xs = self._quantize_activations(x.reshape(-1, K))
+        xq, xs = self._quantize_activations(x)
         wq = self.scratch.get((N, K), torch.float8_e4m3fn, x.device)
         scales, row = [], 0
         for pw in pws:

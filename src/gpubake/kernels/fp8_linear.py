@@ -38,7 +38,8 @@ from gpubake import envs
 from gpubake.errors import KernelError
 from gpubake.kernels import archs
 from gpubake.kernels.fp8_ref import fp8_rowwise_ref
-from gpubake.kernels.layers_common import apply_input_activation, apply_keeping_dtypes, bind_all, count_bound
+from gpubake.kernels.layers_common import (QuantizedRows, apply_input_activation, apply_keeping_dtypes, bind_all,
+                                           check_takes_rows, count_bound)
 
 FP8_WEIGHT_KEY = "weight"
 FP8_SCALE_KEY = "weight_scale"
@@ -77,6 +78,8 @@ class FP8Backend:
     caps: ClassVar[tuple[tuple[int, int], ...] | None] = None  # None: any CUDA GPU
     # whether `apply` takes ``input_gelu=True`` (the FFN's GELU computed in its activation quantization)
     fuses_input_gelu: ClassVar[bool] = False
+    # whether `apply` takes `QuantizedRows` (activations quantized per token to E4M3 by their producer)
+    takes_quantized_rows: ClassVar[bool] = False
 
     def supports_capability(self, cap: tuple[int, int] | None) -> bool:
         """Whether a device of this capability (None: the CPU) runs this path."""
@@ -99,15 +102,21 @@ class FP8Backend:
         raise NotImplementedError
 
 
-def quantize_activations_rowwise(x2: torch.Tensor, fuse_when_compiling: bool = False,
+def quantize_activations_rowwise(x: torch.Tensor | QuantizedRows, fuse_when_compiling: bool = False,
                                  gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 [M, K] -> (E4M3, float32 per-token scale [M, 1]): the Triton kernel on CUDA, its
+    """x [..., K] -> (E4M3 [M, K], float32 per-token scale [M, 1]): rows a producer already
+    quantized (`QuantizedRows`) as they are; else the Triton kernel on CUDA, its
     plain-torch twin (bit-identical) on the CPU, and under torch.compile with
     `fuse_when_compiling` the twin too, so that inductor fuses the quantization into the norm
     and modulation that produced x instead of a separate pass over it (the peer's torchao
     quantization is torch ops, fused that way). Shared by both FP8-GEMM paths (`ScaledMm`
     here, `backends.HopperFp8`). `gelu`: of diffusers' FFN GELU of x2 (tanh approximation), which
     the kernel computes on the way (within one bf16 ulp of torch's on a few values)."""
+    if isinstance(x, QuantizedRows):
+        if gelu:
+            raise KernelError("quantized rows: the FFN's GELU cannot be applied to activations already quantized")
+        return x.codes, x.scales
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.device.type != "cuda" or (fuse_when_compiling and torch.compiler.is_compiling()):
         return fp8_rowwise_ref(apply_input_activation(x2, "gelu_tanh" if gelu else None).contiguous())
     from gpubake.kernels.convert_triton import fp8_rowwise
@@ -126,6 +135,7 @@ class ScaledMm(FP8Backend):
     # the runtime plan's `fuse_act_quant`, set where it binds (`runtime.bind_fp8`)
     fuse_act_quant_when_compiling = False
     fuses_input_gelu = True
+    takes_quantized_rows = True
 
     def supports_capability(self, cap):
         return cap is None or cap in (self.caps or ())
@@ -135,7 +145,7 @@ class ScaledMm(FP8Backend):
         N, K = weight.shape
         if N % 16 or K % 16:
             raise KernelError(f"fp8 scaled-mm: weight [{N}, {K}]: torch._scaled_mm needs both multiples of 16")
-        xq, xs = quantize_activations_rowwise(x.reshape(-1, K), self.fuse_act_quant_when_compiling, input_gelu)
+        xq, xs = quantize_activations_rowwise(x, self.fuse_act_quant_when_compiling, input_gelu)
         out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, N), out_dtype=out_dtype,
                              bias=None if bias is None else bias.to(out_dtype), use_fast_accum=True)
@@ -282,6 +292,7 @@ class FP8Linear(nn.Module):
         if resolved is None or resolved[0] != x.device:
             resolved = self._resolved = (x.device, self.backend(x.device))
         path, w, scale = resolved[1], self._buffers[FP8_WEIGHT_KEY], self._buffers[FP8_SCALE_KEY]
+        check_takes_rows(x, path, "FP8Linear")
         if self.input_activation is not None and path.fuses_input_gelu:
             return path.apply(x, w, scale, self.bias, input_gelu=True)
         return path.apply(apply_input_activation(x, self.input_activation), w, scale, self.bias)

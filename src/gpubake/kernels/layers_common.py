@@ -5,7 +5,7 @@ dtypes through a model-wide dtype cast. One definition, so both formats behave a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -52,3 +52,29 @@ def apply_input_activation(x: torch.Tensor, activation: str | None) -> torch.Ten
         return x
     return torch.nn.functional.gelu(x, approximate="tanh")
 
+
+
+class QuantizedRows(NamedTuple):
+    """Activations their producer already quantized per token to E4M3 as the FP8 backends do
+    (`norm_quant.layer_norm_fp8`, the runtime plan's `fuse_norm_quant`): a quantized layer
+    whose backend `takes_quantized_rows` runs its GEMM on them as they are. `shape` and
+    `dtype` are the unquantized activations' ([..., K]; the output takes the dtype)."""
+
+    codes: torch.Tensor  # float8_e4m3fn [M, K]
+    scales: torch.Tensor  # float32 [M, 1]
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+
+def check_takes_rows(x: Any, backend: Any, layer: str) -> None:
+    """One line where rows arrive quantized at a layer whose backend quantizes its own input
+    (a backend bound after the plan applied `fuse_norm_quant`)."""
+    if isinstance(x, QuantizedRows) and not getattr(backend, "takes_quantized_rows", False):
+        from gpubake.errors import KernelError
+
+        raise KernelError(f"{layer}: activations arrive quantized (fuse_norm_quant) but backend {backend.name} "
+                          "quantizes its own; apply the runtime plan again after binding it")

@@ -43,7 +43,8 @@ from gpubake.kernels.format import (
     check_static_scale,
     weight_tensors,
 )
-from gpubake.kernels.layers_common import apply_input_activation, apply_keeping_dtypes, bind_all, count_bound
+from gpubake.kernels.layers_common import (apply_input_activation, apply_keeping_dtypes, bind_all, check_takes_rows,
+                                           count_bound)
 from gpubake.kernels.quantizer import quantize
 
 
@@ -159,6 +160,7 @@ class NVFP4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, pw = self.prepared(x.device)
+        check_takes_rows(x, b, "NVFP4Linear")
         if self.input_activation is not None and b.fuses_input_gelu:
             return b.apply(x, pw, self.bias, input_gelu=True)
         return b.apply(apply_input_activation(x, self.input_activation), pw, self.bias)
@@ -219,6 +221,7 @@ class FusedNVFP4Projection(nn.Module):
             fuse = all(b is backend for b, _ in got) and backend.can_fuse(pws)
             self._fusable = known = (tuple(weakref.ref(pw) for pw in pws), fuse)
         if known[1]:
+            check_takes_rows(x, backend, "FusedNVFP4Projection")
             return backend.apply_fused(x, pws, [p.bias for p in self.parts])
         return torch.cat([b.apply(x, pw, p.bias) for (b, pw), p in zip(got, self.parts)], dim=-1)
 

@@ -1,16 +1,19 @@
 """A Wan block's LayerNorm (and its modulation) with the FP8 activation quantization of the
-linears it feeds, as one Triton pass, beside its reference (issue 18; built, not yet measured
-on a GPU, not yet used by the block).
+linears it feeds, as one Triton pass, beside its reference, and the block forward that hands
+its linears those rows (the runtime plan's `fuse_norm_quant`; issue 18: built, not yet
+measured on a GPU, off).
 
 In diffusers' ``WanTransformerBlock`` each of the three norms writes a bf16 tensor that only
 linears read: ``norm1`` (modulated) feeds Q, K and V, ``norm2`` (affine) the cross-attention's
 Q, ``norm3`` (modulated) the FFN's up-projection; on ``hopper-fp8`` each of those linears then
 reads it again to quantize it per token to E4M3 (`convert_triton.fp8_rowwise`, 2 bytes read and
-1 written a value each). At 480p on an H200 that is 168 M values a norm: the norm's bf16 write
-and its consumers' reads are ~10 bytes a value for the self-attention's input (three
-consumers) and ~4 for the other two, ~1 ms a block at ~3 TB/s (~3.5 % of a 28 ms block, from
-the 2026-12-03 profile). One pass that normalises, modulates, rounds to the hidden states'
-dtype as diffusers does and quantizes writes only the E4M3 codes and a scale a row.
+1 written a value each). Inductor fuses each norm with the residual add before it (8 bytes a
+value: h and the attention's output read, h and the norm written), so a norm and its readers
+move 17 bytes a value for the self-attention's input (three readers) and 11 for the other two;
+with this pass, the residual alone (6) and the pass (3: h read, the codes written), 9 each. At
+480p on an H200 (168 M values a norm, ~3 TB/s) that is ~0.7-1.0 ms of a 28 ms block (from the
+2026-12-03 profile). One pass that normalises, modulates, rounds to the hidden states' dtype
+as diffusers does and quantizes writes only the E4M3 codes and a scale a row.
 
 `layer_norm_fp8_reference` is the definition: diffusers' arithmetic
 (``FP32LayerNorm(x.float())``, then ``* (1 + scale) + shift`` in float32, ``.type_as(x)``),
@@ -29,6 +32,7 @@ import triton.language as tl
 from gpubake.errors import KernelError
 from gpubake.kernels.convert_triton import _e4m3_row_scale, _raw, _store_e4m3
 from gpubake.kernels.fp8_ref import fp8_rowwise_ref
+from gpubake.kernels.layers_common import QuantizedRows
 from gpubake.kernels.quantize_triton import check_device, interpreting
 from gpubake.kernels.triton_rounding import round_to_dtype
 
@@ -143,3 +147,87 @@ def layer_norm_fp8(x: torch.Tensor, eps: float, weight: torch.Tensor | None = No
             BF16=x.dtype == torch.bfloat16, HW_CAST=not interpreting(), BLOCK_K=block_k, num_warps=4,
             enable_fp_fusion=False)
     return out, row_scale
+
+
+def _quantized(x: torch.Tensor, norm: torch.nn.Module, scale: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None) -> QuantizedRows:
+    """What the block's linears after `norm` (a diffusers ``FP32LayerNorm``) would quantize."""
+    codes, scales = layer_norm_fp8(x, norm.eps, norm.weight, norm.bias, scale, shift)
+    return QuantizedRows(codes, scales, x.shape, x.dtype)
+
+
+def fused_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                        temb: torch.Tensor, rotary_emb) -> torch.Tensor:
+    """diffusers 0.42.1's ``WanTransformerBlock.forward`` line for line, each norm's output
+    handed to its linears as `QuantizedRows` from `layer_norm_fp8` instead of a bf16 tensor
+    they quantize themselves. Wan 2.2 TI2V's per-token modulation (a 4-D `temb`) runs
+    diffusers' own forward."""
+    if temb.ndim == 4:
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+        self.scale_shift_table + temb.float()).chunk(6, dim=1)
+    # 1. Self-attention
+    attn_output = self.attn1(_quantized(hidden_states, self.norm1, scale_msa, shift_msa), None, None, rotary_emb)
+    hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+    # 2. Cross-attention
+    attn_output = self.attn2(_quantized(hidden_states, self.norm2), encoder_hidden_states, None, None)
+    hidden_states = hidden_states + attn_output
+    # 3. Feed-forward
+    ff_output = self.ffn(_quantized(hidden_states, self.norm3, c_scale_msa, c_shift_msa))
+    return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+
+def _norms_fit(block: torch.nn.Module) -> bool:
+    """The block's three norms are what the kernel computes: diffusers' ``FP32LayerNorm``,
+    norm1 and norm3 without an affine, norm2 with weight and bias (``cross_attn_norm``)."""
+    def layer_norm(n, affine: bool) -> bool:
+        return (type(n).__name__ == "FP32LayerNorm" and (n.weight is not None) == affine
+                and (n.bias is not None) == affine)
+    return layer_norm(block.norm1, False) and layer_norm(block.norm2, True) and layer_norm(block.norm3, False)
+
+
+def _takes_rows(layer: torch.nn.Module, device: torch.device) -> bool:
+    """Whether `layer` runs its GEMM on `QuantizedRows`: a quantized linear (or fused
+    projection of them) without an input activation, bound to a backend that takes them."""
+    from gpubake.kernels.fp8_linear import FP8Linear
+    from gpubake.kernels.linear import FusedNVFP4Projection, NVFP4Linear
+
+    if isinstance(layer, FusedNVFP4Projection):
+        return all(_takes_rows(p, device) for p in layer.parts)
+    if not isinstance(layer, (NVFP4Linear, FP8Linear)) or layer.input_activation is not None:
+        return False
+    try:
+        return bool(getattr(layer.backend(device), "takes_quantized_rows", False))
+    except KernelError:
+        return False
+
+
+def _consumers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The linears that read the block's three norms' outputs, as diffusers' Wan block calls them."""
+    attn1, attn2 = block.attn1, block.attn2
+    self_in = [attn1.to_qkv] if getattr(attn1, "fused_projections", False) else [attn1.to_q, attn1.to_k, attn1.to_v]
+    return [*self_in, attn2.to_q, block.ffn.net[0].proj]
+
+
+def set_fused_norm_quant(model: torch.nn.Module, on: bool) -> int:
+    """Each Wan block whose norms the kernel computes and whose norms' readers all take
+    quantized rows (hopper-fp8, scaled-mm: bind the backends first) runs `fused_block_forward`
+    (on), or diffusers' own forward again (off); returns how many blocks run fused."""
+    n = 0
+    for block in model.modules():
+        if type(block).__name__ != "WanTransformerBlock":
+            continue
+        fused = getattr(block.__dict__.get("forward"), "__func__", None) is fused_block_forward
+        if not on:
+            if fused:
+                del block.forward  # the class's (diffusers') forward again
+            continue
+        device = block.scale_shift_table.device
+        ok = _norms_fit(block) and getattr(block.attn2, "add_k_proj", None) is None \
+            and all(_takes_rows(m, device) for m in _consumers(block))
+        if ok and not fused:
+            block.forward = fused_block_forward.__get__(block)
+        elif not ok and fused:
+            del block.forward
+        n += int(ok)
+    return n

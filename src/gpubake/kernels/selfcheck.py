@@ -269,6 +269,31 @@ def vae_norm_selfcheck(device: torch.device | str) -> dict:
 FFN_GELU_SHAPE = (64, 1000)  # [tokens, channels]: a ragged last tile
 
 
+# A Wan block's modulated LayerNorm with its FP8 quantization (`kernels.norm_quant`): the
+# reference's codes but where the mean and variance's order moves a value across a rounding edge.
+NORM_QUANT_SHAPE = (1, 96, 5120)  # [B, S, K]: the A14B's hidden size
+
+
+def norm_quant_selfcheck(device: torch.device | str) -> dict:
+    """The fused norm + FP8 quantization on `device` against its reference on the CPU."""
+    from gpubake.kernels.norm_quant import layer_norm_fp8, layer_norm_fp8_reference
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(4242)
+    x = (_data(NORM_QUANT_SHAPE, gen) * 3.0).bfloat16()
+    table = torch.randn(1, 6, NORM_QUANT_SHAPE[-1], generator=gen) * 0.3
+    shift, scale = table.chunk(6, dim=1)[:2]
+    out: dict = {"device": str(dev)}  # the plan names the kernel (runtime.FUSED_KERNELS)
+    wq, ws = layer_norm_fp8_reference(x, 1e-6, scale=scale, shift=shift)
+    try:
+        gq, gs = (t.cpu() for t in layer_norm_fp8(x.to(dev), 1e-6, scale=scale.to(dev), shift=shift.to(dev)))
+    except Exception as exc:
+        return {**out, "ok": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    want, got = wq.float() * ws, gq.float() * gs
+    return _compare(out, got, want, t0, 0.99, 2.0 ** -3 * float(want.abs().max()))
+
+
 def ffn_gelu_quant_selfcheck(device: torch.device | str) -> dict:
     """The GELU-quantizing kernel on `device` against torch's GELU then the reference quantization."""
     from gpubake.kernels.convert_triton import fp8_rowwise

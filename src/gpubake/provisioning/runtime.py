@@ -33,6 +33,11 @@ Hopper"), and keeps only those that won on that architecture:
   same state dict; measured on an H200 (2026-12-04, 720p, 4 blocks): 323.8 against 321.4 ms a
   forward, slower (the two-pass quantizer computes the GELU in both passes, +2.3 ms a block,
   for the 1.44 ms GELU kernel it saves): off;
+* ``fuse_norm_quant``: each block's three LayerNorms (with their modulation) hand their
+  linears E4M3 rows quantized in the same pass (`kernels.norm_quant`), so the norm writes no
+  bf16 tensor and Q, K and V do not quantize it three times; the linears must take quantized
+  rows (`hopper-fp8`, `scaled-mm`), the state dict is the same; predicted 0.7-1.0 ms a 480p
+  block (2.5-3.5 %) from the bytes moved, not measured on a GPU: off;
 * ``fuse_act_quant``: under that compile, the FP8 activation quantization of the
   `hopper-fp8` backend is left to inductor (fused into the op before it);
 * ``text_encoder``: "shrink" puts the UMT5 encoder in ~4.4 GiB instead of ~12.5
@@ -124,6 +129,7 @@ class RuntimePlan:
     fuse_act_quant: bool = False
     fuse_qk_rope: bool = False  # self-attention's Q/K RMS norm + RoPE as one Triton pass (`kernels.qk_norm_rope`)
     fuse_ffn_gelu: bool = False  # the FFN's GELU inside the down-projection's activation quantization; slower (H200)
+    fuse_norm_quant: bool = False  # the norms hand their linears FP8 rows (`kernels.norm_quant`); not measured
     text_encoder: str = "keep"
     vae_tiling: bool = False
     vae_channels_last: bool = False  # the VAE's conv weights NDHWC (cuDNN's tensor-core layout); < 2 % a clip
@@ -276,6 +282,7 @@ FUSED_KERNELS = {
     "fuse_qk_rope": ("qk-norm-rope", "the fused Q/K norm + RoPE", "qk_norm_rope_selfcheck"),
     "vae_fused_norm": ("vae-rms-norm-silu", "the VAE's fused RMS norm + SiLU", "vae_norm_selfcheck"),
     "fuse_ffn_gelu": ("ffn-gelu-fp8-quant", "the FFN's GELU inside the FP8 quantization", "ffn_gelu_quant_selfcheck"),
+    "fuse_norm_quant": ("layer-norm-fp8", "the norms' fused FP8 quantization", "norm_quant_selfcheck"),
 }
 
 
@@ -460,6 +467,7 @@ def apply_plan(model: nn.Module, plan: RuntimePlan) -> dict:
     done["fused_qkv_modules"] = set_fused_qkv(model, plan.fuse_qkv)
     done["fused_qk_rope_modules"] = set_fused_qk_rope(model, plan.fuse_qk_rope)
     done["fused_ffn_gelu_modules"] = set_fused_ffn_gelu(model, plan.fuse_ffn_gelu)
+    done["fused_norm_quant_blocks"] = set_fused_norm_quant(model, plan.fuse_norm_quant)  # after the bindings
     blocks = [m for m in model.modules() if type(m).__name__ in getattr(model, "_repeated_blocks", ())]
     if plan.compile_blocks:
         if not blocks:
@@ -556,6 +564,20 @@ def set_fused_ffn_gelu(model: nn.Module, on: bool) -> int:
     return n
 
 
+def set_fused_norm_quant(model: nn.Module, on: bool) -> int:
+    """Each Wan block's norms quantizing for their linears (on: where every reader takes
+    quantized rows) or diffusers' forward (off); returns how many blocks run fused. On needs a
+    device Triton runs on: a one-line `RuntimePlanError` otherwise, before any forward."""
+    from gpubake.kernels.norm_quant import set_fused_norm_quant as set_blocks
+    from gpubake.kernels.quantize_triton import interpreting
+
+    param = next(model.parameters(), None)
+    if on and param is not None and param.device.type != "cuda" and not interpreting():
+        raise RuntimePlanError(f"fuse_norm_quant=1: the fused pass is a Triton kernel, which needs a CUDA device "
+                               f"(the model is on {param.device}; TRITON_INTERPRET=1 runs it on the CPU)")
+    return set_blocks(model, on)
+
+
 def set_fused_qk_rope(model: nn.Module, on: bool) -> int:
     """The self-attentions' Q/K norm and rotary embedding as one Triton pass (on) or diffusers'
     processor (off); returns how many run fused. On needs a device Triton runs on: a one-line
@@ -640,6 +662,8 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
     done = {n: apply_plan(m, plan) for n, m in experts.items()}
     for n, count in bind_fp8(experts, device, plan.fuse_act_quant).items():
         done[n]["fp8_layers"] = count
+        if plan.fuse_norm_quant:  # its readers' path is bound only now
+            done[n]["fused_norm_quant_blocks"] = set_fused_norm_quant(experts[n], True)
     from gpubake.provisioning.step_cache import apply_step_cache
 
     cached: dict[int, dict] = {}
