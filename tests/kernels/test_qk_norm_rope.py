@@ -194,7 +194,16 @@ def test_the_boot_check_passes_here_and_fails_a_wrong_kernel(monkeypatch):
     assert not bad["ok"] and "bit-equal" in bad["reason"]
 
 
-@pytest.mark.parametrize("lever", ["fuse_qk_rope", "vae_fused_norm", "fuse_ffn_gelu"])
+def test_every_fused_lever_has_its_boot_check_tested():
+    from gpubake.provisioning.runtime import FUSED_KERNELS
+
+    assert set(FUSED_KERNELS) == set(FUSED_LEVERS)
+
+
+FUSED_LEVERS = ["fuse_qk_rope", "vae_fused_norm", "fuse_ffn_gelu", "fuse_norm_quant"]
+
+
+@pytest.mark.parametrize("lever", FUSED_LEVERS)
 def test_each_fused_pass_passes_its_boot_check_here(lever):
     """`runtime.fused_selfcheck`: the check the plan runs on the GPU before it takes each fusion
     lever (runtime.FUSED_KERNELS) passes for the kernels as they are (here: the interpreter)."""
@@ -206,13 +215,15 @@ def test_each_fused_pass_passes_its_boot_check_here(lever):
 
 
 def test_the_boot_checks_fail_a_pass_that_computes_something_else(monkeypatch):
-    """A VAE norm that forgets its SiLU, a GELU-quantizer that forgets the GELU: each check says no."""
-    from gpubake.kernels import convert_triton, vae_norm
+    """A VAE norm that forgets its SiLU, a GELU-quantizer that forgets the GELU, a norm-quantizer
+    that forgets the modulation: each check says no."""
+    from gpubake.kernels import convert_triton, norm_quant, vae_norm
     from gpubake.provisioning.runtime import fused_selfcheck
 
-    real_norm, real_quant = vae_norm.rms_norm_silu, convert_triton.fp8_rowwise
+    real_norm, real_quant, real_nq = vae_norm.rms_norm_silu, convert_triton.fp8_rowwise, norm_quant.layer_norm_fp8
     monkeypatch.setattr(vae_norm, "rms_norm_silu", lambda x, g, s, silu=True: real_norm(x, g, s, silu=False))
     monkeypatch.setattr(convert_triton, "fp8_rowwise", lambda x, gelu=False: real_quant(x))
-    for lever in ("vae_fused_norm", "fuse_ffn_gelu"):
+    monkeypatch.setattr(norm_quant, "layer_norm_fp8", lambda x, eps, *a, **kw: real_nq(x, eps))
+    for lever in ("vae_fused_norm", "fuse_ffn_gelu", "fuse_norm_quant"):
         got = fused_selfcheck(lever, "cpu")
         assert not got["ok"] and "bit-equal" in got["reason"], (lever, got)
