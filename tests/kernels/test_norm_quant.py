@@ -161,3 +161,15 @@ def test_blocks_whose_linears_quantize_their_own_input_stay_as_they_are(tiny_nvf
         tiny_forward(model)
     assert module.set_fused_norm_quant(model, True) == 0  # applied again: nothing fuses, the forward runs
     tiny_forward(model)
+
+
+def test_an_expert_waiting_on_the_host_is_fused_by_its_bound_backend(tiny_nvfp4_expert):
+    """expert_offload applies the plan while an expert sits in host memory: the bound backend
+    (a GPU one there) decides, not what could run on the host."""
+    from gpubake.kernels import norm_quant as module
+    from gpubake.kernels.backends import HopperFp8
+    from gpubake.kernels.linear import bind_backends
+
+    model = tiny_nvfp4_expert
+    bind_backends(model, HopperFp8())  # the real, CUDA-only backend, the model on the CPU
+    assert module.set_fused_norm_quant(model, True) == model.config.num_layers

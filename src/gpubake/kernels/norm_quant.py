@@ -196,10 +196,12 @@ def _takes_rows(layer: torch.nn.Module, device: torch.device) -> bool:
         return all(_takes_rows(p, device) for p in layer.parts)
     if not isinstance(layer, (NVFP4Linear, FP8Linear)) or layer.input_activation is not None:
         return False
+    bound = layer._backend  # bound: what runs wherever the layer sits (an offloaded expert waits on the host)
     try:
-        return bool(getattr(layer.backend(device), "takes_quantized_rows", False))
+        backend = bound if bound is not None else layer.backend(device)
     except KernelError:
         return False
+    return bool(getattr(backend, "takes_quantized_rows", False))
 
 
 def _consumers(block: torch.nn.Module) -> list[torch.nn.Module]:
