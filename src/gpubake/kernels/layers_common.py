@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from gpubake.errors import KernelError
+
 
 def bind_all(model: nn.Module, kind: type, backend: Any) -> int:
     """`layer.bind_backend(backend)` on every `kind` layer of `model`; returns how many."""
@@ -74,7 +76,5 @@ def check_takes_rows(x: Any, backend: Any, layer: str) -> None:
     """One line where rows arrive quantized at a layer whose backend quantizes its own input
     (a backend bound after the plan applied `fuse_norm_quant`)."""
     if isinstance(x, QuantizedRows) and not getattr(backend, "takes_quantized_rows", False):
-        from gpubake.errors import KernelError
-
         raise KernelError(f"{layer}: activations arrive quantized (fuse_norm_quant) but backend {backend.name} "
                           "quantizes its own; apply the runtime plan again after binding it")
