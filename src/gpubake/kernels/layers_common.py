@@ -66,10 +66,7 @@ class QuantizedRows(NamedTuple):
     scales: torch.Tensor  # float32 [M, 1]
     shape: torch.Size
     dtype: torch.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
+    device: torch.device  # the codes' (a field, not a property: dynamo traces a named tuple's fields)
 
 
 def check_takes_rows(x: Any, backend: Any, layer: str) -> None:

@@ -139,7 +139,7 @@ def layer_norm_fp8(x: torch.Tensor, eps: float, weight: torch.Tensor | None = No
     out = torch.empty((rows.shape[0], k), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=x.device)
     if rows.shape[0]:
-        dummy = row_scale  # an unread pointer where a table is absent
+        dummy = rows  # an unread pointer where a table is absent (read-only: no alias of an output)
         _layer_norm_fp8_kernel[(rows.shape[0],)](
             rows, dummy if w is None else w, dummy if b is None else b, dummy if sc is None else sc,
             dummy if sh is None else sh, _raw(out), row_scale, k, tokens, rows.stride(0),
@@ -153,7 +153,7 @@ def _quantized(x: torch.Tensor, norm: torch.nn.Module, scale: torch.Tensor | Non
                shift: torch.Tensor | None = None) -> QuantizedRows:
     """What the block's linears after `norm` (a diffusers ``FP32LayerNorm``) would quantize."""
     codes, scales = layer_norm_fp8(x, norm.eps, norm.weight, norm.bias, scale, shift)
-    return QuantizedRows(codes, scales, x.shape, x.dtype)
+    return QuantizedRows(codes, scales, x.shape, x.dtype, x.device)
 
 
 def fused_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
