@@ -124,3 +124,15 @@ def import_refused(capsys, args: list[str], dest) -> str:
     assert not dest.exists()
     assert not [p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}")]  # no temp left
     return " ".join(err.split())
+
+
+def cpu_hopper_fp8():
+    """hopper-fp8's arithmetic on the CPU: torch's CPU `_scaled_mm` takes row-wise E4M3, the
+    Triton kernels run in the interpreter (the kernel tests' TRITON_INTERPRET=1)."""
+    from gpubake.kernels.backends import HopperFp8
+
+    class CpuHopperFp8(HopperFp8):
+        needs_cuda = False
+        caps = None
+
+    return CpuHopperFp8()

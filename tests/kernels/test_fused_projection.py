@@ -10,17 +10,10 @@ import torch
 from torch import nn
 
 from gpubake.errors import KernelError
-from gpubake.kernels.backends import BlackwellNative, CpuReference, HopperFp8
+from gpubake.kernels.backends import BlackwellNative, CpuReference
 from gpubake.kernels.format import BLOCK, unswizzle_scales
 from gpubake.kernels.linear import FusedNVFP4Projection, NVFP4Linear
-from testutil import decode_operand
-
-
-class CpuHopperFp8(HopperFp8):
-    """hopper-fp8's arithmetic on the CPU (torch's CPU `_scaled_mm` takes row-wise E4M3)."""
-
-    needs_cuda = False
-    caps = None
+from testutil import cpu_hopper_fp8, decode_operand
 
 
 def _parts(gen, k=64, outs=(48, 48, 32)):
@@ -34,7 +27,7 @@ def _parts(gen, k=64, outs=(48, 48, 32)):
     return parts
 
 
-@pytest.mark.parametrize("backend", [CpuReference(), CpuHopperFp8()])
+@pytest.mark.parametrize("backend", [CpuReference(), cpu_hopper_fp8()])
 def test_fused_equals_the_parts(gen, backend):
     parts = _parts(gen)
     for p in parts:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from gpubake.errors import KernelError
-from gpubake.kernels.backends import HopperFp8
 from gpubake.kernels.fp8_ref import fp8_rowwise_ref
 from gpubake.kernels.norm_quant import layer_norm_fp8, layer_norm_fp8_reference
+from testutil import cpu_hopper_fp8
 
 
 def _codes(t: torch.Tensor) -> torch.Tensor:
@@ -97,14 +97,6 @@ def test_bad_arguments_are_one_line_kernel_errors(bad, match):
         layer_norm_fp8(kw.pop("x"), 1e-6, **kw)
 
 
-class CpuHopperFp8(HopperFp8):
-    """hopper-fp8's arithmetic on the CPU (torch's CPU `_scaled_mm` takes row-wise E4M3, the
-    Triton kernels run in the interpreter)."""
-
-    needs_cuda = False
-    caps = None
-
-
 @pytest.fixture
 def tiny_nvfp4_expert():
     """The tiny Wan expert in bf16, every block linear NVFP4 on hopper-fp8's arithmetic, norm2's
@@ -125,7 +117,7 @@ def tiny_nvfp4_expert():
         if isinstance(mod, torch.nn.Linear) and name.startswith("blocks."):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, NVFP4Linear.from_linear(mod))
-    bind_backends(model, CpuHopperFp8())
+    bind_backends(model, cpu_hopper_fp8())
     return model
 
 
