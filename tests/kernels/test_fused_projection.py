@@ -128,3 +128,25 @@ def test_blackwell_gemm_glue_fused_equals_the_parts(gen, monkeypatch, emulated_b
     assert got.shape == (2, 19, 224) and torch.equal(got, want)
     emulated = torch.cat([emulated_blackwell.apply(x, p.prepared(x.device)[1], p.bias) for p in parts], dim=-1)
     assert torch.allclose(got.float(), emulated.float(), rtol=2**-6, atol=1e-3 * float(emulated.abs().max()))
+
+
+def test_quantized_rows_reach_no_backend_that_quantizes_its_own(gen):
+    """Rows quantized by their producer (`fuse_norm_quant`) at parts whose backend quantizes its
+    own input: one line, whether the parts run fused or one after another."""
+    from gpubake.kernels.fp8_ref import fp8_rowwise_ref
+    from gpubake.kernels.layers_common import QuantizedRows
+
+    x = torch.randn(2, 5, 64, generator=gen).to(torch.bfloat16)
+    rows = QuantizedRows(*fp8_rowwise_ref(x.reshape(-1, 64)), x.shape, x.dtype, x.device)
+    parts = _parts(gen)
+    for p in parts:
+        p.bind_backend(CpuReference())
+    with pytest.raises(KernelError, match="^FusedNVFP4Projection: activations arrive quantized"):
+        FusedNVFP4Projection(parts)(rows)
+    parts[0].bind_backend(cpu_hopper_fp8())  # mixed: run part by part, the CPU reference still refuses
+    with pytest.raises(KernelError, match="^FusedNVFP4Projection: activations arrive quantized"):
+        FusedNVFP4Projection(parts)(rows)
+    for p in parts:
+        p.bind_backend(cpu_hopper_fp8())
+    fused = FusedNVFP4Projection(parts)
+    assert torch.equal(fused(rows), fused(x))  # rows quantized as hopper-fp8 would: the same output

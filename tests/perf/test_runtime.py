@@ -446,6 +446,16 @@ def test_fuse_qk_rope_on_a_cpu_without_the_interpreter_is_one_line(tiny_nvfp4_mo
     assert apply_plan(tiny_nvfp4_model, plain)["fused_qk_rope_modules"] == 0
 
 
+def test_fuse_norm_quant_on_a_cpu_without_the_interpreter_is_one_line(tiny_nvfp4_model, monkeypatch):
+    """The fused norm + FP8 quantization is a Triton kernel too: the same one line, the blocks'
+    forwards left as they were."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    plain = RuntimePlan(arch="cpu", gemm_backend="cpu-reference")
+    with pytest.raises(RuntimePlanError, match=r"^fuse_norm_quant=1: .* needs a CUDA device \(the model is on cpu;"):
+        apply_plan(tiny_nvfp4_model, plain.with_(fuse_norm_quant=True))
+    assert all("forward" not in b.__dict__ for b in tiny_nvfp4_model.blocks)
+
+
 def test_fuse_qk_rope_is_a_runtime_lever():
     assert runtime.plan_from_env("cpu", "fuse_qk_rope=1").fuse_qk_rope is True
     assert runtime.plan_from_env("cpu").fuse_qk_rope is False  # measured on Hopper only

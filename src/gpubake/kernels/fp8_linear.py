@@ -110,7 +110,7 @@ def quantize_activations_rowwise(x: torch.Tensor | QuantizedRows, fuse_when_comp
     `fuse_when_compiling` the twin too, so that inductor fuses the quantization into the norm
     and modulation that produced x instead of a separate pass over it (the peer's torchao
     quantization is torch ops, fused that way). Shared by both FP8-GEMM paths (`ScaledMm`
-    here, `backends.HopperFp8`). `gelu`: of diffusers' FFN GELU of x2 (tanh approximation), which
+    here, `backends.HopperFp8`). `gelu`: of diffusers' FFN GELU of x (tanh approximation), which
     the kernel computes on the way (within one bf16 ulp of torch's on a few values)."""
     if isinstance(x, QuantizedRows):
         if gelu:

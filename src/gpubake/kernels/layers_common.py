@@ -55,7 +55,6 @@ def apply_input_activation(x: torch.Tensor, activation: str | None) -> torch.Ten
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
-
 class QuantizedRows(NamedTuple):
     """Activations their producer already quantized per token to E4M3 as the FP8 backends do
     (`norm_quant.layer_norm_fp8`, the runtime plan's `fuse_norm_quant`): a quantized layer

@@ -215,13 +215,14 @@ class FusedNVFP4Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         got = [p.prepared(x.device) for p in self.parts]
+        for b, _ in got:  # fused or part by part, each backend must take rows that arrive quantized
+            check_takes_rows(x, b, "FusedNVFP4Projection")
         backend, pws = got[0][0], [pw for _, pw in got]
         known = self._fusable
         if known is None or any(r() is not pw for r, pw in zip(known[0], pws)):
             fuse = all(b is backend for b, _ in got) and backend.can_fuse(pws)
             self._fusable = known = (tuple(weakref.ref(pw) for pw in pws), fuse)
         if known[1]:
-            check_takes_rows(x, backend, "FusedNVFP4Projection")
             return backend.apply_fused(x, pws, [p.bias for p in self.parts])
         return torch.cat([b.apply(x, pw, p.bias) for (b, pw), p in zip(got, self.parts)], dim=-1)
 

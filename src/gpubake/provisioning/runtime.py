@@ -564,31 +564,36 @@ def set_fused_ffn_gelu(model: nn.Module, on: bool) -> int:
     return n
 
 
-def set_fused_norm_quant(model: nn.Module, on: bool) -> int:
-    """Each Wan block's norms quantizing for their linears (on: where every reader takes
-    quantized rows) or diffusers' forward (off); returns how many blocks run fused. On needs a
-    device Triton runs on: a one-line `RuntimePlanError` otherwise, before any forward."""
-    from gpubake.kernels.norm_quant import set_fused_norm_quant as set_blocks
+def _check_triton_device(model: nn.Module, lever: str) -> None:
+    """A fusion lever whose pass is a Triton kernel, asked for on a model Triton cannot run on:
+    a one-line `RuntimePlanError`, before any forward."""
     from gpubake.kernels.quantize_triton import interpreting
 
     param = next(model.parameters(), None)
-    if on and param is not None and param.device.type != "cuda" and not interpreting():
-        raise RuntimePlanError(f"fuse_norm_quant=1: the fused pass is a Triton kernel, which needs a CUDA device "
+    if param is not None and param.device.type != "cuda" and not interpreting():
+        raise RuntimePlanError(f"{lever}=1: the fused pass is a Triton kernel, which needs a CUDA device "
                                f"(the model is on {param.device}; TRITON_INTERPRET=1 runs it on the CPU)")
+
+
+def set_fused_norm_quant(model: nn.Module, on: bool) -> int:
+    """Each Wan block's norms quantizing for their linears (on: where every reader takes
+    quantized rows) or diffusers' forward (off); returns how many blocks run fused. On needs a
+    device Triton runs on (`_check_triton_device`)."""
+    from gpubake.kernels.norm_quant import set_fused_norm_quant as set_blocks
+
+    if on:
+        _check_triton_device(model, "fuse_norm_quant")
     return set_blocks(model, on)
 
 
 def set_fused_qk_rope(model: nn.Module, on: bool) -> int:
     """The self-attentions' Q/K norm and rotary embedding as one Triton pass (on) or diffusers'
-    processor (off); returns how many run fused. On needs a device Triton runs on: a one-line
-    `RuntimePlanError` otherwise, before any forward."""
+    processor (off); returns how many run fused. On needs a device Triton runs on
+    (`_check_triton_device`)."""
     from gpubake.kernels.qk_norm_rope import set_fused_qk_norm_rope
-    from gpubake.kernels.quantize_triton import interpreting
 
-    param = next(model.parameters(), None)
-    if on and param is not None and param.device.type != "cuda" and not interpreting():
-        raise RuntimePlanError(f"fuse_qk_rope=1: the fused pass is a Triton kernel, which needs a CUDA device "
-                               f"(the model is on {param.device}; TRITON_INTERPRET=1 runs it on the CPU)")
+    if on:
+        _check_triton_device(model, "fuse_qk_rope")
     return set_fused_qk_norm_rope(model, on)
 
 
