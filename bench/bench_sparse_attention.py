@@ -17,9 +17,10 @@ tokens) and 720x1280x81 (75,600), per variant:
 * ``sparse-flex-0.1-b128``: keep 0.1 with 128 x 128 blocks (the Triton kernel's own tile);
 * ``router-0.1`` / ``router-0.1-b128``: the router and the BlockMask alone (the sparse path's
   overhead), 64- and 128-token query blocks; ``...-legacy``: the router as it was until
-  2026-12-04 (`legacy_route`: K read twice for its smoothing), the peer of the current one (its chosen blocks checked equal, ``route_equal_*``). Until
-  2026-12-04 the router row returned the mask's partial-block indices, which do not depend on
-  the route, so inductor dropped the route and the row timed nothing (0.08 ms);
+  2026-12-04 (`legacy_route`: K read twice for its smoothing), the peer of the current one
+  (its chosen blocks checked equal, ``route_equal_*``). Until 2026-12-04 the router row
+  returned the mask's partial-block indices, which do not depend on the route, so inductor
+  dropped the route and the row timed nothing (0.08 ms);
 * ``sparse-flex-0.1[-b128]-k<name>``: the same call with FlexAttention's Triton options
   `KERNEL_OPTIONS[name]` over the plan's own (`attention_sparse.TUNED_KERNEL_OPTIONS`, which
   the untuned twin runs), its output compared with the twin's (``rel_err_vs_untuned_*``).
@@ -187,17 +188,12 @@ def variants(cuda: bool) -> tuple[dict, dict]:
 
 def legacy_route(q, k, keep: float, block_q: int, block_k: int):
     """The router until 2026-12-04 (the peer of `attention_sparse.route`): K's mean subtracted
-    before its pooling (K read twice)."""
-    import torch
-
+    before its pooling (K read twice); the same selection from the scores."""
     from gpubake.kernels import attention_sparse as S
 
     k_smooth = k.float() - k.float().mean(dim=-2, keepdim=True)
     scores = S.block_mean(q, block_q) @ S.block_mean(k_smooth, block_k).transpose(-1, -2)
-    kept = S.kept_blocks(scores.shape[-1], keep)
-    chosen = S.top_blocks(scores, kept)
-    keep_map = torch.zeros(scores.shape, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
-    return S.Route(chosen.to(torch.int32), keep_map, kept, block_q, block_k)
+    return S.route_from_scores(scores, keep, block_q, block_k)
 
 
 def route_agreement(q, k, bq: int) -> float:

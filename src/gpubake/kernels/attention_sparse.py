@@ -147,10 +147,15 @@ def route(q: torch.Tensor, k: torch.Tensor, keep: float = DEFAULT_KEEP, block_q:
     """The router: per (batch, head, query block), the `kept_blocks` best-scoring key blocks
     (`block_scores`, `top_blocks`), ties to the lower key-block index."""
     _check_shapes(q, k, block_q, block_k)
-    scores = block_scores(q, k, block_q, block_k)
+    return route_from_scores(block_scores(q, k, block_q, block_k), keep, block_q, block_k)
+
+
+def route_from_scores(scores: torch.Tensor, keep: float, block_q: int, block_k: int) -> Route:
+    """The route of block scores ([B, H, Q blocks, K blocks]): each query block's `kept_blocks`
+    best (`top_blocks`), as indices and as a map."""
     kept = kept_blocks(scores.shape[-1], keep)
     chosen = top_blocks(scores, kept)
-    keep_map = torch.zeros(scores.shape, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
+    keep_map = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, chosen, True)
     return Route(chosen.to(torch.int32), keep_map, kept, block_q, block_k)
 
 
