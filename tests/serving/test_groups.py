@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -303,3 +304,72 @@ def test_no_rank_outlives_a_killed_service(tiny_nvfp4_checkpoint, tmp_path):
             if not _dead_or_zombie(p):
                 os.kill(p, signal.SIGKILL)
         log.close()
+
+
+class _Rank:
+    """A rank process as `_boot` and `_loop` see it: alive until `exit()`."""
+
+    def __init__(self, pid: int) -> None:
+        import multiprocessing as mp
+
+        self.pid, self.exitcode, self._alive = pid, None, True
+        self._ours, self._theirs = mp.Pipe(duplex=False)
+        self.sentinel = self._ours.fileno()
+
+    def is_alive(self) -> bool:
+        return self._alive
+
+    def exit(self, code: int) -> None:
+        self._alive, self.exitcode = False, code
+        self._theirs.send("exited")  # makes the sentinel readable, as a real exit does
+
+    def join(self, _timeout: float | None = None) -> None:
+        pass
+
+    def kill(self) -> None:
+        if self._alive:
+            self.exit(-9)
+
+
+def _racing_group(make_service: Any, reason: str, rank0_exit: int | None, rank1_exit: int) -> Any:
+    """A group of 2 whose rank 0 sends `reason` (and exits with `rank0_exit` unless None) while
+    rank 1 exits with `rank1_exit`, all of it right after the service's read of the pipes and
+    before its look at the exits: the race CI hit once."""
+    import multiprocessing as mp
+
+    service = make_service(device="cpu", gpus_per_clip=2)
+    ranks, (service_end, rank0_end) = [_Rank(1001), _Rank(1002)], mp.Pipe()
+
+    def spawn(worker: Any) -> None:
+        worker.procs[:], worker.conns[:] = ranks, [service_end, mp.Pipe()[0]]
+
+    real_messages = service._messages
+
+    def messages(worker: Any, timeout: float) -> Any:
+        got = real_messages(worker, timeout)
+        if ranks[1].is_alive():
+            rank0_end.send(("failed", reason))
+            if rank0_exit is not None:
+                ranks[0].exit(rank0_exit)
+            ranks[1].exit(rank1_exit)
+        return got
+
+    service._spawn, service._messages = spawn, messages
+    return service
+
+
+def test_the_boot_reads_rank_0s_reason_before_blaming_the_peer_that_exited_on_its_abort(make_service):
+    reason = "self-test failed: model: sha256 mismatch"
+    service = _racing_group(make_service, reason, rank0_exit=None, rank1_exit=0)
+    (w,) = service.workers
+    service._boot(w)
+    assert w.phase == "failed" and w.reason == reason
+
+
+def test_a_serving_group_blames_the_rank_that_died_without_a_word(make_service):
+    """Rank 0 says why it fails and exits as rank 1 is killed: the cause is rank 1, which said nothing."""
+    service = _racing_group(make_service, "rank 0 (cpu): gloo: connection closed by peer", rank0_exit=1, rank1_exit=-9)
+    (w,) = service.workers
+    service._spawn(w)
+    service._loop(w)
+    assert w.phase == "failed" and w.reason.startswith("rank 1 (cpu, pid 1002) died (killed by SIGKILL)"), w.reason

@@ -275,22 +275,8 @@ class GroupService(GenerationService):
         self._spawn(w)
         ready: set[int] = set()
         while not self._stopping:
-            for rank, msg in self._messages(w, 1.0):
-                if msg[0] == "report":
-                    from gpubake.smoke_tests.report import Report
-
-                    w.report = Report.from_json(msg[1])
-                    self._publish()
-                elif msg[0] == "failed":
-                    w.fail(msg[1])
-                    self._end_group(w)
-                    return
-                elif msg[0] == "ready":
-                    ready.add(rank)
-                    if rank == 0:
-                        info = msg[1]
-                        w.runtime = info.get("runtime")
-                        w.generator = GroupGenerator(self.model, Limits(**info["limits"]), info["two_experts"])
+            if self._boot_messages(w, self._messages(w, 1.0), ready):
+                return
             if len(ready) == len(w.procs):
                 split = (w.runtime or {}).get("applied", {}).get("parallel", {})
                 log.info("group %d ready: %s on %s, one clip split %s", w.index, self.model.id, w.label,
@@ -298,6 +284,9 @@ class GroupService(GenerationService):
                 w.phase = "ready"
                 return
             dead = self._dead(w)
+            # a peer ends on rank 0's abort, which follows rank 0's reason: read what is left first
+            if dead is not None and self._boot_messages(w, self._messages(w, 0.0), ready):
+                return
             if dead is not None:
                 rank, p = dead
                 w.fail(f"rank {rank} ({w.devices[rank]}, pid {p.pid}) exited during the boot ({_how(p.exitcode)})")
@@ -305,24 +294,50 @@ class GroupService(GenerationService):
                 return
         w.fail("stopped during the boot")
 
+    def _boot_messages(self, w: GroupWorker, messages: list[tuple[int, tuple[Any, ...]]], ready: set[int]) -> bool:
+        """Apply the boot's messages; True once a rank said the group failed (then it is ended)."""
+        for rank, msg in messages:
+            if msg[0] == "report":
+                from gpubake.smoke_tests.report import Report
+
+                w.report = Report.from_json(msg[1])
+                self._publish()
+            elif msg[0] == "failed":
+                w.fail(msg[1])
+                self._end_group(w)
+                return True
+            elif msg[0] == "ready":
+                ready.add(rank)
+                if rank == 0:
+                    info = msg[1]
+                    w.runtime = info.get("runtime")
+                    w.generator = GroupGenerator(self.model, Limits(**info["limits"]), info["two_experts"])
+        return False
+
     def _loop(self, w: Worker) -> None:
         assert isinstance(w, GroupWorker)
         self._prune()
         while not self._stopping:
-            for rank, msg in self._messages(w, 1.0):
-                if msg[0] == "job":
-                    w.job_id = msg[1]
-                elif msg[0] == "job_done":
-                    w.job_id = None
-                    w.jobs_done += 1
-                    self._prune()
-                elif msg[0] == "failed":
-                    w.failed_ranks.add(rank)  # it exits next: a consequence, unless no other rank died
-                    log.error("group %d: %s", w.index, msg[1])
-            dead = self._dead(w)
-            if dead is not None and not self._stopping:
-                self._group_died(w, *dead)
-                return
+            self._loop_messages(w, self._messages(w, 1.0))
+            if self._dead(w) is None or self._stopping:
+                continue
+            self._loop_messages(w, self._messages(w, 0.0))  # what the ranks said before they exited
+            dead = self._dead(w)  # the cause, now that every rank's last word is read
+            assert dead is not None
+            self._group_died(w, *dead)
+            return
+
+    def _loop_messages(self, w: GroupWorker, messages: list[tuple[int, tuple[Any, ...]]]) -> None:
+        for rank, msg in messages:
+            if msg[0] == "job":
+                w.job_id = msg[1]
+            elif msg[0] == "job_done":
+                w.job_id = None
+                w.jobs_done += 1
+                self._prune()
+            elif msg[0] == "failed":
+                w.failed_ranks.add(rank)  # it exits next: a consequence, unless no other rank died
+                log.error("group %d: %s", w.index, msg[1])
 
     def _group_died(self, w: GroupWorker, rank: int, proc: Any) -> None:
         """A rank died: end its peers, fail the job it was rendering, take the group out."""
