@@ -6,9 +6,9 @@ serving pipeline as its gpubake@SIZE case, with one lever changed:
 - ``cfg_until=F``: CFG truncation (`provisioning.cfg_truncation`), passed to `render` as a
   request would pass it; no warm-up of its own (the unguided steps run the shapes the
   guided steps ran), so a timed clip that compiled says so (`dynamo_frames_compiled`).
-- ``step_cache=fbc:T``: the runtime plan's step cache (`provisioning.step_cache`) put on both
-  experts for the variant and taken off after it; a warm-up clip of its own first (the
-  cache's hooks change what dynamo traces).
+- ``step_cache=fbc:T`` or ``step_cache=mag:T[:K[:R]]``: the runtime plan's step cache
+  (`provisioning.step_cache`) put on both experts for the variant and taken off after it; a
+  warm-up clip of its own first (the cache's hooks change what dynamo traces).
 - ``sparse_keep=K``: both experts' self-attention block-sparse at keep K (the plan's
   ``attention=sparse-flex``, `kernels.attention_sparse`) for the variant, then back to the
   plan's own kernel; a warm-up clip of its own first (the blocks recompile for the new
@@ -42,8 +42,10 @@ evaluations (forward hooks; `blocks_skipped_fraction`), and its quality against 
 gpubake case's clip: relative error of the final latents and PSNR of the decoded video
 (both captured at `vae.decode`). The 40-step clip from a shorter run: CFG truncation is
 extrapolated as text + decode + k guided steps + (recipe steps - k) unguided steps, each at
-its own median; a step cache's skips depend on the whole schedule, so its clip is given
-only when the run has the recipe's step count.
+its own median. First Block Cache's skips depend on the whole clip, so its clip is given only
+when the run has the recipe's step count; MagCache's are known in advance, so its clip is
+text + decode + the forwards it computes at the recipe's step count, at the gpubake case's
+guided step.
 """
 
 from __future__ import annotations
@@ -187,6 +189,35 @@ def cfg_clip_at_recipe_steps(timed: dict[str, Any], guided: int, cfg_until: floa
     return out
 
 
+def _delta(now: dict[str, dict[str, int]], before: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]]:
+    before = before or {}
+    return {k: {e: n - before.get(k, {}).get(e, 0) for e, n in v.items()} for k, v in now.items()}
+
+
+def mag_clip_at_recipe_steps(timed: dict[str, Any], pipe: Any, cache: Any, base_step_s: float | None) -> dict[str, Any]:
+    """A MagCache clip at the recipe's step count from a shorter run: its skips there are known
+    in advance (`mag_cache.clip_schedule`), so text + decode + (forwards computed / 2) guided
+    steps at the gpubake case's median; a skipped forward is counted as free (it still runs the
+    patch embedding, the time embedding, the output projection and one add: a few ms)."""
+    from gpubake.provisioning.mag_cache import MagSettings, clip_schedule, schedule_facts
+
+    steps = timed["recipe_steps"]
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # the pipeline's own stays as it is
+    scheduler.set_timesteps(steps)
+    sched = clip_schedule(schedule_facts(pipe, steps, scheduler),
+                          MagSettings(cache.threshold, cache.max_skips, cache.retention))
+    if sched.table is None or base_step_s is None:
+        return {"clip_at_recipe_steps_s": None,
+                "extrapolation": "none: " + ("no ratio table for the schedule" if sched.table is None
+                                             else "the gpubake case measured no guided step")}
+    computed = 2 * steps - sched.skipped_forwards()
+    at = timed["text_encoder_s"] + timed["decode_s"] + computed / 2 * base_step_s
+    return {"clip_at_recipe_steps_s": round(at, 3), "mag_forwards_at_recipe_steps": {"computed": computed,
+            "skipped": sched.skipped_forwards()},
+            "extrapolation": f"text_encoder_s + decode_s + {computed} / 2 x the gpubake case's guided step "
+                             f"(skips from the {sched.table} table at {steps} steps; a skipped forward counted as 0 s)"}
+
+
 def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, Any], render_clip: Any,
                 clip_args: tuple, warmup_steps: int | None) -> None:
     """Fill `row` with the variant's clips, counts and quality against `base` (the gpubake
@@ -196,7 +227,8 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     from gpubake.provisioning.runtime import (apply_attention, set_fused_ffn_gelu, set_fused_norm_quant,
                                               set_fused_qk_rope, set_fused_qkv, set_vae_compile, set_vae_conv_padding,
                                               set_vae_fused_norm, set_vae_layout)
-    from gpubake.provisioning.step_cache import apply_step_cache, blocks_of, count_blocks
+    from gpubake.provisioning.mag_cache import mag_stats
+    from gpubake.provisioning.step_cache import apply_step_caches, blocks_of, count_blocks
 
     # lever -> (the plan's setter on one expert, the key its count is reported under)
     FUSERS = {"fuse_qkv": (set_fused_qkv, "fused_qkv_modules"), "fuse_qk_rope": (set_fused_qk_rope, "fused_qk_rope_modules"),
@@ -210,7 +242,7 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
     benchmark = torch.backends.cudnn.benchmark  # restored below, whatever the variant
     try:
         if variant.lever == "step_cache":
-            row["applied"] = {n: apply_step_cache(m, variant.value) for n, m in experts.items()}
+            row["applied"] = apply_step_caches(pipe, variant.value)
         elif variant.lever in ("sparse_keep", "sparse_block_q"):
             from gpubake.kernels.attention_sparse import BLOCK_Q, DEFAULT_KEEP, set_sparse_self_attention
 
@@ -237,8 +269,11 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             extra["cfg_until"] = variant.value
         if variant.warms_up:
             row["warmup"] = render_clip(*clip_args, steps=warmup_steps)
+        mag_before = (m.to_dict() if (m := mag_stats(pipe)) else None)
         with count_blocks(pipe) as counts, captured_decode(pipe) as got:
             row["timed"] = render_clip(*clip_args, extra=extra)
+        if (m := mag_stats(pipe)) is not None:
+            row["mag_forwards"] = _delta(m.to_dict(), mag_before)
     finally:
         torch.backends.cudnn.benchmark = benchmark
         if variant.lever == "vae_channels_last":
@@ -249,10 +284,10 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             set_vae_conv_padding(pipe.vae, sp.plan.vae_conv_pad)
         if variant.lever == "vae_fused_norm":
             set_vae_fused_norm(pipe.vae, sp.plan.vae_fused_norm)
-        for m in experts.values() if variant.lever in EXPERT_LEVERS else ():  # back to the plan's own
-            if variant.lever == "step_cache":
-                apply_step_cache(m, sp.plan.step_cache)
-            elif variant.lever in FUSERS:
+        if variant.lever == "step_cache":
+            apply_step_caches(pipe, sp.plan.step_cache)  # back to the plan's own
+        for m in experts.values() if variant.lever in EXPERT_LEVERS and variant.lever != "step_cache" else ():
+            if variant.lever in FUSERS:
                 FUSERS[variant.lever][0](m, getattr(sp.plan, variant.lever))
             else:
                 apply_attention(m, sp.plan)
@@ -264,6 +299,8 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
         est = cfg_clip_at_recipe_steps(timed, timed["cfg_steps"], variant.value, timed["recipe_steps"],
                                        base_t.get("seconds_per_step"))
         timed.update(est)
+    elif variant.lever == "step_cache" and variant.value.kind == "mag" and timed["clip_at_recipe_steps_extrapolated"]:
+        timed.update(mag_clip_at_recipe_steps(timed, pipe, variant.value, base_t.get("seconds_per_step")))
     elif variant.lever == "step_cache" and timed["clip_at_recipe_steps_extrapolated"]:
         timed.update(clip_at_recipe_steps_s=None,
                      extrapolation=f"none: a step cache's skips depend on the whole schedule (run --steps "

@@ -5,11 +5,15 @@
 #   bash bench/issue18_device.sh vae        # the compiled decoder with and without the fused VAE norm, 480p (~5 min)
 #   bash bench/issue18_device.sh tiles      # 64-token sparse blocks: 4 warps alone, + TMA, 2 and 4 stages, 480p (~5 min)
 #   bash bench/issue18_device.sh routers    # the router against its former self, 480p and 720p (~4 min)
+#   bash bench/issue18_device.sh magcache   # MagCache on the 40-step 480p recipe: 8 steps timed, three dials
+#                                           # extrapolated from their known skips at 40 (~7 min)
+#   bash bench/issue18_device.sh magcache40 # the authors' defaults as a whole 40-step clip beside the plain one (~9 min)
 # (device tool, carry .whl/dev; results in $OUT). Sparse variants compile for 35-90 s a size on an
 # H200, so each part is its own call. The 2026-12-04 20:15 call (code 5e7d17c, then named
 # router_device.sh) ran routers, tiles and a 480p profile in one and lost the last two to its limits.
 set -uo pipefail
-case "${1:-}" in normquant|vae|tiles|routers) ;; *) echo "usage: bash bench/issue18_device.sh normquant|vae|tiles|routers" >&2; exit 2 ;; esac
+case "${1:-}" in normquant|vae|tiles|routers|magcache|magcache40) ;;
+  *) echo "usage: bash bench/issue18_device.sh normquant|vae|tiles|routers|magcache|magcache40" >&2; exit 2 ;; esac
 OUT="${OUT:-/tmp/issue18-out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/dev/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD/bench" PYTHONUNBUFFERED=1
@@ -32,4 +36,10 @@ case "$1" in
   routers) timeout 500 python3 bench/bench_sparse_attention.py --json-out "$OUT/router_h200.json" --tokens 32760,75600 \
              --variants router-0.1,router-0.1-legacy,router-0.1-b128,router-0.1-b128-legacy 2>&1 | grep -v Warning \
              | tee "$OUT/router_h200.log" ;;
+  magcache) timeout 560 python3 bench/bench_clip.py --out "$OUT" --root /tmp/bc --cases gpubake --steps 8 \
+              --warmup-steps 4 --no-time-bf16 --variant step_cache=mag:0.04 --variant step_cache=mag:0.06:2:0.4 \
+              --variant step_cache=mag:0.06 --budget-s 540 2>&1 | grep -v -i warn | tee "$OUT/magcache.log" ;;
+  magcache40) timeout 580 python3 bench/bench_clip.py --out "$OUT" --root /tmp/bc --cases gpubake --steps 40 \
+                --warmup-steps 4 --no-time-bf16 --variant step_cache=mag:0.04 --budget-s 560 2>&1 | grep -v -i warn \
+                | tee "$OUT/magcache40.log" ;;
 esac

@@ -217,6 +217,34 @@ def test_a_truncated_clip_is_extrapolated_from_its_own_guided_and_unguided_steps
     assert out["clip_at_recipe_steps_s"] is None and out["extrapolation"].startswith("none")
 
 
+def test_a_mag_cache_clip_is_extrapolated_from_the_forwards_it_computes_at_the_recipes_steps():
+    """MagCache's skips at 40 steps are known from a shorter run: the authors' T2V-A14B example
+    (mag:0.06:2:0.4) computes 52 of 80 forwards, so 26 guided steps' worth of work."""
+    from clip_variants import mag_clip_at_recipe_steps
+    from diffusers import UniPCMultistepScheduler
+
+    from gpubake.provisioning.step_cache import StepCache
+
+    class Pipe:  # the A14B recipe's scheduler and boundary, as sampling.apply_recipe leaves them
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=12.0)
+        transformer_2 = object()
+
+        class config:
+            boundary_ratio = 0.875
+
+    Pipe.scheduler.set_timesteps(8)  # the short run's schedule: left as it is
+    timed = {"recipe_steps": 40, "text_encoder_s": 0.1, "decode_s": 2.0}
+    out = mag_clip_at_recipe_steps(timed, Pipe(), StepCache.parse("mag:0.06:2:0.4"), base_step_s=3.7)
+    assert out["mag_forwards_at_recipe_steps"] == {"computed": 52, "skipped": 28}
+    assert out["clip_at_recipe_steps_s"] == pytest.approx(0.1 + 2.0 + 26 * 3.7)
+    assert len(Pipe.scheduler.timesteps) == 8
+    out = mag_clip_at_recipe_steps(timed, Pipe(), StepCache.parse("mag:0.06"), base_step_s=None)
+    assert out["clip_at_recipe_steps_s"] is None and out["extrapolation"].startswith("none")
+    Pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    out = mag_clip_at_recipe_steps(timed, Pipe(), StepCache.parse("mag:0.06"), base_step_s=3.7)
+    assert out["extrapolation"] == "none: no ratio table for the schedule"
+
+
 @pytest.mark.slow
 def test_cap_case_alone_warms_up_before_its_timed_clip(tmp_path):
     """With no gpubake case compiled before it in the process, the cap case renders a warm-up
@@ -241,7 +269,7 @@ def variant_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
            str(tmp / "root"), "--cases", "gpubake", "--steps", "4", "--variant", "cfg_until=0.5",
            "--variant", "step_cache=fbc:0.2", "--variant", "sparse_keep=0.5", "--variant", "vae_channels_last=1", "--variant",
            "cudnn_benchmark=1", "--variant", "vae_compile=1", "--variant", "fuse_qkv=1", "--variant", "vae_fused_norm=1",
-           "--variant", "cfg_until=1"]
+           "--variant", "step_cache=mag:0.06", "--variant", "cfg_until=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"data": json.loads((tmp / "out" / "bench_clip.json").read_text()), "stdout": proc.stdout}
@@ -254,8 +282,9 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     assert list(cases) == ["gpubake@480p", "gpubake+cfg_until=0.5@480p", "gpubake+step_cache=fbc:0.2@480p",
                            "gpubake+sparse_keep=0.5@480p", "gpubake+vae_channels_last=1@480p",
                            "gpubake+cudnn_benchmark=1@480p", "gpubake+vae_compile=1@480p", "gpubake+fuse_qkv=1@480p",
-                           "gpubake+vae_fused_norm=1@480p", "gpubake+cfg_until=1@480p"]
-    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 10
+                           "gpubake+vae_fused_norm=1@480p", "gpubake+step_cache=mag:0.06:2:0.2@480p",
+                           "gpubake+cfg_until=1@480p"]
+    assert all("error" not in c for c in data["cases"]) and len(variant_run["stdout"].splitlines()) == 11
     cut = cases["gpubake+cfg_until=0.5@480p"]
     # 4 steps, 2 guided: 2 x 2 + 2 forwards; blocks all evaluated
     assert cut["timed"]["cfg_steps"] == 2 and sum(cut["counts"]["transformer_forwards"].values()) == 6
@@ -286,7 +315,11 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     assert "warmup" in qkv and qkv["quality_vs_gpubake"]["latent_rel_err"] == 0.0  # cpu-reference: the parts in turn
     norm = cases["gpubake+vae_fused_norm=1@480p"]
     assert norm["applied"]["vae"]["fused_blocks"] > 0 and norm["quality_vs_gpubake"]["latent_rel_err"] == 0.0
-    # after the step cache, the sparse kernel, the VAE layout, cuDNN's setting, the compiled decoder, the fused
+    mag = cases["gpubake+step_cache=mag:0.06:2:0.2@480p"]  # the shipped table is A14B's 40-step one: no skip
+    assert mag["applied"]["transformer"]["mag_tables"] == ["wan22-t2v-a14b-40step"] and "warmup" in mag
+    assert mag["mag_forwards"] == {"computed": {"transformer": 2, "transformer_2": 6}, "skipped": {}}
+    assert mag["quality_vs_gpubake"]["latent_rel_err"] == 0.0
+    # after the step caches, the sparse kernel, the VAE layout, cuDNN's setting, the compiled decoder, the fused
     # projections and the fused norms were put back, cfg_until=1 is the gpubake clip exactly
     full = cases["gpubake+cfg_until=1@480p"]
     assert full["quality_vs_gpubake"] == {"latent_rel_err": 0.0, "video_psnr_db": "inf", "video_max_abs": 0.0}

@@ -10,7 +10,7 @@ import torch
 from gpubake.provisioning.models import get_recipe
 from gpubake.provisioning.runtime import RuntimePlan, RuntimePlanError, apply_runtime, plan_from_env
 from gpubake.provisioning.sampling import apply_recipe
-from gpubake.provisioning.step_cache import StepCache, StepCacheError, apply_step_cache, count_blocks
+from gpubake.provisioning.step_cache import StepCache, StepCacheError, apply_step_caches, count_blocks
 
 STEPS = 8
 BLOCKS = 3  # tiny.TRANSFORMER_CONFIG num_layers
@@ -48,7 +48,7 @@ def test_values_parse(value, parsed):
     assert StepCache.parse(value) == parsed and str(parsed) in ("none", "fbc:0.1", "fbc:1")
 
 
-@pytest.mark.parametrize("value", ["fbc", "fbc:", "fbc:0", "fbc:1.5", "fbc:nan", "fbc:x", "mag:0.1", "taylorseer:5", ""])
+@pytest.mark.parametrize("value", ["fbc", "fbc:", "fbc:0", "fbc:1.5", "fbc:nan", "fbc:x", "mag:0", "taylorseer:5", ""])
 def test_a_bad_value_is_one_line_naming_the_variable(value):
     with pytest.raises(StepCacheError):
         StepCache.parse(value)
@@ -56,7 +56,7 @@ def test_a_bad_value_is_one_line_naming_the_variable(value):
         plan_from_env("cpu", f"step_cache={value}")
     msg = str(exc.value)
     assert msg.startswith(f"GPUBAKE_RUNTIME='step_cache={value}': runtime plan ") and "\n" not in msg
-    assert "none | fbc:THRESHOLD (THRESHOLD in (0, 1])" in msg
+    assert "none | fbc:THRESHOLD | mag:THRESHOLD[:K[:RETENTION]] (THRESHOLD in (0, 1]" in msg
 
 
 def test_off_by_default_selectable_and_refused_with_context_parallel():
@@ -91,13 +91,11 @@ def test_the_cache_skips_blocks_within_the_bound_and_none_is_exact(pipe):
 
 def test_a_threshold_below_every_change_skips_nothing_and_changes_nothing(pipe):
     base, full = latents(pipe)
-    apply_step_cache(pipe.transformer, "fbc:0.02")
-    apply_step_cache(pipe.transformer_2, "fbc:0.02")
+    apply_step_caches(pipe, "fbc:0.02")
     try:
         out, counts = latents(pipe)
     finally:
-        apply_step_cache(pipe.transformer, "none")
-        apply_step_cache(pipe.transformer_2, "none")
+        apply_step_caches(pipe, "none")
     assert counts.total_blocks() == full.total_blocks() and torch.equal(out, base)
 
 
@@ -144,8 +142,7 @@ def test_it_composes_with_the_plans_cpu_levers(tiny_nvfp4_checkpoint, monkeypatc
     assert applied["transformer"]["step_cache"] == "fbc:0.2" and applied["transformer"]["cached_small_m_layers"] > 0
     assert applied["vae"] == {"tiling": 1, "channels_last": 0, "conv_pad": 0, "fused_norm": 0, "compiled_decoder": 0} and "text_encoder" in applied
     cached, counts = latents(sp.pipe)
-    for name in ("transformer", "transformer_2"):
-        apply_step_cache(getattr(sp.pipe, name), "none")
+    apply_step_caches(sp.pipe, "none")
     uncached, full = latents(sp.pipe)
     assert counts.total_blocks() < full.total_blocks() and 0.0 < rel(cached, uncached) < BOUND
 

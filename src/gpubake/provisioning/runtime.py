@@ -75,9 +75,11 @@ Hopper"), and keeps only those that won on that architecture:
   (`gpubake.provisioning.parallel`); set from the group's size and the clip's tokens. The
   8-bit attention kernels do not run inside it: with it on, self-attention is BF16 and
   the plan's ``notes`` say so.
-* ``step_cache``: ``none`` or ``fbc:THRESHOLD``, diffusers' First Block Cache on each expert
-  (`gpubake.provisioning.step_cache`): a forward whose first block changed little since the
-  previous step skips the others. An approximation, off until measured (issue 18).
+* ``step_cache``: ``none``, ``fbc:THRESHOLD`` (diffusers' First Block Cache on each expert: a
+  forward whose first block changed little since the previous step skips the others) or
+  ``mag:THRESHOLD[:K[:RETENTION]]`` (MagCache: whole forwards skipped on the schedule a
+  calibrated ratio table fixes in advance), `gpubake.provisioning.step_cache`. Approximations,
+  off until measured (issue 18).
 
 A plan is data, so a new measurement changes a table entry, not code.
 """
@@ -140,7 +142,7 @@ class RuntimePlan:
     parallel: str = "none"  # none | ring:N | ulysses:N (`parallel.Parallel`)
     sparse_keep: float = SPARSE_KEEP  # attention=sparse-flex: fraction of key blocks kept, in (0, 1]
     sparse_block_q: int = SPARSE_BLOCK_Q  # attention=sparse-flex: query-block tokens (64: LightX2V's; 128)
-    step_cache: str = "none"  # none | fbc:THRESHOLD (`step_cache.StepCache`)
+    step_cache: str = "none"  # none | fbc:THRESHOLD | mag:THRESHOLD[:K[:RETENTION]] (`step_cache.StepCache`)
     notes: str = ""  # why a lever differs from the architecture's table ("; "-joined; not a lever)
 
     def __post_init__(self) -> None:
@@ -184,9 +186,11 @@ class RuntimePlan:
             cache = StepCache.parse(self.step_cache)
         except StepCacheError as exc:
             raise RuntimePlanError(f"runtime plan {self.arch}: {exc}") from None
-        if cache.on and parallel:  # each rank would decide to skip from its own shard: the ranks diverge
+        if cache.on and parallel:
+            why = ("the skip decision is per rank" if cache.kind == "fbc"  # each decides from its own shard
+                   else "a skipped forward bypasses the split at the first block")
             raise RuntimePlanError(f"runtime plan {self.arch}: step_cache={cache} cannot run with "
-                                   f"parallel={self.parallel} (the skip decision is per rank)")
+                                   f"parallel={self.parallel} ({why})")
 
     def with_(self, **changes) -> "RuntimePlan":
         return replace(self, **changes)
@@ -669,13 +673,10 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
         done[n]["fp8_layers"] = count
         if plan.fuse_norm_quant:  # its readers' path is bound only now
             done[n]["fused_norm_quant_blocks"] = set_fused_norm_quant(experts[n], True)
-    from gpubake.provisioning.step_cache import apply_step_cache
+    from gpubake.provisioning.step_cache import apply_step_caches
 
-    cached: dict[int, dict] = {}
-    for n, m in experts.items():  # a module in both slots gets one cache
-        if id(m) not in cached:
-            cached[id(m)] = apply_step_cache(m, plan.step_cache)
-        done[n].update(cached[id(m)])
+    for n, what in apply_step_caches(pipe, plan.step_cache).items():
+        done[n].update(what)
     if plan.parallel != "none":
         from gpubake.provisioning.parallel import Parallel, enable_context_parallel
 

@@ -1,26 +1,27 @@
-"""Step cache (issue 18): reuse the transformer blocks' work of the previous step, through
-diffusers' own cache hooks (`CacheMixin.enable_cache`), one per expert.
+"""Step cache (issue 18): reuse the transformer blocks' work of an earlier step.
 
-The runtime plan's ``step_cache`` lever: ``none`` (default) or ``fbc:THRESHOLD``, diffusers'
-First Block Cache (`diffusers.hooks.FirstBlockCacheConfig`, 0.42.1
-hooks/first_block_cache.py). Every forward runs the first block; when its residual changed
-by less than THRESHOLD (relative mean absolute difference) since the same context's
-previous forward, the other blocks are skipped and their cached residual is added instead.
+The runtime plan's ``step_cache`` lever, off (``none``) by default; both kinds are
+approximations (the clip changes), dials measured by `bench/bench_clip.py --variant step_cache=...`:
 
-Why First Block Cache for Wan 2.2 A14B and its 40-step UniPC recipe, of diffusers' caches
-(docs/source/en/optimization/cache.md; docs/selftest.md, "The runtime plan"):
-- it needs no calibration: MagCache needs `mag_ratios` per checkpoint and scheduler, and
-  counts its own steps per state up to `num_inference_steps`, while each A14B expert runs
-  only its share of the steps (the boundary depends on the step count and shift);
-- it decides per forward from the model's own activations, so a request's step count,
-  guidance or `cfg_until` changes nothing: its state is keyed by the pipeline's
-  ``cache_context("cond" / "uncond")`` and each expert has its own, so an expert's first
-  step always computes;
-- TaylorSeer caches every hooked module's outputs (the default hooks every attention
-  module: at 480p about 0.3 GB a tensor, times 40 blocks, orders and contexts) or, in lite
-  mode, skips whole steps on a fixed interval, blind to where the schedule changes fast.
-It is an approximation: the clip changes. The threshold is a speed/quality dial measured by
-`bench/bench_clip.py --variant step_cache=fbc:T`, not set by default.
+- ``fbc:THRESHOLD``: diffusers' First Block Cache (`diffusers.hooks.FirstBlockCacheConfig`,
+  0.42.1 hooks/first_block_cache.py), one per expert, through `CacheMixin.enable_cache`.
+  Every forward runs the first block; when its residual changed by less than THRESHOLD
+  (relative mean absolute difference) since the same context's previous forward, the other
+  blocks are skipped and their cached residual is added instead. It needs no calibration and
+  decides per forward from the model's own activations, so its skips (and its speed) on
+  random weights say nothing of the real checkpoint's.
+- ``mag:THRESHOLD[:K[:RETENTION]]``: MagCache (`gpubake.provisioning.mag_cache`), whole
+  forwards skipped on a schedule the checkpoint's calibrated magnitude ratios fix before the
+  clip (the authors' Wan 2.2 T2V-A14B table, `mag_ratios.json`), so the forwards it skips are
+  known in advance and the same on every prompt; a schedule without a table computes every
+  forward. K (default 2): forwards skipped in a row at most; RETENTION (default 0.2): the
+  fraction of each expert's first forwards never skipped. The authors' own T2V-A14B example is
+  ``mag:0.06:2:0.4``.
+
+TaylorSeer, diffusers' other step cache, caches every hooked module's outputs (the default
+hooks every attention module: at 480p about 0.3 GB a tensor, times 40 blocks, orders and
+contexts) or, in lite mode, skips whole steps on a fixed interval, blind to where the
+schedule changes fast.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from typing import Any
 
 from gpubake.errors import GpubakeError
 
-FORMS = "none | fbc:THRESHOLD (THRESHOLD in (0, 1])"
+FORMS = ("none | fbc:THRESHOLD | mag:THRESHOLD[:K[:RETENTION]] (THRESHOLD in (0, 1], K an integer in [1, 8], "
+         "RETENTION in [0, 1))")
+MAG_MAX_SKIPS, MAG_RETENTION = 2, 0.2  # MagCache4Wan2.2's defaults (its example for T2V-A14B: retention 0.4)
 BLOCK_LISTS = ("blocks",)  # WanTransformer3DModel's repeated blocks (diffusers' _ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
 
 
@@ -45,22 +48,27 @@ class StepCacheError(GpubakeError):
 class StepCache:
     """One parsed ``step_cache`` value."""
 
-    kind: str = "none"  # none | fbc
+    kind: str = "none"  # none | fbc | mag
     threshold: float | None = None
+    max_skips: int | None = None  # mag only
+    retention: float | None = None  # mag only
 
     @classmethod
     def parse(cls, value: str) -> StepCache:
         raw = value.strip()
         if raw == "none":
             return cls()
-        kind, sep, arg = raw.partition(":")
-        if kind == "fbc" and sep:
-            try:
-                t = float(arg)
-            except ValueError:
-                t = math.nan
-            if math.isfinite(t) and 0.0 < t <= 1.0:
-                return cls("fbc", t)
+        kind, _, rest = raw.partition(":")
+        args = rest.split(":") if rest else []
+        threshold = _number(args[0]) if args else math.nan
+        if math.isfinite(threshold) and 0.0 < threshold <= 1.0:
+            if kind == "fbc" and len(args) == 1:
+                return cls("fbc", threshold)
+            if kind == "mag" and len(args) <= 3:
+                k = _number(args[1]) if len(args) > 1 else float(MAG_MAX_SKIPS)
+                r = _number(args[2]) if len(args) > 2 else MAG_RETENTION
+                if k.is_integer() and 1 <= k <= 8 and 0.0 <= r < 1.0:
+                    return cls("mag", threshold, int(k), r)
         raise StepCacheError(f"step_cache={value!r}: one of {FORMS}")
 
     @property
@@ -68,15 +76,26 @@ class StepCache:
         return self.kind != "none"
 
     def __str__(self) -> str:
-        return "none" if not self.on else f"{self.kind}:{self.threshold:g}"
+        if not self.on:
+            return "none"
+        if self.kind == "mag":
+            return f"mag:{self.threshold:g}:{self.max_skips}:{self.retention:g}"
+        return f"{self.kind}:{self.threshold:g}"
 
     def config(self) -> Any:
-        """The diffusers cache config of this value (None for none)."""
-        if not self.on:
+        """The diffusers cache config of an ``fbc`` value (None otherwise)."""
+        if self.kind != "fbc":
             return None
         from diffusers.hooks import FirstBlockCacheConfig
 
         return FirstBlockCacheConfig(threshold=self.threshold)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def blocks_of(model: Any) -> list[Any]:
@@ -88,30 +107,50 @@ def blocks_of(model: Any) -> list[Any]:
     return []
 
 
-def apply_step_cache(model: Any, value: str | StepCache) -> dict[str, Any]:
-    """Put `value` on one expert in place, replacing any cache it had (``none``: back to the
-    full forward, exactly); returns what was done, for the plan's ``applied`` (nothing for
-    ``none``: an uncached expert's report is what it was before the lever existed)."""
+def apply_step_caches(pipe: Any, value: str | StepCache) -> dict[str, dict[str, Any]]:
+    """Put `value` on every expert of `pipe` in place, replacing any cache they had (``none``:
+    back to the full forward, exactly); returns, per expert, what was done, for the plan's
+    ``applied`` (nothing for ``none``: an uncached expert's report is what it was before the
+    lever existed). A module in both expert slots gets one cache."""
+    from gpubake.provisioning.mag_cache import apply_mag_cache, experts_of, remove_mag_cache
+
     cache = value if isinstance(value, StepCache) else StepCache.parse(value)
-    if getattr(model, "is_cache_enabled", False):
-        model.disable_cache()
+    experts = experts_of(pipe)
+    for model in experts.values():
+        if getattr(model, "is_cache_enabled", False):
+            model.disable_cache()
+        remove_mag_cache(model)
     if not cache.on:
-        return {}
+        return {n: {} for n in experts}
+    for model in experts.values():
+        _check_cacheable(model, cache)
+    if cache.kind == "mag":
+        from gpubake.provisioning.mag_cache import MagSettings
+
+        return apply_mag_cache(pipe, MagSettings(cache.threshold, cache.max_skips, cache.retention))
+    done: dict[int, dict[str, Any]] = {}
+    for model in experts.values():
+        if id(model) not in done:
+            model.enable_cache(cache.config())
+            done[id(model)] = {"step_cache": str(cache), "cached_blocks": len(blocks_of(model)) - 1}
+    return {n: dict(done[id(m)]) for n, m in experts.items()}
+
+
+def _check_cacheable(model: Any, cache: StepCache) -> None:
     if not hasattr(model, "enable_cache"):
         raise StepCacheError(f"step_cache={cache}: {type(model).__name__} is not a diffusers CacheMixin model")
     n = len(blocks_of(model))
-    if n < 2:  # First Block Cache hooks a head and a tail block
+    if cache.kind == "fbc" and n < 2:  # First Block Cache hooks a head and a tail block
         raise StepCacheError(f"step_cache={cache}: {type(model).__name__} has {n} transformer block(s), needs 2")
-    model.enable_cache(cache.config())
-    return {"step_cache": str(cache), "cached_blocks": n - 1}
 
 
 def reset_step_caches(pipe: Any) -> None:
     """Forget every expert's cached residuals: a clip starts from none. WanPipeline resets
     them itself when a clip ends (`maybe_free_model_hooks`); a clip that raised did not."""
-    for name in ("transformer", "transformer_2"):
-        model = getattr(pipe, name, None)
-        if getattr(model, "is_cache_enabled", False):
+    from gpubake.provisioning.mag_cache import experts_of, has_mag_cache
+
+    for model in experts_of(pipe).values():
+        if getattr(model, "is_cache_enabled", False) or has_mag_cache(model):
             model._reset_stateful_cache()
 
 
