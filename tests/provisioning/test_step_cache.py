@@ -48,7 +48,9 @@ def test_values_parse(value, parsed):
     assert StepCache.parse(value) == parsed and str(parsed) in ("none", "fbc:0.1", "fbc:1")
 
 
-@pytest.mark.parametrize("value", ["fbc", "fbc:", "fbc:0", "fbc:1.5", "fbc:nan", "fbc:x", "mag:0", "taylorseer:5", ""])
+@pytest.mark.parametrize("value", ["fbc", "fbc:", "fbc:0", "fbc:1.5", "fbc:nan", "fbc:x", "fbc:0.1:2", "taylorseer:5", "",
+                                   "mag", "mag:", "mag:0", "mag:1.5", "mag:0.1:0", "mag:0.1:9", "mag:0.1:2.5",
+                                   "mag:0.1:2:1", "mag:0.1:2:-0.1", "mag:0.1:2:0.2:1", "mag:x", "mag:0.1:x"])
 def test_a_bad_value_is_one_line_naming_the_variable(value):
     with pytest.raises(StepCacheError):
         StepCache.parse(value)
