@@ -102,6 +102,40 @@ def test_the_schedule_is_the_authors_rule(threshold, k, retention, steps):
     assert ours == theirs and ours
 
 
+def authors_rule_one_expert(interleaved: list[float], steps: int, threshold: float, k: int,
+                            retention: float) -> set[tuple[int, int]]:
+    """The same loop for TI2V-5B (one expert, `split_step` None): no skip while
+    `cnt < int(num_steps * retention_ratio)`."""
+    ratios = np.array([1.0] * 2 + interleaved)
+    num_steps = steps * 2
+    acc_ratio, acc_steps, acc_err = [1.0, 1.0], [0, 0], [0.0, 0.0]
+    skipped = set()
+    for cnt in range(num_steps):
+        if cnt < int(num_steps * retention):
+            continue
+        acc_ratio[cnt % 2] *= ratios[cnt]
+        acc_steps[cnt % 2] += 1
+        acc_err[cnt % 2] += np.abs(1 - acc_ratio[cnt % 2])
+        if acc_err[cnt % 2] < threshold and acc_steps[cnt % 2] <= k:
+            skipped.add((cnt // 2, cnt % 2))
+        else:
+            acc_err[cnt % 2], acc_steps[cnt % 2], acc_ratio[cnt % 2] = 0, 0, 1.0
+    return skipped
+
+
+@pytest.mark.parametrize(("threshold", "k", "retention"), [(0.06, 2, 0.2), (0.12, 3, 0.1)])
+def test_the_one_expert_schedule_is_the_authors_rule(threshold, k, retention):
+    (t,) = [t for t in tables() if t.id == "wan22-ti2v-5b-50step"]
+    recipe = get_recipe("wan22-ti2v-5b-50step")
+    facts = ScheduleFacts("unipc", recipe.shift, None, recipe.steps, None)
+    assert t.matches(facts) and (t.steps, len(t.cond), len(t.uncond)) == (50, 50, 50)
+    settings = MagSettings(threshold, k, retention)
+    ours = {(s, i) for i, name in enumerate(("cond", "uncond"))
+            for s in skip_schedule(t.ratios(name, 50), 50, None, i, settings)}
+    assert ours == authors_rule_one_expert(interleaved(t), 50, threshold, k, retention) and ours
+    assert clip_schedule(facts, settings).table == "wan22-ti2v-5b-50step"
+
+
 def test_the_authors_example_skips_28_of_80_forwards_at_40_steps():
     """`mag:0.06:2:0.4`, MagCache4Wan2.2's T2V-A14B command: 52 forwards computed of 80."""
     sched = clip_schedule(a14b_facts(), MagSettings(0.06, 2, 0.4))
@@ -214,7 +248,7 @@ def test_nothing_skipped_is_bit_exact(pipe):
 def test_a_schedule_without_a_table_computes_every_forward_and_says_so(pipe, caplog):
     base, _ = latents(pipe)
     try:
-        apply_runtime(pipe, plan_from_env("cpu", "step_cache=mag:0.5:4:0.1"))  # the shipped table: A14B's only
+        apply_runtime(pipe, plan_from_env("cpu", "step_cache=mag:0.5:4:0.1"))  # no shipped table is the tiny schedule's
         with caplog.at_level(logging.WARNING, logger="gpubake.provisioning.mag_cache"):
             out, _ = latents(pipe)
         stats = mag_stats(pipe)
@@ -229,7 +263,7 @@ def test_the_plan_reports_it_and_none_takes_it_off(pipe):
     try:
         done = apply_runtime(pipe, plan_from_env("cpu", "step_cache=mag:0.06:2:0.4"))
         assert done["transformer"]["step_cache"] == done["transformer_2"]["step_cache"] == "mag:0.06:2:0.4"
-        assert done["transformer"]["mag_tables"] == ["wan22-t2v-a14b-40step"]
+        assert done["transformer"]["mag_tables"] == ["wan22-t2v-a14b-40step", "wan22-ti2v-5b-50step"]
         done = apply_runtime(pipe, plan_from_env("cpu", "step_cache=fbc:0.2"))  # one cache replaces the other
         assert "mag_tables" not in done["transformer"] and mag_stats(pipe) is None
         assert type(pipe.transformer.blocks) is torch.nn.ModuleList and pipe.transformer.is_cache_enabled

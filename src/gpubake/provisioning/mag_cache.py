@@ -14,10 +14,10 @@ activations. So they are known before the clip (`skip_schedule`), the same on ev
 and a bench on random weights skips exactly the forwards the real checkpoint skips (its
 quality still needs the real weights).
 
-The rule is the authors' Wan 2.2 T2V-A14B one (MagCache4Wan2.2/magcache_generate.py): one
-counter over both experts and both streams; no skip during the first `retention` of the
-high-noise expert's forwards, nor during the first `retention` of the low-noise expert's;
-a strict `<` on the threshold. One difference: an expert's first forward of a stream always
+The rule is the authors' Wan 2.2 T2V one (MagCache4Wan2.2/magcache_generate.py): one counter
+over both experts and both streams; no skip during the first `retention` of the high-noise
+expert's forwards, nor during the first `retention` of the low-noise expert's (TI2V-5B, one
+expert: the first `retention` of the clip); a strict `<` on the threshold. One difference: an expert's first forward of a stream always
 computes (another expert's residual is not its own). The authors' rule implies this whenever
 retention keeps at least one forward, as at their settings.
 

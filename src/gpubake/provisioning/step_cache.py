@@ -12,7 +12,7 @@ approximations (the clip changes), dials measured by `bench/bench_clip.py --vari
   random weights say nothing of the real checkpoint's.
 - ``mag:THRESHOLD[:K[:RETENTION]]``: MagCache (`gpubake.provisioning.mag_cache`), whole
   forwards skipped on a schedule the checkpoint's calibrated magnitude ratios fix before the
-  clip (the authors' Wan 2.2 T2V-A14B table, `mag_ratios.json`), so the forwards it skips are
+  clip (the authors' Wan 2.2 T2V-A14B and TI2V-5B tables, `mag_ratios.json`), so the forwards it skips are
   known in advance and the same on every prompt; a schedule without a table computes every
   forward. K (default 2): forwards skipped in a row at most; RETENTION (default 0.2): the
   fraction of each expert's first forwards never skipped. The authors' own T2V-A14B example is
