@@ -106,8 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also time one BF16 eager guided step at 480p (outside the pipeline, bench_step's protocol)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip cases that would overrun this (whole run)")
     ap.add_argument("--variant", action="append", default=[], metavar="LEVER=VALUE",
-                    help="after each gpubake case, the same clip with one lever changed: cfg_until=F (CFG truncation) "
-                         "or step_cache=fbc:T (First Block Cache); repeatable")
+                    help="after each gpubake case, the same clip with one lever changed (bench/clip_variants.py), "
+                         "e.g. cfg_until=0.5 (CFG truncation), step_cache=fbc:T (First Block Cache), "
+                         "step_cache=mag:T[:K[:R]] (MagCache), sparse_keep=0.1, fuse_qkv=1; repeatable")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     check_args(args)

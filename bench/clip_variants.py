@@ -87,8 +87,8 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """``cfg_until=0.75``, ``step_cache=fbc:0.05`` or ``sparse_keep=0.1`` (checked as the service
-    and the plan check them)."""
+    """``cfg_until=0.75``, ``step_cache=fbc:0.05``, ``step_cache=mag:0.04`` or ``sparse_keep=0.1``
+    (checked as the service and the plan check them)."""
     from gpubake.provisioning.cfg_truncation import check_cfg_until
     from gpubake.provisioning.step_cache import StepCache
 
