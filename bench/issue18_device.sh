@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Device runs issue 18 still owes (2026-12-04), one part a call on one warm H200, in this order:
+# Device runs issue 18 still owes (2026-12-04), one part a call on one warm H200, in this order
+# (the first two aim at the largest gap: the 40-step 480p clip, ~151 s against 90 s):
+#   bash bench/issue18_device.sh magcache   # MagCache on the 40-step 480p recipe: 8 steps timed, three dials
+#                                           # extrapolated from their known skips at 40 (~7 min)
+#   bash bench/issue18_device.sh magcache40 # the authors' defaults as a whole 40-step clip beside the plain one (~9 min)
 #   bash bench/issue18_device.sh normquant  # the fused norm + FP8 quantization: the kernel alone, then 4-block
 #                                           # forwards at 480p and 720p with and without fuse_norm_quant (~7 min)
 #   bash bench/issue18_device.sh vae        # the compiled decoder with and without the fused VAE norm, 480p (~5 min)
 #   bash bench/issue18_device.sh tiles      # 64-token sparse blocks: 4 warps alone, + TMA, 2 and 4 stages, 480p (~5 min)
 #   bash bench/issue18_device.sh routers    # the router against its former self, 480p and 720p (~4 min)
-#   bash bench/issue18_device.sh magcache   # MagCache on the 40-step 480p recipe: 8 steps timed, three dials
-#                                           # extrapolated from their known skips at 40 (~7 min)
-#   bash bench/issue18_device.sh magcache40 # the authors' defaults as a whole 40-step clip beside the plain one (~9 min)
 # (device tool, carry .whl/dev; results in $OUT). Sparse variants compile for 35-90 s a size on an
 # H200, so each part is its own call. The 2026-12-04 20:15 call (code 5e7d17c, then named
 # router_device.sh) ran routers, tiles and a 480p profile in one and lost the last two to its limits.
