@@ -356,3 +356,14 @@ def test_compiled_blocks_stay_compiled_under_the_hook(pipe):
                 b._compiled_call_impl = None
         torch._dynamo.reset()
         apply_step_caches(pipe, "none")
+
+
+def test_diffusers_own_magcache_still_disables_compile_on_every_block():
+    """Why gpubake has its own hook (docs/selftest.md): diffusers 0.42.1's MagCache block hook is
+    `torch.compiler.disable`d. If a diffusers upgrade drops that, its hook is worth another look."""
+    from diffusers.hooks.mag_cache import MagCacheBlockHook
+
+    from gpubake.provisioning.mag_cache import MagCacheHook
+
+    assert getattr(MagCacheBlockHook.new_forward, "_torchdynamo_disable", False) is True
+    assert not getattr(MagCacheHook.new_forward, "_torchdynamo_disable", False)
