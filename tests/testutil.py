@@ -136,3 +136,28 @@ def cpu_hopper_fp8():
         caps = None
 
     return CpuHopperFp8()
+
+
+def tiny_cpu_pipe(checkpoint):
+    """The tiny NVFP4 checkpoint as the plain pipeline on the CPU, at its own recipe (tiny-4step)."""
+    from gpubake.provisioning.loader import load_pipeline
+    from gpubake.provisioning.models import get_recipe
+    from gpubake.provisioning.sampling import apply_recipe
+
+    p = load_pipeline(checkpoint, "cpu")
+    p.set_progress_bar_config(disable=True)
+    apply_recipe(p, get_recipe("tiny-4step"))
+    return p
+
+
+def guided_latents(pipe, steps: int):
+    """A guided clip's final latents (both experts) and its block counts (`step_cache.count_blocks`)."""
+    import torch
+
+    from gpubake.provisioning.step_cache import count_blocks
+
+    with count_blocks(pipe) as counts, torch.inference_mode():
+        out = pipe("a fox in the snow", height=64, width=64, num_frames=5, num_inference_steps=steps,
+                   guidance_scale=4.0, guidance_scale_2=3.0, generator=torch.Generator().manual_seed(1),
+                   output_type="latent").frames
+    return out.float(), counts

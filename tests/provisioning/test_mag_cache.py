@@ -11,29 +11,34 @@ import logging
 import numpy as np
 import pytest
 import torch
+from testutil import guided_latents, tiny_cpu_pipe
 
 from gpubake.provisioning.mag_cache import (MagBlocks, MagSettings, MagTable, ScheduleFacts, clip_schedule,
                                             mag_stats, nearest_indices, schedule_facts, skip_schedule, tables)
 from gpubake.provisioning.models import get_recipe
 from gpubake.provisioning.runtime import RuntimePlan, RuntimePlanError, apply_runtime, plan_from_env
-from gpubake.provisioning.sampling import apply_recipe
-from gpubake.provisioning.step_cache import StepCache, apply_step_caches, count_blocks
+from gpubake.provisioning.step_cache import StepCache, apply_step_caches
 
 BLOCKS = 3  # tiny.TRANSFORMER_CONFIG num_layers
 STEPS = 8
 
 
-def authors_rule(interleaved: list[float], steps: int, split: int, threshold: float, k: int,
+def authors_rule(interleaved: list[float], steps: int, split: int | None, threshold: float, k: int,
                  retention: float) -> set[tuple[int, int]]:
-    """MagCache4Wan2.2's `magcache_forward` decision (t2v), as written there: one counter `cnt`
-    over both streams (cond, uncond interleaved) and both experts; (step, stream) skipped."""
+    """MagCache4Wan2.2's `magcache_forward` decision, as written there: one counter `cnt` over
+    both streams (cond, uncond interleaved) and both experts; (step, stream) skipped. `split`
+    None: TI2V-5B's one expert, no skip while `cnt < int(num_steps * retention_ratio)`."""
     ratios = np.array([1.0] * 2 + interleaved)
-    num_steps, split_step = steps * 2, split * 2
+    num_steps = steps * 2
     acc_ratio, acc_steps, acc_err = [1.0, 1.0], [0, 0], [0.0, 0.0]
     skipped = set()
     for cnt in range(num_steps):
-        use = not (cnt < int(split_step * retention)
-                   or (cnt <= ((num_steps - split_step) * retention + split_step) and cnt >= split_step))
+        if split is None:
+            use = not cnt < int(num_steps * retention)
+        else:
+            split_step = split * 2
+            use = not (cnt < int(split_step * retention)
+                       or (cnt <= ((num_steps - split_step) * retention + split_step) and cnt >= split_step))
         if use:
             acc_ratio[cnt % 2] *= ratios[cnt]
             acc_steps[cnt % 2] += 1
@@ -102,27 +107,6 @@ def test_the_schedule_is_the_authors_rule(threshold, k, retention, steps):
     assert ours == theirs and ours
 
 
-def authors_rule_one_expert(interleaved: list[float], steps: int, threshold: float, k: int,
-                            retention: float) -> set[tuple[int, int]]:
-    """The same loop for TI2V-5B (one expert, `split_step` None): no skip while
-    `cnt < int(num_steps * retention_ratio)`."""
-    ratios = np.array([1.0] * 2 + interleaved)
-    num_steps = steps * 2
-    acc_ratio, acc_steps, acc_err = [1.0, 1.0], [0, 0], [0.0, 0.0]
-    skipped = set()
-    for cnt in range(num_steps):
-        if cnt < int(num_steps * retention):
-            continue
-        acc_ratio[cnt % 2] *= ratios[cnt]
-        acc_steps[cnt % 2] += 1
-        acc_err[cnt % 2] += np.abs(1 - acc_ratio[cnt % 2])
-        if acc_err[cnt % 2] < threshold and acc_steps[cnt % 2] <= k:
-            skipped.add((cnt // 2, cnt % 2))
-        else:
-            acc_err[cnt % 2], acc_steps[cnt % 2], acc_ratio[cnt % 2] = 0, 0, 1.0
-    return skipped
-
-
 @pytest.mark.parametrize(("threshold", "k", "retention"), [(0.06, 2, 0.2), (0.12, 3, 0.1)])
 def test_the_one_expert_schedule_is_the_authors_rule(threshold, k, retention):
     (t,) = [t for t in tables() if t.id == "wan22-ti2v-5b-50step"]
@@ -132,7 +116,7 @@ def test_the_one_expert_schedule_is_the_authors_rule(threshold, k, retention):
     settings = MagSettings(threshold, k, retention)
     ours = {(s, i) for i, name in enumerate(("cond", "uncond"))
             for s in skip_schedule(t.ratios(name, 50), 50, None, i, settings)}
-    assert ours == authors_rule_one_expert(interleaved(t), 50, threshold, k, retention) and ours
+    assert ours == authors_rule(interleaved(t), 50, None, threshold, k, retention) and ours
     assert clip_schedule(facts, settings).table == "wan22-ti2v-5b-50step"
 
 
@@ -183,20 +167,12 @@ def tiny_table(ratio: float = 0.995) -> MagTable:
 
 @pytest.fixture(scope="module")
 def pipe(tiny_nvfp4_checkpoint):
-    from gpubake.provisioning.loader import load_pipeline
-
-    p = load_pipeline(tiny_nvfp4_checkpoint, "cpu")
-    p.set_progress_bar_config(disable=True)
-    apply_recipe(p, get_recipe("tiny-4step"))
-    return p
+    return tiny_cpu_pipe(tiny_nvfp4_checkpoint)
 
 
 def latents(pipe, steps: int = STEPS):
-    with count_blocks(pipe) as counts, torch.inference_mode():
-        out = pipe("a fox in the snow", height=64, width=64, num_frames=5, num_inference_steps=steps,
-                   guidance_scale=4.0, guidance_scale_2=3.0, generator=torch.Generator().manual_seed(1),
-                   output_type="latent").frames
-    return out.float(), counts
+    """The clip's final latents (guided, both experts), and the block counts of the clip."""
+    return guided_latents(pipe, steps)
 
 
 def put(pipe, settings: MagSettings, table: MagTable | None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testutil import guided_latents, tiny_cpu_pipe
 
 from gpubake.provisioning.models import get_recipe
 from gpubake.provisioning.runtime import RuntimePlan, RuntimePlanError, apply_runtime, plan_from_env
@@ -21,21 +22,12 @@ BOUND = 0.03
 
 @pytest.fixture(scope="module")
 def pipe(tiny_nvfp4_checkpoint):
-    from gpubake.provisioning.loader import load_pipeline
-
-    p = load_pipeline(tiny_nvfp4_checkpoint, "cpu")
-    p.set_progress_bar_config(disable=True)
-    apply_recipe(p, get_recipe("tiny-4step"))
-    return p
+    return tiny_cpu_pipe(tiny_nvfp4_checkpoint)
 
 
-def latents(pipe, steps: int = STEPS) -> tuple[torch.Tensor, object]:
+def latents(pipe, steps: int = STEPS):
     """The clip's final latents (guided, both experts), and the block counts of the clip."""
-    with count_blocks(pipe) as counts, torch.inference_mode():
-        out = pipe("a fox in the snow", height=64, width=64, num_frames=5, num_inference_steps=steps,
-                   guidance_scale=4.0, guidance_scale_2=3.0, generator=torch.Generator().manual_seed(1),
-                   output_type="latent").frames
-    return out.float(), counts
+    return guided_latents(pipe, steps)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
