@@ -141,7 +141,7 @@ def schedule_facts(pipe: Any, steps: int, scheduler: Any = None) -> ScheduleFact
         else None
     split = None
     if boundary is not None:
-        ts = [float(t) for t in getattr(sched, "timesteps", [])]
+        ts = [float(t) for t in getattr(sched, "timesteps", torch.empty(0)).tolist()]  # one transfer, not one a step
         train = sched.config.get("num_train_timesteps", 1000)
         split = sum(t >= boundary * train for t in ts) if len(ts) == steps else None
     return ScheduleFacts(kind, None if shift is None else float(shift), boundary, steps, split)
@@ -233,16 +233,19 @@ class _Shared:
         self.settings, self.available = settings, available
         self.states = StateManager(_StreamState)
         self.schedule: ClipSchedule | None = None
+        self._schedule_key: tuple[Any, ...] | None = None  # (scheduler id, boundary, step count) it is for
         self.stats = MagStats()
         self.warned: set[str] = set()
 
     def schedule_for(self, steps: int) -> ClipSchedule:
-        """The schedule of the clip now running, recomputed whenever its facts change (read at
-        every forward: a recipe may change the scheduler between clips of one step count)."""
+        """The schedule of the clip now running: computed on its first forward (the clip's end
+        and `render` reset it) or when the scheduler or the step count changed since; never
+        at every forward, which would read the timesteps back from the device each time."""
         pipe = self.pipe()
-        facts = schedule_facts(pipe, steps) if pipe is not None else ScheduleFacts("?", None, None, steps, None)
-        if self.schedule is None or self.schedule.facts != facts:
-            self.schedule = clip_schedule(facts, self.settings, self.available)
+        key = (id(pipe.scheduler), getattr(pipe.config, "boundary_ratio", None), steps) if pipe is not None else None
+        if self.schedule is None or key is None or self._schedule_key != key:
+            facts = schedule_facts(pipe, steps) if pipe is not None else ScheduleFacts("?", None, None, steps, None)
+            self.schedule, self._schedule_key = clip_schedule(facts, self.settings, self.available), key
             if self.schedule.table is None and facts.describe() not in self.warned:
                 self.warned.add(facts.describe())
                 log.warning("step_cache=%s: no magnitude ratios for this schedule (%s): every forward computes",
@@ -251,15 +254,17 @@ class _Shared:
 
     def reset(self) -> None:
         self.states.reset()
-        self.schedule = None
+        self.schedule = self._schedule_key = None
 
 
 class _Blocks:
     """The one callable the transformer's block loop meets while the hook runs a forward:
     the real blocks in order, keeping the residual, or the stream's residual added instead."""
 
-    def __init__(self, blocks: Sequence[torch.nn.Module], state: _StreamState, expert: str, skip: bool) -> None:
+    def __init__(self, blocks: Sequence[torch.nn.Module], state: _StreamState, expert: str, skip: bool,
+                 keep: bool = True) -> None:
         self.blocks, self.state, self.expert, self.skip = blocks, state, expert, skip
+        self.keep = keep  # whether a computed forward keeps its residual (the stream's next may skip)
         self.skipped = False
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -270,7 +275,7 @@ class _Blocks:
         x = hidden_states
         for block in self.blocks:
             x = block(x, *args, **kwargs)
-        self.state.residual, self.state.expert = x - hidden_states, self.expert
+        self.state.residual, self.state.expert = (x - hidden_states if self.keep else None), self.expert
         return x
 
 
@@ -323,9 +328,9 @@ class MagCacheHook(ModelHook):
             ctx = None
         if ctx is None or ctx.step_index is None or ctx.num_inference_steps is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        schedule = self.shared.schedule_for(int(ctx.num_inference_steps))
+        schedule, step = self.shared.schedule_for(int(ctx.num_inference_steps)), int(ctx.step_index)
         run = _Blocks(module.blocks.real(), self.state_manager.get_state(), self.expert,
-                      schedule.skip(ctx.name, int(ctx.step_index)))
+                      schedule.skip(ctx.name, step), keep=schedule.skip(ctx.name, step + 1))
         with module.blocks.running(run):
             out = self.fn_ref.original_forward(*args, **kwargs)
         (self.shared.stats.skipped if run.skipped else self.shared.stats.computed)[self.expert] += 1
