@@ -228,7 +228,7 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
                                               set_fused_qk_rope, set_fused_qkv, set_vae_compile, set_vae_conv_padding,
                                               set_vae_fused_norm, set_vae_layout)
     from gpubake.provisioning.mag_cache import mag_stats
-    from gpubake.provisioning.step_cache import apply_step_caches, blocks_of, count_blocks
+    from gpubake.provisioning.step_cache import apply_step_caches, blocks_of, count_blocks, experts_of
 
     # lever -> (the plan's setter on one expert, the key its count is reported under)
     FUSERS = {"fuse_qkv": (set_fused_qkv, "fused_qkv_modules"), "fuse_qk_rope": (set_fused_qk_rope, "fused_qk_rope_modules"),
@@ -236,7 +236,7 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
               "fuse_norm_quant": (set_fused_norm_quant, "fused_norm_quant_blocks")}
 
     pipe = sp.pipe
-    experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}
+    experts = experts_of(pipe)
     row.update(stack="gpubake", variant=variant.name, lever=variant.lever)
     extra: dict[str, Any] = {}
     benchmark = torch.backends.cudnn.benchmark  # restored below, whatever the variant

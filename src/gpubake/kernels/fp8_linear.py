@@ -276,6 +276,11 @@ class FP8Linear(nn.Module):
         self._resolved = None
 
     @property
+    def bound_backend(self) -> FP8Backend | None:
+        """The bound path; None: unbound (the device's default runs)."""
+        return self._backend
+
+    @property
     def backend_name(self) -> str | None:
         """The bound path's name; None: unbound (the device's default runs)."""
         return self._backend.name if self._backend is not None else None

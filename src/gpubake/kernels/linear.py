@@ -132,6 +132,11 @@ class NVFP4Linear(nn.Module):
         self._prepared = None
 
     @property
+    def bound_backend(self) -> GemmBackend | None:
+        """The bound backend; None: unbound (the device's default runs)."""
+        return self._backend
+
+    @property
     def backend_name(self) -> str | None:
         """The name of the bound backend; None: unbound (the device's default runs)."""
         return self._backend.name if self._backend is not None else None

@@ -196,7 +196,7 @@ def _takes_rows(layer: torch.nn.Module, device: torch.device) -> bool:
         return all(_takes_rows(p, device) for p in layer.parts)
     if not isinstance(layer, (NVFP4Linear, FP8Linear)) or layer.input_activation is not None:
         return False
-    bound = layer._backend  # bound: what runs wherever the layer sits (an offloaded expert waits on the host)
+    bound = layer.bound_backend  # what runs wherever the layer sits (an offloaded expert waits on the host)
     try:
         backend = bound if bound is not None else layer.backend(device)
     except KernelError:

@@ -17,9 +17,10 @@ quality still needs the real weights).
 The rule is the authors' Wan 2.2 T2V one (MagCache4Wan2.2/magcache_generate.py): one counter
 over both experts and both streams; no skip during the first `retention` of the high-noise
 expert's forwards, nor during the first `retention` of the low-noise expert's (TI2V-5B, one
-expert: the first `retention` of the clip); a strict `<` on the threshold. One difference: an expert's first forward of a stream always
-computes (another expert's residual is not its own). The authors' rule implies this whenever
-retention keeps at least one forward, as at their settings.
+expert: the first `retention` of the clip); a strict `<` on the threshold. One difference:
+an expert's first forward of a stream always computes (another expert's residual is not its
+own). The authors' rule implies this whenever retention keeps at least one forward, as at
+their settings.
 
 Why not diffusers' `MagCacheConfig` (hooks/mag_cache.py, 0.42.1):
 - its hook on every block is ``torch.compiler.disable``d, so under gpubake's regional compile
@@ -48,10 +49,11 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
+from gpubake.provisioning.step_cache import experts_of
+
 log = logging.getLogger(__name__)
 
 HOOK = "gpubake_mag_cache"
-EXPERTS = ("transformer", "transformer_2")
 STREAMS = ("cond", "uncond")  # WanPipeline's cache_context names, in the table's order
 
 
@@ -339,10 +341,6 @@ class MagCacheHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.shared.reset()
         return module
-
-
-def experts_of(pipe: Any) -> dict[str, Any]:
-    return {n: m for n in EXPERTS if (m := getattr(pipe, n, None)) is not None}
 
 
 def has_mag_cache(model: Any) -> bool:

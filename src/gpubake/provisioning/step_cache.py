@@ -12,9 +12,9 @@ approximations (the clip changes), dials measured by `bench/bench_clip.py --vari
   random weights say nothing of the real checkpoint's.
 - ``mag:THRESHOLD[:K[:RETENTION]]``: MagCache (`gpubake.provisioning.mag_cache`), whole
   forwards skipped on a schedule the checkpoint's calibrated magnitude ratios fix before the
-  clip (the authors' Wan 2.2 T2V-A14B and TI2V-5B tables, `mag_ratios.json`), so the forwards it skips are
-  known in advance and the same on every prompt; a schedule without a table computes every
-  forward. K (default 2): forwards skipped in a row at most; RETENTION (default 0.2): the
+  clip (the authors' Wan 2.2 T2V-A14B and TI2V-5B tables, `mag_ratios.json`), so the
+  forwards it skips are known in advance and the same on every prompt; a schedule without a
+  table computes every forward. K (default 2): forwards skipped in a row at most; RETENTION (default 0.2): the
   fraction of each expert's first forwards never skipped. The authors' own T2V-A14B example is
   ``mag:0.06:2:0.4``.
 
@@ -37,6 +37,7 @@ from gpubake.errors import GpubakeError
 FORMS = ("none | fbc:THRESHOLD | mag:THRESHOLD[:K[:RETENTION]] (THRESHOLD in (0, 1], K an integer in [1, 8], "
          "RETENTION in [0, 1))")
 MAG_MAX_SKIPS, MAG_RETENTION = 2, 0.2  # MagCache4Wan2.2's defaults (its example for T2V-A14B: retention 0.4)
+EXPERTS = ("transformer", "transformer_2")  # a Wan pipeline's experts (A14B: high-, then low-noise)
 BLOCK_LISTS = ("blocks",)  # WanTransformer3DModel's repeated blocks (diffusers' _ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
 
 
@@ -98,6 +99,11 @@ def _number(text: str) -> float:
         return math.nan
 
 
+def experts_of(pipe: Any) -> dict[str, Any]:
+    """The pipeline's experts present, by attribute name (`transformer_2` may be None)."""
+    return {n: m for n in EXPERTS if (m := getattr(pipe, n, None)) is not None}
+
+
 def blocks_of(model: Any) -> list[Any]:
     """The repeated transformer blocks diffusers' block caches hook, in order."""
     for name in BLOCK_LISTS:
@@ -112,7 +118,7 @@ def apply_step_caches(pipe: Any, value: str | StepCache) -> dict[str, dict[str, 
     back to the full forward, exactly); returns, per expert, what was done, for the plan's
     ``applied`` (nothing for ``none``: an uncached expert's report is what it was before the
     lever existed). A module in both expert slots gets one cache."""
-    from gpubake.provisioning.mag_cache import apply_mag_cache, experts_of, remove_mag_cache
+    from gpubake.provisioning.mag_cache import apply_mag_cache, remove_mag_cache
 
     cache = value if isinstance(value, StepCache) else StepCache.parse(value)
     experts = experts_of(pipe)
@@ -147,7 +153,7 @@ def _check_cacheable(model: Any, cache: StepCache) -> None:
 def reset_step_caches(pipe: Any) -> None:
     """Forget every expert's cached residuals: a clip starts from none. WanPipeline resets
     them itself when a clip ends (`maybe_free_model_hooks`); a clip that raised did not."""
-    from gpubake.provisioning.mag_cache import experts_of, has_mag_cache
+    from gpubake.provisioning.mag_cache import has_mag_cache
 
     for model in experts_of(pipe).values():
         if getattr(model, "is_cache_enabled", False) or has_mag_cache(model):
@@ -187,10 +193,7 @@ def count_blocks(pipe: Any) -> Iterator[BlockCounts]:
     a cache skipped runs none), while inside; the hooks are removed on the way out."""
     counts = BlockCounts({}, {})
     handles = []
-    for name in ("transformer", "transformer_2"):
-        model = getattr(pipe, name, None)
-        if model is None:
-            continue
+    for name, model in experts_of(pipe).items():
         counts.blocks[name] = counts.forwards[name] = 0
 
         def on_forward(*_: Any, n: str = name) -> None:
