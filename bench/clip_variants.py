@@ -284,12 +284,13 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
             set_vae_conv_padding(pipe.vae, sp.plan.vae_conv_pad)
         if variant.lever == "vae_fused_norm":
             set_vae_fused_norm(pipe.vae, sp.plan.vae_fused_norm)
-        if variant.lever == "step_cache":
-            apply_step_caches(pipe, sp.plan.step_cache)  # back to the plan's own
-        for m in experts.values() if variant.lever in EXPERT_LEVERS and variant.lever != "step_cache" else ():
-            if variant.lever in FUSERS:
+        if variant.lever == "step_cache":  # back to the plan's own
+            apply_step_caches(pipe, sp.plan.step_cache)
+        elif variant.lever in FUSERS:
+            for m in experts.values():
                 FUSERS[variant.lever][0](m, getattr(sp.plan, variant.lever))
-            else:
+        elif variant.lever in EXPERT_LEVERS:  # the sparse-attention levers
+            for m in experts.values():
                 apply_attention(m, sp.plan)
     timed = row["timed"]
     row["counts"] = counts.to_dict(blocks_per_forward=len(blocks_of(next(iter(experts.values())))))
