@@ -228,7 +228,8 @@ def run_variant(row: dict[str, Any], sp: Any, variant: Variant, base: dict[str, 
                                               set_fused_qk_rope, set_fused_qkv, set_vae_compile, set_vae_conv_padding,
                                               set_vae_fused_norm, set_vae_layout)
     from gpubake.provisioning.mag_cache import mag_stats
-    from gpubake.provisioning.step_cache import apply_step_caches, blocks_of, count_blocks, experts_of
+    from gpubake.provisioning.models import experts_of
+    from gpubake.provisioning.step_cache import apply_step_caches, blocks_of, count_blocks
 
     # lever -> (the plan's setter on one expert, the key its count is reported under)
     FUSERS = {"fuse_qkv": (set_fused_qkv, "fused_qkv_modules"), "fuse_qk_rope": (set_fused_qk_rope, "fused_qk_rope_modules"),

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
-from gpubake.provisioning.step_cache import experts_of
+from gpubake.provisioning.models import experts_of
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,13 @@ TRAIN_TIMESTEPS = 1000  # Wan's training scale: t = 1000 * sigma
 SAMPLERS = ("unipc", "euler")
 
 
+EXPERTS = ("transformer", "transformer_2")  # a Wan pipeline's expert slots (A14B: high-, then low-noise)
+
+
+def experts_of(pipe: Any) -> dict[str, Any]:
+    """The pipeline's experts present, by slot name (`transformer_2` may be None)."""
+    return {n: m for n in EXPERTS if (m := getattr(pipe, n, None)) is not None}
+
 class ModelError(GpubakeError):
     """Unknown model id or recipe, or a malformed registry entry."""
 
@@ -126,7 +133,7 @@ class ModelInfo:
     @property
     def expert_dirs(self) -> tuple[str, ...]:
         """Subfolders of the diffusers layout holding transformer experts."""
-        return ("transformer", "transformer_2")[: self.experts]
+        return EXPERTS[: self.experts]
 
     def with_recipe(self, recipe: str | Recipe | None) -> ModelInfo:
         """This model sampled with another recipe (None: its own)."""

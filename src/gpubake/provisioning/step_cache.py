@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpubake.errors import GpubakeError
+from gpubake.provisioning.models import experts_of
 
 FORMS = ("none | fbc:THRESHOLD | mag:THRESHOLD[:K[:RETENTION]] (THRESHOLD in (0, 1], K an integer in [1, 8], "
          "RETENTION in [0, 1))")
 MAG_MAX_SKIPS, MAG_RETENTION = 2, 0.2  # MagCache4Wan2.2's defaults (its example for T2V-A14B: retention 0.4)
-EXPERTS = ("transformer", "transformer_2")  # a Wan pipeline's experts (A14B: high-, then low-noise)
 BLOCK_LISTS = ("blocks",)  # WanTransformer3DModel's repeated blocks (diffusers' _ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
 
 
@@ -97,11 +97,6 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         return math.nan
-
-
-def experts_of(pipe: Any) -> dict[str, Any]:
-    """The pipeline's experts present, by attribute name (`transformer_2` may be None)."""
-    return {n: m for n in EXPERTS if (m := getattr(pipe, n, None)) is not None}
 
 
 def blocks_of(model: Any) -> list[Any]:
