@@ -438,6 +438,7 @@ def clip_numbers(res: Any, text_encoder_s: float, recipe_steps: int) -> dict[str
     at_recipe = (text_encoder_s + res.decode_seconds + recipe_steps * res.seconds_per_step) if extrapolated else clip
     return {
         "steps": res.steps, "seconds_per_step": round(res.seconds_per_step, 4),
+        "mean_step_s": round(steps_sum / max(len(res.step_seconds), 1), 4),
         "step_seconds": [round(s, 4) for s in res.step_seconds],
         "text_encoder_s": round(text_encoder_s, 4), "denoise_s": round(denoise, 4),
         "decode_s": round(res.decode_seconds, 4), "video_write_s": round(write, 4),
@@ -681,7 +682,11 @@ def summary_line(row: dict[str, Any]) -> str:
     how = "extrapolated" if t["clip_at_recipe_steps_extrapolated"] else "measured"
     at_text = f"{at:.1f} s ({how})" if at is not None else "n/a (not extrapolable)"
     err = row.get("rel_err_vs_bf16")
-    parts = [f"[{row['case']}] {t['seconds_per_step']:.3f} s/step",
+    step = f"{t['seconds_per_step']:.3f} s/step"
+    mean = t.get("mean_step_s")
+    if mean is not None and abs(mean - t["seconds_per_step"]) > 0.05 * t["seconds_per_step"]:
+        step += f" (median; mean {mean:.3f}: a step cache skips some)"  # a skipped step is ~10 ms
+    parts = [f"[{row['case']}] {step}",
              f"clip {t['clip_s']:.2f} s at {t['steps']} steps (text {t['text_encoder_s']:.2f} + denoise "
              f"{t['denoise_s']:.2f} + decode {t['decode_s']:.2f})",
              f"{t['recipe_steps']} steps {at_text}"]

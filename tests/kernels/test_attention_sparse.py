@@ -240,8 +240,8 @@ def test_kernel_options_divide_the_blocks_and_take_a_sweep_over_them(monkeypatch
 def test_the_measured_options_apply_on_their_gpu_and_query_block_only(monkeypatch):
     route = {bq: S.route(*(torch.randn(1, 1, 256, 16) for _ in range(2)), 0.5, bq, 128) for bq in (64, 128)}
     monkeypatch.setattr(S, "_capability", lambda q: (9, 0))
-    assert S._kernel_options(route[64], _CudaLike()) == {"BLOCK_M": 64, "num_warps": 4}
+    assert S._kernel_options(route[64], _CudaLike()) == {"BLOCK_M": 64, "num_warps": 4, "USE_TMA": True}
     assert S._kernel_options(route[128], _CudaLike()) == {"USE_TMA": True}
-    assert S._kernel_options(route[64], _CudaLike(), {"num_warps": 8}) == {"BLOCK_M": 64, "num_warps": 8}  # a sweep wins
+    assert S._kernel_options(route[64], _CudaLike(), {"num_warps": 8}) == {"BLOCK_M": 64, "num_warps": 8, "USE_TMA": True}  # a sweep wins
     monkeypatch.setattr(S, "_capability", lambda q: (10, 0))  # Blackwell: not measured, torch's defaults
     assert S._kernel_options(route[128], _CudaLike()) is None

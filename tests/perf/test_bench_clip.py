@@ -108,6 +108,20 @@ def test_clip_numbers_split_and_extrapolate():
     assert "extrapolation" not in same
 
 
+def test_the_summary_line_gives_the_mean_step_where_a_step_cache_skips_most():
+    from gpubake.provisioning.render import RenderResult
+
+    res = RenderResult(video=Path("v.mp4"), first_frame=Path("f.png"), seconds_per_step=0.01, total_seconds=10.0,
+                       step_seconds=[4.0, 0.01, 0.01, 4.0, 0.01], encode_and_first_step_seconds=4.0,
+                       decode_seconds=1.0, frames=81, height=480, width=832, steps=6)
+    t = bench_clip.clip_numbers(res, text_encoder_s=0.1, recipe_steps=6)
+    assert t["mean_step_s"] == 1.606
+    line = bench_clip.summary_line({"case": "gpubake+step_cache=mag:0.04@480p", "timed": t})
+    assert "0.010 s/step (median; mean 1.606" in line
+    plain = dict(t, mean_step_s=0.0102)  # within 5 % of the median: one number
+    assert "mean" not in bench_clip.summary_line({"case": "gpubake@480p", "timed": plain})
+
+
 def test_sampling_defaults_are_the_models_and_flags_override(tmp_path):
     from gpubake.provisioning.models import get_model
 
