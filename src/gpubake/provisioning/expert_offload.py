@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpubake.provisioning.models import experts_of
+
 
 class ExpertOffload:
     """Keeps at most one of `experts` on `device`; the others' tensors point at host copies."""
@@ -107,7 +109,7 @@ def apply_expert_offload(pipe: Any, on: bool, device: torch.device | str) -> dic
         pipe._gpubake_expert_offload = None
     if not on:
         return {}
-    experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}
+    experts = experts_of(pipe)
     if len({id(m) for m in experts.values()}) < 2:
         return {"expert_offload": "off: one expert, nothing to swap"}
     pipe._gpubake_expert_offload = ExpertOffload(experts, device)

@@ -22,6 +22,7 @@ from typing import Any
 from gpubake.errors import GpubakeError
 from gpubake.fsutil import atomic_path, write_json_atomic
 from gpubake.provisioning.manifest import MANIFEST_NAME, read_manifest
+from gpubake.provisioning.models import experts_of
 
 DEFAULT_NEGATIVE = ""
 MAX_TILE_WIDTH = 416
@@ -197,7 +198,7 @@ def _bind_backend(pipe: Any, device: str) -> None:
     from gpubake.provisioning.runtime import bind_fp8
 
     backend = select_backend(device)
-    experts = {n: m for n in ("transformer", "transformer_2") if (m := getattr(pipe, n, None)) is not None}
+    experts = experts_of(pipe)
     for model in experts.values():
         bind_backends(model, backend)
     bind_fp8(experts, device)  # an FP8 checkpoint's layers: the path this device runs

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpubake.provisioning.models import EXPERTS, experts_of  # no torch: the CLI's fast paths stay fast
+
 if TYPE_CHECKING:  # runtime imports torch: keep `gpubake --help` and the CLI's bad-input path fast
     from gpubake.provisioning.runtime import RuntimePlan
 
@@ -81,7 +83,7 @@ def load_serving_pipeline(model_dir: Path, device: str, loader: PipelineLoader |
         from gpubake.provisioning.loader import load_pipeline
 
         host = (("text_encoder",) if plan.text_encoder == "shrink" else ()) + \
-            (("transformer", "transformer_2") if plan.expert_offload else ())
+            (EXPERTS if plan.expert_offload else ())
 
         def loader(path: Path, dev: str) -> Any:
             return load_pipeline(path, dev, host_components=host, require_manifest=True)
@@ -120,6 +122,5 @@ def gemm_backends(pipe: Any) -> dict[str, dict[str, int]]:
     from gpubake.kernels.fp8_linear import bound_fp8_backends
     from gpubake.kernels.linear import bound_backends
 
-    experts = {n: getattr(pipe, n, None) for n in ("transformer", "transformer_2")}
     return {n: {**bound_backends(m), **{FP8_PREFIX + k: v for k, v in bound_fp8_backends(m).items()}}
-            for n, m in experts.items() if m is not None}
+            for n, m in experts_of(pipe).items()}

@@ -97,6 +97,7 @@ from torch import nn
 from gpubake.errors import GpubakeError
 from gpubake.kernels import archs
 from gpubake.kernels.backends import BACKENDS, backend_name_for, capability, get_backend, resolve_device
+from gpubake.provisioning.models import experts_of
 from gpubake.provisioning.vae_decode import (  # noqa: F401 (the plan's VAE levers, bench/clip_variants.py's too)
     set_vae_compile, set_vae_conv_padding, set_vae_fused_norm, set_vae_layout)
 
@@ -661,8 +662,7 @@ def apply_runtime(pipe, plan: RuntimePlan | None = None, *, clip_tokens: int | N
     None for any) and ``done["parallel"]`` says how, with the plan's notes. `device`: where
     the pipeline runs (default: its first expert's device; give it when the experts wait in
     host memory for ``expert_offload``)."""
-    experts = {n: getattr(pipe, n, None) for n in ("transformer", "transformer_2")}
-    experts = {n: m for n, m in experts.items() if m is not None}
+    experts = experts_of(pipe)
     if not experts:
         raise RuntimePlanError(f"apply_runtime: {type(pipe).__name__} has no transformer")
     device = torch.device(device) if device is not None else next(next(iter(experts.values())).parameters()).device
