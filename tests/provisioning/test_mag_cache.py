@@ -6,6 +6,7 @@ taking it off restores the experts as they were."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -24,10 +25,11 @@ STEPS = 8
 
 
 def authors_rule(interleaved: list[float], steps: int, split: int | None, threshold: float, k: int,
-                 retention: float) -> set[tuple[int, int]]:
+                 retention: float, mode: str = "t2v") -> set[tuple[int, int]]:
     """MagCache4Wan2.2's `magcache_forward` decision, as written there: one counter `cnt` over
     both streams (cond, uncond interleaved) and both experts; (step, stream) skipped. `split`
-    None: TI2V-5B's one expert, no skip while `cnt < int(num_steps * retention_ratio)`."""
+    None: TI2V-5B's one expert, no skip while `cnt < int(num_steps * retention_ratio)`; `mode`
+    "i2v": I2V-A14B's, no skip while `cnt < int(split_step + (num_steps - split_step) * retention_ratio)`."""
     ratios = np.array([1.0] * 2 + interleaved)
     num_steps = steps * 2
     acc_ratio, acc_steps, acc_err = [1.0, 1.0], [0, 0], [0.0, 0.0]
@@ -35,6 +37,9 @@ def authors_rule(interleaved: list[float], steps: int, split: int | None, thresh
     for cnt in range(num_steps):
         if split is None:
             use = not cnt < int(num_steps * retention)
+        elif mode == "i2v":
+            split_step = split * 2
+            use = not cnt < int(split_step + (num_steps - split_step) * retention)
         else:
             split_step = split * 2
             use = not (cnt < int(split_step * retention)
@@ -60,22 +65,26 @@ def interleaved(t: MagTable) -> list[float]:
     return [x for pair in zip(t.cond, t.uncond) for x in pair][2:]
 
 
-def a14b_facts(steps: int = 40) -> ScheduleFacts:
-    """The facts of the A14B 40-step recipe's schedule, from diffusers' own UniPC scheduler."""
+def a14b_facts(steps: int = 40, recipe_id: str = "wan22-t2v-a14b-40step", pipeline: str = "WanPipeline"
+               ) -> ScheduleFacts:
+    """The facts of an A14B 40-step recipe's schedule, from diffusers' own UniPC scheduler."""
     from diffusers import UniPCMultistepScheduler
 
-    recipe = get_recipe("wan22-t2v-a14b-40step")
+    recipe = get_recipe(recipe_id)
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=recipe.shift)
     sched.set_timesteps(steps)
 
-    class Pipe:  # what schedule_facts reads of a WanPipeline
-        scheduler = sched
-        transformer_2 = object()
+    class config:
+        boundary_ratio = recipe.boundary_ratio
 
-        class config:
-            boundary_ratio = recipe.boundary_ratio
-
+    # what schedule_facts reads of a WanPipeline (or of a WanImageToVideoPipeline: its class name)
+    Pipe = type(pipeline, (), {"scheduler": sched, "transformer_2": object(), "config": config})
     return schedule_facts(Pipe(), steps)
+
+
+def i2v_table() -> MagTable:
+    (t,) = [t for t in tables() if t.id == "wan22-i2v-a14b-40step"]
+    return t
 
 
 def test_the_shipped_table_lines_up_with_the_schedule_it_was_calibrated_on():
@@ -125,6 +134,44 @@ def test_the_authors_example_skips_28_of_80_forwards_at_40_steps():
     sched = clip_schedule(a14b_facts(), MagSettings(0.06, 2, 0.4))
     assert sched.table == "wan22-t2v-a14b-40step" and sched.skipped_forwards() == 28
     assert not any(sched.skip(s, step) for s in ("cond", "uncond") for step in (0, 26))  # each expert's first
+
+
+def test_the_i2v_table_lines_up_with_the_i2v_recipe_and_only_an_i2v_pipeline_takes_it():
+    t, facts = i2v_table(), a14b_facts(40, "wan22-i2v-a14b-40step", "WanImageToVideoPipeline")
+    assert (t.task, t.scheduler, t.shift, t.boundary_ratio, t.steps) == ("i2v", "unipc", 5.0, 0.9, 40)
+    assert facts.task == "i2v" and t.matches(facts)
+    assert facts.split == 15  # steps 0-14 high-noise (t >= 900 at shift 5)
+    for stream in (t.cond, t.uncond):  # the expert change is the outlier ratio, as in the T2V table
+        assert len(stream) == 40 and stream[0] == 1.0
+        assert min(range(1, 35), key=lambda i: stream[i]) == facts.split and stream[facts.split] < 0.92
+    as_t2v = a14b_facts(40, "wan22-i2v-a14b-40step", "WanPipeline")  # the same schedule in a T2V pipeline
+    assert as_t2v.task == "t2v" and not t.matches(as_t2v)
+    assert clip_schedule(as_t2v, MagSettings(0.06, 2, 0.1)).table is None
+    assert not shipped().matches(facts)
+
+
+@pytest.mark.parametrize(("threshold", "k", "retention"), [(0.06, 2, 0.1), (0.04, 2, 0.2), (0.12, 3, 0.1)])
+@pytest.mark.parametrize("steps", [40, 30])
+def test_the_i2v_schedule_is_the_authors_i2v_rule(threshold, k, retention, steps):
+    t = i2v_table()
+    facts = a14b_facts(steps, "wan22-i2v-a14b-40step", "WanImageToVideoPipeline")
+    settings = MagSettings(threshold, k, retention)
+    sched = clip_schedule(facts, settings)
+    ours = {(s, i) for i, name in enumerate(("cond", "uncond")) for s in sched.skips[name]}
+    cond = [t.cond[i] for i in nearest_indices(40, steps)]
+    uncond = [t.uncond[i] for i in nearest_indices(40, steps)]
+    theirs = authors_rule([x for p in zip(cond, uncond) for x in p][2:], steps, facts.split, threshold, k,
+                          retention, mode="i2v")
+    assert sched.table == "wan22-i2v-a14b-40step" and ours == theirs and ours
+    assert all(s >= facts.split for s, _ in ours)  # the high-noise expert never skips
+
+
+def test_the_authors_i2v_example_skips_in_the_low_noise_expert_only():
+    """`mag:0.06:2:0.1`, MagCache4Wan2.2's I2V-A14B command, at the 40-step recipe."""
+    sched = clip_schedule(a14b_facts(40, "wan22-i2v-a14b-40step", "WanImageToVideoPipeline"),
+                          MagSettings(0.06, 2, 0.1))
+    skipped = {s for name in ("cond", "uncond") for s in sched.skips[name]}
+    assert sched.table == "wan22-i2v-a14b-40step" and min(skipped) > 15 and sched.skipped_forwards() > 0
 
 
 @pytest.mark.parametrize("target", [1, 4, 8, 30, 40, 50, 79])
@@ -231,7 +278,7 @@ def test_a_schedule_without_a_table_computes_every_forward_and_says_so(pipe, cap
     finally:
         apply_runtime(pipe, plan_from_env("cpu", "plain"))
     assert torch.equal(out, base) and sum(stats.skipped.values()) == 0 and sum(stats.computed.values()) == 2 * STEPS
-    assert any("no magnitude ratios for this schedule (unipc, shift 3, boundary 0.875)" in r.getMessage()
+    assert any("no magnitude ratios for this schedule (t2v, unipc, shift 3, boundary 0.875)" in r.getMessage()
                for r in caplog.records)
 
 
@@ -239,7 +286,8 @@ def test_the_plan_reports_it_and_none_takes_it_off(pipe):
     try:
         done = apply_runtime(pipe, plan_from_env("cpu", "step_cache=mag:0.06:2:0.4"))
         assert done["transformer"]["step_cache"] == done["transformer_2"]["step_cache"] == "mag:0.06:2:0.4"
-        assert done["transformer"]["mag_tables"] == ["wan22-t2v-a14b-40step", "wan22-ti2v-5b-50step"]
+        assert done["transformer"]["mag_tables"] == ["wan22-t2v-a14b-40step", "wan22-ti2v-5b-50step",
+                                                     "wan22-i2v-a14b-40step"]
         done = apply_runtime(pipe, plan_from_env("cpu", "step_cache=fbc:0.2"))  # one cache replaces the other
         assert "mag_tables" not in done["transformer"] and mag_stats(pipe) is None
         assert type(pipe.transformer.blocks) is torch.nn.ModuleList and pipe.transformer.is_cache_enabled
@@ -361,3 +409,53 @@ def test_a_residual_is_kept_only_for_a_forward_that_will_reuse_it(pipe):
         assert seen and not any(any(x) for x in seen)
     finally:
         apply_step_caches(pipe, "none")
+
+
+@contextlib.contextmanager
+def stream_names_only(pipe):
+    """The experts' cache contexts as diffusers' WanImageToVideoPipeline (0.42.1) sets them: the
+    stream's name, no step index or step count."""
+    from gpubake.provisioning.models import experts_of
+
+    experts = list({id(m): m for m in experts_of(pipe).values()}.values())
+    for model in experts:
+        real = type(model).cache_context.__get__(model)
+
+        @contextlib.contextmanager
+        def names_only(name, _real=real, **_):
+            with _real(name):
+                yield
+
+        model.cache_context = names_only
+    try:
+        yield
+    finally:
+        for model in experts:
+            del model.cache_context
+
+
+def test_without_a_step_index_the_schedulers_own_step_places_each_forward(pipe):
+    """What the I2V pipeline gives the hook: the same skips and the same latents as with the
+    step index, and a clip that died mid-way does not shift the next clip's steps."""
+    settings = MagSettings(0.05, 2, 0.2)
+    try:
+        put(pipe, settings, tiny_table())
+        told, _ = latents(pipe)
+        told_stats = mag_stats(pipe).to_dict()
+        put(pipe, settings, tiny_table())  # fresh counts
+        with stream_names_only(pipe):
+            counted, _ = latents(pipe)
+            counted_stats = mag_stats(pipe).to_dict()
+            def die_at_step_3(p, i, t, kw):
+                if i == 2:
+                    raise RuntimeError("a clip that died")
+                return kw
+
+            with pytest.raises(RuntimeError, match="died"), torch.inference_mode():
+                pipe("a fox", height=64, width=64, num_frames=5, num_inference_steps=STEPS, guidance_scale=4.0,
+                     guidance_scale_2=3.0, output_type="latent", callback_on_step_end=die_at_step_3)
+            again, _ = latents(pipe)  # no reset between the two: the scheduler's step still lines up
+    finally:
+        apply_step_caches(pipe, "none")
+    assert counted_stats == told_stats and sum(told_stats["skipped"].values()) > 0
+    assert torch.equal(counted, told) and torch.equal(again, told)

@@ -14,13 +14,20 @@ activations. So they are known before the clip (`skip_schedule`), the same on ev
 and a bench on random weights skips exactly the forwards the real checkpoint skips (its
 quality still needs the real weights).
 
-The rule is the authors' Wan 2.2 T2V one (MagCache4Wan2.2/magcache_generate.py): one counter
-over both experts and both streams; no skip during the first `retention` of the high-noise
-expert's forwards, nor during the first `retention` of the low-noise expert's (TI2V-5B, one
-expert: the first `retention` of the clip); a strict `<` on the threshold. One difference:
-an expert's first forward of a stream always computes (another expert's residual is not its
-own). The authors' rule implies this whenever retention keeps at least one forward, as at
-their settings.
+The rule is the authors' Wan 2.2 one (MagCache4Wan2.2/magcache_generate.py): one counter
+over both experts and both streams; for text-to-video no skip during the first `retention`
+of the high-noise expert's forwards, nor during the first `retention` of the low-noise
+expert's (TI2V-5B, one expert: the first `retention` of the clip); for image-to-video
+(I2V-A14B) no skip in the high-noise expert at all, nor during the first `retention` of the
+low-noise expert's; a strict `<` on the threshold. One difference: an expert's first
+forward of a stream always computes (another expert's residual is not its own). The
+authors' rule implies this whenever retention keeps at least one forward, as at their
+settings.
+
+WanPipeline tells each forward its step (the cache context's `step_index`); diffusers'
+WanImageToVideoPipeline (0.42.1) names only the stream. There the step is the scheduler's
+own `step_index` (None until its first `step`, then the steps taken; `set_timesteps` resets
+it), so a clip that died mid-way leaves nothing for the next to miscount.
 
 Why not diffusers' `MagCacheConfig` (hooks/mag_cache.py, 0.42.1):
 - its hook on every block is ``torch.compiler.disable``d, so under gpubake's regional compile
@@ -82,6 +89,7 @@ class MagTable:
     cond: tuple[float, ...]
     uncond: tuple[float, ...]
     source: str = ""
+    task: str = "t2v"  # "t2v" or "i2v": the pipeline it was calibrated with, and so the retention rule
 
     def ratios(self, stream: str, steps: int) -> tuple[float, ...]:
         """`stream`'s ratios for a clip of `steps` steps: nearest-neighbour resampling, as the
@@ -92,7 +100,7 @@ class MagTable:
     def matches(self, facts: ScheduleFacts) -> bool:
         same_boundary = (self.boundary_ratio is None) == (facts.boundary_ratio is None) and (
             self.boundary_ratio is None or math.isclose(self.boundary_ratio, facts.boundary_ratio or 0.0))
-        return (facts.scheduler == self.scheduler and facts.shift is not None
+        return (facts.task == self.task and facts.scheduler == self.scheduler and facts.shift is not None
                 and math.isclose(self.shift, facts.shift) and same_boundary)
 
 
@@ -114,7 +122,8 @@ def tables() -> tuple[MagTable, ...]:
         s = t["schedule"]
         out.append(MagTable(id=t["id"], scheduler=s["scheduler"], shift=float(s["shift"]),
                             boundary_ratio=s.get("boundary_ratio"), steps=int(t["steps"]),
-                            cond=tuple(t["cond"]), uncond=tuple(t["uncond"]), source=t["source"]))
+                            cond=tuple(t["cond"]), uncond=tuple(t["uncond"]), source=t["source"],
+                            task=t["task"]))
     return tuple(out)
 
 
@@ -127,10 +136,16 @@ class ScheduleFacts:
     boundary_ratio: float | None
     steps: int
     split: int | None  # the high-noise expert's step count (None: one expert)
+    task: str = "t2v"  # "i2v" for diffusers' WanImageToVideoPipeline
 
     def describe(self) -> str:
         b = "one expert" if self.boundary_ratio is None else f"boundary {self.boundary_ratio:g}"
-        return f"{self.scheduler}, shift {self.shift if self.shift is None else f'{self.shift:g}'}, {b}"
+        return f"{self.task}, {self.scheduler}, shift {self.shift if self.shift is None else f'{self.shift:g}'}, {b}"
+
+
+def pipeline_task(pipe: Any) -> str:
+    """"i2v" for an image-to-video Wan pipeline (its own MagCache table and rule), else "t2v"."""
+    return "i2v" if type(pipe).__name__ == "WanImageToVideoPipeline" else "t2v"
 
 
 def schedule_facts(pipe: Any, steps: int, scheduler: Any = None) -> ScheduleFacts:
@@ -146,14 +161,15 @@ def schedule_facts(pipe: Any, steps: int, scheduler: Any = None) -> ScheduleFact
         ts = [float(t) for t in getattr(sched, "timesteps", torch.empty(0)).tolist()]  # one transfer, not one a step
         train = sched.config.get("num_train_timesteps", 1000)
         split = sum(t >= boundary * train for t in ts) if len(ts) == steps else None
-    return ScheduleFacts(kind, None if shift is None else float(shift), boundary, steps, split)
+    return ScheduleFacts(kind, None if shift is None else float(shift), boundary, steps, split, pipeline_task(pipe))
 
 
 def skip_schedule(ratios: Sequence[float], steps: int, split: int | None, stream: int,
-                  settings: MagSettings) -> frozenset[int]:
+                  settings: MagSettings, task: str = "t2v") -> frozenset[int]:
     """The steps at which stream `stream` (0 cond, 1 uncond) skips its blocks: the authors'
     rule over their interleaved counter ``cnt = 2 * step + stream``, plus an expert's first
-    forward always computing."""
+    forward always computing. `task` "i2v": the authors' image-to-video retention (the whole
+    high-noise expert computes)."""
     n, sp = 2 * steps, None if split is None else 2 * split
     ratio, run, err = 1.0, 0, 0.0
     skipped: set[int] = set()
@@ -161,6 +177,8 @@ def skip_schedule(ratios: Sequence[float], steps: int, split: int | None, stream
         cnt = 2 * step + stream
         if sp is None:
             kept = cnt < int(n * settings.retention)
+        elif task == "i2v":
+            kept = cnt < int(sp + (n - sp) * settings.retention)
         else:
             kept = cnt < int(sp * settings.retention) or sp <= cnt <= (n - sp) * settings.retention + sp
         if kept:
@@ -197,7 +215,7 @@ def clip_schedule(facts: ScheduleFacts, settings: MagSettings,
     table = next((t for t in (tables() if available is None else available) if t.matches(facts)), None)
     if table is None or (facts.boundary_ratio is not None and facts.split is None):
         return ClipSchedule(facts, None, {})
-    skips = {s: skip_schedule(table.ratios(s, facts.steps), facts.steps, facts.split, i, settings)
+    skips = {s: skip_schedule(table.ratios(s, facts.steps), facts.steps, facts.split, i, settings, table.task)
              for i, s in enumerate(STREAMS)}
     return ClipSchedule(facts, table.id, skips)
 
@@ -238,6 +256,16 @@ class _Shared:
         self._schedule_key: tuple[Any, ...] | None = None  # (scheduler id, boundary, step count) it is for
         self.stats = MagStats()
         self.warned: set[str] = set()
+
+    def scheduler_step(self) -> tuple[int, int] | None:
+        """(step, steps) from the pipeline's scheduler, for a pipeline whose cache context names
+        only the stream; None where the scheduler keeps no step index or has no timesteps."""
+        sched = getattr(self.pipe(), "scheduler", None)
+        ts = getattr(sched, "timesteps", None)
+        if ts is None or len(ts) == 0 or not hasattr(sched, "step_index"):
+            return None
+        step = sched.step_index
+        return (0 if step is None else int(step)), len(ts)
 
     def schedule_for(self, steps: int) -> ClipSchedule:
         """The schedule of the clip now running: computed on its first forward (the clip's end
@@ -328,9 +356,15 @@ class MagCacheHook(ModelHook):
             ctx = self.state_manager.context
         except ValueError:  # called outside a pipeline's step loop: the full forward
             ctx = None
-        if ctx is None or ctx.step_index is None or ctx.num_inference_steps is None:
+        if ctx is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        schedule, step = self.shared.schedule_for(int(ctx.num_inference_steps)), int(ctx.step_index)
+        if ctx.step_index is not None and ctx.num_inference_steps is not None:
+            step, steps = int(ctx.step_index), int(ctx.num_inference_steps)
+        elif (at := self.shared.scheduler_step()) is not None:  # WanImageToVideoPipeline
+            step, steps = at
+        else:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        schedule = self.shared.schedule_for(steps)
         run = _Blocks(module.blocks.real(), self.state_manager.get_state(), self.expert,
                       schedule.skip(ctx.name, step), keep=schedule.skip(ctx.name, step + 1))
         with module.blocks.running(run):
