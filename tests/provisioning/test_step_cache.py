@@ -153,3 +153,38 @@ def test_forwards_without_block_evaluations_are_reported_as_not_counted_not_as_a
     d = BlockCounts({"transformer": 60, "transformer_2": 80}, {"transformer": 2, "transformer_2": 2}).to_dict(40)
     assert d["blocks_skipped_fraction"] == 0.125 and "blocks_not_counted" not in d
     assert BlockCounts({}, {}).to_dict(40)["blocks_skipped_fraction"] is None
+
+
+def test_a_clips_own_step_cache_runs_for_that_clip_then_the_plans_again(pipe, tmp_path, monkeypatch):
+    """`render(step_cache=...)`, a request's choice: on for that clip, reported, and the plan's
+    cache back afterwards, also after a clip that raised."""
+    from gpubake.provisioning import mag_cache
+    from gpubake.provisioning.mag_cache import MagTable, clip_schedule, has_mag_cache, schedule_facts
+    from gpubake.provisioning.render import RenderError, render
+    from gpubake.provisioning.step_cache import applied_step_cache, step_cache_for_clip
+
+    tiny = MagTable("tiny-4", "unipc", 3.0, 0.875, 4, (1.0, .99, .99, .99), (1.0, .99, .99, .99))
+    monkeypatch.setattr(mag_cache, "tables", lambda: (tiny,))  # the tiny schedule's calibration
+    recipe = get_recipe("tiny-4step")
+    apply_runtime(pipe, plan_from_env("cpu", "step_cache=fbc:0.2"))  # the plan's own
+    try:
+        plain = render(pipe, "x", 64, 64, 5, 4, 3, tmp_path / "a", recipe=recipe)
+        fast = render(pipe, "x", 64, 64, 5, 4, 3, tmp_path / "b", recipe=recipe, step_cache="mag:0.5:2:0")
+        expected = clip_schedule(schedule_facts(pipe, 4), mag_cache.MagSettings(0.5, 2, 0.0)).skipped_forwards()
+        assert fast.step_cache == "mag:0.5:2:0" and fast.forwards_skipped == expected > 0
+        assert plain.step_cache == "fbc:0.2" and plain.forwards_skipped is None
+        assert str(applied_step_cache(pipe)) == "fbc:0.2" and pipe.transformer.is_cache_enabled
+        assert not has_mag_cache(pipe.transformer)
+        again = render(pipe, "x", 64, 64, 5, 4, 3, tmp_path / "c", recipe=recipe)
+        assert again.first_frame.read_bytes() == plain.first_frame.read_bytes()
+        assert fast.first_frame.read_bytes() != plain.first_frame.read_bytes()
+        with pytest.raises(RuntimeError, match="died"), step_cache_for_clip(pipe, "mag:0.04") as used:
+            assert str(used) == "mag:0.04:2:0.2" and has_mag_cache(pipe.transformer)
+            raise RuntimeError("a clip that died")
+        assert str(applied_step_cache(pipe)) == "fbc:0.2" and not has_mag_cache(pipe.transformer)
+        with pytest.raises(RenderError, match=r"^step_cache='mag:2': one of none \| fbc"):
+            render(pipe, "x", 64, 64, 5, 4, 3, tmp_path / "d", recipe=recipe, step_cache="mag:2")
+        assert not (tmp_path / "d").exists()
+    finally:
+        apply_runtime(pipe, plan_from_env("cpu", "plain"))
+    assert str(applied_step_cache(pipe)) == "none"

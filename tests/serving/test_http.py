@@ -33,7 +33,7 @@ def test_generate_job_video_round_trip(ready):
     tiny = get_model("tiny-wan2.2")
     assert job["request"] == {"prompt": "a red fox in the snow", "negative_prompt": tiny.negative_prompt, "width": 64,
                               "height": 48, "frames": 5, "steps": 2, "seed": 7, "guidance_scale": 4.0,
-                              "guidance_scale_2": 3.0, "cfg_until": None}  # resolved: every step guided
+                              "guidance_scale_2": 3.0, "cfg_until": None, "step_cache": "none"}  # resolved: every step guided, the service's step cache
     done = ready.wait_job(job["id"])
     assert done["status"] == "done", done
     assert done["result"]["steps"] == 2 and done["result"]["seconds_per_step"] > 0

@@ -115,3 +115,42 @@ def test_a_request_may_truncate_cfg_and_the_job_says_how(ready, four_step):
     r = four_step.post("/v1/generate", json={**REQ, "cfg_until": 0.5})
     assert r.status_code == 422 and r.json()["field"] == "cfg_until"
     assert "guidance_scale 1.0 runs none" in r.json()["error"]
+
+
+def test_a_request_may_ask_for_a_step_cache_and_the_job_says_what_ran(ready, monkeypatch):
+    from gpubake.provisioning import mag_cache
+    from gpubake.provisioning.mag_cache import MagSettings, MagTable, clip_schedule, schedule_facts
+    from gpubake.provisioning.step_cache import applied_step_cache
+
+    pipe = ready.service.generator.pipeline
+    tiny = MagTable("tiny-4", "unipc", 3.0, 0.875, 4, (1.0, .99, .99, .99), (1.0, .99, .99, .99))
+    monkeypatch.setattr(mag_cache, "tables", lambda: (tiny,))  # a calibration for the tiny recipe's schedule
+    assert ready.get("/v1/info").json()["defaults"]["step_cache"] == "none"  # the service's plan
+    job = _done(ready, {**REQ, "step_cache": "mag:0.5:2:0"})
+    expected = clip_schedule(schedule_facts(pipe, 4), MagSettings(0.5, 2, 0.0)).skipped_forwards()
+    assert job["request"]["step_cache"] == job["result"]["step_cache"] == "mag:0.5:2:0"
+    assert job["result"]["forwards_skipped"] == expected > 0
+    assert str(applied_step_cache(pipe)) == "none"  # the next request gets the service's again
+    plain = _done(ready, REQ)
+    assert plain["request"]["step_cache"] == plain["result"]["step_cache"] == "none"
+    assert plain["result"]["forwards_skipped"] is None
+    assert _done(ready, {**REQ, "step_cache": "mag:0.04"})["request"]["step_cache"] == "mag:0.04:2:0.2"  # normalised
+    for bad in ("mag", "mag:0", "mag:0.1:9", "fbc:0.1:2", "taylor:0.1", "none;rm -rf /", 0.04, True, "m" * 41):
+        r = ready.post("/v1/generate", json={**REQ, "step_cache": bad})
+        assert r.status_code == 422 and "step_cache" in r.json()["error"] and "\n" not in r.json()["error"], (bad, r.text)
+
+
+def test_a_group_that_splits_each_clip_refuses_a_requests_step_cache():
+    from gpubake.provisioning.models import get_model
+    from gpubake.provisioning.serving.generate import RequestRejected
+    from gpubake.provisioning.serving.groups import GroupGenerator
+    from gpubake.provisioning.serving.limits import Limits
+    from gpubake.provisioning.serving.schemas import GenerateRequest
+
+    gen = GroupGenerator(get_model("tiny-wan2.2"), Limits(max_pixel_frames=10**9, max_pixel_frame_steps=10**12,
+                                                          max_steps=100, basis="test"), True)
+    with pytest.raises(RequestRejected) as exc:
+        gen.resolve(GenerateRequest(prompt="a fox", step_cache="mag:0.04"))
+    assert exc.value.field == "step_cache" and "splits each clip across a group of GPUs" in str(exc.value)
+    assert gen.resolve(GenerateRequest(prompt="a fox", step_cache="none")).step_cache == "none"
+    assert gen.resolve(GenerateRequest(prompt="a fox")).step_cache == "none"

@@ -58,6 +58,8 @@ class RenderResult:
     device: str = "cpu"
     recipe: str | None = None  # the sampling recipe's name, when one was applied
     cfg_steps: int = 0  # steps that ran both CFG passes (the first ones; `cfg_until`)
+    step_cache: str = "none"  # the step cache the clip ran with (`step_cache.StepCache`)
+    forwards_skipped: int | None = None  # transformer forwards MagCache skipped (None: no MagCache)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -111,11 +113,13 @@ def render(
     guidance_scale_2: float | None = None,
     recipe: Recipe | None = None,
     cfg_until: float | None = None,
+    step_cache: str | None = None,
 ) -> RenderResult:
     """Run the pipeline once and write `out_dir/video.mp4` and `out_dir/frame0.png`.
 
     The latents come from a CPU generator seeded with `seed`, so one seed gives the same
-    starting noise on every device. Both files appear atomically.
+    starting noise on every device. Both files appear atomically. `step_cache`: this clip's
+    (`step_cache.StepCache` forms), else the experts' own (the runtime plan's).
     """
     import torch
 
@@ -153,26 +157,34 @@ def render(
     if guidance_scale_2 is not None:  # the low-noise expert's (A14B); diffusers reuses guidance_scale otherwise
         kwargs["guidance_scale_2"] = guidance_scale_2
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    from gpubake.provisioning.step_cache import reset_step_caches
+    from gpubake.provisioning.mag_cache import mag_stats
+    from gpubake.provisioning.step_cache import StepCache, StepCacheError, reset_step_caches, step_cache_for_clip
 
-    reset_step_caches(pipe)  # a step cache (runtime plan) starts every clip empty
-
-    _sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode(), _timed(getattr(pipe, "text_encoder", None), device) as encoder:
-        out = pipe(
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            num_inference_steps=steps,
-            generator=generator,
-            output_type="pt",  # frames stay on the device until they are uint8 (_to_uint8)
-            callback_on_step_end=on_step_end,
-            **kwargs,
-        )
-        frames = _to_uint8(out.frames[0])
-    decoded = time.perf_counter()  # the decode ends with uint8 frames on the host
+    try:
+        clip_cache = StepCache.parse(step_cache) if step_cache is not None else None
+    except StepCacheError as exc:
+        raise RenderError(str(exc)) from None
+    with step_cache_for_clip(pipe, clip_cache) as used:
+        reset_step_caches(pipe)  # a step cache starts every clip empty
+        stats = mag_stats(pipe)
+        skipped_before = sum(stats.skipped.values()) if stats is not None else 0
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), _timed(getattr(pipe, "text_encoder", None), device) as encoder:
+            out = pipe(
+                prompt=prompt,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=steps,
+                generator=generator,
+                output_type="pt",  # frames stay on the device until they are uint8 (_to_uint8)
+                callback_on_step_end=on_step_end,
+                **kwargs,
+            )
+            frames = _to_uint8(out.frames[0])
+        decoded = time.perf_counter()  # the decode ends with uint8 frames on the host
+        skipped = sum(stats.skipped.values()) - skipped_before if stats is not None else None
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +215,8 @@ def render(
         device=str(device),
         recipe=getattr(recipe, "name", None),
         cfg_steps=guided,
+        step_cache=str(used),
+        forwards_skipped=skipped,
     )
 
 

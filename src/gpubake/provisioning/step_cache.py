@@ -121,10 +121,12 @@ def apply_step_caches(pipe: Any, value: str | StepCache) -> dict[str, dict[str, 
         if getattr(model, "is_cache_enabled", False):
             model.disable_cache()
         remove_mag_cache(model)
+    pipe._gpubake_step_cache = StepCache()
     if not cache.on:
         return {n: {} for n in experts}
     for model in experts.values():
         _check_cacheable(model, cache)
+    pipe._gpubake_step_cache = cache
     if cache.kind == "mag":
         from gpubake.provisioning.mag_cache import MagSettings
 
@@ -135,6 +137,28 @@ def apply_step_caches(pipe: Any, value: str | StepCache) -> dict[str, dict[str, 
             model.enable_cache(cache.config())
             done[id(model)] = {"step_cache": str(cache), "cached_blocks": len(blocks_of(model)) - 1}
     return {n: dict(done[id(m)]) for n, m in experts.items()}
+
+
+def applied_step_cache(pipe: Any) -> StepCache:
+    """The step cache `apply_step_caches` last put on `pipe` (none if it never ran)."""
+    return getattr(pipe, "_gpubake_step_cache", None) or StepCache()
+
+
+@contextlib.contextmanager
+def step_cache_for_clip(pipe: Any, value: str | StepCache | None) -> Iterator[StepCache]:
+    """`value` on the experts for one clip (a request's choice), then the one they had again
+    (the runtime plan's), also when the clip raised; None, or the cache already on: nothing
+    changes. Yields the cache the clip runs with."""
+    before = applied_step_cache(pipe)
+    cache = before if value is None else value if isinstance(value, StepCache) else StepCache.parse(value)
+    if str(cache) == str(before):
+        yield before
+        return
+    try:
+        apply_step_caches(pipe, cache)
+        yield cache
+    finally:
+        apply_step_caches(pipe, before)
 
 
 def _check_cacheable(model: Any, cache: StepCache) -> None:

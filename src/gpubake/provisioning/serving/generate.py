@@ -6,8 +6,8 @@ from its sampling recipe in the registry (`provisioning.models`): steps or a fix
 schedule, the flow shift, guidance per expert (A14B: 4.0 for the high-noise expert, 3.0
 for the low-noise one; diffusers would use 5.0 for both) or none (the 4-step distilled
 recipe: one forward a step), the Wan negative prompt, and the boundary between the
-experts. A request may override steps, guidance and `cfg_until` (CFG truncation) within
-bounds (schemas, limits).
+experts. A request may override steps, guidance, `cfg_until` (CFG truncation) and the step
+cache within bounds (schemas, limits).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from gpubake.errors import GpubakeError
 from gpubake.provisioning.serving.limits import Limits
 from gpubake.provisioning.serving.schemas import GenerateRequest, ResolvedRequest
+from gpubake.provisioning.step_cache import applied_step_cache
 
 
 class RequestRejected(GpubakeError):
@@ -31,6 +32,10 @@ class RequestRejected(GpubakeError):
 
 class Generator:
     """Holds the loaded pipeline, the model's defaults and this machine's limits."""
+
+    # why this service takes no request's step cache (None: it takes one); a group that splits
+    # each clip across GPUs sets it (a skipped forward bypasses the split)
+    step_cache_refused: str | None = None
 
     def __init__(self, pipeline: Any, model: Any, limits: Limits) -> None:
         self.pipeline = pipeline
@@ -56,7 +61,8 @@ class Generator:
                 "negative_prompt": m.negative_prompt,
                 "recipe": {"name": r.name, "sampler": r.sampler, "shift": r.shift, "cfg": r.cfg,
                            "timesteps": list(r.timesteps) if r.timesteps is not None else None,
-                           "fixed_steps": r.fixed_steps, "cfg_until": r.cfg_until}}
+                           "fixed_steps": r.fixed_steps, "cfg_until": r.cfg_until},
+                "step_cache": str(applied_step_cache(self.pipeline))}
 
     def resolve(self, req: GenerateRequest, *, rng: random.Random | None = None) -> ResolvedRequest:
         """Fill defaults and refuse what exceeds this machine's limits (RequestRejected)."""
@@ -84,8 +90,12 @@ class Generator:
         if req.cfg_until is not None and g1 <= 1.0:
             raise RequestRejected("cfg_until", f"truncates classifier-free guidance, and guidance_scale {g1} runs none")
         cut = req.cfg_until if req.cfg_until is not None else self.recipe.cfg_until
+        cache = str(applied_step_cache(self.pipeline)) if req.step_cache is None else req.step_cache
+        if req.step_cache is not None and self.step_cache_refused and req.step_cache != "none":
+            raise RequestRejected("step_cache", self.step_cache_refused)
         return ResolvedRequest(prompt=req.prompt, negative_prompt=negative, width=width, height=height, frames=frames,
-                               steps=steps, seed=seed, guidance_scale=g1, guidance_scale_2=g2, cfg_until=cut)
+                               steps=steps, seed=seed, guidance_scale=g1, guidance_scale_2=g2, cfg_until=cut,
+                               step_cache=cache)
 
     def _guidance(self, req: GenerateRequest) -> tuple[float, float | None]:
         """The request's guidance, else the recipe's; `guidance_scale` alone sets both experts."""
@@ -113,4 +123,5 @@ class Generator:
             self.pipeline, args.prompt, args.height, args.width, args.frames, args.steps, args.seed, out_dir,
             fps=self.model.fps, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
             guidance_scale_2=args.guidance_scale_2, recipe=self.recipe, cfg_until=args.cfg_until,
+            step_cache=args.step_cache,
         )

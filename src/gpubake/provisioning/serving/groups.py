@@ -133,6 +133,9 @@ class GroupGenerator(Generator):
     """The service process's view of a group's pipeline: defaults, limits and request
     resolution (what `Generator` does without the weights); the render is rank 0's."""
 
+    step_cache_refused = ("this service splits each clip across a group of GPUs, and a step cache cannot run "
+                          "with that (a skipped forward bypasses the split)")
+
     def __init__(self, model: Any, limits: Limits, two_experts: bool) -> None:  # noqa: D107 - no pipeline here
         self.pipeline = None
         self.model = model

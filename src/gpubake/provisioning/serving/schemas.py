@@ -13,6 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gpubake.provisioning.step_cache import FORMS as STEP_CACHE_FORMS
+from gpubake.provisioning.step_cache import StepCache, StepCacheError
+
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 JOB_ID = r"^[A-Za-z0-9._-]{1,128}$"  # ours are uuid4 hex; serverless ones RunPod's, sanitised
 GUIDANCE_MAX = 20.0  # Wan's reference scales are 3-5; far above, CFG only burns the picture
@@ -45,6 +48,11 @@ class GenerateRequest(BaseModel):
         default=None, ge=0.0, le=1.0,
         description="the fraction of the steps (the first ones) that keep classifier-free guidance; later steps "
                     "run one forward; omitted: the recipe's (every step, unless it says otherwise)")
+    step_cache: str | None = Field(
+        default=None, max_length=40,
+        description="skip transformer forwards for speed at some quality cost: \"none\", \"mag:THRESHOLD[:K[:RETENTION]]\" "
+                    "(MagCache on its authors' calibration, e.g. mag:0.04; the 40-step recipes only) or "
+                    "\"fbc:THRESHOLD\" (First Block Cache); omitted: the service's (GET /v1/info)")
 
     @field_validator("size")
     @classmethod
@@ -58,6 +66,16 @@ class GenerateRequest(BaseModel):
         if w < 16 or h < 16 or w % 16 or h % 16:
             raise ValueError(f"width and height must be multiples of 16 (at least 16), got {value}")
         return value
+
+    @field_validator("step_cache")
+    @classmethod
+    def _step_cache(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            return str(StepCache.parse(value))
+        except StepCacheError:
+            raise ValueError(f"one of {STEP_CACHE_FORMS}, got {value!r}") from None
 
     @field_validator("frames")
     @classmethod
@@ -96,6 +114,7 @@ class ResolvedRequest(BaseModel):
     guidance_scale: float
     guidance_scale_2: float | None
     cfg_until: float | None = None  # None: every step guided (a job stored before the field had none)
+    step_cache: str | None = None  # None: the service's (a job stored before the field had none)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
