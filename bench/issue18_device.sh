@@ -2,6 +2,8 @@
 # Device runs for issue 18, one part a call on one warm H200. Still owed (2026-12-06), in this order:
 #   bash bench/issue18_device.sh clip4      # the LightX2V model's 4-step 480p clip with the TMA tiles at its
 #                                           # 64-token blocks, eager and compiled decoder (~5 min on a fresh machine)
+#   bash bench/issue18_device.sh magcache40 # again, now with fa3-fwd carried: the 2026-12-06 run had no FA3
+#                                           # (cuDNN FP8 attention, 4.00 s a guided step against 3.715)
 #   bash bench/issue18_device.sh routers    # the router against its former self, 480p and 720p (~4 min)
 # Run 2026-12-06 21:45-22:03 UTC (docs/benchmarks.md, "MagCache, the fused norm + quantization, ..."):
 #   magcache    MagCache on the 40-step 480p recipe: 8 steps timed, three dials extrapolated (~4 min)
@@ -9,7 +11,7 @@
 #   normquant   the fused norm + FP8 quantization: the kernel alone, then 4-block forwards (~4 min)
 #   vae         the compiled decoder with and without the fused VAE norm, 480p (~2 min)
 #   tiles       64-token sparse blocks: 4 warps + TMA, 2 and 4 stages, 480p (~1 min)
-# (device tool, carry .whl/dev; results in $OUT, each part's unfiltered log beside its filtered
+# (device tool, carry .whl/dev, made by `bash bench/device_wheels.sh`; results in $OUT, each part's unfiltered log beside its filtered
 # one). Sparse variants compile for 35-90 s a size on an H200, so each part is its own call.
 set -uo pipefail
 PARTS="clip4|routers|magcache|magcache40|normquant|vae|tiles"
