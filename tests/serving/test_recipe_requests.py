@@ -123,9 +123,15 @@ def test_a_request_may_ask_for_a_step_cache_and_the_job_says_what_ran(ready, mon
     from gpubake.provisioning.step_cache import applied_step_cache
 
     pipe = ready.service.generator.pipeline
+    assert ready.get("/v1/info").json()["defaults"]["magcache_table"] is None  # no shipped table is the tiny recipe's
+    r = ready.post("/v1/generate", json={**REQ, "step_cache": "mag:0.04"})  # no calibration for the tiny recipe
+    assert r.status_code == 422 and r.json()["field"] == "step_cache"
+    assert r.json()["error"] == ("step_cache: MagCache has no calibration for this model's recipe tiny-4step "
+                                 "(calibrated: wan22-t2v-a14b-40step, wan22-ti2v-5b-50step, wan22-i2v-a14b-40step)")
     tiny = MagTable("tiny-4", "unipc", 3.0, 0.875, 4, (1.0, .99, .99, .99), (1.0, .99, .99, .99))
     monkeypatch.setattr(mag_cache, "tables", lambda: (tiny,))  # a calibration for the tiny recipe's schedule
-    assert ready.get("/v1/info").json()["defaults"]["step_cache"] == "none"  # the service's plan
+    defaults = ready.get("/v1/info").json()["defaults"]
+    assert defaults["step_cache"] == "none" and defaults["magcache_table"] == "tiny-4"  # the service's plan
     job = _done(ready, {**REQ, "step_cache": "mag:0.5:2:0"})
     expected = clip_schedule(schedule_facts(pipe, 4), MagSettings(0.5, 2, 0.0)).skipped_forwards()
     assert job["request"]["step_cache"] == job["result"]["step_cache"] == "mag:0.5:2:0"
@@ -154,3 +160,17 @@ def test_a_group_that_splits_each_clip_refuses_a_requests_step_cache():
     assert exc.value.field == "step_cache" and "splits each clip across a group of GPUs" in str(exc.value)
     assert gen.resolve(GenerateRequest(prompt="a fox", step_cache="none")).step_cache == "none"
     assert gen.resolve(GenerateRequest(prompt="a fox")).step_cache == "none"
+
+
+def test_magcache_has_a_calibration_for_the_registrys_reference_recipes_only():
+    from gpubake.provisioning.mag_cache import table_for_model
+    from gpubake.provisioning.models import get_model
+
+    def table(model_id: str) -> str | None:
+        m = get_model(model_id)
+        t = table_for_model(m, one_expert=m.experts == 1)
+        return t.id if t else None
+
+    assert [table(m) for m in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "tiny-wan2.2",
+                                  "wan2.2-t2v-a14b-lightx2v-4step")] == [
+        "wan22-t2v-a14b-40step", "wan22-i2v-a14b-40step", "wan22-ti2v-5b-50step", None, None]

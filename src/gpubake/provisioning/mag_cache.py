@@ -164,6 +164,21 @@ def schedule_facts(pipe: Any, steps: int, scheduler: Any = None) -> ScheduleFact
     return ScheduleFacts(kind, None if shift is None else float(shift), boundary, steps, split, pipeline_task(pipe))
 
 
+def table_for(scheduler: str, shift: float | None, boundary_ratio: float | None, task: str) -> MagTable | None:
+    """The shipped calibration for a schedule (a recipe's sampler, shift and boundary; the
+    pipeline's task), whatever its step count (a table is resampled to it), or None."""
+    facts = ScheduleFacts(scheduler, shift, boundary_ratio, 0, None, task)
+    return next((t for t in tables() if t.matches(facts)), None)
+
+
+def table_for_model(model: Any, one_expert: bool = False) -> MagTable | None:
+    """The shipped calibration for a registry model's own recipe (`models.ModelInfo`); `one_expert`:
+    the pipeline runs one expert, so the recipe's boundary does not apply."""
+    r = model.recipe
+    task = "i2v" if model.pipeline == "WanImageToVideoPipeline" else "t2v"
+    return table_for(r.sampler, r.shift, None if one_expert else r.boundary_ratio, task)
+
+
 def skip_schedule(ratios: Sequence[float], steps: int, split: int | None, stream: int,
                   settings: MagSettings, task: str = "t2v") -> frozenset[int]:
     """The steps at which stream `stream` (0 cond, 1 uncond) skips its blocks: the authors'

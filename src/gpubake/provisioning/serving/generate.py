@@ -62,7 +62,7 @@ class Generator:
                 "recipe": {"name": r.name, "sampler": r.sampler, "shift": r.shift, "cfg": r.cfg,
                            "timesteps": list(r.timesteps) if r.timesteps is not None else None,
                            "fixed_steps": r.fixed_steps, "cfg_until": r.cfg_until},
-                "step_cache": str(applied_step_cache(self.pipeline))}
+                "step_cache": str(applied_step_cache(self.pipeline)), "magcache_table": self._magcache_table()}
 
     def resolve(self, req: GenerateRequest, *, rng: random.Random | None = None) -> ResolvedRequest:
         """Fill defaults and refuse what exceeds this machine's limits (RequestRejected)."""
@@ -91,11 +91,30 @@ class Generator:
             raise RequestRejected("cfg_until", f"truncates classifier-free guidance, and guidance_scale {g1} runs none")
         cut = req.cfg_until if req.cfg_until is not None else self.recipe.cfg_until
         cache = str(applied_step_cache(self.pipeline)) if req.step_cache is None else req.step_cache
-        if req.step_cache is not None and self.step_cache_refused and req.step_cache != "none":
-            raise RequestRejected("step_cache", self.step_cache_refused)
+        if req.step_cache is not None and req.step_cache != "none":
+            self._check_step_cache(req.step_cache)
         return ResolvedRequest(prompt=req.prompt, negative_prompt=negative, width=width, height=height, frames=frames,
                                steps=steps, seed=seed, guidance_scale=g1, guidance_scale_2=g2, cfg_until=cut,
                                step_cache=cache)
+
+    def _magcache_table(self) -> str | None:
+        """The MagCache calibration a request's ``mag:`` step cache would run on, or None."""
+        from gpubake.provisioning.mag_cache import table_for_model
+
+        t = table_for_model(self.model, one_expert=not self.two_experts)
+        return t.id if t is not None else None
+
+    def _check_step_cache(self, value: str) -> None:
+        """A request's step cache this service can run: not across a GPU group, and MagCache
+        only on a recipe its authors calibrated (elsewhere it would skip nothing)."""
+        if self.step_cache_refused:
+            raise RequestRejected("step_cache", self.step_cache_refused)
+        if value.startswith("mag:"):
+            from gpubake.provisioning.mag_cache import tables
+
+            if self._magcache_table() is None:
+                raise RequestRejected("step_cache", f"MagCache has no calibration for this model's recipe "
+                                                    f"{self.recipe.name} (calibrated: {', '.join(t.id for t in tables())})")
 
     def _guidance(self, req: GenerateRequest) -> tuple[float, float | None]:
         """The request's guidance, else the recipe's; `guidance_scale` alone sets both experts."""

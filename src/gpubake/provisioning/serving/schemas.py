@@ -51,7 +51,7 @@ class GenerateRequest(BaseModel):
     step_cache: str | None = Field(
         default=None, max_length=40,
         description="skip transformer forwards for speed at some quality cost: \"none\", \"mag:THRESHOLD[:K[:RETENTION]]\" "
-                    "(MagCache on its authors' calibration, e.g. mag:0.04; the 40-step recipes only) or "
+                    "(MagCache on its authors' calibration, e.g. mag:0.04, where GET /v1/info names one) or "
                     "\"fbc:THRESHOLD\" (First Block Cache); omitted: the service's (GET /v1/info)")
 
     @field_validator("size")
