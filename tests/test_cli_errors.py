@@ -160,6 +160,13 @@ def test_fidelity_unknown_device(tmp_path: Path, capsys) -> None:
     assert _one_error_line(capsys).startswith("error: --device: unknown device 'tpu'")
 
 
+def test_fidelity_bad_step_cache(tmp_path: Path, capsys) -> None:
+    argv = ["fidelity", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "f"), "--step-cache", "mag:7"]
+    assert _run(argv) == 2
+    assert _one_error_line(capsys).startswith("error: --step-cache: step_cache='mag:7': one of none | fbc:THRESHOLD")
+    assert not (tmp_path / "f").exists()
+
+
 # ------------------------------------------------------------------ input nested too deeply
 
 

@@ -139,16 +139,28 @@ def fidelity_cmd(
     frames: Optional[int] = typer.Option(None, "--frames"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     device: str = typer.Option("cpu", "--device"),
+    step_cache: Optional[str] = typer.Option(
+        None, "--step-cache", help="A step cache on the NVFP4 run (GPUBAKE_RUNTIME's forms, e.g. mag:0.04): "
+                                   "its quality cost against BF16 (run once without it to compare)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
 ) -> None:
     """Run BF16 and NVFP4 pipelines on fixed seeds/prompts: per-layer SQNR, per-step latent error, PSNR/SSIM, contact sheet."""
     for flag, value in (("--height", height), ("--width", width), ("--frames", frames), ("--steps", steps)):
         check_positive(flag, value)
     check_device("--device", device)
+    if step_cache is not None:
+        from gpubake.errors import GpubakeError
+        from gpubake.provisioning.step_cache import StepCache, StepCacheError
+
+        try:
+            step_cache = str(StepCache.parse(step_cache))
+        except StepCacheError as exc:
+            raise GpubakeError(f"--step-cache: {exc}") from None
     from gpubake.provisioning.fidelity import run_fidelity
 
     report = run_fidelity(bf16, nvfp4, out, prompts=prompt, seeds=seed, height=height, width=width,
-                          num_frames=frames, steps=steps, device=device, progress=not json_out)
+                          num_frames=frames, steps=steps, device=device, progress=not json_out,
+                          step_cache=step_cache)
     s = report["summary"]
     _report(report, json_out, f"PSNR {s['psnr_db_mean']} dB, SSIM {s['ssim_mean']}, latent rel. error (last step) {s['latent_rel_err_last_mean']}; wrote {out}")
 

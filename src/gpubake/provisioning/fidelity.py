@@ -7,6 +7,10 @@ Same prompts, same seeds, same scheduler; the two pipelines run one after the ot
   (errors compound through the sampler; this shows where),
 - PSNR and SSIM (scikit-image) of every decoded frame,
 as fidelity.json, and a contact sheet PNG: BF16 | NVFP4 | 8x |difference| per frame.
+Both pipelines sample with the model's registry recipe (scheduler, shift, expert boundary),
+as the service does. `step_cache` puts a step cache (`step_cache.StepCache`) on the NVFP4
+run only, so the report is its quality cost on top of the quantization's. MagCache's cost
+needs the real weights, which is why this option exists.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Run:
     latents: list[Any] = field(default_factory=list)
     frames: Any = None
     seconds: float = 0.0
+    forwards_skipped: int | None = None  # by MagCache (None: no MagCache on this run)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,13 @@ def generate(pipe: Any, prompt: str, seed: int, s: Settings, device: str = "cpu"
     """Run `pipe` once, capturing the latents after every step."""
     import torch
 
+    from gpubake.provisioning.mag_cache import mag_stats
+    from gpubake.provisioning.step_cache import reset_step_caches
+
     run = Run(prompt, seed)
+    reset_step_caches(pipe)  # each run starts with no cached residual
+    stats = mag_stats(pipe)
+    before = sum(stats.skipped.values()) if stats is not None else 0
 
     def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         run.latents.append(kwargs["latents"].detach().float().cpu())
@@ -80,6 +91,7 @@ def generate(pipe: Any, prompt: str, seed: int, s: Settings, device: str = "cpu"
     )
     run.seconds = round(time.monotonic() - t0, 3)
     run.frames = out.frames[0]
+    run.forwards_skipped = sum(stats.skipped.values()) - before if stats is not None else None
     return run
 
 
@@ -112,6 +124,7 @@ def compare(ref: Run, test: Run) -> dict[str, Any]:
         "ssim_mean": round(sum(ssim) / len(ssim), 6) if ssim else None,
         "seconds_bf16": ref.seconds,
         "seconds_nvfp4": test.seconds,
+        **({"forwards_skipped": test.forwards_skipped} if test.forwards_skipped is not None else {}),
     }
 
 
@@ -190,6 +203,13 @@ def summarize(results: list[dict[str, Any]], sqnr: dict[str, float | None]) -> d
     }
 
 
+def _recipe_of(model_id: str | None) -> Any:
+    """The registry recipe of the checkpoint's model (None: a model the registry lacks)."""
+    from gpubake.provisioning.models import get_model
+
+    return get_model(model_id).recipe if model_id else None
+
+
 def _bind_backend(pipe: Any, device: str) -> None:
     """Bind every NVFP4 (FP8) layer of the experts to the backend `device` runs (the arch
     table's default, or ``$GPUBAKE_NVFP4_BACKEND`` / ``$GPUBAKE_FP8_BACKEND``), once, as the runtime plan does."""
@@ -217,8 +237,10 @@ def run_fidelity(
     steps: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    step_cache: str | None = None,
 ) -> dict[str, Any]:
-    """Generate with both checkpoints, compare, write fidelity.json + contact_sheet.png in `out`."""
+    """Generate with both checkpoints, compare, write fidelity.json + contact_sheet.png in `out`.
+    `step_cache`: on the NVFP4 run only (`step_cache.StepCache` forms)."""
     import gc
 
     import diffusers
@@ -233,13 +255,33 @@ def run_fidelity(
         raise GpubakeError(f"{nvfp4}: not an NVFP4 or FP8 checkpoint (run `gpubake quantize` first)")
     if checkpoint_format(bf16) != "bf16":
         raise GpubakeError(f"{bf16}: expected the BF16 checkpoint as the first argument")
+    from gpubake.provisioning.step_cache import StepCache, StepCacheError, apply_step_caches
+
+    try:
+        cache = StepCache.parse(step_cache) if step_cache is not None else StepCache()
+    except StepCacheError as exc:
+        raise GpubakeError(f"step_cache: {exc}") from None
     s, model_id = settings_for(nvfp4, height=height, width=width, num_frames=num_frames, steps=steps)
+    recipe = _recipe_of(model_id)
+    if recipe is not None:
+        from gpubake.provisioning.sampling import SamplingError, check_steps
+
+        try:
+            check_steps(recipe, s.steps)
+        except SamplingError as exc:
+            raise GpubakeError(f"--steps: {exc}") from None
     cases = [(p, sd) for p in prompts for sd in seeds]
     runs: dict[str, list[Run]] = {}
     for label, path in (("bf16", bf16), ("nvfp4", nvfp4)):
         pipe = load_pipeline(path, device=device)
+        if recipe is not None:  # the sampling the service renders with
+            from gpubake.provisioning.sampling import apply_recipe
+
+            apply_recipe(pipe, recipe)
         if label == "nvfp4":  # the backend this device runs, $GPUBAKE_NVFP4_BACKEND honoured
             _bind_backend(pipe, device)
+            if cache.on:
+                apply_step_caches(pipe, cache)
         pipe.set_progress_bar_config(disable=not progress)
         runs[label] = []
         for p, sd in cases:
@@ -256,6 +298,8 @@ def run_fidelity(
         "nvfp4": str(nvfp4),
         "format": fmt,  # of the quantized checkpoint (the "nvfp4" slot holds an fp8 one too)
         "settings": s.__dict__,
+        "recipe": recipe.name if recipe is not None else None,
+        "step_cache": str(cache),  # on the NVFP4 run
         "device": device,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
         "runs": results,
