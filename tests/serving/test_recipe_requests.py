@@ -141,7 +141,8 @@ def test_a_request_may_ask_for_a_step_cache_and_the_job_says_what_ran(ready, mon
     assert plain["request"]["step_cache"] == plain["result"]["step_cache"] == "none"
     assert plain["result"]["forwards_skipped"] is None
     assert _done(ready, {**REQ, "step_cache": "mag:0.04"})["request"]["step_cache"] == "mag:0.04:2:0.2"  # normalised
-    for bad in ("mag", "mag:0", "mag:0.1:9", "fbc:0.1:2", "taylor:0.1", "none;rm -rf /", 0.04, True, "m" * 41):
+    for bad in ("mag", "mag:0", "mag:0.1:9", "fbc:0.1", "fbc:0.1:2", "taylor:0.1", "none;rm -rf /", 0.04, True,
+                "m" * 41):
         r = ready.post("/v1/generate", json={**REQ, "step_cache": bad})
         assert r.status_code == 422 and "step_cache" in r.json()["error"] and "\n" not in r.json()["error"], (bad, r.text)
 
@@ -174,3 +175,23 @@ def test_magcache_has_a_calibration_for_the_registrys_reference_recipes_only():
     assert [table(m) for m in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "tiny-wan2.2",
                                   "wan2.2-t2v-a14b-lightx2v-4step")] == [
         "wan22-t2v-a14b-40step", "wan22-i2v-a14b-40step", "wan22-ti2v-5b-50step", None, None]
+
+
+def test_a_service_that_runs_first_block_cache_keeps_it_for_every_request():
+    """fbc's hooks sit on the compiled blocks: a request turning it off or swapping it would
+    recompile them, so a service that runs it refuses a request's own step cache."""
+    from types import SimpleNamespace
+
+    from gpubake.provisioning.models import get_model
+    from gpubake.provisioning.serving.generate import Generator, RequestRejected
+    from gpubake.provisioning.serving.limits import Limits
+    from gpubake.provisioning.serving.schemas import GenerateRequest
+    from gpubake.provisioning.step_cache import StepCache
+
+    pipe = SimpleNamespace(_gpubake_step_cache=StepCache("fbc", 0.2))  # what apply_step_caches records
+    gen = Generator(pipe, get_model("tiny-wan2.2"), Limits(10**9, 10**12, 100, "test"))
+    assert gen.resolve(GenerateRequest(prompt="a fox")).step_cache == "fbc:0.2"
+    for asked in ("none", "mag:0.04"):
+        with pytest.raises(RequestRejected) as exc:
+            gen.resolve(GenerateRequest(prompt="a fox", step_cache=asked))
+        assert exc.value.field == "step_cache" and "runs fbc:0.2 on every clip" in str(exc.value)

@@ -91,7 +91,7 @@ class Generator:
             raise RequestRejected("cfg_until", f"truncates classifier-free guidance, and guidance_scale {g1} runs none")
         cut = req.cfg_until if req.cfg_until is not None else self.recipe.cfg_until
         cache = str(applied_step_cache(self.pipeline)) if req.step_cache is None else req.step_cache
-        if req.step_cache is not None and req.step_cache != "none":
+        if req.step_cache is not None:
             self._check_step_cache(req.step_cache)
         return ResolvedRequest(prompt=req.prompt, negative_prompt=negative, width=width, height=height, frames=frames,
                                steps=steps, seed=seed, guidance_scale=g1, guidance_scale_2=g2, cfg_until=cut,
@@ -105,10 +105,15 @@ class Generator:
         return t.id if t is not None else None
 
     def _check_step_cache(self, value: str) -> None:
-        """A request's step cache this service can run: not across a GPU group, and MagCache
-        only on a recipe its authors calibrated (elsewhere it would skip nothing)."""
-        if self.step_cache_refused:
+        """A request's step cache this service can run: not across a GPU group, not in place of
+        the service's First Block Cache (its hooks on the compiled blocks would recompile them),
+        and MagCache only on a recipe its authors calibrated (elsewhere it would skip nothing)."""
+        if self.step_cache_refused and value != "none":
             raise RequestRejected("step_cache", self.step_cache_refused)
+        own = applied_step_cache(self.pipeline)
+        if own.kind == "fbc" and value != str(own):
+            raise RequestRejected("step_cache", f"this service runs {own} on every clip ($GPUBAKE_RUNTIME); "
+                                                "a request cannot change it")
         if value.startswith("mag:"):
             from gpubake.provisioning.mag_cache import tables
 

@@ -13,11 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gpubake.provisioning.step_cache import FORMS as STEP_CACHE_FORMS
 from gpubake.provisioning.step_cache import StepCache, StepCacheError
 
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 JOB_ID = r"^[A-Za-z0-9._-]{1,128}$"  # ours are uuid4 hex; serverless ones RunPod's, sanitised
+REQUEST_STEP_CACHES = ("none", "mag")  # what a request may choose (`step_cache.StepCache` kinds)
 GUIDANCE_MAX = 20.0  # Wan's reference scales are 3-5; far above, CFG only burns the picture
 
 
@@ -50,9 +50,9 @@ class GenerateRequest(BaseModel):
                     "run one forward; omitted: the recipe's (every step, unless it says otherwise)")
     step_cache: str | None = Field(
         default=None, max_length=40,
-        description="skip transformer forwards for speed at some quality cost: \"none\", \"mag:THRESHOLD[:K[:RETENTION]]\" "
-                    "(MagCache on its authors' calibration, e.g. mag:0.04, where GET /v1/info names one) or "
-                    "\"fbc:THRESHOLD\" (First Block Cache); omitted: the service's (GET /v1/info)")
+        description="skip transformer forwards for speed at some quality cost: \"none\" or \"mag:THRESHOLD[:K[:RETENTION]]\" "
+                    "(MagCache on its authors' calibration, e.g. mag:0.04, where GET /v1/info names one); "
+                    "omitted: the service's (GET /v1/info)")
 
     @field_validator("size")
     @classmethod
@@ -73,9 +73,15 @@ class GenerateRequest(BaseModel):
         if value is None:
             return value
         try:
-            return str(StepCache.parse(value))
+            cache = StepCache.parse(value)
         except StepCacheError:
-            raise ValueError(f"one of {STEP_CACHE_FORMS}, got {value!r}") from None
+            cache = None
+        if cache is None or cache.kind not in REQUEST_STEP_CACHES:
+            # First Block Cache stays the service's setting ($GPUBAKE_RUNTIME): its hooks on the
+            # compiled blocks would recompile them when a request turned it on or off
+            raise ValueError(f"none or mag:THRESHOLD[:K[:RETENTION]] (THRESHOLD in (0, 1], K an integer in [1, 8], "
+                             f"RETENTION in [0, 1)), got {value!r}")
+        return str(cache)
 
     @field_validator("frames")
     @classmethod
