@@ -143,9 +143,9 @@ class ScheduleFacts:
         return f"{self.task}, {self.scheduler}, shift {self.shift if self.shift is None else f'{self.shift:g}'}, {b}"
 
 
-def pipeline_task(pipe: Any) -> str:
-    """"i2v" for an image-to-video Wan pipeline (its own MagCache table and rule), else "t2v"."""
-    return "i2v" if type(pipe).__name__ == "WanImageToVideoPipeline" else "t2v"
+def task_of(pipeline_class: str) -> str:
+    """"i2v" for diffusers' image-to-video Wan pipeline (its own MagCache table and rule), else "t2v"."""
+    return "i2v" if pipeline_class == "WanImageToVideoPipeline" else "t2v"
 
 
 def schedule_facts(pipe: Any, steps: int, scheduler: Any = None) -> ScheduleFacts:
@@ -161,7 +161,7 @@ def schedule_facts(pipe: Any, steps: int, scheduler: Any = None) -> ScheduleFact
         ts = [float(t) for t in getattr(sched, "timesteps", torch.empty(0)).tolist()]  # one transfer, not one a step
         train = sched.config.get("num_train_timesteps", 1000)
         split = sum(t >= boundary * train for t in ts) if len(ts) == steps else None
-    return ScheduleFacts(kind, None if shift is None else float(shift), boundary, steps, split, pipeline_task(pipe))
+    return ScheduleFacts(kind, None if shift is None else float(shift), boundary, steps, split, task_of(type(pipe).__name__))
 
 
 def table_for(scheduler: str, shift: float | None, boundary_ratio: float | None, task: str) -> MagTable | None:
@@ -175,8 +175,7 @@ def table_for_model(model: Any, one_expert: bool = False) -> MagTable | None:
     """The shipped calibration for a registry model's own recipe (`models.ModelInfo`); `one_expert`:
     the pipeline runs one expert, so the recipe's boundary does not apply."""
     r = model.recipe
-    task = "i2v" if model.pipeline == "WanImageToVideoPipeline" else "t2v"
-    return table_for(r.sampler, r.shift, None if one_expert else r.boundary_ratio, task)
+    return table_for(r.sampler, r.shift, None if one_expert else r.boundary_ratio, task_of(model.pipeline))
 
 
 def skip_schedule(ratios: Sequence[float], steps: int, split: int | None, stream: int,
