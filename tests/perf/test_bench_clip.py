@@ -330,7 +330,8 @@ def test_variants_run_after_their_gpubake_case_and_report_counts_and_quality(var
     norm = cases["gpubake+vae_fused_norm=1@480p"]
     assert norm["applied"]["vae"]["fused_blocks"] > 0 and norm["quality_vs_gpubake"]["latent_rel_err"] == 0.0
     mag = cases["gpubake+step_cache=mag:0.06:2:0.2@480p"]  # no shipped table is the tiny schedule's: no skip
-    assert mag["applied"]["transformer"]["mag_tables"] == ["wan22-t2v-a14b-40step", "wan22-ti2v-5b-50step"]
+    assert mag["applied"]["transformer"]["mag_tables"] == ["wan22-t2v-a14b-40step", "wan22-ti2v-5b-50step",
+                                                           "wan22-i2v-a14b-40step"]
     assert "warmup" in mag
     assert mag["mag_forwards"] == {"computed": {"transformer": 4, "transformer_2": 4}, "skipped": {}}  # 2 + 2 steps
     assert mag["quality_vs_gpubake"]["latent_rel_err"] == 0.0
