@@ -60,13 +60,12 @@ def generate(pipe: Any, prompt: str, seed: int, s: Settings, device: str = "cpu"
     """Run `pipe` once, capturing the latents after every step."""
     import torch
 
-    from gpubake.provisioning.mag_cache import mag_stats
+    from gpubake.provisioning.mag_cache import skipped_forwards
     from gpubake.provisioning.step_cache import reset_step_caches
 
     run = Run(prompt, seed)
     reset_step_caches(pipe)  # each run starts with no cached residual
-    stats = mag_stats(pipe)
-    before = sum(stats.skipped.values()) if stats is not None else 0
+    before = skipped_forwards(pipe)
 
     def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         run.latents.append(kwargs["latents"].detach().float().cpu())
@@ -91,7 +90,7 @@ def generate(pipe: Any, prompt: str, seed: int, s: Settings, device: str = "cpu"
     )
     run.seconds = round(time.monotonic() - t0, 3)
     run.frames = out.frames[0]
-    run.forwards_skipped = sum(stats.skipped.values()) - before if stats is not None else None
+    run.forwards_skipped = skipped_forwards(pipe) - before if before is not None else None
     return run
 
 

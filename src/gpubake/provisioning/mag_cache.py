@@ -161,14 +161,19 @@ def schedule_facts(pipe: Any, steps: int, scheduler: Any = None) -> ScheduleFact
         ts = [float(t) for t in getattr(sched, "timesteps", torch.empty(0)).tolist()]  # one transfer, not one a step
         train = sched.config.get("num_train_timesteps", 1000)
         split = sum(t >= boundary * train for t in ts) if len(ts) == steps else None
-    return ScheduleFacts(kind, None if shift is None else float(shift), boundary, steps, split, task_of(type(pipe).__name__))
+    return ScheduleFacts(kind, None if shift is None else float(shift), boundary, steps, split,
+                         task_of(type(pipe).__name__))
+
+
+def matching_table(facts: ScheduleFacts, available: Sequence[MagTable] | None = None) -> MagTable | None:
+    """The first calibration (default: the shipped ones) measured on `facts`' schedule, or None."""
+    return next((t for t in (tables() if available is None else available) if t.matches(facts)), None)
 
 
 def table_for(scheduler: str, shift: float | None, boundary_ratio: float | None, task: str) -> MagTable | None:
     """The shipped calibration for a schedule (a recipe's sampler, shift and boundary; the
     pipeline's task), whatever its step count (a table is resampled to it), or None."""
-    facts = ScheduleFacts(scheduler, shift, boundary_ratio, 0, None, task)
-    return next((t for t in tables() if t.matches(facts)), None)
+    return matching_table(ScheduleFacts(scheduler, shift, boundary_ratio, 0, None, task))
 
 
 def table_for_model(model: Any, one_expert: bool = False) -> MagTable | None:
@@ -226,7 +231,7 @@ class ClipSchedule:
 def clip_schedule(facts: ScheduleFacts, settings: MagSettings,
                   available: Sequence[MagTable] | None = None) -> ClipSchedule:
     """The clip's skips from the first table calibrated on its schedule; none without one."""
-    table = next((t for t in (tables() if available is None else available) if t.matches(facts)), None)
+    table = matching_table(facts, available)
     if table is None or (facts.boundary_ratio is not None and facts.split is None):
         return ClipSchedule(facts, None, {})
     skips = {s: skip_schedule(table.ratios(s, facts.steps), facts.steps, facts.split, i, settings, table.task)
@@ -417,6 +422,13 @@ def apply_mag_cache(pipe: Any, settings: MagSettings,
         done[name] = {"step_cache": str(settings), "cached_blocks": len(model.blocks),
                       "mag_tables": [t.id for t in (tables() if available is None else available)]}
     return done
+
+
+def skipped_forwards(pipe: Any) -> int | None:
+    """Forwards MagCache has skipped on `pipe`'s experts since it was put on (None without it):
+    read before and after a clip, the difference is that clip's."""
+    stats = mag_stats(pipe)
+    return sum(stats.skipped.values()) if stats is not None else None
 
 
 def mag_stats(pipe: Any) -> MagStats | None:

@@ -157,7 +157,7 @@ def render(
     if guidance_scale_2 is not None:  # the low-noise expert's (A14B); diffusers reuses guidance_scale otherwise
         kwargs["guidance_scale_2"] = guidance_scale_2
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    from gpubake.provisioning.mag_cache import mag_stats
+    from gpubake.provisioning.mag_cache import skipped_forwards
     from gpubake.provisioning.step_cache import StepCache, StepCacheError, reset_step_caches, step_cache_for_clip
 
     try:
@@ -166,8 +166,7 @@ def render(
         raise RenderError(str(exc)) from None
     with step_cache_for_clip(pipe, clip_cache) as used:
         reset_step_caches(pipe)  # a step cache starts every clip empty
-        stats = mag_stats(pipe)
-        skipped_before = sum(stats.skipped.values()) if stats is not None else 0
+        skipped_before = skipped_forwards(pipe)
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode(), _timed(getattr(pipe, "text_encoder", None), device) as encoder:
@@ -184,7 +183,7 @@ def render(
             )
             frames = _to_uint8(out.frames[0])
         decoded = time.perf_counter()  # the decode ends with uint8 frames on the host
-        skipped = sum(stats.skipped.values()) - skipped_before if stats is not None else None
+        skipped = skipped_forwards(pipe) - skipped_before if skipped_before is not None else None
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
